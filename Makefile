@@ -1,0 +1,55 @@
+# edgepipe: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+DEV := .venv-devices
+HOSTPY := $(VENV)/bin/python
+PYTEST := $(HOSTPY) -m pytest
+
+.PHONY: setup system-deps test test-arm64 demo demo-down bench clean-venvs
+
+# Host venv (TensorFlow, paramiko, ...) plus device venvs WITHOUT TensorFlow, as bare devices have them.
+setup: $(VENV)/.stamp $(DEV)/litert/.stamp $(DEV)/tflite-runtime/.stamp $(DEV)/numpy-only/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[host,dev]'
+	touch $@
+
+$(DEV)/litert/.stamp:
+	$(PY) -m venv $(DEV)/litert
+	$(DEV)/litert/bin/pip install -q 'ai-edge-litert==2.3.0' 'numpy>=2'
+	touch $@
+
+$(DEV)/tflite-runtime/.stamp:
+	$(PY) -m venv $(DEV)/tflite-runtime
+	$(DEV)/tflite-runtime/bin/pip install -q 'tflite-runtime==2.14.0' 'numpy<2'
+	touch $@
+
+$(DEV)/numpy-only/.stamp:
+	$(PY) -m venv $(DEV)/numpy-only
+	$(DEV)/numpy-only/bin/pip install -q numpy
+	touch $@
+
+# apt packages: openssh-server (loopback fleet), chromium (report render test), qemu/debootstrap (emulated Pi).
+system-deps:
+	bash scripts/system_deps.sh --all
+
+test: setup
+	$(PYTEST)
+
+test-arm64: setup
+	$(PYTEST) -o addopts=-ra -m arm64 tests/arm64 --junitxml=.pytest-arm64.xml
+
+demo: setup
+	bash scripts/demo.sh
+
+demo-down:
+	bash scripts/demo.sh --down
+
+bench: setup
+	$(HOSTPY) bench/run_all.py
+
+clean-venvs:
+	rm -rf $(VENV) $(DEV)

@@ -1,0 +1,26 @@
+"""edgepipe command line: thin commands over library functions (see pipeline.api)."""
+from __future__ import annotations
+
+import importlib
+
+from .app import app
+
+# Each module registers its commands on `app` / `fleet_app` when imported.
+_COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd")
+
+
+def _load_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+
+
+def main() -> None:
+    _load_commands()
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,38 @@
+"""`edgepipe fleet validate`: load targets.yaml and print the resolved fleet."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..inventory import load_inventory
+from .app import emit_json, fleet_app, handle_errors
+
+
+@fleet_app.command("validate")
+@handle_errors
+def validate(
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved fleet as JSON."),
+) -> None:
+    """Validate the inventory and show each target with its kind and the mode it will get."""
+    inv = load_inventory(targets)
+    rows = [
+        {"name": t.name, "host": t.host, "port": t.port, "user": t.user, "kind": t.kind, "mode": t.mode,
+         "runtime": t.runtime + (f"=={t.runtime_version}" if t.runtime_version else ""), "delegate": t.delegate,
+         "transport": t.transport, "groups": t.groups, "emulated": t.emulated, "allow_fallback": t.allow_fallback}
+        for t in inv.targets
+    ]
+    if as_json:
+        emit_json(json.dumps({"inventory": str(inv.path), "sha256": inv.sha256, "targets": rows}))
+        return
+    table = Table(title=f"{inv.path} · {len(rows)} targets")
+    for col in ("name", "host", "kind", "mode", "runtime", "delegate", "groups"):
+        table.add_column(col)
+    for r in rows:
+        host = f"{r['host']}:{r['port']}" if r["transport"] == "ssh" else "local"
+        table.add_row(r["name"], host, r["kind"], r["mode"], r["runtime"], r["delegate"], ",".join(r["groups"]))
+    Console().print(table)

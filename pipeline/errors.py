@@ -1,0 +1,95 @@
+"""One exception root for edgepipe; every error carries what the user needs to fix it."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class EdgepipeError(Exception):
+    """Root of every error edgepipe raises on purpose.
+
+    `exit_code` is what the CLI exits with; `code` is a stable machine-readable string.
+    """
+
+    exit_code = 2
+    code = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+        code: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = str(file) if file is not None else None
+        self.field = field
+        self.hint = hint
+        if code is not None:
+            self.code = code
+        self.data = dict(data or {})
+
+    def one_line(self) -> str:
+        """The single line shown to users: `file: field: message (hint)`."""
+        parts = []
+        if self.file:
+            parts.append(self.file)
+        if self.field:
+            parts.append(self.field)
+        text = ": ".join(parts + [self.message]) if parts else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return " ".join(text.split("\n"))
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.one_line()}
+
+
+class ConfigError(EdgepipeError):
+    """Bad targets.yaml, bad CLI usage, bad data file."""
+
+    code = "config"
+
+
+class ConversionError(EdgepipeError):
+    """A model that is missing, corrupt, unsupported, or cannot be converted as asked."""
+
+    code = "conversion"
+
+
+class CompatibilityError(ConversionError):
+    """An artifact that a declared runtime cannot load (operator + version named)."""
+
+    code = "model_incompatible"
+
+
+class TransportError(EdgepipeError):
+    """Reaching or talking to a device failed; `code` is one of the fleet error codes."""
+
+    exit_code = 3
+    code = "unreachable"
+
+
+class AgentError(EdgepipeError):
+    """The device agent failed or returned something the host cannot trust."""
+
+    exit_code = 3
+    code = "agent_error"
+
+
+class StoreError(EdgepipeError):
+    """The results database cannot be opened, migrated or queried."""
+
+    code = "store"
+
+
+class GateError(EdgepipeError):
+    """A gate cannot be evaluated (e.g. an unknown run or baseline)."""
+
+    code = "gate"

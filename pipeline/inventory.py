@@ -1,0 +1,433 @@
+"""The fleet inventory: targets.yaml, validated once at load with pydantic, resolved into Target objects.
+
+Field names are a contract users' files depend on (issue 2): add, never rename. Every bad input becomes one
+ConfigError line naming the file, the field path (e.g. `targets[2].kind`) and what is accepted.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+Kind = Literal["cpu", "gpu", "edgetpu"]
+Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
+Runtime = Literal["auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow"]
+KINDS = ("cpu", "gpu", "edgetpu")
+MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
+KIND_DEFAULT_MODE = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
+KIND_DEFAULT_DELEGATE = {"edgetpu": "edgetpu", "gpu": "gpu", "cpu": "cpu"}
+SECRET_KEYS = ("password", "passphrase", "secret")
+CREDENTIAL_HINT = (
+    "literal secrets are not accepted in targets.yaml; use identity_file: PATH (an SSH key), use_agent: true "
+    "(ssh-agent), or passphrase_env: ENV_VAR_NAME (the name of an environment variable holding the key's passphrase)"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class GateThresholds(_Strict):
+    """Per-target gates; None means not gated."""
+
+    max_p50_ms: Optional[float] = Field(None, gt=0)
+    max_p90_ms: Optional[float] = Field(None, gt=0)
+    max_p99_ms: Optional[float] = Field(None, gt=0)
+    min_top1: Optional[float] = Field(None, ge=0, le=1)
+    max_top1_drop: Optional[float] = Field(None, ge=0, le=100)  # points (0.01 top-1 = 1 point)
+    min_agreement: Optional[float] = Field(None, ge=0, le=1)
+    min_snr_db: Optional[float] = None
+    max_bytes: Optional[int] = Field(None, gt=0)
+    min_edgetpu_mapped: Optional[float] = Field(None, ge=0, le=1)
+
+
+THRESHOLD_KEYS = tuple(GateThresholds.model_fields)
+
+
+class GatesSpec(GateThresholds):
+    """Top-level `gates:` fleet-wide thresholds, fleet gates, and per-kind / per-group thresholds."""
+
+    max_fail_percent: Optional[float] = Field(None, ge=0, le=100)
+    require_all_kinds: Optional[list[Kind]] = None
+    max_latency_regression: Optional[float] = Field(None, ge=0)  # fraction: 0.10 = 10 % slower
+    max_top1_regression: Optional[float] = Field(None, ge=0, le=100)  # points
+    kinds: dict[Kind, GateThresholds] = Field(default_factory=dict)
+    groups: dict[str, GateThresholds] = Field(default_factory=dict)
+
+
+class _TargetFields(_Strict):
+    """Fields shared by `defaults:` and each target (all optional here; resolved later)."""
+
+    port: Optional[int] = Field(None, ge=1, le=65535)
+    user: Optional[str] = Field(None, min_length=1)
+    identity_file: Optional[str] = None
+    use_agent: Optional[bool] = None
+    passphrase_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: Optional[Kind] = None
+    mode: Optional[Mode] = None
+    io_type: Optional[Literal["int8", "uint8"]] = None
+    python: Optional[str] = Field(None, min_length=1)
+    runtime: Optional[str] = None
+    runtime_version: Optional[str] = None
+    threads: Optional[int] = Field(None, ge=1, le=256)
+    delegate: Optional[str] = None
+    delegate_options: Optional[dict[str, Any]] = None
+    edgetpu_device: Optional[str] = None
+    allow_fallback: Optional[bool] = None
+    transport: Optional[Literal["ssh", "local"]] = None
+    workdir: Optional[str] = Field(None, min_length=1)
+    jump_host: Optional[str] = None
+    connect_timeout: Optional[float] = Field(None, gt=0)
+    timeout: Optional[float] = Field(None, gt=0)
+    retries: Optional[int] = Field(None, ge=0, le=20)
+    runs: Optional[int] = Field(None, ge=1)
+    warmup: Optional[int] = Field(None, ge=0)
+    max_seconds: Optional[float] = Field(None, gt=0)
+    emulated: Optional[bool] = None
+
+
+class DefaultsSpec(_TargetFields):
+    known_hosts: Optional[str] = None
+    max_parallel: Optional[int] = Field(None, ge=1, le=256)
+
+
+class TargetSpec(_TargetFields):
+    name: str = Field(min_length=1)
+    host: Optional[str] = Field(None, min_length=1)
+    groups: list[str] = Field(default_factory=list)
+    known_hosts: Optional[str] = None
+    description: Optional[str] = None
+    gates: GateThresholds = Field(default_factory=GateThresholds)
+
+
+class GroupSpec(_Strict):
+    description: Optional[str] = None
+    mode: Optional[Mode] = None
+    threads: Optional[int] = Field(None, ge=1, le=256)
+    allow_fallback: Optional[bool] = None
+
+
+class InventorySpec(_Strict):
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    groups: dict[str, GroupSpec] = Field(default_factory=dict)
+    targets: list[TargetSpec] = Field(default_factory=list)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    db: Optional[str] = None
+
+
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "port": 22, "user": "pi", "use_agent": False, "python": "python3", "runtime": "auto", "threads": None,
+    "allow_fallback": False, "transport": "ssh", "workdir": "~/.edgepipe", "connect_timeout": 10.0,
+    "timeout": 600.0, "retries": 2, "runs": 50, "warmup": 5, "io_type": "int8", "emulated": False,
+    "known_hosts": "~/.ssh/known_hosts", "max_parallel": 8,
+}
+
+
+@dataclass
+class Target:
+    """One device target with defaults merged and mode resolved."""
+
+    name: str
+    host: str
+    port: int
+    user: str
+    kind: str
+    mode: str
+    python: str
+    runtime: str
+    runtime_version: str | None
+    threads: int | None
+    delegate: str
+    delegate_options: dict[str, Any]
+    edgetpu_device: str | None
+    allow_fallback: bool
+    groups: list[str]
+    transport: str
+    workdir: str
+    known_hosts: Path
+    identity_file: Path | None
+    use_agent: bool
+    passphrase_env: str | None
+    jump_host: str | None
+    connect_timeout: float
+    timeout: float
+    retries: int
+    runs: int
+    warmup: int
+    max_seconds: float | None
+    emulated: bool
+    io_type: str
+    index: int = 0
+    description: str | None = None
+    gates: GateThresholds = field(default_factory=GateThresholds)
+
+    @property
+    def physical_host(self) -> tuple[str, int]:
+        """Targets sharing this key are one board: they never measure at the same time."""
+        if self.transport == "local":
+            return ("local", 0)
+        return (self.host, self.port)
+
+    @property
+    def field_path(self) -> str:
+        return f"targets[{self.index}]"
+
+
+@dataclass
+class Inventory:
+    path: Path
+    sha256: str
+    targets: list[Target]
+    groups: dict[str, GroupSpec]
+    gates: GatesSpec
+    max_parallel: int
+    db: Path | None
+    spec: InventorySpec
+
+    @property
+    def defaults(self) -> DefaultsSpec:
+        return self.spec.defaults
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no target named {name!r}", file=self.path, hint=f"known targets: {', '.join(t.name for t in self.targets)}")
+
+    def select(self, names: list[str] | tuple[str, ...] | None) -> list[Target]:
+        """Targets matching any of `names` (target or group names); all targets when empty."""
+        if not names:
+            return list(self.targets)
+        known_groups = set(self.groups) | {g for t in self.targets for g in t.groups}
+        chosen: list[Target] = []
+        for name in names:
+            hits = [t for t in self.targets if t.name == name or name in t.groups]
+            if not hits:
+                known = sorted({t.name for t in self.targets} | known_groups)
+                raise ConfigError(f"--select {name!r} matches no target or group", file=self.path,
+                                  hint=f"known: {', '.join(known)}")
+            chosen.extend(t for t in hits if t not in chosen)
+        return [t for t in self.targets if t in chosen]
+
+    def gates_for(self, target: Target) -> dict[str, tuple[Any, str]]:
+        """Per-target thresholds with their source; the most specific wins: target > group > kind > fleet."""
+        out: dict[str, tuple[Any, str]] = {}
+        layers: list[tuple[GateThresholds, str]] = [(self.gates, "gates")]
+        if target.kind in self.gates.kinds:
+            layers.append((self.gates.kinds[target.kind], f"gates.kinds.{target.kind}"))
+        for g in target.groups:
+            if g in self.gates.groups:
+                layers.append((self.gates.groups[g], f"gates.groups.{g}"))
+        layers.append((target.gates, f"targets[{target.name}].gates"))
+        for spec, source in layers:
+            for key in THRESHOLD_KEYS:
+                value = getattr(spec, key)
+                if value is not None:
+                    out[key] = (value, f"{source}.{key}")
+        return out
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if item == "[key]":
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _allowed_keys(spec_cls: type[BaseModel]) -> list[str]:
+    return list(spec_cls.model_fields)
+
+
+def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that owns the container at `loc` (for listing accepted keys)."""
+    if not loc:
+        return InventorySpec
+    head = loc[0]
+    if head == "targets":
+        if len(loc) >= 3 and loc[2] == "gates":
+            return GateThresholds
+        return TargetSpec
+    if head == "defaults":
+        return DefaultsSpec
+    if head == "groups":
+        return GroupSpec
+    if head == "gates":
+        if len(loc) >= 3 and loc[1] in ("kinds", "groups"):
+            return GateThresholds
+        return GatesSpec
+    return InventorySpec
+
+
+def _explain(err: dict[str, Any]) -> tuple[str, str]:
+    """(field path, message with the accepted values) for one pydantic error."""
+    loc = tuple(err["loc"])
+    etype = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    path = _loc_to_path(loc)
+    if etype == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(_model_for_loc(loc[:-1]))
+        if key.lower() in SECRET_KEYS or "password" in key.lower():
+            return path, CREDENTIAL_HINT
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return path, f"unknown key {key!r}; {hint}accepted keys: {', '.join(allowed)}"
+    if etype == "literal_error":
+        return path, f"invalid value {value!r}; accepted values: {ctx.get('expected', '')}"
+    if etype == "missing":
+        return path, "required field is missing"
+    if etype in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        if loc and loc[-1] == "port":
+            return path, f"port {value!r} is out of range; accepted values: 1..65535"
+        bound = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[etype]
+        limit = ctx.get({"greater_than_equal": "ge", "less_than_equal": "le", "greater_than": "gt", "less_than": "lt"}[etype])
+        return path, f"value {value!r} is out of range; accepted values: {bound} {limit}"
+    if etype.endswith("_parsing") or etype.endswith("_type"):
+        expected = etype.replace("_parsing", "").replace("_type", "")
+        expected = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+                    "list": "a list", "dict": "a mapping", "model": "a mapping"}.get(expected, expected)
+        return path, f"wrong type: got {type(value).__name__} {value!r}; expected {expected}"
+    if etype == "string_pattern_mismatch":
+        return path, f"invalid value {value!r}; expected an environment variable NAME (letters, digits, _), not its value"
+    return path, err["msg"]
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError("inventory file not found", file=path,
+                          hint="pass --targets PATH, or copy the example targets.yaml from the repository")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read inventory: {exc.strerror}", file=path) from None
+    try:
+        return yaml.safe_load(text), text
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(f"YAML syntax error at {where}: {problem}", file=path,
+                          hint="fix the indentation or quoting there") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", file=path) from None
+
+
+def _scan_secrets(node: Any, loc: tuple[Any, ...], path: Path) -> None:
+    """Reject literal passwords anywhere before schema validation can call them merely 'unknown'."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(k, str) and (k.lower() in SECRET_KEYS or "password" in k.lower()):
+                raise ConfigError(CREDENTIAL_HINT, file=path, field=_loc_to_path(loc + (k,)))
+            _scan_secrets(v, loc + (k,), path)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _scan_secrets(v, loc + (i,), path)
+
+
+def _resolve_path(value: str | None, base: Path) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _split_runtime(raw: str | None, version: str | None, file: Path, fpath: str) -> tuple[str, str | None]:
+    runtime = raw or "auto"
+    if "==" in runtime:
+        runtime, _, ver = runtime.partition("==")
+        version = version or ver
+    allowed = ("auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow")
+    if runtime not in allowed:
+        raise ConfigError(f"invalid value {runtime!r}; accepted values: {', '.join(allowed)} "
+                          "(optionally with ==VERSION, e.g. tflite-runtime==2.14)", file=file, field=fpath)
+    return runtime, version
+
+
+def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) -> Target:
+    base = file.parent
+    d = inv.defaults
+    merged: dict[str, Any] = dict(BUILTIN_DEFAULTS)
+    merged.update({k: v for k, v in d.model_dump().items() if v is not None})
+    merged.update({k: v for k, v in spec.model_dump(exclude={"gates", "groups"}).items() if v is not None})
+    fpath = f"targets[{i}]"
+    for g in spec.groups:
+        if g not in inv.groups and g not in inv.gates.groups and inv.groups:
+            raise ConfigError(f"unknown group {g!r}; accepted values: {', '.join(sorted(inv.groups))}",
+                              file=file, field=f"{fpath}.groups", hint="declare it under top-level groups:")
+    if not merged.get("kind"):
+        raise ConfigError(f"required field is missing; accepted values: {', '.join(KINDS)}", file=file, field=f"{fpath}.kind")
+    if merged["transport"] == "local":
+        merged.setdefault("host", "localhost")
+    elif not spec.host:
+        raise ConfigError("required field is missing (a hostname or IP address)", file=file, field=f"{fpath}.host")
+    group_modes = {g: inv.groups[g].mode for g in spec.groups if g in inv.groups and inv.groups[g].mode}
+    if len(set(group_modes.values())) > 1 and not spec.mode:
+        raise ConfigError(f"groups set conflicting modes {group_modes}; set mode: on the target", file=file, field=f"{fpath}.mode")
+    for g in spec.groups:
+        gs = inv.groups.get(g)
+        if gs:
+            if gs.threads is not None and spec.threads is None:
+                merged["threads"] = gs.threads
+            if gs.allow_fallback is not None and spec.allow_fallback is None:
+                merged["allow_fallback"] = gs.allow_fallback
+    mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
+    runtime, runtime_version = _split_runtime(merged.get("runtime"), merged.get("runtime_version"), file, f"{fpath}.runtime")
+    known_hosts = spec.known_hosts or d.known_hosts or BUILTIN_DEFAULTS["known_hosts"]
+    return Target(
+        name=spec.name, host=merged.get("host") or spec.host or "localhost", port=merged["port"], user=merged["user"],
+        kind=merged["kind"], mode=mode, python=merged["python"], runtime=runtime, runtime_version=runtime_version,
+        threads=merged.get("threads"), delegate=merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]],
+        delegate_options=dict(merged.get("delegate_options") or {}), edgetpu_device=merged.get("edgetpu_device"),
+        allow_fallback=bool(merged["allow_fallback"]), groups=list(spec.groups), transport=merged["transport"],
+        workdir=merged["workdir"], known_hosts=_resolve_path(known_hosts, base),
+        identity_file=_resolve_path(merged.get("identity_file"), base), use_agent=bool(merged["use_agent"]),
+        passphrase_env=merged.get("passphrase_env"), jump_host=merged.get("jump_host"),
+        connect_timeout=float(merged["connect_timeout"]), timeout=float(merged["timeout"]), retries=int(merged["retries"]),
+        runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
+        emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
+        gates=spec.gates,
+    )
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Load and validate targets.yaml; raise ConfigError(file, field) on the first problem."""
+    file = Path(path)
+    raw, text = _read_yaml(file)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping with keys defaults, groups, targets, gates; got {type(raw).__name__}", file=file)
+    _scan_secrets(raw, (), file)
+    try:
+        spec = InventorySpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fpath, msg = _explain(first)
+        raise ConfigError(msg, file=file, field=fpath or None) from None
+    if not spec.targets:
+        raise ConfigError("the fleet is empty; add at least one target with name, host and kind", file=file, field="targets")
+    seen: dict[str, int] = {}
+    for i, t in enumerate(spec.targets):
+        if t.name in seen:
+            raise ConfigError(f"duplicate target name {t.name!r} (first used at targets[{seen[t.name]}]); names must be unique",
+                              file=file, field=f"targets[{i}].name")
+        seen[t.name] = i
+    targets = [_resolve_target(i, t, spec, file) for i, t in enumerate(spec.targets)]
+    return Inventory(
+        path=file, sha256=hashlib.sha256(text.encode()).hexdigest(), targets=targets, groups=dict(spec.groups),
+        gates=spec.gates, max_parallel=spec.defaults.max_parallel or BUILTIN_DEFAULTS["max_parallel"],
+        db=_resolve_path(spec.db, file.parent), spec=spec,
+    )

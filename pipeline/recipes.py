@@ -1,0 +1,116 @@
+"""Conversion recipes: one small function per mode, returning the converter settings as plain data.
+
+A recipe is pure data (no TensorFlow), so the cache key and the manifest can be computed before TF is imported;
+`apply_recipe` turns it into TFLiteConverter attributes where the conversion really runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConversionError
+
+MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
+IO_TYPES = ("int8", "uint8")
+DEFAULT_MODE_BY_KIND = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
+
+
+@dataclass
+class Recipe:
+    """The converter settings for one mode. `options` is recorded verbatim in the manifest."""
+
+    mode: str
+    options: dict[str, Any]
+    needs_calibration: bool = False
+    compat: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def key(self) -> dict[str, Any]:
+        return {"mode": self.mode, "options": self.options, "compat": self.compat}
+
+
+RecipeFn = Callable[..., Recipe]
+RECIPES: dict[str, RecipeFn] = {}
+
+
+def recipe(mode: str) -> Callable[[RecipeFn], RecipeFn]:
+    def register(fn: RecipeFn) -> RecipeFn:
+        RECIPES[mode] = fn
+        return fn
+    return register
+
+
+@recipe("float32")
+def float32(**_: Any) -> Recipe:
+    return Recipe("float32", {})
+
+
+@recipe("dynamic")
+def dynamic(**_: Any) -> Recipe:
+    return Recipe("dynamic", {"optimizations": ["DEFAULT"]})
+
+
+@recipe("float16")
+def float16(**_: Any) -> Recipe:
+    return Recipe("float16", {"optimizations": ["DEFAULT"], "supported_types": ["float16"]})
+
+
+@recipe("int8")
+def int8(*, io_type: str = "int8", qat: bool = False, **_: Any) -> Recipe:
+    # A QAT model carries its own quantization ranges, so it needs no representative dataset.
+    opts: dict[str, Any] = {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"],
+                            "inference_input_type": io_type, "inference_output_type": io_type}
+    if qat:
+        opts["qat"] = True
+    else:
+        opts["representative_dataset"] = True
+    return Recipe("int8", opts, needs_calibration=not qat)
+
+
+@recipe("int16x8")
+def int16x8(**_: Any) -> Recipe:
+    return Recipe("int16x8", {"optimizations": ["DEFAULT"], "representative_dataset": True,
+                              "supported_ops": ["EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8"]},
+                  needs_calibration=True)
+
+
+def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: str | None = None) -> Recipe:
+    """Pick the recipe for `mode`, then apply the options a declared runtime (`compat`) needs to load it."""
+    from .compat import compat_options, parse_compat
+
+    if mode not in RECIPES:
+        raise ConversionError(f"unknown mode '{mode}'", field="mode", hint=f"use one of: {', '.join(MODES)}")
+    if io_type not in IO_TYPES:
+        raise ConversionError(f"unknown io_type '{io_type}'", field="io_type", hint="use int8 or uint8")
+    r = RECIPES[mode](io_type=io_type, qat=qat)
+    if compat:
+        runtime, version = parse_compat(compat)
+        extra = compat_options(mode, runtime, version)
+        r.compat = {"runtime": runtime, "version": version, "options": extra}
+        r.options.update(extra)
+    return r
+
+
+def apply_recipe(r: Recipe, converter: Any, representative: Callable[[], Any] | None) -> None:
+    """Set TFLiteConverter attributes from a recipe (TF imported lazily by the caller)."""
+    import tensorflow as tf
+
+    o = r.options
+    if o.get("optimizations"):
+        converter.optimizations = [getattr(tf.lite.Optimize, name) for name in o["optimizations"]]
+    if o.get("supported_types"):
+        converter.target_spec.supported_types = [getattr(tf, name) for name in o["supported_types"]]
+    if o.get("supported_ops"):
+        converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, name) for name in o["supported_ops"]]
+    if o.get("inference_input_type"):
+        converter.inference_input_type = getattr(tf, o["inference_input_type"])
+    if o.get("inference_output_type"):
+        converter.inference_output_type = getattr(tf, o["inference_output_type"])
+    if o.get("representative_dataset"):
+        if representative is None:
+            raise ConversionError(f"{r.mode} needs calibration data", field="calibration",
+                                  hint="pass --calibration DATA.npz (array 'x') or an image folder")
+        converter.representative_dataset = representative
+    for name, value in o.items():
+        if name.startswith("_experimental") or name.startswith("experimental_"):
+            setattr(converter, name, value)

@@ -1,0 +1,128 @@
+"""Statistical regression tests against a baseline run: latency from raw samples, accuracy from counts.
+
+A regression fails only when it is both statistically significant and larger than the allowed amount, so
+noise alone does not fail a release, and a real but negligible change does not either.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95      # one-sided: the slowdown is significant when the lower 95 % bound of the ratio exceeds 1
+N_BOOTSTRAP = 2000
+MIN_SAMPLES = 5
+
+
+@dataclass
+class LatencyComparison:
+    """Ratio of medians (new / baseline) with a bootstrap confidence bound; regressed = significant AND too large."""
+
+    base_median: float
+    new_median: float
+    ratio: float
+    ci_low: float
+    ci_high: float
+    n_base: int
+    n_new: int
+    max_regression: float
+    significant: bool
+    regressed: bool
+
+    @property
+    def slowdown(self) -> float:
+        """Fractional slowdown, e.g. 0.2 for 20 % slower."""
+        return self.ratio - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AccuracyComparison:
+    """Top-1 drop in points with a one-sided two-proportion z-test; regressed = significant AND too large."""
+
+    base_top1: float
+    new_top1: float
+    drop_points: float
+    n_base: int
+    n_new: int
+    p_value: float
+    max_drop_points: float
+    significant: bool
+    regressed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bootstrap_median_ratio(base: np.ndarray, new: np.ndarray, *, n_boot: int = N_BOOTSTRAP,
+                           seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of median(new) / median(base), resampling each sample set independently."""
+    rng = np.random.default_rng(seed)
+    # Chunked so memory stays small for long sample sets (runs=5000 would be 10 M indices at once).
+    chunk = max(1, 2_000_000 // max(len(base), len(new)))
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        mb = np.median(base[rng.integers(0, len(base), (k, len(base)))], axis=1)
+        mn = np.median(new[rng.integers(0, len(new), (k, len(new)))], axis=1)
+        out[start:start + k] = mn / mb
+    return out
+
+
+def compare_latency(base_samples: Sequence[float], new_samples: Sequence[float], max_regression: float, *,
+                    confidence: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> LatencyComparison:
+    """Compare raw per-invoke latency samples (ms) of a baseline and a new run of the same target and mode.
+
+    Significant: the one-sided lower confidence bound of the ratio of medians is above 1. Regressed: significant
+    and the ratio itself is above 1 + max_regression (e.g. 1.10).
+    """
+    base = np.asarray(base_samples, dtype=float)
+    new = np.asarray(new_samples, dtype=float)
+    base = base[np.isfinite(base) & (base > 0)]
+    new = new[np.isfinite(new) & (new > 0)]
+    if len(base) < MIN_SAMPLES or len(new) < MIN_SAMPLES:
+        raise ValueError(f"need at least {MIN_SAMPLES} positive latency samples on each side "
+                         f"(baseline {len(base)}, new {len(new)})")
+    ratio = float(np.median(new) / np.median(base))
+    boot = bootstrap_median_ratio(base, new, n_boot=n_boot, seed=seed)
+    alpha = 1.0 - confidence
+    ci_low, ci_high = (float(v) for v in np.quantile(boot, [alpha, 1.0 - alpha]))
+    significant = ci_low > 1.0
+    return LatencyComparison(
+        base_median=float(np.median(base)), new_median=float(np.median(new)), ratio=ratio, ci_low=ci_low,
+        ci_high=ci_high, n_base=len(base), n_new=len(new), max_regression=float(max_regression),
+        significant=significant, regressed=significant and ratio > 1.0 + max_regression,
+    )
+
+
+def _normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def compare_accuracy(base_top1: float, n_base: int, new_top1: float, n_new: int, max_drop_points: float, *,
+                     confidence: float = CONFIDENCE) -> AccuracyComparison:
+    """One-sided two-proportion z-test that the new top-1 is lower than the baseline's.
+
+    Both runs usually score the same evaluation set, so the samples are paired; the unpaired test is the
+    conservative choice when per-example predictions are not kept (it flags fewer drops, never more).
+    """
+    if n_base <= 0 or n_new <= 0:
+        raise ValueError("accuracy comparison needs a positive sample count on both sides")
+    drop = (base_top1 - new_top1) * 100.0
+    pooled = (base_top1 * n_base + new_top1 * n_new) / (n_base + n_new)
+    se = math.sqrt(max(pooled * (1.0 - pooled), 0.0) * (1.0 / n_base + 1.0 / n_new))
+    if se == 0.0:
+        p_value = 0.0 if drop > 0 else 1.0
+    else:
+        p_value = _normal_sf((base_top1 - new_top1) / se)
+    significant = p_value < 1.0 - confidence
+    return AccuracyComparison(
+        base_top1=float(base_top1), new_top1=float(new_top1), drop_points=float(drop), n_base=int(n_base),
+        n_new=int(n_new), p_value=float(p_value), max_drop_points=float(max_drop_points), significant=significant,
+        regressed=significant and drop > max_drop_points,
+    )

@@ -1,0 +1,146 @@
+"""Fleet outcomes as data: one DeviceResult per target, collected into a RunResult.
+
+The JSON shape is a contract (issue 4): {"run_id", "devices": [{"name", "kind", "mode", "ok",
+"error": {"code", "message"} | null, "result": <agent JSON> | null, ...}]}. Add keys, never rename.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import AgentError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "device_agents" / "result.schema.json"
+
+# Error codes a device can end with (besides the agent's own codes).
+FLEET_ERROR_CODES = (
+    "unreachable",
+    "auth_failed",
+    "host_key_unknown",
+    "host_key_changed",
+    "timeout",
+    "push_failed",
+    "agent_error",
+    "bad_result",
+    "conversion_failed",
+    "incompatible",
+)
+
+
+@dataclass
+class ErrorInfo:
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass
+class DeviceResult:
+    """What one target produced: a validated agent result, or an error. Never an exception."""
+
+    name: str
+    kind: str
+    mode: str
+    ok: bool
+    error: ErrorInfo | None = None
+    result: dict[str, Any] | None = None
+    host: str | None = None
+    groups: list[str] = field(default_factory=list)
+    emulated: bool = False
+    artifact: dict[str, Any] | None = None  # {"sha256", "bytes", "path", "mode", "variant"}
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    bytes_sent: int = 0
+    attempts: int = 1
+
+    @classmethod
+    def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
+        return cls(name=name, kind=kind, mode=mode, ok=False, error=ErrorInfo(code, message), **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["error"] = self.error.to_dict() if self.error else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DeviceResult":
+        d = dict(d)
+        err = d.get("error")
+        d["error"] = ErrorInfo(**err) if err else None
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    devices: list[DeviceResult]
+    started: float = 0.0
+    finished: float = 0.0
+    model_sha256: str | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # manifests
+    complete: bool = True
+    # additive (issue 5): host float top-1 for max_top1_drop; store metadata filled by Store.load_run
+    float_top1: float | None = None
+    label: str | None = None
+    inventory_sha256: str | None = None
+
+    @property
+    def succeeded(self) -> list[DeviceResult]:
+        return [d for d in self.devices if d.ok]
+
+    @property
+    def failed(self) -> list[DeviceResult]:
+        return [d for d in self.devices if not d.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "devices": [d.to_dict() for d in self.devices],
+            "started": self.started,
+            "finished": self.finished,
+            "model_sha256": self.model_sha256,
+            "artifacts": self.artifacts,
+            "complete": self.complete,
+            "float_top1": self.float_top1,
+            "label": self.label,
+            "inventory_sha256": self.inventory_sha256,
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema)
+
+
+def parse_agent_output(text: str) -> dict[str, Any]:
+    """Parse and schema-validate the agent's stdout; garbage or a bad shape is AgentError(bad_result)."""
+    text = text.strip()
+    if not text:
+        raise AgentError("agent printed nothing on stdout", code="bad_result")
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        snippet = text[:120].replace("\n", " ")
+        raise AgentError(f"agent output is not JSON ({exc.msg} at char {exc.pos}): {snippet!r}", code="bad_result") from None
+    validate_agent_result(doc)
+    return doc
+
+
+def validate_agent_result(doc: Any) -> None:
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = "/".join(str(p) for p in e.path) or "<root>"
+        raise AgentError(f"agent result fails schema at {where}: {e.message}", code="bad_result")

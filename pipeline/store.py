@@ -1,0 +1,405 @@
+"""The results database: runs, artifacts, device results and gate verdicts in one SQLite file.
+
+Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
+marked incomplete). WAL + a busy timeout let two runs write the same file at once.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import GateError, StoreError
+from .results import DeviceResult, RunResult
+
+DEFAULT_DB = Path(".edgepipe") / "results.db"
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            started REAL NOT NULL,
+            finished REAL,
+            model_sha256 TEXT,
+            label TEXT,
+            inventory_sha256 TEXT,
+            complete INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE artifacts (
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL,
+            mode TEXT,
+            bytes INTEGER,
+            manifest TEXT,
+            PRIMARY KEY (run_id, sha256)
+        );
+        CREATE TABLE device_results (
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            target TEXT NOT NULL,
+            kind TEXT, mode TEXT, ok INTEGER NOT NULL, error_code TEXT,
+            p50 REAL, p90 REAL, p99 REAL, top1 REAL, agreement REAL, snr_db REAL,
+            bytes INTEGER, emulated INTEGER NOT NULL DEFAULT 0,
+            raw TEXT NOT NULL,
+            stored REAL NOT NULL,
+            PRIMARY KEY (run_id, target)
+        );
+        CREATE TABLE gate_verdicts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            passed INTEGER NOT NULL,
+            exit_code INTEGER NOT NULL,
+            baseline_run_id TEXT,
+            verdict TEXT NOT NULL
+        );
+        """
+    )
+
+
+def _v2(db: sqlite3.Connection) -> None:
+    """Host float accuracy per run (for max_top1_drop) and indexes for history queries."""
+    db.executescript(
+        """
+        ALTER TABLE runs ADD COLUMN float_top1 REAL;
+        ALTER TABLE device_results ADD COLUMN runtime TEXT;
+        CREATE INDEX device_results_target ON device_results(target, mode);
+        CREATE INDEX runs_label ON runs(label);
+        CREATE INDEX runs_started ON runs(started);
+        """
+    )
+
+
+# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class RunInfo:
+    """One row of `history`: a run's metadata and a summary of its devices and last verdict."""
+
+    run_id: str
+    started: float
+    finished: float | None
+    model_sha256: str | None
+    label: str | None
+    inventory_sha256: str | None
+    complete: bool
+    devices: int = 0
+    ok: int = 0
+    passed: bool | None = None
+    exit_code: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TargetPoint:
+    """One target's figures in one run (a point of its trend)."""
+
+    run_id: str
+    started: float
+    label: str | None
+    target: str
+    kind: str | None
+    mode: str | None
+    ok: bool
+    error_code: str | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    top1: float | None
+    agreement: float | None
+    snr_db: float | None
+    bytes: int | None
+    emulated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    runs: list[RunInfo] = field(default_factory=list)
+    points: list[TargetPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runs": [r.to_dict() for r in self.runs], "points": [p.to_dict() for p in self.points]}
+
+
+def _query_columns(d: DeviceResult) -> dict[str, Any]:
+    r = d.result or {}
+    lat = r.get("latency_ms") or {}
+    acc = r.get("accuracy") or {}
+    agr = r.get("agreement") or {}
+    rt = r.get("runtime") or {}
+    art = d.artifact or {}
+    runtime = f"{rt.get('name')} {rt.get('version') or ''}".strip() if rt.get("name") else None
+    return {
+        "kind": d.kind, "mode": d.mode, "ok": int(bool(d.ok)), "error_code": d.error.code if d.error else None,
+        "p50": lat.get("p50"), "p90": lat.get("p90"), "p99": lat.get("p99"), "top1": acc.get("top1"),
+        "agreement": agr.get("top1"), "snr_db": agr.get("snr_db"), "bytes": art.get("bytes"),
+        "emulated": int(bool(d.emulated)), "runtime": runtime,
+    }
+
+
+class Store:
+    """SQLite results store. Safe to share between fan-out threads (one connection, one lock)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open results database: {exc}", file=str(self.path),
+                             hint="pass --db PATH to a writable file, or set db: in targets.yaml") from None
+        self._lock = threading.RLock()
+        self._migrate()
+
+    # -- schema -------------------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                current = self.schema_version
+                if current > SCHEMA_VERSION:
+                    self._db.execute("ROLLBACK")
+                    raise StoreError(f"database schema version {current} is newer than this edgepipe ({SCHEMA_VERSION})",
+                                     file=str(self.path), hint="upgrade edgepipe, or use another --db")
+                for version in range(current, SCHEMA_VERSION):
+                    MIGRATIONS[version](self._db)
+                    self._db.execute(f"PRAGMA user_version={version + 1}")
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot migrate results database: {exc}", file=str(self.path),
+                                 hint="is this an edgepipe results database?") from None
+
+    def _write(self, sql: str, params: tuple | dict = ()) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot write results database: {exc}", file=str(self.path)) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def begin_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None, label: str | None = None,
+                  *, started: float | None = None, float_top1: float | None = None) -> None:
+        """Record a run as started and incomplete; `finish_run` marks it complete."""
+        if self._row("SELECT id FROM runs WHERE id=?", (run_id,)):
+            raise StoreError(f"run {run_id!r} already exists", file=str(self.path), hint="use a new run id")
+        self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1) "
+                    "VALUES (?, ?, ?, ?, ?, 0, ?)",
+                    (run_id, started if started is not None else time.time(), model_sha256, label, inventory_sha256,
+                     float_top1))
+
+    def set_float_top1(self, run_id: str, value: float | None) -> None:
+        self._write("UPDATE runs SET float_top1=? WHERE id=?", (value, run_id))
+
+    def add_artifact(self, run_id: str, artifact: Any) -> None:
+        """Store one artifact (a conversion Artifact or a dict with sha256, mode, bytes, manifest)."""
+        a = artifact if isinstance(artifact, dict) else {k: getattr(artifact, k, None) for k in ("sha256", "mode", "bytes", "manifest")}
+        if not a.get("sha256"):
+            raise StoreError("artifact has no sha256", file=str(self.path))
+        self._write("INSERT OR REPLACE INTO artifacts(run_id, sha256, mode, bytes, manifest) VALUES (?, ?, ?, ?, ?)",
+                    (run_id, a["sha256"], a.get("mode"), a.get("bytes"), json.dumps(a.get("manifest") or {}, default=str)))
+
+    def add_device_result(self, run_id: str, device: DeviceResult) -> None:
+        """Commit one device's result now (the fan-out calls this as each device finishes)."""
+        cols = _query_columns(device)
+        cols.update(run_id=run_id, target=device.name, raw=json.dumps(device.to_dict(), default=str), stored=time.time())
+        names = ", ".join(cols)
+        marks = ", ".join(f":{k}" for k in cols)
+        self._write(f"INSERT OR REPLACE INTO device_results({names}) VALUES ({marks})", cols)
+
+    def recorder(self, run_id: str) -> Callable[[DeviceResult], None]:
+        """An `on_result` callback for `pipeline.run.execute` that commits each device as it arrives."""
+        return lambda device: self.add_device_result(run_id, device)
+
+    def finish_run(self, run_id: str, *, finished: float | None = None) -> None:
+        self._write("UPDATE runs SET complete=1, finished=? WHERE id=?",
+                    (finished if finished is not None else time.time(), run_id))
+
+    def record_run(self, run: RunResult, *, inventory_sha256: str | None = None, label: str | None = None) -> None:
+        """Store a whole finished RunResult at once (imports, tests); per-device commits use add_device_result."""
+        self.begin_run(run.run_id, run.model_sha256, inventory_sha256, label, started=run.started or None,
+                       float_top1=run.float_top1)
+        for a in run.artifacts:
+            if isinstance(a, dict) and a.get("sha256"):
+                self.add_artifact(run.run_id, a)
+        for d in run.devices:
+            self.add_device_result(run.run_id, d)
+        if run.complete:
+            self.finish_run(run.run_id, finished=run.finished or None)
+
+    def save_verdict(self, run_id: str, verdict: Any) -> None:
+        """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict())."""
+        self._write("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, time.time(), int(bool(verdict.passed)), int(verdict.exit_code),
+                     getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str)))
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def _row(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def run_info(self, run_id: str) -> RunInfo:
+        row = self._row(_RUNINFO_SQL + " WHERE r.id=? GROUP BY r.id", (run_id,))
+        if row is None:
+            raise GateError(f"no run {run_id!r} in the results database", file=str(self.path),
+                            hint="list runs with `edgepipe history`")
+        return _runinfo(row)
+
+    def load_run(self, run_id: str) -> RunResult:
+        """The stored run as a RunResult (devices in the order they were committed); metadata via run_info."""
+        info = self.run_info(self.resolve_run(run_id))
+        row = self._row("SELECT float_top1 FROM runs WHERE id=?", (info.run_id,))
+        devices = [DeviceResult.from_dict(json.loads(r["raw"])) for r in
+                   self._rows("SELECT raw FROM device_results WHERE run_id=? ORDER BY stored, rowid", (info.run_id,))]
+        artifacts = [{"sha256": r["sha256"], "mode": r["mode"], "bytes": r["bytes"], "manifest": json.loads(r["manifest"] or "{}")}
+                     for r in self._rows("SELECT * FROM artifacts WHERE run_id=? ORDER BY rowid", (info.run_id,))]
+        return RunResult(run_id=info.run_id, devices=devices, started=info.started, finished=info.finished or 0.0,
+                         model_sha256=info.model_sha256, artifacts=artifacts, complete=info.complete,
+                         float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256)
+
+    def resolve_run(self, ref: str) -> str:
+        """A run id from an exact id, a label/tag (its latest run), 'last', or a unique id prefix."""
+        if ref == "last":
+            row = self._row("SELECT id FROM runs ORDER BY started DESC, rowid DESC LIMIT 1")
+        else:
+            row = (self._row("SELECT id FROM runs WHERE id=?", (ref,))
+                   or self._row("SELECT id FROM runs WHERE label=? ORDER BY started DESC, rowid DESC LIMIT 1", (ref,)))
+            if row is None:
+                hits = self._rows("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\'", (_like_prefix(ref),))
+                if len(hits) > 1:
+                    raise GateError(f"run {ref!r} is ambiguous: {', '.join(h['id'] for h in hits[:5])}",
+                                    file=str(self.path), hint="give more of the run id")
+                row = hits[0] if hits else None
+        if row is None:
+            raise GateError(f"no run {ref!r} (not a run id, tag or 'last') in the results database",
+                            file=str(self.path), hint="list runs with `edgepipe history`")
+        return row["id"]
+
+    def resolve_baseline(self, spec: str | None, exclude: str | None = None) -> RunResult | None:
+        """The baseline run for `--baseline last|RUN_ID|TAG|none`, never the run being gated itself.
+
+        'last' is the latest complete run started before `exclude` (or latest overall without it).
+        """
+        if spec is None or spec == "none":
+            return None
+        if spec == "last":
+            params: tuple = ()
+            sql = "SELECT id FROM runs WHERE complete=1"
+            if exclude is not None:
+                ex = self._row("SELECT started FROM runs WHERE id=?", (exclude,))
+                sql += " AND id != ?"
+                params = (exclude,)
+                if ex is not None:
+                    sql += " AND started <= ?"
+                    params = (exclude, ex["started"])
+            row = self._row(sql + " ORDER BY started DESC, rowid DESC LIMIT 1", params)
+            return self.load_run(row["id"]) if row else None
+        run_id = self.resolve_run(spec)
+        if run_id == exclude:
+            raise GateError(f"baseline {spec!r} is the run being gated", file=str(self.path),
+                            hint="pick an earlier run id or tag, or --baseline last")
+        return self.load_run(run_id)
+
+    def history(self, target: str | None = None, limit: int = 20) -> History:
+        """The latest `limit` runs (newest first) and, for each, every target's figures (or only `target`'s)."""
+        runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + " GROUP BY r.id ORDER BY r.started DESC, r.rowid DESC LIMIT ?",
+                                                 (int(limit),))]
+        if target is not None:
+            known = self._row("SELECT 1 FROM device_results WHERE target=? LIMIT 1", (target,))
+            if known is None:
+                raise GateError(f"no results for target {target!r} in the results database", file=str(self.path),
+                                hint="check the name with `edgepipe history`")
+        points: list[TargetPoint] = []
+        ids = [r.run_id for r in runs]
+        if ids:
+            sql = ("SELECT d.*, r.started, r.label FROM device_results d JOIN runs r ON r.id = d.run_id "
+                   f"WHERE d.run_id IN ({', '.join('?' * len(ids))})")
+            params: tuple = tuple(ids)
+            if target is not None:
+                sql += " AND d.target=?"
+                params += (target,)
+            for r in self._rows(sql + " ORDER BY r.started, d.target", params):
+                points.append(TargetPoint(
+                    run_id=r["run_id"], started=r["started"], label=r["label"], target=r["target"], kind=r["kind"],
+                    mode=r["mode"], ok=bool(r["ok"]), error_code=r["error_code"], p50=r["p50"], p90=r["p90"],
+                    p99=r["p99"], top1=r["top1"], agreement=r["agreement"], snr_db=r["snr_db"], bytes=r["bytes"],
+                    emulated=bool(r["emulated"])))
+        if target is not None:
+            with_target = {p.run_id for p in points}
+            runs = [r for r in runs if r.run_id in with_target]
+        return History(runs=runs, points=points)
+
+    def verdicts(self, run_id: str) -> list[dict[str, Any]]:
+        return [json.loads(r["verdict"]) for r in
+                self._rows("SELECT verdict FROM gate_verdicts WHERE run_id=? ORDER BY id", (run_id,))]
+
+
+_RUNINFO_SQL = (
+    "SELECT r.*, COUNT(d.target) AS n_devices, COALESCE(SUM(d.ok), 0) AS n_ok, "
+    "(SELECT passed FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_passed, "
+    "(SELECT exit_code FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_exit "
+    "FROM runs r LEFT JOIN device_results d ON d.run_id = r.id"
+)
+
+
+def _runinfo(row: sqlite3.Row) -> RunInfo:
+    return RunInfo(run_id=row["id"], started=row["started"], finished=row["finished"], model_sha256=row["model_sha256"],
+                   label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
+                   devices=int(row["n_devices"]), ok=int(row["n_ok"]),
+                   passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"])
+
+
+def _like_prefix(ref: str) -> str:
+    return ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path:
+    """Which database to use: --db, else targets.yaml `db:`, else .edgepipe/results.db."""
+    if cli_db:
+        return Path(cli_db)
+    if inventory is not None and getattr(inventory, "db", None):
+        return Path(inventory.db)
+    return DEFAULT_DB

@@ -1,0 +1,78 @@
+"""The transport interface: connect, run an argv under a deadline, put/get files, close.
+
+Two implementations share this shape: `ssh` (paramiko, the only module importing it) and `local` (subprocess).
+"""
+from __future__ import annotations
+
+import shlex
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+Progress = Callable[[int, int], None]  # (bytes_done, bytes_total)
+
+
+@dataclass
+class CommandResult:
+    """What a remote command did; `rc` is None when it timed out (and was killed) or the channel died."""
+
+    rc: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not self.timed_out
+
+    def stderr_tail(self, n: int = 300) -> str:
+        return self.stderr[-n:].decode("utf-8", "replace").strip()
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """One shell command line from an argv list; every element is a single quoted word."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+class Transport(ABC):
+    """Reach one device. Methods raise `TransportError` (with a fleet error code) on connection problems."""
+
+    name: str = "transport"
+    bytes_sent: int = 0
+    connect_seconds: float = 0.0
+
+    @abstractmethod
+    def connect(self) -> None: ...
+
+    @abstractmethod
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult: ...
+
+    @abstractmethod
+    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int: ...
+
+    @abstractmethod
+    def get(self, remote: str, local: Path) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Transport":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_transport(target: Any, **kw: Any) -> Transport:
+    """The transport a target asks for (`transport: ssh|local`); not yet connected."""
+    kind = getattr(target, "transport", "ssh") or "ssh"
+    if kind == "local":
+        from .local import LocalTransport
+
+        return LocalTransport(target, **kw)
+    from .ssh import SSHTransport
+
+    return SSHTransport(target, **kw)

@@ -1,0 +1,74 @@
+"""Local transport: the agent runs as a subprocess on this machine (`transport: local` targets)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import TransportError
+from .base import CommandResult, Progress, Transport
+
+CHUNK = 1 << 20
+
+
+class LocalTransport(Transport):
+    """Same shape as SSH: argv lists (never a shell), a wall-clock deadline, the process group killed on timeout."""
+
+    name = "local"
+
+    def __init__(self, target: Any = None, **_: Any) -> None:
+        self.target = target
+        self.bytes_sent = 0
+        self.connect_seconds = 0.0
+
+    def connect(self) -> None:
+        self.connect_seconds = 0.0
+
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+        argv = [os.path.expanduser(str(argv[0]))] + [str(a) for a in argv[1:]]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            # what a remote shell would answer: command not found / not executable
+            return CommandResult(127, b"", f"{argv[0]}: {exc.strerror}".encode(), False, time.monotonic() - t0)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)  # reads both pipes concurrently
+            return CommandResult(proc.returncode, out, err, False, time.monotonic() - t0)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+            return CommandResult(None, out or b"", err or b"", True, time.monotonic() - t0)
+
+    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
+        dest = Path(os.path.expanduser(remote))
+        total = Path(local).stat().st_size
+        done = 0
+        try:
+            with open(local, "rb") as src, open(dest, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                    done += len(chunk)
+                    self.bytes_sent += len(chunk)
+                    if progress:
+                        progress(done, total)
+        except OSError as exc:
+            raise TransportError(f"local copy to {dest} failed: {exc.strerror}", code="push_failed") from None
+        return done
+
+    def get(self, remote: str, local: Path) -> None:
+        try:
+            shutil.copyfile(os.path.expanduser(remote), local)
+        except OSError as exc:
+            raise TransportError(f"local copy of {remote} failed: {exc.strerror}", code="push_failed") from None
+
+    def close(self) -> None:
+        pass

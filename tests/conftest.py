@@ -1,0 +1,11 @@
+"""Fixture plugins: each area owns one module under tests/fixtures/."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.devices",
+    "tests.fixtures.fleet",
+    "tests.fixtures.arm64",
+]
