@@ -1,0 +1,822 @@
+#!/usr/bin/env python3
+"""edgepipe device agent: measure one TFLite model's latency and accuracy on this device's runtime.
+
+Ships alone to the device (stdlib + numpy + one TFLite runtime, Python 3.7+). Prints exactly one JSON
+document on stdout (schema: result.schema.json next to this file); everything else goes to stderr.
+"""
+import argparse
+import gc
+import glob
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+AGENT_VERSION = "1.0.0"
+SCHEMA_VERSION = 1
+EXACT_SNR_DB = 300.0  # reported when outputs match the reference exactly (the real value is +inf)
+
+# ARM "CPU part" ids (implementer 0x41) seen on Raspberry Pi, Coral and similar boards.
+ARM_PARTS = {
+    "0xb76": "ARM1176", "0xc07": "Cortex-A7", "0xc08": "Cortex-A8", "0xc09": "Cortex-A9",
+    "0xc0f": "Cortex-A15", "0xd01": "Cortex-A32", "0xd03": "Cortex-A53", "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710", "0xd48": "Cortex-X2", "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2",
+    "0xd80": "Cortex-A520", "0xd81": "Cortex-A720", "0xd82": "Cortex-X4",
+}
+CORAL_USB_IDS = ("1a6e:089a", "18d1:9302")  # before and after the Edge TPU firmware is loaded
+EDGETPU_LIB = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+GPU_DELEGATE_LIBS = ("libtensorflowlite_gpu_delegate.so", "libtensorflowlite_gpu_gl.so")
+RUNTIME_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")
+RUNTIME_DISTS = {
+    "pycoral": ("pycoral",),
+    "ai-edge-litert": ("ai-edge-litert", "ai_edge_litert"),
+    "tflite-runtime": ("tflite-runtime", "tflite_runtime"),
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-aarch64", "tf-nightly"),
+}
+RUNTIME_MODULES = {"pycoral": "pycoral", "ai-edge-litert": "ai_edge_litert",
+                   "tflite-runtime": "tflite_runtime", "tensorflow": "tensorflow"}
+
+
+class AgentFailure(Exception):
+    """A failure with a stable code the host can act on; becomes {"ok": false, "error": {...}}."""
+
+    def __init__(self, code, message, **extra):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def log(msg):
+    sys.stderr.write("agent: %s\n" % msg)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- device facts
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, IOError, UnicodeDecodeError):
+        return None
+
+
+def parse_cpuinfo(text):
+    """CPU model, core count and board from x86 or ARM /proc/cpuinfo text; unknown fields are None."""
+    facts = {"cpu_model": None, "cpu_cores": None, "cpu_part": None, "hardware": None, "board": None}
+    if not text:
+        return facts
+    fields = {}
+    cores = 0
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor" and value.isdigit():
+            cores += 1
+        elif value:
+            fields.setdefault(key, value)
+    facts["cpu_cores"] = cores or None
+    facts["hardware"] = fields.get("hardware")
+    facts["board"] = fields.get("model") if not fields.get("model", "").isdigit() else None
+    part = fields.get("cpu part")
+    if part:
+        part = part.lower()
+        facts["cpu_part"] = part
+        name = ARM_PARTS.get(part) if fields.get("cpu implementer", "0x41").lower() == "0x41" else None
+        facts["cpu_model"] = ("ARM " + name) if name else None
+    if facts["cpu_model"] is None:
+        for key in ("model name", "processor", "cpu model", "hardware"):
+            value = fields.get(key)
+            if value and not value.isdigit():
+                facts["cpu_model"] = value
+                break
+    if facts["cpu_model"] is None and part:
+        facts["cpu_model"] = "implementer %s part %s" % (fields.get("cpu implementer", "?"), part)
+    return facts
+
+
+def _soc_temp_c():
+    raw = _read("/sys/class/thermal/thermal_zone0/temp")
+    try:
+        return round(int(raw.strip()) / 1000.0, 1)
+    except (AttributeError, ValueError):
+        return None
+
+
+def device_facts():
+    """What the device can tell about itself; missing files are None, never an error."""
+    facts = parse_cpuinfo(_read("/proc/cpuinfo"))
+    if facts["cpu_model"] is None:
+        facts["cpu_model"] = platform.processor() or None
+    if facts["cpu_cores"] is None:
+        facts["cpu_cores"] = os.cpu_count()
+    if facts["board"] is None:
+        board = _read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
+        facts["board"] = board.strip("\x00\n ") if board else None
+    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    facts.update({
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.machine(),
+        "os": platform.system(),
+        "kernel": platform.release(),
+        "os_release": _os_release(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "governor": governor.strip() if governor else None,
+        "soc_temp_c_before": _soc_temp_c(),
+        "soc_temp_c_after": None,
+    })
+    return facts
+
+
+def _os_release():
+    text = _read("/etc/os-release") or ""
+    for line in text.splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return None
+
+
+# ---------------------------------------------------------------- runtimes
+
+def dist_version(names):
+    """Installed distribution version without importing the package (importlib.metadata, else dist-info scan)."""
+    try:
+        import importlib.metadata as md
+        for name in names:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                pass
+        return None
+    except ImportError:  # Python 3.7
+        pass
+    wanted = set(n.replace("-", "_").lower() for n in names)
+    for entry in sys.path:
+        for meta in glob.glob(os.path.join(entry or ".", "*.*-info")):
+            stem = os.path.basename(meta).rsplit(".", 1)[0]
+            name, _, version = stem.partition("-")
+            if name.replace("-", "_").lower() in wanted and version:
+                return version.split("-")[0]
+    return None
+
+
+def _has_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_google_pycoral():
+    """Google's pycoral ships pycoral/utils/edgetpu.py; the PyPI `pycoral` (a GIS tool) does not."""
+    try:
+        spec = importlib.util.find_spec("pycoral")
+    except (ImportError, ValueError):
+        return False
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if glob.glob(os.path.join(location, "utils", "edgetpu*.py")):
+            return True
+    return False
+
+
+def runtime_versions():
+    """{module: version|None} for every runtime the agent knows, without importing TensorFlow."""
+    out = {}
+    for name in ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow"):
+        module = RUNTIME_MODULES[name]
+        present = has_google_pycoral() if name == "pycoral" else _has_module(module)
+        version = None
+        if present:
+            version = dist_version(RUNTIME_DISTS[name])
+            if version is None and name != "tensorflow":
+                try:
+                    with quiet_stdout():
+                        version = getattr(importlib.import_module(module), "__version__", None)
+                except Exception as exc:  # a broken install is still worth reporting
+                    log("importing %s failed: %s" % (module, _one_line(exc)))
+            version = version or "unknown"
+        out[module] = version
+    return out
+
+
+class Runtime(object):
+    """One imported TFLite runtime: how to build an interpreter and load a delegate."""
+
+    def __init__(self, name, version, interpreter_cls, load_delegate, make_interpreter=None, import_ms=0.0):
+        self.name = name
+        self.version = version
+        self.interpreter_cls = interpreter_cls
+        self.load_delegate = load_delegate
+        self.make_interpreter = make_interpreter
+        self.import_ms = import_ms
+
+    def describe(self):
+        return {"name": self.name, "version": self.version, "import_ms": round(self.import_ms, 3)}
+
+
+def _import_runtime(name):
+    if name == "pycoral":
+        if not has_google_pycoral():
+            raise ImportError("Google's pycoral (pycoral.utils.edgetpu) is not installed")
+        from pycoral.utils import edgetpu
+        from tflite_runtime.interpreter import Interpreter, load_delegate
+        import pycoral
+        version = getattr(pycoral, "__version__", None) or dist_version(RUNTIME_DISTS[name])
+        return Runtime(name, version, Interpreter, load_delegate, edgetpu.make_interpreter)
+    if name == "ai-edge-litert":
+        from ai_edge_litert.interpreter import Interpreter, load_delegate
+        import ai_edge_litert as mod
+    elif name == "tflite-runtime":
+        from tflite_runtime.interpreter import Interpreter, load_delegate
+        import tflite_runtime as mod
+    elif name == "tensorflow":
+        import tensorflow as mod
+        Interpreter, load_delegate = mod.lite.Interpreter, mod.lite.experimental.load_delegate
+    else:
+        raise ImportError("unknown runtime %r" % name)
+    version = getattr(mod, "__version__", None) or dist_version(RUNTIME_DISTS[name])
+    return Runtime(name, version, Interpreter, load_delegate)
+
+
+def select_runtime(requested, delegate):
+    """Import the best runtime present (pycoral only for Edge TPU), or the one asked for."""
+    if requested and requested != "auto":
+        order = [requested]
+    else:
+        order = [n for n in RUNTIME_ORDER if n != "pycoral" or delegate == "edgetpu"]
+    tried = []
+    for name in order:
+        t0 = time.perf_counter_ns()
+        try:
+            with quiet_stdout():
+                runtime = _import_runtime(name)
+        except Exception as exc:  # ImportError, or a broken install failing inside its own import
+            tried.append("%s (%s)" % (name, _one_line(exc)))
+            continue
+        runtime.import_ms = (time.perf_counter_ns() - t0) / 1e6
+        log("runtime %s %s (import %.0f ms)" % (runtime.name, runtime.version, runtime.import_ms))
+        return runtime
+    raise AgentFailure("no_runtime", "no TFLite runtime importable with %s: tried %s; install one, e.g. "
+                       "`pip install ai-edge-litert` or `pip install tflite-runtime 'numpy<2'`"
+                       % (sys.executable, "; ".join(tried)))
+
+
+class quiet_stdout(object):
+    """Point fd 1 at stderr while native code may print (the real stdout is reserved for the JSON)."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
+        return False
+
+
+class quiet_unraisable(object):
+    """Swallow the `Delegate.__del__` AttributeError a failed load_delegate leaves behind."""
+
+    def __enter__(self):
+        self.hook = getattr(sys, "unraisablehook", None)
+        if self.hook is not None:
+            sys.unraisablehook = lambda unraisable: None
+        self.stderr = sys.stderr
+        sys.stderr = open(os.devnull, "w")  # Python 3.7 prints unraisable errors straight to sys.stderr
+        return self
+
+    def __exit__(self, *exc):
+        gc.collect()
+        sys.stderr.close()
+        sys.stderr = self.stderr
+        if self.hook is not None:
+            sys.unraisablehook = self.hook
+        return False
+
+
+# ---------------------------------------------------------------- model loading
+
+def read_model(path):
+    """sha256 and size of the model; model_not_found / model_corrupt before any runtime sees it."""
+    if not os.path.isfile(path):
+        raise AgentFailure("model_not_found", "model file not found: %s" % path)
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if not head:
+                head = chunk[:8]
+            digest.update(chunk)
+            size += len(chunk)
+    if size < 8 or head[4:8] != b"TFL3":
+        raise AgentFailure("model_corrupt", "%s is not a TFLite flatbuffer (%d bytes, file identifier %r, "
+                           "expected 'TFL3'): re-copy or re-convert the model" % (path, size, head[4:8]))
+    return {"path": path, "sha256": digest.hexdigest(), "bytes": size}
+
+
+def _op_message(text):
+    """`FULLY_CONNECTED v12` from "Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'"."""
+    import re
+    m = re.search(r"builtin opcode '([A-Z0-9_]+)' version '(\d+)'", text)
+    if m:
+        return "operator %s version %s" % (m.group(1), m.group(2))
+    m = re.search(r"custom op:? '?([\w\-]+)'?", text, re.IGNORECASE)
+    if m:
+        return "custom operator %s" % m.group(1)
+    return None
+
+
+def classify_load_error(exc, runtime, path):
+    text = "%s: %s" % (type(exc).__name__, exc) if isinstance(exc, UnicodeDecodeError) else str(exc)
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    where = "%s %s" % (runtime.name, runtime.version)
+    corrupt = ("not a valid Flatbuffer", "mmap", "allocation is null", "UnicodeDecodeError", "Could not open")
+    if isinstance(exc, UnicodeDecodeError) or any(s.lower() in first.lower() for s in corrupt):
+        return AgentFailure("model_corrupt", "%s cannot be parsed by %s: %s" % (path, where, first))
+    if "_ARRAY_API" in first or "numpy" in first.lower() and "version" in first.lower():
+        return AgentFailure("no_runtime", "%s is unusable with numpy %s: %s (tflite-runtime needs numpy<2)"
+                            % (where, _numpy_version(), first))
+    op = _op_message(first)
+    lead = "%s cannot load %s" % (where, os.path.basename(path))
+    if op:
+        lead += ": %s is not supported by this runtime" % op
+    return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op)
+
+
+def _numpy_version():
+    import numpy
+    return numpy.__version__
+
+
+def parse_delegate_options(pairs):
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise AgentFailure("bad_args", "--delegate-option %r must look like key=value" % pair)
+        key, _, value = pair.partition("=")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def find_libraries(names, extra_dirs=()):
+    """Paths of shared libraries by file name in the usual library directories (no dlopen)."""
+    dirs = list(extra_dirs) + [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    dirs += [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib", "/lib"]
+    dirs += glob.glob("/usr/lib/*-linux-gnu") + glob.glob("/lib/*-linux-gnu")
+    for d in dirs:
+        for name in names:
+            candidate = os.path.join(d, name)
+            if os.path.exists(candidate):
+                return candidate
+    return None
+
+
+def _delegate_library(kind, options):
+    if kind == "edgetpu":
+        return EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")
+    if kind == "gpu":
+        found = find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))])
+        if not found:
+            raise AgentFailure("delegate_unavailable", "no GPU delegate library (%s) found on this device; "
+                               "pass --delegate /path/to/delegate.so" % ", ".join(GPU_DELEGATE_LIBS))
+        return found
+    return kind  # a path to an external delegate
+
+
+def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_device):
+    """Interpreter with the delegate applied and tensors allocated; delegate load failures are delegate_unavailable."""
+    kwargs = {"model_path": model_path}
+    if threads:
+        kwargs["num_threads"] = threads
+    if delegate in (None, "cpu"):
+        with quiet_stdout():
+            interp = runtime.interpreter_cls(**kwargs)
+        return interp, None
+    if delegate == "edgetpu" and runtime.make_interpreter is not None:
+        try:
+            with quiet_stdout(), quiet_unraisable():
+                interp = runtime.make_interpreter(model_path, device=edgetpu_device)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise AgentFailure("delegate_unavailable", "Edge TPU unavailable via pycoral (%s): %s"
+                               % (edgetpu_device or "any device", _one_line(exc)))
+        return interp, "pycoral"
+    library = _delegate_library(delegate, options)
+    opts = dict(options)
+    if delegate == "edgetpu" and edgetpu_device:
+        opts.setdefault("device", edgetpu_device)
+    try:
+        with quiet_stdout(), quiet_unraisable():
+            loaded = runtime.load_delegate(library, opts)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise AgentFailure("delegate_unavailable", "%s delegate failed to load (%s): %s"
+                           % (delegate, library, _one_line(exc)))
+    kwargs["experimental_delegates"] = [loaded]
+    try:
+        with quiet_stdout():
+            interp = runtime.interpreter_cls(**kwargs)
+    except (ValueError, RuntimeError) as exc:
+        if "delegate" in str(exc).lower():
+            raise AgentFailure("delegate_unavailable", "%s delegate (%s) could not be applied: %s"
+                               % (delegate, library, _one_line(exc)))
+        raise
+    return interp, library
+
+
+def _one_line(exc):
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def load(runtime, args, model, options, warnings):
+    """Create + allocate the interpreter (timed as `init`), falling back to CPU only when allowed."""
+    requested = args.delegate or "cpu"
+    record = {"requested": requested, "used": requested, "fallback": False, "reason": None, "library": None}
+    t0 = time.perf_counter_ns()
+    try:
+        try:
+            interp, library = build_interpreter(runtime, model["path"], requested, options, args.threads,
+                                                args.edgetpu_device)
+            record["library"] = library
+        except AgentFailure as exc:
+            if exc.code != "delegate_unavailable" or not args.allow_fallback:
+                raise
+            log("delegate %s unavailable, falling back to CPU: %s" % (requested, exc.message))
+            warnings.append("delegate %s unavailable, ran on CPU instead: %s" % (requested, exc.message))
+            record.update(used="cpu", fallback=True, reason=exc.message)
+            t0 = time.perf_counter_ns()
+            interp, _ = build_interpreter(runtime, model["path"], "cpu", {}, args.threads, None)
+        with quiet_stdout():
+            interp.allocate_tensors()
+    except AgentFailure:
+        raise
+    except Exception as exc:  # the runtimes raise ValueError/RuntimeError (and worse) for bad models
+        raise classify_load_error(exc, runtime, model["path"])
+    init_ms = (time.perf_counter_ns() - t0) / 1e6
+    return interp, record, init_ms
+
+
+# ---------------------------------------------------------------- data
+
+def _tensor_info(detail):
+    scale, zero = detail.get("quantization", (0.0, 0))
+    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],
+            "dtype": detail["dtype"].__name__ if hasattr(detail["dtype"], "__name__") else str(detail["dtype"]),
+            "scale": float(scale), "zero_point": int(zero)}
+
+
+def load_data(path, inputs, outputs):
+    """Arrays from the eval .npz, checked against the model; returns (xs per input, y|None, ref|None)."""
+    import numpy as np
+    if not os.path.isfile(path):
+        raise AgentFailure("data_not_found", "evaluation file not found: %s" % path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        arrays = dict((k, npz[k]) for k in npz.files)
+    except Exception as exc:
+        raise AgentFailure("bad_data", "%s is not a readable .npz file: %s" % (path, _one_line(exc)))
+    if len(inputs) == 1:
+        keys = ["x"]
+    else:
+        keys = [d["name"] for d in inputs]
+    xs = []
+    for key, detail in zip(keys, inputs):
+        if key not in arrays:
+            raise AgentFailure("bad_data", "%s has no array %r (has %s); the model's inputs are %s"
+                               % (path, key, sorted(arrays), [d["name"] for d in inputs]))
+        xs.append(_check_input(path, key, arrays[key], detail))
+    n = len(xs[0])
+    if any(len(x) != n for x in xs) or n == 0:
+        raise AgentFailure("bad_data", "%s: inputs need the same non-zero number of samples, got %s"
+                           % (path, [len(x) for x in xs]))
+    y = arrays.get("y")
+    if y is not None:
+        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if y.ndim != 1 or len(y) != n or y.dtype.kind not in "iu":
+            raise AgentFailure("bad_data", "%s: y must be %d integer labels, got shape %s dtype %s"
+                               % (path, n, list(y.shape), y.dtype))
+    ref = arrays.get("ref")
+    if ref is not None:
+        want = [n] + [int(d) for d in outputs[0]["shape"][1:]]
+        if ref.ndim < 1 or len(ref) != n or ref[0].size != int(np.prod(want[1:])) or ref.dtype.kind not in "fiu":
+            raise AgentFailure("bad_data", "%s: ref has shape %s but model output %r needs %s"
+                               % (path, list(ref.shape), outputs[0]["name"], want))
+    return xs, y, ref
+
+
+def _check_input(path, key, x, detail):
+    import numpy as np
+    shape = [int(d) for d in detail["shape"]]
+    signature = [int(d) for d in detail.get("shape_signature", shape)]
+    per_sample = list(x.shape[1:])
+    fits = len(per_sample) == len(signature) - 1 and all(
+        want < 0 or want == got for want, got in zip(signature[1:], per_sample))
+    if not fits:
+        raise AgentFailure("bad_data", "%s: %s has shape %s (per sample %s) but model input %r expects %s "
+                           "(batch first)" % (path, key, list(x.shape), per_sample, detail["name"], shape))
+    dtype = np.dtype(detail["dtype"])
+    if x.dtype.kind == "f" or x.dtype == dtype:
+        return x
+    raise AgentFailure("bad_data", "%s: %s has dtype %s but model input %r is %s; give float inputs "
+                       "(they are quantized on the device)" % (path, key, x.dtype, detail["name"], dtype.name))
+
+
+def quantize(x, detail):
+    """Float sample → the input tensor's dtype using its scale and zero point (plain cast for float models)."""
+    import numpy as np
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if x.dtype == dtype:
+        return x
+    if dtype.kind in "iu" and scale:
+        info = np.iinfo(dtype)
+        q = np.round(x.astype(np.float64) / scale + zero)
+        return np.clip(q, info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def dequantize(q, detail):
+    import numpy as np
+    scale, zero = detail.get("quantization", (0.0, 0))
+    if np.dtype(detail["dtype"]).kind in "iu" and scale:
+        return (q.astype(np.float64) - zero) * scale
+    return q.astype(np.float64)
+
+
+# ---------------------------------------------------------------- measurement
+
+def _stats(samples_ns):
+    import numpy as np
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()), "max": float(ms.max()),
+            "p50": float(p50), "p90": float(p90), "p99": float(p99)}, [round(float(v), 6) for v in ms]
+
+
+def time_invokes(interp, runs, warmup, max_seconds):
+    """first, warmup and timed invokes (benchmark_model's phases); a deadline stops warmup/runs early."""
+    pc = time.perf_counter_ns
+    invoke = interp.invoke
+    deadline = pc() + int(max_seconds * 1e9) if max_seconds else None
+    t0 = pc()
+    invoke()
+    first_ns = pc() - t0
+    warm = []
+    for _ in range(warmup):
+        t0 = pc()
+        invoke()
+        t1 = pc()
+        warm.append(t1 - t0)
+        if deadline is not None and t1 > deadline:
+            break
+    samples = [0] * runs
+    done = 0
+    for i in range(runs):
+        t0 = pc()
+        invoke()
+        t1 = pc()
+        samples[i] = t1 - t0
+        done = i + 1
+        if deadline is not None and t1 > deadline:
+            break
+    return first_ns, warm, samples[:done]
+
+
+def evaluate(interp, inputs, outputs, xs, y, ref):
+    """Batch-1 pass over the whole eval set (after the timed runs); accuracy and agreement on output 0."""
+    import numpy as np
+    n = len(xs[0])
+    out_detail = outputs[0]
+    preds = np.empty((n, int(np.prod(out_detail["shape"]))), dtype=np.float64)
+    set_tensor, get_tensor, invoke = interp.set_tensor, interp.get_tensor, interp.invoke
+    for i in range(n):
+        for x, detail in zip(xs, inputs):
+            set_tensor(detail["index"], quantize(x[i:i + 1], detail).reshape(detail["shape"]))
+        invoke()
+        preds[i] = dequantize(get_tensor(out_detail["index"]), out_detail).reshape(-1)
+    accuracy = agreement = None
+    if y is not None:
+        y = y.astype(np.int64)
+        k = min(5, preds.shape[1])
+        topk = np.argsort(-preds, axis=1, kind="stable")[:, :k]
+        accuracy = {"top1": float((topk[:, 0] == y).mean()), "top5": float((topk == y[:, None]).any(axis=1).mean()),
+                    "n": int(n), "k": int(k)}
+    if ref is not None:
+        r = ref.reshape(n, -1).astype(np.float64)
+        err = preds - r
+        noise, signal = float((err ** 2).sum()), float((r ** 2).sum())
+        snr = EXACT_SNR_DB if noise == 0 else (10.0 * np.log10(signal / noise) if signal > 0 else -EXACT_SNR_DB)
+        agreement = {"top1": float((preds.argmax(1) == r.argmax(1)).mean()), "mae": float(np.abs(err).mean()),
+                     "max_abs": float(np.abs(err).max()), "snr_db": float(min(snr, EXACT_SNR_DB)), "n": int(n)}
+    return accuracy, agreement
+
+
+def peak_rss_bytes():
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def run(args):
+    """The measurement: model → runtime → interpreter → timings → accuracy → one result dict."""
+    started = time.time()
+    warnings = []
+    device = device_facts()
+    if device["governor"] is not None and device["governor"] != "performance":
+        warnings.append("CPU governor is %r, not 'performance': latency may vary with frequency scaling"
+                        % device["governor"])
+    model = read_model(args.model)
+    if not os.path.isfile(args.data):
+        raise AgentFailure("data_not_found", "evaluation file not found: %s" % args.data)
+    options = parse_delegate_options(args.delegate_option)
+    runtime = select_runtime(args.runtime, args.delegate)
+    import numpy as np
+    rss_before = peak_rss_bytes()
+    interp, delegate, init_ms = load(runtime, args, model, options, warnings)
+    inputs, outputs = interp.get_input_details(), interp.get_output_details()
+    model["inputs"] = [_tensor_info(d) for d in inputs]
+    model["outputs"] = [_tensor_info(d) for d in outputs]
+    xs, y, ref = load_data(args.data, inputs, outputs)
+    for x, detail in zip(xs, inputs):  # the timed runs use the first eval sample
+        interp.set_tensor(detail["index"], quantize(x[0:1], detail).reshape(detail["shape"]))
+    log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
+    first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
+    stats, samples_ms = _stats(samples)
+    stopped_early = len(samples) < args.runs or len(warm) < args.warmup
+    if stopped_early:
+        warnings.append("stopped after %d of %d runs (--max-seconds %s)" % (len(samples), args.runs, args.max_seconds))
+    latency = {"init": init_ms, "first": first_ns / 1e6,
+               "warmup_mean": (sum(warm) / len(warm) / 1e6) if warm else None}
+    latency.update(stats)
+    latency = dict((k, None if v is None else round(v, 6)) for k, v in latency.items())
+    log("latency mean %.3f ms p50 %.3f ms over %d runs; evaluating %d samples"
+        % (stats["mean"], stats["p50"], len(samples), len(xs[0])))
+    accuracy, agreement = evaluate(interp, inputs, outputs, xs, y, ref)
+    device["soc_temp_c_after"] = _soc_temp_c()
+    peak = peak_rss_bytes()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ok": True,
+        "agent": {"version": AGENT_VERSION, "python": sys.executable},
+        "runtime": runtime.describe(),
+        "delegate": delegate,
+        "config": {"runs": args.runs, "warmup": args.warmup, "threads": args.threads,
+                   "max_seconds": args.max_seconds, "batch": 1, "numpy": np.__version__},
+        "runs_done": len(samples),
+        "warmup_done": len(warm),
+        "stopped_early": stopped_early,
+        "latency_ms": latency,
+        "samples_ms": samples_ms,
+        "accuracy": accuracy,
+        "agreement": agreement,
+        "memory": {"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
+                   "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
+        "device": device,
+        "model": model,
+        "warnings": warnings,
+        "wall_s": round(time.time() - started, 3),
+    }
+
+
+def probe(args):
+    """What this device can run: Python, runtimes, Edge TPU / GPU delegate presence, disk, device facts."""
+    usb = []
+    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
+        vendor = (_read(vendor_file) or "").strip()
+        product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
+        ident = "%s:%s" % (vendor, product)
+        if ident in CORAL_USB_IDS and ident not in usb:
+            usb.append(ident)
+    workdir = os.path.expanduser(args.workdir or "~")
+    while not os.path.isdir(workdir) and os.path.dirname(workdir) != workdir:
+        workdir = os.path.dirname(workdir)
+    try:
+        st = os.statvfs(workdir)
+        free = int(st.f_bavail * st.f_frsize)
+    except (OSError, AttributeError):
+        free = None
+    device = device_facts()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ok": True,
+        "agent": {"version": AGENT_VERSION, "python": sys.executable},
+        "probe": {
+            "python": platform.python_version(),
+            "executable": sys.executable,
+            "machine": platform.machine(),
+            "os": platform.system(),
+            "runtimes": runtime_versions(),
+            "numpy": dist_version(("numpy",)),
+            "edgetpu": {"libedgetpu": find_libraries([EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")]),
+                        "usb": usb, "pcie": os.path.exists("/dev/apex_0")},
+            "gpu_delegate": find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))]),
+            "disk_free_bytes": free,
+            "workdir": workdir,
+            "device": device,
+        },
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise AgentFailure("bad_args", "%s: %s" % (self.prog, message))
+
+
+def parse_args(argv):
+    p = _Parser(prog="agent.py", description=__doc__.splitlines()[0])
+    p.add_argument("--probe", action="store_true", help="describe this device and exit")
+    p.add_argument("--workdir", help="directory whose free space --probe reports")
+    p.add_argument("--model", help="the .tflite model")
+    p.add_argument("--data", help="eval .npz: x (float inputs), optional y (labels), ref (float outputs)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--delegate", default="cpu", help="cpu | edgetpu | gpu | /path/to/delegate.so")
+    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--edgetpu-device", default=None, help="e.g. usb:0, pci:0")
+    p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the delegate cannot load")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
+    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
+    p.add_argument("--out", help="also write the JSON document here (atomically)")
+    args = p.parse_args(argv)
+    if not args.probe:
+        if not args.model or not args.data:
+            raise AgentFailure("bad_args", "agent.py: --model and --data are required (or --probe)")
+        if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+            raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
+    return args
+
+
+def _finite(obj):
+    """NaN/inf (e.g. a model emitting NaN) become null so the document stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return dict((k, _finite(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_atomic(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    out_path = None
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        out_path = args.out
+        doc = probe(args) if args.probe else run(args)
+        rc = 0
+    except AgentFailure as exc:
+        log("error %s: %s" % (exc.code, exc.message))
+        doc = {"schema_version": SCHEMA_VERSION, "ok": False,
+               "error": dict({"code": exc.code, "message": exc.message}, **exc.extra)}
+        rc = 2 if exc.code == "bad_args" else 1
+    except Exception as exc:  # a bug or an unforeseen runtime failure: still one JSON document
+        traceback.print_exc()
+        doc = {"schema_version": SCHEMA_VERSION, "ok": False,
+               "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, _one_line(exc))}}
+        rc = 3
+    text = json.dumps(_finite(doc), allow_nan=False) + "\n"
+    if out_path:
+        try:
+            write_atomic(out_path, text)
+        except OSError as exc:
+            log("cannot write --out %s: %s" % (out_path, exc))
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The Python API that mirrors the CLI: convert, run, gate, report, as plain functions returning dataclasses.
+
+    from pipeline import api
+    rel = api.run("targets.yaml", model="model.keras", data="eval.npz", calibration="cal.npz", report_dir="out")
+    print(rel.verdict.headline(), rel.report_path)
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import ConfigError
+from .inventory import Inventory, load_inventory
+from .results import DeviceResult, RunResult
+
+DEFAULT_OUT = Path(".edgepipe") / "artifacts"
+DEFAULT_CACHE = Path(".edgepipe") / "cache"
+
+
+@dataclass
+class Release:
+    """Everything one `edgepipe run` produced."""
+
+    run: RunResult
+    verdict: Any  # pipeline.gate.Verdict
+    baseline: RunResult | None
+    db_path: Path
+    report_path: Path | None = None
+    junit_path: Path | None = None
+    summary_path: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
+
+
+def _inventory(targets: str | Path | Inventory) -> Inventory:
+    return targets if isinstance(targets, Inventory) else load_inventory(targets)
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time plus a random suffix."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str] = (),
+            targets: str | Path | Inventory | None = None, calibration: Any = None,
+            out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE,
+            progress: Callable[[str, str], None] | None = None) -> list[Any]:
+    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts."""
+    from .converter import convert as convert_one
+    from .converter import plan_formats
+    from .inventory import KIND_DEFAULT_MODE
+
+    requests: list[tuple[str, str | None, str]] = [(m, None, "int8") for m in modes]
+    for k in kinds:
+        if k not in KIND_DEFAULT_MODE:
+            raise ConfigError(f"unknown kind {k!r}; accepted values: {', '.join(KIND_DEFAULT_MODE)}", field="--kind")
+        requests.append((KIND_DEFAULT_MODE[k], None, "int8"))
+    if targets is not None:
+        requests += [(f.mode, f.compat, f.io_type) for f in plan_formats(_inventory(targets).targets)]
+    if not requests:
+        raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
+    seen: set[tuple[str, str | None, str]] = set()
+    out = []
+    for req in requests:
+        if req in seen:
+            continue
+        seen.add(req)
+        mode, compat, io_type = req
+        out.append(convert_one(model, mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir,
+                               compat=compat, io_type=io_type, progress=progress))
+    return out
+
+
+def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any = None,
+        select: Iterable[str] = (), out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE,
+        db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
+        report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
+        on_event: Callable[[str, str, str], None] | None = None,
+        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None) -> Release:
+    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
+    from .converter import load_source
+    from .gate import gate_stored_run
+    from .run import execute
+    from .store import Store, db_path
+
+    inv = _inventory(targets)
+    selected = inv.select(list(select))
+    model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
+    run_id = run_id or new_run_id()
+    store = Store(db_path(db, inv))
+    try:
+        store.begin_run(run_id, model_sha256, inv.sha256, label)
+        record = store.recorder(run_id)
+
+        def _on_result(device: DeviceResult) -> None:
+            record(device)
+            if on_result is not None:
+                on_result(device)
+
+        result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
+                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id)
+        for art in result.artifacts:
+            store.add_artifact(run_id, art)
+        store.set_float_top1(run_id, result.float_top1)
+        store.finish_run(run_id)
+        stored, base, verdict = gate_stored_run(store, run_id, inv, baseline, select=[t.name for t in selected])
+        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
+        _write_outputs(rel, store, report_dir, junit, summary)
+        return rel
+    finally:
+        store.close()
+
+
+def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summary: Any) -> None:
+    from .ci_outputs import write_junit, write_summary
+
+    if report_dir is not None:
+        from .report import write_report
+
+        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=50), report_dir)
+    if junit is not None:
+        rel.junit_path = write_junit(rel.verdict, junit)
+    if summary is not None:
+        rel.summary_path = write_summary(rel.verdict, summary)
+
+
+def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
+         baseline: str | None = "last", select: Iterable[str] = (), junit: str | Path | None = None,
+         summary: str | Path | None = None, report_dir: str | Path | None = None) -> Release:
+    """Re-evaluate the gates of a stored run (e.g. with other thresholds or another baseline)."""
+    from .gate import gate_stored_run
+    from .store import Store, db_path
+
+    inv = _inventory(targets) if targets is not None else None
+    store = Store(db_path(db, inv))
+    try:
+        run_id = store.resolve_run(run_ref)
+        stored, base, verdict = gate_stored_run(store, run_id, inv, baseline, select=list(select) or None)
+        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
+        _write_outputs(rel, store, report_dir, junit, summary)
+        return rel
+    finally:
+        store.close()
+
+
+def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
+           targets: str | Path | Inventory | None = None, baseline: str | None = "last") -> Path:
+    """Write the HTML report of a stored run; returns the report's path."""
+    rel = gate(run_ref, targets=targets, db=db, baseline=baseline, report_dir=out_dir)
+    return Path(rel.report_path or out_dir)

@@ -1,0 +1,80 @@
+"""Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+CACHE_VERSION = 1
+
+
+def tf_version() -> str | None:
+    """The installed TensorFlow version, read from package metadata (no import)."""
+    for dist in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's relative paths and file contents (SavedModel)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(model_sha256: str, recipe_key: dict[str, Any], calibration_sha256: str | None,
+              tf: str | None) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "model": model_sha256, "recipe": recipe_key,
+                       "calibration": calibration_sha256, "tf": tf}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class CacheEntry:
+    tflite: Path
+    manifest: dict[str, Any]
+
+
+class ConversionCache:
+    """A directory of `<key>/model.tflite` + `<key>/manifest.json`, written atomically."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
+
+    def get(self, key: str) -> CacheEntry | None:
+        d = self.root / key[:2] / key
+        tfl, man = d / "model.tflite", d / "manifest.json"
+        if not (tfl.exists() and man.exists()):
+            return None
+        try:
+            manifest = json.loads(man.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if manifest.get("bytes") != tfl.stat().st_size:
+            return None   # a torn or tampered entry is a miss, never a wrong artifact
+        return CacheEntry(tfl, manifest)
+
+    def put(self, key: str, tflite: Path, manifest: dict[str, Any]) -> None:
+        d = self.root / key[:2] / key
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".model.{os.getpid()}.tmp"
+        shutil.copyfile(tflite, tmp)
+        tmp.replace(d / "model.tflite")
+        tmpm = d / f".manifest.{os.getpid()}.tmp"
+        tmpm.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        tmpm.replace(d / "manifest.json")

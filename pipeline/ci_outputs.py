@@ -1,0 +1,104 @@
+"""CI outputs of a gate Verdict: JUnit XML (one testcase per device x check) and a Markdown summary.
+
+GitHub Actions and GitLab read JUnit natively; the Markdown goes to a PR comment or $GITHUB_STEP_SUMMARY.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .gate import Check, Verdict, fmt
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~"})
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def junit_xml(verdict: Verdict) -> str:
+    """JUnit XML text: a testsuite per device (and one for the fleet), a testcase per check."""
+    root = ET.Element("testsuites", name=f"edgepipe gate {verdict.run_id}")
+    suites: dict[str, list[Check]] = {}
+    for c in verdict.checks:
+        suites.setdefault(c.subject if c.family != "fleet" else "fleet", []).append(c)
+    total = failures = skipped = 0
+    for subject, checks in suites.items():
+        fails = sum(1 for c in checks if not c.passed and not c.skipped)
+        skips = sum(1 for c in checks if c.skipped)
+        suite = ET.SubElement(root, "testsuite", name=f"edgepipe.{subject}", tests=str(len(checks)),
+                              failures=str(fails), errors="0", skipped=str(skips))
+        for c in checks:
+            case = ET.SubElement(suite, "testcase", classname=f"edgepipe.{subject}", name=c.gate, time="0")
+            if c.skipped:
+                ET.SubElement(case, "skipped", message=c.note)
+            elif not c.passed:
+                fail = ET.SubElement(case, "failure", message=c.message(), type=c.gate)
+                fail.text = (f"gate: {c.gate}\nmeasured: {fmt(c.measured)}\nthreshold: {fmt(c.threshold)}\n"
+                             f"source: {c.source}\n" + (f"note: {c.note}\n" if c.note else ""))
+            else:
+                ET.SubElement(case, "system-out").text = c.message()
+        total += len(checks)
+        failures += fails
+        skipped += skips
+    root.set("tests", str(total))
+    root.set("failures", str(failures))
+    root.set("errors", "0")
+    root.set("skipped", str(skipped))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_junit(verdict: Verdict, path: str | Path) -> Path:
+    return _atomic_write(Path(path), junit_xml(verdict))
+
+
+def md_escape(text: object) -> str:
+    """Escape Markdown so device or inventory text cannot format, link or inject HTML."""
+    return " ".join(str(text).split()).translate(_MD_SPECIAL)
+
+
+def summary_markdown(verdict: Verdict) -> str:
+    icon = {True: ":white_check_mark:", False: ":x:"}
+    lines = [f"## edgepipe release gate: {'passed' if verdict.passed else 'failed'} {icon[verdict.passed]}", "",
+             f"Run `{verdict.run_id}`" + (f", baseline `{verdict.baseline_run_id}`" if verdict.baseline_run_id else
+                                          ", no baseline") + f", exit code {verdict.exit_code}.", "",
+             md_escape(verdict.headline()), ""]
+    if verdict.devices:
+        lines += ["| device | status | failed checks |", "|---|---|---|"]
+        for name, state in verdict.devices.items():
+            bad = [c.gate for c in verdict.checks_for(name) if not c.passed and not c.skipped]
+            mark = ":white_check_mark:" if state == "passed" else ":x:"
+            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(', '.join(bad)) or '-'} |")
+        lines.append("")
+    failures = verdict.failures
+    if failures:
+        lines += ["### Failed checks", "", "| subject | gate | measured | threshold | source | note |",
+                  "|---|---|---|---|---|---|"]
+        for c in failures:
+            lines.append(f"| {md_escape(c.subject)} | `{c.gate}` | {md_escape(fmt(c.measured))} | "
+                         f"{md_escape(fmt(c.threshold))} | `{c.source.replace('`', '')}` | {md_escape(c.note)} |")
+        lines.append("")
+    skipped = [c for c in verdict.checks if c.skipped]
+    if skipped:
+        lines += [f"<details><summary>{len(skipped)} skipped check(s)</summary>", ""]
+        lines += [f"- {md_escape(c.subject)} `{c.gate}`: {md_escape(c.note)}" for c in skipped]
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def write_summary(verdict: Verdict, path: str | Path) -> Path:
+    """Write the Markdown summary; appends when `path` is $GITHUB_STEP_SUMMARY (that file is shared by steps)."""
+    path = Path(path)
+    text = summary_markdown(verdict)
+    if os.environ.get("GITHUB_STEP_SUMMARY") and Path(os.environ["GITHUB_STEP_SUMMARY"]) == path:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        return path
+    return _atomic_write(path, text)

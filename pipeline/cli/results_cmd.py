@@ -1,0 +1,182 @@
+"""`edgepipe history`, `show`, `gate` and `report`: thin commands over store, gate, ci_outputs and report."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import StoreError
+from ..store import Store, db_path
+from .app import app, emit_json, err_console, handle_errors
+
+DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db).")
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _inventory(targets: Optional[Path], required: bool):
+    from ..inventory import load_inventory
+
+    if targets is None and not required:
+        return load_inventory("targets.yaml") if Path("targets.yaml").exists() else None
+    return load_inventory(targets or Path("targets.yaml"))
+
+
+def open_store(db: Optional[Path], inventory=None, *, must_exist: bool = True) -> Store:
+    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing file."""
+    path = db_path(db, inventory)
+    if must_exist and not path.exists():
+        raise StoreError("no results database here", file=str(path),
+                         hint="run `edgepipe run` first, or pass --db PATH")
+    return Store(path)
+
+
+def _f(v, digits: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+
+
+@app.command("history")
+@handle_errors
+def history(
+    target: Optional[str] = typer.Option(None, "--target", help="Show one target's trend."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many runs, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print runs and per-target points as JSON."),
+    db: Optional[Path] = DB_OPT,
+    targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+) -> None:
+    """List recent runs with their verdicts, or one target's trend with --target."""
+    with open_store(db, _inventory(targets, required=False)) as store:
+        hist = store.history(target=target, limit=limit)
+    if as_json:
+        emit_json(json.dumps(hist.to_dict()))
+        return
+    console = Console()
+    if target is None:
+        table = Table(title=f"last {len(hist.runs)} run(s)")
+        for col in ("run", "started (UTC)", "tag", "complete", "devices ok", "verdict", "median p50 ms"):
+            table.add_column(col)
+        for r in hist.runs:
+            p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
+            verdict = "-" if r.passed is None else ("passed" if r.passed else f"failed (exit {r.exit_code})")
+            table.add_row(escape(r.run_id), _when(r.started), escape(r.label or "-"), "yes" if r.complete else "NO",
+                          f"{r.ok}/{r.devices}", verdict, _f(p50s[len(p50s) // 2] if p50s else None))
+    else:
+        table = Table(title=f"trend of {escape(target)}")
+        for col in ("run", "started (UTC)", "tag", "mode", "ok", "p50 ms", "p90 ms", "top-1", "agreement", "bytes"):
+            table.add_column(col)
+        for p in hist.points:
+            table.add_row(escape(p.run_id), _when(p.started), escape(p.label or "-"), escape(p.mode or "-"),
+                          "yes" if p.ok else escape(p.error_code or "no"), _f(p.p50), _f(p.p90), _f(p.top1, 4),
+                          _f(p.agreement, 4), _f(p.bytes))
+    console.print(table)
+
+
+@app.command("show")
+@handle_errors
+def show(
+    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored run (and its last verdict) as JSON."),
+    db: Optional[Path] = DB_OPT,
+    targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+) -> None:
+    """Show one stored run: its devices, figures and last gate verdict."""
+    with open_store(db, _inventory(targets, required=False)) as store:
+        result = store.load_run(run)
+        verdicts = store.verdicts(result.run_id)
+    if as_json:
+        doc = result.to_dict()
+        doc["verdict"] = verdicts[-1] if verdicts else None
+        emit_json(json.dumps(doc))
+        return
+    state = "complete" if result.complete else "INCOMPLETE (interrupted)"
+    table = Table(title=f"run {escape(result.run_id)} · {_when(result.started)} UTC · {state}")
+    for col in ("device", "kind", "mode", "ok", "runtime", "p50 ms", "p90 ms", "top-1", "agreement"):
+        table.add_column(col)
+    for d in result.devices:
+        r = d.result or {}
+        rt = r.get("runtime") or {}
+        table.add_row(escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
+                      escape(f"{rt.get('name', '-')} {rt.get('version', '')}"), _f((r.get("latency_ms") or {}).get("p50")),
+                      _f((r.get("latency_ms") or {}).get("p90")), _f((r.get("accuracy") or {}).get("top1"), 4),
+                      _f((r.get("agreement") or {}).get("top1"), 4))
+    console = Console()
+    console.print(table)
+    if verdicts:
+        console.print(escape(verdicts[-1].get("headline", "")))
+
+
+@app.command("gate")
+@handle_errors
+def gate(
+    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory holding the gates."),
+    select: Optional[list[str]] = typer.Option(None, "--select", help="Gate only these targets or groups."),
+    baseline: str = typer.Option("last", "--baseline", help="last | RUN_ID | TAG | none"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the HTML report into this directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    db: Optional[Path] = DB_OPT,
+) -> None:
+    """Gate a stored run: exit 0 passed, 1 a gate failed, 2 usage/config error, 3 no device measured."""
+    from ..ci_outputs import write_junit, write_summary
+    from ..gate import gate_stored_run
+
+    inv = _inventory(targets, required=True)
+    names = [t.name for t in inv.select(select)] if select else None
+    with open_store(db, inv) as store:
+        result, _, verdict = gate_stored_run(store, run, inv, baseline=baseline, select=names)
+        if report is not None:
+            from ..report import write_report
+
+            err_console.print(f"report: {write_report(result, verdict, store.history(limit=30), report)}",
+                              markup=False)
+    if junit is not None:
+        write_junit(verdict, junit)
+    if summary is not None:
+        write_summary(verdict, summary)
+    if as_json:
+        emit_json(json.dumps(verdict.to_dict()))
+    else:
+        console = Console()
+        for c in verdict.failures:
+            console.print(f"[red]✗[/] {escape(c.message())}")
+        console.print(("[green]" if verdict.passed else "[red]") + escape(verdict.headline()) + "[/]")
+    raise typer.Exit(verdict.exit_code)
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.html."),
+    targets: Optional[Path] = typer.Option(None, "--targets", "-t",
+                                           help="Re-gate with this inventory (default: the run's last stored verdict)."),
+    baseline: str = typer.Option("last", "--baseline", help="With --targets: last | RUN_ID | TAG | none"),
+    db: Optional[Path] = DB_OPT,
+) -> None:
+    """Write one self-contained HTML report (no network, inline SVG plots) for a stored run."""
+    from ..gate import Verdict, gate_stored_run
+    from ..report import write_report
+
+    inv = _inventory(targets, required=False)
+    with open_store(db, inv) as store:
+        result = store.load_run(run)
+        verdicts = store.verdicts(result.run_id)
+        if targets is not None or not verdicts:
+            if inv is None:
+                raise StoreError(f"run {result.run_id} has no stored verdict", file=str(store.path),
+                                 hint="pass --targets targets.yaml to gate it, or run `edgepipe gate` first")
+            result, _, verdict = gate_stored_run(store, result.run_id, inv, baseline=baseline, save=False)
+        else:
+            verdict = Verdict.from_dict(verdicts[-1])
+        path = write_report(result, verdict, store.history(limit=30), out)
+    typer.echo(str(path))

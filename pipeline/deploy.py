@@ -1,0 +1,198 @@
+"""Content-addressed push into a device's work directory (`~/.edgepipe` by default).
+
+Layout: `agent/<hash>/agent.py`, `blobs/<sha256>` (artifacts, eval files), `runs/<run_id>/<target>.json`,
+`tmp/` for uploads in flight. What the device already holds, verified by hash, is not sent again; a new file is
+uploaded under a temp name, its sha256 checked on the device, then renamed into place, so a killed transfer
+never leaves a partial file under the final name. All device-side steps are argv for the device's Python.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AgentError, TransportError
+from .transport.base import Transport
+
+AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agents" / "agent.py"
+HELPER_TIMEOUT = 120.0
+
+# Runs on the device with its own Python (3.7+, stdlib only): prepare the layout / verify+install uploads.
+DEVICE_HELPER = r"""
+import hashlib, json, os, sys, time
+def h(p):
+    d = hashlib.sha256()
+    with open(p, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''):
+            d.update(b)
+    return d.hexdigest()
+op, arg = sys.argv[1], json.loads(sys.argv[2])
+if op == 'prepare':
+    w = os.path.abspath(os.path.expanduser(arg['workdir']))
+    for sub in ['agent', 'blobs', 'runs', 'tmp'] + arg.get('dirs', []):
+        os.makedirs(os.path.join(w, sub), exist_ok=True)
+    tmp = os.path.join(w, 'tmp')
+    for n in os.listdir(tmp):  # uploads abandoned by a killed transfer
+        p = os.path.join(tmp, n)
+        try:
+            if time.time() - os.path.getmtime(p) > 3600:
+                os.remove(p)
+        except OSError:
+            pass
+    present = {}
+    for rel, sha in arg.get('files', {}).items():
+        p = os.path.join(w, rel)
+        present[rel] = os.path.isfile(p) and h(p) == sha
+    st = os.statvfs(w)
+    print(json.dumps({'workdir': w, 'present': present, 'free_bytes': st.f_bavail * st.f_frsize}))
+elif op == 'install':
+    done, bad = [], []
+    for tmp, final, sha in arg['items']:
+        got = h(tmp) if os.path.isfile(tmp) else None
+        if got == sha:
+            d = os.path.dirname(final)
+            if not os.path.isdir(d):
+                os.makedirs(d)
+            os.rename(tmp, final)
+            done.append(final)
+        else:
+            bad.append([final, sha, got])
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    print(json.dumps({'installed': done, 'bad': bad}))
+"""
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a local file, cached by (path, size, mtime)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        d = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                d.update(block)
+        _SHA_CACHE[key] = d.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def safe_name(name: str) -> str:
+    """A file name for a target name that may hold anything (`/`, `;`, spaces): slug + short hash if changed."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "target"
+    return slug if slug == name else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class PushItem:
+    """One local file and where it lives on the device, relative to the work directory."""
+
+    local: Path
+    rel: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def blob(cls, local: Path) -> "PushItem":
+        sha = sha256_file(local)
+        return cls(Path(local), f"blobs/{sha}", sha, Path(local).stat().st_size)
+
+    @classmethod
+    def agent(cls, local: Path = AGENT_SOURCE) -> "PushItem":
+        sha = sha256_file(local)
+        return cls(Path(local), f"agent/{sha[:16]}/agent.py", sha, Path(local).stat().st_size)
+
+
+@dataclass
+class PushReport:
+    workdir: str
+    bytes_sent: int = 0
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    free_bytes: int | None = None
+    seconds: float = 0.0
+
+
+class Deployer:
+    """Talks to one device's work directory through a connected transport and the device's Python."""
+
+    def __init__(self, transport: Transport, python: str, workdir: str = "~/.edgepipe") -> None:
+        self.t = transport
+        self.python = python
+        self.workdir = workdir
+        self.abs_workdir: str | None = None
+
+    def _helper(self, op: str, arg: dict[str, Any]) -> dict[str, Any]:
+        res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=HELPER_TIMEOUT)
+        if res.timed_out:
+            raise TransportError(f"device helper '{op}' timed out after {HELPER_TIMEOUT:.0f}s", code="timeout")
+        if res.rc in (126, 127):
+            raise AgentError(f"device python {self.python!r} cannot be run: {res.stderr_tail()}",
+                             hint="set `python:` for this target to an interpreter that exists on the device",
+                             code="agent_error")
+        if res.rc != 0:
+            raise TransportError(f"device helper '{op}' failed (rc {res.rc}): {res.stderr_tail()}",
+                                 code="push_failed")
+        try:
+            return json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TransportError(f"device helper '{op}' printed no JSON: {res.stdout[:120]!r}",
+                                 code="push_failed") from None
+
+    def path(self, rel: str) -> str:
+        if self.abs_workdir is None:
+            raise RuntimeError("Deployer.prepare() first")
+        return posixpath.join(self.abs_workdir, rel)
+
+    def prepare(self, items: list[PushItem] = (), dirs: list[str] = ()) -> dict[str, Any]:
+        info = self._helper("prepare", {"workdir": self.workdir, "dirs": list(dirs),
+                                        "files": {i.rel: i.sha256 for i in items}})
+        self.abs_workdir = info["workdir"]
+        return info
+
+    def push(self, items: list[PushItem], *, dirs: list[str] = (),
+             progress: Callable[[str, int, int], None] | None = None) -> PushReport:
+        """Make every item present and verified on the device; send only what is missing."""
+        t0 = time.monotonic()
+        info = self.prepare(items, dirs)
+        report = PushReport(workdir=info["workdir"], free_bytes=info.get("free_bytes"))
+        pending = []
+        for item in items:
+            if info["present"].get(item.rel):
+                report.skipped.append(item.rel)
+                continue
+            tmp = self.path(f"tmp/{item.sha256[:16]}.{uuid.uuid4().hex[:8]}.part")
+            cb = (lambda done, total, _r=item.rel, _s=item.size: progress(_r, done, _s)) if progress else None
+            before = self.t.bytes_sent
+            try:
+                self.t.put(item.local, tmp, cb)
+            finally:
+                report.bytes_sent += self.t.bytes_sent - before
+            pending.append([tmp, self.path(item.rel), item.sha256])
+        if pending:
+            out = self._helper("install", {"items": pending})
+            if out["bad"]:
+                final, sha, got = out["bad"][0]
+                raise TransportError(f"upload of {posixpath.basename(final)} arrived corrupted "
+                                     f"(sha256 {str(got)[:12]}… on device, expected {sha[:12]}…); not installed",
+                                     code="push_failed")
+            report.uploaded = [p[1] for p in pending]
+        report.seconds = time.monotonic() - t0
+        return report
+
+    def result_path(self, run_id: str, target_name: str) -> str:
+        return self.path(f"runs/{safe_name(run_id)}/{safe_name(target_name)}.json")
+
+    def fetch_result(self, run_id: str, target_name: str) -> str | None:
+        """The result the agent wrote with `--out` for this run, or None if it never finished writing it."""
+        res = self.t.run(["cat", self.result_path(run_id, target_name)], timeout=HELPER_TIMEOUT)
+        if res.rc != 0 or not res.stdout.strip():
+            return None
+        return res.stdout.decode("utf-8", "replace")

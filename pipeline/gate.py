@@ -1,0 +1,296 @@
+"""The release gate: per-target thresholds, fleet rules and baseline regression turned into one Verdict.
+
+Every check records the gate key, the measured value, the threshold and where the threshold came from
+(`Inventory.gates_for` sources), so a failed release explains itself.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from .regression import compare_accuracy, compare_latency
+from .results import DeviceResult, RunResult
+
+LATENCY_GATES = {"max_p50_ms": "p50", "max_p90_ms": "p90", "max_p99_ms": "p99"}
+DEFAULT_MAX_LATENCY_REGRESSION = 0.10   # fraction, used when a baseline exists and targets.yaml sets none
+DEFAULT_MAX_TOP1_REGRESSION = 1.0       # points
+EMULATED_NOTE = "emulated device: its latency says nothing about real hardware, so latency is not gated"
+
+EXIT_PASSED, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
+
+
+@dataclass
+class Check:
+    """One gate applied to one device (target) or to the fleet (target None)."""
+
+    target: str | None
+    gate: str
+    measured: Any
+    threshold: Any
+    source: str
+    passed: bool
+    note: str = ""
+    skipped: bool = False
+    family: str = "target"  # target | fleet | regression
+
+    @property
+    def subject(self) -> str:
+        return self.target if self.target is not None else "fleet"
+
+    def message(self) -> str:
+        """`pi4: max_p90_ms: measured 12.4 > threshold 10 (from targets[pi4].gates.max_p90_ms)`."""
+        if self.skipped:
+            return f"{self.subject}: {self.gate}: skipped ({self.note})"
+        verdict = "ok" if self.passed else "FAILED"
+        text = (f"{self.subject}: {self.gate}: {verdict}: measured {fmt(self.measured)}, "
+                f"threshold {fmt(self.threshold)} (from {self.source})")
+        return text + (f"; {self.note}" if self.note else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Verdict:
+    run_id: str
+    passed: bool
+    exit_code: int
+    checks: list[Check] = field(default_factory=list)
+    baseline_run_id: str | None = None
+    devices: dict[str, str] = field(default_factory=dict)  # name -> passed | failed | unmeasured
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed and not c.skipped]
+
+    def checks_for(self, target: str | None) -> list[Check]:
+        return [c for c in self.checks if c.target == target]
+
+    def headline(self) -> str:
+        n = len(self.devices)
+        bad = sum(1 for s in self.devices.values() if s != "passed")
+        if self.exit_code == EXIT_NO_DEVICE:
+            return f"NO DEVICE MEASURED: {n} device(s), none returned a result"
+        state = "PASSED" if self.passed else "FAILED"
+        return f"{state}: {n - bad}/{n} device(s) passed, {len(self.failures)} failed check(s)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "passed": self.passed, "exit_code": self.exit_code,
+                "baseline_run_id": self.baseline_run_id, "devices": dict(self.devices),
+                "headline": self.headline(), "checks": [c.to_dict() for c in self.checks]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        return cls(run_id=d["run_id"], passed=d["passed"], exit_code=d["exit_code"],
+                   checks=[Check(**c) for c in d.get("checks", [])], baseline_run_id=d.get("baseline_run_id"),
+                   devices=dict(d.get("devices", {})))
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _thresholds(inventory: Any, device: DeviceResult) -> tuple[dict[str, tuple[Any, str]], str]:
+    """gates_for(target); a device no longer in the inventory gets fleet- and kind-level gates only."""
+    for t in inventory.targets:
+        if t.name == device.name:
+            return inventory.gates_for(t), ""
+    out: dict[str, tuple[Any, str]] = {}
+    layers = [(inventory.gates, "gates")]
+    if device.kind in inventory.gates.kinds:
+        layers.append((inventory.gates.kinds[device.kind], f"gates.kinds.{device.kind}"))
+    for spec, source in layers:
+        for key in ("max_p50_ms", "max_p90_ms", "max_p99_ms", "min_top1", "max_top1_drop", "min_agreement",
+                    "min_snr_db", "max_bytes", "min_edgetpu_mapped"):
+            value = getattr(spec, key, None)
+            if value is not None:
+                out[key] = (value, f"{source}.{key}")
+    return out, "target not in this inventory: fleet and kind gates applied"
+
+
+def float_top1(run: RunResult) -> float | None:
+    """Host float accuracy carried by the run (RunResult.float_top1, else a float32 artifact's manifest)."""
+    if run.float_top1 is not None:
+        return float(run.float_top1)
+    for a in run.artifacts:
+        for src in (a, a.get("manifest") or {}):
+            for key in ("float_top1", "reference_top1"):
+                if isinstance(src.get(key), (int, float)):
+                    return float(src[key])
+    return None
+
+
+def _measure(device: DeviceResult, gate: str, run_float_top1: float | None) -> tuple[Any, str]:
+    """(measured value or None, note) for a per-target gate."""
+    r = device.result or {}
+    lat = r.get("latency_ms") or {}
+    acc = r.get("accuracy") or {}
+    agr = r.get("agreement") or {}
+    if gate in LATENCY_GATES:
+        return lat.get(LATENCY_GATES[gate]), ""
+    if gate == "min_top1":
+        return acc.get("top1"), "" if acc else "no accuracy: the evaluation data has no labels (y)"
+    if gate == "max_top1_drop":
+        if acc.get("top1") is None:
+            return None, "no accuracy: the evaluation data has no labels (y)"
+        if run_float_top1 is None:
+            return None, "the run carries no host float top-1 to compare with"
+        return (run_float_top1 - acc["top1"]) * 100.0, f"float top-1 {run_float_top1:.4f}, device {acc['top1']:.4f}"
+    if gate == "min_agreement":
+        return agr.get("top1"), "" if agr else "no agreement: the evaluation data has no float reference (ref)"
+    if gate == "min_snr_db":
+        if agr and agr.get("snr_db") is None and agr.get("max_abs") == 0:
+            return float("inf"), "outputs identical to the float reference"
+        return agr.get("snr_db"), "" if agr else "no agreement: the evaluation data has no float reference (ref)"
+    if gate == "max_bytes":
+        art = device.artifact or {}
+        return art.get("bytes", (r.get("model") or {}).get("bytes")), ""
+    if gate == "min_edgetpu_mapped":
+        tpu = (device.artifact or {}).get("edgetpu") or {}
+        share = tpu.get("mapped_share")
+        if share is None:
+            return None, "no Edge TPU op-mapping report for this artifact"
+        if tpu.get("predicted"):
+            return share, "predicted by the preflight (edgetpu_compiler absent), not from a compile report"
+        return share, "from the edgetpu_compiler report"
+    raise ValueError(gate)
+
+
+def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]], extra_note: str,
+                   run_float_top1: float | None) -> list[Check]:
+    if not device.ok:
+        err = device.error
+        return [Check(device.name, "measured", err.code if err else "error", "a valid result", "run", False,
+                      note=err.message if err else "")]
+    checks = []
+    for gate, (threshold, source) in thresholds.items():
+        if gate == "min_edgetpu_mapped" and device.kind != "edgetpu" and not (device.artifact or {}).get("edgetpu"):
+            continue  # a fleet-wide Edge TPU gate does not apply to CPU/GPU targets
+        if gate in LATENCY_GATES and device.emulated:
+            checks.append(Check(device.name, gate, None, threshold, source, True, note=EMULATED_NOTE, skipped=True))
+            continue
+        measured, note = _measure(device, gate, run_float_top1)
+        note = "; ".join(n for n in (note, extra_note) if n)
+        if measured is None:
+            checks.append(Check(device.name, gate, None, threshold, source, False, note=note or "not measured"))
+            continue
+        passed = measured <= threshold if gate.startswith("max_") else measured >= threshold
+        checks.append(Check(device.name, gate, measured, threshold, source, bool(passed), note=note))
+    return checks
+
+
+def _samples(device: DeviceResult) -> list[float]:
+    return list((device.result or {}).get("samples_ms") or [])
+
+
+def regression_checks(run: RunResult, baseline: RunResult, inventory: Any) -> list[Check]:
+    """Latency and top-1 regression of each device against the same target and mode in the baseline run."""
+    gates = inventory.gates
+    lat_thr, lat_src = ((gates.max_latency_regression, "gates.max_latency_regression")
+                        if gates.max_latency_regression is not None
+                        else (DEFAULT_MAX_LATENCY_REGRESSION, "default (gates.max_latency_regression unset)"))
+    acc_thr, acc_src = ((gates.max_top1_regression, "gates.max_top1_regression")
+                        if getattr(gates, "max_top1_regression", None) is not None
+                        else (DEFAULT_MAX_TOP1_REGRESSION, "default (gates.max_top1_regression unset)"))
+    base = {(d.name, d.mode): d for d in baseline.devices if d.ok}
+    checks: list[Check] = []
+    for d in run.devices:
+        if not d.ok:
+            continue
+        b = base.get((d.name, d.mode))
+        if b is None:
+            checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
+                                family="regression",
+                                note=f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
+            continue
+        if d.emulated or b.emulated:
+            checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
+                                family="regression", note=EMULATED_NOTE))
+        else:
+            try:
+                cmp = compare_latency(_samples(b), _samples(d), lat_thr)
+            except ValueError as exc:
+                checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
+                                    family="regression", note=str(exc)))
+            else:
+                note = (f"median {cmp.base_median:.4g} -> {cmp.new_median:.4g} ms (x{cmp.ratio:.3f}, "
+                        f"{int(100 * 0.95)}% lower bound x{cmp.ci_low:.3f}, "
+                        f"{'significant' if cmp.significant else 'not significant'}) vs {baseline.run_id}")
+                checks.append(Check(d.name, "max_latency_regression", round(cmp.slowdown, 4), lat_thr, lat_src,
+                                    not cmp.regressed, note=note, family="regression"))
+        acc_new = (d.result or {}).get("accuracy") or {}
+        acc_base = (b.result or {}).get("accuracy") or {}
+        if acc_new.get("top1") is not None and acc_base.get("top1") is not None and acc_new.get("n") and acc_base.get("n"):
+            a = compare_accuracy(acc_base["top1"], acc_base["n"], acc_new["top1"], acc_new["n"], acc_thr)
+            note = (f"top-1 {a.base_top1:.4f} -> {a.new_top1:.4f} (p={a.p_value:.3g}, "
+                    f"{'significant' if a.significant else 'not significant'}) vs {baseline.run_id}")
+            checks.append(Check(d.name, "max_top1_regression", round(a.drop_points, 3), acc_thr, acc_src,
+                                not a.regressed, note=note, family="regression"))
+    return checks
+
+
+def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) -> list[Check]:
+    gates = inventory.gates
+    n = len(device_state)
+    bad = sum(1 for s in device_state.values() if s != "passed")
+    share = 100.0 * bad / n if n else 100.0
+    if gates.max_fail_percent is not None:
+        thr, src = gates.max_fail_percent, "gates.max_fail_percent"
+    else:
+        thr, src = 0.0, "default (gates.max_fail_percent unset: every device must pass)"
+    names = ", ".join(k for k, s in device_state.items() if s != "passed")
+    checks = [Check(None, "max_fail_percent", round(share, 2), thr, src, share <= thr, family="fleet",
+                    note=f"{bad} of {n} device(s) failed or unmeasured" + (f": {names}" if names else ""))]
+    measured_kinds = {d.kind for d in run.devices if d.ok}
+    for kind in gates.require_all_kinds or []:
+        count = sum(1 for d in run.devices if d.ok and d.kind == kind)
+        checks.append(Check(None, "require_all_kinds", count, f">= 1 measured {kind} device",
+                            "gates.require_all_kinds", kind in measured_kinds, family="fleet",
+                            note=f"kind {kind}: {count} measured device(s)"))
+    return checks
+
+
+def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
+             select: Iterable[str] | None = None) -> Verdict:
+    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run)."""
+    wanted = set(select) if select else None
+    devices = [d for d in run.devices if wanted is None or d.name in wanted]
+    gated = RunResult(run_id=run.run_id, devices=devices, started=run.started, finished=run.finished,
+                      model_sha256=run.model_sha256, artifacts=run.artifacts, complete=run.complete,
+                      float_top1=run.float_top1, label=run.label, inventory_sha256=run.inventory_sha256)
+    ref_top1 = float_top1(run)
+    checks: list[Check] = []
+    state: dict[str, str] = {}
+    for d in devices:
+        thresholds, note = _thresholds(inventory, d)
+        mine = _target_checks(d, thresholds, note, ref_top1)
+        checks.extend(mine)
+        state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
+    checks.extend(_fleet_checks(gated, inventory, state))
+    if baseline is not None:
+        checks.extend(regression_checks(gated, baseline, inventory))
+    gate_checks = [c for c in checks if c.family in ("fleet", "regression")]
+    passed = all(c.passed for c in gate_checks)
+    if not any(d.ok for d in devices):
+        exit_code, passed = EXIT_NO_DEVICE, False
+    else:
+        exit_code = EXIT_PASSED if passed else EXIT_FAILED
+    return Verdict(run_id=run.run_id, passed=passed, exit_code=exit_code, checks=checks,
+                   baseline_run_id=baseline.run_id if baseline is not None else None, devices=state)
+
+
+def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | None = "last",
+                    select: Iterable[str] | None = None, save: bool = True) -> tuple[RunResult, RunResult | None, Verdict]:
+    """Load a stored run, resolve its baseline, evaluate, and (by default) save the verdict. For `run` and `gate`."""
+    run = store.load_run(run_id)
+    base = store.resolve_baseline(baseline, exclude=run.run_id)
+    verdict = evaluate(run, inventory, base, select=select)
+    if save:
+        store.save_verdict(run.run_id, verdict)
+    return run, base, verdict

@@ -1,0 +1,335 @@
+"""The run report: one self-contained HTML file (inline CSS and matplotlib SVG; no script, no network).
+
+Everything that comes from a device or the inventory is HTML-escaped, and a Content-Security-Policy forbids
+scripts and remote loads, so a device named `<script>` is shown, never run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .gate import Check, Verdict, fmt
+from .results import DeviceResult, RunResult
+
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}
+h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d8dee4;padding-bottom:4px}
+.banner{padding:16px 20px;border-radius:8px;color:#fff;margin-bottom:14px}
+.banner.pass{background:#1a7f37}.banner.fail{background:#cf222e}.banner.none{background:#6e7781}
+.banner .big{font-size:24px;font-weight:700}.meta{font-size:13px;opacity:.92}
+table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
+th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#1a7f37}.bad{color:#cf222e;font-weight:600}.skip{color:#6e7781}
+.badge{display:inline-block;border-radius:4px;padding:0 5px;margin:1px;font-size:11px;border:1px solid}
+.badge.ok{border-color:#1a7f37}.badge.bad{border-color:#cf222e}.badge.skip{border-color:#8c959f}
+.plot svg{max-width:100%;height:auto;background:#fff}.note{font-size:12px;color:#57606a}
+code{font-size:12px}
+"""
+
+
+def e(value: Any) -> str:
+    """HTML-escape anything for text or attribute context."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return e(value)
+
+
+def _mpl_label(text: Any) -> str:
+    """Matplotlib treats `$...$` as mathtext (and can fail on it); show the text literally."""
+    return str(text).replace("$", r"\$")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "edgepipe", "font.size": 9})
+    return plt
+
+
+def _svg(fig: Any) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _r(d: DeviceResult, *keys: str) -> Any:
+    node: Any = d.result or {}
+    for k in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(k)
+    return node
+
+
+def latency_plot(devices: list[DeviceResult]) -> str | None:
+    rows = [(d, _r(d, "samples_ms")) for d in devices if d.ok and _r(d, "samples_ms")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(rows)))
+    data = [list(s) for _, s in rows]
+    labels = [_mpl_label(d.name + (" (emulated)" if d.emulated else "")) for d, _ in rows]
+    ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2})
+    ax.set_yticks(range(1, len(rows) + 1), labels)
+    ax.invert_yaxis()
+    lo, hi = min(min(s) for s in data), max(max(s) for s in data)
+    if lo > 0 and hi / lo > 30:
+        ax.set_xscale("log")
+    ax.set_xlabel("latency per invoke (ms), raw samples")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def quality_plot(devices: list[DeviceResult]) -> str | None:
+    pts = []
+    for d in devices:
+        size = (d.artifact or {}).get("bytes")
+        top1 = _r(d, "accuracy", "top1")
+        agr = _r(d, "agreement", "top1")
+        if d.ok and size and (top1 is not None or agr is not None):
+            pts.append((d, size / 1024.0, top1, agr))
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    modes = sorted({d.mode for d, *_ in pts})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, mode in enumerate(modes):
+        mine = [p for p in pts if p[0].mode == mode]
+        acc = [(kb, t) for _, kb, t, _ in mine if t is not None]
+        agr = [(kb, a) for _, kb, _, a in mine if a is not None]
+        if acc:
+            ax.scatter(*zip(*acc), color=colors[i % len(colors)], marker="o", label=_mpl_label(f"{mode} top-1"))
+        if agr:
+            ax.scatter(*zip(*agr), color=colors[i % len(colors)], marker="x", label=_mpl_label(f"{mode} agreement"))
+    ax.set_xlabel("artifact size (KiB)")
+    ax.set_ylabel("top-1 accuracy / agreement with float")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _svg(fig)
+
+
+def trend_plot(history: Any, run: RunResult) -> str | None:
+    points = [p for p in getattr(history, "points", []) if p.ok]
+    run_ids = []
+    for p in sorted(points, key=lambda p: p.started):
+        if p.run_id not in run_ids:
+            run_ids.append(p.run_id)
+    if len(run_ids) < 2:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    targets = sorted({p.target for p in points})
+    for t in targets:
+        mine = sorted((p for p in points if p.target == t), key=lambda p: p.started)
+        xs = [run_ids.index(p.run_id) for p in mine]
+        lat = [(x, p.p50) for x, p in zip(xs, mine) if p.p50 is not None and not p.emulated]
+        acc = [(x, p.top1 if p.top1 is not None else p.agreement) for x, p in zip(xs, mine)]
+        acc = [a for a in acc if a[1] is not None]
+        if lat:
+            ax1.plot(*zip(*lat), marker="o", label=_mpl_label(t))
+        if acc:
+            ax2.plot(*zip(*acc), marker="o", label=_mpl_label(t))
+    ticks = [_mpl_label(r if r != run.run_id else f"{r} (this)")[-18:] for r in run_ids]
+    for ax, title in ((ax1, "p50 latency (ms)"), (ax2, "top-1 (or agreement)")):
+        ax.set_xticks(range(len(run_ids)), ticks, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7, loc="best")
+    return _svg(fig)
+
+
+def _badge(c: Check) -> str:
+    cls = "skip" if c.skipped else ("ok" if c.passed else "bad")
+    mark = "–" if c.skipped else ("✓" if c.passed else "✗")
+    return f'<span class="badge {cls}" title="{e(c.message())}">{e(c.gate)} {mark}</span>'
+
+
+def _delegate(d: DeviceResult) -> str:
+    dl = _r(d, "delegate") or {}
+    used = dl.get("used") or dl.get("requested")
+    text = e(used) if used else "–"
+    if dl.get("fallback"):
+        text += f' <span class="bad">(fell back from {e(dl.get("requested"))})</span>'
+    return text
+
+
+def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> str:
+    head = ("device", "kind", "mode", "runtime", "delegate", "p50 ms", "p90 ms", "top-1", "drop (pts)",
+            "agreement", "SNR dB", "size", "verdict", "gates")
+    out = ["<table id=\"devices\"><thead><tr>", "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+    for d in run.devices:
+        rt = _r(d, "runtime") or {}
+        state = verdict.devices.get(d.name, "not gated")
+        top1 = _r(d, "accuracy", "top1")
+        drop = (ref_top1 - top1) * 100 if (top1 is not None and ref_top1 is not None) else None
+        emu = ' <span class="skip" title="emulated: latency not meaningful">(emu)</span>' if d.emulated else ""
+        err = f'<br><span class="bad">{e(d.error.code)}: {e(d.error.message)}</span>' if d.error else ""
+        cells = [
+            f"{e(d.name)}{err}", e(d.kind), e(d.mode),
+            e(f"{rt.get('name', '')} {rt.get('version', '')}".strip()) or "–", _delegate(d),
+            f'<td class="num">{_num(_r(d, "latency_ms", "p50"))}{emu}', f'<td class="num">{_num(_r(d, "latency_ms", "p90"))}',
+            f'<td class="num">{_num(top1, 4)}', f'<td class="num">{_num(drop, 3)}',
+            f'<td class="num">{_num(_r(d, "agreement", "top1"), 4)}', f'<td class="num">{_num(_r(d, "agreement", "snr_db"), 3)}',
+            f'<td class="num">{_size((d.artifact or {}).get("bytes"))}',
+            f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>',
+            "".join(_badge(c) for c in verdict.checks_for(d.name)),
+        ]
+        out.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return "–"
+
+
+def checks_table(checks: Iterable[Check], table_id: str) -> str:
+    rows = list(checks)
+    if not rows:
+        return '<p class="note">none</p>'
+    out = [f'<table id="{table_id}"><thead><tr><th>subject</th><th>gate</th><th>result</th><th>measured</th>'
+           "<th>threshold</th><th>source</th><th>note</th></tr></thead><tbody>"]
+    for c in rows:
+        cls, word = ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("bad", "FAIL"))
+        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.gate)}</code></td><td class=\"{cls}\">{word}</td>"
+                   f"<td class=\"num\">{e(fmt(c.measured))}</td><td class=\"num\">{e(fmt(c.threshold))}</td>"
+                   f"<td><code>{e(c.source)}</code></td><td>{e(c.note)}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def edgetpu_table(run: RunResult) -> str:
+    rows = [(d, (d.artifact or {}).get("edgetpu")) for d in run.devices if (d.artifact or {}).get("edgetpu")]
+    if not rows:
+        return '<p class="note">No Edge TPU artifact in this run.</p>'
+    out = ['<table id="edgetpu"><thead><tr><th>device</th><th>mapped share</th><th>source</th><th>details</th>'
+           "</tr></thead><tbody>"]
+    for d, tpu in rows:
+        share = tpu.get("mapped_share")
+        source = "predicted (preflight; compiler absent)" if tpu.get("predicted") else "edgetpu_compiler report"
+        details = "; ".join(f"{e(k)}: {e(v if not isinstance(v, (dict, list)) else _compact(v))}"
+                            for k, v in tpu.items() if k not in ("mapped_share", "predicted"))
+        out.append(f"<tr><td>{e(d.name)}</td><td class=\"num\">{_num(share if share is None else 100 * share, 3)}%</td>"
+                   f"<td>{e(source)}</td><td>{details}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _compact(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_compact(x)}" for k, x in list(v.items())[:40])
+    if isinstance(v, list):
+        return ", ".join(_compact(x) for x in v[:40])
+    return str(v)
+
+
+def facts_table(run: RunResult) -> str:
+    out = ['<table id="facts"><thead><tr><th>device</th><th>runtime</th><th>governor</th><th>temp before/after</th>'
+           "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS</th></tr></thead><tbody>"]
+    for d in run.devices:
+        dev = _r(d, "device") or {}
+        rt = _r(d, "runtime") or {}
+        mem = _r(d, "memory") or {}
+        temp = dev.get("temp") or {}
+        if not isinstance(temp, dict):
+            temp = {"before": temp}
+        t_before = temp.get("before", dev.get("temp_before_c"))
+        t_after = temp.get("after", dev.get("temp_after_c"))
+        gov = dev.get("governor")
+        gov_html = e(gov) if gov in (None, "performance") else f'<span class="bad">{e(gov)}</span>'
+        rss = mem.get("peak_rss_mb") or mem.get("peak_rss_bytes")
+        out.append(
+            f"<tr><td>{e(d.name)}</td><td>{e(rt.get('name'))} {e(rt.get('version'))}</td><td>{gov_html if gov else '–'}</td>"
+            f"<td>{_num(t_before)} / {_num(t_after)}</td><td>{e(dev.get('cpu_model') or dev.get('cpu'))}</td>"
+            f"<td class=\"num\">{_num(dev.get('cpu_count') or dev.get('cores'))}</td>"
+            f"<td>{e(dev.get('machine'))} {e(dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"
+            f"<td class=\"num\">{_num(rss)}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _plot_block(title: str, svg: str | None, empty: str, plot_id: str) -> str:
+    body = f'<div class="plot" id="{plot_id}">{svg}</div>' if svg else f'<p class="note">{e(empty)}</p>'
+    return f"<h2>{e(title)}</h2>{body}"
+
+
+def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
+    from .gate import float_top1
+
+    ref = float_top1(run)
+    cls = "none" if verdict.exit_code == 3 else ("pass" if verdict.passed else "fail")
+    when = _dt.datetime.fromtimestamp(run.started or 0, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}",
+            f"model sha256 <code>{e((run.model_sha256 or '')[:16])}</code>"]
+    if run.label:
+        meta.append(f"tag {e(run.label)}")
+    meta.append(f"baseline {e(verdict.baseline_run_id or 'none')}")
+    if ref is not None:
+        meta.append(f"host float top-1 {ref:.4f}")
+    if not run.complete:
+        meta.append('<b>INCOMPLETE RUN</b> (interrupted; only committed devices shown)')
+    emulated = [d.name for d in run.devices if d.emulated]
+    emu_note = (f'<p class="note">Emulated device(s) {e(", ".join(emulated))}: latency from an emulator says nothing '
+                "about real hardware, so it is left out of latency gates and regression.</p>") if emulated else ""
+    failures = verdict.failures
+    parts = [
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        f"<title>edgepipe report {e(run.run_id)}</title><style>{CSS}</style></head><body>",
+        f'<div class="banner {cls}" id="verdict"><div class="big">{e(verdict.headline())}</div>'
+        f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div></div>',
+        "<h2>Devices</h2>", device_table(run, verdict, ref), emu_note,
+        "<h2>Failed checks</h2>", checks_table(failures, "failures"),
+        "<h2>Fleet gates</h2>", checks_table([c for c in verdict.checks if c.family == "fleet"], "fleet"),
+        "<h2>Regression against the baseline</h2>",
+        checks_table([c for c in verdict.checks if c.family == "regression"], "regression")
+        if verdict.baseline_run_id else '<p class="note">No baseline run: regression not checked.</p>',
+        _plot_block("Latency distribution per device", latency_plot(run.devices), "No latency samples.", "plot-latency"),
+        _plot_block("Accuracy and agreement vs artifact size, per mode", quality_plot(run.devices),
+                    "No accuracy or agreement measured.", "plot-quality"),
+        _plot_block("Trend against history", trend_plot(history, run) if history is not None else None,
+                    "Fewer than two runs in the history.", "plot-trend"),
+        "<h2>Edge TPU op mapping</h2>", edgetpu_table(run),
+        "<h2>Device facts</h2>", facts_table(run),
+        "<h2>All checks</h2>", checks_table(verdict.checks, "checks"),
+        '<p class="note">Generated by edgepipe. Self-contained: no scripts, no network.</p></body></html>',
+    ]
+    return "\n".join(parts)
+
+
+def write_report(run: RunResult, verdict: Verdict, history: Any, out_dir: str | Path) -> Path:
+    """Write `out_dir/report.html` atomically and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    tmp = out / f".report.{os.getpid()}.tmp"
+    tmp.write_text(render_html(run, verdict, history), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
