@@ -43,10 +43,10 @@ test-arm64: setup
 	$(PYTEST) -o addopts=-ra -m arm64 tests/arm64 --junitxml=.pytest-arm64.xml
 
 demo: setup
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(DEMO_FLAGS)
 
 demo-down:
-	bash scripts/demo.sh --down
+	bash scripts/demo.sh --down $(DEMO_FLAGS)
 
 bench: setup
 	$(HOSTPY) bench/run_all.py

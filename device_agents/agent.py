@@ -140,6 +140,18 @@ def device_facts():
     return facts
 
 
+def device_warnings(facts):
+    """Conditions that make latency figures less trustworthy."""
+    warnings = []
+    if facts.get("governor") not in (None, "performance"):
+        warnings.append("CPU governor is %r, not 'performance': latency varies with frequency scaling; "
+                        "set it with `cpupower frequency-set -g performance`" % facts["governor"])
+    temp = facts.get("soc_temp_c_before")
+    if temp is not None and temp >= 80.0:
+        warnings.append("SoC is at %.1f C before the run: the CPU may be thermally throttled" % temp)
+    return warnings
+
+
 def _os_release():
     text = _read("/etc/os-release") or ""
     for line in text.splitlines():
@@ -153,7 +165,7 @@ def _os_release():
 def dist_version(names):
     """Installed distribution version without importing the package (importlib.metadata, else dist-info scan)."""
     try:
-        import importlib.metadata as md
+        import importlib.metadata as md  # novermin (guarded: Python 3.7 falls back below)
         for name in names:
             try:
                 return md.version(name)
@@ -295,7 +307,7 @@ class quiet_unraisable(object):
     def __enter__(self):
         self.hook = getattr(sys, "unraisablehook", None)
         if self.hook is not None:
-            sys.unraisablehook = lambda unraisable: None
+            sys.unraisablehook = lambda unraisable: None  # novermin (only when present)
         self.stderr = sys.stderr
         sys.stderr = open(os.devnull, "w")  # Python 3.7 prints unraisable errors straight to sys.stderr
         return self
@@ -305,7 +317,7 @@ class quiet_unraisable(object):
         sys.stderr.close()
         sys.stderr = self.stderr
         if self.hook is not None:
-            sys.unraisablehook = self.hook
+            sys.unraisablehook = self.hook  # novermin
         return False
 
 
@@ -327,36 +339,115 @@ def read_model(path):
     if size < 8 or head[4:8] != b"TFL3":
         raise AgentFailure("model_corrupt", "%s is not a TFLite flatbuffer (%d bytes, file identifier %r, "
                            "expected 'TFL3'): re-copy or re-convert the model" % (path, size, head[4:8]))
+    try:
+        check_flatbuffer(path, size)
+    except ValueError as exc:
+        raise AgentFailure("model_corrupt", "%s is truncated or corrupt (%s, file has %d bytes): re-copy or "
+                           "re-convert the model" % (path, exc, size))
     return {"path": path, "sha256": digest.hexdigest(), "bytes": size}
 
 
-def _op_message(text):
-    """`FULLY_CONNECTED v12` from "Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'"."""
+def check_flatbuffer(path, size):
+    """Bounds-check the Model table, its subgraphs and buffers: some runtimes segfault on a truncated file."""
+    import mmap
+    import struct
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        def u32(pos, what):
+            if pos < 0 or pos + 4 > size:
+                raise ValueError("%s at byte %d lies past the end" % (what, pos))
+            return struct.unpack_from("<I", buf, pos)[0]
+
+        def field(table, index, what):
+            """Absolute position of a table's field, or None when absent."""
+            vtable = table - struct.unpack_from("<i", buf, table)[0] if table + 4 <= size else -1
+            if vtable < 0 or vtable + 4 > size:
+                raise ValueError("%s table at byte %d has no valid vtable" % (what, table))
+            vsize = struct.unpack_from("<H", buf, vtable)[0]
+            if 4 + 2 * index >= vsize:
+                return None
+            if vtable + 6 + 2 * index > size:
+                raise ValueError("%s vtable at byte %d lies past the end" % (what, vtable))
+            off = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
+            return table + off if off else None
+
+        def vector(table, index, what, item=4):
+            """(first element position, length) of a vector field, bounds-checked."""
+            pos = field(table, index, what)
+            if pos is None:
+                return None, 0
+            start = pos + u32(pos, what)
+            n = u32(start, what + " length")
+            if start + 4 + n * item > size:
+                raise ValueError("%s (%d items) at byte %d ends at byte %d" % (what, n, start, start + 4 + n * item))
+            return start + 4, n
+
+        def tables(table, index, what):
+            first, n = vector(table, index, what)
+            return [first + 4 * i + u32(first + 4 * i, what) for i in range(n)]
+
+        root = u32(0, "root table")
+        for i, sub in enumerate(tables(root, 2, "subgraphs")):
+            for idx, name in ((0, "tensors"), (3, "operators")):
+                for t in tables(sub, idx, "subgraph %d %s" % (i, name)):
+                    field(t, 0, "subgraph %d %s entry" % (i, name))
+        for i, b in enumerate(tables(root, 4, "buffers")):
+            vector(b, 0, "buffer %d data" % i, item=1)
+            pos = field(b, 1, "buffer %d" % i)
+            if pos is not None and pos + 16 <= size:  # large models: data lives at an absolute file offset
+                offset, length = struct.unpack_from("<QQ", buf, pos)
+                if offset > 1 and offset + length > size:
+                    raise ValueError("buffer %d data ends at byte %d" % (i, offset + length))
+    except struct.error as exc:
+        raise ValueError("unreadable structure: %s" % exc)
+    finally:
+        buf.close()
+
+
+def parse_op_error(text):
+    """(operator, version|None) from "Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'"."""
     import re
     m = re.search(r"builtin opcode '([A-Z0-9_]+)' version '(\d+)'", text)
     if m:
-        return "operator %s version %s" % (m.group(1), m.group(2))
+        return m.group(1), int(m.group(2))
     m = re.search(r"custom op:? '?([\w\-]+)'?", text, re.IGNORECASE)
     if m:
-        return "custom operator %s" % m.group(1)
-    return None
+        return m.group(1), None
+    return None, None
+
+
+def _exc_chain(exc):
+    """The exception and its causes: native wrappers hide the real error behind SystemError's __context__."""
+    seen = []
+    while exc is not None and exc not in seen and len(seen) < 5:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def classify_load_error(exc, runtime, path):
     text = "%s: %s" % (type(exc).__name__, exc) if isinstance(exc, UnicodeDecodeError) else str(exc)
     first = " ".join(line.strip() for line in text.splitlines() if line.strip())
     where = "%s %s" % (runtime.name, runtime.version)
+    for link in _exc_chain(exc):
+        if any(s in str(link) for s in ("_ARRAY_API", "multiarray failed to import", "compiled using NumPy 1.x")):
+            return AgentFailure("no_runtime", "%s was built for numpy 1.x and cannot run with numpy %s (%s: %s); "
+                                "install 'numpy<2' next to it" % (where, _numpy_version(), type(link).__name__,
+                                                                  _one_line(link)))
     corrupt = ("not a valid Flatbuffer", "mmap", "allocation is null", "UnicodeDecodeError", "Could not open")
     if isinstance(exc, UnicodeDecodeError) or any(s.lower() in first.lower() for s in corrupt):
         return AgentFailure("model_corrupt", "%s cannot be parsed by %s: %s" % (path, where, first))
-    if "_ARRAY_API" in first or "numpy" in first.lower() and "version" in first.lower():
-        return AgentFailure("no_runtime", "%s is unusable with numpy %s: %s (tflite-runtime needs numpy<2)"
-                            % (where, _numpy_version(), first))
-    op = _op_message(first)
+    op, version = parse_op_error(first)
     lead = "%s cannot load %s" % (where, os.path.basename(path))
-    if op:
-        lead += ": %s is not supported by this runtime" % op
-    return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op)
+    if op and version is not None:
+        lead += ": operator %s version %d is newer than this runtime supports" % (op, version)
+    elif op:
+        lead += ": custom operator %s is not registered" % op
+        if "edgetpu" in op:
+            lead += " (an Edge TPU model needs --delegate edgetpu)"
+    return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op, operator_version=version,
+                        runtime=runtime.name, runtime_version=runtime.version)
 
 
 def _numpy_version():
@@ -409,23 +500,28 @@ def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_d
             interp = runtime.interpreter_cls(**kwargs)
         return interp, None
     if delegate == "edgetpu" and runtime.make_interpreter is not None:
-        try:
-            with quiet_stdout(), quiet_unraisable():
+        interp = error = None
+        with quiet_stdout(), quiet_unraisable():
+            try:
                 interp = runtime.make_interpreter(model_path, device=edgetpu_device)
-        except (ValueError, OSError, RuntimeError) as exc:
+            except (ValueError, OSError, RuntimeError) as exc:
+                error = _one_line(exc)
+        if error is not None:
             raise AgentFailure("delegate_unavailable", "Edge TPU unavailable via pycoral (%s): %s"
-                               % (edgetpu_device or "any device", _one_line(exc)))
+                               % (edgetpu_device or "any device", error))
         return interp, "pycoral"
     library = _delegate_library(delegate, options)
     opts = dict(options)
     if delegate == "edgetpu" and edgetpu_device:
         opts.setdefault("device", edgetpu_device)
-    try:
-        with quiet_stdout(), quiet_unraisable():
+    loaded = error = None
+    with quiet_stdout(), quiet_unraisable():
+        try:
             loaded = runtime.load_delegate(library, opts)
-    except (ValueError, OSError, RuntimeError) as exc:
-        raise AgentFailure("delegate_unavailable", "%s delegate failed to load (%s): %s"
-                           % (delegate, library, _one_line(exc)))
+        except (ValueError, OSError, RuntimeError) as exc:
+            error = _one_line(exc)  # leaving this block frees the half-built Delegate inside quiet_unraisable
+    if error is not None:
+        raise AgentFailure("delegate_unavailable", "%s delegate failed to load (%s): %s" % (delegate, library, error))
     kwargs["experimental_delegates"] = [loaded]
     try:
         with quiet_stdout():
@@ -466,7 +562,11 @@ def load(runtime, args, model, options, warnings):
     except AgentFailure:
         raise
     except Exception as exc:  # the runtimes raise ValueError/RuntimeError (and worse) for bad models
-        raise classify_load_error(exc, runtime, model["path"])
+        failure = classify_load_error(exc, runtime, model["path"])
+        if record["fallback"] and failure.code == "model_incompatible":  # e.g. an Edge TPU model without the TPU
+            failure = AgentFailure("delegate_unavailable", "%s; the CPU fallback cannot run the model either: %s"
+                                   % (record["reason"], failure.message))
+        raise failure
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     return interp, record, init_ms
 
@@ -544,8 +644,9 @@ def quantize(x, detail):
     if x.dtype == dtype:
         return x
     if dtype.kind in "iu" and scale:
+        # float32 arithmetic and round-half-to-even, as the host-side reference tools compute it
         info = np.iinfo(dtype)
-        q = np.round(x.astype(np.float64) / scale + zero)
+        q = np.round(x.astype(np.float32) / np.float32(scale) + np.float32(zero))
         return np.clip(q, info.min, info.max).astype(dtype)
     return x.astype(dtype)
 
@@ -584,17 +685,16 @@ def time_invokes(interp, runs, warmup, max_seconds):
         warm.append(t1 - t0)
         if deadline is not None and t1 > deadline:
             break
-    samples = [0] * runs
-    done = 0
-    for i in range(runs):
+    samples = []
+    append = samples.append
+    for _ in range(runs):
         t0 = pc()
         invoke()
         t1 = pc()
-        samples[i] = t1 - t0
-        done = i + 1
+        append(t1 - t0)
         if deadline is not None and t1 > deadline:
             break
-    return first_ns, warm, samples[:done]
+    return first_ns, warm, samples
 
 
 def evaluate(interp, inputs, outputs, xs, y, ref):
@@ -638,11 +738,8 @@ def peak_rss_bytes():
 def run(args):
     """The measurement: model → runtime → interpreter → timings → accuracy → one result dict."""
     started = time.time()
-    warnings = []
     device = device_facts()
-    if device["governor"] is not None and device["governor"] != "performance":
-        warnings.append("CPU governor is %r, not 'performance': latency may vary with frequency scaling"
-                        % device["governor"])
+    warnings = device_warnings(device)
     model = read_model(args.model)
     if not os.path.isfile(args.data):
         raise AgentFailure("data_not_found", "evaluation file not found: %s" % args.data)

@@ -5,6 +5,7 @@ TensorFlow is imported only when a conversion really runs; a cache hit or a .tfl
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -21,8 +22,10 @@ from .cache import ConversionCache, cache_key, hash_path, tf_version
 from .calibration import Calibration, load_calibration
 from .compat import check_compat, parse_compat
 from .errors import ConversionError, EdgepipeError
-from .manifest import build_manifest, detect_mode, read_model, write_manifest
-from .recipes import MODES, Recipe, apply_recipe, make_recipe
+from .manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
+from .recipes import MODES, FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+
+__all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "load_source", "plan_formats"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]
@@ -117,19 +120,20 @@ def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | N
 def capture_stdout() -> Iterator[list[str]]:
     """Redirect fd 1 to a temp file while TF runs (it prints to the C-level stdout), keeping stdout clean."""
     captured: list[str] = []
+    py_out = io.StringIO()
     with _FD_LOCK, tempfile.TemporaryFile(mode="w+b") as tmp:
-        sys.stdout.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
         saved = os.dup(1)
         os.dup2(tmp.fileno(), 1)
         try:
-            yield captured
+            with contextlib.redirect_stdout(py_out):   # Python-level prints (Keras) as well as C-level ones
+                yield captured
         finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
             tmp.seek(0)
-            captured.append(tmp.read().decode(errors="replace"))
+            captured.append(tmp.read().decode(errors="replace") + py_out.getvalue())
             if captured[-1].strip():
                 log.debug("captured TF stdout: %s", captured[-1])
 
@@ -160,28 +164,7 @@ def _qat_to_saved_model(src: ModelSource, workdir: Path) -> Path:
     return out
 
 
-def _saved_model_inputs(path: Path) -> list[tuple[str, list[int | None], str]]:
-    """Input names/shapes/dtypes of the serving signature, read from saved_model.pb without loading the graph."""
-    import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    sm.ParseFromString((path / "saved_model.pb").read_bytes())
-    sigs = sm.meta_graphs[0].signature_def
-    sig = sigs.get("serving_default") or next(iter(sigs.values()), None)
-    if sig is None:
-        raise ConversionError("SavedModel has no signature to convert", file=str(path),
-                              hint="export it with model.export(DIR)")
-    out = []
-    for name in sorted(sig.inputs):
-        info = sig.inputs[name]
-        shape = None if info.tensor_shape.unknown_rank else [
-            (None if d.size < 0 else int(d.size)) for d in info.tensor_shape.dim]
-        out.append((name, shape or [], tf.dtypes.as_dtype(info.dtype).name))
-    return out
-
-
-def _make_converter(src: ModelSource, workdir: Path, progress: Progress) -> tuple[Any, list[tuple[str, Any, str]]]:
+def _make_converter(src: ModelSource, workdir: Path, progress: Progress, batch: int | None) -> tuple[Any, list[tuple[str, Any, str]]]:
     """A TFLiteConverter for the model plus its input specs (name, shape, dtype)."""
     import tensorflow as tf
 
@@ -201,8 +184,7 @@ def _make_converter(src: ModelSource, workdir: Path, progress: Progress) -> tupl
         path = workdir / "savedmodel"
         model.export(str(path), verbose=False)
     try:
-        specs = _saved_model_inputs(path)
-        return tf.lite.TFLiteConverter.from_saved_model(str(path)), specs
+        return _from_saved_model(path, batch)
     except EdgepipeError:
         raise
     except Exception as exc:
@@ -210,10 +192,35 @@ def _make_converter(src: ModelSource, workdir: Path, progress: Progress) -> tupl
         raise ConversionError(f"cannot load SavedModel: {msg[:300]}", file=str(src.path)) from None
 
 
+def _from_saved_model(path: Path, batch: int | None) -> tuple[Any, list[tuple[str, Any, str]]]:
+    """Converter from the serving signature; with `batch`, the dynamic batch dimension is fixed first.
+
+    A fixed batch gives static shapes (the Edge TPU needs them) and drops the SHAPE/STRIDED_SLICE/PACK ops
+    that a dynamic batch adds around Flatten.
+    """
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    sigs = loaded.signatures
+    sig = sigs.get("serving_default") if "serving_default" in sigs else next(iter(sigs.values()), None)
+    if sig is None:
+        raise ConversionError("SavedModel has no signature to convert", file=str(path),
+                              hint="export it with model.export(DIR)")
+    inputs = sig.structured_input_signature[1]
+    specs = [(n, (None if s.shape.rank is None else s.shape.as_list()), s.dtype.name) for n, s in sorted(inputs.items())]
+    if batch and len(specs) == 1 and specs[0][1] and specs[0][1][0] is None and None not in specs[0][1][1:]:
+        name, shape, _ = specs[0]
+        fixed = tf.TensorSpec([batch] + shape[1:], inputs[name].dtype, name=name)
+        fn = tf.function(lambda x: sig(**{name: x}), input_signature=[fixed])
+        return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], loaded), specs
+    return tf.lite.TFLiteConverter.from_saved_model(str(path)), specs
+
+
 def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> bytes:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before TF's first import: keep C++ info logs quiet
     with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp, capture_stdout():
         progress("load", f"loading {src.kind} model (TensorFlow)")
-        converter, specs = _make_converter(src, Path(tmp), progress)
+        converter, specs = _make_converter(src, Path(tmp), progress, r.options.get("input_batch"))
         if calib is not None and r.options.get("representative_dataset"):
             if len(specs) != 1:
                 raise ConversionError(f"calibration supports single-input models; this model has {len(specs)} "
@@ -241,7 +248,7 @@ def _validate_tflite(path: Path) -> None:
         raise ConversionError(f"the .tflite does not load: {str(exc).splitlines()[0][:300]}", file=str(path)) from None
 
 
-def _finish(out_path: Path, info, manifest: dict[str, Any], cached: bool) -> Artifact:
+def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
     manifest_path = out_path.with_name(out_path.name[: -len(".tflite")] + ".manifest.json")
     write_manifest(manifest, manifest_path)
     return Artifact(manifest["mode"], out_path, manifest["sha256"], manifest["bytes"], manifest, manifest_path,
@@ -268,7 +275,7 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
                               edgetpu=edgetpu)
     if compat_rec:
         check_compat(manifest, compat_rec["runtime"], compat_rec["version"])
-    return _finish(out_path, info, manifest, cached=False)
+    return _finish(out_path, manifest, cached=False)
 
 
 def _edgetpu(path: Path, info, mode: str, progress: Progress) -> dict[str, Any] | None:
@@ -308,7 +315,10 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
-        return _finish(out_path, None, manifest, cached=True)
+        if mode == "int8" and shutil.which("edgetpu_compiler"):
+            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report)   # the compiled file lives next to it
+        manifest["manifest_sha256"] = manifest_hash(manifest)
+        return _finish(out_path, manifest, cached=True)
 
     data = _run_conversion(src, r, calib, report)
     tmp = out_path.with_suffix(".tflite.tmp")
@@ -324,4 +334,4 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
     if cache:
         cache.put(key, out_path, manifest)
     report("done", name)
-    return _finish(out_path, info, manifest, cached=False)
+    return _finish(out_path, manifest, cached=False)

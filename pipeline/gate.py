@@ -111,7 +111,18 @@ def _thresholds(inventory: Any, device: DeviceResult) -> tuple[dict[str, tuple[A
             value = getattr(spec, key, None)
             if value is not None:
                 out[key] = (value, f"{source}.{key}")
-    return out, "target not in this inventory: fleet and kind gates applied"
+    return out, "" if isinstance(inventory, _NoInventory) else "target not in this inventory: fleet and kind gates applied"
+
+
+class _NoInventory:
+    """Stands in for an Inventory when a stored run is gated without targets.yaml: no thresholds declared."""
+
+    targets: list = []
+
+    def __init__(self) -> None:
+        from .inventory import GatesSpec
+
+        self.gates = GatesSpec()
 
 
 def float_top1(run: RunResult) -> float | None:
@@ -126,7 +137,19 @@ def float_top1(run: RunResult) -> float | None:
     return None
 
 
-def _measure(device: DeviceResult, gate: str, run_float_top1: float | None) -> tuple[Any, str]:
+def edgetpu_info(device: DeviceResult, run: RunResult | None = None) -> dict[str, Any]:
+    """The Edge TPU op-mapping report of the device's artifact (DeviceResult.artifact, else the run's manifest)."""
+    art = device.artifact or {}
+    if art.get("edgetpu"):
+        return art["edgetpu"]
+    for a in (run.artifacts if run is not None else []):
+        manifest = a.get("manifest") if isinstance(a.get("manifest"), dict) else a
+        if art.get("sha256") and a.get("sha256") == art.get("sha256") and manifest.get("edgetpu"):
+            return manifest["edgetpu"]
+    return {}
+
+
+def _measure(device: DeviceResult, gate: str, run_float_top1: float | None, run: RunResult | None = None) -> tuple[Any, str]:
     """(measured value or None, note) for a per-target gate."""
     r = device.result or {}
     lat = r.get("latency_ms") or {}
@@ -152,30 +175,30 @@ def _measure(device: DeviceResult, gate: str, run_float_top1: float | None) -> t
         art = device.artifact or {}
         return art.get("bytes", (r.get("model") or {}).get("bytes")), ""
     if gate == "min_edgetpu_mapped":
-        tpu = (device.artifact or {}).get("edgetpu") or {}
+        tpu = edgetpu_info(device, run)
         share = tpu.get("mapped_share")
         if share is None:
             return None, "no Edge TPU op-mapping report for this artifact"
-        if tpu.get("predicted"):
+        if tpu.get("predicted") or tpu.get("status") == "predicted":
             return share, "predicted by the preflight (edgetpu_compiler absent), not from a compile report"
         return share, "from the edgetpu_compiler report"
     raise ValueError(gate)
 
 
 def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]], extra_note: str,
-                   run_float_top1: float | None) -> list[Check]:
+                   run: RunResult) -> list[Check]:
     if not device.ok:
         err = device.error
         return [Check(device.name, "measured", err.code if err else "error", "a valid result", "run", False,
                       note=err.message if err else "")]
     checks = []
     for gate, (threshold, source) in thresholds.items():
-        if gate == "min_edgetpu_mapped" and device.kind != "edgetpu" and not (device.artifact or {}).get("edgetpu"):
+        if gate == "min_edgetpu_mapped" and device.kind != "edgetpu":
             continue  # a fleet-wide Edge TPU gate does not apply to CPU/GPU targets
         if gate in LATENCY_GATES and device.emulated:
             checks.append(Check(device.name, gate, None, threshold, source, True, note=EMULATED_NOTE, skipped=True))
             continue
-        measured, note = _measure(device, gate, run_float_top1)
+        measured, note = _measure(device, gate, float_top1(run), run)
         note = "; ".join(n for n in (note, extra_note) if n)
         if measured is None:
             checks.append(Check(device.name, gate, None, threshold, source, False, note=note or "not measured"))
@@ -258,18 +281,22 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
 
 def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
              select: Iterable[str] | None = None) -> Verdict:
-    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run)."""
+    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run).
+
+    Without an inventory (None) only the defaults apply: every device must be measured, regression vs baseline.
+    """
+    if inventory is None:
+        inventory = _NoInventory()
     wanted = set(select) if select else None
     devices = [d for d in run.devices if wanted is None or d.name in wanted]
     gated = RunResult(run_id=run.run_id, devices=devices, started=run.started, finished=run.finished,
                       model_sha256=run.model_sha256, artifacts=run.artifacts, complete=run.complete,
                       float_top1=run.float_top1, label=run.label, inventory_sha256=run.inventory_sha256)
-    ref_top1 = float_top1(run)
     checks: list[Check] = []
     state: dict[str, str] = {}
     for d in devices:
         thresholds, note = _thresholds(inventory, d)
-        mine = _target_checks(d, thresholds, note, ref_top1)
+        mine = _target_checks(d, thresholds, note, run)
         checks.extend(mine)
         state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
     checks.extend(_fleet_checks(gated, inventory, state))

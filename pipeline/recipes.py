@@ -58,11 +58,13 @@ def float16(**_: Any) -> Recipe:
 @recipe("int8")
 def int8(*, io_type: str = "int8", qat: bool = False, **_: Any) -> Recipe:
     # A QAT model carries its own quantization ranges, so it needs no representative dataset.
-    opts: dict[str, Any] = {"optimizations": ["DEFAULT"], "supported_ops": ["TFLITE_BUILTINS_INT8"],
-                            "inference_input_type": io_type, "inference_output_type": io_type}
+    # (TFLITE_BUILTINS_INT8 would make TF demand a representative dataset even then.)
+    opts: dict[str, Any] = {"optimizations": ["DEFAULT"], "inference_input_type": io_type,
+                            "inference_output_type": io_type}
     if qat:
         opts["qat"] = True
     else:
+        opts["supported_ops"] = ["TFLITE_BUILTINS_INT8"]
         opts["representative_dataset"] = True
     return Recipe("int8", opts, needs_calibration=not qat)
 
@@ -83,6 +85,7 @@ def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: 
     if io_type not in IO_TYPES:
         raise ConversionError(f"unknown io_type '{io_type}'", field="io_type", hint="use int8 or uint8")
     r = RECIPES[mode](io_type=io_type, qat=qat)
+    r.options["input_batch"] = 1   # static shapes: what edge runtimes and the Edge TPU want
     if compat:
         runtime, version = parse_compat(compat)
         extra = compat_options(mode, runtime, version)
@@ -114,3 +117,29 @@ def apply_recipe(r: Recipe, converter: Any, representative: Callable[[], Any] | 
     for name, value in o.items():
         if name.startswith("_experimental") or name.startswith("experimental_"):
             setattr(converter, name, value)
+
+
+@dataclass
+class FormatRequest:
+    """One artifact the fleet needs: the targets listed share (mode, compat, io_type)."""
+
+    mode: str
+    compat: str | None
+    io_type: str
+    targets: list[str] = field(default_factory=list)
+
+
+def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) -> list[FormatRequest]:
+    """Group targets by the artifact they need; a probed runtime (name -> {runtime, version}) beats the declared one."""
+    from .compat import compat_for
+
+    plan: dict[tuple[str, str | None, str], FormatRequest] = {}
+    for t in targets:
+        probe = (probes or {}).get(t.name) or {}
+        runtime = probe.get("runtime") or getattr(t, "runtime", None)
+        version = probe.get("version") if probe.get("runtime") else getattr(t, "runtime_version", None)
+        io_type = (getattr(t, "io_type", None) or "int8") if t.mode == "int8" else "int8"
+        compat = compat_for(t.mode, runtime, version)
+        key = (t.mode, compat, io_type)
+        plan.setdefault(key, FormatRequest(t.mode, compat, io_type)).targets.append(t.name)
+    return list(plan.values())

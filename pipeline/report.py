@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .gate import Check, Verdict, fmt
+from .gate import Check, Verdict, edgetpu_info, fmt
 from .results import DeviceResult, RunResult
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
@@ -225,51 +225,48 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
     return "".join(out)
 
 
+def edgetpu_predicted(tpu: dict[str, Any]) -> bool:
+    return bool(tpu.get("predicted")) or tpu.get("status") == "predicted"
+
+
 def edgetpu_table(run: RunResult) -> str:
-    rows = [(d, (d.artifact or {}).get("edgetpu")) for d in run.devices if (d.artifact or {}).get("edgetpu")]
+    rows = [(d, edgetpu_info(d, run)) for d in run.devices if d.kind == "edgetpu" and edgetpu_info(d, run)]
     if not rows:
         return '<p class="note">No Edge TPU artifact in this run.</p>'
-    out = ['<table id="edgetpu"><thead><tr><th>device</th><th>mapped share</th><th>source</th><th>details</th>'
-           "</tr></thead><tbody>"]
+    out = ['<table id="edgetpu"><thead><tr><th>device</th><th>mapped share</th><th>ops on TPU / CPU</th><th>source</th>'
+           "<th>first op on CPU</th><th>operators</th></tr></thead><tbody>"]
     for d, tpu in rows:
         share = tpu.get("mapped_share")
-        source = "predicted (preflight; compiler absent)" if tpu.get("predicted") else "edgetpu_compiler report"
-        details = "; ".join(f"{e(k)}: {e(v if not isinstance(v, (dict, list)) else _compact(v))}"
-                            for k, v in tpu.items() if k not in ("mapped_share", "predicted"))
-        out.append(f"<tr><td>{e(d.name)}</td><td class=\"num\">{_num(share if share is None else 100 * share, 3)}%</td>"
-                   f"<td>{e(source)}</td><td>{details}</td></tr>")
+        source = ("predicted by the preflight (edgetpu_compiler absent)" if edgetpu_predicted(tpu)
+                  else "edgetpu_compiler report")
+        first = tpu.get("first_fallback") or {}
+        first_txt = f"{first.get('op')} #{first.get('index')}: {first.get('reason')}" if first else "–"
+        ops = tpu.get("ops") or []
+        ops_html = "<br>".join(f"{e(o.get('op'))} ×{e(o.get('count'))}: {e(o.get('status'))}" for o in ops
+                               if isinstance(o, dict)) or "–"
+        out.append(f"<tr><td>{e(d.name)}</td><td class=\"num\">{'–' if share is None else f'{100 * share:.1f}%'}</td>"
+                   f"<td class=\"num\">{_num(tpu.get('mapped_ops'))} / {_num(tpu.get('cpu_ops'))}</td>"
+                   f"<td>{e(source)}</td><td>{e(first_txt)}</td><td>{ops_html}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
 
-def _compact(v: Any) -> str:
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_compact(x)}" for k, x in list(v.items())[:40])
-    if isinstance(v, list):
-        return ", ".join(_compact(x) for x in v[:40])
-    return str(v)
-
-
 def facts_table(run: RunResult) -> str:
     out = ['<table id="facts"><thead><tr><th>device</th><th>runtime</th><th>governor</th><th>temp before/after</th>'
-           "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS</th></tr></thead><tbody>"]
+           "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS (MB)</th></tr></thead><tbody>"]
     for d in run.devices:
         dev = _r(d, "device") or {}
         rt = _r(d, "runtime") or {}
         mem = _r(d, "memory") or {}
-        temp = dev.get("temp") or {}
-        if not isinstance(temp, dict):
-            temp = {"before": temp}
-        t_before = temp.get("before", dev.get("temp_before_c"))
-        t_after = temp.get("after", dev.get("temp_after_c"))
+        t_before, t_after = dev.get("soc_temp_c_before"), dev.get("soc_temp_c_after")
         gov = dev.get("governor")
         gov_html = e(gov) if gov in (None, "performance") else f'<span class="bad">{e(gov)}</span>'
-        rss = mem.get("peak_rss_mb") or mem.get("peak_rss_bytes")
+        rss = mem.get("peak_rss_mb")
         out.append(
             f"<tr><td>{e(d.name)}</td><td>{e(rt.get('name'))} {e(rt.get('version'))}</td><td>{gov_html if gov else '–'}</td>"
             f"<td>{_num(t_before)} / {_num(t_after)}</td><td>{e(dev.get('cpu_model') or dev.get('cpu'))}</td>"
-            f"<td class=\"num\">{_num(dev.get('cpu_count') or dev.get('cores'))}</td>"
-            f"<td>{e(dev.get('machine'))} {e(dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"
+            f"<td class=\"num\">{_num(dev.get('cpu_cores') or dev.get('cpu_count'))}</td>"
+            f"<td>{e(dev.get('machine'))} {e(dev.get('os_release') or dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"
             f"<td class=\"num\">{_num(rss)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)

@@ -20,8 +20,16 @@ DEFAULT_DB = Path(".edgepipe") / "results.db"
 BUSY_TIMEOUT_MS = 30_000
 
 
+def _script(db: sqlite3.Connection, sql: str) -> None:
+    """Run `;`-separated DDL inside the caller's transaction (executescript would COMMIT it first)."""
+    for statement in sql.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 def _v1(db: sqlite3.Connection) -> None:
-    db.executescript(
+    _script(
+        db,
         """
         CREATE TABLE runs (
             id TEXT PRIMARY KEY,
@@ -65,7 +73,8 @@ def _v1(db: sqlite3.Connection) -> None:
 
 def _v2(db: sqlite3.Connection) -> None:
     """Host float accuracy per run (for max_top1_drop) and indexes for history queries."""
-    db.executescript(
+    _script(
+        db,
         """
         ALTER TABLE runs ADD COLUMN float_top1 REAL;
         ALTER TABLE device_results ADD COLUMN runtime TEXT;
@@ -230,12 +239,13 @@ class Store:
         self._write("UPDATE runs SET float_top1=? WHERE id=?", (value, run_id))
 
     def add_artifact(self, run_id: str, artifact: Any) -> None:
-        """Store one artifact (a conversion Artifact or a dict with sha256, mode, bytes, manifest)."""
+        """Store one artifact: a conversion Artifact, a manifest dict, or a dict with sha256, mode, bytes, manifest."""
         a = artifact if isinstance(artifact, dict) else {k: getattr(artifact, k, None) for k in ("sha256", "mode", "bytes", "manifest")}
         if not a.get("sha256"):
             raise StoreError("artifact has no sha256", file=str(self.path))
+        manifest = a["manifest"] if "manifest" in a else a
         self._write("INSERT OR REPLACE INTO artifacts(run_id, sha256, mode, bytes, manifest) VALUES (?, ?, ?, ?, ?)",
-                    (run_id, a["sha256"], a.get("mode"), a.get("bytes"), json.dumps(a.get("manifest") or {}, default=str)))
+                    (run_id, a["sha256"], a.get("mode"), a.get("bytes"), json.dumps(manifest or {}, default=str)))
 
     def add_device_result(self, run_id: str, device: DeviceResult) -> None:
         """Commit one device's result now (the fan-out calls this as each device finishes)."""
@@ -255,11 +265,11 @@ class Store:
 
     def record_run(self, run: RunResult, *, inventory_sha256: str | None = None, label: str | None = None) -> None:
         """Store a whole finished RunResult at once (imports, tests); per-device commits use add_device_result."""
-        self.begin_run(run.run_id, run.model_sha256, inventory_sha256, label, started=run.started or None,
+        self.begin_run(run.run_id, run.model_sha256, inventory_sha256 or run.inventory_sha256, label or run.label,
+                       started=run.started or None,
                        float_top1=run.float_top1)
         for a in run.artifacts:
-            if isinstance(a, dict) and a.get("sha256"):
-                self.add_artifact(run.run_id, a)
+            self.add_artifact(run.run_id, a)
         for d in run.devices:
             self.add_device_result(run.run_id, d)
         if run.complete:

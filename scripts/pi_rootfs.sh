@@ -3,8 +3,8 @@
 #
 # What it builds, once: a Debian bookworm arm64 minbase rootfs with python3, openssh-server and two
 # venvs that mirror the x86 device venvs:
-#   /opt/edgepipe/litert          ai-edge-litert + numpy 2
-#   /opt/edgepipe/tflite-runtime  tflite-runtime 2.14.0 + numpy<2
+#   /opt/edgepipe/litert          ai-edge-litert 2.3.0 + numpy 2.4.6
+#   /opt/edgepipe/tflite-runtime  tflite-runtime 2.14.0 + numpy 1.26.4
 # It is packed with zstd into the cache (outside the repo) and keyed by the sha256 of this script, so
 # editing the script rebuilds and an unchanged script is a no-op that prints the cached path:
 #   ${EDGEPIPE_CACHE:-$HOME/.cache/edgepipe}/arm64/rootfs-<hash16>.tar.zst
@@ -16,7 +16,7 @@
 # --no-install-recommends qemu-user-static debootstrap binfmt-support zstd), network to the Debian
 # mirror this machine's apt uses and to PyPI (pip config and CA bundle are copied in from the host).
 # Env: EDGEPIPE_CACHE (cache root), PI_ROOTFS_MIRROR (override the Debian mirror).
-# Cold build: about 6-7 min on 2 cores. Output: the archive path on the last line of stdout.
+# Cold build: about 4 min on 2 shared cores (debootstrap ~3 min, pip ~40 s, zstd pack ~15 s). Output: the archive path on the last line of stdout.
 set -euo pipefail
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
@@ -24,8 +24,10 @@ HASH="$(sha256sum "$SCRIPT" | cut -c1-16)"
 CACHE_DIR="${EDGEPIPE_CACHE:-$HOME/.cache/edgepipe}/arm64"
 ARCHIVE="$CACHE_DIR/rootfs-$HASH.tar.zst"
 SUITE=bookworm
-LITERT_PIN="ai-edge-litert==2.3.0"
+LITERT_PIN="ai-edge-litert==2.3.0"      # the same versions as the x86 device venvs (.venv-devices/)
+LITERT_NUMPY="numpy==2.4.6"
 TFLITE_PIN="tflite-runtime==2.14.0"
+TFLITE_NUMPY="numpy==1.26.4"
 
 die() { echo "pi_rootfs.sh: error: $*" >&2; exit 1; }
 log() { echo "pi_rootfs.sh: $*" >&2; }
@@ -122,20 +124,22 @@ in_root() { env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root QEMU_CPU=cortex
     PIP_DISABLE_PIP_VERSION_CHECK=1 SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt chroot "$BUILD" "$@"; }
 
-log "venv /opt/edgepipe/litert: $LITERT_PIN + numpy"
+log "venv /opt/edgepipe/litert: $LITERT_PIN + $LITERT_NUMPY"
 in_root python3 -m venv /opt/edgepipe/litert
-in_root /opt/edgepipe/litert/bin/pip install --no-cache-dir -q "$LITERT_PIN" numpy \
-    || die "pip install $LITERT_PIN numpy inside the arm64 rootfs failed (check network/proxy and /etc/pip.conf)"
-log "venv /opt/edgepipe/tflite-runtime: $TFLITE_PIN + numpy<2"
+in_root /opt/edgepipe/litert/bin/pip install --no-cache-dir -q "$LITERT_PIN" "$LITERT_NUMPY" \
+    || die "pip install $LITERT_PIN $LITERT_NUMPY inside the arm64 rootfs failed (check network/proxy and /etc/pip.conf)"
+log "venv /opt/edgepipe/tflite-runtime: $TFLITE_PIN + $TFLITE_NUMPY"
 in_root python3 -m venv /opt/edgepipe/tflite-runtime
-in_root /opt/edgepipe/tflite-runtime/bin/pip install --no-cache-dir -q "$TFLITE_PIN" "numpy<2" \
-    || die "pip install $TFLITE_PIN numpy<2 inside the arm64 rootfs failed (check network/proxy and /etc/pip.conf)"
+in_root /opt/edgepipe/tflite-runtime/bin/pip install --no-cache-dir -q "$TFLITE_PIN" "$TFLITE_NUMPY" \
+    || die "pip install $TFLITE_PIN $TFLITE_NUMPY inside the arm64 rootfs failed (check network/proxy and /etc/pip.conf)"
 in_root /opt/edgepipe/litert/bin/python -c "import numpy, ai_edge_litert.interpreter" \
     || die "ai-edge-litert does not import in the arm64 rootfs"
 in_root /opt/edgepipe/tflite-runtime/bin/python -c "import numpy, tflite_runtime.interpreter" \
     || die "tflite-runtime does not import in the arm64 rootfs"
 
-# Each device generates its own host key; none ship in the image. Trim caches.
+# Each device generates its own host key; none ship in the image. The host's pip config stays out of the
+# cached archive (it may name a private index). Trim caches.
+rm -rf "$BUILD/etc/pip.conf" "$BUILD/etc/xdg/pip"
 rm -f "$BUILD"/etc/ssh/ssh_host_*
 rm -rf "$BUILD"/var/cache/apt/archives/*.deb "$BUILD"/var/lib/apt/lists/* "$BUILD"/root/.cache
 mkdir -p "$BUILD/run/sshd" "$BUILD/root/.ssh"

@@ -24,6 +24,7 @@ QEMU = Path("/usr/bin/qemu-aarch64-static")
 PYTHONS = {"litert": "/opt/edgepipe/litert/bin/python",
            "tflite-runtime": "/opt/edgepipe/tflite-runtime/bin/python"}
 DEVICE_WORKDIR = "/root/.edgepipe"
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 Progress = Callable[[str], None]
@@ -88,7 +89,7 @@ def ensure_rootfs(progress: Progress | None = None) -> Path:
         return tree
     if not archive.exists():
         if progress:
-            progress(f"building arm64 rootfs with {BUILD_SCRIPT.name} (cold: about 6-7 min)")
+            progress(f"building arm64 rootfs with {BUILD_SCRIPT.name} (cold: about 4-7 min)")
         proc = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
         if proc.returncode != 0:
@@ -160,6 +161,7 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
     key_line = _read_key(authorized_key)
     if identity_file is None:
         identity_file = Path(str(authorized_key)[: -len(".pub")]) if str(authorized_key).endswith(".pub") else Path()
+    (base / "owner").write_text(f"{os.getpid()}\n")  # lets reap_stale() clean up after a killed session
     mounts: list[Path] = []
     proc: subprocess.Popen | None = None
     try:
@@ -169,7 +171,7 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
         cpuinfo.write_text(pi4_cpuinfo())
         _mount(["-t", "proc", "proc"], merged / "proc", mounts)
         _mount(["--bind", str(cpuinfo)], merged / "proc" / "cpuinfo", mounts)
-        _mount(["--bind", "/dev"], merged / "dev", mounts)
+        _mount_ro_bind("/dev", merged / "dev", mounts)  # read-only: a stray rm -rf of tmp cannot reach /dev
         _mount_sys_ro(merged / "sys", mounts)
 
         ssh_dir = merged / "root" / ".ssh"
@@ -188,19 +190,20 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
         for attempt in range(5):  # a free port can be taken between probe and bind: retry with another
             port = free_port()
             config.write_text(_sshd_config(qemu_cpu))
-            argv = ["chroot", str(merged), "/usr/sbin/sshd", "-D", "-e", "-p", str(port),
+            argv = [CHROOT, str(merged), "/usr/sbin/sshd", "-D", "-e", "-p", str(port),
                     "-f", "/etc/ssh/edgepipe_sshd_config"]
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=open(log, "ab"), start_new_session=True)
+            with open(log, "ab") as err:
+                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=err, start_new_session=True)
             try:
                 wait_ready("127.0.0.1", port, proc, timeout=60.0)
                 break
-            except RuntimeError:
+            except RuntimeError as exc:
                 _kill_tree(proc.pid, merged)
                 proc.wait()
-                if attempt == 4:
-                    raise RuntimeError(f"emulated sshd for {name} did not start: {log.read_text()[-400:]}") \
-                        from None
+                tail = " ".join(log.read_text(errors="replace").split()[-60:])
+                if attempt == 4 or "Address already in use" not in tail:
+                    raise RuntimeError(f"emulated Pi {name}: sshd did not start ({exc}): {tail}") from None
         keytype, keyb64 = pub.split()[:2]
         return EmulatedPi(name=name, host="127.0.0.1", port=port, user="root", identity_file=Path(identity_file),
                           known_hosts_line=f"[127.0.0.1]:{port} {keytype} {keyb64}",
@@ -231,10 +234,10 @@ def _sshd_config(qemu_cpu: str | None) -> str:
         "MaxSessions 32",
         "LogLevel ERROR",
         "Subsystem sftp internal-sftp",
-        f"SetEnv PATH={SESSION_PATH}",
     ]
     if qemu_cpu:
         # sshd clears each session's environment: without this, sessions run on qemu's `max` CPU (SME on).
+        # One SetEnv line only: sshd keeps the first SetEnv it reads and ignores later ones.
         lines.append(f"SetEnv QEMU_CPU={qemu_cpu}")
     return "\n".join(lines) + "\n"
 
@@ -253,13 +256,43 @@ def _mount(args: list[str], target: Path, mounts: list[Path]) -> None:
     mounts.append(target)
 
 
+def _mount_ro_bind(source: str, target: Path, mounts: list[Path]) -> None:
+    _mount(["--bind", source], target, mounts)
+    _mount(["-o", "remount,bind,ro"], target, [])
+
+
 def _mount_sys_ro(target: Path, mounts: list[Path]) -> None:
     """A read-only /sys: a fresh sysfs when allowed, else a read-only bind of the host's."""
     try:
         _mount(["-t", "sysfs", "-o", "ro,nosuid,nodev,noexec", "sysfs"], target, mounts)
     except RuntimeError:
-        _mount(["--bind", "/sys"], target, mounts)
-        _mount(["-o", "remount,bind,ro"], target, [])
+        _mount_ro_bind("/sys", target, mounts)
+
+
+def reap_stale(tmp_root: Path | None = None) -> list[Path]:
+    """Stop devices a killed test session left behind: their marker names a dead owner PID.
+
+    Looks at mounted overlays named `.../<device>/merged` whose `<device>/owner` file holds the PID of a
+    process that no longer exists; kills what still runs in that chroot and unmounts it. Returns the roots.
+    """
+    reaped = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = Path(line.split()[4].replace("\\040", " "))
+        if point.name != "merged" or (tmp_root and tmp_root not in point.parents):
+            continue
+        owner = point.parent / "owner"
+        try:
+            pid = int(owner.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _alive(pid):
+            continue
+        _kill_tree(-1, point)
+        inner = sorted((Path(ln.split()[4]) for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+                        if ln.split()[4].startswith(str(point))), key=lambda p: len(str(p)))
+        _unmount_all(inner)
+        reaped.append(point)
+    return reaped
 
 
 def _pids_in_root(root: Path) -> list[int]:
@@ -278,10 +311,11 @@ def _pids_in_root(root: Path) -> list[int]:
 
 def _kill_tree(pid: int, root: Path) -> None:
     """SIGTERM sshd's process group and any process chrooted into `root`; SIGKILL whatever survives 3 s."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+    if pid > 0:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
     for p in _pids_in_root(root):
         try:
             os.kill(p, signal.SIGTERM)
@@ -290,10 +324,10 @@ def _kill_tree(pid: int, root: Path) -> None:
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         _reap(pid)
-        if not _alive(pid) and not _pids_in_root(root):
+        if (pid <= 0 or not _alive(pid)) and not _pids_in_root(root):
             return
         time.sleep(0.05)
-    for p in [pid, *_pids_in_root(root)]:
+    for p in [pid, *_pids_in_root(root)] if pid > 0 else _pids_in_root(root):
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
@@ -302,6 +336,8 @@ def _kill_tree(pid: int, root: Path) -> None:
 
 
 def _reap(pid: int) -> None:
+    if pid <= 0:
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

@@ -98,8 +98,11 @@ def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Pa
         "PermitRootLogin prohibit-password",
         "MaxStartups 64:30:128",
         "MaxSessions 64",
-        "LogLevel ERROR",
+        "LogLevel INFO",  # tests read "Accepted publickey" lines to prove what was (not) authenticated
         "Subsystem sftp internal-sftp",
+        # bash sources ~/.bashrc for ssh commands only at SHLVL<2; this machine's root .bashrc runs `pyenv init`
+        # (~0.25 s per command), which a real board does not: keep the simulated device's commands lean
+        "SetEnv SHLVL=1",
         "",
     ])
 

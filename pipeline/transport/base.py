@@ -58,6 +58,10 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def alive(self) -> bool:
+        """Still usable (a connection kept from the probe may have dropped meanwhile)."""
+        return True
+
     def __enter__(self) -> "Transport":
         self.connect()
         return self

@@ -29,7 +29,9 @@ class LocalTransport(Transport):
         self.connect_seconds = 0.0
 
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
-        argv = [os.path.expanduser(str(argv[0]))] + [str(a) for a in argv[1:]]
+        # like the SSH transport's remote shell: a leading `~/` means the home directory, nothing else is expanded
+        argv = [os.path.expanduser(str(a)) if str(a).startswith("~/") or i == 0 else str(a)
+                for i, a in enumerate(argv)]
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,

@@ -7,6 +7,7 @@ are pipelined SFTP writes over a large window (measured faster than `cat` on an 
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shlex
@@ -27,6 +28,8 @@ MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's 
 WRITE_CHUNK = 1 << 20
 KEEPALIVE = 15
 PID_MARK = b"EDGEPIPE_PID="
+FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
+               errno.ENOTDIR}
 
 
 class Secret(str):
@@ -64,6 +67,14 @@ def parse_jump(spec: str) -> tuple[str | None, str, int]:
     return (user or None), host, port
 
 
+def _quietly(fn: Any) -> None:
+    """Close things on a connection that may already be dead without masking the real error."""
+    try:
+        fn()
+    except (paramiko.SSHException, OSError, EOFError):
+        pass
+
+
 def _unreachable(what: str, exc: BaseException) -> TransportError:
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return TransportError(f"{what} unreachable: {reason}", code="unreachable")
@@ -89,20 +100,44 @@ class SSHTransport(Transport):
     # -- connection -------------------------------------------------------------------------------------------
     def connect(self) -> None:
         t0 = time.monotonic()
-        jump = getattr(self.target, "jump_host", None)
-        if jump:
-            juser, jhost, jport = parse_jump(jump)
-            self._jump = self._handshake(jhost, jport, juser or self.user, None)
-            try:
-                sock = self._jump.open_channel("direct-tcpip", (self.host, self.port), ("127.0.0.1", 0),
-                                               timeout=self.connect_timeout)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                self.close()
-                raise _unreachable(f"{self.host}:{self.port} (via {jhost}:{jport})", exc) from None
-            self._t = self._handshake(self.host, self.port, self.user, sock)
-        else:
-            self._t = self._handshake(self.host, self.port, self.user, None)
+        self._t = self._handshake(self.host, self.port, self.user, self._jump_channel())
         self.connect_seconds = time.monotonic() - t0
+
+    def _jump_channel(self) -> Any:
+        """With `jump_host`, a direct-tcpip channel through the (verified, authenticated) bastion; else None."""
+        jump = getattr(self.target, "jump_host", None)
+        if not jump:
+            return None
+        juser, jhost, jport = parse_jump(jump)
+        self._jump = self._handshake(jhost, jport, juser or self.user, None)
+        try:
+            return self._jump.open_channel("direct-tcpip", (self.host, self.port), ("127.0.0.1", 0),
+                                           timeout=self.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise _unreachable(f"{self.host}:{self.port} (via {jhost}:{jport})", exc) from None
+
+    def host_key(self) -> tuple[str, bytes]:
+        """Key exchange only (no auth, no data): the (type, blob) the device presents; for `fleet enroll`."""
+        where = f"{self.host}:{self.port}"
+        sock = self._jump_channel()
+        try:
+            if sock is None:
+                try:
+                    sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+                except (OSError, UnicodeError) as exc:
+                    raise _unreachable(where, exc) from None
+            t = paramiko.Transport(sock)
+            try:
+                t.start_client(timeout=self.connect_timeout)
+                key = t.get_remote_server_key()
+                return key.get_name(), key.asbytes()
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise _unreachable(where, exc) from None
+            finally:
+                t.close()
+        finally:
+            self.close()
 
     def _handshake(self, host: str, port: int, user: str, sock: Any) -> paramiko.Transport:
         where = f"{host}:{port}"
@@ -111,6 +146,7 @@ class SSHTransport(Transport):
                 sock = socket.create_connection((host, port), timeout=self.connect_timeout)
             except (OSError, UnicodeError) as exc:
                 raise _unreachable(where, exc) from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/reply packets: no Nagle wait
         t = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
         opts = t.get_security_options()
         on_file = knownhosts.known_types(self.known_hosts, host, port)
@@ -139,15 +175,16 @@ class SSHTransport(Transport):
             path = Path(os.path.expanduser(str(idf)))
             pw = Secret(os.environ[env]) if env and env in os.environ else None
             try:
-                keys.append(paramiko.PKey.from_path(path, pw))
+                keys.append(paramiko.PKey.from_path(path, pw.encode() if pw is not None else None))
             except FileNotFoundError:
                 raise TransportError(f"identity_file {path} does not exist", code="auth_failed") from None
-            except paramiko.PasswordRequiredException:
+            except (paramiko.PasswordRequiredException, TypeError):  # cryptography: TypeError when no passphrase
                 hint = (f"environment variable {env} is not set" if env else
                         "set passphrase_env to the name of an environment variable holding the passphrase")
                 raise TransportError(f"identity_file {path} is encrypted", hint=hint, code="auth_failed") from None
             except (paramiko.SSHException, ValueError) as exc:
-                raise TransportError(f"cannot load identity_file {path}: {exc}", code="auth_failed") from None
+                why = "wrong passphrase?" if pw is not None else str(exc)
+                raise TransportError(f"cannot load identity_file {path}: {why}", code="auth_failed") from None
         if getattr(self.target, "use_agent", True):
             try:
                 keys.extend(paramiko.Agent().get_keys())
@@ -227,7 +264,7 @@ class SSHTransport(Transport):
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise _unreachable(f"{self.host}:{self.port}", exc) from None
         finally:
-            chan.close()
+            _quietly(chan.close)
 
     def _feed(self, chan: paramiko.Channel, data: bytes) -> None:
         try:
@@ -275,16 +312,15 @@ class SSHTransport(Transport):
                     if progress:
                         progress(done, total)
             return done
-        except (paramiko.SSHException, EOFError, socket.error) as exc:
-            if self._t is None or not self._t.is_active():
-                raise _unreachable(f"{self.host}:{self.port} during upload", exc) from None
-            raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
-                                 code="push_failed") from None
-        except IOError as exc:  # SFTP status errors: no such directory, permission, disk full
-            raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
-                                 code="push_failed") from None
+        except OSError as exc:
+            if exc.errno in FILE_ERRNOS or (exc.errno is None and self._alive()):  # SFTP status: path, perms, disk
+                raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
+                                     code="push_failed") from None
+            raise _unreachable(f"{self.host}:{self.port} during upload", exc) from None
+        except (paramiko.SSHException, EOFError) as exc:
+            raise _unreachable(f"{self.host}:{self.port} during upload", exc) from None
         finally:
-            sftp.close()
+            _quietly(sftp.close)
 
     def put_cat(self, local: Path, remote: str, progress: Progress | None = None) -> int:
         """Stream `local` into `cat > remote` on one exec channel with 1 MiB writes; returns bytes sent."""
@@ -309,14 +345,22 @@ class SSHTransport(Transport):
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise _unreachable(f"{self.host}:{self.port} during upload", exc) from None
         finally:
-            chan.close()
+            _quietly(chan.close)
         return done
+
+    def _alive(self) -> bool:
+        """Is the connection still up? (a dying socket takes paramiko's reader thread a moment to notice)"""
+        time.sleep(0.1)
+        return self._t is not None and self._t.is_active()
 
     def get(self, remote: str, local: Path) -> None:
         res = self.run(["cat", remote], timeout=max(30.0, self.connect_timeout))
         if res.rc != 0:
             raise FileNotFoundError(f"{self.host}:{self.port}:{remote}: {res.stderr_tail()}")
         Path(local).write_bytes(res.stdout)
+
+    def alive(self) -> bool:
+        return self._t is not None and self._t.is_active()
 
     def close(self) -> None:
         for t in (self._t, self._jump):
@@ -326,18 +370,5 @@ class SSHTransport(Transport):
 
 
 def fetch_host_key(target: Any) -> tuple[str, bytes]:
-    """Key exchange only (no auth, no data): the (type, blob) the device presents; used by `fleet enroll`."""
-    timeout = float(getattr(target, "connect_timeout", 10) or 10)
-    try:
-        sock = socket.create_connection((str(target.host), int(target.port or 22)), timeout=timeout)
-    except (OSError, UnicodeError) as exc:
-        raise _unreachable(f"{target.host}:{target.port}", exc) from None
-    t = paramiko.Transport(sock)
-    try:
-        t.start_client(timeout=timeout)
-        key = t.get_remote_server_key()
-        return key.get_name(), key.asbytes()
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        raise _unreachable(f"{target.host}:{target.port}", exc) from None
-    finally:
-        t.close()
+    """The host key a target presents (through its jump host if it has one), without logging in to it."""
+    return SSHTransport(target).host_key()

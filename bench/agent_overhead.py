@@ -1,0 +1,152 @@
+"""Agent overhead: the device agent vs a bare `interpreter.invoke()` loop, same model, same venv, side by side.
+
+Prints the ratio of mean invoke latency (agent / bare; target <= 1.03) and the agent's cold start (runtime import +
+model load), as medians over alternating rounds. `--json` prints the figures as one JSON object.
+
+    .venv/bin/python bench/agent_overhead.py [--rounds 5] [--runs 200] [--venvs litert,tflite-runtime] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENT = ROOT / "device_agents" / "agent.py"
+CACHE = ROOT / ".edgepipe" / "bench"
+INPUT = 224  # MobileNetV2 at 224x224: invoke time (ms) dominates any per-iteration bookkeeping
+RECIPE = f"mobilenetv2-alpha1.0-{INPUT}-weights-none-seed0-float32-v1"
+
+# The baseline: nothing but the runtime, the same input, the same threads, perf_counter_ns around invoke().
+BARE = r"""
+import json, sys, time
+t0 = time.perf_counter_ns()
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+    from tflite_runtime.interpreter import Interpreter
+import numpy as np
+t1 = time.perf_counter_ns()
+model, data, runs, warmup, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+it = Interpreter(model_path=model, num_threads=threads)
+it.allocate_tensors()
+t2 = time.perf_counter_ns()
+inp = it.get_input_details()[0]
+it.set_tensor(inp["index"], np.load(data)["x"][0:1].astype(inp["dtype"]))
+for _ in range(1 + warmup):
+    it.invoke()
+samples = []
+for _ in range(runs):
+    a = time.perf_counter_ns()
+    it.invoke()
+    samples.append(time.perf_counter_ns() - a)
+samples.sort()
+print(json.dumps({"mean": sum(samples) / len(samples) / 1e6, "p50": samples[len(samples) // 2] / 1e6, "import_ms": (t1 - t0) / 1e6, "init_ms": (t2 - t1) / 1e6}))
+"""
+
+
+def bench_model() -> tuple[Path, Path]:
+    """A MobileNetV2-shaped float model (random weights) and a small eval file, converted once and cached."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(RECIPE.encode()).hexdigest()[:12]
+    model, data = CACHE / f"mnv2_{INPUT}_{key}.tflite", CACHE / f"mnv2_{INPUT}_{key}_eval.npz"
+    if model.exists() and data.exists():
+        return model, data
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    net = keras.applications.MobileNetV2(input_shape=(INPUT, INPUT, 3), weights=None, classes=10)
+    x = np.random.default_rng(0).random((8, INPUT, INPUT, 3), dtype=np.float32)
+    tmp = model.with_suffix(".tmp")
+    tmp.write_bytes(tf.lite.TFLiteConverter.from_keras_model(net).convert())
+    tmp.replace(model)
+    np.savez(data, x=x, y=np.zeros(len(x), np.int64), ref=net.predict(x, verbose=0))
+    return model, data
+
+
+def run_json(argv: list[str]) -> dict:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed (rc={proc.returncode}): {proc.stdout[-400:]} {proc.stderr[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(venv: str, model: Path, data: Path, rounds: int, runs: int, warmup: int, threads: int) -> dict:
+    python = ROOT / ".venv-devices" / venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{python} missing: run `make setup`")
+    bare_means, agent_means, ratios, cold, bare_cold, walls = [], [], [], [], [], []
+    bare_p50, agent_p50, cold_walls = [], [], []
+    for i in range(rounds):
+        order = ("bare", "agent") if i % 2 == 0 else ("agent", "bare")  # alternate to cancel drift
+        for which in order:
+            if which == "bare":
+                b = run_json([str(python), "-c", BARE, str(model), str(data), str(runs), str(warmup), str(threads)])
+                bare_means.append(b["mean"])
+                bare_p50.append(b["p50"])
+                bare_cold.append(b["import_ms"] + b["init_ms"])
+            else:
+                t0 = time.perf_counter()
+                a = run_json([str(python), str(AGENT), "--model", str(model), "--data", str(data), "--runs", str(runs),
+                              "--warmup", str(warmup), "--threads", str(threads)])
+                walls.append(time.perf_counter() - t0)
+                agent_means.append(a["latency_ms"]["mean"])
+                agent_p50.append(a["latency_ms"]["p50"])
+                cold.append(a["runtime"]["import_ms"] + a["latency_ms"]["init"])
+                runtime = f"{a['runtime']['name']} {a['runtime']['version']}"
+        ratios.append(agent_means[-1] / bare_means[-1])
+        t0 = time.perf_counter()  # whole-process cold start: interpreter start, agent, runtime import, load, 1 invoke
+        run_json([str(python), str(AGENT), "--model", str(model), "--data", str(data), "--runs", "1", "--warmup", "0"])
+        cold_walls.append((time.perf_counter() - t0) * 1e3)
+    med = statistics.median
+    return {
+        "venv": venv, "runtime": runtime, "rounds": rounds, "runs": runs, "threads": threads,
+        "bare_mean_ms": round(med(bare_means), 4), "agent_mean_ms": round(med(agent_means), 4),
+        "ratio_of_means": round(med(agent_means) / med(bare_means), 4),
+        "ratio_median_per_round": round(med(ratios), 4),
+        "bare_p50_ms": round(med(bare_p50), 4), "agent_p50_ms": round(med(agent_p50), 4),
+        "ratio_of_p50": round(med(agent_p50) / med(bare_p50), 4),
+        "agent_cold_start_ms": round(med(cold), 1), "bare_cold_start_ms": round(med(bare_cold), 1),
+        "agent_wall_s": round(med(walls), 3), "agent_process_cold_ms": round(med(cold_walls), 1), "target_ratio": 1.03,
+        "meets_target": med(agent_means) / med(bare_means) <= 1.03,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--venvs", default="litert,tflite-runtime")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = p.parse_args()
+    model, data = bench_model()
+    results = [measure(v, model, data, args.rounds, args.runs, args.warmup, args.threads)
+               for v in args.venvs.split(",") if v]
+    doc = {"bench": "agent_overhead", "model": f"MobileNetV2 {INPUT}x{INPUT} float32 ({model.stat().st_size} bytes)",
+           "results": results}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"agent overhead on {doc['model']}, {args.rounds} alternating rounds x {args.runs} runs, "
+          f"threads={args.threads} (medians)")
+    for r in results:
+        print(f"  {r['runtime']:<22} bare {r['bare_mean_ms']:.3f} ms  agent {r['agent_mean_ms']:.3f} ms  "
+              f"ratio of means {r['ratio_of_means']:.4f} (target <= 1.03: {'ok' if r['meets_target'] else 'MISSED'}), "
+              f"of p50 {r['ratio_of_p50']:.4f}  "
+              f"cold start (import+load) agent {r['agent_cold_start_ms']:.0f} ms / bare {r['bare_cold_start_ms']:.0f} ms, "
+              f"whole agent process with 1 run {r['agent_process_cold_ms']:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Fleet fan-out and push speed over real sshd devices on loopback, measured side by side in one run.
+
+Figures (medians over --rounds):
+  * wall time of a full `execute()` (probe, push, run, collect; conversion cache warm) on 1, 4 and 8 fresh
+    devices, as ratios to 1 device (target for 8: <= 1.5x);
+  * a cold run (empty conversion cache, fresh devices) and a second identical run: bytes sent on the second
+    (target 0) and its wall time as a fraction of the cold one (target <= 0.2);
+  * push throughput of a 25 MB file (pipelined SFTP over paramiko) vs OpenSSH `scp` to the same sshd, as a ratio
+    (target >= 0.8); the exec-channel `cat` alternative is measured too.
+
+    .venv/bin/python bench/fanout.py [--rounds 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.inventory import load_inventory  # noqa: E402
+from pipeline.run import execute  # noqa: E402
+from pipeline.testing.sshd import start_fleet, stop, write_targets_yaml  # noqa: E402
+from pipeline.transport import open_transport  # noqa: E402
+
+PYTHONS = [str(ROOT / ".venv-devices" / "litert" / "bin" / "python"),
+           str(ROOT / ".venv-devices" / "tflite-runtime" / "bin" / "python")]
+DEFAULTS = {"runs": 10, "warmup": 2, "timeout": 300, "retries": 0, "max_parallel": 8}
+PUSH_MB = 25
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def one_run(n: int, work: Path, model: Path, data: Path, cache: Path, *, again: bool = False) -> dict:
+    """Fresh devices, one execute() (and optionally an identical second one); wall seconds and bytes sent."""
+    devs = start_fleet(n, PYTHONS, work / "devs")
+    out: dict = {}
+    try:
+        inv = load_inventory(write_targets_yaml(devs, work / "targets.yaml", defaults=DEFAULTS))
+        for label in (("cold", "again") if again else ("cold",)):
+            b0, t0 = cpu_times(), time.perf_counter()
+            res = execute(inv, model, data, out_dir=work / "out", cache_dir=cache)
+            wall = time.perf_counter() - t0
+            b1 = cpu_times()
+            bad = [f"{d.name}: {d.error.code} {d.error.message}" for d in res.devices if not d.ok]
+            if bad:
+                raise SystemExit("bench run failed: " + "; ".join(bad))
+            busy = ((b1[0] - b0[0]) / (b1[1] - b0[1])) if b1[1] > b0[1] else None
+            out[label] = {"wall_s": wall, "bytes_sent": sum(d.bytes_sent for d in res.devices), "cpu_busy": busy}
+    finally:
+        stop(devs)
+    return out
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine: loopback devices, this host process and everyone else."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+def fanout(rounds: int, tmp: Path, model: Path, data: Path) -> dict:
+    cache = tmp / "cache-warm"
+    one_run(1, tmp / "warmup", model, data, cache)  # fills the conversion cache and the eval file
+    walls: dict[int, list[float]] = {1: [], 4: [], 8: []}
+    busy: dict[int, list[float]] = {n: [] for n in walls}
+    for r in range(rounds):
+        for n in walls:  # interleaved, so machine noise hits every size alike
+            res = one_run(n, tmp / f"fan-{n}-{r}", model, data, cache)["cold"]
+            walls[n].append(res["wall_s"])
+            busy[n].append(res["cpu_busy"] or 0.0)
+            log(f"  fan-out n={n} round {r}: {res['wall_s']:.2f}s (machine CPU busy {res['cpu_busy']:.0%})")
+    med = {n: statistics.median(v) for n, v in walls.items()}
+    # loopback "devices" share this machine's cores (and other users'): near 100% busy means CPU-bound, not waiting
+    return {"wall_s": {str(n): round(v, 3) for n, v in med.items()},
+            "ratio_to_1": {str(n): round(v / med[1], 2) for n, v in med.items()},
+            "machine_cpu_busy": {str(n): round(statistics.median(v), 2) for n, v in busy.items()}}
+
+
+def cold_warm(rounds: int, tmp: Path, model: Path, data: Path, n: int = 4) -> dict:
+    colds, warms, sent = [], [], []
+    for r in range(rounds):
+        res = one_run(n, tmp / f"cw-{r}", model, data, tmp / f"cache-cold-{r}", again=True)
+        colds.append(res["cold"]["wall_s"])
+        warms.append(res["again"]["wall_s"])
+        sent.append(res["again"]["bytes_sent"])
+        log(f"  cold {res['cold']['wall_s']:.2f}s ({res['cold']['bytes_sent']} B) -> "
+            f"again {res['again']['wall_s']:.2f}s ({res['again']['bytes_sent']} B)")
+    c, w = statistics.median(colds), statistics.median(warms)
+    return {"devices": n, "cold_wall_s": round(c, 3), "again_wall_s": round(w, 3), "again_bytes_sent": max(sent),
+            "again_over_cold": round(w / c, 3)}
+
+
+def push_speed(rounds: int, tmp: Path) -> dict:
+    (dev,) = start_fleet(1, PYTHONS[:1], tmp / "push")
+    try:
+        kh = tmp / "push" / "known_hosts"
+        inv = load_inventory(write_targets_yaml([dev], tmp / "push" / "t.yaml", known_hosts=kh))
+        tr = open_transport(inv.targets[0])
+        tr.connect()
+        src = tmp / "blob.bin"
+        src.write_bytes(os.urandom(PUSH_MB * 10**6))
+        rates: dict[str, list[float]] = {"edgepipe_put": [], "cat_exec": [], "scp": []}
+        scp = ["scp", "-q", "-i", str(dev.identity_file), "-o", f"UserKnownHostsFile={kh}", "-o",
+               "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-P", str(dev.port)]
+        for r in range(rounds):
+            for method in rates:
+                dest = str(tmp / f"dest-{method}")
+                t0 = time.perf_counter()
+                if method == "edgepipe_put":
+                    tr.put(src, dest)
+                elif method == "cat_exec":
+                    tr.put_cat(src, dest)
+                else:  # the whole command, as a user would time it (its connection setup included)
+                    subprocess.run(scp + [str(src), f"{dev.user}@127.0.0.1:{dest}"], check=True)
+                dt = time.perf_counter() - t0
+                assert Path(dest).stat().st_size == src.stat().st_size
+                rates[method].append(PUSH_MB / dt)
+            log("  push round %d: " % r + ", ".join(f"{k} {v[-1]:.0f} MB/s" for k, v in rates.items()))
+        tr.close()
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        return {"file_mb": PUSH_MB, "mb_per_s": {k: round(v, 1) for k, v in med.items()},
+                "put_over_scp": round(med["edgepipe_put"] / med["scp"], 2),
+                "cat_over_scp": round(med["cat_exec"] / med["scp"], 2)}
+    finally:
+        stop([dev])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = ap.parse_args(argv)
+    if not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+        raise SystemExit("sshd not found: apt-get install -y openssh-server")
+    from pipeline.examples.digits import train_digits
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-fanout-"))
+    try:
+        bundle = train_digits(ROOT / ".edgepipe" / "bench" / "digits")  # also imports TF once, outside the timings
+        data = tmp / "eval.npz"
+        np.savez(data, x=bundle.x_eval[:100], y=bundle.y_eval[:100])
+        log("fan-out 1/4/8 devices:")
+        fan = fanout(args.rounds, tmp, bundle.model_path, data)
+        log("cold vs identical second run:")
+        cw = cold_warm(args.rounds, tmp, bundle.model_path, data)
+        log("push throughput:")
+        push = push_speed(args.rounds, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures = {
+        "bench": "fanout", "rounds": args.rounds, "cpus": os.cpu_count(), "fanout": fan, "rerun": cw, "push": push,
+        "targets": {"fanout_8_ratio_max": 1.5, "rerun_bytes": 0, "rerun_over_cold_max": 0.2, "put_over_scp_min": 0.8},
+        "met": {"fanout_8": fan["ratio_to_1"]["8"] <= 1.5, "rerun_bytes": cw["again_bytes_sent"] == 0,
+                "rerun_wall": cw["again_over_cold"] <= 0.2, "push": push["put_over_scp"] >= 0.8},
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"fan-out wall (s): {fan['wall_s']}  ratio to 1 device: {fan['ratio_to_1']}  (target 8: <= 1.5x); "
+              f"machine CPU busy {fan['machine_cpu_busy']} on {os.cpu_count()} shared cores")
+        print(f"second identical run: {cw['again_bytes_sent']} bytes sent, {cw['again_wall_s']}s vs cold "
+              f"{cw['cold_wall_s']}s = {cw['again_over_cold']}x  (targets: 0 bytes, <= 0.2x)")
+        print(f"push {PUSH_MB} MB: {push['mb_per_s']} MB/s; edgepipe/scp = {push['put_over_scp']}x (target >= 0.8x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

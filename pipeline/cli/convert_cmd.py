@@ -1,0 +1,109 @@
+"""`edgepipe convert`: one model -> the artifacts for the requested modes, kinds or fleet (thin over converter)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import ConfigError
+from .app import app, emit_json, err_console, handle_errors
+
+DEFAULT_CACHE = Path(os.environ.get("EDGEPIPE_CACHE_DIR", "~/.cache/edgepipe/convert"))
+
+
+def _requests(modes: list[str], kinds: list[str], targets: list[Path], compat: str | None, io_type: str):
+    """The distinct formats asked for, in order: explicit modes, then kinds' defaults, then the fleet's needs."""
+    from ..recipes import DEFAULT_MODE_BY_KIND, FormatRequest, plan_formats
+
+    reqs: list[FormatRequest] = []
+    for m in modes:
+        reqs.append(FormatRequest(m, compat, io_type))
+    for k in kinds:
+        if k not in DEFAULT_MODE_BY_KIND:
+            raise ConfigError(f"unknown kind '{k}'", field="--kind", hint=f"use one of: {', '.join(DEFAULT_MODE_BY_KIND)}")
+        reqs.append(FormatRequest(DEFAULT_MODE_BY_KIND[k], compat, io_type, [f"kind:{k}"]))
+    for path in targets:
+        from ..inventory import load_inventory
+
+        reqs.extend(plan_formats(load_inventory(path).targets))
+    if not reqs:
+        raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
+    merged: dict[tuple, FormatRequest] = {}
+    for r in reqs:
+        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8")
+        if key in merged:
+            merged[key].targets.extend(t for t in r.targets if t not in merged[key].targets)
+        else:
+            merged[key] = r
+    return list(merged.values())
+
+
+def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
+    m = a.manifest
+    out = {"mode": a.mode, "path": str(a.path), "manifest_path": str(a.manifest_path), "sha256": a.sha256,
+           "bytes": a.bytes, "inputs": m["inputs"], "outputs": m["outputs"], "operators": m["operators"],
+           "calibration": m.get("calibration"), "tf_version": m.get("tf_version"), "compat": m.get("compat"),
+           "cached": a.cached, "targets": targets}
+    if a.edgetpu is not None:
+        out["edgetpu"] = a.edgetpu
+    return out
+
+
+def _summary(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="artifacts")
+    for col in ("mode", "file", "size", "cached", "edge tpu", "targets"):
+        t.add_column(col)
+    for r in rows:
+        e = r.get("edgetpu")
+        etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} mapped ({e['status']})"
+                                 if e.get("status") != "failed" else f"failed: {e.get('error')}")
+        t.add_row(r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no",
+                  etpu, ", ".join(r["targets"]))
+    return t
+
+
+@app.command("convert")
+@handle_errors
+def convert_command(
+    model: Path = typer.Argument(..., help="SavedModel directory, .keras, .h5 or .tflite"),
+    mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
+    kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
+    targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help=".npz with array x, or image folder"),
+    calibration_count: int = typer.Option(200, "--calibration-count", help="calibration samples to use"),
+    calibration_seed: int = typer.Option(0, "--calibration-seed", help="seed for choosing the samples"),
+    io_type: str = typer.Option("int8", "--io-type", help="int8 models' input/output type: int8 | uint8"),
+    compat: Optional[str] = typer.Option(None, "--compat", help="runtime the artifacts must load on, e.g. tflite-runtime==2.14"),
+    out: Path = typer.Option(Path("artifacts"), "--out", "-o", help="output directory"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="conversion cache directory"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="always convert"),
+    as_json: bool = typer.Option(False, "--json", help="print only a JSON object on stdout"),
+) -> None:
+    """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
+    from ..calibration import load_calibration
+    from ..converter import convert
+
+    reqs = _requests(list(mode), list(kind), list(targets), compat, io_type)
+    calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed) if calibration else None
+    rows = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        for r in reqs:
+            label = r.mode + (f" [{r.compat}]" if r.compat else "")
+            task = bar.add_task(f"{label}: starting", total=None)
+            art = convert(model, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
+                          compat=r.compat, io_type=r.io_type,
+                          progress=lambda stage, detail, t=task, lb=label: bar.update(t, description=f"{lb}: {detail}"))
+            bar.remove_task(task)
+            err_console.print(f"{label}: {art.path} ({art.bytes} bytes{', cached' if art.cached else ''})")
+            rows.append(artifact_json(art, r.targets))
+    if as_json:
+        emit_json(json.dumps({"artifacts": rows}))
+    else:
+        Console().print(_summary(rows))

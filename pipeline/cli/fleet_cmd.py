@@ -1,0 +1,123 @@
+"""`edgepipe fleet check` and `edgepipe fleet enroll` (thin over pipeline.probe and pipeline.knownhosts)."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .app import emit_json, err_console, fleet_app, handle_errors
+
+STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
+               "collect": "blue", "done": "bold"}
+
+
+class DeviceBoard:
+    """A live per-device table on stderr (stage + latest detail), fed by the library's on_event callback."""
+
+    def __init__(self, names: list[str], title: str, enabled: bool = True) -> None:
+        self.rows: dict[str, tuple[str, str]] = {n: ("waiting", "") for n in names}
+        self.title = title
+        self.lock = threading.Lock()
+        self.live = Live(get_renderable=self.render, console=err_console, refresh_per_second=8, transient=True) \
+            if enabled and err_console.is_terminal else None
+
+    def render(self) -> Table:
+        t = Table(title=self.title, title_justify="left", show_edge=False)
+        t.add_column("device")
+        t.add_column("stage")
+        t.add_column("detail", overflow="ellipsis", no_wrap=True, max_width=80)
+        with self.lock:
+            rows = list(self.rows.items())
+        for name, (stage, detail) in rows:
+            style = STAGE_STYLE.get(stage, "")
+            if stage == "done":
+                style = "green" if detail == "ok" else "red"
+            t.add_row(name, f"[{style}]{stage}[/]" if style else stage, detail)
+        return t
+
+    def __call__(self, name: str, stage: str, detail: str) -> None:
+        with self.lock:
+            self.rows[name] = (stage, str(detail))
+
+    def __enter__(self) -> "DeviceBoard":
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live:
+            self.live.stop()
+
+
+def _gib(n: Any) -> str:
+    return f"{n / 2**30:.1f} GiB" if isinstance(n, (int, float)) else "?"
+
+
+@fleet_app.command("check")
+@handle_errors
+def check(
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
+    select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk."""
+    from ..inventory import load_inventory
+    from ..probe import check_fleet
+
+    inv = load_inventory(targets)
+    chosen = inv.select(select)
+    with DeviceBoard([t.name for t in chosen], "fleet check", enabled=not as_json) as board:
+        results = check_fleet(inv, select, on_event=board)
+    if as_json:
+        emit_json(json.dumps({"devices": [r.to_dict() for r in results]}))
+    else:
+        table = Table(title=f"fleet check · {sum(r.ok for r in results)}/{len(results)} reachable")
+        for col in ("device", "host", "ok", "connect", "python", "runtimes", "edge tpu", "gpu", "disk free"):
+            table.add_column(col)
+        for r in results:
+            s = r.summary()
+            if not r.ok:
+                table.add_row(r.name, r.host, f"[red]{r.error.code}[/]", "", "", "", "", "", "")
+                continue
+            rts = ", ".join(f"{k} {v}" for k, v in s["runtimes"].items()) or "[red]none[/]"
+            tpu = [x for x in (s["libedgetpu"] and "libedgetpu", s["coral_usb"] and "usb " + ",".join(s["coral_usb"]),
+                               s["coral_pcie"] and "pcie") if x]
+            table.add_row(r.name, r.host, "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?", rts,
+                          ", ".join(tpu) or "-", s["gpu_delegate"] or "-", _gib(s["disk_free_bytes"]))
+        console = Console()
+        console.print(table)
+        for r in results:
+            if not r.ok:
+                console.print(f"[red]{r.name}[/]: {r.error.code}: {r.error.message}", soft_wrap=True)
+    if not all(r.ok for r in results):
+        raise typer.Exit(3)
+
+
+@fleet_app.command("enroll")
+@handle_errors
+def enroll(
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
+    select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
+    known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="Record here instead of each target's known_hosts."),
+) -> None:
+    """Record the host key of every target not yet known (accept-new, explicitly); never replace a changed key."""
+    from ..inventory import load_inventory
+    from ..knownhosts import enroll as enroll_keys
+
+    inv = load_inventory(targets)
+    out = Console()
+
+    def show(r: Any) -> None:
+        colour = {"added": "green", "known": "dim", "changed": "bold red", "error": "red"}[r.status]
+        fp = f"{r.keytype} {r.fingerprint}" if r.fingerprint else ""
+        out.print(f"[{colour}]{r.status:7}[/] {r.name} {r.host} {fp} — {r.message}", soft_wrap=True)
+
+    results = enroll_keys(inv.select(select), known_hosts, on_result=show)
+    if any(r.status in ("changed", "error") for r in results):
+        raise typer.Exit(3)

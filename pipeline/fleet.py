@@ -1,0 +1,211 @@
+"""Fan-out over the fleet: connect, push, run the agent, collect, for every target in parallel.
+
+Bounded by `max_parallel`; targets on one physical board never measure at the same time; connection errors are
+retried with backoff; a result the agent already wrote on the device is fetched instead of measuring again; every
+failure becomes that device's DeviceResult with a code, and the others carry on.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from .deploy import Deployer, PushItem, safe_name
+from .errors import AgentError, EdgepipeError, TransportError
+from .results import DeviceResult, ErrorInfo, parse_agent_output
+from .transport import Transport, open_transport
+
+OnEvent = Callable[[str, str, str], None]
+TransportFactory = Callable[[Any], Transport]
+RETRY_CODES = ("unreachable",)
+BACKOFF = 0.5  # seconds; doubles per attempt
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _noop(*_: Any) -> None:
+    pass
+
+
+def fan_out(items: Iterable[T], fn: Callable[[T], R], max_parallel: int) -> list[R]:
+    """fn over items in at most `max_parallel` threads; results in input order (fn must not raise)."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(items))), thread_name_prefix="edgepipe") as ex:
+        return list(ex.map(fn, items))
+
+
+class HostLocks:
+    """One lock per physical board (host, port): its targets measure one after the other."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, key: Any) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop, backoff: float = BACKOFF) -> R:
+    """Call attempt(n) until it succeeds or fails with a non-retryable error; `target.retries` extra tries."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt(n)
+        except TransportError as exc:
+            if exc.code not in RETRY_CODES or n > int(getattr(target, "retries", 0) or 0):
+                exc.data["attempts"] = n
+                raise
+            delay = backoff * 2 ** (n - 1)
+            on_event(target.name, "connect", f"retry {n} in {delay:.1f}s: {exc.message}")
+            time.sleep(delay)
+
+
+def agent_argv(target: Any, agent: str, model: str, data: str, out: str) -> list[str]:
+    """The agent's command line for a target: every value one argv element, never a shell string."""
+    argv = [target.python, agent, "--model", model, "--data", data, "--runs", str(target.runs),
+            "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out]
+    if target.delegate:
+        argv += ["--delegate", str(target.delegate)]
+    if target.threads:
+        argv += ["--threads", str(target.threads)]
+    for k, v in (target.delegate_options or {}).items():
+        argv += ["--delegate-option", f"{k}={v}"]
+    if target.edgetpu_device:
+        argv += ["--edgetpu-device", target.edgetpu_device]
+    if target.allow_fallback:
+        argv += ["--allow-fallback"]
+    if target.max_seconds:
+        argv += ["--max-seconds", str(target.max_seconds)]
+    return argv
+
+
+@dataclass
+class DeviceJob:
+    """What one target needs on the device: the agent, its artifact, the eval file."""
+
+    target: Any
+    artifact: Path
+    eval_file: Path
+    agent: PushItem = field(default_factory=PushItem.agent)
+    artifact_info: dict[str, Any] | None = None
+
+    def items(self) -> tuple[PushItem, PushItem, PushItem]:
+        return self.agent, PushItem.blob(self.artifact), PushItem.blob(self.eval_file)
+
+
+def result_from_output(target: Any, stdout: bytes, rc: int | None, stderr_tail: str) -> DeviceResult:
+    """Validate the agent's JSON; garbage is this device's `bad_result`, a non-zero exit without JSON `agent_error`."""
+    base = dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
+                groups=list(target.groups), emulated=bool(target.emulated))
+    try:
+        doc = parse_agent_output(stdout.decode("utf-8", "replace"))
+    except AgentError as exc:
+        if rc not in (0, None):
+            return DeviceResult.failure(code="agent_error", message=f"agent exited with {rc}: {stderr_tail or exc.message}",
+                                        **base)
+        return DeviceResult.failure(code="bad_result", message=exc.message, **base)
+    if not doc.get("ok"):
+        err = doc.get("error") or {}
+        return DeviceResult(ok=False, error=ErrorInfo(err.get("code", "agent_error"), err.get("message", "")),
+                            result=doc, **base)
+    return DeviceResult(ok=True, result=doc, **base)
+
+
+class FleetRunner:
+    """Runs DeviceJobs across the fleet; `run(jobs)` returns one DeviceResult per job, in order."""
+
+    def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
+                 on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
+                 backoff: float = BACKOFF, connections: dict[str, Transport] | None = None) -> None:
+        self.run_id = run_id
+        self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
+        self.max_parallel = max_parallel
+        self.factory = transport_factory or open_transport
+        self.on_event = on_event or _noop
+        self.on_result = on_result or _noop
+        self.backoff = backoff
+        self.locks = HostLocks()
+        self._result_lock = threading.Lock()
+
+    def run(self, jobs: list[DeviceJob]) -> list[DeviceResult]:
+        try:
+            return fan_out(jobs, self._one, self.max_parallel)
+        finally:
+            for tr in self.connections.values():  # any not taken
+                tr.close()
+            self.connections.clear()
+
+    def _one(self, job: DeviceJob) -> DeviceResult:
+        t = job.target
+        stats = {"bytes_sent": 0, "attempts": 0, "timings": {}}
+        t0 = time.monotonic()
+        try:
+            res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff)
+        except EdgepipeError as exc:
+            res = DeviceResult.failure(t.name, t.kind, t.mode, exc.code, exc.one_line(), host=f"{t.host}:{t.port}",
+                                       groups=list(t.groups), emulated=bool(t.emulated))
+        except Exception as exc:  # a host-side bug must still be one device's row, not a crashed run
+            res = DeviceResult.failure(t.name, t.kind, t.mode, "internal", f"{type(exc).__name__}: {exc}",
+                                       host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+        res.bytes_sent = stats["bytes_sent"]
+        res.attempts = max(1, stats["attempts"])
+        res.timings = dict(stats["timings"], total=time.monotonic() - t0)
+        res.artifact = job.artifact_info
+        self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
+        with self._result_lock:
+            self.on_result(res)
+        return res
+
+    def _attempt(self, job: DeviceJob, n: int, stats: dict[str, Any]) -> DeviceResult:
+        t, ev, timings = job.target, self.on_event, stats["timings"]
+        stats["attempts"] = n
+        ev(t.name, "connect", f"{t.host}:{t.port}" + (f" (attempt {n})" if n > 1 else ""))
+        tr = self.connections.pop(t.name, None)
+        if tr is not None and not tr.alive():
+            tr.close()
+            tr = None
+        s = time.monotonic()
+        try:
+            if tr is None:
+                tr = self.factory(t)
+                tr.connect()
+            timings["connect"] = time.monotonic() - s
+            dep = Deployer(tr, t.python, t.workdir)
+            agent, model, data = job.items()
+            ev(t.name, "push", f"{model.size + data.size + agent.size} bytes needed")
+            s = time.monotonic()
+            before = tr.bytes_sent
+            try:
+                rep = dep.push([agent, model, data], dirs=[f"runs/{safe_name(self.run_id)}"])
+            finally:
+                stats["bytes_sent"] += tr.bytes_sent - before
+            timings["push"] = time.monotonic() - s
+            ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device")
+            out = dep.result_path(self.run_id, t.name)
+            if n > 1:  # an earlier attempt may have finished measuring before the connection dropped
+                text = dep.fetch_result(self.run_id, t.name)
+                if text is not None:
+                    ev(t.name, "collect", "fetched the result an earlier attempt left on the device")
+                    return result_from_output(t, text.encode(), 0, "")
+            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out)
+            with self.locks(t.physical_host):
+                ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
+                s = time.monotonic()
+                cr = tr.run(argv, timeout=t.timeout)
+                timings["run"] = time.monotonic() - s
+            if cr.timed_out:
+                return DeviceResult.failure(t.name, t.kind, t.mode, "timeout",
+                                            f"agent did not finish within {t.timeout:g}s; killed it on the device",
+                                            host=f"{t.host}:{t.port}", groups=list(t.groups),
+                                            emulated=bool(t.emulated))
+            ev(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
+            return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
+        finally:
+            tr.close()

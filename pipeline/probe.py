@@ -1,0 +1,143 @@
+"""Fleet check: what each device really has (reachability, latency, Python, runtimes, Coral, GPU, disk).
+
+Runs `agent.py --probe` on every target after a content-addressed push of the agent; `run` uses the same
+probe so each artifact fits the runtime the device really has, not only the one declared.
+"""
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from .deploy import Deployer, PushItem
+from .errors import AgentError, EdgepipeError
+from .fleet import BACKOFF, OnEvent, TransportFactory, _noop, fan_out, retrying
+from .results import ErrorInfo, parse_agent_output
+from .transport import open_transport
+
+PROBE_TIMEOUT = 60.0
+RUNTIME_KEYS = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "pycoral": "pycoral",
+                "tensorflow": "tensorflow"}
+
+
+@dataclass
+class ProbeResult:
+    """One target's answer to `fleet check`; `probe` is the agent's probe object when ok."""
+
+    name: str
+    host: str
+    kind: str
+    ok: bool
+    connect_ms: float | None = None
+    probe: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    attempts: int = 1
+    emulated: bool = False
+    transport: Any = field(default=None, repr=False, compare=False)  # kept open for the run when asked
+
+    @property
+    def runtimes(self) -> dict[str, str]:
+        """Installed runtimes by their edgepipe name → version (absent ones left out)."""
+        raw = (self.probe or {}).get("runtimes", {})
+        return {RUNTIME_KEYS.get(k, k): v for k, v in raw.items() if v}
+
+    def summary(self) -> dict[str, Any]:
+        """The flat facts `fleet check` shows per device."""
+        p = self.probe or {}
+        tpu = p.get("edgetpu") or {}
+        return {"python": p.get("python"), "machine": p.get("machine"), "runtimes": self.runtimes,
+                "libedgetpu": tpu.get("libedgetpu"), "coral_usb": tpu.get("usb") or [],
+                "coral_pcie": bool(tpu.get("pcie")), "gpu_delegate": p.get("gpu_delegate"),
+                "disk_free_bytes": p.get("disk_free_bytes")}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "transport"}
+        d["error"] = self.error.to_dict() if self.error else None
+        d.update(self.summary())
+        return d
+
+
+def _agent_missing(res: Any) -> bool:
+    """python's answer when the script path does not exist (rc 2, "can't open file")."""
+    return res.rc == 2 and b"can't open file" in res.stderr
+
+
+def probe_target(target: Any, *, transport_factory: TransportFactory | None = None, on_event: OnEvent = _noop,
+                 backoff: float = BACKOFF, keep: bool = False) -> ProbeResult:
+    """Connect (with retries), run `agent.py --probe` (pushing the agent first only if it is missing).
+
+    Never raises for device problems. With `keep`, the open transport stays on `result.transport` for reuse.
+    """
+    factory = transport_factory or open_transport
+    attempts = [0]
+    timeout = min(PROBE_TIMEOUT, float(target.timeout))
+
+    def attempt(n: int) -> ProbeResult:
+        attempts[0] = n
+        on_event(target.name, "probe", f"{target.host}:{target.port}")
+        tr = factory(target)
+        kept = False
+        try:
+            tr.connect()
+            agent = PushItem.agent()
+            # the agent's path is content-named and only ever renamed into place after its hash was checked
+            argv = [target.python, posixpath.join(target.workdir, agent.rel), "--probe", "--workdir", target.workdir]
+            res = tr.run(argv, timeout=timeout)
+            if _agent_missing(res):
+                dep = Deployer(tr, target.python, target.workdir)
+                dep.push([agent])
+                argv[1], argv[4] = dep.path(agent.rel), dep.abs_workdir
+                res = tr.run(argv, timeout=timeout)
+            if res.timed_out:
+                raise AgentError(f"agent --probe did not answer within {timeout:g}s", code="timeout")
+            try:
+                doc = parse_agent_output(res.stdout.decode("utf-8", "replace"))
+            except AgentError as exc:
+                if res.rc != 0:
+                    raise AgentError(f"agent --probe exited with {res.rc}: {res.stderr_tail() or exc.message}",
+                                     code="agent_error") from None
+                raise
+            if not doc.get("ok") or "probe" not in doc:
+                err = doc.get("error") or {}
+                raise AgentError(err.get("message", "probe failed"), code=err.get("code", "agent_error"))
+            out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, True,
+                              connect_ms=round(tr.connect_seconds * 1000, 1), probe=doc["probe"],
+                              emulated=bool(target.emulated))
+            if keep:
+                out.transport, kept = tr, True
+            return out
+        finally:
+            if not kept:
+                tr.close()
+
+    try:
+        out = retrying(target, attempt, on_event, backoff)
+    except EdgepipeError as exc:
+        out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
+                          error=ErrorInfo(exc.code, exc.one_line()), emulated=bool(target.emulated))
+    except Exception as exc:  # a host-side bug is still one row, not a crashed check
+        out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
+                          error=ErrorInfo("internal", f"{type(exc).__name__}: {exc}"), emulated=bool(target.emulated))
+    out.attempts = attempts[0] or 1
+    on_event(target.name, "probe", "ok" if out.ok else f"{out.error.code}: {out.error.message}")
+    return out
+
+
+def probe_fleet(targets: list[Any], *, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
+                on_event: OnEvent | None = None, on_probe: Callable[[ProbeResult], None] | None = None,
+                keep: bool = False) -> list[ProbeResult]:
+    """Probe every target in parallel (bounded); one ProbeResult per target, in order."""
+    ev = on_event or _noop
+
+    def one(t: Any) -> ProbeResult:
+        r = probe_target(t, transport_factory=transport_factory, on_event=ev, keep=keep)
+        if on_probe:
+            on_probe(r)
+        return r
+
+    return fan_out(targets, one, max_parallel)
+
+
+def check_fleet(inventory: Any, select: list[str] | None = None, **kw: Any) -> list[ProbeResult]:
+    """`edgepipe fleet check`: probe the selected targets of an inventory."""
+    return probe_fleet(inventory.select(select or []), max_parallel=inventory.max_parallel, **kw)

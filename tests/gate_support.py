@@ -1,0 +1,135 @@
+"""Real agent results for the gate/store/report tests: the digits CNN converted for real, measured by the real
+agent in the device venvs, wrapped in DeviceResults as the fan-out would. Import the fixture into a test module."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.results import SCHEMA_PATH, DeviceResult, RunResult, validate_agent_result
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = ROOT / "device_agents" / "agent.py"
+PYTHONS = {"litert": ROOT / ".venv-devices" / "litert" / "bin" / "python",
+           "tflite-runtime": ROOT / ".venv-devices" / "tflite-runtime" / "bin" / "python"}
+
+
+@dataclass
+class GateModels:
+    """Converted digits artifacts on disk, the eval file with float reference, and the host float top-1."""
+
+    root: Path
+    float_top1: float
+    eval_path: Path
+    artifacts: dict[str, Any]          # 'float32', 'int8', 'int8-badcal' -> converter Artifact
+    _cache: dict[tuple, dict] = field(default_factory=dict)
+
+    def measure(self, variant: str, python: str = "litert", runs: int = 60, **agent_args: Any) -> dict[str, Any]:
+        """The real agent's JSON for one artifact in one device venv (memoised per session)."""
+        key = (variant, python, runs, tuple(sorted(agent_args.items())))
+        if key not in self._cache:
+            model = self.artifacts[variant].path if variant in self.artifacts else Path(variant)
+            argv = [str(PYTHONS[python]), str(AGENT), "--model", str(model), "--data", str(self.eval_path),
+                    "--runs", str(runs), "--warmup", "5"]
+            for k, v in agent_args.items():
+                argv += [f"--{k.replace('_', '-')}", str(v)]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+            doc = json.loads(proc.stdout)
+            if SCHEMA_PATH.exists():
+                validate_agent_result(doc)
+            self._cache[key] = doc
+        return json.loads(json.dumps(self._cache[key]))
+
+    def device(self, name: str, variant: str, *, kind: str = "cpu", python: str = "litert", emulated: bool = False,
+               runs: int = 60, **agent_args: Any) -> DeviceResult:
+        """A DeviceResult as the fan-out builds it from a real agent run."""
+        doc = self.measure(variant, python, runs, **agent_args)
+        art = self.artifacts.get(variant)
+        mode = art.mode if art is not None else "float32"
+        artifact = ({"sha256": art.sha256, "bytes": art.bytes, "mode": art.mode, "edgetpu": art.edgetpu,
+                     "path": str(art.path)} if art is not None else None)
+        if doc.get("ok"):
+            return DeviceResult(name=name, kind=kind, mode=mode, ok=True, result=doc, artifact=artifact,
+                                emulated=emulated, host="127.0.0.1")
+        return DeviceResult.failure(name, kind, mode, doc["error"]["code"], doc["error"]["message"],
+                                    artifact=artifact, emulated=emulated)
+
+    def run(self, run_id: str, devices: list[DeviceResult], started: float = 0.0) -> RunResult:
+        arts = [{"sha256": a.sha256, "mode": a.mode, "bytes": a.bytes, "manifest": a.manifest}
+                for a in self.artifacts.values()]
+        return RunResult(run_id=run_id, devices=devices, started=started or 1.0, finished=(started or 1.0) + 1,
+                         model_sha256="ab" * 32, artifacts=arts, float_top1=self.float_top1)
+
+
+def _float_reference(tflite: Path, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(str(tflite))
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], [1, *x.shape[1:]])
+    it.allocate_tensors()
+    ref = []
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], x[i:i + 1])
+        it.invoke()
+        ref.append(it.get_tensor(out["index"])[0].copy())
+    return np.stack(ref)
+
+
+def _leaky_model(path: Path) -> Path:
+    """An untrained CNN with LEAKY_RELU, which the Edge TPU never maps: ops after it fall back to the CPU."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(shape=(8, 8, 1), name="image")
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.LeakyReLU(0.1)(h)
+    h = keras.layers.Flatten()(h)
+    keras.Model(inp, keras.layers.Dense(10, activation="softmax")(h)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gate_models(tmp_path_factory) -> GateModels:
+    """Digits CNN trained and converted for real (float32, int8, int8 calibrated on wrongly scaled data), and an
+    int8 CNN with an op the Edge TPU cannot map."""
+    from pipeline.converter import convert
+    from pipeline.examples.digits import train_digits
+
+    root = tmp_path_factory.mktemp("gate_models")
+    bundle = train_digits(root / "digits")
+    calib = np.load(bundle.calibration_path)["x"]
+    bad_cal = root / "bad_calibration.npz"
+    np.savez(bad_cal, x=(calib * 0.15).astype(np.float32))  # ranges 7x too narrow: a real, large accuracy drop
+    arts = {
+        "int8-leaky": convert(_leaky_model(root / "leaky.keras"), "int8", calibration=bundle.calibration_path,
+                              out_dir=root / "leaky"),
+        "float32": convert(bundle.model_path, "float32", out_dir=root / "art"),
+        "int8": convert(bundle.model_path, "int8", calibration=bundle.calibration_path, out_dir=root / "art"),
+        "int8-badcal": convert(bundle.model_path, "int8", calibration=bad_cal, out_dir=root / "bad"),
+    }
+    eval_path = root / "eval_ref.npz"
+    np.savez(eval_path, x=bundle.x_eval, y=bundle.y_eval, ref=_float_reference(arts["float32"].path, bundle.x_eval))
+    return GateModels(root=root, float_top1=bundle.float_top1, eval_path=eval_path, artifacts=arts)
+
+
+def write_targets(path: Path, targets: list[dict[str, Any]], gates: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """A real targets.yaml for the inventory loader (local transport: gating never contacts devices)."""
+    import yaml
+
+    doc: dict[str, Any] = {"targets": [{"transport": "local", **t} for t in targets]}
+    if gates:
+        doc["gates"] = gates
+    doc.update(extra)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def python_exe() -> str:
+    return sys.executable

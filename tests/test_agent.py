@@ -1,0 +1,284 @@
+"""The device agent run as a subprocess of each real device venv, on the digits CNN converted in every mode.
+
+Accuracy the agent reports is checked against the host's own computation with ai-edge-litert in the host venv;
+every document it prints is validated against device_agents/result.schema.json.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.results import validate_agent_result
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENT = ROOT / "device_agents" / "agent.py"
+RUNTIME_NAMES = {"litert": ("ai-edge-litert", "2.3"), "tflite-runtime": ("tflite-runtime", "2.14")}
+
+
+def run_agent(python: Path, *args: str, timeout: float = 300) -> tuple[int, dict, str]:
+    """Run the agent like the host does; stdout must be exactly one schema-valid JSON document."""
+    proc = subprocess.run([str(python), str(AGENT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must be one JSON line, got {proc.stdout[:500]!r}; stderr: {proc.stderr[-2000:]}"
+    doc = json.loads(lines[0])
+    validate_agent_result(doc)
+    assert (proc.returncode == 0) == doc["ok"], (proc.returncode, doc)
+    return proc.returncode, doc, proc.stderr
+
+
+def host_metrics(model_path: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> dict:
+    """The host's own top-1/top-5/agreement for a .tflite, batch 1, with ai-edge-litert in the host venv."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path))
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    preds = []
+    for sample in x:
+        sample = sample[None]
+        if np.issubdtype(inp["dtype"], np.integer):
+            info = np.iinfo(inp["dtype"])
+            sample = np.clip(np.round(sample / in_scale + in_zero), info.min, info.max)
+        interp.set_tensor(inp["index"], sample.astype(inp["dtype"]))
+        interp.invoke()
+        o = interp.get_tensor(out["index"]).astype(np.float64).reshape(-1)
+        if np.issubdtype(out["dtype"], np.integer):
+            o = (o - out_zero) * out_scale
+        preds.append(o)
+    p = np.stack(preds)
+    top5 = np.argsort(-p, axis=1)[:, :5]
+    err = p - ref.astype(np.float64)
+    return {
+        "top1": float((p.argmax(1) == y).mean()),
+        "top5": float((top5 == y[:, None]).any(1).mean()),
+        "agree_top1": float((p.argmax(1) == ref.argmax(1)).mean()),
+        "mae": float(np.abs(err).mean()),
+        "max_abs": float(np.abs(err).max()),
+        "snr_db": float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / (err ** 2).sum())),
+        "n": len(x),
+    }
+
+
+@pytest.fixture(scope="session")
+def eval_with_ref(digits, tmp_path_factory) -> Path:
+    """The digits eval split plus `ref`: the float Keras model's outputs on the same x."""
+    import keras
+
+    model = keras.models.load_model(digits.model_path)
+    ref = model.predict(digits.x_eval, verbose=0)
+    path = tmp_path_factory.mktemp("agent_data") / "digits_eval_ref.npz"
+    np.savez(path, x=digits.x_eval, y=digits.y_eval, ref=ref)
+    return path
+
+
+@pytest.fixture(scope="session")
+def host_expected(digits_artifacts, eval_with_ref) -> dict[str, dict]:
+    data = np.load(eval_with_ref)
+    return {mode: host_metrics(a.path, data["x"], data["y"], data["ref"]) for mode, a in digits_artifacts.items()}
+
+
+@pytest.mark.parametrize("venv", ["litert", "tflite-runtime"])
+def test_agent_accuracy_matches_host_in_every_mode(venv, device_python, digits_artifacts, eval_with_ref, host_expected):
+    name, version = RUNTIME_NAMES[venv]
+    measured = []
+    for mode, artifact in sorted(digits_artifacts.items()):
+        rc, doc, _ = run_agent(device_python[venv], "--model", artifact.path, "--data", eval_with_ref,
+                               "--runs", 20, "--warmup", 2, "--threads", 1)
+        if venv == "tflite-runtime" and mode == "dynamic" and not doc["ok"]:
+            assert doc["error"]["code"] == "model_incompatible"  # TF 2.21 FULLY_CONNECTED v12; see below
+            continue
+        assert doc["ok"], (mode, doc)
+        measured.append(mode)
+        assert doc["runtime"]["name"] == name and doc["runtime"]["version"].startswith(version)
+        assert doc["delegate"] == {"requested": "cpu", "used": "cpu", "fallback": False, "reason": None,
+                                   "library": None}
+        assert doc["model"]["sha256"] == artifact.sha256
+        lat = doc["latency_ms"]
+        assert len(doc["samples_ms"]) == doc["runs_done"] == 20 and not doc["stopped_early"]
+        assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert lat["min"] == pytest.approx(min(doc["samples_ms"]), abs=1e-6)
+        assert doc["memory"]["peak_rss_bytes"] > 0
+        want, acc, agr = host_expected[mode], doc["accuracy"], doc["agreement"]
+        assert acc["n"] == agr["n"] == want["n"]
+        if venv == "litert":  # same runtime build as the host: the very same numbers
+            assert acc["top1"] == pytest.approx(want["top1"], abs=1e-12)
+            assert acc["top5"] == pytest.approx(want["top5"], abs=1e-12)
+            assert agr["top1"] == pytest.approx(want["agree_top1"], abs=1e-12)
+            assert agr["mae"] == pytest.approx(want["mae"], rel=1e-9, abs=1e-12)
+            assert agr["max_abs"] == pytest.approx(want["max_abs"], rel=1e-9, abs=1e-12)
+            assert agr["snr_db"] == pytest.approx(want["snr_db"], abs=1e-6)
+        else:  # older kernels: quantized rounding may differ by a step, never a class on more than 1 sample
+            n = want["n"]
+            assert abs(acc["top1"] - want["top1"]) <= 1 / n + 1e-12
+            assert abs(agr["top1"] - want["agree_top1"]) <= 1 / n + 1e-12
+            assert agr["mae"] == pytest.approx(want["mae"], rel=0.1, abs=1e-6)
+            assert agr["snr_db"] == pytest.approx(want["snr_db"], abs=1.0)
+    assert {"float32", "int8"} <= set(measured)
+
+
+def test_incompatible_op_version_names_operator_and_runtime(device_python, digits_artifacts, eval_with_ref):
+    rc, doc, stderr = run_agent(device_python["tflite-runtime"], "--model", digits_artifacts["dynamic"].path,
+                                "--data", eval_with_ref)
+    assert rc != 0 and doc["error"]["code"] == "model_incompatible"
+    msg = doc["error"]["message"]
+    assert "FULLY_CONNECTED" in msg and "version 12" in msg and "tflite-runtime 2.14" in msg
+    assert doc["error"]["operator"] == "FULLY_CONNECTED" and doc["error"]["operator_version"] == 12
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("venv", ["litert", "tflite-runtime"])
+def test_missing_and_corrupt_models(venv, device_python, digits_artifacts, eval_with_ref, tmp_path):
+    py = device_python[venv]
+    rc, doc, _ = run_agent(py, "--model", tmp_path / "nope.tflite", "--data", eval_with_ref)
+    assert doc["error"]["code"] == "model_not_found" and "nope.tflite" in doc["error"]["message"]
+
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    rc, doc, _ = run_agent(py, "--model", garbage, "--data", eval_with_ref)
+    assert doc["error"]["code"] == "model_corrupt" and "garbage.tflite" in doc["error"]["message"]
+
+    # a push cut short by a dropped connection: tflite-runtime would segfault on it without the agent's check
+    good = digits_artifacts["float32"].path.read_bytes()
+    for cut in (64, len(good) // 3, len(good) - 300):
+        truncated = tmp_path / f"cut{cut}.tflite"
+        truncated.write_bytes(good[:cut])
+        rc, doc, _ = run_agent(py, "--model", truncated, "--data", eval_with_ref)
+        assert rc != 0 and doc["error"]["code"] == "model_corrupt", (cut, doc)
+        assert "truncated" in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("venv", ["litert", "tflite-runtime"])
+def test_missing_edgetpu_delegate_with_and_without_fallback(venv, device_python, digits_artifacts, eval_with_ref):
+    py, model = device_python[venv], digits_artifacts["int8"].path
+    rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
+                                "--edgetpu-device", "usb:0")
+    assert rc != 0 and doc["error"]["code"] == "delegate_unavailable"
+    assert "libedgetpu.so.1" in doc["error"]["message"]
+    assert "Traceback" not in stderr and "Delegate.__del__" not in stderr
+
+    rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
+                                "--allow-fallback", "--runs", 5)
+    assert rc == 0
+    d = doc["delegate"]
+    assert (d["requested"], d["used"], d["fallback"]) == ("edgetpu", "cpu", True)
+    assert "libedgetpu.so.1" in d["reason"]
+    assert any("ran on CPU instead" in w for w in doc["warnings"])
+    assert doc["accuracy"]["top1"] > 0.9
+    assert "Delegate.__del__" not in stderr
+
+
+def test_missing_external_delegate_path(device_python, digits_artifacts, eval_with_ref, tmp_path):
+    lib = tmp_path / "libmissing_delegate.so"
+    rc, doc, _ = run_agent(device_python["litert"], "--model", digits_artifacts["float32"].path, "--data",
+                           eval_with_ref, "--delegate", lib, "--delegate-option", "precision=fp16")
+    assert doc["error"]["code"] == "delegate_unavailable" and str(lib) in doc["error"]["message"]
+
+
+def test_bad_and_missing_data(device_python, digits_artifacts, tmp_path):
+    py, model = device_python["litert"], digits_artifacts["float32"].path
+    rc, doc, _ = run_agent(py, "--model", model, "--data", tmp_path / "nope.npz")
+    assert doc["error"]["code"] == "data_not_found" and "nope.npz" in doc["error"]["message"]
+
+    wrong_shape = tmp_path / "mnist_shaped.npz"
+    np.savez(wrong_shape, x=np.zeros((4, 28, 28, 1), np.float32))
+    rc, doc, _ = run_agent(py, "--model", model, "--data", wrong_shape)
+    msg = doc["error"]["message"]
+    assert doc["error"]["code"] == "bad_data" and "[4, 28, 28, 1]" in msg and "[1, 8, 8, 1]" in msg
+
+    wrong_dtype = tmp_path / "ints.npz"
+    np.savez(wrong_dtype, x=np.zeros((4, 8, 8, 1), np.int32))
+    rc, doc, _ = run_agent(py, "--model", model, "--data", wrong_dtype)
+    assert doc["error"]["code"] == "bad_data" and "int32" in doc["error"]["message"]
+
+    wrong_labels = tmp_path / "labels.npz"
+    np.savez(wrong_labels, x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(3, np.int64))
+    rc, doc, _ = run_agent(py, "--model", model, "--data", wrong_labels)
+    assert doc["error"]["code"] == "bad_data" and "y must be 4 integer labels" in doc["error"]["message"]
+
+    not_npz = tmp_path / "text.npz"
+    not_npz.write_text("hello")
+    rc, doc, _ = run_agent(py, "--model", model, "--data", not_npz)
+    assert doc["error"]["code"] == "bad_data"
+
+
+def test_no_runtime_at_all(device_python, digits_artifacts, eval_with_ref):
+    rc, doc, _ = run_agent(device_python["numpy-only"], "--model", digits_artifacts["int8"].path,
+                           "--data", eval_with_ref)
+    assert rc != 0 and doc["error"]["code"] == "no_runtime"
+    assert "ai-edge-litert" in doc["error"]["message"] and "tflite-runtime" in doc["error"]["message"]
+    # asking for a runtime the device lacks is the same error, naming it
+    rc, doc, _ = run_agent(device_python["litert"], "--model", digits_artifacts["int8"].path,
+                           "--data", eval_with_ref, "--runtime", "tflite-runtime")
+    assert doc["error"]["code"] == "no_runtime" and "tflite-runtime" in doc["error"]["message"]
+
+
+def test_tflite_runtime_next_to_numpy2_is_no_runtime(device_python, digits_artifacts, eval_with_ref, tmp_path):
+    """The field mistake: tflite-runtime 2.14 installed beside numpy 2 (real packages, combined via PYTHONPATH)."""
+    site = next((ROOT / ".venv-devices" / "tflite-runtime" / "lib").glob("python3*/site-packages"))
+    (tmp_path / "tflite_runtime").symlink_to(site / "tflite_runtime")
+    proc = subprocess.run([str(device_python["litert"]), str(AGENT), "--model", str(digits_artifacts["int8"].path),
+                           "--data", str(eval_with_ref), "--runtime", "tflite-runtime"], capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    doc = json.loads(proc.stdout)
+    validate_agent_result(doc)
+    assert proc.returncode != 0 and doc["error"]["code"] == "no_runtime"
+    assert "numpy 2." in doc["error"]["message"] and "numpy<2" in doc["error"]["message"]
+
+
+def test_bad_arguments_still_print_json(device_python):
+    rc, doc, _ = run_agent(device_python["litert"], "--runs", "many")
+    assert rc == 2 and doc["error"]["code"] == "bad_args" and "--runs" in doc["error"]["message"]
+
+
+def test_out_file_and_max_seconds(device_python, digits_artifacts, eval_with_ref, tmp_path):
+    out = tmp_path / "results" / "run.json"
+    rc, doc, _ = run_agent(device_python["litert"], "--model", digits_artifacts["int8"].path, "--data",
+                           eval_with_ref, "--runs", 10_000_000, "--warmup", 1, "--max-seconds", 0.3, "--out", out)
+    assert rc == 0 and json.loads(out.read_text()) == doc
+    assert [p.name for p in out.parent.iterdir()] == ["run.json"]  # no temp file left behind
+    assert doc["stopped_early"] and 1 <= doc["runs_done"] < 10_000_000 == doc["config"]["runs"]
+    assert len(doc["samples_ms"]) == doc["runs_done"]
+    assert any("stopped after" in w for w in doc["warnings"])
+    assert doc["accuracy"]["n"] == len(np.load(eval_with_ref)["y"])  # accuracy always covers the whole set
+
+
+def test_eval_without_labels_or_reference(device_python, digits_artifacts, digits, tmp_path):
+    only_x = tmp_path / "x_only.npz"
+    np.savez(only_x, x=digits.x_eval[:10])
+    rc, doc, _ = run_agent(device_python["tflite-runtime"], "--model", digits_artifacts["int8"].path,
+                           "--data", only_x, "--runs", 3)
+    assert rc == 0 and doc["accuracy"] is None and doc["agreement"] is None
+
+
+@pytest.mark.parametrize("venv", ["litert", "tflite-runtime", "numpy-only"])
+def test_probe_reports_runtimes_and_device(venv, device_python, tmp_path):
+    rc, doc, _ = run_agent(device_python[venv], "--probe", "--workdir", tmp_path / "not" / "yet")
+    p = doc["probe"]
+    expected = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}.get(venv)
+    for module, version in p["runtimes"].items():
+        assert (version is not None) == (module == expected), p["runtimes"]
+    assert p["runtimes"]["pycoral"] is None  # never the unrelated PyPI package
+    assert p["edgetpu"] == {"libedgetpu": None, "usb": [], "pcie": False}
+    assert p["disk_free_bytes"] > 0 and p["python"].count(".") == 2
+    assert p["device"]["cpu_cores"] >= 1 and p["device"]["machine"]
+
+
+def test_probe_does_not_import_tensorflow():
+    """The host venv has TF: the probe reports its version from metadata, without the 4 s import."""
+    code = ("import sys, runpy, io, contextlib; sys.argv=['agent.py','--probe']\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            "    try: runpy.run_path(%r, run_name='__main__')\n"
+            "    except SystemExit: pass\n"
+            "import json; d = json.loads(buf.getvalue())\n"
+            "print(d['probe']['runtimes']['tensorflow'], 'tensorflow' in sys.modules)" % str(AGENT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].startswith("2.") and out[1] == "False"

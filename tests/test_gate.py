@@ -1,0 +1,205 @@
+"""The release gate on real agent results: each gate family passing and failing, sources, exit codes, CI outputs."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.ci_outputs import summary_markdown, write_junit
+from pipeline.gate import evaluate
+from pipeline.inventory import load_inventory
+from pipeline.store import Store
+from tests.gate_support import gate_models, write_targets  # noqa: F401  (fixture)
+
+
+def _inv(tmp_path, targets, gates=None, **extra):
+    return load_inventory(write_targets(tmp_path / "targets.yaml", targets, gates, **extra))
+
+
+def _failed(verdict, gate, target=None):
+    return [c for c in verdict.failures if c.gate == gate and (target is None or c.target == target)]
+
+
+@pytest.fixture
+def two_cpu(gate_models):
+    """A float32 and an int8 CPU device, both measured for real by the agent."""
+    return gate_models.run("r-two", [gate_models.device("pi-f32", "float32"), gate_models.device("pi-i8", "int8")])
+
+
+TWO = [{"name": "pi-f32", "kind": "cpu", "mode": "float32"}, {"name": "pi-i8", "kind": "cpu", "mode": "int8"}]
+
+
+def test_generous_gates_pass_with_exit_0(tmp_path, two_cpu):
+    gates = {"max_p50_ms": 1000, "max_p90_ms": 1000, "max_p99_ms": 1000, "min_top1": 0.5, "max_top1_drop": 20,
+             "min_agreement": 0.5, "min_snr_db": 5, "max_bytes": 10_000_000}
+    v = evaluate(two_cpu, _inv(tmp_path, TWO, gates), None)
+    assert v.passed and v.exit_code == 0, [c.message() for c in v.failures]
+    per_device = {c.gate for c in v.checks_for("pi-i8")}
+    assert per_device == set(gates)
+    assert v.devices == {"pi-f32": "passed", "pi-i8": "passed"}
+
+
+@pytest.mark.parametrize("gate,threshold", [
+    ("max_p50_ms", 1e-6), ("max_p90_ms", 1e-6), ("max_p99_ms", 1e-6), ("min_top1", 0.9),
+    ("min_agreement", 0.9), ("min_snr_db", 20.0), ("max_bytes", 1000),
+])
+def test_each_target_gate_fails_with_measured_threshold_and_source(tmp_path, gate_models, gate, threshold):
+    """A badly calibrated int8 model (top-1 ~0.7, SNR ~4 dB) measured for real, against sensible thresholds."""
+    run = gate_models.run("r1", [gate_models.device("pi-i8", "int8-badcal")])
+    v = evaluate(run, _inv(tmp_path, TWO[1:], {gate: threshold}), None)
+    assert v.exit_code == 1 and not v.passed
+    [check] = _failed(v, gate, "pi-i8")
+    assert check.measured is not None and check.threshold == threshold
+    assert check.source == f"gates.{gate}"
+    text = check.message()
+    assert gate in text and "gates." + gate in text and "measured" in text
+
+
+def test_accuracy_drop_against_host_float(tmp_path, gate_models):
+    """A badly calibrated int8 model loses ~27 points against the host float model; a good one does not."""
+    run = gate_models.run("r-drop", [gate_models.device("good", "int8"), gate_models.device("badcal", "int8-badcal")])
+    inv = _inv(tmp_path, [{"name": "good", "kind": "cpu"}, {"name": "badcal", "kind": "cpu"}],
+               {"max_top1_drop": 2.0})
+    v = evaluate(run, inv, None)
+    [bad] = _failed(v, "max_top1_drop")
+    assert bad.target == "badcal" and bad.measured > 10 and bad.threshold == 2.0
+    assert v.devices["good"] == "passed" and v.exit_code == 1
+
+
+def test_drop_gate_without_float_reference_fails_loudly(tmp_path, gate_models):
+    run = gate_models.run("r-nofloat", [gate_models.device("good", "int8")])
+    run.float_top1, run.artifacts = None, []
+    v = evaluate(run, _inv(tmp_path, [{"name": "good", "kind": "cpu"}], {"max_top1_drop": 5}), None)
+    [c] = _failed(v, "max_top1_drop")
+    assert c.measured is None and "float top-1" in c.note
+
+
+def test_most_specific_threshold_wins_and_is_named(tmp_path, gate_models):
+    run = gate_models.run("r-src", [gate_models.device("pi4", "int8"), gate_models.device("pi5", "int8")])
+    inv = _inv(tmp_path,
+               [{"name": "pi4", "kind": "cpu", "groups": ["lab"], "gates": {"max_bytes": 100}},
+                {"name": "pi5", "kind": "cpu", "groups": ["lab"]}],
+               {"max_bytes": 10_000_000, "kinds": {"cpu": {"max_bytes": 9_000_000}}, "groups": {"lab": {"max_bytes": 8_000_000}}},
+               groups={"lab": {}})
+    v = evaluate(run, inv, None)
+    by = {c.target: c for c in v.checks if c.gate == "max_bytes"}
+    assert by["pi4"].source == "targets[pi4].gates.max_bytes" and not by["pi4"].passed
+    assert by["pi5"].source == "gates.groups.lab.max_bytes" and by["pi5"].passed
+
+
+def test_edgetpu_mapping_gate_is_labelled_predicted(tmp_path, gate_models):
+    """Without edgetpu_compiler the mapped share comes from the preflight, and the check says so."""
+    run = gate_models.run("r-tpu", [gate_models.device("coral-ok", "int8", kind="edgetpu", delegate="cpu"),
+                                    gate_models.device("coral-leaky", "int8-leaky", kind="edgetpu", delegate="cpu"),
+                                    gate_models.device("pi", "int8")])
+    inv = _inv(tmp_path, [{"name": "coral-ok", "kind": "edgetpu", "delegate": "cpu"},
+                          {"name": "coral-leaky", "kind": "edgetpu", "delegate": "cpu"}, {"name": "pi", "kind": "cpu"}],
+               {"min_edgetpu_mapped": 0.9})
+    v = evaluate(run, inv, None)
+    [c] = _failed(v, "min_edgetpu_mapped")
+    assert c.target == "coral-leaky" and c.measured < 0.5 and "predicted" in c.note
+    ok = [x for x in v.checks if x.target == "coral-ok" and x.gate == "min_edgetpu_mapped"]
+    assert ok[0].passed and "predicted" in ok[0].note
+    assert not [x for x in v.checks if x.target == "pi" and x.gate == "min_edgetpu_mapped"]
+
+
+def test_fleet_max_fail_percent_and_require_all_kinds(tmp_path, gate_models):
+    dead = gate_models.device("dead", "/nonexistent/model.tflite")
+    assert not dead.ok  # the real agent's own error result
+    run = gate_models.run("r-fleet", [gate_models.device("pi", "int8"), dead])
+    targets = [{"name": "pi", "kind": "cpu"}, {"name": "dead", "kind": "cpu"}]
+    strict = evaluate(run, _inv(tmp_path, targets), None)
+    assert strict.exit_code == 1 and _failed(strict, "max_fail_percent")
+    assert strict.devices["dead"] == "unmeasured" and _failed(strict, "measured", "dead")
+    lenient = evaluate(run, _inv(tmp_path, targets, {"max_fail_percent": 50}), None)
+    assert lenient.passed and lenient.exit_code == 0
+    kinds = evaluate(run, _inv(tmp_path, targets, {"max_fail_percent": 50, "require_all_kinds": ["cpu", "gpu"]}), None)
+    [c] = _failed(kinds, "require_all_kinds")
+    assert "gpu" in c.threshold and c.measured == 0 and kinds.exit_code == 1
+
+
+def test_no_device_measured_is_exit_3(tmp_path, gate_models):
+    run = gate_models.run("r-none", [gate_models.device("dead", "/nonexistent/model.tflite")])
+    v = evaluate(run, _inv(tmp_path, [{"name": "dead", "kind": "cpu"}]), None)
+    assert v.exit_code == 3 and not v.passed
+
+
+def test_emulated_devices_are_left_out_of_latency_gates(tmp_path, gate_models):
+    run = gate_models.run("r-emu", [gate_models.device("qemu-pi", "int8", emulated=True)])
+    v = evaluate(run, _inv(tmp_path, [{"name": "qemu-pi", "kind": "cpu", "emulated": True}],
+                           {"max_p90_ms": 1e-9, "min_top1": 0.5}), run)
+    lat = [c for c in v.checks if c.gate == "max_p90_ms"]
+    assert lat and lat[0].skipped and "emulated" in lat[0].note
+    reg = [c for c in v.checks if c.gate == "max_latency_regression"]
+    assert reg and reg[0].skipped and "emulated" in reg[0].note
+    assert v.passed
+
+
+def test_latency_regression_against_baseline(tmp_path, gate_models):
+    """tflite-runtime's float kernels are ~3x slower than LiteRT's here: a real, large slowdown."""
+    fast = gate_models.run("base", [gate_models.device("pi", "float32", runs=200)])
+    slow = gate_models.run("new", [gate_models.device("pi", "float32", python="tflite-runtime", runs=200)])
+    inv = _inv(tmp_path, [{"name": "pi", "kind": "cpu", "mode": "float32"}], {"max_latency_regression": 0.10})
+    v = evaluate(slow, inv, fast)
+    [c] = _failed(v, "max_latency_regression")
+    assert c.measured > 0.10 and "significant" in c.note and c.source == "gates.max_latency_regression"
+    assert v.exit_code == 1 and v.baseline_run_id == "base"
+    assert evaluate(fast, inv, slow).passed  # getting faster is never a regression
+
+
+def test_accuracy_regression_against_baseline(tmp_path, gate_models):
+    base = gate_models.run("base", [gate_models.device("pi", "int8")])
+    worse = gate_models.run("new", [gate_models.device("pi", "int8-badcal")])
+    inv = _inv(tmp_path, [{"name": "pi", "kind": "cpu"}], {"max_top1_regression": 1.0})
+    v = evaluate(worse, inv, base)
+    [c] = _failed(v, "max_top1_regression")
+    assert c.measured > 10 and "significant" in c.note
+    same = evaluate(base, inv, base)
+    assert not _failed(same, "max_top1_regression")
+
+
+def test_junit_and_summary_round_trip(tmp_path, gate_models):
+    run = gate_models.run("r-ci", [gate_models.device("pi|*x*", "int8"), gate_models.device("badcal", "int8-badcal")])
+    inv = _inv(tmp_path, [{"name": "pi|*x*", "kind": "cpu"}, {"name": "badcal", "kind": "cpu"}],
+               {"min_top1": 0.9, "max_bytes": 10_000_000})
+    v = evaluate(run, inv, None)
+    path = write_junit(v, tmp_path / "junit.xml")
+    root = ET.parse(path).getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == len(v.checks)
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert {(c.get("classname"), c.get("name")) for c in failed} == {
+        ("edgepipe.badcal", "min_top1"), ("edgepipe.fleet", "max_fail_percent")}
+    msg = [c for c in failed if c.get("name") == "min_top1"][0].find("failure").get("message")
+    assert "measured 0.70" in msg and "threshold 0.9" in msg and "gates.min_top1" in msg
+    assert int(root.get("failures")) == 2 and int(root.get("tests")) == len(v.checks)
+    md = summary_markdown(v)
+    assert "failed" in md and "`min_top1`" in md and r"pi\|\*x\*" in md
+
+
+def test_gate_cli_exit_codes_junit_and_summary(tmp_path, gate_models):
+    from pipeline.cli import _load_commands, app
+
+    _load_commands()
+    db = tmp_path / "results.db"
+    with Store(db) as store:
+        store.record_run(gate_models.run("run-ok", [gate_models.device("pi", "int8")], started=10))
+        store.record_run(gate_models.run("run-dead", [gate_models.device("pi", "/nonexistent.tflite")], started=20))
+    ok = write_targets(tmp_path / "ok.yaml", [{"name": "pi", "kind": "cpu"}], {"min_top1": 0.5})
+    strict = write_targets(tmp_path / "strict.yaml", [{"name": "pi", "kind": "cpu"}], {"min_top1": 0.999})
+    runner = CliRunner()
+    base = ["gate", "--db", str(db), "--baseline", "none"]
+    r = runner.invoke(app, base + ["run-ok", "--targets", str(ok), "--junit", str(tmp_path / "j.xml"),
+                                   "--summary", str(tmp_path / "s.md")])
+    assert r.exit_code == 0, r.output
+    assert ET.parse(tmp_path / "j.xml").getroot().get("failures") == "0"
+    assert "passed" in (tmp_path / "s.md").read_text()
+    r = runner.invoke(app, base + ["run-ok", "--targets", str(strict)])
+    assert r.exit_code == 1 and "min_top1" in r.output
+    r = runner.invoke(app, base + ["run-dead", "--targets", str(ok)])
+    assert r.exit_code == 3
+    r = runner.invoke(app, base + ["no-such-run", "--targets", str(ok)])
+    assert r.exit_code == 2 and "no-such-run" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, base + ["run-ok", "--targets", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "missing.yaml" in r.output

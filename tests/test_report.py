@@ -1,0 +1,114 @@
+"""The HTML report: self-contained, escaped, and rendered by a real headless Chromium without errors."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from pipeline.gate import evaluate
+from pipeline.inventory import load_inventory
+from pipeline.report import write_report
+from pipeline.store import Store
+from tests.gate_support import gate_models, write_targets  # noqa: F401  (fixture)
+
+EVIL = "<script>alert(1)</script>"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Tags(HTMLParser):
+    """Collects the real element tags of a document (escaped text never becomes a tag)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(text: str) -> list[tuple[str, dict]]:
+    p = _Tags()
+    p.feed(text)
+    return p.tags
+
+
+@pytest.fixture
+def report_path(tmp_path, gate_models):
+    """A report of a real run with a hostile device name, a history of three runs and an Edge TPU target."""
+    targets = [{"name": EVIL, "kind": "cpu", "description": EVIL}, {"name": "pi-f32", "kind": "cpu", "mode": "float32"},
+               {"name": "coral", "kind": "edgetpu", "delegate": "cpu"},
+               {"name": "qemu-pi", "kind": "cpu", "emulated": True}]
+    inv = load_inventory(write_targets(tmp_path / "targets.yaml", targets,
+                                       {"min_top1": 0.9, "max_p90_ms": 1000, "min_edgetpu_mapped": 0.9}))
+    with Store(tmp_path / "r.db") as store:
+        for i, variant in enumerate(("int8", "int8", "int8-badcal")):
+            run = gate_models.run(f"run-{i}", [
+                gate_models.device(EVIL, variant), gate_models.device("pi-f32", "float32"),
+                gate_models.device("coral", "int8-leaky", kind="edgetpu", delegate="cpu"),
+                gate_models.device("qemu-pi", "int8", emulated=True)], started=100 + i)
+            store.record_run(run)
+        run = store.load_run("run-2")
+        verdict = evaluate(run, inv, store.load_run("run-1"))
+        store.save_verdict(run.run_id, verdict)
+        return write_report(run, verdict, store.history(), tmp_path / "out"), verdict
+
+
+def test_report_is_self_contained_and_escapes_device_text(report_path):
+    path, verdict = report_path
+    text = path.read_text()
+    assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    tags = _tags(text)
+    assert not [t for t, _ in tags if t in ("script", "iframe", "object", "embed", "link", "img")]
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), "no network references"
+    assert any(t == "meta" and "Content-Security-Policy" in a.get("http-equiv", "") for t, a in tags)
+    assert sum(1 for t, _ in tags if t == "svg") >= 3  # latency, accuracy-vs-size, trend
+    assert not verdict.passed and "FAILED" in text
+    assert "predicted by the preflight" in text and "LEAKY_RELU" in text
+    assert "emulated" in text.lower()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
+def test_report_renders_in_headless_chromium(tmp_path, report_path):
+    path, verdict = report_path
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2000"]
+    dom = subprocess.run(flags + ["--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    tags = _tags(dom.stdout)
+    rows = [t for t, a in tags if t == "tr"]
+    assert len(rows) > 4 + 1  # the device table and the others have rows
+    assert sum(1 for t, _ in tags if t == "svg") >= 3
+    assert not [t for t, _ in tags if t == "script"], "the hostile device name must stay text"
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
+    shot = tmp_path / "report.png"
+    res = subprocess.run(flags + [f"--screenshot={shot}", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.exists() and shot.stat().st_size > 20_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cli_writes_from_the_stored_verdict(tmp_path, gate_models, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import _load_commands, app
+
+    _load_commands()
+    monkeypatch.chdir(tmp_path)  # no ./targets.yaml to fall back on
+    db = tmp_path / "r.db"
+    targets = write_targets(tmp_path / "t.yaml", [{"name": "pi", "kind": "cpu"}], {"min_top1": 0.5})
+    with Store(db) as store:
+        store.record_run(gate_models.run("run-x", [gate_models.device("pi", "int8")], started=5))
+    runner = CliRunner()
+    r = runner.invoke(app, ["report", "run-x", "--out", str(tmp_path / "o"), "--db", str(db)])
+    assert r.exit_code == 2 and "--targets" in r.output   # nothing gated yet: say how
+    r = runner.invoke(app, ["gate", "run-x", "--db", str(db), "--targets", str(targets), "--baseline", "none"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", "run-x", "--out", str(tmp_path / "o"), "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "PASSED" in html and 'id="devices"' in html

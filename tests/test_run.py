@@ -1,0 +1,128 @@
+"""`execute` and the `run` / `fleet check` / `fleet enroll` commands over a real mixed-runtime sshd fleet."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import _load_commands, app
+from pipeline.inventory import load_inventory
+from pipeline.run import execute
+from pipeline.testing.sshd import write_targets_yaml
+
+FAST = {"runs": 3, "warmup": 1, "timeout": 120, "retries": 0, "connect_timeout": 5}
+
+
+@pytest.fixture(scope="module")
+def fleet(sshd_fleet):
+    return sshd_fleet(3)  # litert, tflite-runtime, litert
+
+
+@pytest.fixture(scope="module")
+def targets_yaml(fleet, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    return write_targets_yaml(fleet, d / "targets.yaml", defaults=FAST,
+                              per_device={fleet[2].name: {"emulated": True, "groups": ["lab"]}})
+
+
+@pytest.fixture(scope="module")
+def small_eval(digits, tmp_path_factory):
+    p = tmp_path_factory.mktemp("run-eval") / "eval.npz"
+    np.savez(p, x=digits.x_eval[:40], y=digits.y_eval[:40])
+    return p
+
+
+@pytest.fixture(scope="module")
+def cli():
+    _load_commands()
+    return CliRunner()
+
+
+def test_execute_fits_each_artifact_to_the_runtime_the_device_has(targets_yaml, digits, small_eval, tmp_path,
+                                                                  conversion_cache):
+    inv = load_inventory(targets_yaml)
+    events, streamed = [], []
+    res = execute(inv, digits.model_path, small_eval, out_dir=tmp_path / "out", cache_dir=conversion_cache,
+                  on_event=lambda *e: events.append(e), on_result=streamed.append)
+    assert [d.ok for d in res.devices] == [True, True, True], [d.error for d in res.devices]
+    assert sorted(d.name for d in streamed) == sorted(d.name for d in res.devices)
+    # dynamic mode: ai-edge-litert loads the default artifact, tflite-runtime 2.14 needs its compat build
+    assert len(res.artifacts) == 2
+    litert, tfl, emu = res.devices
+    assert litert.artifact["sha256"] == emu.artifact["sha256"] != tfl.artifact["sha256"]
+    assert tfl.result["runtime"]["name"] == "tflite-runtime"
+    assert sum(1 for _, s, _ in events if s == "convert") == 3  # announced per device, converted per format
+    # float references computed on the host travelled in the eval file: agreement measured on device
+    assert all(d.result["agreement"]["n"] == 40 for d in res.devices)
+    assert res.float_top1 is not None and abs(res.float_top1 - litert.result["accuracy"]["top1"]) < 0.1
+    assert [d.emulated for d in res.devices] == [False, False, True]
+    assert {s for _, s, _ in events} >= {"probe", "convert", "connect", "push", "run", "collect", "done"}
+
+
+def test_unreachable_device_fails_alone_in_probe(fleet, digits, small_eval, tmp_path, conversion_cache):
+    y = write_targets_yaml(fleet[:1], tmp_path / "t.yaml", defaults=FAST,
+                           targets=[{"name": "ghost", "host": "127.0.0.1", "port": 1, "kind": "cpu",
+                                     "identity_file": str(fleet[0].identity_file)}])
+    res = execute(load_inventory(y), digits.model_path, small_eval, out_dir=tmp_path / "o", cache_dir=conversion_cache)
+    assert res.devices[0].ok
+    assert res.devices[1].error.code == "unreachable"
+
+
+def test_run_json_shape_and_exit_codes(cli, targets_yaml, digits, small_eval, tmp_path, conversion_cache):
+    args = ["run", "--targets", str(targets_yaml), "--model", str(digits.model_path), "--data", str(small_eval),
+            "--out", str(tmp_path / "out"), "--cache-dir", str(conversion_cache), "--json", "--select", "lab"]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert doc["run_id"] and [d["name"] for d in doc["devices"]] == ["dev2"]
+    d = doc["devices"][0]
+    assert {"name", "kind", "mode", "ok", "error", "result"} <= set(d)
+    assert d["ok"] is True and d["error"] is None and d["result"]["schema_version"] == 1
+
+
+def test_run_exit_3_when_no_device_answers(cli, fleet, digits, small_eval, tmp_path):
+    y = write_targets_yaml([], tmp_path / "t.yaml", defaults=FAST,
+                           targets=[{"name": "ghost", "host": "127.0.0.1", "port": 1, "kind": "cpu"}])
+    r = cli.invoke(app, ["run", "--targets", str(y), "--model", str(digits.model_path), "--data", str(small_eval),
+                         "--out", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 3
+    assert json.loads(r.stdout.strip().splitlines()[-1])["devices"][0]["error"]["code"] == "unreachable"
+
+
+def test_run_bad_data_is_one_line_exit_2(cli, targets_yaml, digits, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=np.zeros((2, 8, 8, 1)))
+    r = cli.invoke(app, ["run", "--targets", str(targets_yaml), "--model", str(digits.model_path),
+                         "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "bad.npz" in r.output and "'x'" in r.output and "Traceback" not in r.output
+
+
+def test_fleet_check_json(cli, targets_yaml, fleet):
+    r = cli.invoke(app, ["fleet", "check", "--targets", str(targets_yaml), "--json"])
+    assert r.exit_code == 0, r.output
+    devs = json.loads(r.stdout.strip().splitlines()[-1])["devices"]
+    assert [d["ok"] for d in devs] == [True] * 3
+    assert devs[0]["runtimes"] == {"ai-edge-litert": "2.3.0"}
+    assert devs[1]["runtimes"] == {"tflite-runtime": "2.14.0"}
+    for d in devs:
+        assert d["python"] and d["connect_ms"] > 0 and d["disk_free_bytes"] > 0
+        assert d["coral_usb"] == [] and d["coral_pcie"] is False
+    r = cli.invoke(app, ["fleet", "check", "--targets", str(targets_yaml), "--json", "--select", "dev1"])
+    assert [d["name"] for d in json.loads(r.stdout.strip().splitlines()[-1])["devices"]] == ["dev1"]
+
+
+def test_fleet_enroll_then_check(cli, fleet, tmp_path):
+    kh = tmp_path / "fresh_known_hosts"
+    y = write_targets_yaml(fleet, tmp_path / "t.yaml", known_hosts=kh, defaults=FAST)
+    kh.unlink(missing_ok=True)
+    r = cli.invoke(app, ["fleet", "check", "--targets", str(y), "--json"])
+    assert r.exit_code == 3 and not kh.exists()  # refused, and nothing recorded
+    assert {d["error"]["code"] for d in json.loads(r.stdout.strip().splitlines()[-1])["devices"]} == {"host_key_unknown"}
+    r = cli.invoke(app, ["fleet", "enroll", "--targets", str(y)])
+    assert r.exit_code == 0, r.output
+    for d in fleet:
+        assert d.host_key_fingerprint in r.output
+    assert cli.invoke(app, ["fleet", "check", "--targets", str(y), "--json"]).exit_code == 0
