@@ -6,10 +6,18 @@ DEV := .venv-devices
 HOSTPY := $(VENV)/bin/python
 PYTEST := $(HOSTPY) -m pytest
 
-.PHONY: setup system-deps test test-arm64 demo demo-down bench clean-venvs
+.PHONY: setup py37 system-deps test test-arm64 demo demo-down bench clean-venvs
 
 # Host venv (TensorFlow, paramiko, ...) plus device venvs WITHOUT TensorFlow, as bare devices have them.
-setup: $(VENV)/.stamp $(DEV)/litert/.stamp $(DEV)/tflite-runtime/.stamp $(DEV)/numpy-only/.stamp
+setup: $(VENV)/.stamp $(DEV)/litert/.stamp $(DEV)/tflite-runtime/.stamp $(DEV)/numpy-only/.stamp py37
+
+# Coral's Mendel Linux ships Python 3.7: when this machine has a 3.7 interpreter, the agent is also tested on it.
+PY37 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.7*/bin/python3.7) $(shell command -v python3.7 2>/dev/null))
+py37:
+	@if [ -n "$(PY37)" ] && [ ! -f $(DEV)/py37/.stamp ]; then \
+	  $(PY37) -m venv $(DEV)/py37 && $(DEV)/py37/bin/pip install -q numpy tflite-runtime && touch $(DEV)/py37/.stamp \
+	  || echo "py37 device venv could not be built; its test will be skipped with the reason"; \
+	elif [ -z "$(PY37)" ]; then echo "no Python 3.7 here: the Python 3.7 agent test will be skipped"; fi
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)

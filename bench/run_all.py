@@ -24,6 +24,7 @@ SUITE = [
     ("agent_overhead.py", "Agent overhead against a bare invoke() loop"),
     ("fanout.py", "Fan-out wall time (1/4/8 loopback sshd devices), re-run ratio, push throughput vs scp"),
     ("regression.py", "Regression detector: A/A false-alarm rate, detection rate of a 20% slowdown"),
+    ("arm64_start.py", "Emulated Raspberry Pi 4 (qemu user-mode): cached start time against an x86 sshd device"),
 ]
 
 

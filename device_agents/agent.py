@@ -478,7 +478,7 @@ def find_libraries(names, extra_dirs=()):
     return None
 
 
-def _delegate_library(kind, options):
+def _delegate_library(kind):
     if kind == "edgetpu":
         return EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")
     if kind == "gpu":
@@ -510,7 +510,7 @@ def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_d
             raise AgentFailure("delegate_unavailable", "Edge TPU unavailable via pycoral (%s): %s"
                                % (edgetpu_device or "any device", error))
         return interp, "pycoral"
-    library = _delegate_library(delegate, options)
+    library = _delegate_library(delegate)
     opts = dict(options)
     if delegate == "edgetpu" and edgetpu_device:
         opts.setdefault("device", edgetpu_device)
@@ -755,7 +755,12 @@ def run(args):
     for x, detail in zip(xs, inputs):  # the timed runs use the first eval sample
         interp.set_tensor(detail["index"], quantize(x[0:1], detail).reshape(detail["shape"]))
     log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
-    first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
+    gc.collect()
+    gc.disable()  # no collector pauses inside the timed loop
+    try:
+        first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
+    finally:
+        gc.enable()
     stats, samples_ms = _stats(samples)
     stopped_early = len(samples) < args.runs or len(warm) < args.warmup
     if stopped_early:

@@ -77,10 +77,11 @@ class Calibration:
             raise ConfigError(f"calibration data shape {tuple(got)} does not match model input '{name}' shape "
                               f"{model_shape}", file=self.source, field="x",
                               hint="pass samples shaped (N, " + ", ".join(str(d) for d in want[1:]) + ")")
-        if not dtype.startswith("float"):
-            if str(self.x.dtype) != dtype:
-                raise ConfigError(f"calibration data dtype {self.x.dtype} does not match model input '{name}' "
-                                  f"dtype {dtype}", file=self.source, field="x")
+        got_float = self.x.dtype.kind == "f"
+        if (dtype.startswith("float") and not got_float) or (not dtype.startswith("float") and str(self.x.dtype) != dtype):
+            raise ConfigError(f"calibration data dtype {self.x.dtype} does not match model input '{name}' dtype "
+                              f"{dtype} (shape {tuple(got)} vs {model_shape})", file=self.source, field="x",
+                              hint="save the samples already preprocessed, as the model expects them")
 
     def samples(self) -> Iterator[list[np.ndarray]]:
         """Representative dataset generator: one batch-1 sample per step."""

@@ -13,7 +13,8 @@ from .gate import Check, Verdict, fmt
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~"})
 
 
-def _atomic_write(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write via a temporary file and rename, so a reader (CI, a browser) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -56,7 +57,7 @@ def junit_xml(verdict: Verdict) -> str:
 
 
 def write_junit(verdict: Verdict, path: str | Path) -> Path:
-    return _atomic_write(Path(path), junit_xml(verdict))
+    return write_text_atomic(Path(path), junit_xml(verdict))
 
 
 def md_escape(text: object) -> str:
@@ -101,4 +102,4 @@ def write_summary(verdict: Verdict, path: str | Path) -> Path:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(text + "\n")
         return path
-    return _atomic_write(path, text)
+    return write_text_atomic(path, text)

@@ -321,6 +321,10 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         return _finish(out_path, manifest, cached=True)
 
     data = _run_conversion(src, r, calib, report)
+    if r.options.get("share_vectors"):
+        from .flatbuffer import compact_tflite
+
+        data = compact_tflite(data)
     tmp = out_path.with_suffix(".tflite.tmp")
     tmp.write_bytes(data)
     tmp.replace(out_path)

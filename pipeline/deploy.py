@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AgentError, TransportError
-from .transport.base import Transport
+from .transport.base import CommandResult, Transport
 
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agents" / "agent.py"
 HELPER_TIMEOUT = 120.0
+WORKDIR_MARK = "@@EDGEPIPE_WORKDIR@@"  # replaced on the device by its absolute work directory
 
-# Runs on the device with its own Python (3.7+, stdlib only): prepare the layout / verify+install uploads.
+# Runs on the device with its own Python (3.7+, stdlib only): prepare the layout and report which files are
+# there (verified by hash) / verify+install uploads / exec the agent right away when everything is there.
 DEVICE_HELPER = r"""
 import hashlib, json, os, sys, time
 def h(p):
@@ -33,7 +35,7 @@ def h(p):
             d.update(b)
     return d.hexdigest()
 op, arg = sys.argv[1], json.loads(sys.argv[2])
-if op == 'prepare':
+if op in ('prepare', 'exec'):
     w = os.path.abspath(os.path.expanduser(arg['workdir']))
     for sub in ['agent', 'blobs', 'runs', 'tmp'] + arg.get('dirs', []):
         os.makedirs(os.path.join(w, sub), exist_ok=True)
@@ -49,8 +51,17 @@ if op == 'prepare':
     for rel, sha in arg.get('files', {}).items():
         p = os.path.join(w, rel)
         present[rel] = os.path.isfile(p) and h(p) == sha
+    if op == 'exec' and all(present.values()):
+        argv = [a.replace(arg['mark'], w) for a in arg['argv']]
+        try:
+            os.execvp(argv[0], argv)  # the agent takes over this process: same pid, same pipes
+        except OSError as e:
+            sys.stderr.write('%s: %s\n' % (argv[0], e.strerror))
+            sys.exit(127)
     st = os.statvfs(w)
     print(json.dumps({'workdir': w, 'present': present, 'free_bytes': st.f_bavail * st.f_frsize}))
+    if op == 'exec':
+        sys.exit(75)
 elif op == 'install':
     done, bad = [], []
     for tmp, final, sha in arg['items']:
@@ -88,6 +99,11 @@ def safe_name(name: str) -> str:
     """A file name for a target name that may hold anything (`/`, `;`, spaces): slug + short hash if changed."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "target"
     return slug if slug == name else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def result_rel(run_id: str, target_name: str) -> str:
+    """Where the agent writes a target's result, relative to the work directory."""
+    return f"runs/{safe_name(run_id)}/{safe_name(target_name)}.json"
 
 
 @dataclass
@@ -187,8 +203,28 @@ class Deployer:
         report.seconds = time.monotonic() - t0
         return report
 
+    def exec_if_present(self, items: list[PushItem], argv: list[str], *, timeout: float,
+                        dirs: list[str] = ()) -> CommandResult | None:
+        """If every item is already on the device (hash-checked), run `argv` there at once, in the same process.
+
+        `argv` may contain WORKDIR_MARK for the device's work directory. Returns None when something is missing
+        (then push and run as usual); saves a round trip and an interpreter start on every warm run.
+        """
+        res = self.t.run([self.python, "-c", DEVICE_HELPER, "exec", json.dumps({
+            "workdir": self.workdir, "dirs": list(dirs), "files": {i.rel: i.sha256 for i in items},
+            "argv": list(argv), "mark": WORKDIR_MARK})], timeout=timeout)
+        if res.rc == 75 and not res.timed_out:
+            try:
+                info = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                return res
+            if isinstance(info, dict) and "present" in info:
+                self.abs_workdir = info["workdir"]
+                return None
+        return res
+
     def result_path(self, run_id: str, target_name: str) -> str:
-        return self.path(f"runs/{safe_name(run_id)}/{safe_name(target_name)}.json")
+        return self.path(result_rel(run_id, target_name))
 
     def fetch_result(self, run_id: str, target_name: str) -> str | None:
         """The result the agent wrote with `--out` for this run, or None if it never finished writing it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from .deploy import Deployer, PushItem, safe_name
+from .deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
 from .errors import AgentError, EdgepipeError, TransportError
 from .results import DeviceResult, ErrorInfo, parse_agent_output
 from .transport import Transport, open_transport
@@ -163,6 +163,29 @@ class FleetRunner:
             self.on_result(res)
         return res
 
+    def _finish_run(self, t: Any, cr: Any) -> DeviceResult:
+        if cr.timed_out:
+            return DeviceResult.failure(t.name, t.kind, t.mode, "timeout",
+                                        f"agent did not finish within {t.timeout:g}s; killed it on the device",
+                                        host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+        self.on_event(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
+        return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
+
+    def _earlier_result(self, tr: Transport, dep: Deployer, t: Any, pid: int | None) -> DeviceResult | None:
+        """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
+        if pid:
+            with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
+                tr.run(["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 0.2; done', "sh", str(pid)],
+                       timeout=t.timeout)
+        text = dep.fetch_result(self.run_id, t.name)
+        if text is None:
+            return None
+        res = result_from_output(t, text.encode(), 0, "")
+        if not res.ok:  # the failure may be the dropped connection's doing (e.g. EPIPE): measure again
+            return None
+        self.on_event(t.name, "collect", "fetched the result an earlier attempt left on the device")
+        return res
+
     def _attempt(self, job: DeviceJob, n: int, stats: dict[str, Any]) -> DeviceResult:
         t, ev, timings = job.target, self.on_event, stats["timings"]
         stats["attempts"] = n
@@ -179,33 +202,47 @@ class FleetRunner:
             timings["connect"] = time.monotonic() - s
             dep = Deployer(tr, t.python, t.workdir)
             agent, model, data = job.items()
+            items, dirs = [agent, model, data], [f"runs/{safe_name(self.run_id)}"]
+            if n == 1:  # warm device: verify and start the agent in one go
+                w = WORKDIR_MARK + "/"
+                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + result_rel(self.run_id, t.name))
+                with self.locks(t.physical_host):
+                    ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
+                    s = time.monotonic()
+                    try:
+                        cr = dep.exec_if_present(items, argv, timeout=t.timeout, dirs=dirs)
+                    except TransportError as exc:
+                        stats["remote_pid"] = exc.data.get("remote_pid")
+                        raise
+                    if cr is not None:
+                        timings["run"] = time.monotonic() - s
+                if cr is not None:
+                    return self._finish_run(t, cr)
             ev(t.name, "push", f"{model.size + data.size + agent.size} bytes needed")
             s = time.monotonic()
             before = tr.bytes_sent
             try:
-                rep = dep.push([agent, model, data], dirs=[f"runs/{safe_name(self.run_id)}"])
+                rep = dep.push(items, dirs=dirs)
             finally:
                 stats["bytes_sent"] += tr.bytes_sent - before
             timings["push"] = time.monotonic() - s
             ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device")
             out = dep.result_path(self.run_id, t.name)
-            if n > 1:  # an earlier attempt may have finished measuring before the connection dropped
-                text = dep.fetch_result(self.run_id, t.name)
-                if text is not None:
-                    ev(t.name, "collect", "fetched the result an earlier attempt left on the device")
-                    return result_from_output(t, text.encode(), 0, "")
+            if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
+                earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None))
+                if earlier is not None:
+                    return earlier
             argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out)
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()
-                cr = tr.run(argv, timeout=t.timeout)
+                try:
+                    cr = tr.run(argv, timeout=t.timeout)
+                except TransportError as exc:
+                    stats["remote_pid"] = exc.data.get("remote_pid")
+                    raise
                 timings["run"] = time.monotonic() - s
-            if cr.timed_out:
-                return DeviceResult.failure(t.name, t.kind, t.mode, "timeout",
-                                            f"agent did not finish within {t.timeout:g}s; killed it on the device",
-                                            host=f"{t.host}:{t.port}", groups=list(t.groups),
-                                            emulated=bool(t.emulated))
-            ev(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
-            return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
+            return self._finish_run(t, cr)
         finally:
-            tr.close()
+            if tr is not None:
+                tr.close()

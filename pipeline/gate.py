@@ -1,14 +1,17 @@
 """The release gate: per-target thresholds, fleet rules and baseline regression turned into one Verdict.
 
-Every check records the gate key, the measured value, the threshold and where the threshold came from
-(`Inventory.gates_for` sources), so a failed release explains itself.
+A device fails when it was not measured or one of its per-target gates failed. The run passes when the share of
+failed devices is at most `max_fail_percent` (default 0), every kind in `require_all_kinds` was measured, and no
+device regressed against the baseline; exit 3 when no device was measured. Every check records the gate key, the
+measured value, the threshold and where the threshold came from, so a failed release explains itself.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from .regression import compare_accuracy, compare_latency
+from .inventory import THRESHOLD_KEYS
+from .regression import CONFIDENCE, compare_accuracy, compare_latency
 from .results import DeviceResult, RunResult
 
 LATENCY_GATES = {"max_p50_ms": "p50", "max_p90_ms": "p90", "max_p99_ms": "p99"}
@@ -96,6 +99,17 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+class _NoInventory:
+    """Stands in for an Inventory when a stored run is gated without targets.yaml: no thresholds declared."""
+
+    targets: list = []
+
+    def __init__(self) -> None:
+        from .inventory import GatesSpec
+
+        self.gates = GatesSpec()
+
+
 def _thresholds(inventory: Any, device: DeviceResult) -> tuple[dict[str, tuple[Any, str]], str]:
     """gates_for(target); a device no longer in the inventory gets fleet- and kind-level gates only."""
     for t in inventory.targets:
@@ -106,23 +120,11 @@ def _thresholds(inventory: Any, device: DeviceResult) -> tuple[dict[str, tuple[A
     if device.kind in inventory.gates.kinds:
         layers.append((inventory.gates.kinds[device.kind], f"gates.kinds.{device.kind}"))
     for spec, source in layers:
-        for key in ("max_p50_ms", "max_p90_ms", "max_p99_ms", "min_top1", "max_top1_drop", "min_agreement",
-                    "min_snr_db", "max_bytes", "min_edgetpu_mapped"):
+        for key in THRESHOLD_KEYS:
             value = getattr(spec, key, None)
             if value is not None:
                 out[key] = (value, f"{source}.{key}")
     return out, "" if isinstance(inventory, _NoInventory) else "target not in this inventory: fleet and kind gates applied"
-
-
-class _NoInventory:
-    """Stands in for an Inventory when a stored run is gated without targets.yaml: no thresholds declared."""
-
-    targets: list = []
-
-    def __init__(self) -> None:
-        from .inventory import GatesSpec
-
-        self.gates = GatesSpec()
 
 
 def float_top1(run: RunResult) -> float | None:
@@ -149,7 +151,12 @@ def edgetpu_info(device: DeviceResult, run: RunResult | None = None) -> dict[str
     return {}
 
 
-def _measure(device: DeviceResult, gate: str, run_float_top1: float | None, run: RunResult | None = None) -> tuple[Any, str]:
+def edgetpu_predicted(tpu: dict[str, Any]) -> bool:
+    """True when the mapping comes from the static preflight (no edgetpu_compiler), not a compile report."""
+    return bool(tpu.get("predicted")) or tpu.get("status") == "predicted"
+
+
+def _measure(device: DeviceResult, gate: str, run: RunResult) -> tuple[Any, str]:
     """(measured value or None, note) for a per-target gate."""
     r = device.result or {}
     lat = r.get("latency_ms") or {}
@@ -160,11 +167,12 @@ def _measure(device: DeviceResult, gate: str, run_float_top1: float | None, run:
     if gate == "min_top1":
         return acc.get("top1"), "" if acc else "no accuracy: the evaluation data has no labels (y)"
     if gate == "max_top1_drop":
+        ref = float_top1(run)
         if acc.get("top1") is None:
             return None, "no accuracy: the evaluation data has no labels (y)"
-        if run_float_top1 is None:
+        if ref is None:
             return None, "the run carries no host float top-1 to compare with"
-        return (run_float_top1 - acc["top1"]) * 100.0, f"float top-1 {run_float_top1:.4f}, device {acc['top1']:.4f}"
+        return (ref - acc["top1"]) * 100.0, f"float top-1 {ref:.4f}, device {acc['top1']:.4f}"
     if gate == "min_agreement":
         return agr.get("top1"), "" if agr else "no agreement: the evaluation data has no float reference (ref)"
     if gate == "min_snr_db":
@@ -179,7 +187,7 @@ def _measure(device: DeviceResult, gate: str, run_float_top1: float | None, run:
         share = tpu.get("mapped_share")
         if share is None:
             return None, "no Edge TPU op-mapping report for this artifact"
-        if tpu.get("predicted") or tpu.get("status") == "predicted":
+        if edgetpu_predicted(tpu):
             return share, "predicted by the preflight (edgetpu_compiler absent), not from a compile report"
         return share, "from the edgetpu_compiler report"
     raise ValueError(gate)
@@ -198,7 +206,7 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
         if gate in LATENCY_GATES and device.emulated:
             checks.append(Check(device.name, gate, None, threshold, source, True, note=EMULATED_NOTE, skipped=True))
             continue
-        measured, note = _measure(device, gate, float_top1(run), run)
+        measured, note = _measure(device, gate, run)
         note = "; ".join(n for n in (note, extra_note) if n)
         if measured is None:
             checks.append(Check(device.name, gate, None, threshold, source, False, note=note or "not measured"))
@@ -219,31 +227,32 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any) -> li
                         if gates.max_latency_regression is not None
                         else (DEFAULT_MAX_LATENCY_REGRESSION, "default (gates.max_latency_regression unset)"))
     acc_thr, acc_src = ((gates.max_top1_regression, "gates.max_top1_regression")
-                        if getattr(gates, "max_top1_regression", None) is not None
+                        if gates.max_top1_regression is not None
                         else (DEFAULT_MAX_TOP1_REGRESSION, "default (gates.max_top1_regression unset)"))
     base = {(d.name, d.mode): d for d in baseline.devices if d.ok}
+
+    def skip(name: str, note: str) -> Check:
+        return Check(name, "max_latency_regression", None, lat_thr, lat_src, True, note=note, skipped=True,
+                     family="regression")
+
     checks: list[Check] = []
     for d in run.devices:
         if not d.ok:
             continue
         b = base.get((d.name, d.mode))
         if b is None:
-            checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
-                                family="regression",
-                                note=f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
+            checks.append(skip(d.name, f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
             continue
         if d.emulated or b.emulated:
-            checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
-                                family="regression", note=EMULATED_NOTE))
+            checks.append(skip(d.name, EMULATED_NOTE))
         else:
             try:
                 cmp = compare_latency(_samples(b), _samples(d), lat_thr)
             except ValueError as exc:
-                checks.append(Check(d.name, "max_latency_regression", None, lat_thr, lat_src, True, skipped=True,
-                                    family="regression", note=str(exc)))
+                checks.append(skip(d.name, str(exc)))
             else:
                 note = (f"median {cmp.base_median:.4g} -> {cmp.new_median:.4g} ms (x{cmp.ratio:.3f}, "
-                        f"{int(100 * 0.95)}% lower bound x{cmp.ci_low:.3f}, "
+                        f"{100 * CONFIDENCE:.0f}% lower bound x{cmp.ci_low:.3f}, "
                         f"{'significant' if cmp.significant else 'not significant'}) vs {baseline.run_id}")
                 checks.append(Check(d.name, "max_latency_regression", round(cmp.slowdown, 4), lat_thr, lat_src,
                                     not cmp.regressed, note=note, family="regression"))

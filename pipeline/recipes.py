@@ -86,6 +86,7 @@ def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: 
         raise ConversionError(f"unknown io_type '{io_type}'", field="io_type", hint="use int8 or uint8")
     r = RECIPES[mode](io_type=io_type, qat=qat)
     r.options["input_batch"] = 1   # static shapes: what edge runtimes and the Edge TPU want
+    r.options["share_vectors"] = True   # lossless: identical quantization vectors stored once (flatbuffer.py)
     if compat:
         runtime, version = parse_compat(compat)
         extra = compat_options(mode, runtime, version)

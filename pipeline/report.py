@@ -8,11 +8,11 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import io
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .gate import Check, Verdict, edgetpu_info, fmt
+from .ci_outputs import write_text_atomic
+from .gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
 from .results import DeviceResult, RunResult
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
@@ -130,7 +130,8 @@ def quality_plot(devices: list[DeviceResult]) -> str | None:
 
 
 def trend_plot(history: Any, run: RunResult) -> str | None:
-    points = [p for p in getattr(history, "points", []) if p.ok]
+    # Only this run and the ones before it: a report of an older run must not show its future.
+    points = [p for p in getattr(history, "points", []) if p.ok and (p.started <= run.started or p.run_id == run.run_id)]
     run_ids = []
     for p in sorted(points, key=lambda p: p.started):
         if p.run_id not in run_ids:
@@ -174,6 +175,11 @@ def _delegate(d: DeviceResult) -> str:
     return text
 
 
+def _td(inner_html: str, num: bool = False) -> str:
+    """A table cell around already-escaped HTML."""
+    return f'<td class="num">{inner_html}</td>' if num else f"<td>{inner_html}</td>"
+
+
 def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> str:
     head = ("device", "kind", "mode", "runtime", "delegate", "p50 ms", "p90 ms", "top-1", "drop (pts)",
             "agreement", "SNR dB", "size", "verdict", "gates")
@@ -186,16 +192,16 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
         emu = ' <span class="skip" title="emulated: latency not meaningful">(emu)</span>' if d.emulated else ""
         err = f'<br><span class="bad">{e(d.error.code)}: {e(d.error.message)}</span>' if d.error else ""
         cells = [
-            f"{e(d.name)}{err}", e(d.kind), e(d.mode),
-            e(f"{rt.get('name', '')} {rt.get('version', '')}".strip()) or "–", _delegate(d),
-            f'<td class="num">{_num(_r(d, "latency_ms", "p50"))}{emu}', f'<td class="num">{_num(_r(d, "latency_ms", "p90"))}',
-            f'<td class="num">{_num(top1, 4)}', f'<td class="num">{_num(drop, 3)}',
-            f'<td class="num">{_num(_r(d, "agreement", "top1"), 4)}', f'<td class="num">{_num(_r(d, "agreement", "snr_db"), 3)}',
-            f'<td class="num">{_size((d.artifact or {}).get("bytes"))}',
-            f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>',
-            "".join(_badge(c) for c in verdict.checks_for(d.name)),
+            _td(f"{e(d.name)}{err}"), _td(e(d.kind)), _td(e(d.mode)),
+            _td(e(f"{rt.get('name', '')} {rt.get('version', '')}".strip()) or "–"), _td(_delegate(d)),
+            _td(_num(_r(d, "latency_ms", "p50")) + emu, num=True), _td(_num(_r(d, "latency_ms", "p90")), num=True),
+            _td(_num(top1, 4), num=True), _td(_num(drop, 3), num=True),
+            _td(_num(_r(d, "agreement", "top1"), 4), num=True), _td(_num(_r(d, "agreement", "snr_db"), 3), num=True),
+            _td(_size((d.artifact or {}).get("bytes")), num=True),
+            _td(f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>'),
+            _td("".join(_badge(c) for c in verdict.checks_for(d.name))),
         ]
-        out.append("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells) + "</tr>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -223,10 +229,6 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
                    f"<td><code>{e(c.source)}</code></td><td>{e(c.note)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
-
-
-def edgetpu_predicted(tpu: dict[str, Any]) -> bool:
-    return bool(tpu.get("predicted")) or tpu.get("status") == "predicted"
 
 
 def edgetpu_table(run: RunResult) -> str:
@@ -278,8 +280,6 @@ def _plot_block(title: str, svg: str | None, empty: str, plot_id: str) -> str:
 
 
 def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
-    from .gate import float_top1
-
     ref = float_top1(run)
     cls = "none" if verdict.exit_code == 3 else ("pass" if verdict.passed else "fail")
     when = _dt.datetime.fromtimestamp(run.started or 0, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -323,10 +323,4 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
 
 def write_report(run: RunResult, verdict: Verdict, history: Any, out_dir: str | Path) -> Path:
     """Write `out_dir/report.html` atomically and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    tmp = out / f".report.{os.getpid()}.tmp"
-    tmp.write_text(render_html(run, verdict, history), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(out_dir) / "report.html", render_html(run, verdict, history))

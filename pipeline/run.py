@@ -182,6 +182,5 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
     runner.run(jobs)
     result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
                        finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
-                       complete=len(done) == len(targets))
-    result.float_top1 = float_top1  # read by pipeline.api / the store
+                       complete=len(done) == len(targets), float_top1=float_top1)
     return result

@@ -4,7 +4,7 @@
 #   --all  : also chromium (report render test) and qemu-user-static/debootstrap/binfmt-support/zstd (emulated Pi)
 # Exits 0 without doing anything when everything is already installed; exits 10 when it cannot install.
 set -euo pipefail
-want=(openssh-server)
+want=(openssh-server openssh-client)
 if [[ "${1:-}" == "--all" ]]; then
   want+=(chromium qemu-user-static debootstrap binfmt-support zstd)
 fi

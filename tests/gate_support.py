@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,21 +66,6 @@ class GateModels:
                          model_sha256="ab" * 32, artifacts=arts, float_top1=self.float_top1)
 
 
-def _float_reference(tflite: Path, x: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(str(tflite))
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], [1, *x.shape[1:]])
-    it.allocate_tensors()
-    ref = []
-    for i in range(len(x)):
-        it.set_tensor(inp["index"], x[i:i + 1])
-        it.invoke()
-        ref.append(it.get_tensor(out["index"])[0].copy())
-    return np.stack(ref)
-
-
 def _leaky_model(path: Path) -> Path:
     """An untrained CNN with LEAKY_RELU, which the Edge TPU never maps: ops after it fall back to the CPU."""
     import keras
@@ -96,26 +80,28 @@ def _leaky_model(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gate_models(tmp_path_factory) -> GateModels:
-    """Digits CNN trained and converted for real (float32, int8, int8 calibrated on wrongly scaled data), and an
+def gate_models(digits, conversion_cache, tmp_path_factory) -> GateModels:
+    """The session's digits CNN converted for real (float32, int8, int8 calibrated on wrongly scaled data), and an
     int8 CNN with an op the Edge TPU cannot map."""
     from pipeline.converter import convert
-    from pipeline.examples.digits import train_digits
+    from pipeline.reference import float_reference
 
     root = tmp_path_factory.mktemp("gate_models")
-    bundle = train_digits(root / "digits")
+    bundle = digits
     calib = np.load(bundle.calibration_path)["x"]
     bad_cal = root / "bad_calibration.npz"
     np.savez(bad_cal, x=(calib * 0.15).astype(np.float32))  # ranges 7x too narrow: a real, large accuracy drop
+    kw = {"cache_dir": conversion_cache}
     arts = {
         "int8-leaky": convert(_leaky_model(root / "leaky.keras"), "int8", calibration=bundle.calibration_path,
-                              out_dir=root / "leaky"),
-        "float32": convert(bundle.model_path, "float32", out_dir=root / "art"),
-        "int8": convert(bundle.model_path, "int8", calibration=bundle.calibration_path, out_dir=root / "art"),
-        "int8-badcal": convert(bundle.model_path, "int8", calibration=bad_cal, out_dir=root / "bad"),
+                              out_dir=root / "leaky", **kw),
+        "float32": convert(bundle.model_path, "float32", out_dir=root / "art", **kw),
+        "int8": convert(bundle.model_path, "int8", calibration=bundle.calibration_path, out_dir=root / "art", **kw),
+        "int8-badcal": convert(bundle.model_path, "int8", calibration=bad_cal, out_dir=root / "bad", **kw),
     }
     eval_path = root / "eval_ref.npz"
-    np.savez(eval_path, x=bundle.x_eval, y=bundle.y_eval, ref=_float_reference(arts["float32"].path, bundle.x_eval))
+    ref = np.asarray(float_reference(bundle.model_path, bundle.x_eval), dtype=np.float32)  # what `run` ships
+    np.savez(eval_path, x=bundle.x_eval, y=bundle.y_eval, ref=ref)
     return GateModels(root=root, float_top1=bundle.float_top1, eval_path=eval_path, artifacts=arts)
 
 
@@ -129,7 +115,3 @@ def write_targets(path: Path, targets: list[dict[str, Any]], gates: dict[str, An
     doc.update(extra)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def python_exe() -> str:
-    return sys.executable

@@ -204,7 +204,9 @@ def test_pypi_pycoral_impostor_is_ignored(device_python, digits_artifacts, tmp_p
     env = {"PYTHONPATH": str(impostor.parent), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([str(device_python["litert"]), str(AGENT), "--probe"], capture_output=True, text=True,
                           env=env, timeout=120)
-    assert json.loads(proc.stdout)["probe"]["runtimes"]["pycoral"] is None
+    doc = json.loads(proc.stdout)
+    validate_agent_result(doc)
+    assert doc["probe"]["runtimes"]["pycoral"] is None
     data = tmp_path / "eval.npz"
     import numpy as np
 
@@ -213,4 +215,5 @@ def test_pypi_pycoral_impostor_is_ignored(device_python, digits_artifacts, tmp_p
                            "--data", str(data), "--delegate", "edgetpu"], capture_output=True, text=True, env=env,
                           timeout=120)
     doc = json.loads(proc.stdout)
+    validate_agent_result(doc)
     assert doc["error"]["code"] == "delegate_unavailable" and "libedgetpu" in doc["error"]["message"]

@@ -81,6 +81,28 @@ def test_same_inputs_give_same_artifact_and_manifest_hash(digits, digits_artifac
     assert again.manifest["manifest_sha256"] == first.manifest["manifest_sha256"]
 
 
+def test_shared_vectors_are_lossless_and_smaller(digits, digits_artifacts, tmp_path):
+    from pipeline.calibration import load_calibration
+    from pipeline.converter import _run_conversion, load_source
+    from pipeline.manifest import read_model
+    from pipeline.recipes import make_recipe
+
+    r = make_recipe("int8")
+    r.options.pop("share_vectors")
+    raw = tmp_path / "raw.int8.tflite"
+    raw.write_bytes(_run_conversion(load_source(digits.model_path), r, load_calibration(digits.calibration_path),
+                                    lambda *a: None))
+    shared = digits_artifacts["int8"]
+    assert shared.bytes < raw.stat().st_size
+    a, b = read_model(raw), read_model(shared.path)
+    assert a.operators() == b.operators()
+    assert [t.public() for t in a.tensors] == [t.public() for t in b.tensors]
+    for runtime in RUNTIMES:
+        ya = run_in_device_venv(DEVICE_PYTHONS[runtime], raw, digits.eval_path)["outputs"]
+        yb = run_in_device_venv(DEVICE_PYTHONS[runtime], shared.path, digits.eval_path)["outputs"]
+        assert ya == yb
+
+
 def test_cache_hit_does_no_conversion_and_never_imports_tensorflow(digits, digits_artifacts, conversion_cache,
                                                                    tmp_path):
     script = (
@@ -204,6 +226,16 @@ def test_calibration_shape_mismatch_names_both_shapes(digits, tmp_path):
     with pytest.raises(ConfigError) as exc:
         convert(digits.model_path, "int8", calibration=bad, out_dir=tmp_path)
     assert "(10, 8, 8)" in str(exc.value) and "(None, 8, 8, 1)" in str(exc.value) and str(bad) in str(exc.value)
+
+
+def test_calibration_dtype_mismatch_names_both(digits, tmp_path):
+    from pipeline.converter import convert
+
+    bad = tmp_path / "raw.npz"
+    np.savez(bad, x=np.zeros((10, 8, 8, 1), np.uint8))
+    with pytest.raises(ConfigError) as exc:
+        convert(digits.model_path, "int8", calibration=bad, out_dir=tmp_path)
+    assert "dtype uint8" in str(exc.value) and "dtype float32" in str(exc.value)
 
 
 def test_calibration_errors(tmp_path):

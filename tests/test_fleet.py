@@ -6,7 +6,6 @@ noisy or garbage-printing agent comes from a device "python" that is a small scr
 from __future__ import annotations
 
 import json
-import os
 import stat
 import threading
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import deploy
-from pipeline.deploy import PushItem
 from pipeline.errors import TransportError
 from pipeline.fleet import DeviceJob, FleetRunner
 from pipeline.inventory import load_inventory
@@ -220,7 +218,7 @@ class DropAfterRunTransport(SSHTransport):
 
     def run(self, argv, *, stdin=None, timeout):
         res = super().run(argv, stdin=stdin, timeout=timeout)
-        if "--model" in argv:
+        if any("--model" in a for a in argv):  # the agent, direct or via the exec helper
             with DropAfterRunTransport.lock:
                 DropAfterRunTransport.agent_runs += 1
                 first = DropAfterRunTransport.agent_runs == 1
@@ -276,3 +274,25 @@ def test_local_transport_target_runs_the_agent_as_a_subprocess(fleet, tiny_artif
     assert res.ok, res.error
     assert res.result["runtime"]["name"] == "tflite-runtime"
     assert (tmp_path / "local-wd" / "runs" / "local" / "here.json").exists()
+
+
+class DropDuringRunTransport(SSHTransport):
+    """The connection dies while the agent is still measuring."""
+
+    def run(self, argv, *, stdin=None, timeout):
+        if any("--model" in a for a in argv):  # the agent, direct or via the exec helper
+            threading.Timer(0.5, lambda: self._t.sock.shutdown(2)).start()
+        return super().run(argv, stdin=stdin, timeout=timeout)
+
+
+def test_agent_still_running_after_a_drop_is_awaited_and_collected_once(fleet, tiny_artifact, tiny_eval, tmp_path):
+    dev = fleet[3]
+    count = tmp_path / "agent-starts"
+    # a slow agent, whose logs do not go to the (soon dead) channel
+    slow = script_python(tmp_path, "slow-python", dev.python,
+                         f'echo start >> {count}; sleep 1.5; exec {dev.python} "$@" 2>/dev/null')
+    inv = inventory([dev], tmp_path, per_device={dev.name: {"python": slow}}, defaults={"retries": 1})
+    (res,) = runner("slow", transport_factory=DropDuringRunTransport).run(jobs_for(inv, tiny_artifact, tiny_eval))
+    assert res.ok, res.error
+    assert res.attempts == 2
+    assert count.read_text().count("start") == 1  # measured once, collected from the device

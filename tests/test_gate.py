@@ -203,3 +203,24 @@ def test_gate_cli_exit_codes_junit_and_summary(tmp_path, gate_models):
     assert r.exit_code == 2 and "no-such-run" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, base + ["run-ok", "--targets", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "missing.yaml" in r.output
+
+
+def test_example_workflow_uses_real_gate_options():
+    """examples/ci/release-gate.yml parses, gates with JUnit and a summary, and only uses options `gate` has."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.cli import _load_commands, app
+
+    _load_commands()
+    wf = Path(__file__).resolve().parent.parent / "examples" / "ci" / "release-gate.yml"
+    doc = yaml.safe_load(wf.read_text())
+    script = "\n".join(s.get("run", "") for s in doc["jobs"]["gate"]["steps"]).replace("\\\n", " ")
+    gate_lines = [ln for ln in script.splitlines() if ln.strip().startswith("edgepipe gate")]
+    assert gate_lines and any("--junit" in ln and "--summary" in ln for ln in gate_lines)
+    help_text = CliRunner().invoke(app, ["gate", "--help"], terminal_width=200).output
+    for ln in gate_lines:
+        for opt in re.findall(r"(--[a-z][a-z-]*)", ln):
+            assert opt in help_text, f"{opt} is not an option of `edgepipe gate`"

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from pipeline import knownhosts
 from pipeline.deploy import Deployer, PushItem
 from pipeline.errors import TransportError
-from pipeline.testing.sshd import generate_key, start_sshd, stop
+from pipeline.testing.sshd import generate_key
 from pipeline.transport import open_transport
 from pipeline.transport.local import LocalTransport
 
@@ -109,7 +110,6 @@ def test_timeout_kills_the_remote_process_group(ssh, fleet, tmp_path):
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().split()[2] == "Z":
                     break
-            import time
             time.sleep(0.02)
         else:
             pytest.fail(f"remote process {pid} survived the timeout")
@@ -238,7 +238,6 @@ def test_ssh_agent_auth(fleet, known_hosts, tmp_path, monkeypatch):
         for _ in range(200):
             if sock.exists():
                 break
-            import time
             time.sleep(0.01)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         subprocess.run(["ssh-add", str(fleet[0].identity_file)], check=True, capture_output=True)

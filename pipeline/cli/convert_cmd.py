@@ -57,14 +57,15 @@ def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
 
 def _summary(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="artifacts")
-    for col in ("mode", "file", "size", "cached", "edge tpu", "targets"):
-        t.add_column(col)
+    with_targets = any(r["targets"] for r in rows)
+    for col in ("mode", "file", "size", "cached", "edge tpu ops") + (("targets",) if with_targets else ()):
+        t.add_column(col, overflow="fold")
     for r in rows:
         e = r.get("edgetpu")
-        etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} mapped ({e['status']})"
+        etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} {e['status']}"
                                  if e.get("status") != "failed" else f"failed: {e.get('error')}")
-        t.add_row(r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no",
-                  etpu, ", ".join(r["targets"]))
+        cells = [r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no", etpu]
+        t.add_row(*cells, *((", ".join(r["targets"]),) if with_targets else ()))
     return t
 
 

@@ -29,8 +29,9 @@ class DeviceBoard:
 
     def render(self) -> Table:
         t = Table(title=self.title, title_justify="left", show_edge=False)
-        t.add_column("device")
-        t.add_column("stage")
+        width = max([6] + [len(n) for n in self.rows])
+        t.add_column("device", no_wrap=True, min_width=min(width, 24))
+        t.add_column("stage", no_wrap=True, min_width=7)
         t.add_column("detail", overflow="ellipsis", no_wrap=True, max_width=80)
         with self.lock:
             rows = list(self.rows.items())
@@ -90,7 +91,7 @@ def check(
                                s["coral_pcie"] and "pcie") if x]
             table.add_row(r.name, r.host, "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?", rts,
                           ", ".join(tpu) or "-", s["gpu_delegate"] or "-", _gib(s["disk_free_bytes"]))
-        console = Console()
+        console = Console(highlight=False)
         console.print(table)
         for r in results:
             if not r.ok:

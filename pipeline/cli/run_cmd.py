@@ -60,7 +60,7 @@ def run_command(
     if as_json:
         emit_json(json.dumps(result.to_dict()))
     else:
-        console = Console()
+        console = Console(highlight=False)
         console.print(device_table(result))
         for d in result.failed:
             console.print(f"[red]{d.name}[/]: {d.error.code}: {d.error.message}", soft_wrap=True)

@@ -2,8 +2,8 @@
 
 Host keys are checked against known_hosts right after key exchange, before authentication or any data;
 commands are quoted argv run under `exec` so a timeout can kill the remote process group; stdout and stderr
-are drained together under a wall-clock deadline (no paramiko #448 deadlock); puts stream through one exec
-are pipelined SFTP writes over a large window (measured faster than `cat` on an exec channel and than scp).
+are drained together under a wall-clock deadline (no paramiko #448 deadlock); puts are pipelined SFTP writes
+over a large window (bench/fanout.py measures them against `cat` on an exec channel and against OpenSSH scp).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import paramiko
 
 from .. import knownhosts
-from ..errors import TransportError
+from ..errors import ConfigError, TransportError
 from .base import CommandResult, Progress, Transport
 
 WINDOW = 16 << 20          # what we advertise for incoming data (agent stdout, get)
@@ -63,8 +63,20 @@ def parse_jump(spec: str) -> tuple[str | None, str, int]:
         port = int(rest[1:]) if rest.startswith(":") else 22
     elif hostport.count(":") == 1:
         host, p = hostport.split(":")
+        if not p.isdigit():
+            raise ConfigError(f"jump_host {spec!r}: port {p!r} is not a number", field="jump_host",
+                              hint="write it as user@host:port")
         port = int(p)
     return (user or None), host, port
+
+
+def _take_pid(out: bytearray) -> tuple[int | None, bytearray]:
+    """Split our pid line off the output; whatever a chatty login shell printed before it goes too."""
+    at = out.find(PID_MARK, 0, 4096)
+    end = out.find(b"\n", at) if at >= 0 else -1
+    if end < 0:
+        return None, out
+    return int(out[at + len(PID_MARK):end] or 0), out[end + 1:]
 
 
 def _quietly(fn: Any) -> None:
@@ -77,7 +89,7 @@ def _quietly(fn: Any) -> None:
 
 def _unreachable(what: str, exc: BaseException) -> TransportError:
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return TransportError(f"{what} unreachable: {reason}", code="unreachable")
+    return TransportError(f"cannot reach {what}: {reason}", code="unreachable")
 
 
 class SSHTransport(Transport):
@@ -100,7 +112,11 @@ class SSHTransport(Transport):
     # -- connection -------------------------------------------------------------------------------------------
     def connect(self) -> None:
         t0 = time.monotonic()
-        self._t = self._handshake(self.host, self.port, self.user, self._jump_channel())
+        try:
+            self._t = self._handshake(self.host, self.port, self.user, self._jump_channel())
+        except BaseException:
+            self.close()  # a bastion connection must not outlive a failed hop
+            raise
         self.connect_seconds = time.monotonic() - t0
 
     def _jump_channel(self) -> Any:
@@ -228,10 +244,8 @@ class SSHTransport(Transport):
         pid: int | None = None
         try:
             chan.exec_command(remote_command(argv))
-            writer = None
             if stdin:
-                writer = threading.Thread(target=self._feed, args=(chan, stdin), daemon=True)
-                writer.start()
+                threading.Thread(target=self._feed, args=(chan, stdin), daemon=True).start()
             else:
                 chan.shutdown_write()
             fd = chan.fileno()
@@ -240,10 +254,8 @@ class SSHTransport(Transport):
                     out += chan.recv(1 << 20)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(1 << 20)
-                if pid is None and b"\n" in out and out.startswith(PID_MARK):
-                    line, _, rest = bytes(out).partition(b"\n")
-                    pid = int(line[len(PID_MARK):] or 0)
-                    out = bytearray(rest)
+                if pid is None:
+                    pid, out = _take_pid(out)
                 drained = not chan.recv_ready() and not chan.recv_stderr_ready()
                 # sshd may report the exit status before it has sent all output: wait for EOF too
                 if drained and chan.exit_status_ready() and (chan.eof_received or chan.closed) and \
@@ -251,15 +263,16 @@ class SSHTransport(Transport):
                     break
                 if chan.closed and drained or not self._t.is_active():
                     raise TransportError(f"connection to {self.host}:{self.port} lost while running "
-                                         f"{os.path.basename(str(argv[0]))}", code="unreachable")
+                                         f"{os.path.basename(str(argv[0]))}", code="unreachable",
+                                         data={"remote_pid": pid})  # it may still be running there
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._kill(pid)
                     return CommandResult(None, bytes(out), bytes(err), True, time.monotonic() - t0)
                 select.select([fd], [], [], min(left, 0.02))
             rc = chan.recv_exit_status()
-            if pid is None and out.startswith(PID_MARK):
-                out = bytearray(bytes(out).partition(b"\n")[2])
+            if pid is None:
+                pid, out = _take_pid(out)
             return CommandResult(rc, bytes(out), bytes(err), False, time.monotonic() - t0)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise _unreachable(f"{self.host}:{self.port}", exc) from None

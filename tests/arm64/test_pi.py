@@ -59,7 +59,7 @@ def ssh_run(inventory_path: Path, target_name: str, argv: list[str], timeout: fl
     t = SSHTransport(load_inventory(inventory_path).target(target_name))
     t.connect()
     try:
-        return t, t.run(argv, timeout=timeout)
+        return t.run(argv, timeout=timeout)
     finally:
         t.close()
 
@@ -95,10 +95,10 @@ def mixed_run(pi, x86, digits, tmp_path_factory):
 def test_sessions_run_as_cortex_a72_without_sme(pi, tmp_path):
     """QEMU_CPU reaches every SSH session (sshd clears the environment), so SME is not advertised."""
     inv = write_inventory(tmp_path / "targets.yaml", [pi], [pi_entry(pi, "pi", "litert")])
-    _, res = ssh_run(inv, "pi", ["/opt/edgepipe/litert/bin/python", "-c", SME_PROBE])
+    res = ssh_run(inv, "pi", ["/opt/edgepipe/litert/bin/python", "-c", SME_PROBE])
     assert res.rc == 0, res.stderr
     assert res.stdout.decode().split() == ["cortex-a72", "False"]
-    _, res = ssh_run(inv, "pi", ["uname", "-m"])
+    res = ssh_run(inv, "pi", ["uname", "-m"])
     assert res.stdout.decode().strip() == "aarch64"
 
 
@@ -149,15 +149,14 @@ def test_dynamic_range_artifact_for_tflite_runtime_is_the_compat_variant(mixed_r
 def test_int8_outputs_within_one_quantization_step_of_x86(pi, digits, digits_artifacts, runtime, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
+    from pipeline.inventory import load_inventory
+    from pipeline.transport.ssh import SSHTransport
     from tests.fixtures.models import RUN_TFLITE, run_in_device_venv
 
     art = digits_artifacts["int8"]
     scale = Interpreter(model_path=str(art.path)).get_output_details()[0]["quantization"][0]
     x86_out = np.array(run_in_device_venv(X86_PYTHONS[runtime], art.path, digits.eval_path)["outputs"])
     inv = write_inventory(tmp_path / "targets.yaml", [pi], [pi_entry(pi, "pi", runtime)])
-    from pipeline.inventory import load_inventory
-    from pipeline.transport.ssh import SSHTransport
-
     t = SSHTransport(load_inventory(inv).target("pi"))
     t.connect()
     try:
@@ -214,7 +213,7 @@ def test_guard_qemu_max_cpu_breaks_litert_int8_and_the_gate_fails(emulated_pi, x
         target_entry(x86, name="x86-int8", mode="int8", python=X86_PYTHONS["litert"]),
         pi_entry(broken, "pimax-int8", "litert", mode="int8"),
     ], gates={"min_agreement": 0.99})
-    _, probe = ssh_run(inv, "pimax-int8", ["/opt/edgepipe/litert/bin/python", "-c", SME_PROBE])
+    probe = ssh_run(inv, "pimax-int8", ["/opt/edgepipe/litert/bin/python", "-c", SME_PROBE])
     assert probe.stdout.decode().split() == ["True"]  # no QEMU_CPU in the session, SME advertised
     rel = release(inv, model=digits.model_path, data=digits.eval_path, calibration=digits.calibration_path,
                   out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", db=tmp_path / "edgepipe.db",
