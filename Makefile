@@ -23,6 +23,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[host,dev]'
+	$(VENV)/bin/pip install -q --no-deps 'tf-keras==2.21.0'
 	touch $@
 
 $(DEV)/litert/.stamp:

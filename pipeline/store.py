@@ -407,9 +407,14 @@ def _like_prefix(ref: str) -> str:
 
 
 def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path:
-    """Which database to use: --db, else targets.yaml `db:`, else .edgepipe/results.db."""
+    """Which database to use: --db, else targets.yaml `db:`, else .edgepipe/results.db beside targets.yaml.
+
+    Keeping the default beside the inventory means two fleets never share (and never baseline against) one history.
+    """
     if cli_db:
         return Path(cli_db)
     if inventory is not None and getattr(inventory, "db", None):
         return Path(inventory.db)
+    if inventory is not None and getattr(inventory, "path", None):
+        return Path(inventory.path).resolve().parent / DEFAULT_DB
     return DEFAULT_DB

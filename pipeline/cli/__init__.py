@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import os
+
+# TensorFlow's C++ logging (oneDNN notes, CUDA probing) is noise for users; real errors still surface as exceptions.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 
 from .app import app
 

@@ -23,6 +23,12 @@ app.add_typer(fleet_app, name="fleet")
 err_console = Console(stderr=True, highlight=False)
 
 
+def out_console() -> Console:
+    """stdout console; wide when not a terminal, so tables in CI logs are not truncated to 80 columns."""
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else 160)
+
+
 def fail(exc: EdgepipeError) -> "typer.Exit":
     """Print the one-line error on stderr and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {exc.one_line()}", markup=True, soft_wrap=True)

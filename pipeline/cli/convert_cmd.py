@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..errors import ConfigError
-from .app import app, emit_json, err_console, handle_errors
+from .app import app, emit_json, err_console, handle_errors, out_console
 
 DEFAULT_CACHE = Path(os.environ.get("EDGEPIPE_CACHE_DIR", "~/.cache/edgepipe/convert"))
 
@@ -107,4 +106,4 @@ def convert_command(
     if as_json:
         emit_json(json.dumps({"artifacts": rows}))
     else:
-        Console().print(_summary(rows))
+        out_console().print(_summary(rows))

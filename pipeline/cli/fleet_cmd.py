@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .app import emit_json, err_console, fleet_app, handle_errors
+from .app import emit_json, err_console, fleet_app, handle_errors, out_console
 
 STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
                "collect": "blue", "done": "bold"}
@@ -21,6 +20,7 @@ class DeviceBoard:
     """A live per-device table on stderr (stage + latest detail), fed by the library's on_event callback."""
 
     def __init__(self, names: list[str], title: str, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.rows: dict[str, tuple[str, str]] = {n: ("waiting", "") for n in names}
         self.title = title
         self.lock = threading.Lock()
@@ -45,6 +45,9 @@ class DeviceBoard:
     def __call__(self, name: str, stage: str, detail: str) -> None:
         with self.lock:
             self.rows[name] = (stage, str(detail))
+        if self.live is None and self.enabled and stage in ("convert", "done"):
+            # Not a terminal (CI logs, pipes): one plain line per conversion and per finished device.
+            err_console.print(f"{self.title}: {name}: {stage}: {detail}", markup=False, highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "DeviceBoard":
         if self.live:
@@ -91,7 +94,7 @@ def check(
                                s["coral_pcie"] and "pcie") if x]
             table.add_row(r.name, r.host, "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?", rts,
                           ", ".join(tpu) or "-", s["gpu_delegate"] or "-", _gib(s["disk_free_bytes"]))
-        console = Console(highlight=False)
+        console = out_console()
         console.print(table)
         for r in results:
             if not r.ok:
@@ -112,7 +115,7 @@ def enroll(
     from ..knownhosts import enroll as enroll_keys
 
     inv = load_inventory(targets)
-    out = Console()
+    out = out_console()
 
     def show(r: Any) -> None:
         colour = {"added": "green", "known": "dim", "changed": "bold red", "error": "red"}[r.status]

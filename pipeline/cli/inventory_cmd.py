@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..inventory import load_inventory
-from .app import emit_json, fleet_app, handle_errors
+from .app import emit_json, fleet_app, handle_errors, out_console
 
 
 @fleet_app.command("validate")
@@ -35,4 +34,4 @@ def validate(
     for r in rows:
         host = f"{r['host']}:{r['port']}" if r["transport"] == "ssh" else "local"
         table.add_row(r["name"], host, r["kind"], r["mode"], r["runtime"], r["delegate"], ",".join(r["groups"]))
-    Console().print(table)
+    out_console().print(table)

@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ..errors import StoreError
 from ..store import Store, db_path
-from .app import app, emit_json, err_console, handle_errors
+from .app import app, emit_json, err_console, handle_errors, out_console
 
-DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db).")
+DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db beside it).")
 
 
 def _when(ts: float | None) -> str:
@@ -58,7 +57,7 @@ def history(
     if as_json:
         emit_json(json.dumps(hist.to_dict()))
         return
-    console = Console()
+    console = out_console()
     if target is None:
         table = Table(title=f"last {len(hist.runs)} run(s)")
         for col in ("run", "started (UTC)", "tag", "complete", "devices ok", "verdict", "median p50 ms"):
@@ -107,7 +106,7 @@ def show(
                       escape(f"{rt.get('name', '-')} {rt.get('version', '')}"), _f((r.get("latency_ms") or {}).get("p50")),
                       _f((r.get("latency_ms") or {}).get("p90")), _f((r.get("accuracy") or {}).get("top1"), 4),
                       _f((r.get("agreement") or {}).get("top1"), 4))
-    console = Console()
+    console = out_console()
     console.print(table)
     if verdicts:
         console.print(escape(verdicts[-1].get("headline", "")))
@@ -146,7 +145,7 @@ def gate(
     if as_json:
         emit_json(json.dumps(verdict.to_dict()))
     else:
-        console = Console()
+        console = out_console()
         for c in verdict.failures:
             console.print(f"[red]✗[/] {escape(c.message())}")
         console.print(("[green]" if verdict.passed else "[red]") + escape(verdict.headline()) + "[/]")

@@ -1,6 +1,4 @@
-"""`edgepipe run`: convert, push, measure on every device, print a table or one JSON object (thin over
-pipeline.run.execute). Exit 0 when every device returned a valid result, 3 when none did, 1 when some failed.
-"""
+"""`edgepipe run`: the release job (thin over pipeline.api.run): convert, push, measure, store, gate, report."""
 from __future__ import annotations
 
 import json
@@ -8,10 +6,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .app import app, emit_json, handle_errors
+from .app import app, emit_json, handle_errors, out_console
 from .fleet_cmd import DeviceBoard
 
 
@@ -22,7 +20,7 @@ def _row(d: Any) -> list[str]:
     agr = r.get("agreement") or {}
     status = "[green]ok[/]" if d.ok else f"[red]{d.error.code}[/]"
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
-    return [d.name + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
+    return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
             fmt(agr.get("top1"), "%.3f"), (r.get("runtime") or {}).get("name", "-")]
 
@@ -42,29 +40,46 @@ def run_command(
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
     model: Path = typer.Option(..., "--model", "-m", help="SavedModel directory, .keras, .h5 or .tflite"),
     data: Path = typer.Option(..., "--data", "-d", help="Eval .npz with x (inputs) and optionally y (labels)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz (int8 modes)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz or image folder (int8 modes)."),
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="Where artifacts and eval files go."),
     cache_dir: Optional[Path] = typer.Option(Path(".edgepipe/cache"), "--cache-dir", help="Conversion cache."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: targets.yaml db:, else .edgepipe/results.db next to it)."),
+    baseline: str = typer.Option("last", "--baseline", help="Regression baseline: last | RUN_ID | TAG | none."),
+    label: Optional[str] = typer.Option(None, "--label", "--tag", help="A git-style label for this run (usable as a baseline)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment, $GITHUB_STEP_SUMMARY)."),
 ) -> None:
-    """Convert once per format, push to every target, run the agent, collect validated results."""
+    """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
+
+    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured.
+    """
+    from .. import api
     from ..inventory import load_inventory
-    from ..run import execute
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
     with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
-        result = execute(inv, model, data, calibration=calibration, select=select, out_dir=out,
-                         cache_dir=cache_dir, on_event=board)
+        rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
+                      cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
+                      summary=summary, on_event=board)
     if as_json:
-        emit_json(json.dumps(result.to_dict()))
+        doc = rel.run.to_dict()
+        doc["verdict"] = rel.verdict.to_dict()
+        doc["report"] = str(rel.report_path) if rel.report_path else None
+        doc["db"] = str(rel.db_path)
+        emit_json(json.dumps(doc))
     else:
-        console = Console(highlight=False)
-        console.print(device_table(result))
-        for d in result.failed:
-            console.print(f"[red]{d.name}[/]: {d.error.code}: {d.error.message}", soft_wrap=True)
-    if not result.succeeded:
-        raise typer.Exit(3)
-    if result.failed:
-        raise typer.Exit(1)
+        console = out_console()
+        console.print(device_table(rel.run))
+        for d in rel.run.failed:
+            console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
+        for c in rel.verdict.failures:
+            console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
+        style = "green" if rel.verdict.passed else "red"
+        console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
+        if rel.report_path:
+            console.print(f"report: {rel.report_path}")
+    raise typer.Exit(rel.exit_code)
