@@ -56,8 +56,13 @@ class AgentFailure(Exception):
 
 
 def log(msg):
-    sys.stderr.write("agent: %s\n" % msg)
-    sys.stderr.flush()
+    # The host may have dropped the connection mid-run; the measurement must still reach --out, so a dead
+    # stderr never turns a good result into an error.
+    try:
+        sys.stderr.write("agent: %s\n" % msg)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------- device facts
@@ -915,8 +920,11 @@ def main(argv=None):
             write_atomic(out_path, text)
         except OSError as exc:
             log("cannot write --out %s: %s" % (out_path, exc))
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # the host went away; it fetches the --out copy on reconnect
     return rc
 
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-if [[ "${1:-}" == "--down" ]]; then exec "$PY" -m pipeline.demo --down; fi
+if [[ "${1:-}" == "--down" ]]; then exec "$PY" -m pipeline.demo "$@"; fi
 flags=()
 if ! bash scripts/system_deps.sh --demo; then
   echo "[demo] note: openssh-server is not installed and cannot be (no root/apt): using transport: local targets" >&2

@@ -65,8 +65,9 @@ def test_make_demo_runs_the_whole_job(demo):
     last = json.loads((state / "last_demo.json").read_text())
     html = Path(last["report"]).read_text()
     assert "raspberry-pi-4" in html and "coral-usb" in html and "gpu-board" in html
-    assert "fallback" in html.lower()  # no accelerator here: the report says the delegates fell back to CPU
-    assert "edgetpu" in proc.stderr.lower() or "enroll" in proc.stderr.lower()
+    # No accelerator here and the demo fleet allows fallback: the report says so, honestly, for both.
+    assert "fell back from edgetpu" in html and "fell back from gpu" in html
+    assert "fleet enroll" in proc.stderr and "added" in proc.stdout  # host keys enrolled explicitly
 
 
 def _bindings(state: Path) -> dict[str, str]:
@@ -93,13 +94,12 @@ def _bind(text: str, b: dict[str, str]) -> str:
 def test_every_readme_command_runs(demo):
     state, proc = demo
     assert proc.returncode == 0
-    b = _bindings(state)
     env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
     ran = 0
     for cmd in commands():
         if cmd.startswith("make "):
             continue  # the two make commands are covered above
-        bound = _bind(cmd, b)
+        bound = _bind(cmd, _bindings(state))  # RUN_ID is the newest run so far; TAG is the demo's labelled run
         if "--db" not in bound and bound.split()[1:2] in (["history"], ["show"], ["gate"], ["report"]):
             bound += f" --db {state / 'results.db'}"
         res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=REPO, env=env, capture_output=True, text=True,
@@ -117,3 +117,52 @@ def test_readme_python_api_block_runs(demo):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert ".html" in res.stdout and "int8" in res.stdout
+
+
+def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(demo):
+    state, proc = demo
+    assert proc.returncode == 0
+    again = subprocess.run([sys.executable, "-m", "pipeline.demo", "--state", str(state), "--keep"], cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": cache hit,") == 3 and ": converted," not in again.stderr  # no TF conversion
+    from pipeline.store import Store
+
+    with Store(state / "results.db") as store:
+        newest = store.history(limit=1).runs[0].run_id
+        run = store.load_run(newest)
+    assert len(run.devices) == 3 and all(d.ok for d in run.devices)
+    assert [d.bytes_sent for d in run.devices] == [0, 0, 0]  # artifacts and agent already on the devices
+    pids = [int(p) for p in (state / "sshd.pids").read_text().split()]
+    assert pids and all(_alive(p) for p in pids)
+    down = subprocess.run(["make", "demo-down", f"DEMO_FLAGS=--state {state}"], cwd=REPO, capture_output=True, text=True)
+    assert down.returncode == 0, down.stderr
+    import time
+
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_demo_without_sshd_falls_back_to_local_targets_and_still_reports(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pipeline.demo", "--local", "--state", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    fleet = yaml.safe_load((tmp_path / "targets.yaml").read_text())
+    assert {t["transport"] for t in fleet["targets"]} == {"local"}
+    assert (tmp_path / "report" / "report.html").exists()
+    assert "Verdict: exit code 0" in res.stdout
