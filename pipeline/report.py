@@ -197,7 +197,7 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
             _td(_num(_r(d, "latency_ms", "p50")) + emu, num=True), _td(_num(_r(d, "latency_ms", "p90")), num=True),
             _td(_num(top1, 4), num=True), _td(_num(drop, 3), num=True),
             _td(_num(_r(d, "agreement", "top1"), 4), num=True), _td(_num(_r(d, "agreement", "snr_db"), 3), num=True),
-            _td(_size((d.artifact or {}).get("bytes")), num=True),
+            _td(human_bytes((d.artifact or {}).get("bytes")), num=True),
             _td(f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>'),
             _td("".join(_badge(c) for c in verdict.checks_for(d.name))),
         ]
@@ -206,7 +206,7 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
     return "".join(out)
 
 
-def _size(n: Any) -> str:
+def human_bytes(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return "–"
     for unit in ("B", "KiB", "MiB", "GiB"):

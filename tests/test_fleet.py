@@ -84,7 +84,7 @@ def test_dropped_mid_push_leaves_no_partial_file_and_rerun_completes(fleet, tiny
                                                                      monkeypatch):
     dev = fleet[0]
     inv = inventory([dev], tmp_path)
-    monkeypatch.setattr("pipeline.transport.ssh.WRITE_CHUNK", 16 << 10)  # so "half-way" happens mid-file
+    monkeypatch.setattr("pipeline.transport.base.CHUNK", 16 << 10)  # so "half-way" happens mid-file
     final = blob_path(dev, Path(tiny_artifact.path))
     if final.exists():
         final.unlink()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.testing.sshd import pid_alive
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 pytestmark = pytest.mark.slow
@@ -134,26 +136,15 @@ def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(de
     assert len(run.devices) == 3 and all(d.ok for d in run.devices)
     assert [d.bytes_sent for d in run.devices] == [0, 0, 0]  # artifacts and agent already on the devices
     pids = [int(p) for p in (state / "sshd.pids").read_text().split()]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(pid_alive(p) for p in pids)
     down = subprocess.run(["make", "demo-down", f"DEMO_FLAGS=--state {state}"], cwd=REPO, capture_output=True, text=True)
     assert down.returncode == 0, down.stderr
     import time
 
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    assert not any(pid_alive(p) for p in pids)
 
 
 def test_demo_without_sshd_falls_back_to_local_targets_and_still_reports(tmp_path):

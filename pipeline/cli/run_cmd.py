@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..report import human_bytes
 from .app import app, emit_json, handle_errors, out_console
 from .fleet_cmd import DeviceBoard
 
@@ -22,23 +23,13 @@ def _row(d: Any) -> list[str]:
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
-            fmt(agr.get("top1"), "%.3f"), (r.get("runtime") or {}).get("name", "-"), _delegate(r), _bytes(d.bytes_sent)]
+            fmt(agr.get("top1"), "%.3f"), (r.get("runtime") or {}).get("name", "-"), _delegate(r), human_bytes(d.bytes_sent)]
 
 
 def _delegate(r: dict) -> str:
     dl = r.get("delegate") or {}
     used = dl.get("used") or "-"
     return f"{used} (fell back from {dl.get('requested')})" if dl.get("fallback") else used
-
-
-def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "-"
 
 
 def device_table(result: Any) -> Table:

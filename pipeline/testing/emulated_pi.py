@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, wait_ready
+from .sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "pi_rootfs.sh"
@@ -285,7 +285,7 @@ def reap_stale(tmp_root: Path | None = None) -> list[Path]:
             pid = int(owner.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-        if _alive(pid):
+        if pid_alive(pid):
             continue
         _kill_tree(-1, point)
         inner = sorted((Path(ln.split()[4]) for ln in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -324,7 +324,7 @@ def _kill_tree(pid: int, root: Path) -> None:
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         _reap(pid)
-        if (pid <= 0 or not _alive(pid)) and not _pids_in_root(root):
+        if (pid <= 0 or not pid_alive(pid)) and not _pids_in_root(root):
             return
         time.sleep(0.05)
     for p in [pid, *_pids_in_root(root)] if pid > 0 else _pids_in_root(root):
@@ -342,17 +342,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _unmount_all(mounts: list[Path]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 Progress = Callable[[int, int], None]  # (bytes_done, bytes_total)
+CHUNK = 1 << 20  # 1 MiB writes: big enough to keep an SFTP pipeline or a channel window full
 
 
 @dataclass
@@ -36,6 +37,22 @@ def quote_argv(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in argv)
 
 
+def copy_chunks(local: Path, write: Callable[[bytes], Any], progress: Progress | None = None,
+                count: Callable[[int], None] | None = None) -> int:
+    """Stream `local` into `write` in CHUNK pieces, counting bytes and reporting progress; returns bytes written."""
+    total = Path(local).stat().st_size
+    done = 0
+    with open(local, "rb") as src:
+        while chunk := src.read(CHUNK):
+            write(chunk)
+            done += len(chunk)
+            if count:
+                count(len(chunk))
+            if progress:
+                progress(done, total)
+    return done
+
+
 class Transport(ABC):
     """Reach one device. Methods raise `TransportError` (with a fleet error code) on connection problems."""
 
@@ -57,6 +74,9 @@ class Transport(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def _count_sent(self, n: int) -> None:
+        self.bytes_sent += n
 
     def alive(self) -> bool:
         """Still usable (a connection kept from the probe may have dropped meanwhile)."""

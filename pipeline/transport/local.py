@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import TransportError
-from .base import CommandResult, Progress, Transport
+from .base import CommandResult, Progress, Transport, copy_chunks
 
-CHUNK = 1 << 20
 
 
 class LocalTransport(Transport):
@@ -52,16 +51,9 @@ class LocalTransport(Transport):
 
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
         dest = Path(os.path.expanduser(remote))
-        total = Path(local).stat().st_size
-        done = 0
         try:
-            with open(local, "rb") as src, open(dest, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-                    done += len(chunk)
-                    self.bytes_sent += len(chunk)
-                    if progress:
-                        progress(done, total)
+            with open(dest, "wb") as dst:
+                done = copy_chunks(local, dst.write, progress, self._count_sent)
         except OSError as exc:
             raise TransportError(f"local copy to {dest} failed: {exc.strerror}", code="push_failed") from None
         return done

@@ -21,11 +21,11 @@ import paramiko
 
 from .. import knownhosts
 from ..errors import ConfigError, TransportError
-from .base import CommandResult, Progress, Transport
+from .base import CHUNK, CommandResult, Progress, Transport, copy_chunks
 
 WINDOW = 16 << 20          # what we advertise for incoming data (agent stdout, get)
 MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's limit applies to our sends
-WRITE_CHUNK = 1 << 20
+
 KEEPALIVE = 15
 PID_MARK = b"EDGEPIPE_PID="
 FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
@@ -282,9 +282,9 @@ class SSHTransport(Transport):
     def _feed(self, chan: paramiko.Channel, data: bytes) -> None:
         try:
             view = memoryview(data)
-            for i in range(0, len(view), WRITE_CHUNK):
-                chan.sendall(view[i:i + WRITE_CHUNK])
-                self.bytes_sent += len(view[i:i + WRITE_CHUNK])
+            for i in range(0, len(view), CHUNK):
+                chan.sendall(view[i:i + CHUNK])
+                self.bytes_sent += len(view[i:i + CHUNK])
             chan.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException):
             pass  # the reader sees the channel die and reports it
@@ -313,18 +313,10 @@ class SSHTransport(Transport):
             if self._t is not None and self._t.is_active():
                 return self.put_cat(local, remote, progress)
             raise TransportError(f"connection to {self.host}:{self.port} lost", code="unreachable") from None
-        total = Path(local).stat().st_size
-        done = 0
         try:
-            with open(local, "rb") as src, sftp.open(remote, "wb") as dst:
+            with sftp.open(remote, "wb") as dst:
                 dst.set_pipelined(True)
-                while chunk := src.read(WRITE_CHUNK):
-                    dst.write(chunk)
-                    done += len(chunk)
-                    self.bytes_sent += len(chunk)
-                    if progress:
-                        progress(done, total)
-            return done
+                return copy_chunks(local, dst.write, progress, self._count_sent)
         except OSError as exc:
             if exc.errno in FILE_ERRNOS or (exc.errno is None and self._alive()):  # SFTP status: path, perms, disk
                 raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
@@ -337,18 +329,10 @@ class SSHTransport(Transport):
 
     def put_cat(self, local: Path, remote: str, progress: Progress | None = None) -> int:
         """Stream `local` into `cat > remote` on one exec channel with 1 MiB writes; returns bytes sent."""
-        total = Path(local).stat().st_size
         chan = self._session()
-        done = 0
         try:
             chan.exec_command("cat > " + remote_word(remote))
-            with open(local, "rb") as f:
-                while chunk := f.read(WRITE_CHUNK):
-                    chan.sendall(chunk)
-                    done += len(chunk)
-                    self.bytes_sent += len(chunk)
-                    if progress:
-                        progress(done, total)
+            done = copy_chunks(local, chan.sendall, progress, self._count_sent)
             chan.shutdown_write()
             rc = chan.recv_exit_status()
             if rc != 0:
