@@ -162,7 +162,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
         manifests.append(art.manifest)
         for n in req.targets:
             artifacts[n] = art
-            ev(n, "convert", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
+            ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
     # 3. eval file with the host's float reference outputs
     ready = [t for t in live if t.name in artifacts]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .app import emit_json, err_console, fleet_app, handle_errors, out_console
 
-STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
+STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "artifact": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
                "collect": "blue", "done": "bold"}
 
 
@@ -45,7 +45,7 @@ class DeviceBoard:
     def __call__(self, name: str, stage: str, detail: str) -> None:
         with self.lock:
             self.rows[name] = (stage, str(detail))
-        if self.live is None and self.enabled and stage in ("convert", "done"):
+        if self.live is None and self.enabled and stage in ("artifact", "done"):
             # Not a terminal (CI logs, pipes): one plain line per conversion and per finished device.
             err_console.print(f"{self.title}: {name}: {stage}: {detail}", markup=False, highlight=False, soft_wrap=True)
 
