@@ -22,6 +22,8 @@ def mobilenet_v2(size: int = 224, seed: int = 0) -> tuple[Path, Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     import keras
 
+    from pipeline.converter import capture_stdout
+
     keras.utils.set_random_seed(seed)
     m = keras.applications.MobileNetV2(weights=None, input_shape=(size, size, 3), classes=1000)
     for layer in m.layers:
@@ -31,7 +33,8 @@ def mobilenet_v2(size: int = 224, seed: int = 0) -> tuple[Path, Path, Path]:
     x = rng.uniform(-1.0, 1.0, size=(16, size, size, 3)).astype(np.float32)
     m(x, training=True)
     tmp = model.with_suffix(".tmp.keras")
-    m.save(tmp)
+    with capture_stdout():
+        m.save(tmp)
     tmp.replace(model)
     np.savez(cal, x=x)
     np.savez(ev, x=rng.uniform(-1.0, 1.0, size=(2, size, size, 3)).astype(np.float32))

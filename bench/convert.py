@@ -17,40 +17,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _mobilenet import mobilenet_v2  # noqa: E402
 
 MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
 SIZE_TARGETS = {"int8": 0.27, "dynamic": 0.27, "float16": 0.51}
 CACHE_TARGET = 0.05
 
 
-def build_mobilenet(out: Path, calib_count: int = 16, size: int = 224) -> tuple[Path, Path]:
-    """MobileNetV2(weights=None) with BatchNorm statistics from one training-mode pass (else 16x8 fails to load)."""
-    import keras
-    import numpy as np
-
-    from pipeline.converter import capture_stdout
-
-    with capture_stdout():
-        keras.utils.set_random_seed(0)
-        model = keras.applications.MobileNetV2(weights=None, input_shape=(size, size, 3))
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = 0.0
-        x = np.random.default_rng(0).uniform(-1, 1, (calib_count, size, size, 3)).astype("float32")
-        model(x, training=True)
-        path = out / "mobilenet_v2.keras"
-        model.save(path)
-    calib = out / "mobilenet_v2_calibration.npz"
-    np.savez(calib, x=x)
-    return path, calib
-
-
 def run(work: Path, log=print) -> dict:
     from pipeline.converter import convert
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    log("building MobileNetV2 (weights=None, BatchNorm re-estimated)...")
-    model, calib = build_mobilenet(work)
+    log("building (or reusing) MobileNetV2 (weights=None, BatchNorm re-estimated)...")
+    model, calib, _ = mobilenet_v2()
     cache = work / "cache"
     rows: dict[str, dict] = {}
     for mode in MODES:

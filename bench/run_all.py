@@ -64,17 +64,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _targets(doc: dict) -> list[dict]:
+    """Each script's target checks as [{name, value, target, met}] (scripts report them in a few shapes)."""
+    t = doc.get("targets")
+    if isinstance(t, list):
+        return t
+    if isinstance(t, dict) and isinstance(doc.get("met"), dict):  # thresholds + separate met flags
+        return [{"name": k, "value": None, "target": "see figures", "met": bool(v)} for k, v in doc["met"].items()]
+    if isinstance(t, dict) and all(isinstance(v, bool) for v in t.values()):
+        return [{"name": k, "value": None, "target": k, "met": v} for k, v in t.items()]
+    return []
+
+
 def _section(title: str, script: str, doc: dict, seconds: float) -> str:
     lines = [f"## {title}", "", f"`python bench/{script}` · {seconds:.0f} s", ""]
     if doc.get("table_md"):
         lines += [doc["table_md"], ""]
-    targets = doc.get("targets") or []
+    targets = _targets(doc)
     if targets:
         lines += ["| figure | measured | target | met |", "|---|---|---|---|"]
         for t in targets:
             lines.append(f"| {t.get('name')} | {_fmt(t.get('value'))} | {t.get('target')} | {'yes' if t.get('met') else '**no**'} |")
         lines.append("")
-    figures = {k: v for k, v in doc.items() if k not in ("targets", "table_md", "notes")}
+    figures = {k: v for k, v in doc.items() if k not in ("targets", "met", "table_md", "notes")}
     if figures:
         lines += ["<details><summary>all figures</summary>", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in _flatten(figures)]
@@ -91,6 +103,7 @@ def main() -> int:
     args = ap.parse_args()
     machine = _machine()
     sections, misses, failures = [], [], []
+    raw: dict[str, dict] = {}
     for script, title in SUITE:
         name = script.removesuffix(".py")
         if args.only and name not in args.only:
@@ -113,7 +126,8 @@ def main() -> int:
             continue
         sections.append(_section(title, script, doc, seconds))
         misses += [f"{script}: {t['name']} = {_fmt(t.get('value'))} (target {t.get('target')})"
-                   for t in doc.get("targets") or [] if not t.get("met")]
+                   for t in _targets(doc) if not t.get("met")]
+        raw[name] = {"seconds": round(seconds, 1), "figures": doc}
     head = ["# edgepipe benchmark results", "",
             "Every figure is a ratio measured side by side in one run on this machine; medians over repeats.",
             "Reproduce with `make bench` (writes this file).", "",
@@ -123,6 +137,7 @@ def main() -> int:
     if failures:
         head += ["**Scripts that failed:**", ""] + [f"- {f}" for f in failures] + [""]
     Path(args.out).write_text("\n".join(head) + "\n" + "\n".join(sections))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": machine, "benches": raw}, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failures else 0
 
