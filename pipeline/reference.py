@@ -7,7 +7,17 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConversionError
+from .errors import ConfigError, ConversionError
+
+
+def check_input_shape(expected: Any, x: np.ndarray, model: Any) -> None:
+    """x must be N samples of the model's per-sample input shape; say both shapes, not a framework traceback."""
+    exp = tuple(None if d is None or int(d) < 0 else int(d) for d in list(expected)[1:])
+    got = tuple(x.shape[1:])
+    if len(exp) != len(got) or any(e is not None and e != g for e, g in zip(exp, got)):
+        want = "(N, " + ", ".join("?" if e is None else str(e) for e in exp) + ")"
+        raise ConfigError(f"array x has shape {tuple(x.shape)} but the model {Path(str(model)).name} takes {want}",
+                          field="x", hint="reshape x to the model's input shape (one sample per row)")
 
 
 def _first_output(y: Any) -> np.ndarray:
@@ -26,6 +36,7 @@ def _saved_model_outputs(path: Path, x: np.ndarray, batch_size: int) -> np.ndarr
     if sig is None:
         raise ConversionError("SavedModel has no serving_default signature", file=str(path))
     (name, spec), = sig.structured_input_signature[1].items()
+    check_input_shape(spec.shape, x, path)
     outs = []
     for i in range(0, len(x), batch_size):
         outs.append(_first_output({k: v.numpy() for k, v in sig(**{name: tf.constant(x[i:i + batch_size],
@@ -39,6 +50,7 @@ def _tflite_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     it = Interpreter(model_path=str(path))
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    check_input_shape(inp["shape"], x, path)
     if inp["dtype"] != np.float32:
         raise ConversionError("float reference needs a float model, not a quantized .tflite", file=str(path),
                               hint="pass the SavedModel/.keras model or the float32 artifact")
@@ -70,4 +82,5 @@ def float_reference(model: str | Path, x: np.ndarray, *, batch_size: int = 64) -
         except Exception as exc:
             raise ConversionError(f"cannot load Keras model: {str(exc).splitlines()[0][:300]}",
                                   file=str(src.path)) from None
+        check_input_shape(m.inputs[0].shape, x, src.path)
         return _first_output(m.predict(x, batch_size=batch_size, verbose=0))

@@ -68,7 +68,11 @@ def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_di
     if not path.exists():
         from .reference import float_reference
 
-        ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
+        try:
+            ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
+        except ConfigError as exc:
+            exc.file = exc.file or str(data)
+            raise
         where.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, ref=ref, **arrays)

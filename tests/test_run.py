@@ -126,3 +126,15 @@ def test_fleet_enroll_then_check(cli, fleet, tmp_path):
     for d in fleet:
         assert d.host_key_fingerprint in r.output
     assert cli.invoke(app, ["fleet", "check", "--targets", str(y), "--json"]).exit_code == 0
+
+
+def test_eval_data_of_the_wrong_shape_is_one_line_naming_both_shapes(cli, targets_yaml, digits, tmp_path,
+                                                                      conversion_cache):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((5, 9, 9, 1), np.float32), y=np.zeros(5, np.int64))
+    r = cli.invoke(app, ["run", "--targets", str(targets_yaml), "--model", str(digits.model_path), "--data", str(bad),
+                         "--out", str(tmp_path / "out"), "--cache-dir", str(conversion_cache)])
+    assert r.exit_code == 2, r.output
+    line = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "Traceback" not in r.output
+    assert str(bad) in line[0] and "(5, 9, 9, 1)" in line[0] and "(N, 8, 8, 1)" in line[0]
