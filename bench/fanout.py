@@ -131,6 +131,38 @@ def cold_warm(rounds: int, tmp: Path, model: Path, data: Path, n: int = 4) -> di
             "again_over_cold": round(w / c, 3)}
 
 
+def cli_cold_warm(rounds: int, tmp: Path, model: Path, data: Path, n: int = 4) -> dict:
+    """The same figure as a user sees it: two identical `edgepipe run` processes, the first with an empty
+    conversion cache and fresh devices (so it pays TensorFlow's start, the conversion and the pushes)."""
+    colds, warms, sent = [], [], []
+    for r in range(rounds):
+        work = tmp / f"cli-{r}"
+        devs = start_fleet(n, PYTHONS, work / "devs")
+        try:
+            targets = write_targets_yaml(devs, work / "targets.yaml", defaults=DEFAULTS)
+            walls = []
+            for label in ("cold", "again"):
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--targets", str(targets),
+                                       "--model", str(model), "--data", str(data), "--cache-dir", str(work / "cache"),
+                                       "--out", str(work / "out"), "--db", str(work / "results.db"),
+                                       "--baseline", "none", "--json"], cwd=ROOT, capture_output=True, text=True)
+                walls.append(time.perf_counter() - t0)
+                if proc.returncode != 0:
+                    raise SystemExit(f"edgepipe run failed ({proc.returncode}): {proc.stderr[-500:]}")
+                doc = json.loads(proc.stdout)
+                if label == "again":
+                    sent.append(sum(d["bytes_sent"] for d in doc["devices"]))
+            colds.append(walls[0])
+            warms.append(walls[1])
+            log(f"  edgepipe run: cold {walls[0]:.2f}s -> again {walls[1]:.2f}s ({sent[-1]} B)")
+        finally:
+            stop(devs)
+    c, w = statistics.median(colds), statistics.median(warms)
+    return {"devices": n, "cold_wall_s": round(c, 3), "again_wall_s": round(w, 3), "again_bytes_sent": max(sent),
+            "again_over_cold": round(w / c, 3)}
+
+
 def push_speed(rounds: int, tmp: Path) -> dict:
     (dev,) = start_fleet(1, PYTHONS[:1], tmp / "push")
     try:
@@ -187,16 +219,33 @@ def main(argv: list[str] | None = None) -> int:
                       pythons=stub_pythons(tmp, bundle.model_path, data))
         log("cold vs identical second run:")
         cw = cold_warm(args.rounds, tmp, bundle.model_path, data)
+        log("cold vs identical second `edgepipe run` process (what a user waits for):")
+        cli = cli_cold_warm(args.rounds, tmp, bundle.model_path, data)
         log("push throughput:")
         push = push_speed(args.rounds, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures = {
         "bench": "fanout", "rounds": args.rounds, "cpus": os.cpu_count(), "fanout": fan,
-        "fanout_replayed_agent": stub, "rerun": cw, "push": push,
-        "targets": {"fanout_8_ratio_max": 1.5, "rerun_bytes": 0, "rerun_over_cold_max": 0.2, "put_over_scp_min": 0.8},
-        "met": {"fanout_8": fan["ratio_to_1"]["8"] <= 1.5, "fanout_8_replayed": stub["ratio_to_1"]["8"] <= 1.5, "rerun_bytes": cw["again_bytes_sent"] == 0,
-                "rerun_wall": cw["again_over_cold"] <= 0.2, "push": push["put_over_scp"] >= 0.8},
+        "fanout_replayed_agent": stub, "rerun": cw, "rerun_cli": cli, "push": push,
+        "targets": [
+            {"name": "8 devices / 1 device wall time (real agents)", "value": fan["ratio_to_1"]["8"], "target": "<= 1.5",
+             "met": fan["ratio_to_1"]["8"] <= 1.5},
+            {"name": "8 devices / 1 device wall time (agent replaying answers: orchestration only)",
+             "value": stub["ratio_to_1"]["8"], "target": "<= 1.5", "met": stub["ratio_to_1"]["8"] <= 1.5},
+            {"name": "bytes sent by an identical second run", "value": max(cw["again_bytes_sent"], cli["again_bytes_sent"]),
+             "target": "0", "met": cw["again_bytes_sent"] == 0 and cli["again_bytes_sent"] == 0},
+            {"name": "second `edgepipe run` / cold `edgepipe run` wall time (processes, as a user runs them)",
+             "value": cli["again_over_cold"], "target": "<= 0.2", "met": cli["again_over_cold"] <= 0.2},
+            {"name": "second / cold execute() wall time (in-process, TF already imported)",
+             "value": cw["again_over_cold"], "target": "<= 0.2", "met": cw["again_over_cold"] <= 0.2},
+            {"name": "push throughput, edgepipe / scp (25 MB)", "value": push["put_over_scp"], "target": ">= 0.8",
+             "met": push["put_over_scp"] >= 0.8},
+        ],
+        "notes": [
+            f"The loopback devices run their agents on this machine's {os.cpu_count()} cores, so with 8 devices the "
+            "agents' own CPU work queues up (machine CPU busy ~95%); on a real fleet every board has its own CPU.",
+        ],
     }
     if args.json:
         print(json.dumps(figures))
@@ -207,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio {stub['ratio_to_1']}")
         print(f"second identical run: {cw['again_bytes_sent']} bytes sent, {cw['again_wall_s']}s vs cold "
               f"{cw['cold_wall_s']}s = {cw['again_over_cold']}x  (targets: 0 bytes, <= 0.2x)")
+        print(f"second identical `edgepipe run` process: {cli['again_bytes_sent']} bytes sent, {cli['again_wall_s']}s "
+              f"vs cold {cli['cold_wall_s']}s = {cli['again_over_cold']}x")
         print(f"push {PUSH_MB} MB: {push['mb_per_s']} MB/s; edgepipe/scp = {push['put_over_scp']}x (target >= 0.8x)")
     return 0
 

@@ -96,49 +96,60 @@ def _section(title: str, script: str, doc: dict, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_script(script: str) -> tuple[dict | None, float, int]:
+    print(f"== bench/{script}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(HERE / script), "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    seconds = time.monotonic() - t0
+    try:
+        doc = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
+    except (ValueError, IndexError):
+        doc = None
+    return (doc if proc.returncode == 0 else None), seconds, proc.returncode
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="re-run these benches; keep the others' last figures")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.only and out.with_suffix(".json").exists() else {}
+    raw: dict[str, dict] = dict(previous.get("benches", {}))
     machine = _machine()
-    sections, misses, failures = [], [], []
-    raw: dict[str, dict] = {}
-    for script, title in SUITE:
+    failures: list[str] = []
+    for script, _title in SUITE:
         name = script.removesuffix(".py")
         if args.only and name not in args.only:
             continue
-        path = HERE / script
-        if not path.exists():
-            failures.append(f"{script}: missing")
+        doc, seconds, rc = _run_script(script)
+        if doc is None:
+            failures.append(f"{script}: exit {rc}")
+            raw.pop(name, None)
             continue
-        print(f"== bench/{script}", file=sys.stderr, flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, str(path), "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
-        seconds = time.monotonic() - t0
-        try:
-            doc = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-        except (ValueError, IndexError):
-            doc = {}
-        if proc.returncode != 0 or not doc:
-            failures.append(f"{script}: exit {proc.returncode}")
-            sections.append(f"## {title}\n\n`bench/{script}` failed (exit {proc.returncode}).\n")
+        raw[name] = {"seconds": round(seconds, 1), "figures": doc, "date": machine["date"], "commit": machine["commit"]}
+    sections, misses = [], []
+    for script, title in SUITE:
+        name = script.removesuffix(".py")
+        if name not in raw:
+            sections.append(f"## {title}\n\n`bench/{script}` has no figures (it failed or was not run).\n")
             continue
-        sections.append(_section(title, script, doc, seconds))
+        entry = raw[name]
+        sections.append(_section(title, script, entry["figures"], entry["seconds"]))
         misses += [f"{script}: {t['name']} = {_fmt(t.get('value'))} (target {t.get('target')})"
-                   for t in _targets(doc) if not t.get("met")]
-        raw[name] = {"seconds": round(seconds, 1), "figures": doc}
+                   for t in _targets(entry["figures"]) if not t.get("met")]
     head = ["# edgepipe benchmark results", "",
             "Every figure is a ratio measured side by side in one run on this machine; medians over repeats.",
-            "Reproduce with `make bench` (writes this file).", "",
+            "Reproduce with `make bench` (writes this file and RESULTS.json).", "",
             "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine.items()] + [""]
     if misses:
-        head += ["**Targets missed** (see the sections for the reason):", ""] + [f"- {m}" for m in misses] + [""]
+        head += ["**Targets missed** (the reasons are in each section and in the README):", ""]
+        head += [f"- {m}" for m in misses] + [""]
     if failures:
         head += ["**Scripts that failed:**", ""] + [f"- {f}" for f in failures] + [""]
-    Path(args.out).write_text("\n".join(head) + "\n" + "\n".join(sections))
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": machine, "benches": raw}, indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
+    out.write_text("\n".join(head) + "\n" + "\n".join(sections))
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "benches": raw}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -45,6 +45,14 @@ def test_readme_opens_with_the_two_commands():
     assert README.index("make demo") < 400
 
 
+def test_every_make_target_the_readme_names_exists():
+    targets = set(re.findall(r"`make ([a-z0-9-]+)", README)) | {"demo", "test"}
+    assert {"setup", "bench", "test-arm64", "demo-down"} <= targets
+    for t in sorted(targets):
+        dry = subprocess.run(["make", "-n", t], cwd=REPO, capture_output=True, text=True)
+        assert dry.returncode == 0, f"make {t}: {dry.stderr}"
+
+
 def test_make_test_runs_the_suite():
     dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "-m pytest" in dry
