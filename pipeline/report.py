@@ -232,7 +232,8 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
 
 
 def edgetpu_table(run: RunResult) -> str:
-    rows = [(d, edgetpu_info(d, run)) for d in run.devices if d.kind == "edgetpu" and edgetpu_info(d, run)]
+    infos = [(d, edgetpu_info(d, run)) for d in run.devices if d.kind == "edgetpu"]
+    rows = [(d, tpu) for d, tpu in infos if tpu]
     if not rows:
         return '<p class="note">No Edge TPU artifact in this run.</p>'
     out = ['<table id="edgetpu"><thead><tr><th>device</th><th>mapped share</th><th>ops on TPU / CPU</th><th>source</th>'

@@ -94,7 +94,7 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
             select: list[str] | None = None, out_dir: str | Path, cache_dir: str | Path | None = None,
             on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
             run_id: str | None = None, transport_factory: TransportFactory | None = None) -> RunResult:
-    """Probe → convert once per format → eval file with float refs → push + run everywhere → validated results."""
+    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results."""
     from .converter import load_source
 
     ev, report = on_event or _noop, on_result or (lambda r: None)
@@ -122,12 +122,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
                  connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
                  report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
                  started: float) -> RunResult:
-    from .converter import convert
-
-    try:
-        from .converter import plan_formats
-    except ImportError:
-        from .recipes import plan_formats
+    from .converter import convert, plan_formats
 
     done: dict[str, DeviceResult] = {}
 
@@ -144,7 +139,14 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
             finish(_failure(t, p.error.code, p.error.message))
             ev(t.name, "done", f"{p.error.code}: {p.error.message}")
 
-    # 2. convert once per distinct format
+    # 2. the eval file with the host's float reference outputs; first, so bad data fails before any conversion
+    float_top1 = None
+    eval_path = None
+    if live:
+        eval_path, float_top1 = build_eval_file(model, data, out_dir, Path(cache_dir) if cache_dir else None,
+                                                src.sha256)
+
+    # 3. convert once per distinct format
     runtimes = {t.name: effective_runtime(t, probes.get(t.name)) for t in live}
     artifacts: dict[str, Any] = {}
     manifests = []
@@ -168,13 +170,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
             artifacts[n] = art
             ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
-    # 3. eval file with the host's float reference outputs
     ready = [t for t in live if t.name in artifacts]
-    float_top1 = None
-    eval_path = None
-    if ready:
-        eval_path, float_top1 = build_eval_file(model, data, out_dir, Path(cache_dir) if cache_dir else None,
-                                                src.sha256)
 
     # 4-5. push, run, collect, validate
     jobs = [DeviceJob(t, artifacts[t.name].path, eval_path, artifact_info={
