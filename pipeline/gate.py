@@ -229,6 +229,7 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any) -> li
     acc_thr, acc_src = ((gates.max_top1_regression, "gates.max_top1_regression")
                         if gates.max_top1_regression is not None
                         else (DEFAULT_MAX_TOP1_REGRESSION, "default (gates.max_top1_regression unset)"))
+    floor_ms = float(gates.min_latency_regression_ms or 0.0)
     base = {(d.name, d.mode): d for d in baseline.devices if d.ok}
 
     def skip(name: str, note: str) -> Check:
@@ -247,13 +248,15 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any) -> li
             checks.append(skip(d.name, EMULATED_NOTE))
         else:
             try:
-                cmp = compare_latency(_samples(b), _samples(d), lat_thr)
+                cmp = compare_latency(_samples(b), _samples(d), lat_thr, min_delta_ms=floor_ms)
             except ValueError as exc:
                 checks.append(skip(d.name, str(exc)))
             else:
                 note = (f"median {cmp.base_median:.4g} -> {cmp.new_median:.4g} ms (x{cmp.ratio:.3f}, "
                         f"{100 * CONFIDENCE:.0f}% lower bound x{cmp.ci_low:.3f}, "
-                        f"{'significant' if cmp.significant else 'not significant'}) vs {baseline.run_id}")
+                        f"{'significant' if cmp.significant else 'not significant'}) vs {baseline.run_id}"
+                        + (f"; fails only if also > {floor_ms:g} ms slower (gates.min_latency_regression_ms)"
+                           if floor_ms else ""))
                 checks.append(Check(d.name, "max_latency_regression", round(cmp.slowdown, 4), lat_thr, lat_src,
                                     not cmp.regressed, note=note, family="regression"))
         acc_new = (d.result or {}).get("accuracy") or {}

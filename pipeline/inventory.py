@@ -57,6 +57,7 @@ class GatesSpec(GateThresholds):
     max_fail_percent: Optional[float] = Field(None, ge=0, le=100)
     require_all_kinds: Optional[list[Kind]] = None
     max_latency_regression: Optional[float] = Field(None, ge=0)  # fraction: 0.10 = 10 % slower
+    min_latency_regression_ms: Optional[float] = Field(None, ge=0)  # and at least this much slower (absolute floor)
     max_top1_regression: Optional[float] = Field(None, ge=0, le=100)  # points
     kinds: dict[Kind, GateThresholds] = Field(default_factory=dict)
     groups: dict[str, GateThresholds] = Field(default_factory=dict)

@@ -30,6 +30,7 @@ class LatencyComparison:
     max_regression: float
     significant: bool
     regressed: bool
+    min_delta_ms: float = 0.0
 
     @property
     def slowdown(self) -> float:
@@ -74,11 +75,13 @@ def bootstrap_median_ratio(base: np.ndarray, new: np.ndarray, *, n_boot: int = N
 
 
 def compare_latency(base_samples: Sequence[float], new_samples: Sequence[float], max_regression: float, *,
-                    confidence: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> LatencyComparison:
+                    min_delta_ms: float = 0.0, confidence: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP,
+                    seed: int = 0) -> LatencyComparison:
     """Compare raw per-invoke latency samples (ms) of a baseline and a new run of the same target and mode.
 
-    Significant: the one-sided lower confidence bound of the ratio of medians is above 1. Regressed: significant
-    and the ratio itself is above 1 + max_regression (e.g. 1.10).
+    Significant: the one-sided lower confidence bound of the ratio of medians is above 1. Regressed: significant,
+    the ratio itself above 1 + max_regression (e.g. 1.10), and the median at least `min_delta_ms` slower (an
+    absolute floor, so microsecond models do not fail on timer and cache noise).
     """
     base = np.asarray(base_samples, dtype=float)
     new = np.asarray(new_samples, dtype=float)
@@ -95,7 +98,9 @@ def compare_latency(base_samples: Sequence[float], new_samples: Sequence[float],
     return LatencyComparison(
         base_median=float(np.median(base)), new_median=float(np.median(new)), ratio=ratio, ci_low=ci_low,
         ci_high=ci_high, n_base=len(base), n_new=len(new), max_regression=float(max_regression),
-        significant=significant, regressed=significant and ratio > 1.0 + max_regression,
+        significant=significant, min_delta_ms=float(min_delta_ms),
+        regressed=significant and ratio > 1.0 + max_regression
+        and float(np.median(new) - np.median(base)) > min_delta_ms,
     )
 
 

@@ -146,6 +146,12 @@ def test_latency_regression_against_baseline(tmp_path, gate_models):
     assert c.measured > 0.10 and "significant" in c.note and c.source == "gates.max_latency_regression"
     assert v.exit_code == 1 and v.baseline_run_id == "base"
     assert evaluate(fast, inv, slow).passed  # getting faster is never a regression
+    # The same real slowdown adds microseconds to a microsecond model: under an absolute floor it does not fail.
+    floored = _inv(tmp_path, [{"name": "pi", "kind": "cpu", "mode": "float32"}],
+                   {"max_latency_regression": 0.10, "min_latency_regression_ms": 5.0})
+    v2 = evaluate(slow, floored, fast)
+    [c2] = [c for c in v2.checks if c.gate == "max_latency_regression"]
+    assert c2.passed and c2.measured > 0.10 and "min_latency_regression_ms" in c2.note
 
 
 def test_accuracy_regression_against_baseline(tmp_path, gate_models):

@@ -32,6 +32,14 @@ def test_significant_but_small_slowdown_passes():
     assert cmp.significant and not cmp.regressed
 
 
+def test_absolute_floor_keeps_microsecond_drift_from_failing_but_not_real_slowdowns():
+    """A 30 % slowdown of a 2 us model adds 0.6 us: under a 0.05 ms floor. The same 30 % on 5 ms fails."""
+    tiny = compare_latency(_lognormal(0.002, 300, 1), _lognormal(0.0026, 300, 2), 0.10, min_delta_ms=0.05)
+    assert tiny.significant and tiny.ratio > 1.2 and not tiny.regressed
+    big = compare_latency(_lognormal(5.0, 300, 1), _lognormal(6.5, 300, 2), 0.10, min_delta_ms=0.05)
+    assert big.regressed
+
+
 def test_large_but_noisy_slowdown_with_few_samples_is_not_significant():
     base = np.array([5, 9, 4, 12, 5, 8, 3, 11], dtype=float)
     new = base[::-1] * 1.25
