@@ -6,18 +6,15 @@
 """
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import ConfigError
+from .cache import DEFAULT_CACHE_DIR
 from .inventory import Inventory, load_inventory
 from .results import DeviceResult, RunResult
 
 DEFAULT_OUT = Path(".edgepipe") / "artifacts"
-DEFAULT_CACHE = Path(".edgepipe") / "cache"
 
 
 @dataclass
@@ -41,43 +38,22 @@ def _inventory(targets: str | Path | Inventory) -> Inventory:
     return targets if isinstance(targets, Inventory) else load_inventory(targets)
 
 
-def new_run_id() -> str:
-    """Sortable and unique: UTC time plus a random suffix."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
 def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str] = (),
-            targets: str | Path | Inventory | None = None, calibration: Any = None,
-            out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE,
+            targets: str | Path | Inventory | None = None, calibration: Any = None, compat: str | None = None,
+            io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
             progress: Callable[[str, str], None] | None = None) -> list[Any]:
     """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts."""
     from .converter import convert as convert_one
-    from .converter import plan_formats
-    from .inventory import KIND_DEFAULT_MODE
+    from .recipes import requested_formats
 
-    requests: list[tuple[str, str | None, str]] = [(m, None, "int8") for m in modes]
-    for k in kinds:
-        if k not in KIND_DEFAULT_MODE:
-            raise ConfigError(f"unknown kind {k!r}; accepted values: {', '.join(KIND_DEFAULT_MODE)}", field="--kind")
-        requests.append((KIND_DEFAULT_MODE[k], None, "int8"))
-    if targets is not None:
-        requests += [(f.mode, f.compat, f.io_type) for f in plan_formats(_inventory(targets).targets)]
-    if not requests:
-        raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
-    seen: set[tuple[str, str | None, str]] = set()
-    out = []
-    for req in requests:
-        if req in seen:
-            continue
-        seen.add(req)
-        mode, compat, io_type = req
-        out.append(convert_one(model, mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir,
-                               compat=compat, io_type=io_type, progress=progress))
-    return out
+    fleets = [_inventory(targets)] if targets is not None else []
+    return [convert_one(model, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
+                        io_type=r.io_type, progress=progress)
+            for r in requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)]
 
 
 def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any = None,
-        select: Iterable[str] = (), out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE,
+        select: Iterable[str] = (), out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
         db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
@@ -85,7 +61,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
     from .converter import load_source
     from .gate import gate_stored_run
-    from .run import execute
+    from .run import execute, new_run_id
     from .store import Store, db_path
 
     inv = _inventory(targets)

@@ -13,6 +13,9 @@ from typing import Any
 CACHE_VERSION = 1
 
 
+# Shared by `edgepipe convert`, `edgepipe run` and the Python API, so a convert then a run converts once.
+DEFAULT_CACHE_DIR = Path(os.environ.get("EDGEPIPE_CACHE_DIR", "~/.cache/edgepipe/convert")).expanduser()
+
 def tf_version() -> str | None:
     """The installed TensorFlow version, read from package metadata (no import)."""
     for dist in ("tensorflow", "tensorflow-cpu", "tf-nightly"):

@@ -15,13 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .recipes import DEFAULT_MODE_BY_KIND
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
 Runtime = Literal["auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow"]
 KINDS = ("cpu", "gpu", "edgetpu")
 MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
-KIND_DEFAULT_MODE = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
+KIND_DEFAULT_MODE = DEFAULT_MODE_BY_KIND
 KIND_DEFAULT_DELEGATE = {"edgetpu": "edgetpu", "gpu": "gpu", "cpu": "cpu"}
 SECRET_KEYS = ("password", "passphrase", "secret")
 CREDENTIAL_HINT = (

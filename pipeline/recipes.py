@@ -144,3 +144,28 @@ def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) 
         key = (t.mode, compat, io_type)
         plan.setdefault(key, FormatRequest(t.mode, compat, io_type)).targets.append(t.name)
     return list(plan.values())
+
+
+def requested_formats(modes: Any = (), kinds: Any = (), fleets: Any = (), *, compat: str | None = None,
+                      io_type: str = "int8") -> list[FormatRequest]:
+    """The distinct formats asked for, in order: explicit modes, then kinds' defaults, then each fleet's needs
+    (`fleets` holds loaded inventories). Requests for the same (mode, compat, io_type) merge their targets."""
+    from .errors import ConfigError
+
+    reqs = [FormatRequest(m, compat, io_type) for m in modes]
+    for k in kinds:
+        if k not in DEFAULT_MODE_BY_KIND:
+            raise ConfigError(f"unknown kind {k!r}", field="--kind", hint=f"use one of: {', '.join(DEFAULT_MODE_BY_KIND)}")
+        reqs.append(FormatRequest(DEFAULT_MODE_BY_KIND[k], compat, io_type, [f"kind:{k}"]))
+    for inv in fleets:
+        reqs.extend(plan_formats(inv.targets))
+    if not reqs:
+        raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
+    merged: dict[tuple, FormatRequest] = {}
+    for r in reqs:
+        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8")
+        if key in merged:
+            merged[key].targets.extend(t for t in r.targets if t not in merged[key].targets)
+        else:
+            merged[key] = r
+    return list(merged.values())

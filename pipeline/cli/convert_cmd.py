@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -10,37 +9,9 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import ConfigError
+from ..cache import DEFAULT_CACHE_DIR
 from .app import app, emit_json, err_console, handle_errors, out_console
 
-DEFAULT_CACHE = Path(os.environ.get("EDGEPIPE_CACHE_DIR", "~/.cache/edgepipe/convert"))
-
-
-def _requests(modes: list[str], kinds: list[str], targets: list[Path], compat: str | None, io_type: str):
-    """The distinct formats asked for, in order: explicit modes, then kinds' defaults, then the fleet's needs."""
-    from ..recipes import DEFAULT_MODE_BY_KIND, FormatRequest, plan_formats
-
-    reqs: list[FormatRequest] = []
-    for m in modes:
-        reqs.append(FormatRequest(m, compat, io_type))
-    for k in kinds:
-        if k not in DEFAULT_MODE_BY_KIND:
-            raise ConfigError(f"unknown kind '{k}'", field="--kind", hint=f"use one of: {', '.join(DEFAULT_MODE_BY_KIND)}")
-        reqs.append(FormatRequest(DEFAULT_MODE_BY_KIND[k], compat, io_type, [f"kind:{k}"]))
-    for path in targets:
-        from ..inventory import load_inventory
-
-        reqs.extend(plan_formats(load_inventory(path).targets))
-    if not reqs:
-        raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
-    merged: dict[tuple, FormatRequest] = {}
-    for r in reqs:
-        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8")
-        if key in merged:
-            merged[key].targets.extend(t for t in r.targets if t not in merged[key].targets)
-        else:
-            merged[key] = r
-    return list(merged.values())
 
 
 def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
@@ -81,7 +52,7 @@ def convert_command(
     io_type: str = typer.Option("int8", "--io-type", help="int8 models' input/output type: int8 | uint8"),
     compat: Optional[str] = typer.Option(None, "--compat", help="runtime the artifacts must load on, e.g. tflite-runtime==2.14"),
     out: Path = typer.Option(Path("artifacts"), "--out", "-o", help="output directory"),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="conversion cache directory"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="conversion cache directory ($EDGEPIPE_CACHE_DIR)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="always convert"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON object on stdout"),
 ) -> None:
@@ -89,7 +60,10 @@ def convert_command(
     from ..calibration import load_calibration
     from ..converter import convert
 
-    reqs = _requests(list(mode), list(kind), list(targets), compat, io_type)
+    from ..inventory import load_inventory
+    from ..recipes import requested_formats
+
+    reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
     calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed) if calibration else None
     rows = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,

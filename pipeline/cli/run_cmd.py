@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..cache import DEFAULT_CACHE_DIR
 from ..report import human_bytes
 from .app import app, emit_json, handle_errors, out_console
 from .fleet_cmd import DeviceBoard
@@ -51,7 +52,7 @@ def run_command(
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="Where artifacts and eval files go."),
-    cache_dir: Optional[Path] = typer.Option(Path(".edgepipe/cache"), "--cache-dir", help="Conversion cache."),
+    cache_dir: Optional[Path] = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Conversion cache ($EDGEPIPE_CACHE_DIR)."),
     db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: targets.yaml db:, else .edgepipe/results.db next to it)."),
     baseline: str = typer.Option("last", "--baseline", help="Regression baseline: last | RUN_ID | TAG | none."),
     label: Optional[str] = typer.Option(None, "--label", "--tag", help="A git-style label for this run (usable as a baseline)."),
