@@ -61,12 +61,13 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
     from .converter import load_source
     from .gate import gate_stored_run
-    from .run import execute, new_run_id
+    from .run import execute, load_eval_data, new_run_id
     from .store import Store, db_path
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
     model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
+    load_eval_data(data)                       # and so does a missing or unreadable eval file
     run_id = run_id or new_run_id()
     store = Store(db_path(db, inv))
     try:
