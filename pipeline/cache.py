@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
+
 CACHE_VERSION = 1
 
 
@@ -24,20 +26,6 @@ def tf_version() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def hash_path(path: Path) -> str:
-    """sha256 of a file, or of a directory's relative paths and file contents (SavedModel)."""
-    h = hashlib.sha256()
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(model_sha256: str, recipe_key: dict[str, Any], calibration_sha256: str | None,
@@ -78,6 +66,4 @@ class ConversionCache:
         tmp = d / f".model.{os.getpid()}.tmp"
         shutil.copyfile(tflite, tmp)
         tmp.replace(d / "model.tflite")
-        tmpm = d / f".manifest.{os.getpid()}.tmp"
-        tmpm.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        tmpm.replace(d / "manifest.json")
+        write_atomic(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))

@@ -8,19 +8,10 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .files import write_atomic
 from .gate import Check, Verdict, fmt
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~"})
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a reader (CI, a browser) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def junit_xml(verdict: Verdict) -> str:
@@ -57,7 +48,7 @@ def junit_xml(verdict: Verdict) -> str:
 
 
 def write_junit(verdict: Verdict, path: str | Path) -> Path:
-    return write_text_atomic(Path(path), junit_xml(verdict))
+    return write_atomic(Path(path), junit_xml(verdict))
 
 
 def md_escape(text: object) -> str:
@@ -102,4 +93,4 @@ def write_summary(verdict: Verdict, path: str | Path) -> Path:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(text + "\n")
         return path
-    return write_text_atomic(path, text)
+    return write_atomic(path, text)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .cache import ConversionCache, cache_key, hash_path, tf_version
+from .cache import ConversionCache, cache_key, tf_version
+from .files import sha256_path, write_atomic
 from .calibration import Calibration, load_calibration
 from .compat import check_compat, parse_compat
 from .errors import ConversionError, EdgepipeError
@@ -103,7 +104,7 @@ def load_source(model: str | Path) -> ModelSource:
             raise ConversionError(f"unsupported model file type '{path.suffix or path.name}'", file=str(path),
                                   hint="use a SavedModel directory, .keras, .h5 or .tflite")
     return ModelSource(path, kind, _strip_suffixes(path.name if kind == "saved_model" else path.stem),
-                       hash_path(path), _detect_qat(path, kind))
+                       sha256_path(path), _detect_qat(path, kind))
 
 
 def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | None) -> str:
@@ -325,9 +326,7 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         from .flatbuffer import compact_tflite
 
         data = compact_tflite(data)
-    tmp = out_path.with_suffix(".tflite.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out_path)
+    write_atomic(out_path, data)
     info = read_model(data)
     edgetpu = _edgetpu(out_path, info, mode, report)
     manifest = build_manifest(info, mode=mode, file_name=name, recipe=r.options, tf_version=tf_ver,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AgentError, TransportError
+from .files import sha256_path
 from .transport.base import CommandResult, Transport
 
 AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agents" / "agent.py"
@@ -87,11 +88,7 @@ def sha256_file(path: Path) -> str:
     st = Path(path).stat()
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        d = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                d.update(block)
-        _SHA_CACHE[key] = d.hexdigest()
+        _SHA_CACHE[key] = sha256_path(path)
     return _SHA_CACHE[key]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
+from .files import write_atomic
 
 MANIFEST_VERSION = 1
 
@@ -222,11 +223,7 @@ def build_manifest(info: ModelInfo, *, mode: str, file_name: str, recipe: dict[s
 
 
 def write_manifest(manifest: dict[str, Any], path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def inspect_tflite(path: Path | str) -> dict[str, Any]:

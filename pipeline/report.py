@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any, Iterable
 
-from .ci_outputs import write_text_atomic
+from .files import write_atomic
 from .gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
 from .results import DeviceResult, RunResult
 
@@ -324,4 +324,4 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
 
 def write_report(run: RunResult, verdict: Verdict, history: Any, out_dir: str | Path) -> Path:
     """Write `out_dir/report.html` atomically and return its path."""
-    return write_text_atomic(Path(out_dir) / "report.html", render_html(run, verdict, history))
+    return write_atomic(Path(out_dir) / "report.html", render_html(run, verdict, history))
