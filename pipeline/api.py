@@ -15,6 +15,7 @@ from .inventory import Inventory, load_inventory
 from .results import DeviceResult, RunResult
 
 DEFAULT_OUT = Path(".edgepipe") / "artifacts"
+HISTORY_IN_REPORT = 50  # runs shown in the report's trend
 
 
 @dataclass
@@ -99,7 +100,7 @@ def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summar
     if report_dir is not None:
         from .report import write_report
 
-        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=50), report_dir)
+        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=HISTORY_IN_REPORT), report_dir)
     if junit is not None:
         rel.junit_path = write_junit(rel.verdict, junit)
     if summary is not None:
@@ -109,24 +110,36 @@ def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summar
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
          baseline: str | None = "last", select: Iterable[str] = (), junit: str | Path | None = None,
          summary: str | Path | None = None, report_dir: str | Path | None = None) -> Release:
-    """Re-evaluate the gates of a stored run (e.g. with other thresholds or another baseline)."""
+    """Re-evaluate and save the gates of a stored run (e.g. with other thresholds or another baseline)."""
     from .gate import gate_stored_run
-    from .store import Store, db_path
+    from .store import open_store
 
-    inv = _inventory(targets) if targets is not None else None
-    store = Store(db_path(db, inv))
-    try:
-        run_id = store.resolve_run(run_ref)
-        stored, base, verdict = gate_stored_run(store, run_id, inv, baseline, select=list(select) or None)
+    inv = _inventory(targets if targets is not None else "targets.yaml")
+    with open_store(db, inv) as store:
+        stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None)
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
         _write_outputs(rel, store, report_dir, junit, summary)
-        return rel
-    finally:
-        store.close()
+    return rel
 
 
 def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
-           targets: str | Path | Inventory | None = None, baseline: str | None = "last") -> Path:
-    """Write the HTML report of a stored run; returns the report's path."""
-    rel = gate(run_ref, targets=targets, db=db, baseline=baseline, report_dir=out_dir)
-    return Path(rel.report_path or out_dir)
+           targets: str | Path | Inventory | None = None, baseline: str | None = "last", regate: bool = False) -> Path:
+    """Write the HTML report of a stored run with its last stored verdict (or re-gated when `regate`, or when it
+    has none and `targets` is given); returns the report's path. Re-gating for a report saves nothing."""
+    from .errors import StoreError
+    from .gate import Verdict, gate_stored_run
+    from .report import write_report
+    from .store import open_store
+
+    inv = _inventory(targets) if targets is not None else None
+    with open_store(db, inv) as store:
+        run = store.load_run(run_ref)
+        verdicts = store.verdicts(run.run_id)
+        if regate or not verdicts:
+            if inv is None:
+                raise StoreError(f"run {run.run_id} has no stored verdict", file=str(store.path),
+                                 hint="pass --targets targets.yaml to gate it, or run `edgepipe gate` first")
+            run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
+        else:
+            verdict = Verdict.from_dict(verdicts[-1])
+        return write_report(run, verdict, store.history(limit=HISTORY_IN_REPORT), out_dir)

@@ -418,3 +418,12 @@ def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path:
     if inventory is not None and getattr(inventory, "path", None):
         return Path(inventory.path).resolve().parent / DEFAULT_DB
     return DEFAULT_DB
+
+
+def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True) -> Store:
+    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing file."""
+    path = db_path(cli_db, inventory)
+    if must_exist and not path.exists():
+        raise StoreError("no results database here", file=str(path),
+                         hint="run `edgepipe run` first, or pass --db PATH")
+    return Store(path)

@@ -10,8 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import StoreError
-from ..store import Store, db_path
+from ..store import open_store
 from .app import app, emit_json, err_console, handle_errors, out_console
 
 DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db beside it).")
@@ -27,15 +26,6 @@ def _inventory(targets: Optional[Path], required: bool):
     if targets is None and not required:
         return load_inventory("targets.yaml") if Path("targets.yaml").exists() else None
     return load_inventory(targets or Path("targets.yaml"))
-
-
-def open_store(db: Optional[Path], inventory=None, *, must_exist: bool = True) -> Store:
-    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing file."""
-    path = db_path(db, inventory)
-    if must_exist and not path.exists():
-        raise StoreError("no results database here", file=str(path),
-                         hint="run `edgepipe run` first, or pass --db PATH")
-    return Store(path)
 
 
 def _f(v, digits: int = 3) -> str:
@@ -126,22 +116,15 @@ def gate(
     db: Optional[Path] = DB_OPT,
 ) -> None:
     """Gate a stored run: exit 0 passed, 1 a gate failed, 2 usage/config error, 3 no device measured."""
-    from ..ci_outputs import write_junit, write_summary
-    from ..gate import gate_stored_run
+    from .. import api
 
     inv = _inventory(targets, required=True)
     names = [t.name for t in inv.select(select)] if select else None
-    with open_store(db, inv) as store:
-        result, _, verdict = gate_stored_run(store, run, inv, baseline=baseline, select=names)
-        if report is not None:
-            from ..report import write_report
-
-            err_console.print(f"report: {write_report(result, verdict, store.history(limit=30), report)}",
-                              markup=False)
-    if junit is not None:
-        write_junit(verdict, junit)
-    if summary is not None:
-        write_summary(verdict, summary)
+    rel = api.gate(run, targets=inv, db=db, baseline=baseline, select=names or (), junit=junit, summary=summary,
+                   report_dir=report)
+    verdict = rel.verdict
+    if rel.report_path is not None:
+        err_console.print(f"report: {rel.report_path}", markup=False)
     if as_json:
         emit_json(json.dumps(verdict.to_dict()))
     else:
@@ -163,19 +146,8 @@ def report_cmd(
     db: Optional[Path] = DB_OPT,
 ) -> None:
     """Write one self-contained HTML report (no network, inline SVG plots) for a stored run."""
-    from ..gate import Verdict, gate_stored_run
-    from ..report import write_report
+    from .. import api
 
-    inv = _inventory(targets, required=False)
-    with open_store(db, inv) as store:
-        result = store.load_run(run)
-        verdicts = store.verdicts(result.run_id)
-        if targets is not None or not verdicts:
-            if inv is None:
-                raise StoreError(f"run {result.run_id} has no stored verdict", file=str(store.path),
-                                 hint="pass --targets targets.yaml to gate it, or run `edgepipe gate` first")
-            result, _, verdict = gate_stored_run(store, result.run_id, inv, baseline=baseline, save=False)
-        else:
-            verdict = Verdict.from_dict(verdicts[-1])
-        path = write_report(result, verdict, store.history(limit=30), out)
+    path = api.report(run, out_dir=out, db=db, targets=_inventory(targets, required=False),
+                      baseline=baseline, regate=targets is not None)
     typer.echo(str(path))
