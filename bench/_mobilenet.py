@@ -22,7 +22,7 @@ def mobilenet_v2(size: int = 224, seed: int = 0) -> tuple[Path, Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     import keras
 
-    from pipeline.converter import capture_stdout
+    from pipeline.convert.converter import capture_stdout
 
     keras.utils.set_random_seed(seed)
     m = keras.applications.MobileNetV2(weights=None, input_shape=(size, size, 3), classes=1000)

@@ -30,7 +30,7 @@ from pipeline.inventory import load_inventory  # noqa: E402
 from pipeline.testing.emulated_pi import binfmt_ready, ensure_rootfs, rootfs_archive, start_emulated_pi  # noqa: E402
 from pipeline.testing.sshd import generate_key, start_fleet, stop, target_entry, write_known_hosts  # noqa: E402
 from pipeline.testing.sshd import write_targets_yaml  # noqa: E402
-from pipeline.transport import open_transport  # noqa: E402
+from pipeline.devices.transport import open_transport  # noqa: E402
 
 X86_LITERT = str(ROOT / ".venv-devices" / "litert" / "bin" / "python")
 

@@ -27,7 +27,7 @@ CACHE_TARGET = 0.05
 
 
 def run(work: Path, log=print) -> dict:
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     log("building (or reusing) MobileNetV2 (weights=None, BatchNorm re-estimated)...")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.inventory import load_inventory  # noqa: E402
 from pipeline.run import execute  # noqa: E402
 from pipeline.testing.sshd import start_fleet, stop, write_targets_yaml  # noqa: E402
-from pipeline.transport import open_transport  # noqa: E402
+from pipeline.devices.transport import open_transport  # noqa: E402
 
 PYTHONS = [str(ROOT / ".venv-devices" / "litert" / "bin" / "python"),
            str(ROOT / ".venv-devices" / "tflite-runtime" / "bin" / "python")]

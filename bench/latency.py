@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     model, cal, ev = mobilenet_v2()
     out = CACHE / "latency_artifacts"

@@ -2,7 +2,7 @@
 
 A/A: the same model measured twice by the agent (LiteRT device venv); any "regression" is a false alarm.
 A/B: the same network with a ~20 % larger input (so ~20 % more work per invoke); a regression should be flagged.
-Each trial measures A, A, A, B in random order and feeds the raw samples to `pipeline.regression.compare_latency`
+Each trial measures A, A, A, B in random order and feeds the raw samples to `pipeline.release.regression.compare_latency`
 with max_latency_regression = 0.10 (the gate's own test). Usage:
     python bench/regression.py [--trials 30] [--runs 300] [--json]
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.regression import compare_latency  # noqa: E402
+from pipeline.release.regression import compare_latency  # noqa: E402
 
 PYTHON = REPO / ".venv-devices" / "litert" / "bin" / "python"
 AGENT = REPO / "device_agents" / "agent.py"
@@ -37,7 +37,7 @@ def _model(size: int, out: Path) -> tuple[Path, Path]:
         return tflite, data
     import keras
 
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     keras.utils.set_random_seed(0)
     inp = keras.Input(shape=(size, size, 3), batch_size=1)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .cache import DEFAULT_CACHE_DIR
-from .inventory import Inventory, load_inventory
-from .results import DeviceResult, RunResult
+from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.inventory import Inventory, load_inventory
+from pipeline.results import DeviceResult, RunResult
 
 DEFAULT_OUT = Path(".edgepipe") / "artifacts"
 HISTORY_IN_REPORT = 50  # runs shown in the report's trend
@@ -23,7 +23,7 @@ class Release:
     """Everything one `edgepipe run` produced."""
 
     run: RunResult
-    verdict: Any  # pipeline.gate.Verdict
+    verdict: Any  # pipeline.release.gate.Verdict
     baseline: RunResult | None
     db_path: Path
     report_path: Path | None = None
@@ -44,8 +44,8 @@ def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str
             io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
             progress: Callable[[str, str], None] | None = None) -> list[Any]:
     """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts."""
-    from .converter import convert as convert_one
-    from .recipes import requested_formats
+    from pipeline.convert.converter import convert as convert_one
+    from pipeline.convert.recipes import requested_formats
 
     fleets = [_inventory(targets)] if targets is not None else []
     return [convert_one(model, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
@@ -60,10 +60,10 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         on_event: Callable[[str, str, str], None] | None = None,
         on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
-    from .converter import load_source
-    from .gate import gate_stored_run
-    from .run import execute, load_eval_data, new_run_id
-    from .store import Store, db_path
+    from pipeline.convert.converter import load_source
+    from pipeline.release.gate import gate_stored_run
+    from pipeline.run import execute, load_eval_data, new_run_id
+    from pipeline.release.store import Store, db_path
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
@@ -95,10 +95,10 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
 
 
 def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summary: Any) -> None:
-    from .ci_outputs import write_junit, write_summary
+    from pipeline.release.ci_outputs import write_junit, write_summary
 
     if report_dir is not None:
-        from .report import write_report
+        from pipeline.release.report import write_report
 
         rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=HISTORY_IN_REPORT), report_dir)
     if junit is not None:
@@ -111,8 +111,8 @@ def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str
          baseline: str | None = "last", select: Iterable[str] = (), junit: str | Path | None = None,
          summary: str | Path | None = None, report_dir: str | Path | None = None) -> Release:
     """Re-evaluate and save the gates of a stored run (e.g. with other thresholds or another baseline)."""
-    from .gate import gate_stored_run
-    from .store import open_store
+    from pipeline.release.gate import gate_stored_run
+    from pipeline.release.store import open_store
 
     inv = _inventory(targets if targets is not None else "targets.yaml")
     with open_store(db, inv) as store:
@@ -126,10 +126,10 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
            targets: str | Path | Inventory | None = None, baseline: str | None = "last", regate: bool = False) -> Path:
     """Write the HTML report of a stored run with its last stored verdict (or re-gated when `regate`, or when it
     has none and `targets` is given); returns the report's path. Re-gating for a report saves nothing."""
-    from .errors import StoreError
-    from .gate import Verdict, gate_stored_run
-    from .report import write_report
-    from .store import open_store
+    from pipeline.errors import StoreError
+    from pipeline.release.gate import Verdict, gate_stored_run
+    from pipeline.release.report import write_report
+    from pipeline.release.store import open_store
 
     inv = _inventory(targets) if targets is not None else None
     with open_store(db, inv) as store:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib import resources
 from pathlib import Path
 
 
@@ -30,4 +31,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     else:
         tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
+    return path
+
+
+def agent_file(name: str) -> Path:
+    """A file of the device agent (`agent.py`, `result.schema.json`), shipped as package data of `device_agents`."""
+    ref = resources.files("device_agents").joinpath(name)
+    path = Path(os.fspath(ref))  # wheels install as directories, so the resource is a real file
+    if not path.is_file():
+        raise FileNotFoundError(f"device agent file {name} is missing from the installed package ({path})")
     return path

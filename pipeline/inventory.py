@@ -14,15 +14,17 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
-from .recipes import DEFAULT_MODE_BY_KIND
+from pipeline.errors import ConfigError
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
 Runtime = Literal["auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow"]
+# The one vocabulary of targets.yaml: kinds, modes, runtimes (every other module imports these).
 KINDS = ("cpu", "gpu", "edgetpu")
 MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
-KIND_DEFAULT_MODE = DEFAULT_MODE_BY_KIND
+RUNTIMES = ("auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow")
+AUTO_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")  # the agent's `--runtime auto` order
+KIND_DEFAULT_MODE = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
 KIND_DEFAULT_DELEGATE = {"edgetpu": "edgetpu", "gpu": "gpu", "cpu": "cpu"}
 SECRET_KEYS = ("password", "passphrase", "secret")
 CREDENTIAL_HINT = (
@@ -282,8 +284,6 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
     if etype == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_keys(_model_for_loc(loc[:-1]))
-        if key.lower() in SECRET_KEYS or "password" in key.lower():
-            return path, CREDENTIAL_HINT
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return path, f"unknown key {key!r}; {hint}accepted keys: {', '.join(allowed)}"
@@ -351,7 +351,7 @@ def _split_runtime(raw: str | None, version: str | None, file: Path, fpath: str)
     if "==" in runtime:
         runtime, _, ver = runtime.partition("==")
         version = version or ver
-    allowed = ("auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow")
+    allowed = RUNTIMES
     if runtime not in allowed:
         raise ConfigError(f"invalid value {runtime!r}; accepted values: {', '.join(allowed)} "
                           "(optionally with ==VERSION, e.g. tflite-runtime==2.14)", file=file, field=fpath)

@@ -11,23 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentError
+from pipeline.errors import AgentError
+from pipeline.files import agent_file
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "device_agents" / "result.schema.json"
-
-# Error codes a device can end with (besides the agent's own codes).
-FLEET_ERROR_CODES = (
-    "unreachable",
-    "auth_failed",
-    "host_key_unknown",
-    "host_key_changed",
-    "timeout",
-    "push_failed",
-    "agent_error",
-    "bad_result",
-    "conversion_failed",
-    "incompatible",
-)
+SCHEMA_PATH = agent_file("result.schema.json")
 
 
 @dataclass

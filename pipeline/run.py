@@ -11,14 +11,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .deploy import sha256_file
-from .errors import CompatibilityError, ConfigError, ConversionError
-from .fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
-from .probe import ProbeResult, probe_fleet
-from .results import DeviceResult, RunResult
+from pipeline.devices.deploy import sha256_file
+from pipeline.errors import CompatibilityError, ConfigError, ConversionError
+from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
+from pipeline.devices.probe import ProbeResult, probe_fleet
+from pipeline.inventory import AUTO_ORDER
+from pipeline.results import DeviceResult, RunResult
 
-# the agent's `--runtime auto` order (pycoral only for the Edge TPU delegate)
-AUTO_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")
 
 
 def new_run_id() -> str:
@@ -66,7 +65,7 @@ def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_di
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
     path = where / f"eval-{key}.npz"
     if not path.exists():
-        from .reference import float_reference
+        from pipeline.convert.reference import float_reference
 
         try:
             ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
@@ -95,7 +94,7 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
             on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
             run_id: str | None = None, transport_factory: TransportFactory | None = None) -> RunResult:
     """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results."""
-    from .converter import load_source
+    from pipeline.convert.converter import load_source
 
     ev, report = on_event or _noop, on_result or (lambda r: None)
     run_id = run_id or new_run_id()
@@ -122,7 +121,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
                  connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
                  report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
                  started: float) -> RunResult:
-    from .converter import convert, plan_formats
+    from pipeline.convert.converter import convert, plan_formats
 
     done: dict[str, DeviceResult] = {}
 

@@ -4,10 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-if [[ "${1:-}" == "--down" ]]; then exec "$PY" -m pipeline.demo "$@"; fi
+if [[ "${1:-}" == "--down" ]]; then exec "$PY" -m pipeline.testing.demo "$@"; fi
 flags=()
 if ! bash scripts/system_deps.sh --demo; then
   echo "[demo] note: openssh-server is not installed and cannot be (no root/apt): using transport: local targets" >&2
   flags+=(--local)
 fi
-exec "$PY" -m pipeline.demo "${flags[@]}" "$@"
+exec "$PY" -m pipeline.testing.demo "${flags[@]}" "$@"

@@ -83,8 +83,8 @@ def _leaky_model(path: Path) -> Path:
 def gate_models(digits, conversion_cache, tmp_path_factory) -> GateModels:
     """The session's digits CNN converted for real (float32, int8, int8 calibrated on wrongly scaled data), and an
     int8 CNN with an op the Edge TPU cannot map."""
-    from pipeline.converter import convert
-    from pipeline.reference import float_reference
+    from pipeline.convert.converter import convert
+    from pipeline.convert.reference import float_reference
 
     root = tmp_path_factory.mktemp("gate_models")
     bundle = digits

@@ -5,14 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.compat import check_compat, compat_for, incompatibilities, parse_compat
+from pipeline.convert.compat import check_compat, compat_for, incompatibilities, parse_compat
 from pipeline.errors import CompatibilityError, ConfigError
 from tests.fixtures.models import DEVICE_PYTHONS, run_in_device_venv
 
 
 @pytest.fixture(scope="module")
 def compat_dynamic(digits, tmp_path_factory, conversion_cache):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     return convert(digits.model_path, "dynamic", out_dir=tmp_path_factory.mktemp("compat"),
                    cache_dir=conversion_cache, compat="tflite-runtime==2.14")
@@ -73,7 +73,7 @@ def _t(name, mode, runtime="auto", version=None, io_type="int8"):
 
 
 def test_plan_formats_one_request_per_distinct_format():
-    from pipeline.converter import plan_formats
+    from pipeline.convert.converter import plan_formats
 
     targets = [_t("pi4", "dynamic"), _t("pi5", "dynamic", "ai-edge-litert", "2.3"),
                _t("pi3", "dynamic", "tflite-runtime", "2.14"), _t("coral-usb", "int8"),
@@ -89,7 +89,7 @@ def test_plan_formats_one_request_per_distinct_format():
 
 
 def test_plan_formats_probed_runtime_overrides_declared():
-    from pipeline.converter import plan_formats
+    from pipeline.convert.converter import plan_formats
 
     targets = [_t("pi4", "dynamic"), _t("pi5", "dynamic", "tflite-runtime", "2.14")]
     probes = {"pi4": {"runtime": "tflite-runtime", "version": "2.14.0"},
@@ -99,7 +99,7 @@ def test_plan_formats_probed_runtime_overrides_declared():
 
 
 def test_passthrough_tflite_is_checked_against_the_declared_runtime(digits_artifacts, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     with pytest.raises(CompatibilityError, match="FULLY_CONNECTED version 12"):
         convert(digits_artifacts["dynamic"].path, "dynamic", out_dir=tmp_path, compat="tflite-runtime==2.14")
@@ -112,7 +112,7 @@ def test_help_and_library_import_do_not_import_tensorflow():
     import sys
 
     code = ("import sys\nfrom pipeline.cli import _load_commands, app\n_load_commands()\n"
-            "import pipeline.converter, pipeline.edgetpu, pipeline.compat, pipeline.cache, pipeline.reference\n"
+            "import pipeline.convert.converter, pipeline.convert.edgetpu, pipeline.convert.compat, pipeline.convert.cache, pipeline.convert.reference\n"
             "print('tensorflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

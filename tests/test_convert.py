@@ -22,7 +22,7 @@ def test_digits_artifact_runs_on_device_runtime_within_one_point_of_float(digits
     art = digits_artifacts[mode]
     if runtime == "tflite-runtime" and mode == "dynamic":
         # TF 2.21's default dynamic Dense quantization is FULLY_CONNECTED v12: the host must say so up front...
-        from pipeline.compat import check_compat
+        from pipeline.convert.compat import check_compat
 
         with pytest.raises(CompatibilityError) as exc:
             check_compat(art.manifest, "tflite-runtime", "2.14")
@@ -37,7 +37,7 @@ def test_digits_artifact_runs_on_device_runtime_within_one_point_of_float(digits
 
 
 def test_manifest_records_what_made_the_artifact(digits_artifacts):
-    from pipeline.manifest import manifest_hash
+    from pipeline.convert.manifest import manifest_hash
 
     for mode, art in digits_artifacts.items():
         m = json.loads(art.manifest_path.read_text())
@@ -72,7 +72,7 @@ def test_sizes_shrink_as_expected(digits_artifacts):
 
 
 def test_same_inputs_give_same_artifact_and_manifest_hash(digits, digits_artifacts, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     again = convert(digits.model_path, "int8", calibration=digits.calibration_path, out_dir=tmp_path)  # no cache
     first = digits_artifacts["int8"]
@@ -82,10 +82,10 @@ def test_same_inputs_give_same_artifact_and_manifest_hash(digits, digits_artifac
 
 
 def test_shared_vectors_are_lossless_and_smaller(digits, digits_artifacts, tmp_path):
-    from pipeline.calibration import load_calibration
-    from pipeline.converter import _run_conversion, load_source
-    from pipeline.manifest import read_model
-    from pipeline.recipes import make_recipe
+    from pipeline.convert.calibration import load_calibration
+    from pipeline.convert.converter import _run_conversion, load_source
+    from pipeline.convert.manifest import read_model
+    from pipeline.convert.recipes import make_recipe
 
     r = make_recipe("int8")
     r.options.pop("share_vectors")
@@ -107,7 +107,7 @@ def test_cache_hit_does_no_conversion_and_never_imports_tensorflow(digits, digit
                                                                    tmp_path):
     script = (
         "import sys, json\n"
-        "from pipeline.converter import convert\n"
+        "from pipeline.convert.converter import convert\n"
         f"a = convert({str(digits.model_path)!r}, 'int8', calibration={str(digits.calibration_path)!r},\n"
         f"            out_dir={str(tmp_path)!r}, cache_dir={str(conversion_cache)!r})\n"
         "print(json.dumps({'cached': a.cached, 'sha256': a.sha256, 'tf': 'tensorflow' in sys.modules,\n"
@@ -121,8 +121,8 @@ def test_cache_hit_does_no_conversion_and_never_imports_tensorflow(digits, digit
 
 
 def test_cache_key_includes_calibration_selection(digits, conversion_cache, digits_artifacts, tmp_path):
-    from pipeline.calibration import load_calibration
-    from pipeline.converter import convert
+    from pipeline.convert.calibration import load_calibration
+    from pipeline.convert.converter import convert
 
     calib = load_calibration(digits.calibration_path, count=50, seed=3)
     art = convert(digits.model_path, "int8", calibration=calib, out_dir=tmp_path, cache_dir=conversion_cache)
@@ -132,7 +132,7 @@ def test_cache_key_includes_calibration_selection(digits, conversion_cache, digi
 
 
 def test_int8_with_uint8_io_on_request(digits, tmp_path, conversion_cache):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     art = convert(digits.saved_model_dir, "int8", calibration=digits.calibration_path, out_dir=tmp_path,
                   cache_dir=conversion_cache, io_type="uint8")
@@ -143,7 +143,7 @@ def test_int8_with_uint8_io_on_request(digits, tmp_path, conversion_cache):
 
 
 def test_two_branch_model_in_every_mode_matches_float_reference(branchy, branchy_artifacts):
-    from pipeline.reference import float_reference
+    from pipeline.convert.reference import float_reference
 
     x = np.load(branchy / "branchy_eval.npz")["x"]
     ref = float_reference(branchy / "branchy.keras", x)
@@ -162,7 +162,7 @@ def test_two_branch_model_in_every_mode_matches_float_reference(branchy, branchy
 
 
 def test_h5_and_saved_model_inputs_convert_like_keras(branchy, branchy_artifacts, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     for src in ("branchy.h5", "branchy_savedmodel"):
         art = convert(branchy / src, "float32", out_dir=tmp_path / src)
@@ -173,7 +173,7 @@ def test_h5_and_saved_model_inputs_convert_like_keras(branchy, branchy_artifacts
 
 
 def test_tflite_input_passes_through_unchanged(digits_artifacts, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     src = digits_artifacts["int8"]
     art = convert(src.path, "int8", out_dir=tmp_path)
@@ -192,7 +192,7 @@ def test_tflite_input_passes_through_unchanged(digits_artifacts, tmp_path):
     ("random.tflite", b"garbage" * 10, "not a TFLite flatbuffer"),
 ])
 def test_bad_model_is_one_clear_line(tmp_path, name, content, message):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     path = tmp_path / name
     if content is not None:
@@ -204,14 +204,14 @@ def test_bad_model_is_one_clear_line(tmp_path, name, content, message):
 
 
 def test_directory_without_saved_model_is_rejected(tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     with pytest.raises(ConversionError, match="not a SavedModel"):
         convert(tmp_path, "float32", out_dir=tmp_path / "out")
 
 
 def test_int8_without_calibration_says_what_to_pass(digits, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     with pytest.raises(ConversionError) as exc:
         convert(digits.model_path, "int8", out_dir=tmp_path)
@@ -219,7 +219,7 @@ def test_int8_without_calibration_says_what_to_pass(digits, tmp_path):
 
 
 def test_calibration_shape_mismatch_names_both_shapes(digits, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((10, 8, 8), np.float32))
@@ -229,7 +229,7 @@ def test_calibration_shape_mismatch_names_both_shapes(digits, tmp_path):
 
 
 def test_calibration_dtype_mismatch_names_both(digits, tmp_path):
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     bad = tmp_path / "raw.npz"
     np.savez(bad, x=np.zeros((10, 8, 8, 1), np.uint8))
@@ -239,7 +239,7 @@ def test_calibration_dtype_mismatch_names_both(digits, tmp_path):
 
 
 def test_calibration_errors(tmp_path):
-    from pipeline.calibration import load_calibration
+    from pipeline.convert.calibration import load_calibration
 
     np.savez(tmp_path / "nox.npz", data=np.zeros((3, 2)))
     with pytest.raises(ConfigError, match="no array 'x'"):
@@ -252,7 +252,7 @@ def test_calibration_errors(tmp_path):
 
 
 def test_calibration_count_and_seed_select_reproducibly(digits):
-    from pipeline.calibration import load_calibration
+    from pipeline.convert.calibration import load_calibration
 
     a = load_calibration(digits.calibration_path, count=20, seed=7)
     b = load_calibration(digits.calibration_path, count=20, seed=7)
@@ -263,7 +263,7 @@ def test_calibration_count_and_seed_select_reproducibly(digits):
 def test_image_folder_calibration_with_declared_preprocessing(digits, tmp_path):
     from PIL import Image
 
-    from pipeline.converter import convert
+    from pipeline.convert.converter import convert
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -279,7 +279,7 @@ def test_image_folder_calibration_with_declared_preprocessing(digits, tmp_path):
 
 
 def test_float_reference_matches_keras_and_saved_model(digits):
-    from pipeline.reference import float_reference
+    from pipeline.convert.reference import float_reference
 
     a = float_reference(digits.model_path, digits.x_eval[:50])
     b = float_reference(digits.saved_model_dir, digits.x_eval[:50])
@@ -326,7 +326,7 @@ def qat_models(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qat_savedmodel", "qat.h5"])
 def test_qat_model_converts_to_int8_without_calibration(qat_models, name, tmp_path):
-    from pipeline.converter import convert, load_source
+    from pipeline.convert.converter import convert, load_source
 
     src = qat_models / name
     assert load_source(src).qat is True
@@ -339,7 +339,7 @@ def test_qat_model_converts_to_int8_without_calibration(qat_models, name, tmp_pa
     data = tmp_path / "x.npz"
     np.savez(data, x=x)
     y = np.asarray(run_in_device_venv(DEVICE_PYTHONS["litert"], art.path, data)["outputs"])
-    from pipeline.reference import float_reference
+    from pipeline.convert.reference import float_reference
 
     ref = float_reference(qat_models / "qat_savedmodel", x)   # the fake-quant float model
     assert y.shape == ref.shape == (8, 10)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.edgetpu import analyze, parse_compiler_output, parse_size, parse_table, preflight
-from pipeline.manifest import read_model
+from pipeline.convert.edgetpu import analyze, parse_compiler_output, parse_size, parse_table, preflight
+from pipeline.convert.manifest import read_model
 
 DATA = Path(__file__).parent / "data" / "edgetpu"
 

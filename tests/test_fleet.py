@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import deploy
+from pipeline.devices import deploy
 from pipeline.errors import TransportError
-from pipeline.fleet import DeviceJob, FleetRunner
+from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.inventory import load_inventory
 from pipeline.testing.sshd import stop, write_targets_yaml
-from pipeline.transport.ssh import SSHTransport
+from pipeline.devices.transport.ssh import SSHTransport
 
 FAST = {"runs": 3, "warmup": 1, "timeout": 60, "retries": 0, "connect_timeout": 5}
 
@@ -84,7 +84,7 @@ def test_dropped_mid_push_leaves_no_partial_file_and_rerun_completes(fleet, tiny
                                                                      monkeypatch):
     dev = fleet[0]
     inv = inventory([dev], tmp_path)
-    monkeypatch.setattr("pipeline.transport.base.CHUNK", 16 << 10)  # so "half-way" happens mid-file
+    monkeypatch.setattr("pipeline.devices.transport.base.CHUNK", 16 << 10)  # so "half-way" happens mid-file
     final = blob_path(dev, Path(tiny_artifact.path))
     if final.exists():
         final.unlink()

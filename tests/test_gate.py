@@ -6,10 +6,10 @@ import xml.etree.ElementTree as ET
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.ci_outputs import summary_markdown, write_junit
-from pipeline.gate import evaluate
+from pipeline.release.ci_outputs import summary_markdown, write_junit
+from pipeline.release.gate import evaluate
 from pipeline.inventory import load_inventory
-from pipeline.store import Store
+from pipeline.release.store import Store
 from tests.gate_support import gate_models, write_targets  # noqa: F401  (fixture)
 
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.gate import evaluate, gate_stored_run
+from pipeline.release.gate import evaluate, gate_stored_run
 from pipeline.inventory import load_inventory
 from pipeline.run import execute
-from pipeline.store import Store
+from pipeline.release.store import Store
 from pipeline.testing.sshd import target_entry, write_targets_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from pipeline.inventory import load_inventory
     from pipeline.run import execute
-    from pipeline.store import Store
+    from pipeline.release.store import Store
     inv = load_inventory({targets!r})
     store = Store({db!r})
     store.begin_run("killed", None, inv.sha256)

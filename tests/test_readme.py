@@ -65,7 +65,7 @@ def demo(tmp_path_factory):
     proc = subprocess.run(["make", "demo", f"DEMO_FLAGS=--state {state} --keep"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     yield state, proc
-    subprocess.run([sys.executable, "-m", "pipeline.demo", "--down", "--state", str(state)], cwd=REPO)
+    subprocess.run([sys.executable, "-m", "pipeline.testing.demo", "--down", "--state", str(state)], cwd=REPO)
 
 
 def test_make_demo_runs_the_whole_job(demo):
@@ -81,7 +81,7 @@ def test_make_demo_runs_the_whole_job(demo):
 
 
 def _bindings(state: Path) -> dict[str, str]:
-    from pipeline.store import Store
+    from pipeline.release.store import Store
 
     digits = state / "digits"
     with Store(state / "results.db") as store:
@@ -132,11 +132,11 @@ def test_readme_python_api_block_runs(demo):
 def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(demo):
     state, proc = demo
     assert proc.returncode == 0
-    again = subprocess.run([sys.executable, "-m", "pipeline.demo", "--state", str(state), "--keep"], cwd=REPO,
+    again = subprocess.run([sys.executable, "-m", "pipeline.testing.demo", "--state", str(state), "--keep"], cwd=REPO,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(": cache hit,") == 3 and ": converted," not in again.stderr  # no TF conversion
-    from pipeline.store import Store
+    from pipeline.release.store import Store
 
     with Store(state / "results.db") as store:
         newest = store.history(limit=1).runs[0].run_id
@@ -156,7 +156,7 @@ def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(de
 
 
 def test_demo_without_sshd_falls_back_to_local_targets_and_still_reports(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.demo", "--local", "--state", str(tmp_path)], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "pipeline.testing.demo", "--local", "--state", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     import yaml

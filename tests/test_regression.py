@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.regression import compare_accuracy, compare_latency
+from pipeline.release.regression import compare_accuracy, compare_latency
 from tests.gate_support import gate_models  # noqa: F401  (fixture)
 
 

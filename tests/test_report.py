@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline.gate import evaluate
+from pipeline.release.gate import evaluate
 from pipeline.inventory import load_inventory
-from pipeline.report import write_report
-from pipeline.store import Store
+from pipeline.release.report import write_report
+from pipeline.release.store import Store
 from tests.gate_support import gate_models, write_targets  # noqa: F401  (fixture)
 
 EVIL = "<script>alert(1)</script>"

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.errors import GateError, StoreError
-from pipeline.gate import evaluate
+from pipeline.release.gate import evaluate
 from pipeline.inventory import load_inventory
-from pipeline.store import MIGRATIONS, SCHEMA_VERSION, Store
+from pipeline.release.store import MIGRATIONS, SCHEMA_VERSION, Store
 from tests.gate_support import ROOT, gate_models, write_targets  # noqa: F401  (fixture)
 
 
@@ -79,7 +79,7 @@ WRITER = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {root!r})
     from pipeline.results import DeviceResult
-    from pipeline.store import Store
+    from pipeline.release.store import Store
     store = Store(sys.argv[1])
     devices = [DeviceResult.from_dict(d) for d in json.load(open(sys.argv[2]))]
     run_id = sys.argv[3]

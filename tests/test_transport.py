@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import knownhosts
-from pipeline.deploy import Deployer, PushItem
+from pipeline.devices import knownhosts
+from pipeline.devices.transport.ssh import fetch_host_key
+from pipeline.devices.deploy import Deployer, PushItem
 from pipeline.errors import TransportError
 from pipeline.testing.sshd import generate_key
-from pipeline.transport import open_transport
-from pipeline.transport.local import LocalTransport
+from pipeline.devices.transport import open_transport
+from pipeline.devices.transport.local import LocalTransport
 
 
 @dataclass
@@ -173,10 +174,10 @@ def test_hashed_known_hosts_entries_are_honoured(fleet, tmp_path):
 def test_enroll_records_new_keys_only_when_asked(fleet, tmp_path):
     kh = tmp_path / "kh"
     ts = [target(d, kh) for d in fleet]
-    first = knownhosts.enroll(ts)
+    first = knownhosts.enroll(ts, fetch=fetch_host_key)
     assert [r.status for r in first] == ["added", "added"]
     assert [r.fingerprint for r in first] == [d.host_key_fingerprint for d in fleet]
-    assert [r.status for r in knownhosts.enroll(ts)] == ["known", "known"]
+    assert [r.status for r in knownhosts.enroll(ts, fetch=fetch_host_key)] == ["known", "known"]
     tr = open_transport(ts[0])
     tr.connect()  # now trusted
     tr.close()
@@ -184,7 +185,7 @@ def test_enroll_records_new_keys_only_when_asked(fleet, tmp_path):
     kh2 = tmp_path / "kh2"
     kh2.write_text(f"[127.0.0.1]:{fleet[0].port} " + fleet[1].known_hosts_line.split(None, 1)[1] + "\n")
     before = kh2.read_text()
-    res = knownhosts.enroll([target(fleet[0], kh2)])
+    res = knownhosts.enroll([target(fleet[0], kh2)], fetch=fetch_host_key)
     assert res[0].status == "changed" and kh2.read_text() == before
 
 
@@ -303,7 +304,7 @@ def test_enroll_through_a_jump_host(fleet, known_hosts, tmp_path):
     kh = tmp_path / "kh"
     kh.write_text(bastion.known_hosts_line + "\n")  # the bastion is trusted; the device behind it is new
     t = target(inner, kh, jump_host=f"{bastion.user}@127.0.0.1:{bastion.port}")
-    (res,) = knownhosts.enroll([t])
+    (res,) = knownhosts.enroll([t], fetch=fetch_host_key)
     assert res.status == "added" and res.fingerprint == inner.host_key_fingerprint
     tr = open_transport(t)
     tr.connect()

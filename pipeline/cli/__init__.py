@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 
-from .app import app
+from pipeline.cli.app import app
 
 # Each module registers its commands on `app` / `fleet_app` when imported.
 _COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd")

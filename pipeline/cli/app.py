@@ -8,7 +8,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
-from ..errors import EdgepipeError
+from pipeline.errors import EdgepipeError
 
 app = typer.Typer(
     name="edgepipe",

@@ -9,8 +9,8 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..cache import DEFAULT_CACHE_DIR
-from .app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
 
 
 
@@ -57,11 +57,11 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="print only a JSON object on stdout"),
 ) -> None:
     """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
-    from ..calibration import load_calibration
-    from ..converter import convert
+    from pipeline.convert.calibration import load_calibration
+    from pipeline.convert.converter import convert
 
-    from ..inventory import load_inventory
-    from ..recipes import requested_formats
+    from pipeline.inventory import load_inventory
+    from pipeline.convert.recipes import requested_formats
 
     reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
     calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed) if calibration else None

@@ -1,4 +1,4 @@
-"""`edgepipe fleet check` and `edgepipe fleet enroll` (thin over pipeline.probe and pipeline.knownhosts)."""
+"""`edgepipe fleet check` and `edgepipe fleet enroll` (thin over pipeline.devices.probe and pipeline.devices.knownhosts)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .app import emit_json, err_console, fleet_app, handle_errors, out_console
+from pipeline.cli.app import emit_json, err_console, fleet_app, handle_errors, out_console
 
 STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "artifact": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
                "collect": "blue", "done": "bold"}
@@ -71,8 +71,8 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk."""
-    from ..inventory import load_inventory
-    from ..probe import check_fleet
+    from pipeline.inventory import load_inventory
+    from pipeline.devices.probe import check_fleet
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
@@ -111,8 +111,8 @@ def enroll(
     known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="Record here instead of each target's known_hosts."),
 ) -> None:
     """Record the host key of every target not yet known (accept-new, explicitly); never replace a changed key."""
-    from ..inventory import load_inventory
-    from ..knownhosts import enroll as enroll_keys
+    from pipeline.inventory import load_inventory
+    from pipeline.devices.knownhosts import enroll as enroll_keys
 
     inv = load_inventory(targets)
     out = out_console()
@@ -122,6 +122,8 @@ def enroll(
         fp = f"{r.keytype} {r.fingerprint}" if r.fingerprint else ""
         out.print(f"[{colour}]{r.status:7}[/] {r.name} {r.host} {fp} — {r.message}", soft_wrap=True)
 
-    results = enroll_keys(inv.select(select), known_hosts, on_result=show)
+    from pipeline.devices.transport.ssh import fetch_host_key
+
+    results = enroll_keys(inv.select(select), known_hosts, on_result=show, fetch=fetch_host_key)
     if any(r.status in ("changed", "error") for r in results):
         raise typer.Exit(3)

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..inventory import load_inventory
-from .app import emit_json, fleet_app, handle_errors, out_console
+from pipeline.inventory import load_inventory
+from pipeline.cli.app import emit_json, fleet_app, handle_errors, out_console
 
 
 @fleet_app.command("validate")

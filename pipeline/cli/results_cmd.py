@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..store import open_store
-from .app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.release.store import open_store
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
 
 DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db beside it).")
 
@@ -21,7 +21,7 @@ def _when(ts: float | None) -> str:
 
 
 def _inventory(targets: Optional[Path], required: bool):
-    from ..inventory import load_inventory
+    from pipeline.inventory import load_inventory
 
     if targets is None and not required:
         return load_inventory("targets.yaml") if Path("targets.yaml").exists() else None
@@ -116,7 +116,7 @@ def gate(
     db: Optional[Path] = DB_OPT,
 ) -> None:
     """Gate a stored run: exit 0 passed, 1 a gate failed, 2 usage/config error, 3 no device measured."""
-    from .. import api
+    from pipeline import api
 
     inv = _inventory(targets, required=True)
     names = [t.name for t in inv.select(select)] if select else None
@@ -146,7 +146,7 @@ def report_cmd(
     db: Optional[Path] = DB_OPT,
 ) -> None:
     """Write one self-contained HTML report (no network, inline SVG plots) for a stored run."""
-    from .. import api
+    from pipeline import api
 
     path = api.report(run, out_dir=out, db=db, targets=_inventory(targets, required=False),
                       baseline=baseline, regate=targets is not None)

@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..cache import DEFAULT_CACHE_DIR
-from ..report import human_bytes
-from .app import app, emit_json, handle_errors, out_console
-from .fleet_cmd import DeviceBoard
+from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.release.report import human_bytes
+from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.fleet_cmd import DeviceBoard
 
 
 def _row(d: Any) -> list[str]:
@@ -64,8 +64,8 @@ def run_command(
 
     Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured.
     """
-    from .. import api
-    from ..inventory import load_inventory
+    from pipeline import api
+    from pipeline.inventory import load_inventory
 
     inv = load_inventory(targets)
     chosen = inv.select(select)

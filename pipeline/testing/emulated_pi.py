@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive, wait_ready
+from pipeline.testing.sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "pi_rootfs.sh"

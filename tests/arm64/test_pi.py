@@ -54,7 +54,7 @@ def write_inventory(path: Path, devices: list, entries: list[dict], gates: dict 
 
 def ssh_run(inventory_path: Path, target_name: str, argv: list[str], timeout: float = 300):
     from pipeline.inventory import load_inventory
-    from pipeline.transport.ssh import SSHTransport
+    from pipeline.devices.transport.ssh import SSHTransport
 
     t = SSHTransport(load_inventory(inventory_path).target(target_name))
     t.connect()
@@ -150,7 +150,7 @@ def test_int8_outputs_within_one_quantization_step_of_x86(pi, digits, digits_art
     from ai_edge_litert.interpreter import Interpreter
 
     from pipeline.inventory import load_inventory
-    from pipeline.transport.ssh import SSHTransport
+    from pipeline.devices.transport.ssh import SSHTransport
     from tests.fixtures.models import RUN_TFLITE, run_in_device_venv
 
     art = digits_artifacts["int8"]
@@ -176,7 +176,7 @@ def test_gate_leaves_emulated_latency_out_and_says_why(mixed_run, tmp_path):
     """A latency gate that every x86 device passes and the emulated Pi would fail is skipped for the Pi only."""
     import yaml
 
-    from pipeline.gate import EMULATED_NOTE, evaluate
+    from pipeline.release.gate import EMULATED_NOTE, evaluate
     from pipeline.inventory import load_inventory
     from pipeline.results import DeviceResult, RunResult
 

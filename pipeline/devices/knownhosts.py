@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import TransportError
+from pipeline.errors import TransportError
 
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 
@@ -144,10 +144,10 @@ class EnrollResult:
 
 def enroll(targets: Iterable[Any], known_hosts_path: Path | str | None = None, *,
            on_result: Callable[[EnrollResult], None] | None = None,
-           fetch: Callable[[Any], tuple[str, bytes]] | None = None) -> list[EnrollResult]:
-    """Accept-new, explicitly: record the key of every target not yet on file; never replace a changed key."""
-    if fetch is None:
-        from .transport.ssh import fetch_host_key as fetch
+           fetch: Callable[[Any], tuple[str, bytes]]) -> list[EnrollResult]:
+    """Accept-new, explicitly: record the key of every target not yet on file; never replace a changed key.
+
+    `fetch(target) -> (keytype, blob)` does the key exchange (the SSH transport's `fetch_host_key`)."""
     results = []
     for t in targets:
         path = Path(known_hosts_path) if known_hosts_path else Path(t.known_hosts)

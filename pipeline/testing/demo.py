@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEVICE_VENVS = REPO / ".venv-devices"
 EDGEPIPE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -83,7 +83,7 @@ def _targets_doc(entries: list[dict], state: Path, known_hosts: Path | None) -> 
 
 
 def start_ssh_fleet(state: Path) -> tuple[Path, list]:
-    from .testing.sshd import generate_key, start_sshd
+    from pipeline.testing.sshd import generate_key, start_sshd
 
     client_key = generate_key(state / "client" / "id_ed25519", comment="edgepipe-demo")
     devices, entries = [], []
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return down(state)
     down(state)  # a previous demo interrupted hard
 
-    from .examples.digits import train_digits
+    from pipeline.examples.digits import train_digits
 
     _say("training (or reusing) the digits CNN and its calibration/evaluation data")
     bundle = train_digits(state / "digits")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--out", str(state / "artifacts")])
     finally:
         if devices and not args.keep:
-            from .testing.sshd import stop
+            from pipeline.testing.sshd import stop
 
             stop(devices)
             _pidfile(state).unlink(missing_ok=True)

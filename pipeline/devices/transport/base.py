@@ -88,15 +88,3 @@ class Transport(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def open_transport(target: Any, **kw: Any) -> Transport:
-    """The transport a target asks for (`transport: ssh|local`); not yet connected."""
-    kind = getattr(target, "transport", "ssh") or "ssh"
-    if kind == "local":
-        from .local import LocalTransport
-
-        return LocalTransport(target, **kw)
-    from .ssh import SSHTransport
-
-    return SSHTransport(target, **kw)

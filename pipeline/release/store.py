@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import GateError, StoreError
-from .results import DeviceResult, RunResult
+from pipeline.errors import GateError, StoreError
+from pipeline.results import DeviceResult, RunResult
 
 DEFAULT_DB = Path(".edgepipe") / "results.db"
 BUSY_TIMEOUT_MS = 30_000

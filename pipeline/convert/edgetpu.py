@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .manifest import ModelInfo, OpInfo, read_model
+from pipeline.convert.manifest import ModelInfo, OpInfo, read_model
 
 MAPPED = "Mapped to Edge TPU"
 SUPPORTED = {

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, ConversionError
+from pipeline.errors import ConfigError, ConversionError
 
 
 def check_input_shape(expected: Any, x: np.ndarray, model: Any) -> None:
@@ -64,7 +64,7 @@ def _tflite_outputs(path: Path, x: np.ndarray) -> np.ndarray:
 
 def float_reference(model: str | Path, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
     """Outputs of the float model for every sample of `x` (same as batch-1 runs; batched on the host for speed)."""
-    from .converter import _qat_to_saved_model, capture_stdout, load_source
+    from pipeline.convert.converter import _qat_to_saved_model, capture_stdout, load_source
 
     src = load_source(model)
     x = np.asarray(x, dtype=np.float32)

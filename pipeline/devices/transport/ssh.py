@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import paramiko
 
-from .. import knownhosts
-from ..errors import ConfigError, TransportError
-from .base import CHUNK, CommandResult, Progress, Transport, copy_chunks
+from pipeline.devices import knownhosts
+from pipeline.errors import ConfigError, TransportError
+from pipeline.devices.transport.base import CHUNK, CommandResult, Progress, Transport, copy_chunks
 
 WINDOW = 16 << 20          # what we advertise for incoming data (agent stdout, get)
 MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's limit applies to our sends

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CompatibilityError, ConfigError
+from pipeline.errors import CompatibilityError, ConfigError
+from pipeline.inventory import RUNTIMES
 
-RUNTIMES = ("ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow", "auto")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from .inventory import THRESHOLD_KEYS
-from .regression import CONFIDENCE, compare_accuracy, compare_latency
-from .results import DeviceResult, RunResult
+from pipeline.inventory import THRESHOLD_KEYS
+from pipeline.release.regression import CONFIDENCE, compare_accuracy, compare_latency
+from pipeline.results import DeviceResult, RunResult
 
 LATENCY_GATES = {"max_p50_ms": "p50", "max_p90_ms": "p90", "max_p99_ms": "p99"}
 DEFAULT_MAX_LATENCY_REGRESSION = 0.10   # fraction, used when a baseline exists and targets.yaml sets none
@@ -105,7 +105,7 @@ class _NoInventory:
     targets: list = []
 
     def __init__(self) -> None:
-        from .inventory import GatesSpec
+        from pipeline.inventory import GatesSpec
 
         self.gates = GatesSpec()
 

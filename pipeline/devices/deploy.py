@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AgentError, TransportError
-from .files import sha256_path
-from .transport.base import CommandResult, Transport
+from pipeline.errors import AgentError, TransportError
+from pipeline.files import agent_file, sha256_path
+from pipeline.devices.transport.base import CommandResult, Transport
 
-AGENT_SOURCE = Path(__file__).resolve().parent.parent / "device_agents" / "agent.py"
+AGENT_SOURCE = agent_file("agent.py")
 HELPER_TIMEOUT = 120.0
 WORKDIR_MARK = "@@EDGEPIPE_WORKDIR@@"  # replaced on the device by its absolute work directory
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConversionError
-from .files import write_atomic
+from pipeline.errors import ConversionError
+from pipeline.files import write_atomic
 
 MANIFEST_VERSION = 1
 
@@ -224,11 +224,3 @@ def build_manifest(info: ModelInfo, *, mode: str, file_name: str, recipe: dict[s
 
 def write_manifest(manifest: dict[str, Any], path: Path) -> Path:
     return write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def inspect_tflite(path: Path | str) -> dict[str, Any]:
-    """Quick summary of any .tflite (sha256, bytes, inputs, outputs, operators) for `convert --json` and checks."""
-    info = read_model(path)
-    return {"sha256": info.sha256, "bytes": info.bytes, "mode": detect_mode(info),
-            "inputs": [t.public() for t in info.input_tensors], "outputs": [t.public() for t in info.output_tensors],
-            "operators": info.operators()}

@@ -45,7 +45,7 @@ def _builder_class() -> Any:
 
 def compact_tflite(data: bytes) -> bytes:
     """The same model with shared vectors; returns `data` unchanged if re-packing fails or does not help."""
-    from .manifest import _schema
+    from pipeline.convert.manifest import _schema
 
     schema = _schema()
     try:

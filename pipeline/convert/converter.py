@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .cache import ConversionCache, cache_key, tf_version
-from .files import sha256_path, write_atomic
-from .calibration import Calibration, load_calibration
-from .compat import check_compat, parse_compat
-from .errors import ConversionError, EdgepipeError
-from .manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
-from .recipes import MODES, FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+from pipeline.convert.cache import ConversionCache, cache_key, tf_version
+from pipeline.files import sha256_path, write_atomic
+from pipeline.convert.calibration import Calibration, load_calibration
+from pipeline.convert.compat import check_compat, parse_compat
+from pipeline.errors import ConversionError, EdgepipeError
+from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
+from pipeline.convert.recipes import MODES, FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
 
 __all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "load_source", "plan_formats"]
 
@@ -282,7 +282,7 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
 def _edgetpu(path: Path, info, mode: str, progress: Progress) -> dict[str, Any] | None:
     if mode != "int8":
         return None
-    from .edgetpu import analyze
+    from pipeline.convert.edgetpu import analyze
 
     progress("edgetpu", "checking Edge TPU mapping")
     return analyze(path, info)
@@ -323,7 +323,7 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
 
     data = _run_conversion(src, r, calib, report)
     if r.options.get("share_vectors"):
-        from .flatbuffer import compact_tflite
+        from pipeline.convert.flatbuffer import compact_tflite
 
         data = compact_tflite(data)
     write_atomic(out_path, data)

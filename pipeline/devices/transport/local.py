@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import TransportError
-from .base import CommandResult, Progress, Transport, copy_chunks
+from pipeline.errors import TransportError
+from pipeline.devices.transport.base import CommandResult, Progress, Transport, copy_chunks
 
 
 

@@ -9,11 +9,11 @@ import posixpath
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from .deploy import Deployer, PushItem
-from .errors import AgentError, EdgepipeError
-from .fleet import BACKOFF, OnEvent, TransportFactory, _noop, fan_out, retrying
-from .results import ErrorInfo, parse_agent_output
-from .transport import open_transport
+from pipeline.devices.deploy import Deployer, PushItem
+from pipeline.errors import AgentError, EdgepipeError
+from pipeline.devices.fleet import BACKOFF, OnEvent, TransportFactory, _noop, fan_out, retrying
+from pipeline.results import ErrorInfo, parse_agent_output
+from pipeline.devices.transport import open_transport
 
 PROBE_TIMEOUT = 60.0
 RUNTIME_KEYS = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "pycoral": "pycoral",

@@ -11,9 +11,9 @@ import io
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import write_atomic
-from .gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
-from .results import DeviceResult, RunResult
+from pipeline.files import write_atomic
+from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
+from pipeline.results import DeviceResult, RunResult
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 CSS = """

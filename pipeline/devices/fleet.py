@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from .deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
-from .errors import AgentError, EdgepipeError, TransportError
-from .results import DeviceResult, ErrorInfo, parse_agent_output
-from .transport import Transport, open_transport
+from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
+from pipeline.errors import AgentError, EdgepipeError, TransportError
+from pipeline.results import DeviceResult, ErrorInfo, parse_agent_output
+from pipeline.devices.transport import Transport, open_transport
 
 OnEvent = Callable[[str, str, str], None]
 TransportFactory = Callable[[Any], Transport]

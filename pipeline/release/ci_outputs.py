@@ -8,8 +8,8 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .files import write_atomic
-from .gate import Check, Verdict, fmt
+from pipeline.files import write_atomic
+from pipeline.release.gate import Check, Verdict, fmt
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~"})
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .files import write_atomic
+from pipeline.files import write_atomic
 
 CACHE_VERSION = 1
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConversionError
+from pipeline.errors import ConversionError
+from pipeline.inventory import KIND_DEFAULT_MODE as DEFAULT_MODE_BY_KIND
+from pipeline.inventory import MODES
 
-MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
 IO_TYPES = ("int8", "uint8")
-DEFAULT_MODE_BY_KIND = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
 
 
 @dataclass
@@ -78,7 +78,7 @@ def int16x8(**_: Any) -> Recipe:
 
 def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: str | None = None) -> Recipe:
     """Pick the recipe for `mode`, then apply the options a declared runtime (`compat`) needs to load it."""
-    from .compat import compat_options, parse_compat
+    from pipeline.convert.compat import compat_options, parse_compat
 
     if mode not in RECIPES:
         raise ConversionError(f"unknown mode '{mode}'", field="mode", hint=f"use one of: {', '.join(MODES)}")
@@ -132,7 +132,7 @@ class FormatRequest:
 
 def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) -> list[FormatRequest]:
     """Group targets by the artifact they need; a probed runtime (name -> {runtime, version}) beats the declared one."""
-    from .compat import compat_for
+    from pipeline.convert.compat import compat_for
 
     plan: dict[tuple[str, str | None, str], FormatRequest] = {}
     for t in targets:
@@ -150,7 +150,7 @@ def requested_formats(modes: Any = (), kinds: Any = (), fleets: Any = (), *, com
                       io_type: str = "int8") -> list[FormatRequest]:
     """The distinct formats asked for, in order: explicit modes, then kinds' defaults, then each fleet's needs
     (`fleets` holds loaded inventories). Requests for the same (mode, compat, io_type) merge their targets."""
-    from .errors import ConfigError
+    from pipeline.errors import ConfigError
 
     reqs = [FormatRequest(m, compat, io_type) for m in modes]
     for k in kinds:
