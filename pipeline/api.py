@@ -25,7 +25,7 @@ class Release:
     run: RunResult
     verdict: Any  # pipeline.release.gate.Verdict
     baseline: RunResult | None
-    db_path: Path
+    db_path: Path | str  # a SQLite path, or the PostgreSQL URL (never with a password)
     report_path: Path | None = None
     junit_path: Path | None = None
     summary_path: Path | None = None
@@ -63,14 +63,14 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
     from pipeline.run import execute, load_eval_data, new_run_id
-    from pipeline.release.store import Store, db_path
+    from pipeline.release.store import open_store
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
     model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
     load_eval_data(data)                       # and so does a missing or unreadable eval file
     run_id = run_id or new_run_id()
-    store = Store(db_path(db, inv))
+    store = open_store(db, inv, must_exist=False)
     try:
         store.begin_run(run_id, model_sha256, inv.sha256, label)
         record = store.recorder(run_id)

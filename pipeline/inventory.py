@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -31,6 +33,38 @@ CREDENTIAL_HINT = (
     "literal secrets are not accepted in targets.yaml; use identity_file: PATH (an SSH key), use_agent: true "
     "(ssh-agent), or passphrase_env: ENV_VAR_NAME (the name of an environment variable holding the key's passphrase)"
 )
+# The shared history (issue 14): db: is a SQLite path or a PostgreSQL URL whose password never sits in the file.
+DB_URL_SCHEMES = ("postgresql://", "postgres://")
+DB_CREDENTIAL_HINT = (
+    "a database password is not accepted in targets.yaml or on the command line; remove it from the URL and put it in "
+    "PGPASSWORD, ~/.pgpass, or db_password_env: ENV_VAR_NAME (the name of an environment variable holding it)"
+)
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+INLINE_MAX_BYTES = 8 * 1024 * 1024  # artifacts up to this size travel to distributed workers inside the database
+
+
+def is_db_url(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(DB_URL_SCHEMES)
+
+
+def check_db_url(url: str, *, file: Any = None, field: str = "db") -> None:
+    """Reject a PostgreSQL URL that carries a literal password (user:pass@ or ?password=)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query)
+    if parts.password or "password" in query:
+        raise ConfigError(DB_CREDENTIAL_HINT, file=file, field=field)
+
+
+def mask_db_url(url: str) -> str:
+    """The URL for messages and reports, any password replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"password=[^&]*", "password=***", parts.query))
+    return urllib.parse.urlunsplit(parts)
 
 
 class _Strict(BaseModel):
@@ -95,6 +129,7 @@ class _TargetFields(_Strict):
     warmup: Optional[int] = Field(None, ge=0)
     max_seconds: Optional[float] = Field(None, gt=0)
     emulated: Optional[bool] = None
+    site: Optional[str] = Field(None, pattern=SITE_NAME)  # which site's workers reach it (edgepipe worker --site)
 
 
 class DefaultsSpec(_TargetFields):
@@ -116,6 +151,14 @@ class GroupSpec(_Strict):
     mode: Optional[Mode] = None
     threads: Optional[int] = Field(None, ge=1, le=256)
     allow_fallback: Optional[bool] = None
+    site: Optional[str] = Field(None, pattern=SITE_NAME)
+
+
+class ArtifactStoreSpec(_Strict):
+    """Where `run --distributed` puts artifacts for workers: the database up to a size, else a shared directory."""
+
+    inline_max_bytes: int = Field(INLINE_MAX_BYTES, ge=0)
+    shared_dir: Optional[str] = None  # a path every worker sees (NFS, a bind mount)
 
 
 class InventorySpec(_Strict):
@@ -124,6 +167,8 @@ class InventorySpec(_Strict):
     targets: list[TargetSpec] = Field(default_factory=list)
     gates: GatesSpec = Field(default_factory=GatesSpec)
     db: Optional[str] = None
+    db_password_env: Optional[str] = Field(None, pattern=ENV_NAME)
+    artifact_store: ArtifactStoreSpec = Field(default_factory=ArtifactStoreSpec)
 
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -171,6 +216,7 @@ class Target:
     index: int = 0
     description: str | None = None
     gates: GateThresholds = field(default_factory=GateThresholds)
+    site: str | None = None
 
     @property
     def physical_host(self) -> tuple[str, int]:
@@ -192,8 +238,10 @@ class Inventory:
     groups: dict[str, GroupSpec]
     gates: GatesSpec
     max_parallel: int
-    db: Path | None
+    db: Path | str | None  # a SQLite path, or a PostgreSQL URL (str, no password)
     spec: InventorySpec
+    db_password_env: str | None = None
+    artifact_store: ArtifactStoreSpec = field(default_factory=ArtifactStoreSpec)
 
     @property
     def defaults(self) -> DefaultsSpec:
@@ -267,6 +315,8 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
         return DefaultsSpec
     if head == "groups":
         return GroupSpec
+    if head == "artifact_store":
+        return ArtifactStoreSpec
     if head == "gates":
         if len(loc) >= 3 and loc[1] in ("kinds", "groups"):
             return GateThresholds
@@ -302,6 +352,8 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
         expected = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
                     "list": "a list", "dict": "a mapping", "model": "a mapping"}.get(expected, expected)
         return path, f"wrong type: got {type(value).__name__} {value!r}; expected {expected}"
+    if etype == "string_pattern_mismatch" and loc and loc[-1] == "site":
+        return path, f"invalid value {value!r}; expected a site name (letters, digits, '.', '_', '-')"
     if etype == "string_pattern_mismatch":
         return path, f"invalid value {value!r}; expected an environment variable NAME (letters, digits, _), not its value"
     return path, err["msg"]
@@ -331,7 +383,8 @@ def _scan_secrets(node: Any, loc: tuple[Any, ...], path: Path) -> None:
     """Reject literal passwords anywhere before schema validation can call them merely 'unknown'."""
     if isinstance(node, dict):
         for k, v in node.items():
-            if isinstance(k, str) and (k.lower() in SECRET_KEYS or "password" in k.lower()):
+            if isinstance(k, str) and (k.lower() in SECRET_KEYS or "password" in k.lower()) \
+                    and not k.lower().endswith("_env"):  # *_env keys name a variable, never hold the secret
                 raise ConfigError(CREDENTIAL_HINT, file=path, field=_loc_to_path(loc + (k,)))
             _scan_secrets(v, loc + (k,), path)
     elif isinstance(node, list):
@@ -381,6 +434,8 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
     for g in spec.groups:
         gs = inv.groups.get(g)
         if gs:
+            if gs.site is not None and spec.site is None:
+                merged["site"] = gs.site
             if gs.threads is not None and spec.threads is None:
                 merged["threads"] = gs.threads
             if gs.allow_fallback is not None and spec.allow_fallback is None:
@@ -400,7 +455,7 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         connect_timeout=float(merged["connect_timeout"]), timeout=float(merged["timeout"]), retries=int(merged["retries"]),
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
-        gates=spec.gates,
+        gates=spec.gates, site=merged.get("site"),
     )
 
 
@@ -431,5 +486,14 @@ def load_inventory(path: str | Path) -> Inventory:
     return Inventory(
         path=file, sha256=hashlib.sha256(text.encode()).hexdigest(), targets=targets, groups=dict(spec.groups),
         gates=spec.gates, max_parallel=spec.defaults.max_parallel or BUILTIN_DEFAULTS["max_parallel"],
-        db=_resolve_path(spec.db, file.parent), spec=spec,
+        db=_resolve_db(spec.db, file), spec=spec, db_password_env=spec.db_password_env,
+        artifact_store=spec.artifact_store,
     )
+
+
+def _resolve_db(value: str | None, file: Path) -> Path | str | None:
+    """A PostgreSQL URL stays a string (checked for a literal password); a path is resolved beside the file."""
+    if value is not None and is_db_url(value):
+        check_db_url(value, file=file, field="db")
+        return value
+    return _resolve_path(value, file.parent)

@@ -7,5 +7,6 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.devices",
     "tests.fixtures.fleet",
+    "tests.fixtures.postgres",
     "tests.fixtures.arm64",
 ]

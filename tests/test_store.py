@@ -1,7 +1,10 @@
-"""The results database: round trip of real results, migrations, kill-halfway, concurrent writers, history, CLI."""
+"""The results database: round trip of real results, migrations, kill-halfway, concurrent writers, history, CLI.
+
+Every test that takes `results_db` runs twice: on a SQLite file and on a real PostgreSQL 15 server."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,9 +27,9 @@ def three(gate_models):
             gate_models.device("dead", "/nonexistent/model.tflite")]
 
 
-def test_round_trip_keeps_the_raw_result_and_fills_query_columns(tmp_path, gate_models, three):
+def test_round_trip_keeps_the_raw_result_and_fills_query_columns(results_db, gate_models, three):
     run = gate_models.run("r1", three, started=100)
-    with Store(tmp_path / "r.db") as store:
+    with Store(results_db) as store:
         store.record_run(run, inventory_sha256="cd" * 32, label="v1.2")
         back = store.load_run("r1")
         row = store._row("SELECT * FROM device_results WHERE target='pi-i8'")
@@ -47,7 +50,7 @@ def test_round_trip_keeps_the_raw_result_and_fills_query_columns(tmp_path, gate_
 def test_a_v1_database_is_migrated_in_place(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    MIGRATIONS[0](db)
+    db.executescript(MIGRATIONS[0].sql("sqlite"))
     db.execute("PRAGMA user_version=1")
     db.execute("INSERT INTO runs(id, started, complete) VALUES ('old-run', 5, 1)")
     db.commit()
@@ -58,14 +61,31 @@ def test_a_v1_database_is_migrated_in_place(tmp_path):
         assert store.history().runs[0].run_id == "old-run"
 
 
-def test_a_newer_database_is_refused_with_one_line(tmp_path):
-    path = tmp_path / "new.db"
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 5}")
-    db.close()
+def test_a_history_written_by_the_sqlite_only_store_upgrades_in_place(tmp_path, gate_models, three):
+    """tests/data/history-v2.db was written by the store as it shipped before PostgreSQL (schema 2)."""
+    path = tmp_path / "results.db"
+    shutil.copy(ROOT / "tests" / "data" / "history-v2.db", path)
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        hist = store.history()
+        old = store.load_run("v1.1")
+        assert [r.run_id for r in hist.runs] == ["old-1", "old-0"] and hist.runs[0].passed is True
+        assert [(d.name, d.ok) for d in old.devices] == [("pi-a", True), ("pi-b", False)]
+        assert old.devices[0].result["latency_ms"]["p50"] == 1.25 and old.devices[0].lease is None
+        assert old.float_top1 == 0.96 and old.label == "v1.1" and store.verdicts("old-1")[0]["passed"]
+        assert store.resolve_baseline("last", exclude="old-1").run_id == "old-0"
+        store.record_run(gate_models.run("new", three[:1], started=1_800_000_000))  # and it keeps working
+        assert store.history().runs[0].run_id == "new"
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_newer_database_is_refused_with_one_line(results_db):
+    with Store(results_db) as store:
+        with store.db.write():
+            store.db.set_schema_version(SCHEMA_VERSION + 5)
     with pytest.raises(StoreError) as exc:
-        Store(path)
-    assert "newer" in exc.value.one_line() and str(path) in exc.value.one_line()
+        Store(results_db)
+    assert "newer" in exc.value.one_line() and str(exc.value.file) in exc.value.one_line()
 
 
 def test_not_a_database_is_a_store_error(tmp_path):
@@ -101,8 +121,8 @@ def _writer(tmp_path, devices, db, run_id, mode, label="t"):
     return subprocess.Popen([sys.executable, str(script), str(db), str(data), run_id, label, mode])
 
 
-def test_a_run_killed_halfway_keeps_committed_devices_and_is_incomplete(tmp_path, three):
-    db = tmp_path / "r.db"
+def test_a_run_killed_halfway_keeps_committed_devices_and_is_incomplete(tmp_path, results_db, three):
+    db = results_db
     proc = _writer(tmp_path, three, db, "killed", "die")
     assert proc.wait(timeout=60) == -signal.SIGKILL
     with Store(db) as store:
@@ -113,23 +133,24 @@ def test_a_run_killed_halfway_keeps_committed_devices_and_is_incomplete(tmp_path
     assert run.devices[1].result["latency_ms"] == three[1].result["latency_ms"]
 
 
-def test_two_runs_writing_at_once_do_not_corrupt_the_file(tmp_path, three):
-    db = tmp_path / "r.db"
+def test_two_runs_writing_at_once_do_not_corrupt_the_file(tmp_path, results_db, three):
+    db = results_db
     many = three * 20  # 60 commits each
     for i, d in enumerate(many):
         many[i] = type(d).from_dict(dict(d.to_dict(), name=f"{d.name}-{i}"))
     procs = [_writer(tmp_path, many, db, f"run{k}", "live") for k in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     with Store(db) as store:
-        assert store._row("PRAGMA integrity_check")[0] == "ok"
-        assert store._row("PRAGMA journal_mode")[0] == "wal"
+        if store.dialect == "sqlite":
+            assert store._row("PRAGMA integrity_check")[0] == "ok"
+            assert store._row("PRAGMA journal_mode")[0] == "wal"
         for k in range(2):
             run = store.load_run(f"run{k}")
             assert run.complete and len(run.devices) == 60
 
 
-def test_baseline_resolution(tmp_path, gate_models, three):
-    with Store(tmp_path / "r.db") as store:
+def test_baseline_resolution(results_db, gate_models, three):
+    with Store(results_db) as store:
         store.record_run(gate_models.run("a", three[:2], started=10), label="v1")
         store.record_run(gate_models.run("b", three[:2], started=20), label="v2")
         store.begin_run("c-incomplete", None, None, started=25)
@@ -145,9 +166,9 @@ def test_baseline_resolution(tmp_path, gate_models, three):
             store.resolve_baseline("d", exclude="d")
 
 
-def test_history_lists_runs_with_verdicts_and_target_trends(tmp_path, gate_models, three):
+def test_history_lists_runs_with_verdicts_and_target_trends(tmp_path, results_db, gate_models, three):
     inv = load_inventory(write_targets(tmp_path / "t.yaml", [{"name": "pi-i8", "kind": "cpu"}], {"min_top1": 0.5}))
-    with Store(tmp_path / "r.db") as store:
+    with Store(results_db) as store:
         for i in range(3):
             run = gate_models.run(f"r{i}", three[1:2], started=10 + i)
             store.record_run(run)
@@ -162,11 +183,11 @@ def test_history_lists_runs_with_verdicts_and_target_trends(tmp_path, gate_model
     assert all(p.p50 == three[1].result["latency_ms"]["p50"] for p in trend.points)
 
 
-def test_history_and_show_cli(tmp_path, gate_models, three):
+def test_history_and_show_cli(tmp_path, results_db, gate_models, three):
     from pipeline.cli import _load_commands, app
 
     _load_commands()
-    db = tmp_path / "r.db"
+    db = results_db
     with Store(db) as store:
         store.record_run(gate_models.run("run-1", three, started=10), label="v1")
     runner = CliRunner()

@@ -13,7 +13,8 @@ from rich.table import Table
 from pipeline.release.store import open_store
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
 
-DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db beside it).")
+DB_OPT = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db (default: "
+                      "targets.yaml `db:`, else .edgepipe/results.db beside it).")
 
 
 def _when(ts: float | None) -> str:
@@ -38,7 +39,7 @@ def history(
     target: Optional[str] = typer.Option(None, "--target", help="Show one target's trend."),
     limit: int = typer.Option(20, "--limit", min=1, help="How many runs, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Print runs and per-target points as JSON."),
-    db: Optional[Path] = DB_OPT,
+    db: Optional[str] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
 ) -> None:
     """List recent runs with their verdicts, or one target's trend with --target."""
@@ -73,7 +74,7 @@ def history(
 def show(
     run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored run (and its last verdict) as JSON."),
-    db: Optional[Path] = DB_OPT,
+    db: Optional[str] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
 ) -> None:
     """Show one stored run: its devices, figures and last gate verdict."""
@@ -113,7 +114,7 @@ def gate(
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the HTML report into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
-    db: Optional[Path] = DB_OPT,
+    db: Optional[str] = DB_OPT,
 ) -> None:
     """Gate a stored run: exit 0 passed, 1 a gate failed, 2 usage/config error, 3 no device measured."""
     from pipeline import api
@@ -143,7 +144,7 @@ def report_cmd(
     targets: Optional[Path] = typer.Option(None, "--targets", "-t",
                                            help="Re-gate with this inventory (default: the run's last stored verdict)."),
     baseline: str = typer.Option("last", "--baseline", help="With --targets: last | RUN_ID | TAG | none"),
-    db: Optional[Path] = DB_OPT,
+    db: Optional[str] = DB_OPT,
 ) -> None:
     """Write one self-contained HTML report (no network, inline SVG plots) for a stored run."""
     from pipeline import api

@@ -53,7 +53,8 @@ def run_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="Where artifacts and eval files go."),
     cache_dir: Optional[Path] = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Conversion cache ($EDGEPIPE_CACHE_DIR)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: targets.yaml db:, else .edgepipe/results.db next to it)."),
+    db: Optional[str] = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db "
+                                     "(default: targets.yaml db:, else .edgepipe/results.db next to it)."),
     baseline: str = typer.Option("last", "--baseline", help="Regression baseline: last | RUN_ID | TAG | none."),
     label: Optional[str] = typer.Option(None, "--label", "--tag", help="A git-style label for this run (usable as a baseline)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),

@@ -1,93 +1,26 @@
-"""The results database: runs, artifacts, device results and gate verdicts in one SQLite file.
+"""The results history: runs, artifacts, device results and gate verdicts, in SQLite or PostgreSQL.
 
 Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
-marked incomplete). WAL + a busy timeout let two runs write the same file at once.
+marked incomplete). One SQL text serves both databases (pipeline.release.database isolates the differences);
+the schema is versioned by the numbered files of pipeline.release.migrations (pipeline.release.schema).
 """
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import GateError, StoreError
+from pipeline.inventory import is_db_url
+from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
+from pipeline.release.schema import latest, migrate, migrations
 from pipeline.results import DeviceResult, RunResult
 
 DEFAULT_DB = Path(".edgepipe") / "results.db"
-BUSY_TIMEOUT_MS = 30_000
-
-
-def _script(db: sqlite3.Connection, sql: str) -> None:
-    """Run `;`-separated DDL inside the caller's transaction (executescript would COMMIT it first)."""
-    for statement in sql.split(";"):
-        if statement.strip():
-            db.execute(statement)
-
-
-def _v1(db: sqlite3.Connection) -> None:
-    _script(
-        db,
-        """
-        CREATE TABLE runs (
-            id TEXT PRIMARY KEY,
-            started REAL NOT NULL,
-            finished REAL,
-            model_sha256 TEXT,
-            label TEXT,
-            inventory_sha256 TEXT,
-            complete INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE TABLE artifacts (
-            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            sha256 TEXT NOT NULL,
-            mode TEXT,
-            bytes INTEGER,
-            manifest TEXT,
-            PRIMARY KEY (run_id, sha256)
-        );
-        CREATE TABLE device_results (
-            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            target TEXT NOT NULL,
-            kind TEXT, mode TEXT, ok INTEGER NOT NULL, error_code TEXT,
-            p50 REAL, p90 REAL, p99 REAL, top1 REAL, agreement REAL, snr_db REAL,
-            bytes INTEGER, emulated INTEGER NOT NULL DEFAULT 0,
-            raw TEXT NOT NULL,
-            stored REAL NOT NULL,
-            PRIMARY KEY (run_id, target)
-        );
-        CREATE TABLE gate_verdicts (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-            created REAL NOT NULL,
-            passed INTEGER NOT NULL,
-            exit_code INTEGER NOT NULL,
-            baseline_run_id TEXT,
-            verdict TEXT NOT NULL
-        );
-        """
-    )
-
-
-def _v2(db: sqlite3.Connection) -> None:
-    """Host float accuracy per run (for max_top1_drop) and indexes for history queries."""
-    _script(
-        db,
-        """
-        ALTER TABLE runs ADD COLUMN float_top1 REAL;
-        ALTER TABLE device_results ADD COLUMN runtime TEXT;
-        CREATE INDEX device_results_target ON device_results(target, mode);
-        CREATE INDEX runs_label ON runs(label);
-        CREATE INDEX runs_started ON runs(started);
-        """
-    )
-
-
-# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
-SCHEMA_VERSION = len(MIGRATIONS)
+MIGRATIONS = migrations()  # ordered; see pipeline/release/migrations/
+SCHEMA_VERSION = latest()
 
 
 @dataclass
@@ -157,66 +90,41 @@ def _query_columns(d: DeviceResult) -> dict[str, Any]:
         "p50": lat.get("p50"), "p90": lat.get("p90"), "p99": lat.get("p99"), "top1": acc.get("top1"),
         "agreement": agr.get("top1"), "snr_db": agr.get("snr_db"), "bytes": art.get("bytes"),
         "emulated": int(bool(d.emulated)), "runtime": runtime,
+        "lease_acquired": (d.lease or {}).get("acquired"), "lease_released": (d.lease or {}).get("released"),
     }
 
 
 class Store:
-    """SQLite results store. Safe to share between fan-out threads (one connection, one lock)."""
+    """The results store over a SQLite path or a PostgreSQL URL. Safe to share between fan-out threads."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, password_env: str | None = None, create: bool = True,
+                 file: str | None = None) -> None:
+        """`file` names the targets.yaml that chose this database (for error messages)."""
+        self.db = Database(path, password_env=password_env, file=file)
+        self.path: Path | str = self.db.display if self.db.is_postgres else Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open results database: {exc}", file=str(self.path),
-                             hint="pass --db PATH to a writable file, or set db: in targets.yaml") from None
-        self._lock = threading.RLock()
-        self._migrate()
+            migrate(self.db, create=create)
+        except StoreError:
+            self.db.close()
+            raise
 
-    # -- schema -------------------------------------------------------------------------------------------
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
     @property
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _migrate(self) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                current = self.schema_version
-                if current > SCHEMA_VERSION:
-                    self._db.execute("ROLLBACK")
-                    raise StoreError(f"database schema version {current} is newer than this edgepipe ({SCHEMA_VERSION})",
-                                     file=str(self.path), hint="upgrade edgepipe, or use another --db")
-                for version in range(current, SCHEMA_VERSION):
-                    MIGRATIONS[version](self._db)
-                    self._db.execute(f"PRAGMA user_version={version + 1}")
-                self._db.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise StoreError(f"cannot migrate results database: {exc}", file=str(self.path),
-                                 hint="is this an edgepipe results database?") from None
+        return self.db.schema_version()
 
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(sql, params)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise StoreError(f"cannot write results database: {exc}", file=str(self.path)) from None
+        try:
+            with self.db.write():
+                self.db.execute(sql, params)
+        except self.db.errors as exc:
+            raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -244,7 +152,9 @@ class Store:
         if not a.get("sha256"):
             raise StoreError("artifact has no sha256", file=str(self.path))
         manifest = a["manifest"] if "manifest" in a else a
-        self._write("INSERT OR REPLACE INTO artifacts(run_id, sha256, mode, bytes, manifest) VALUES (?, ?, ?, ?, ?)",
+        self._write("INSERT INTO artifacts(run_id, sha256, mode, bytes, manifest) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (run_id, sha256) DO UPDATE SET mode=excluded.mode, bytes=excluded.bytes, "
+                    "manifest=excluded.manifest",
                     (run_id, a["sha256"], a.get("mode"), a.get("bytes"), json.dumps(manifest or {}, default=str)))
 
     def add_device_result(self, run_id: str, device: DeviceResult) -> None:
@@ -253,7 +163,9 @@ class Store:
         cols.update(run_id=run_id, target=device.name, raw=json.dumps(device.to_dict(), default=str), stored=time.time())
         names = ", ".join(cols)
         marks = ", ".join(f":{k}" for k in cols)
-        self._write(f"INSERT OR REPLACE INTO device_results({names}) VALUES ({marks})", cols)
+        update = ", ".join(f"{k}=excluded.{k}" for k in cols if k not in ("run_id", "target"))
+        self._write(f"INSERT INTO device_results({names}) VALUES ({marks}) "
+                    f"ON CONFLICT (run_id, target) DO UPDATE SET {update}", cols)
 
     def recorder(self, run_id: str) -> Callable[[DeviceResult], None]:
         """An `on_result` callback for `pipeline.run.execute` that commits each device as it arrives."""
@@ -283,13 +195,23 @@ class Store:
                      getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str)))
 
     # -- reading ------------------------------------------------------------------------------------------
-    def _row(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
-        with self._lock:
-            return self._db.execute(sql, params).fetchone()
+    def _row(self, sql: str, params: tuple = ()) -> Any:
+        """One row (by index or column name) or None."""
+        try:
+            return self.db.one(sql, params)
+        except self.db.errors as exc:
+            raise StoreError(f"cannot read results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+    def _rows(self, sql: str, params: tuple = ()) -> list[Any]:
+        try:
+            return self.db.all(sql, params)
+        except self.db.errors as exc:
+            raise StoreError(f"cannot read results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
+
+    def device_result(self, run_id: str, target: str) -> DeviceResult | None:
+        """One committed device result of a run, or None while it has not arrived."""
+        row = self._row("SELECT raw FROM device_results WHERE run_id=? AND target=?", (run_id, target))
+        return DeviceResult.from_dict(json.loads(row["raw"])) if row else None
 
     def run_info(self, run_id: str) -> RunInfo:
         row = self._row(_RUNINFO_SQL + " WHERE r.id=? GROUP BY r.id", (run_id,))
@@ -395,7 +317,7 @@ _RUNINFO_SQL = (
 )
 
 
-def _runinfo(row: sqlite3.Row) -> RunInfo:
+def _runinfo(row: Any) -> RunInfo:
     return RunInfo(run_id=row["id"], started=row["started"], finished=row["finished"], model_sha256=row["model_sha256"],
                    label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
                    devices=int(row["n_devices"]), ok=int(row["n_ok"]),
@@ -406,24 +328,28 @@ def _like_prefix(ref: str) -> str:
     return ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path:
+def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path | str:
     """Which database to use: --db, else targets.yaml `db:`, else .edgepipe/results.db beside targets.yaml.
 
-    Keeping the default beside the inventory means two fleets never share (and never baseline against) one history.
+    A PostgreSQL URL comes back as a string. Keeping the default beside the inventory means two fleets never share
+    (and never baseline against) one history unless they name the same `db:`.
     """
     if cli_db:
-        return Path(cli_db)
+        return str(cli_db) if is_db_url(str(cli_db)) else Path(cli_db)
     if inventory is not None and getattr(inventory, "db", None):
-        return Path(inventory.db)
+        db = inventory.db
+        return db if is_db_url(str(db)) else Path(db)
     if inventory is not None and getattr(inventory, "path", None):
         return Path(inventory.path).resolve().parent / DEFAULT_DB
     return DEFAULT_DB
 
 
 def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True) -> Store:
-    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing file."""
-    path = db_path(cli_db, inventory)
-    if must_exist and not path.exists():
-        raise StoreError("no results database here", file=str(path),
+    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing history."""
+    where = db_path(cli_db, inventory)
+    password_env = getattr(inventory, "db_password_env", None) if inventory is not None else None
+    file = str(inventory.path) if inventory is not None and getattr(inventory, "path", None) and not cli_db else None
+    if must_exist and isinstance(where, Path) and not where.exists():
+        raise StoreError("no results database here", file=str(where),
                          hint="run `edgepipe run` first, or pass --db PATH")
-    return Store(path)
+    return Store(where, password_env=password_env, create=not must_exist, file=file)
