@@ -58,11 +58,17 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
-        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None) -> Release:
-    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
+        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+        lease_timeout: float | None = None) -> Release:
+    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
+
+    Each device is leased in the results database while this run uses it, so runs sharing the database never
+    measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
+    """
     from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
     from pipeline.run import execute, load_eval_data, new_run_id
+    from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
 
     inv = _inventory(targets)
@@ -71,6 +77,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     load_eval_data(data)                       # and so does a missing or unreadable eval file
     run_id = run_id or new_run_id()
     store = open_store(db, inv, must_exist=False)
+    leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
     try:
         store.begin_run(run_id, model_sha256, inv.sha256, label)
         record = store.recorder(run_id)
@@ -81,7 +88,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
                 on_result(device)
 
         result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
-                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id)
+                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id,
+                         lease=leases)
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)
@@ -91,6 +99,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         _write_outputs(rel, store, report_dir, junit, summary)
         return rel
     finally:
+        leases.close()
         store.close()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.devices.deploy import sha256_file
 from pipeline.errors import CompatibilityError, ConfigError, ConversionError
-from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
+from pipeline.devices.fleet import DeviceJob, FleetRunner, LeaseHook, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
 from pipeline.inventory import AUTO_ORDER
 from pipeline.results import DeviceResult, RunResult
@@ -92,8 +92,12 @@ def _failure(t: Any, code: str, message: str) -> DeviceResult:
 def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration: Any = None,
             select: list[str] | None = None, out_dir: str | Path, cache_dir: str | Path | None = None,
             on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-            run_id: str | None = None, transport_factory: TransportFactory | None = None) -> RunResult:
-    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results."""
+            run_id: str | None = None, transport_factory: TransportFactory | None = None,
+            lease: LeaseHook | None = None) -> RunResult:
+    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results.
+
+    `lease` (see pipeline.devices.fleet.LeaseHook) holds each device for this run while it is pushed and measured.
+    """
     from pipeline.convert.converter import load_source
 
     ev, report = on_event or _noop, on_result or (lambda r: None)
@@ -111,7 +115,7 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
     try:
         return _after_probe(inventory, model, data, targets, probes, connections, calibration=calibration,
                             out_dir=out_dir, cache_dir=cache_dir, ev=ev, report=report, run_id=run_id,
-                            transport_factory=transport_factory, src=src, started=started)
+                            transport_factory=transport_factory, src=src, started=started, lease=lease)
     finally:
         for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
             tr.close()
@@ -120,7 +124,7 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
 def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult],
                  connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
                  report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
-                 started: float) -> RunResult:
+                 started: float, lease: LeaseHook | None = None) -> RunResult:
     from pipeline.convert.converter import convert, plan_formats
 
     done: dict[str, DeviceResult] = {}
@@ -177,7 +181,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
         "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None})
         for t in ready]
     runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish,
+                         on_event=ev, on_result=finish, lease=lease,
                          connections={t.name: connections.pop(t.name) for t in ready if t.name in connections})
     runner.run(jobs)
     result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,

@@ -13,7 +13,8 @@ from rich.table import Table
 from pipeline.cli.app import emit_json, err_console, fleet_app, handle_errors, out_console
 
 STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "artifact": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
-               "collect": "blue", "done": "bold"}
+               "collect": "blue", "done": "bold", "lease": "red", "queue": "cyan"}
+PLAIN_STAGES = ("artifact", "lease", "queue", "done")  # the stages worth one plain line each in CI logs
 
 
 class DeviceBoard:
@@ -45,7 +46,7 @@ class DeviceBoard:
     def __call__(self, name: str, stage: str, detail: str) -> None:
         with self.lock:
             self.rows[name] = (stage, str(detail))
-        if self.live is None and self.enabled and stage in ("artifact", "done"):
+        if self.live is None and self.enabled and stage in PLAIN_STAGES:
             # Not a terminal (CI logs, pipes): one plain line per conversion and per finished device.
             err_console.print(f"{self.title}: {name}: {stage}: {detail}", markup=False, highlight=False, soft_wrap=True)
 

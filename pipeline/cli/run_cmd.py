@@ -60,6 +60,9 @@ def run_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment, $GITHUB_STEP_SUMMARY)."),
+    lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0,
+                                                  help="Seconds to wait for a device another run holds (default: "
+                                                       "wait); then that device fails with lease_timeout."),
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
@@ -73,7 +76,7 @@ def run_command(
     with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board)
+                      summary=summary, on_event=board, lease_timeout=lease_timeout)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()

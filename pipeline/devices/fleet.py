@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -20,6 +21,10 @@ from pipeline.devices.transport import Transport, open_transport
 
 OnEvent = Callable[[str, str, str], None]
 TransportFactory = Callable[[Any], Transport]
+# Holds a device for one run across processes (the release layer's leases, injected by run/api): called with the
+# target and a "still waiting" callback, entered around the device's whole work; yields the record to keep
+# ({"acquired", "released", ...}, filled on exit). Raising EdgepipeError (e.g. lease_timeout) fails that device.
+LeaseHook = Callable[[Any, Callable[[str], None]], AbstractContextManager]
 RETRY_CODES = ("unreachable",)
 BACKOFF = 0.5  # seconds; doubles per attempt
 T = TypeVar("T")
@@ -123,8 +128,10 @@ class FleetRunner:
 
     def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                  on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-                 backoff: float = BACKOFF, connections: dict[str, Transport] | None = None) -> None:
+                 backoff: float = BACKOFF, connections: dict[str, Transport] | None = None,
+                 lease: LeaseHook | None = None) -> None:
         self.run_id = run_id
+        self.lease = lease
         self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
         self.max_parallel = max_parallel
         self.factory = transport_factory or open_transport
@@ -146,8 +153,11 @@ class FleetRunner:
         t = job.target
         stats = {"bytes_sent": 0, "attempts": 0, "timings": {}}
         t0 = time.monotonic()
+        held: dict[str, Any] | None = None
         try:
-            res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff)
+            hold = self.lease(t, lambda detail: self.on_event(t.name, "lease", detail)) if self.lease else nullcontext()
+            with hold as held:  # the device is ours (pushes included) until its result is in
+                res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff)
         except EdgepipeError as exc:
             res = DeviceResult.failure(t.name, t.kind, t.mode, exc.code, exc.one_line(), host=f"{t.host}:{t.port}",
                                        groups=list(t.groups), emulated=bool(t.emulated))
@@ -158,6 +168,7 @@ class FleetRunner:
         res.attempts = max(1, stats["attempts"])
         res.timings = dict(stats["timings"], total=time.monotonic() - t0)
         res.artifact = job.artifact_info
+        res.lease = held
         self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         with self._result_lock:
             self.on_result(res)

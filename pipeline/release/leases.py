@@ -1,0 +1,169 @@
+"""Device leases: one run measures on a physical device at a time, across every process sharing the database.
+
+A lease is a row of `device_leases` keyed by the physical device (host:port, as the fan-out's host locks), with an
+expiry on the database's clock that a heartbeat thread pushes forward while the holder lives. A holder that dies
+stops renewing and its lease lapses after `ttl`; the next taker clears it. Taking a lease is one transaction
+(SQLite BEGIN IMMEDIATE across processes on a host; PostgreSQL's unique key across hosts), so two holders never
+overlap. The fan-out calls a `Leases` object around each device's work; the times it held are recorded.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from pipeline.errors import EdgepipeError
+
+LEASE_TTL = float(os.environ.get("EDGEPIPE_LEASE_TTL", "30"))  # seconds a silent holder keeps a device
+WAIT_REPORT_EVERY = 5.0  # seconds between "still waiting" progress events
+POLL_MIN, POLL_MAX = 0.1, 1.0
+
+
+class LeaseTimeout(EdgepipeError):
+    """Another run held the device for longer than --lease-timeout."""
+
+    exit_code = 3
+    code = "lease_timeout"
+
+
+def device_key(target: Any) -> str:
+    """The physical device a target measures on; local targets are this host's own CPU."""
+    host, port = target.physical_host
+    return f"local@{socket.gethostname()}" if target.transport == "local" else f"{host}:{port}"
+
+
+@dataclass
+class Lease:
+    device: str
+    holder: str
+    acquired: float
+    waited_s: float
+    released: float | None = None
+    lost: bool = False  # the heartbeat found it gone (the holder stalled past the ttl): measurements may overlap
+
+    def record(self) -> dict[str, Any]:
+        return {"device": self.device, "acquired": self.acquired, "released": self.released,
+                "waited_s": round(self.waited_s, 3), "lost": self.lost}
+
+
+class Leases:
+    """Takes, renews and gives back device leases for one holder (a run, or a worker) in one database.
+
+    Call it as the fan-out's lease hook: `with leases(target, on_wait) as record:` holds the device; `record`
+    gets {"device", "acquired", "released", "waited_s", "lost"} (epoch seconds on the database's clock).
+    """
+
+    def __init__(self, db: Any, *, owner: str, run_id: str | None = None, timeout: float | None = None,
+                 ttl: float = LEASE_TTL) -> None:
+        self.db = db
+        self.owner = f"{owner}@{socket.gethostname()}:{os.getpid()}"
+        self.run_id = run_id
+        self.timeout = timeout
+        self.ttl = float(ttl)
+        self._held: dict[str, Lease] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @contextmanager
+    def __call__(self, target: Any, on_wait: Callable[[str], None] | None = None, *,
+                 run_id: str | None = None) -> Iterator[dict[str, Any]]:
+        lease = self.acquire(device_key(target), target.name, on_wait=on_wait, run_id=run_id)
+        record = lease.record()
+        try:
+            yield record
+        finally:
+            self.release(lease)
+            record.update(lease.record())
+
+    def acquire(self, device: str, target_name: str, *, on_wait: Callable[[str], None] | None = None,
+                run_id: str | None = None) -> Lease:
+        """Wait until the device is free (or the timeout passes: LeaseTimeout), then hold it."""
+        run_id = run_id or self.run_id
+        holder = f"{run_id}/{target_name}/{self.owner}"
+        start = time.monotonic()
+        delay, reported = POLL_MIN, -WAIT_REPORT_EVERY
+        while True:
+            got, current = self._try(device, holder, run_id, target_name)
+            if got is not None:
+                lease = Lease(device, holder, got, time.monotonic() - start)
+                with self._guard:
+                    self._held[holder] = lease
+                self._ensure_heartbeat()
+                return lease
+            waited = time.monotonic() - start
+            who = f"run {current['run_id']} ({current['target']})" if current else "another run"
+            if self.timeout is not None and waited >= self.timeout:
+                raise LeaseTimeout(f"device {device} stayed busy for {waited:.1f}s (held by {who})",
+                                   hint="raise --lease-timeout, or run when the lab is free",
+                                   data={"device": device, "holder": current})
+            if on_wait is not None and waited - reported >= WAIT_REPORT_EVERY:
+                reported = waited
+                on_wait(f"waiting for {device}: held by {who}" + (f", {waited:.0f}s so far" if waited >= 1 else ""))
+            time.sleep(min(delay, self.timeout - waited) if self.timeout is not None else delay)
+            delay = min(POLL_MAX, delay * 1.5)
+
+    def _try(self, device: str, holder: str, run_id: str | None, target: str) -> tuple[float | None, Any]:
+        """One transaction: drop an expired lease, insert ours if free; (acquired time or None, current row)."""
+        now = self.db.now_sql
+        with self.db.write():
+            self.db.execute(f"DELETE FROM device_leases WHERE device=? AND expires < {now}", (device,))
+            self.db.execute(f"INSERT INTO device_leases(device, holder, run_id, target, acquired, expires) "
+                            f"VALUES (?, ?, ?, ?, {now}, {now} + ?) ON CONFLICT (device) DO NOTHING",
+                            (device, holder, run_id, target, self.ttl))
+            row = self.db.one("SELECT holder, run_id, target, acquired FROM device_leases WHERE device=?", (device,))
+        if row is not None and row["holder"] == holder:
+            return float(row["acquired"]), row
+        return None, row
+
+    def release(self, lease: Lease) -> None:
+        """Give the device back; the release time is the database's clock when the row goes."""
+        with self._guard:
+            self._held.pop(lease.holder, None)
+        with self.db.write():
+            lease.released = self.db.now()
+            gone = self.db.execute("DELETE FROM device_leases WHERE device=? AND holder=?", (lease.device, lease.holder))
+            if gone.rowcount == 0:
+                lease.lost = True
+
+    def renew(self) -> None:
+        """Push every held lease's expiry forward; one that vanished (taken after it lapsed) is marked lost."""
+        with self._guard:
+            held = list(self._held.values())
+        for lease in held:
+            with self.db.write():
+                cur = self.db.execute(f"UPDATE device_leases SET expires = {self.db.now_sql} + ? "
+                                      "WHERE device=? AND holder=?", (self.ttl, lease.device, lease.holder))
+            if cur.rowcount == 0:
+                lease.lost = True
+
+    def _ensure_heartbeat(self) -> None:
+        with self._guard:
+            if self._beat is None or not self._beat.is_alive():
+                self._stop.clear()
+                self._beat = threading.Thread(target=self._heartbeat, name="edgepipe-lease-heartbeat", daemon=True)
+                self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.renew()
+            except Exception:  # a database hiccup: the next beat tries again, the lease lasts a full ttl
+                pass
+
+    def close(self) -> None:
+        """Stop renewing (leases still held lapse after the ttl; normally none are)."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+
+
+def held_now(db: Any) -> list[dict[str, Any]]:
+    """Every live lease (for `fleet` views and tests)."""
+    rows = db.all(f"SELECT device, holder, run_id, target, acquired, expires FROM device_leases "
+                  f"WHERE expires >= {db.now_sql} ORDER BY device")
+    return [dict(zip(r.keys(), tuple(r))) for r in rows]
