@@ -59,11 +59,14 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
         on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
-        lease_timeout: float | None = None) -> Release:
+        lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
+        worker_retries: int = 1, queue_timeout: float | None = None) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
+    `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
+    queue (pipeline.distributed.coordinator); gating and reporting are the same.
     """
     from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
@@ -79,6 +82,10 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     store = open_store(db, inv, must_exist=False)
     leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
     try:
+        if distributed:  # a missing site: or a SQLite history is bad input: exit 2 before a run is recorded
+            from pipeline.distributed.coordinator import preflight
+
+            preflight(inv, selected, store)
         store.begin_run(run_id, model_sha256, inv.sha256, label)
         record = store.recorder(run_id)
 
@@ -87,9 +94,15 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             if on_result is not None:
                 on_result(device)
 
-        result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
-                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id,
-                         lease=leases)
+        if distributed:
+            result = _distributed(inv, model, data, store, calibration=calibration, select=[t.name for t in selected],
+                                  out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=on_result,
+                                  run_id=run_id, lease_timeout=lease_timeout, worker_timeout=worker_timeout,
+                                  worker_retries=worker_retries, queue_timeout=queue_timeout)
+        else:
+            result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
+                             out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result,
+                             run_id=run_id, lease=leases)
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)
@@ -101,6 +114,15 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     finally:
         leases.close()
         store.close()
+
+
+def _distributed(inv: Inventory, model: Any, data: Any, store: Any, *, worker_timeout: float | None,
+                 **kw: Any) -> RunResult:
+    """The measuring half of a distributed run (workers store their devices' results themselves)."""
+    from pipeline.distributed.coordinator import execute_distributed
+    from pipeline.distributed.queue import WORKER_TIMEOUT_S
+
+    return execute_distributed(inv, model, data, store=store, worker_timeout=worker_timeout or WORKER_TIMEOUT_S, **kw)
 
 
 def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summary: Any) -> None:

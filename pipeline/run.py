@@ -125,13 +125,35 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
                  connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
                  report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
                  started: float, lease: LeaseHook | None = None) -> RunResult:
-    from pipeline.convert.converter import convert, plan_formats
-
     done: dict[str, DeviceResult] = {}
 
     def finish(res: DeviceResult) -> None:
         done[res.name] = res
         report(res)
+
+    jobs, manifests, float_top1 = prepare_jobs(model, data, targets, probes, calibration=calibration, out_dir=out_dir,
+                                               cache_dir=cache_dir, ev=ev, finish=finish, src=src)
+    # 4-5. push, run, collect, validate
+    runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
+                         on_event=ev, on_result=finish, lease=lease,
+                         connections={j.target.name: connections.pop(j.target.name) for j in jobs
+                                      if j.target.name in connections})
+    runner.run(jobs)
+    result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
+                       finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
+                       complete=len(done) == len(targets), float_top1=float_top1)
+    return result
+
+
+def prepare_jobs(model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult], *, calibration: Any,
+                 out_dir: Path, cache_dir: Any, ev: OnEvent, finish: Callable[[DeviceResult], None],
+                 src: Any) -> tuple[list[DeviceJob], list[dict[str, Any]], float | None]:
+    """After the probe: the eval file, one conversion per distinct format, and a DeviceJob per ready target.
+
+    Targets that failed their probe or whose conversion failed are `finish`ed with their error here. Also used by
+    distributed runs, whose probes come back from the workers.
+    """
+    from pipeline.convert.converter import convert, plan_formats
 
     live = []
     for t in targets:
@@ -174,17 +196,8 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
             ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
     ready = [t for t in live if t.name in artifacts]
-
-    # 4-5. push, run, collect, validate
     jobs = [DeviceJob(t, artifacts[t.name].path, eval_path, artifact_info={
         "sha256": artifacts[t.name].sha256, "bytes": artifacts[t.name].bytes, "path": str(artifacts[t.name].path),
         "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None})
         for t in ready]
-    runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish, lease=lease,
-                         connections={t.name: connections.pop(t.name) for t in ready if t.name in connections})
-    runner.run(jobs)
-    result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
-                       finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
-                       complete=len(done) == len(targets), float_top1=float_top1)
-    return result
+    return jobs, manifests, float_top1

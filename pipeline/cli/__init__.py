@@ -11,7 +11,7 @@ os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 from pipeline.cli.app import app
 
 # Each module registers its commands on `app` / `fleet_app` when imported.
-_COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd")
+_COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd", "worker_cmd")
 
 
 def _load_commands() -> None:

@@ -63,6 +63,14 @@ def run_command(
     lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0,
                                                   help="Seconds to wait for a device another run holds (default: "
                                                        "wait); then that device fails with lease_timeout."),
+    distributed: bool = typer.Option(False, "--distributed", help="Measure through `edgepipe worker --site` processes "
+                                     "(targets need site:, db: must be PostgreSQL)."),
+    worker_timeout: float = typer.Option(30.0, "--worker-timeout", min=1, help="With --distributed: seconds without a "
+                                         "worker heartbeat before its devices go to another worker of the site."),
+    worker_retries: int = typer.Option(1, "--worker-retries", min=0, help="With --distributed: how often a lost "
+                                       "worker's device is queued again before it is reported worker_lost."),
+    queue_timeout: Optional[float] = typer.Option(None, "--queue-timeout", min=1, help="With --distributed: seconds a "
+                                                  "job may wait for a worker before its device is no_worker (default: wait)."),
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
@@ -76,7 +84,8 @@ def run_command(
     with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board, lease_timeout=lease_timeout)
+                      summary=summary, on_event=board, lease_timeout=lease_timeout, distributed=distributed,
+                      worker_timeout=worker_timeout, worker_retries=worker_retries, queue_timeout=queue_timeout)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()

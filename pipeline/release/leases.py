@@ -70,9 +70,9 @@ class Leases:
         self._beat: threading.Thread | None = None
 
     @contextmanager
-    def __call__(self, target: Any, on_wait: Callable[[str], None] | None = None, *,
-                 run_id: str | None = None) -> Iterator[dict[str, Any]]:
-        lease = self.acquire(device_key(target), target.name, on_wait=on_wait, run_id=run_id)
+    def __call__(self, target: Any, on_wait: Callable[[str], None] | None = None, *, run_id: str | None = None,
+                 timeout: Any = ...) -> Iterator[dict[str, Any]]:
+        lease = self.acquire(device_key(target), target.name, on_wait=on_wait, run_id=run_id, timeout=timeout)
         record = lease.record()
         try:
             yield record
@@ -81,9 +81,10 @@ class Leases:
             record.update(lease.record())
 
     def acquire(self, device: str, target_name: str, *, on_wait: Callable[[str], None] | None = None,
-                run_id: str | None = None) -> Lease:
-        """Wait until the device is free (or the timeout passes: LeaseTimeout), then hold it."""
+                run_id: str | None = None, timeout: Any = ...) -> Lease:
+        """Wait until the device is free (or `timeout` passes: LeaseTimeout; None waits), then hold it."""
         run_id = run_id or self.run_id
+        timeout = self.timeout if timeout is ... else timeout
         holder = f"{run_id}/{target_name}/{self.owner}"
         start = time.monotonic()
         delay, reported = POLL_MIN, -WAIT_REPORT_EVERY
@@ -97,14 +98,14 @@ class Leases:
                 return lease
             waited = time.monotonic() - start
             who = f"run {current['run_id']} ({current['target']})" if current else "another run"
-            if self.timeout is not None and waited >= self.timeout:
+            if timeout is not None and waited >= timeout:
                 raise LeaseTimeout(f"device {device} stayed busy for {waited:.1f}s (held by {who})",
                                    hint="raise --lease-timeout, or run when the lab is free",
                                    data={"device": device, "holder": current})
             if on_wait is not None and waited - reported >= WAIT_REPORT_EVERY:
                 reported = waited
                 on_wait(f"waiting for {device}: held by {who}" + (f", {waited:.0f}s so far" if waited >= 1 else ""))
-            time.sleep(min(delay, self.timeout - waited) if self.timeout is not None else delay)
+            time.sleep(min(delay, timeout - waited) if timeout is not None else delay)
             delay = min(POLL_MAX, delay * 1.5)
 
     def _try(self, device: str, holder: str, run_id: str | None, target: str) -> tuple[float | None, Any]:

@@ -1,0 +1,36 @@
+"""`edgepipe worker --site NAME`: serve a site's devices to distributed runs (thin over pipeline.distributed.worker)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.app import app, err_console, handle_errors
+
+
+@app.command("worker")
+@handle_errors
+def worker_command(
+    site: str = typer.Option(..., "--site", help="Serve the targets whose site: is NAME (one queue per site)."),
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="This site's inventory (its keys, known_hosts)."),
+    db: Optional[str] = typer.Option(None, "--db", help="The shared PostgreSQL history and queue (default: targets.yaml db:)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Devices measured at once (default: max_parallel)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fetched artifacts are kept (default: ~/.cache/edgepipe/worker/SITE)."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat", min=0.5, help="Seconds between this worker's heartbeats."),
+) -> None:
+    """Take probe and measure jobs of `edgepipe run --distributed` for this site's devices until stopped (Ctrl-C).
+
+    Exit codes: 0 stopped, 2 usage or configuration error.
+    """
+    from pipeline.distributed.worker import Worker
+    from pipeline.inventory import load_inventory
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def line(text: str) -> None:
+        err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    Worker(load_inventory(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir, heartbeat=heartbeat,
+           on_line=line).serve()

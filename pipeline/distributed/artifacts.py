@@ -1,0 +1,80 @@
+"""Artifacts where every worker can read them: inside the database up to `inline_max_bytes`, else a shared directory.
+
+Both are content-addressed by sha256 and checked again when a worker fetches them into its local cache, so a
+worker never measures a file other than the one the coordinator converted. S3-compatible URLs are not implemented.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, EdgepipeError
+from pipeline.files import sha256_path, write_atomic
+
+
+class ArtifactUnavailable(EdgepipeError):
+    """A worker cannot read an artifact the coordinator put (shared directory not mounted, blob gone, hash wrong)."""
+
+    exit_code = 3
+    code = "artifact_unavailable"
+
+
+class ArtifactStore:
+    """put() on the coordinator returns a location (JSON) for the job; fetch() on a worker returns a local path."""
+
+    def __init__(self, db: Any, *, inline_max_bytes: int, shared_dir: str | Path | None = None,
+                 cache_dir: str | Path | None = None, file: Any = None) -> None:
+        self.db = db
+        self.inline_max_bytes = int(inline_max_bytes)
+        self.shared_dir = Path(shared_dir) if shared_dir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.file = file
+
+    def put(self, path: Path) -> dict[str, Any]:
+        path = Path(path)
+        sha, size = sha256_path(path), path.stat().st_size
+        if size <= self.inline_max_bytes:
+            if self.db.one("SELECT 1 FROM artifact_blobs WHERE sha256=?", (sha,)) is None:
+                with self.db.write():
+                    self.db.execute(f"INSERT INTO artifact_blobs(sha256, size, data, stored) VALUES (?, ?, ?, "
+                                    f"{self.db.now_sql}) ON CONFLICT (sha256) DO NOTHING", (sha, size, path.read_bytes()))
+            return {"sha256": sha, "bytes": size, "where": "db", "name": path.name}
+        if self.shared_dir is None:
+            raise ConfigError(f"{path.name} is {size} bytes, more than artifact_store.inline_max_bytes "
+                              f"({self.inline_max_bytes}), and no shared directory is set", file=self.file,
+                              field="artifact_store.shared_dir",
+                              hint="set artifact_store.shared_dir to a path every worker sees, or raise inline_max_bytes")
+        dest = self.shared_dir / sha
+        if not (dest.is_file() and dest.stat().st_size == size):
+            self.shared_dir.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{sha}.tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(dest)
+        return {"sha256": sha, "bytes": size, "where": "dir", "path": str(dest), "name": path.name}
+
+    def fetch(self, loc: dict[str, Any]) -> Path:
+        """The artifact as a local file in the worker's cache (verified by sha256; fetched once per worker)."""
+        if self.cache_dir is None:
+            raise ArtifactUnavailable("this artifact store has no local cache directory")
+        sha = loc["sha256"]
+        local = self.cache_dir / "blobs" / sha
+        if local.is_file() and local.stat().st_size == loc["bytes"]:
+            return local
+        if loc["where"] == "db":
+            row = self.db.one("SELECT data FROM artifact_blobs WHERE sha256=?", (sha,))
+            if row is None:
+                raise ArtifactUnavailable(f"{loc['name']} ({sha[:12]}) is not in the database's artifact store")
+            write_atomic(local, bytes(row["data"]))
+        else:
+            src = Path(loc["path"])
+            if not src.is_file():
+                raise ArtifactUnavailable(f"{src} is not readable on this worker",
+                                          hint="mount artifact_store.shared_dir at the same path on every worker")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, local.with_name(f".{sha}.tmp"))
+            local.with_name(f".{sha}.tmp").replace(local)
+        if sha256_path(local) != sha:
+            local.unlink()
+            raise ArtifactUnavailable(f"{loc['name']} fetched from the artifact store does not match its sha256 {sha[:12]}")
+        return local

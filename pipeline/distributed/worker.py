@@ -1,0 +1,158 @@
+"""`edgepipe worker --site NAME`: takes probe and measure jobs for its site's devices from the queue and runs them
+with the same fan-out code as a local run (device leases included). Results go straight into the shared history,
+one device at a time, so a worker that dies loses at most the devices it was measuring.
+
+The worker reads its own targets.yaml: connection details (keys, known_hosts, jump hosts) are local to each site.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.devices.fleet import DeviceJob, FleetRunner
+from pipeline.devices.probe import probe_target
+from pipeline.distributed.artifacts import ArtifactStore
+from pipeline.distributed.queue import HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app, queue_name, \
+    require_postgres
+from pipeline.errors import ConfigError, EdgepipeError
+from pipeline.release.leases import Leases
+from pipeline.release.store import open_store
+from pipeline.results import DeviceResult
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
+OnLine = Callable[[str], None]
+
+
+def report_progress(db: Any, run_id: str, target: str, worker: str, stage: str, detail: str) -> None:
+    """The device's latest stage for the coordinator's progress view (one row per device, seq counts events)."""
+    with db.write():
+        db.execute(f"INSERT INTO dist_progress(run_id, target, seq, stage, detail, worker, updated) "
+                   f"VALUES (?, ?, 1, ?, ?, ?, {db.now_sql}) ON CONFLICT (run_id, target) DO UPDATE SET "
+                   f"seq = dist_progress.seq + 1, stage = excluded.stage, detail = excluded.detail, "
+                   f"worker = excluded.worker, updated = excluded.updated",
+                   (run_id, target, stage, str(detail)[:500], worker))
+
+
+class Worker:
+    """One worker process for one site: its targets, the shared history, leases, artifact cache and a job pool."""
+
+    def __init__(self, inventory: Any, site: str, *, db: str | None = None, concurrency: int | None = None,
+                 cache_dir: str | Path | None = None, heartbeat: float = HEARTBEAT_S,
+                 on_line: OnLine | None = None) -> None:
+        self.inv, self.site = inventory, site
+        self.targets = {t.name: t for t in inventory.targets if t.site == site}
+        if not self.targets:
+            known = sorted({t.site for t in inventory.targets if t.site})
+            raise ConfigError(f"no target has site: {site}", file=inventory.path, field="targets[*].site",
+                              hint=f"sites in this file: {', '.join(known) or 'none (add site: NAME to targets)'}")
+        self.name = f"{site}@{socket.gethostname()}:{os.getpid()}"
+        self.concurrency = concurrency or inventory.max_parallel
+        self.heartbeat = heartbeat
+        self.on_line = on_line or (lambda line: None)
+        self.store = open_store(db, inventory, must_exist=False)
+        try:
+            require_postgres(self.store.db, what="edgepipe worker", file=inventory.path)
+            ensure_schema(self.store.db)
+        except EdgepipeError:
+            self.store.close()
+            raise
+        self.leases = Leases(self.store.db, owner=f"worker-{self.name}")
+        self.blobs = ArtifactStore(self.store.db, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
+                                   cache_dir=Path(cache_dir) if cache_dir else DEFAULT_CACHE / site)
+        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="edgepipe-job")
+        self.app = make_app(str(self.store.db.location), inventory.db_password_env, file=inventory.path)
+        self._register()
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.site)
+
+    def _register(self) -> None:
+        """The two tasks: async shells that run the device work in this worker's own thread pool."""
+
+        async def in_pool(fn: Callable[..., None], *args: Any) -> None:
+            await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+        @self.app.task(name=PROBE_TASK)
+        async def probe(run_id: str, target: str) -> None:
+            await in_pool(self.probe, run_id, target)
+
+        @self.app.task(name=MEASURE_TASK)
+        async def measure(run_id: str, target: str, artifact: dict, eval: dict, artifact_info: dict,
+                          lease_timeout: float | None = None) -> None:
+            await in_pool(self.measure, run_id, target, artifact, eval, artifact_info, lease_timeout)
+
+    def serve(self) -> None:
+        """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once)."""
+        self.on_line(f"worker {self.name}: queue {self.queue}, {len(self.targets)} device(s) "
+                     f"({', '.join(self.targets)}), up to {self.concurrency} at once, db {self.store.db.display}")
+        try:
+            self.app.run_worker(queues=[self.queue], name=self.name, concurrency=self.concurrency,
+                                update_heartbeat_interval=self.heartbeat, stalled_worker_timeout=3 * self.heartbeat,
+                                install_signal_handlers=True, wait=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.leases.close()
+        self.store.close()
+
+    # -- the jobs -----------------------------------------------------------------------------------------
+    def _events(self, run_id: str) -> Callable[[str, str, str], None]:
+        def on_event(target: str, stage: str, detail: str) -> None:
+            report_progress(self.store.db, run_id, target, self.name, stage, detail)
+            if stage in ("lease", "done"):
+                self.on_line(f"{run_id} {target}: {stage}: {detail}")
+        return on_event
+
+    def _target(self, name: str) -> Any:
+        t = self.targets.get(name)
+        if t is None:
+            other = next((x for x in self.inv.targets if x.name == name), None)
+            where = f"its site is {other.site!r}" if other is not None else "it is not in this worker's targets.yaml"
+            raise ConfigError(f"worker of site {self.site!r} got a job for {name!r}, but {where}",
+                              file=self.inv.path, code="unknown_target")
+        return t
+
+    def probe(self, run_id: str, target: str) -> None:
+        ev = self._events(run_id)
+        try:
+            t = self._target(target)
+            doc = probe_target(t, on_event=ev).to_dict()
+        except EdgepipeError as exc:
+            doc = {"name": target, "host": "?", "kind": "?", "ok": False, "error": exc.to_dict() | {"code": exc.code}}
+        with self.store.db.write():
+            self.store.db.execute("INSERT INTO dist_probes(run_id, target, probe) VALUES (?, ?, ?) "
+                                  "ON CONFLICT (run_id, target) DO UPDATE SET probe = excluded.probe",
+                                  (run_id, target, json.dumps(doc, default=str)))
+
+    def measure(self, run_id: str, target: str, artifact: dict, eval: dict, artifact_info: dict,
+                lease_timeout: float | None) -> None:
+        ev = self._events(run_id)
+        t0 = time.monotonic()
+        try:
+            t = self._target(target)
+            ev(target, "fetch", f"{artifact['name']} ({artifact['bytes']} bytes) from the artifact store ({artifact['where']})")
+            job = DeviceJob(t, self.blobs.fetch(artifact), self.blobs.fetch(eval), artifact_info=artifact_info)
+        except EdgepipeError as exc:
+            t = self.targets.get(target)
+            res = DeviceResult.failure(target, getattr(t, "kind", "?"), getattr(t, "mode", "?"), exc.code,
+                                       exc.one_line(), host=f"{t.host}:{t.port}" if t else None)
+            res.artifact, res.timings = artifact_info, {"total": time.monotonic() - t0}
+            ev(target, "done", f"{exc.code}: {exc.message}")
+            self.store.add_device_result(run_id, res)
+            return
+
+        def lease(target_: Any, on_wait: Callable[[str], None]) -> Any:
+            return self.leases(target_, on_wait, run_id=run_id, timeout=lease_timeout)
+
+        runner = FleetRunner(run_id=run_id, max_parallel=1, on_event=ev, lease=lease)
+        (res,) = runner.run([job])
+        self.store.add_device_result(run_id, res)
