@@ -184,11 +184,11 @@ def test_junit_and_summary_round_trip(tmp_path, gate_models):
     assert "failed" in md and "`min_top1`" in md and r"pi\|\*x\*" in md
 
 
-def test_gate_cli_exit_codes_junit_and_summary(tmp_path, gate_models):
+def test_gate_cli_exit_codes_junit_and_summary(tmp_path, results_db, gate_models):
     from pipeline.cli import _load_commands, app
 
     _load_commands()
-    db = tmp_path / "results.db"
+    db = results_db
     with Store(db) as store:
         store.record_run(gate_models.run("run-ok", [gate_models.device("pi", "int8")], started=10))
         store.record_run(gate_models.run("run-dead", [gate_models.device("pi", "/nonexistent.tflite")], started=20))

@@ -21,6 +21,7 @@ from pipeline.inventory import load_inventory
 from pipeline.run import execute
 from pipeline.release.store import Store
 from pipeline.testing.sshd import target_entry, write_targets_yaml
+from tests.fixtures.postgres import DB_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 LITERT = str(ROOT / ".venv-devices" / "litert" / "bin" / "python")
@@ -37,9 +38,9 @@ def _free_port() -> int:
 class Fleet:
     """Three real sshd devices (LiteRT, tflite-runtime, LiteRT) plus one unreachable target, and their stored runs."""
 
-    def __init__(self, devices, tmp: Path, digits) -> None:
+    def __init__(self, devices, tmp: Path, digits, db: str) -> None:
         self.devices, self.tmp, self.digits = devices, tmp, digits
-        self.db = tmp / "results.db"
+        self.db = db  # a SQLite path or a PostgreSQL URL: the module runs once on each
         ghost = target_entry(devices[0])
         ghost.update(name="ghost", port=_free_port())
         self.ghost = ghost
@@ -74,9 +75,13 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(sshd_fleet, digits, tmp_path_factory):
-    devices = sshd_fleet(3, pythons=[LITERT, TFLITE_RT, LITERT], prefix="gw")
-    f = Fleet(devices, tmp_path_factory.mktemp("gate-fleet"), digits)
+def gate_devices(sshd_fleet):
+    return sshd_fleet(3, pythons=[LITERT, TFLITE_RT, LITERT], prefix="gw")
+
+
+@pytest.fixture(scope="module", params=DB_KINDS)
+def fleet(request, gate_devices, digits, tmp_path_factory, new_db):
+    f = Fleet(gate_devices, tmp_path_factory.mktemp("gate-fleet"), digits, new_db(request.param))
     base = f.targets("base")
     f.run("base", base, started=time.time() - 60, label="v1")
     f.run("again", base)

@@ -36,14 +36,14 @@ def _tags(text: str) -> list[tuple[str, dict]]:
 
 
 @pytest.fixture
-def report_path(tmp_path, gate_models):
+def report_path(tmp_path, results_db, gate_models):
     """A report of a real run with a hostile device name, a history of three runs and an Edge TPU target."""
     targets = [{"name": EVIL, "kind": "cpu", "description": EVIL}, {"name": "pi-f32", "kind": "cpu", "mode": "float32"},
                {"name": "coral", "kind": "edgetpu", "delegate": "cpu"},
                {"name": "qemu-pi", "kind": "cpu", "emulated": True}]
     inv = load_inventory(write_targets(tmp_path / "targets.yaml", targets,
                                        {"min_top1": 0.9, "max_p90_ms": 1000, "min_edgetpu_mapped": 0.9}))
-    with Store(tmp_path / "r.db") as store:
+    with Store(results_db) as store:
         for i, variant in enumerate(("int8", "int8", "int8-badcal")):
             run = gate_models.run(f"run-{i}", [
                 gate_models.device(EVIL, variant), gate_models.device("pi-f32", "float32"),
@@ -92,14 +92,14 @@ def test_report_renders_in_headless_chromium(tmp_path, report_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_cli_writes_from_the_stored_verdict(tmp_path, gate_models, monkeypatch):
+def test_report_cli_writes_from_the_stored_verdict(tmp_path, results_db, gate_models, monkeypatch):
     from typer.testing import CliRunner
 
     from pipeline.cli import _load_commands, app
 
     _load_commands()
     monkeypatch.chdir(tmp_path)  # no ./targets.yaml to fall back on
-    db = tmp_path / "r.db"
+    db = results_db
     targets = write_targets(tmp_path / "t.yaml", [{"name": "pi", "kind": "cpu"}], {"min_top1": 0.5})
     with Store(db) as store:
         store.record_run(gate_models.run("run-x", [gate_models.device("pi", "int8")], started=5))
