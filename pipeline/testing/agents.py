@@ -19,7 +19,7 @@ exec {real} "$@"
 SLEEPING = """#!/bin/sh
 # a device whose agent sleeps {seconds}s instead of computing, then answers what the real agent once answered
 case "$1" in -c) exec {real} "$@";; esac
-for a in "$@"; do [ "$a" = "--probe" ] && exec {real} "$@"; done
+for a in "$@"; do [ "$a" = "--probe" ] && exec {probe}; done
 sleep {seconds}
 exec cat {result}
 """
@@ -32,11 +32,18 @@ def delayed_python(path: Path, real: str | Path, seconds: float) -> str:
     return str(path)
 
 
-def sleeping_python(path: Path, real: str | Path, seconds: float, result: dict) -> str:
-    """`result`: a real agent result document (schema-valid), replayed as the device's answer."""
+def sleeping_python(path: Path, real: str | Path, seconds: float, result: dict, probe: dict | None = None) -> str:
+    """`result` (and `probe`): real agent answers (schema-valid), replayed as the device's; without `probe` the
+    real agent probes."""
     path = Path(path)
     answer = path.with_suffix(".result.json")
     answer.write_text(json.dumps(result))
-    path.write_text(SLEEPING.format(real=shlex.quote(str(real)), seconds=seconds, result=shlex.quote(str(answer))))
+    probe_cmd = f'{shlex.quote(str(real))} "$@"'
+    if probe is not None:
+        probe_file = path.with_suffix(".probe.json")
+        probe_file.write_text(json.dumps(probe))
+        probe_cmd = f"cat {shlex.quote(str(probe_file))}"
+    path.write_text(SLEEPING.format(real=shlex.quote(str(real)), seconds=seconds, result=shlex.quote(str(answer)),
+                                    probe=probe_cmd))
     path.chmod(0o755)
     return str(path)
