@@ -207,3 +207,42 @@ def test_a_killed_worker_without_retries_is_worker_lost_and_the_rest_is_kept(lab
         stored = {d.name: d for d in store.load_run(rel.run.run_id).devices}
     assert stored["a0"].error.code == "worker_lost" and stored["b0"].ok and stored["b1"].ok
     lab.start_worker("lab-a")  # leave the site served for any later test
+
+
+def test_the_readme_two_site_setup_runs_as_written(lab, conversion_cache, tmp_path):
+    """The README's two-site block, with its placeholders bound to this lab, run by bash as a user would."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"## Shared labs.*?```bash\n(.*?)```", readme, flags=re.S)
+    bound = block
+    for k, v in {"targets.yaml": str(lab.targets), "model.keras": str(lab.digits.model_path),
+                 "eval.npz": str(lab.data), "out/": str(tmp_path / "out") + "/",
+                 "last-run.json": str(tmp_path / "last-run.json")}.items():
+        bound = re.sub(rf"(?<![\w/.-]){re.escape(k)}(?![\w-])", v, bound)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), EDGEPIPE_CACHE_DIR=str(conversion_cache),
+               XDG_CACHE_HOME=str(tmp_path / "xdg"), EDGEPIPE_LEASE_TTL=str(LEASE_TTL),
+               PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
+    log = tmp_path / "readme.log"  # a file, not a pipe: the background workers keep their output open
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(["bash", "-e", "-c", bound], cwd=tmp_path, env=env, stdout=sink, stderr=sink,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)   # the README's background workers
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    shown = json.loads((tmp_path / "last-run.json").read_text())
+    assert {d["name"] for d in shown["devices"] if d["ok"]} == set(SITES)
+    assert all(d["lease"]["released"] >= d["lease"]["acquired"] for d in shown["devices"])
+    assert (tmp_path / "out" / "report.html").is_file()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, f"README workers still running: {alive}"
