@@ -63,11 +63,14 @@ def proc_cpu(pids: list[int]) -> float:
     return total
 
 
-def pg_pids(server) -> list[int]:
-    """The postmaster and its children (backends, checkpointer, ...)."""
+def pg_cpu(server) -> float:
+    """user+sys seconds of PostgreSQL: the postmaster, its live children, and (cutime/cstime) the children it reaped,
+    so a backend born and gone within the measured run is counted too."""
     master = int((server.root / "data" / "postmaster.pid").read_text().split()[0])
     kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout.split()
-    return [master] + [int(k) for k in kids]
+    fields = Path(f"/proc/{master}/stat").read_text().rsplit(")", 1)[1].split()
+    reaped = (int(fields[13]) + int(fields[14])) / TICK
+    return proc_cpu([master] + [int(k) for k in kids]) + reaped
 
 
 def xacts(url: str) -> int:
@@ -114,11 +117,11 @@ def one_size(n: int, mode: str, work: Path, model: Path, data: Path, python: str
         out = {}
         for label in ("cold", "warm"):
             wpids = [w.pid for w in workers]
-            c0, w0, p0, x0, t0 = self_cpu(), proc_cpu(wpids), proc_cpu(pg_pids(server)), xacts(url), time.perf_counter()
+            c0, w0, p0, x0, t0 = self_cpu(), proc_cpu(wpids), pg_cpu(server), xacts(url), time.perf_counter()
             rel = api.run(targets, model=model, data=data, out_dir=work / "out", cache_dir=work / "cache",
                           baseline="none", distributed=distributed)
             wall = time.perf_counter() - t0
-            c1, w1, p1, x1 = self_cpu(), proc_cpu(wpids), proc_cpu(pg_pids(server)), xacts(url)
+            c1, w1, p1, x1 = self_cpu(), proc_cpu(wpids), pg_cpu(server), xacts(url)
             bad = [f"{d.name}: {d.error.code} {d.error.message}" for d in rel.run.devices if not d.ok]
             if bad:
                 raise SystemExit(f"bench run failed ({mode}, n={n}): " + "; ".join(bad[:5]))
@@ -142,6 +145,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--sleep", type=float, default=1.0, help="seconds each simulated agent sleeps")
+    ap.add_argument("--modes", nargs="+", default=["one-orchestrator", "two-workers"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgepipe-scale-") as tmp:
@@ -154,7 +158,7 @@ def main() -> None:
         server = start_postgres()
         figures: dict = {}
         try:
-            for mode in ("one-orchestrator", "two-workers"):
+            for mode in args.modes:
                 for n in args.sizes:
                     samples = []
                     for r in range(args.rounds):

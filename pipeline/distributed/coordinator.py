@@ -77,19 +77,20 @@ class Coordinator:
                 self.ev(t.name, "queue", f"waiting for a worker of site {site}")
         return jobs
 
-    def wait(self, jobs: dict[str, tuple[int, Any]], arrived: Callable[[str], Any]) -> dict[str, Any]:
-        """Each target's result (what `arrived` returns once the worker stored it) or an ErrorInfo."""
+    def wait(self, jobs: dict[str, tuple[int, Any]], arrived: Callable[[set[str]], dict[str, Any]]) -> dict[str, Any]:
+        """Each target's result (what `arrived(pending names)` returns once workers stored them) or an ErrorInfo."""
         out: dict[str, Any] = {}
         pending = dict(jobs)
         queued_at = time.monotonic()
         last_stall = time.monotonic()
         while pending:
             states = q.job_states(self.db, [job_id for job_id, _ in pending.values()])
+            ready = arrived(set(pending))  # after the states: a job seen finished has its result stored already
             for name, (job_id, t) in list(pending.items()):
-                got = arrived(name)
+                got = ready.get(name)
                 st = states.get(job_id)
                 if got is None and st is not None and st.status in q.TERMINAL:
-                    got = arrived(name) or ErrorInfo(
+                    got = arrived({name}).get(name) or ErrorInfo(
                         "worker_error", f"job {job_id} ended {st.status} on queue {q.queue_name(t.site)} without a "
                                         "result (see that worker's log)")
                 elif got is None and st is not None and st.status == "todo" and self.queue_timeout is not None \
@@ -174,9 +175,13 @@ def execute_distributed(inventory: Any, model: str | Path, data: str | Path, *, 
         # 1. probe, through the workers that can reach each device
         jobs = co.defer(q.PROBE_TASK, targets, lambda t: {"run_id": run_id, "target": t.name})
 
-        def probe_arrived(name: str) -> ProbeResult | None:
-            row = store.db.one("SELECT probe FROM dist_probes WHERE run_id=? AND target=?", (run_id, name))
-            return _probe_from(json.loads(row["probe"])) if row else None
+        def probe_arrived(names: set[str]) -> dict[str, ProbeResult]:
+            rows = store.db.all("SELECT target, probe FROM dist_probes WHERE run_id=?", (run_id,))
+            return {r["target"]: _probe_from(json.loads(r["probe"])) for r in rows if r["target"] in names}
+
+        def result_arrived(names: set[str]) -> dict[str, DeviceResult]:
+            rows = store.db.all("SELECT target FROM device_results WHERE run_id=?", (run_id,))
+            return {r["target"]: store.device_result(run_id, r["target"]) for r in rows if r["target"] in names}
 
         probes = {}
         for name, got in co.wait(jobs, probe_arrived).items():
@@ -212,7 +217,7 @@ def execute_distributed(inventory: Any, model: str | Path, data: str | Path, *, 
             "eval": locations[str(spec[t.name].eval_file)], "artifact_info": spec[t.name].artifact_info,
             "lease_timeout": lease_timeout})
         # 5. wait; each worker committed its device's result
-        for name, got in co.wait(jobs, lambda name: store.device_result(run_id, name)).items():
+        for name, got in co.wait(jobs, result_arrived).items():
             if isinstance(got, DeviceResult):
                 finish(got, stored=True)
             else:

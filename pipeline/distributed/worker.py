@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from pipeline.release.store import open_store
 from pipeline.results import DeviceResult
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
+KEEP_S = 300.0  # a probe's open connection waits this long for the same device's measure job on this worker
 OnLine = Callable[[str], None]
 
 
@@ -66,6 +68,8 @@ class Worker:
         self.blobs = ArtifactStore(self.store.db, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
                                    cache_dir=Path(cache_dir) if cache_dir else DEFAULT_CACHE / site)
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="edgepipe-job")
+        self._kept: dict[tuple[str, str], tuple[float, Any]] = {}  # (run, target) -> (when, open transport)
+        self._kept_lock = threading.Lock()
         self.app = make_app(str(self.store.db.location), inventory.db_password_env, file=inventory.path)
         self._register()
 
@@ -101,6 +105,8 @@ class Worker:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        for _, tr in self._take_expired(0.0):
+            tr.close()
         self.leases.close()
         self.store.close()
 
@@ -121,11 +127,32 @@ class Worker:
                               file=self.inv.path, code="unknown_target")
         return t
 
+    def _take_expired(self, older_than: float) -> list[tuple[float, Any]]:
+        now = time.monotonic()
+        with self._kept_lock:
+            old = [k for k, (when, _) in self._kept.items() if now - when >= older_than]
+            return [self._kept.pop(k) for k in old]
+
+    def _keep(self, run_id: str, target: str, transport: Any) -> None:
+        """Keep the probe's connection for the measure job (a local run reuses it the same way)."""
+        for _, tr in self._take_expired(KEEP_S):
+            tr.close()
+        with self._kept_lock:
+            self._kept[(run_id, target)] = (time.monotonic(), transport)
+
+    def _kept_transport(self, run_id: str, target: str) -> dict[str, Any]:
+        with self._kept_lock:
+            kept = self._kept.pop((run_id, target), None)
+        return {target: kept[1]} if kept else {}
+
     def probe(self, run_id: str, target: str) -> None:
         ev = self._events(run_id)
         try:
             t = self._target(target)
-            doc = probe_target(t, on_event=ev).to_dict()
+            res = probe_target(t, on_event=ev, keep=True)
+            if res.transport is not None:
+                self._keep(run_id, target, res.transport)
+            doc = res.to_dict()
         except EdgepipeError as exc:
             doc = {"name": target, "host": "?", "kind": "?", "ok": False, "error": exc.to_dict() | {"code": exc.code}}
         with self.store.db.write():
@@ -153,6 +180,7 @@ class Worker:
         def lease(target_: Any, on_wait: Callable[[str], None]) -> Any:
             return self.leases(target_, on_wait, run_id=run_id, timeout=lease_timeout)
 
-        runner = FleetRunner(run_id=run_id, max_parallel=1, on_event=ev, lease=lease)
+        runner = FleetRunner(run_id=run_id, max_parallel=1, on_event=ev, lease=lease,
+                             connections=self._kept_transport(run_id, target))
         (res,) = runner.run([job])
         self.store.add_device_result(run_id, res)
