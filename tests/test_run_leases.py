@@ -17,8 +17,8 @@ import yaml
 from pipeline.release.leases import Leases
 from pipeline.release.store import Store
 from pipeline.testing.agents import delayed_python
-from tests.fixtures.postgres import DB_KINDS
 from pipeline.testing.sshd import target_entry, write_known_hosts, write_targets_yaml
+from tests.fixtures.postgres import DB_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 LITERT = str(ROOT / ".venv-devices" / "litert" / "bin" / "python")

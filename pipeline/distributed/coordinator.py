@@ -19,7 +19,7 @@ from pipeline.distributed import queue as q
 from pipeline.distributed.artifacts import ArtifactStore
 from pipeline.errors import ConfigError
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
-from pipeline.run import _failure, load_eval_data, prepare_jobs
+from pipeline.run import load_eval_data, prepare_jobs
 
 POLL_S = 0.5
 STALL_CHECK_S = 2.0
@@ -33,6 +33,11 @@ def preflight(inventory: Any, targets: list[Any], store: Any) -> None:
             raise ConfigError("required for --distributed: the site whose workers reach this device", file=inventory.path,
                               field=f"{t.field_path}.site", hint="add site: NAME to the target, its group or defaults")
     q.require_postgres(store.db, what="run --distributed", file=inventory.path)
+
+
+def _failure(t: Any, code: str, message: str) -> DeviceResult:
+    return DeviceResult.failure(t.name, t.kind, t.mode, code, message, host=f"{t.host}:{t.port}",
+                                groups=list(t.groups), emulated=bool(t.emulated))
 
 
 def _probe_from(doc: dict[str, Any]) -> ProbeResult:
