@@ -137,3 +137,15 @@ def test_reading_commands_never_create_a_history(pg_server):
     with pytest.raises(StoreError) as exc:
         open_store(empty, None, must_exist=True)
     assert "no edgepipe history" in exc.value.one_line() and "@" in exc.value.one_line()
+
+
+def test_a_worker_refuses_a_sqlite_history_or_an_unknown_site_in_one_line(tmp_path):
+    from pipeline.cli import _load_commands, app
+
+    _load_commands()
+    inv = _inv(tmp_path, FLEET.replace("kind: cpu}", "kind: cpu, site: lab-a}") + "db: local.db\n")
+    r = CliRunner().invoke(app, ["worker", "--site", "lab-a", "--targets", str(inv.path)])
+    assert r.exit_code == 2 and "PostgreSQL" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "local.db").exists()
+    r = CliRunner().invoke(app, ["worker", "--site", "lab-z", "--targets", str(inv.path)])
+    assert r.exit_code == 2 and "no target has site: lab-z" in r.output and "lab-a" in r.output

@@ -19,11 +19,11 @@ from typing import Any, Callable
 from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.devices.probe import probe_target
 from pipeline.distributed.artifacts import ArtifactStore
-from pipeline.distributed.queue import HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app, queue_name, \
-    require_postgres
+from pipeline.distributed.queue import HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app, queue_name
 from pipeline.errors import ConfigError, EdgepipeError
 from pipeline.release.leases import Leases
-from pipeline.release.store import open_store
+from pipeline.inventory import is_db_url
+from pipeline.release.store import db_path, open_store
 from pipeline.results import DeviceResult
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
@@ -57,9 +57,12 @@ class Worker:
         self.concurrency = concurrency or inventory.max_parallel
         self.heartbeat = heartbeat
         self.on_line = on_line or (lambda line: None)
+        where = db_path(db, inventory)
+        if not is_db_url(str(where)):  # before opening it: a worker never creates a SQLite file
+            raise ConfigError(f"edgepipe worker needs a PostgreSQL results database (got {where})", file=inventory.path,
+                              field="db", hint="set db: postgresql://USER@HOST/DB in targets.yaml, or pass --db")
         self.store = open_store(db, inventory, must_exist=False)
         try:
-            require_postgres(self.store.db, what="edgepipe worker", file=inventory.path)
             ensure_schema(self.store.db)
         except EdgepipeError:
             self.store.close()
