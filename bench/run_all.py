@@ -25,6 +25,8 @@ SUITE = [
     ("fanout.py", "Fan-out wall time (1/4/8 loopback sshd devices), re-run ratio, push throughput vs scp"),
     ("regression.py", "Regression detector: A/A false-alarm rate, detection rate of a 20% slowdown"),
     ("arm64_start.py", "Emulated Raspberry Pi 4 (qemu user-mode): cached start time against an x86 sshd device"),
+    ("scale.py", "Orchestration at scale: host CPU per device-run and wall time, 1-128 sleeping devices, one "
+                 "orchestrator vs two site workers (docs/scaling.md)"),
 ]
 
 

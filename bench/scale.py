@@ -140,6 +140,18 @@ def one_size(n: int, mode: str, work: Path, model: Path, data: Path, python: str
         stop(devs)
 
 
+def table(figures: dict) -> str:
+    """The figures as one Markdown table (bench/RESULTS.md)."""
+    rows = ["| mode | devices | wall s | overhead s | orchestrator ms | workers ms | PostgreSQL ms | host CPU ms "
+            "per device-run | DB xacts per device-run |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, sizes in figures.items():
+        for n, f in sizes.items():
+            rows.append(f"| {mode} | {n} | {f['wall_s']} | {f['overhead_s']} | {f['orchestrator_cpu_ms_per_device']} | "
+                        f"{f['workers_cpu_ms_per_device']} | {f['postgres_cpu_ms_per_device']} | "
+                        f"{f['host_cpu_ms_per_device']} | {f['db_xacts_per_device']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -179,7 +191,8 @@ def main() -> None:
                         "db_xacts_per_device": round(med["xacts"] / n, 1)}
         finally:
             server.stop()
-    doc = {"agent_sleep_s": args.sleep, "rounds": args.rounds, "cores": os.cpu_count(), "figures": figures}
+    doc = {"agent_sleep_s": args.sleep, "rounds": args.rounds, "cores": os.cpu_count(), "figures": figures,
+           "table_md": table(figures)}
     if args.json:
         print(json.dumps(doc))
     else:

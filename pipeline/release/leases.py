@@ -132,15 +132,21 @@ class Leases:
                 lease.lost = True
 
     def renew(self) -> None:
-        """Push every held lease's expiry forward; one that vanished (taken after it lapsed) is marked lost."""
+        """Push every held lease's expiry forward in one statement; one that vanished (taken after it lapsed) is
+        marked lost."""
         with self._guard:
             held = list(self._held.values())
-        for lease in held:
-            with self.db.write():
-                cur = self.db.execute(f"UPDATE device_leases SET expires = {self.db.now_sql} + ? "
-                                      "WHERE device=? AND holder=?", (self.ttl, lease.device, lease.holder))
-            if cur.rowcount == 0:
-                lease.lost = True
+        if not held:
+            return
+        marks = ", ".join("?" * len(held))
+        with self.db.write():
+            rows = self.db.all(f"UPDATE device_leases SET expires = {self.db.now_sql} + ? WHERE holder IN ({marks}) "
+                               "RETURNING holder", (self.ttl, *[lease.holder for lease in held]))
+        renewed = {r["holder"] for r in rows}
+        with self._guard:  # a lease released meanwhile is gone on purpose, not lost
+            for lease in held:
+                if lease.holder not in renewed and lease.holder in self._held:
+                    lease.lost = True
 
     def _ensure_heartbeat(self) -> None:
         with self._guard:
