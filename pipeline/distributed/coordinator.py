@@ -57,6 +57,7 @@ class Coordinator:
         self.worker_timeout, self.worker_retries, self.queue_timeout = worker_timeout, worker_retries, queue_timeout
         self.app = q.make_app(str(self.db.location), inventory.db_password_env, file=inventory.path)
         self._seen: dict[str, int] = {}
+        self._since = 0.0  # progress rows updated after this (database clock) are read again
         self._pending_ids: set[int] = set()
 
     def __enter__(self) -> "Coordinator":
@@ -134,7 +135,10 @@ class Coordinator:
                 self._pending_ids.discard(int(job["id"]))
 
     def _relay_progress(self) -> None:
-        rows = self.db.all("SELECT target, seq, stage, detail, worker FROM dist_progress WHERE run_id=?", (self.run_id,))
+        rows = self.db.all("SELECT target, seq, stage, detail, worker, updated FROM dist_progress "
+                           "WHERE run_id=? AND updated >= ?", (self.run_id, self._since))
+        if rows:  # a margin for writes that commit out of order
+            self._since = max(float(r["updated"]) for r in rows) - 5.0
         for r in rows:
             if self._seen.get(r["target"], 0) < int(r["seq"]):
                 self._seen[r["target"]] = int(r["seq"])
@@ -181,12 +185,14 @@ def execute_distributed(inventory: Any, model: str | Path, data: str | Path, *, 
         jobs = co.defer(q.PROBE_TASK, targets, lambda t: {"run_id": run_id, "target": t.name})
 
         def probe_arrived(names: set[str]) -> dict[str, ProbeResult]:
-            rows = store.db.all("SELECT target, probe FROM dist_probes WHERE run_id=?", (run_id,))
-            return {r["target"]: _probe_from(json.loads(r["probe"])) for r in rows if r["target"] in names}
+            rows = store.db.all("SELECT target, probe FROM dist_probes WHERE run_id=? AND target = ANY(?)",
+                                (run_id, sorted(names)))
+            return {r["target"]: _probe_from(json.loads(r["probe"])) for r in rows}
 
         def result_arrived(names: set[str]) -> dict[str, DeviceResult]:
-            rows = store.db.all("SELECT target FROM device_results WHERE run_id=?", (run_id,))
-            return {r["target"]: store.device_result(run_id, r["target"]) for r in rows if r["target"] in names}
+            rows = store.db.all("SELECT target, raw FROM device_results WHERE run_id=? AND target = ANY(?)",
+                                (run_id, sorted(names)))
+            return {r["target"]: DeviceResult.from_dict(json.loads(r["raw"])) for r in rows}
 
         probes = {}
         for name, got in co.wait(jobs, probe_arrived).items():
