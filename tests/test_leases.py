@@ -22,6 +22,7 @@ HOLDER = textwrap.dedent("""
     from pipeline.release.store import Store
     from pipeline.release.leases import Leases
     db, name, rounds, hold, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+    out = sys.argv[7]
     store = Store(db)
     leases = Leases(store.db, owner=name, run_id=name, ttl=float(sys.argv[6]))
     windows = []
@@ -34,15 +35,19 @@ HOLDER = textwrap.dedent("""
         leases.release(lease)
         windows.append([lease.acquired, lease.released, lease.lost])
     leases.close()
-    print(json.dumps(windows))
+    with open(out + ".tmp", "w") as f:
+        json.dump(windows, f)
+    os.replace(out + ".tmp", out)
 """)
 
 
 def _holder(tmp_path, db, name, rounds=1, hold=0.05, mode="live", ttl=30.0):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER.format(root=str(ROOT)))
-    return subprocess.Popen([sys.executable, str(script), str(db), name, str(rounds), str(hold), mode, str(ttl)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(db), name, str(rounds), str(hold), mode, str(ttl),
+                             str(tmp_path / f"{name}.json")], stdout=subprocess.PIPE, text=True)
+    proc.windows = tmp_path / f"{name}.json"  # what it held, written when it is done
+    return proc
 
 
 def _wait_held(proc) -> None:
@@ -52,9 +57,10 @@ def _wait_held(proc) -> None:
 def test_processes_sharing_the_database_never_hold_one_device_at_once(tmp_path, results_db):
     Store(results_db).close()  # schema first, so the holders race on leases only
     procs = [_holder(tmp_path, results_db, f"run{k}", rounds=8, hold=0.02) for k in range(3)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p in procs:
+        p.communicate(timeout=120)
     assert [p.returncode for p in procs] == [0, 0, 0]
-    windows = sorted(w for out in outs for w in json.loads(out.strip().splitlines()[-1]))
+    windows = sorted(w for p in procs for w in json.loads(p.windows.read_text()))
     assert len(windows) == 24 and not any(lost for _, _, lost in windows)
     for (a0, a1, _), (b0, b1, _) in zip(windows, windows[1:]):
         assert a0 < a1 <= b0 < b1, (a0, a1, b0, b1)   # the next holder starts only after the previous let go
@@ -108,6 +114,7 @@ def test_the_heartbeat_keeps_a_long_measurement_leased(tmp_path, results_db):
         lease = leases.acquire("10.0.0.9:22", "pi")
         leases.release(lease)
         leases.close()
-    (held,) = json.loads(proc.communicate(timeout=60)[0].strip().splitlines()[-1])
+    proc.communicate(timeout=60)
+    (held,) = json.loads(proc.windows.read_text())
     assert held[1] - held[0] >= 3.0 and not held[2]          # held 3 s with a 1 s ttl, never lost
     assert lease.acquired >= held[1]                           # the waiter came after the release
