@@ -3,6 +3,8 @@ shared directory; a worker's copy is checked against the sha256 the coordinator 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -34,3 +36,17 @@ def test_large_artifacts_go_to_the_shared_directory_and_are_verified(tmp_path, t
         with pytest.raises(ConfigError) as exc:
             ArtifactStore(store.db, inline_max_bytes=1000).put(tiny_artifact.path)
         assert exc.value.field == "artifact_store.shared_dir"
+
+
+def test_many_jobs_of_one_worker_fetch_the_same_artifact_at_once(tmp_path, results_db):
+    """Eight jobs of one worker ask for the same 3 MB artifact at the same moment, five times over."""
+    blob = tmp_path / "model.tflite"
+    blob.write_bytes(os.urandom(3_000_000))
+    with Store(results_db) as store:
+        loc = ArtifactStore(store.db, inline_max_bytes=10_000_000).put(blob)
+        for trial in range(5):
+            worker = ArtifactStore(store.db, inline_max_bytes=0, cache_dir=tmp_path / f"w{trial}")
+            with ThreadPoolExecutor(8) as pool:
+                paths = list(pool.map(lambda _: worker.fetch(loc), range(8)))
+            assert len(set(paths)) == 1 and paths[0].read_bytes() == blob.read_bytes()
+            assert [p.name for p in paths[0].parent.iterdir()] == [loc["sha256"]]   # no temp files left

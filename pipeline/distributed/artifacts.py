@@ -5,12 +5,15 @@ worker never measures a file other than the one the coordinator converted. S3-co
 """
 from __future__ import annotations
 
+import os
 import shutil
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, EdgepipeError
-from pipeline.files import sha256_path, write_atomic
+from pipeline.files import sha256_path
 
 
 class ArtifactUnavailable(EdgepipeError):
@@ -30,6 +33,8 @@ class ArtifactStore:
         self.shared_dir = Path(shared_dir) if shared_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.file = file
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def put(self, path: Path) -> dict[str, Any]:
         path = Path(path)
@@ -48,33 +53,44 @@ class ArtifactStore:
         dest = self.shared_dir / sha
         if not (dest.is_file() and dest.stat().st_size == size):
             self.shared_dir.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{sha}.tmp")
+            tmp = dest.with_name(f".{sha}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             shutil.copyfile(path, tmp)
             tmp.replace(dest)
         return {"sha256": sha, "bytes": size, "where": "dir", "path": str(dest), "name": path.name}
 
     def fetch(self, loc: dict[str, Any]) -> Path:
-        """The artifact as a local file in the worker's cache (verified by sha256; fetched once per worker)."""
+        """The artifact as a local file in the worker's cache (verified by sha256; fetched once per worker, however
+        many of its jobs ask at once)."""
         if self.cache_dir is None:
             raise ArtifactUnavailable("this artifact store has no local cache directory")
         sha = loc["sha256"]
-        local = self.cache_dir / "blobs" / sha
-        if local.is_file() and local.stat().st_size == loc["bytes"]:
-            return local
-        if loc["where"] == "db":
-            row = self.db.one("SELECT data FROM artifact_blobs WHERE sha256=?", (sha,))
-            if row is None:
-                raise ArtifactUnavailable(f"{loc['name']} ({sha[:12]}) is not in the database's artifact store")
-            write_atomic(local, bytes(row["data"]))
-        else:
-            src = Path(loc["path"])
-            if not src.is_file():
-                raise ArtifactUnavailable(f"{src} is not readable on this worker",
-                                          hint="mount artifact_store.shared_dir at the same path on every worker")
+        with self._guard:
+            lock = self._locks.setdefault(sha, threading.Lock())
+        with lock:
+            local = self.cache_dir / "blobs" / sha
+            if local.is_file() and local.stat().st_size == loc["bytes"]:
+                return local
             local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, local.with_name(f".{sha}.tmp"))
-            local.with_name(f".{sha}.tmp").replace(local)
-        if sha256_path(local) != sha:
-            local.unlink()
-            raise ArtifactUnavailable(f"{loc['name']} fetched from the artifact store does not match its sha256 {sha[:12]}")
-        return local
+            tmp = local.with_name(f".{sha}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # unique: workers may share a cache
+            try:
+                self._copy_to(loc, tmp)
+                if sha256_path(tmp) != sha:
+                    raise ArtifactUnavailable(f"{loc['name']} fetched from the artifact store does not match its "
+                                              f"sha256 {sha[:12]}")
+                tmp.replace(local)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return local
+
+    def _copy_to(self, loc: dict[str, Any], dest: Path) -> None:
+        if loc["where"] == "db":
+            row = self.db.one("SELECT data FROM artifact_blobs WHERE sha256=?", (loc["sha256"],))
+            if row is None:
+                raise ArtifactUnavailable(f"{loc['name']} ({loc['sha256'][:12]}) is not in the database's artifact store")
+            dest.write_bytes(bytes(row["data"]))
+            return
+        src = Path(loc["path"])
+        if not src.is_file():
+            raise ArtifactUnavailable(f"{src} is not readable on this worker",
+                                      hint="mount artifact_store.shared_dir at the same path on every worker")
+        shutil.copyfile(src, dest)

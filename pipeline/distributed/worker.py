@@ -116,7 +116,10 @@ class Worker:
     # -- the jobs -----------------------------------------------------------------------------------------
     def _events(self, run_id: str) -> Callable[[str, str, str], None]:
         def on_event(target: str, stage: str, detail: str) -> None:
-            report_progress(self.store.db, run_id, target, self.name, stage, detail)
+            try:
+                report_progress(self.store.db, run_id, target, self.name, stage, detail)
+            except self.store.db.errors:  # progress is for the live view; the result itself is what must land
+                pass
             if stage in ("lease", "done"):
                 self.on_line(f"{run_id} {target}: {stage}: {detail}")
         return on_event
@@ -158,6 +161,9 @@ class Worker:
             doc = res.to_dict()
         except EdgepipeError as exc:
             doc = {"name": target, "host": "?", "kind": "?", "ok": False, "error": exc.to_dict() | {"code": exc.code}}
+        except Exception as exc:  # a worker-side bug is still this device's answer, not a failed job
+            doc = {"name": target, "host": "?", "kind": "?", "ok": False,
+                   "error": {"code": "internal", "message": f"worker {self.name}: {type(exc).__name__}: {exc}"}}
         with self.store.db.write():
             self.store.db.execute("INSERT INTO dist_probes(run_id, target, probe) VALUES (?, ?, ?) "
                                   "ON CONFLICT (run_id, target) DO UPDATE SET probe = excluded.probe",
@@ -171,13 +177,15 @@ class Worker:
             t = self._target(target)
             ev(target, "fetch", f"{artifact['name']} ({artifact['bytes']} bytes) from the artifact store ({artifact['where']})")
             job = DeviceJob(t, self.blobs.fetch(artifact), self.blobs.fetch(eval), artifact_info=artifact_info)
-        except EdgepipeError as exc:
+        except Exception as exc:  # an EdgepipeError (unknown target, artifact unavailable) or a worker-side bug
+            code, message = (exc.code, exc.one_line()) if isinstance(exc, EdgepipeError) else \
+                ("internal", f"worker {self.name}: {type(exc).__name__}: {exc}")
             t = self.targets.get(target)
-            res = DeviceResult.failure(target, getattr(t, "kind", "?"), getattr(t, "mode", "?"), exc.code,
-                                       exc.one_line(), host=f"{t.host}:{t.port}" if t else None)
+            res = DeviceResult.failure(target, getattr(t, "kind", "?"), getattr(t, "mode", "?"), code, message,
+                                       host=f"{t.host}:{t.port}" if t else None)
             res.artifact, res.timings = artifact_info, {"total": time.monotonic() - t0}
-            ev(target, "done", f"{exc.code}: {exc.message}")
             self.store.add_device_result(run_id, res)
+            ev(target, "done", f"{code}: {message}")
             return
 
         def lease(target_: Any, on_wait: Callable[[str], None]) -> Any:
