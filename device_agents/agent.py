@@ -595,15 +595,12 @@ def load_data(path, inputs, outputs):
         arrays = dict((k, npz[k]) for k in npz.files)
     except Exception as exc:
         raise AgentFailure("bad_data", "%s is not a readable .npz file: %s" % (path, _one_line(exc)))
-    if len(inputs) == 1:
-        keys = ["x"]
-    else:
-        keys = [d["name"] for d in inputs]
     xs = []
-    for key, detail in zip(keys, inputs):
+    for detail in inputs:  # by TFLite input tensor name; `x` also names the input of a single-input model
+        key = detail["name"] if detail["name"] in arrays else ("x" if len(inputs) == 1 else None)
         if key not in arrays:
             raise AgentFailure("bad_data", "%s has no array %r (has %s); the model's inputs are %s"
-                               % (path, key, sorted(arrays), [d["name"] for d in inputs]))
+                               % (path, detail["name"], sorted(arrays), [d["name"] for d in inputs]))
         xs.append(_check_input(path, key, arrays[key], detail))
     n = len(xs[0])
     if any(len(x) != n for x in xs) or n == 0:
@@ -656,12 +653,13 @@ def quantize(x, detail):
     return x.astype(dtype)
 
 
-def dequantize(q, detail):
+def dequantize(q, detail, dtype=None):
     import numpy as np
+    dtype = dtype or np.float64
     scale, zero = detail.get("quantization", (0.0, 0))
     if np.dtype(detail["dtype"]).kind in "iu" and scale:
-        return (q.astype(np.float64) - zero) * scale
-    return q.astype(np.float64)
+        return ((q.astype(np.float64) - zero) * scale).astype(dtype)
+    return q.astype(dtype)
 
 
 # ---------------------------------------------------------------- measurement
@@ -702,18 +700,49 @@ def time_invokes(interp, runs, warmup, max_seconds):
     return first_ns, warm, samples
 
 
-def evaluate(interp, inputs, outputs, xs, y, ref):
-    """Batch-1 pass over the whole eval set (after the timed runs); accuracy and agreement on output 0."""
+def batch_size(inputs):
+    """Samples per invoke: the input tensors' fixed batch (1 for almost every edge model)."""
+    shape = inputs[0]["shape"] if inputs else []
+    return max(1, int(shape[0])) if len(shape) else 1
+
+
+def set_inputs(interp, inputs, xs, start):
+    """Feed samples start..start+batch (wrapping around at the end, so a fixed batch is always full)."""
+    import numpy as np
+    b = batch_size(inputs)
+    idx = [(start + j) % len(xs[0]) for j in range(b)]
+    for x, detail in zip(xs, inputs):
+        interp.set_tensor(detail["index"], quantize(x[idx], detail).reshape(detail["shape"]))
+    return min(b, len(xs[0]) - start)
+
+
+def capture(interp, inputs, outputs, xs, wanted, reduce):
+    """Batch-size pass over the whole eval set: {output name: per-sample arrays stacked [N, ...]}, dequantized
+    (float32), or the argmax over the last axis (int32) for outputs named in `reduce`."""
     import numpy as np
     n = len(xs[0])
-    out_detail = outputs[0]
-    preds = np.empty((n, int(np.prod(out_detail["shape"]))), dtype=np.float64)
-    set_tensor, get_tensor, invoke = interp.set_tensor, interp.get_tensor, interp.invoke
-    for i in range(n):
-        for x, detail in zip(xs, inputs):
-            set_tensor(detail["index"], quantize(x[i:i + 1], detail).reshape(detail["shape"]))
-        invoke()
-        preds[i] = dequantize(get_tensor(out_detail["index"]), out_detail).reshape(-1)
+    b = batch_size(inputs)
+    rows = dict((d["name"], []) for d in outputs if d["name"] in wanted)
+    for start in range(0, n, b):
+        keep = set_inputs(interp, inputs, xs, start)
+        interp.invoke()
+        for detail in outputs:
+            if detail["name"] not in rows:
+                continue
+            out = dequantize(interp.get_tensor(detail["index"]), detail, np.float32)
+            out = out[:keep] if out.ndim and out.shape[0] == b else np.repeat(out[None], keep, axis=0)
+            if reduce.get(detail["name"]) == "argmax":
+                out = out.argmax(axis=-1).astype(np.int32)
+            rows[detail["name"]].append(out)
+    return dict((k, np.concatenate(v)) for k, v in rows.items())
+
+
+def legacy_scores(preds, y, ref):
+    """On-device accuracy and agreement on output 0 when the eval file carries labels `y` / references `ref`
+    (older hosts and standalone use; the host now scores every output itself from --outputs-out)."""
+    import numpy as np
+    n = len(preds)
+    preds = preds.reshape(n, -1).astype(np.float64)
     accuracy = agreement = None
     if y is not None:
         y = y.astype(np.int64)
@@ -729,6 +758,36 @@ def evaluate(interp, inputs, outputs, xs, y, ref):
         agreement = {"top1": float((preds.argmax(1) == r.argmax(1)).mean()), "mae": float(np.abs(err).mean()),
                      "max_abs": float(np.abs(err).max()), "snr_db": float(min(snr, EXACT_SNR_DB)), "n": int(n)}
     return accuracy, agreement
+
+
+def write_outputs(path, captured, outputs, reduce):
+    """Every output as an .npz (float16, float32 where float16 would overflow; int32 argmax when reduced),
+    written atomically; returns the result's `outputs` block."""
+    import numpy as np
+    arrays, tensors = {}, []
+    for detail in outputs:
+        a = captured[detail["name"]]
+        if a.dtype.kind == "f":
+            finite = a[np.isfinite(a)]
+            a = a.astype(np.float16 if not finite.size or np.abs(finite).max() <= 65504.0 else np.float32)
+        arrays[detail["name"]] = a
+        tensors.append({"name": detail["name"], "shape": [int(d) for d in a.shape], "dtype": a.dtype.name,
+                        "reduced": reduce.get(detail["name"])})
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": os.path.basename(path), "path": path, "sha256": digest.hexdigest(), "tensors": tensors}
 
 
 def peak_rss_bytes():
@@ -757,8 +816,8 @@ def run(args):
     model["inputs"] = [_tensor_info(d) for d in inputs]
     model["outputs"] = [_tensor_info(d) for d in outputs]
     xs, y, ref = load_data(args.data, inputs, outputs)
-    for x, detail in zip(xs, inputs):  # the timed runs use the first eval sample
-        interp.set_tensor(detail["index"], quantize(x[0:1], detail).reshape(detail["shape"]))
+    reduce = parse_reduce(args.reduce, outputs)
+    set_inputs(interp, inputs, xs, 0)  # the timed runs use the first eval sample(s)
     log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
     gc.collect()
     gc.disable()  # no collector pauses inside the timed loop
@@ -776,7 +835,13 @@ def run(args):
     latency = dict((k, None if v is None else round(v, 6)) for k, v in latency.items())
     log("latency mean %.3f ms p50 %.3f ms over %d runs; evaluating %d samples"
         % (stats["mean"], stats["p50"], len(samples), len(xs[0])))
-    accuracy, agreement = evaluate(interp, inputs, outputs, xs, y, ref)
+    wanted = set(d["name"] for d in outputs) if args.outputs_out else set()
+    if y is not None or ref is not None:
+        wanted.add(outputs[0]["name"])
+    captured = capture(interp, inputs, outputs, xs, wanted, reduce) if wanted else {}
+    accuracy, agreement = legacy_scores(captured[outputs[0]["name"]], y, ref) if outputs[0]["name"] in captured \
+        else (None, None)
+    outputs_block = write_outputs(args.outputs_out, captured, outputs, reduce) if args.outputs_out else None
     device["soc_temp_c_after"] = _soc_temp_c()
     peak = peak_rss_bytes()
     return {
@@ -786,7 +851,7 @@ def run(args):
         "runtime": runtime.describe(),
         "delegate": delegate,
         "config": {"runs": args.runs, "warmup": args.warmup, "threads": args.threads,
-                   "max_seconds": args.max_seconds, "batch": 1, "numpy": np.__version__},
+                   "max_seconds": args.max_seconds, "batch": batch_size(inputs), "numpy": np.__version__},
         "runs_done": len(samples),
         "warmup_done": len(warm),
         "stopped_early": stopped_early,
@@ -794,6 +859,7 @@ def run(args):
         "samples_ms": samples_ms,
         "accuracy": accuracy,
         "agreement": agreement,
+        "outputs": outputs_block,
         "memory": {"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
                    "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
         "device": device,
@@ -854,7 +920,8 @@ def parse_args(argv):
     p.add_argument("--probe", action="store_true", help="describe this device and exit")
     p.add_argument("--workdir", help="directory whose free space --probe reports")
     p.add_argument("--model", help="the .tflite model")
-    p.add_argument("--data", help="eval .npz: x (float inputs), optional y (labels), ref (float outputs)")
+    p.add_argument("--data", help="eval .npz: one array per model input by TFLite tensor name (x for a single "
+                                   "input); optional y (labels) and ref (float outputs) for on-device scores")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
@@ -865,6 +932,9 @@ def parse_args(argv):
     p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
     p.add_argument("--out", help="also write the JSON document here (atomically)")
+    p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
+    p.add_argument("--reduce", action="append", default=[], metavar="NAME=argmax",
+                   help="store the argmax over the last axis of output NAME instead of its values (repeatable)")
     args = p.parse_args(argv)
     if not args.probe:
         if not args.model or not args.data:
@@ -872,6 +942,19 @@ def parse_args(argv):
         if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
             raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
     return args
+
+
+def parse_reduce(pairs, outputs):
+    """{output tensor name: 'argmax'} from --reduce NAME=argmax items; unknown names or ops are bad_args."""
+    names = [d["name"] for d in outputs]
+    reduce = {}
+    for pair in pairs or []:
+        name, _, op = pair.rpartition("=")
+        if op != "argmax" or name not in names:
+            raise AgentFailure("bad_args", "--reduce %r must be NAME=argmax with NAME one of the model's outputs %s"
+                               % (pair, names))
+        reduce[name] = op
+    return reduce
 
 
 def _finite(obj):

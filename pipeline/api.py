@@ -39,18 +39,38 @@ def _inventory(targets: str | Path | Inventory) -> Inventory:
     return targets if isinstance(targets, Inventory) else load_inventory(targets)
 
 
+def _preprocess(preprocess: Any) -> Any:
+    """A Preprocess, or one read from a YAML/JSON file path."""
+    if preprocess is None or not isinstance(preprocess, (str, Path)):
+        return preprocess
+    from pipeline.convert.data import Preprocess
+
+    return Preprocess.from_file(preprocess)
+
+
 def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str] = (),
             targets: str | Path | Inventory | None = None, calibration: Any = None, compat: str | None = None,
             io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-            progress: Callable[[str, str], None] | None = None) -> list[Any]:
-    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts."""
+            progress: Callable[[str, str], None] | None = None, signature: str | None = None,
+            input_shapes: Any = None, preprocess: Any = None) -> list[Any]:
+    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts.
+
+    The model is identified once; `signature` picks a SavedModel signature, `input_shapes` (NAME=1x224x224x3 items
+    or a mapping) fixes dynamic dimensions, `preprocess` (a Preprocess or a YAML/JSON file) reads an image folder.
+    """
     from pipeline.convert.converter import convert as convert_one
     from pipeline.convert.recipes import requested_formats
+    from pipeline.convert.source import describe, identify
 
     fleets = [_inventory(targets)] if targets is not None else []
-    return [convert_one(model, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
-                        io_type=r.io_type, progress=progress)
-            for r in requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)]
+    reqs = requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)
+    src = identify(model, signature=signature)
+    if src.kind != "tflite":
+        src = describe(src, cache_dir=cache_dir, progress=progress)
+    return [convert_one(src, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
+                        io_type=r.io_type, progress=progress, input_shapes=input_shapes,
+                        preprocess=_preprocess(preprocess))
+            for r in reqs]
 
 
 def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any = None,
@@ -58,21 +78,28 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
-        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None) -> Release:
-    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
-    from pipeline.convert.converter import load_source
+        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+        signature: str | None = None, reference: str | Path | None = None, input_shapes: Any = None,
+        preprocess: Any = None, task: str | None = None, output: str | None = None,
+        on_notice: Callable[[str], None] | None = None) -> Release:
+    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
+
+    The model, eval data, calibration data and reference are checked on the host first: a problem there is one
+    error and no run is recorded. `on_notice(message)` receives warnings such as a small calibration set.
+    """
     from pipeline.release.gate import gate_stored_run
-    from pipeline.run import execute, load_eval_data, new_run_id
     from pipeline.release.store import Store, db_path
+    from pipeline.run import execute, new_run_id, prepare
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
-    model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
-    load_eval_data(data)                       # and so does a missing or unreadable eval file
+    prepared = prepare(model, data, targets=selected, calibration=calibration, signature=signature,
+                       input_shapes=input_shapes, reference=reference, preprocess=_preprocess(preprocess), task=task,
+                       output=output, cache_dir=cache_dir, on_notice=on_notice)
     run_id = run_id or new_run_id()
     store = Store(db_path(db, inv))
     try:
-        store.begin_run(run_id, model_sha256, inv.sha256, label)
+        store.begin_run(run_id, prepared.src.sha256, inv.sha256, label)
         record = store.recorder(run_id)
 
         def _on_result(device: DeviceResult) -> None:
@@ -80,8 +107,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             if on_result is not None:
                 on_result(device)
 
-        result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
-                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id)
+        result = execute(inv, select=[t.name for t in selected], out_dir=out_dir, cache_dir=cache_dir,
+                         on_event=on_event, on_result=_on_result, run_id=run_id, prepared=prepared)
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)

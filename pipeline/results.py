@@ -43,6 +43,8 @@ class DeviceResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     bytes_sent: int = 0
     attempts: int = 1
+    outputs_path: str | None = None  # local copy of the agent's --outputs-out .npz (every output, by tensor name)
+    metrics: dict[str, Any] | None = None  # host-side scores: {"task", "<metric>": value, "outputs": {name: {...}}}
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
@@ -75,6 +77,9 @@ class RunResult:
     float_top1: float | None = None
     label: str | None = None
     inventory_sha256: str | None = None
+    # additive (issue 11): the task the host scored (pipeline.metrics task spec) and the float model's own scores
+    task: dict[str, Any] | None = None
+    float_metrics: dict[str, Any] | None = None
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -96,6 +101,8 @@ class RunResult:
             "float_top1": self.float_top1,
             "label": self.label,
             "inventory_sha256": self.inventory_sha256,
+            "task": self.task,
+            "float_metrics": self.float_metrics,
         }
 
     def to_json(self, **kw: Any) -> str:

@@ -1,23 +1,29 @@
-"""One fleet run: probe devices, convert once per distinct format, ship the eval file with float references,
-push and run everything, validate every result. Returns a RunResult; never raises for a device's problem.
+"""One fleet run: check the model and data on the host, probe devices, convert once per distinct format, push the
+eval inputs, run everywhere, fetch every device's outputs and score them on the host. Returns a RunResult; never
+raises for a device's problem.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.devices.deploy import sha256_file
-from pipeline.errors import CompatibilityError, ConfigError, ConversionError
+from pipeline.convert.calibration import Calibration, load_calibration
+from pipeline.convert.data import Dataset, Preprocess, load_dataset, write_device_eval
+from pipeline.convert.source import (ModelSource, describe, identify, match_specs, parse_input_shapes,
+                                     specs_from_manifest, with_shapes)
 from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
+from pipeline.errors import CompatibilityError, ConfigError, ConversionError, EdgepipeError
 from pipeline.inventory import AUTO_ORDER
-from pipeline.results import DeviceResult, RunResult
+from pipeline.results import DeviceResult, ErrorInfo, RunResult
 
+CALIBRATED_MODES = ("int8", "int16x8")
+Notice = Callable[[str], None]
 
 
 def new_run_id() -> str:
@@ -37,51 +43,168 @@ def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
     return {}
 
 
-def load_eval_data(data: str | Path) -> dict[str, np.ndarray]:
-    """x (required) and y (optional) from an .npz; a bad file is one ConfigError line naming it."""
-    p = Path(data)
-    if not p.is_file():
-        raise ConfigError("evaluation data not found", file=str(p), field="--data",
-                          hint="pass an .npz with an array x (inputs) and optionally y (labels)")
+# ---------------------------------------------------------------- scoring (pipeline.metrics, when installed)
+
+def _scorer() -> Any:
+    """The host-side scorer module (pipeline.metrics); None in a tree without it (runs then carry outputs only)."""
     try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # zip/npy format errors come in many types
-        raise ConfigError(f"cannot read evaluation data: {exc}", file=str(p), field="--data",
-                          hint="write it with numpy.savez(path, x=..., y=...)") from None
-    if "x" not in arrays:
-        raise ConfigError(f"evaluation data has no array 'x' (found: {', '.join(arrays) or 'none'})", file=str(p),
-                          field="--data", hint="numpy.savez(path, x=inputs, y=labels)")
-    if "y" in arrays and len(arrays["y"]) != len(arrays["x"]):
-        raise ConfigError(f"x has {len(arrays['x'])} samples but y has {len(arrays['y'])}", file=str(p), field="--data")
-    return {k: arrays[k] for k in ("x", "y") if k in arrays}
+        import pipeline.metrics as metrics
+    except ImportError:
+        return None
+    return metrics
 
 
-def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_dir: Path | None,
-                    model_sha256: str) -> tuple[Path, float | None]:
-    """The eval .npz shipped to devices: x, y and the host's float reference outputs (cached by content)."""
-    arrays = load_eval_data(data)
-    key = hashlib.sha256(f"{model_sha256}:{sha256_file(Path(data))}".encode()).hexdigest()[:24]
+def _field(spec: Any, name: str) -> Any:
+    """A task spec field, whether the spec is a mapping or an object."""
+    if spec is None:
+        return None
+    return spec.get(name) if isinstance(spec, dict) else getattr(spec, name, None)
+
+
+def _spec_dict(spec: Any) -> dict[str, Any] | None:
+    if spec is None or isinstance(spec, dict):
+        return spec
+    if hasattr(spec, "to_dict"):
+        return spec.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(spec) if is_dataclass(spec) else {"task": str(spec)}
+
+
+def output_specs(src: ModelSource, artifact_outputs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The model's outputs as the scorer sees them: name (the model's own), tflite_name, shape, dtype, quantization."""
+    out = []
+    for s in src.outputs or []:
+        t = (artifact_outputs or {}).get(s.name)
+        ref = t or s
+        out.append({"name": s.name, "tflite_name": ref.tflite_name, "shape": list(ref.shape or ()),
+                    "dtype": ref.dtype, "scale": ref.scale, "zero_point": ref.zero_point})
+    return out
+
+
+def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
+    """Labels that cannot fit the scored output: class ids of a classifier outside its width (one line, exit 2)."""
+    if _field(task, "task") != "classification":
+        return
+    name = _field(task, "output") or (src.outputs[0].name if len(src.outputs or []) == 1 else None)
+    label = _field(task, "labels") or "y"
+    spec, y = src.output(name) if name else None, ds.labels.get(label)
+    if spec is None or y is None or not spec.shape or spec.shape[-1] is None:
+        return
+    width = int(spec.shape[-1])
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        ids = y.reshape(-1)
+        if ids.dtype.kind == "f" and not np.all(ids == np.round(ids)):
+            raise ConfigError(f"label array '{label}' holds fractional values but output '{name}' is a "
+                              f"{width}-class classifier", file=ds.source, field=label,
+                              hint="give integer class ids (or one-hot rows)")
+        if ids.size and (ids.min() < 0 or ids.max() >= width):
+            raise ConfigError(f"label array '{label}' has class ids {int(ids.min())}..{int(ids.max())} but output "
+                              f"'{name}' has {width} classes (0..{width - 1})", file=ds.source, field=label,
+                              hint="labels must index the model's output")
+    elif y.ndim == 2 and y.shape[1] != width:
+        raise ConfigError(f"label array '{label}' has shape {tuple(y.shape)} but output '{name}' has {width} "
+                          f"classes", file=ds.source, field=label, hint=f"one-hot labels need {width} columns")
+
+
+# ---------------------------------------------------------------- host-side preparation (no device touched)
+
+@dataclass
+class RunInputs:
+    """Everything checked and computed on the host before any device is touched."""
+
+    src: ModelSource                          # identified once, described, input shapes resolved
+    data: Dataset                             # eval inputs by model input name, labels by the user's names
+    calibration: Calibration | None = None
+    reference_model: ModelSource | None = None
+    reference: dict[str, np.ndarray] | None = None   # float outputs by model output name; None: not measured
+    task: Any = None                          # pipeline.metrics task spec (None when scoring is not installed)
+    float_metrics: dict[str, Any] | None = None
+    notices: list[str] = field(default_factory=list)
+
+
+def _needs_calibration(targets: list[Any], src: ModelSource) -> list[Any]:
+    if src.kind == "tflite" or src.qat:
+        return []
+    return [t for t in targets if t.mode in CALIBRATED_MODES]
+
+
+def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targets: list[Any] = (),
+            calibration: Any = None, signature: str | None = None, input_shapes: Any = None,
+            reference: str | Path | ModelSource | None = None, preprocess: Preprocess | None = None,
+            task: str | None = None, output: str | None = None, cache_dir: str | Path | None = None,
+            on_notice: Notice | None = None) -> RunInputs:
+    """Identify the model once, check the eval and calibration data against it, resolve the task and compute the
+    float reference (cached). Every problem is one ConfigError/ConversionError, before any device is touched."""
+    notice = on_notice or (lambda msg: None)
+    src = identify(model, signature=signature)
+    ref_src = describe(identify(reference), cache_dir=cache_dir) if reference is not None else None
+    src = with_shapes(describe(src, cache_dir=cache_dir), {**src.overrides, **parse_input_shapes(input_shapes)})
+    ds = load_dataset(data, src.inputs, preprocess=preprocess)
+    calib = None
+    if calibration is not None and src.kind != "tflite":
+        calib = load_calibration(calibration, preprocess=preprocess, inputs=src.inputs)
+    elif calibration is not None:
+        notice("--calibration is not used: a .tflite ships as it is")
+    missing = _needs_calibration(list(targets), src) if calib is None else []
+    if missing:
+        raise ConfigError(f"target {missing[0].name} (mode {missing[0].mode}) needs calibration data",
+                          field="--calibration", hint="pass --calibration DATA.npz (one array per model input, "
+                                                      "x for one) or an image folder")
+    scorer = _scorer()
+    task_spec = None
+    if scorer is not None:
+        task_spec = scorer.resolve_task(task, output, output_specs(src), dict(ds.labels))
+    elif task is not None or output is not None:
+        raise ConfigError("--task/--output need the scoring module (pipeline.metrics), which is not installed",
+                          field="--task")
+    check_labels(ds, task_spec, src)
+    prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
+    for msg in list(src.notes) + (calib.warnings if calib else []):
+        prepared.notices.append(msg)
+        notice(msg)
+    if src.variant == "edgetpu_compiled" and ref_src is None:
+        notice("an Edge-TPU-compiled model never runs on the host: agreement with float is not measured "
+               "(pass --reference FLOAT_MODEL to measure it)")
+    elif not src.runs_on_host and ref_src is None:
+        notice(f"a {src.variant} .tflite is not a float model: agreement with float is not measured "
+               "(pass --reference FLOAT_MODEL to measure it)")
+    return prepared
+
+
+def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path) -> None:
+    """The float reference outputs (cached by model, reference and data) and the float model's own scores."""
+    from pipeline.convert.reference import cached_reference
+
+    p = prepared
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
-    path = where / f"eval-{key}.npz"
-    if not path.exists():
-        from pipeline.convert.reference import float_reference
+    p.reference = cached_reference(p.src, p.data.inputs, p.data.sha256, where, p.reference_model)
+    scorer = _scorer()
+    if scorer is not None and p.reference is not None and p.data.labels:
+        p.float_metrics = scorer.score_device(p.task, p.reference, None, dict(p.data.labels), output_specs(p.src))
 
-        try:
-            ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
-        except ConfigError as exc:
-            exc.file = exc.file or str(data)
-            raise
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ref=ref, **arrays)
-        tmp.replace(path)
-    with np.load(path) as z:
-        ref, y = z["ref"], (z["y"] if "y" in z.files else None)
-    top1 = None
-    if y is not None and ref.ndim == 2 and ref.shape[1] > 1:
-        top1 = float((ref.argmax(-1) == y.reshape(-1)).mean())
-    return path, top1
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class ArtifactIO:
+    """How one artifact names the model's tensors: its eval file and output specs for scoring."""
+
+    eval_file: Path
+    tflite_outputs: dict[str, str]            # TFLite output name -> model output name
+    specs: list[dict[str, Any]]
+    reduce: dict[str, str]
+
+
+def _artifact_io(prepared: RunInputs, art: Any, where: Path) -> ArtifactIO:
+    src = prepared.src
+    a_in, a_out = specs_from_manifest(art.manifest)
+    in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=str(art.path))
+    out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=str(art.path))
+    by_name = {s.name: s for s in a_out}
+    reduce = {out_map[k]: v for k, v in (_field(prepared.task, "reduce") or {}).items() if k in out_map}
+    return ArtifactIO(write_device_eval(prepared.data, in_map, where), {v: k for k, v in out_map.items()},
+                      output_specs(src, {k: by_name[v] for k, v in out_map.items()}), reduce)
 
 
 def _failure(t: Any, code: str, message: str) -> DeviceResult:
@@ -89,46 +212,90 @@ def _failure(t: Any, code: str, message: str) -> DeviceResult:
                                 groups=list(t.groups), emulated=bool(t.emulated))
 
 
-def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration: Any = None,
-            select: list[str] | None = None, out_dir: str | Path, cache_dir: str | Path | None = None,
-            on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-            run_id: str | None = None, transport_factory: TransportFactory | None = None) -> RunResult:
-    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results."""
-    from pipeline.convert.converter import load_source
+def _refusal(t: Any, src: ModelSource) -> DeviceResult | None:
+    """A target that cannot run this .tflite at all, decided before its device is touched."""
+    if src.variant == "edgetpu_compiled" and t.kind != "edgetpu":
+        return _failure(t, "needs_edgetpu", f"{src.path.name} is compiled for the Edge TPU (edgetpu-custom-op) "
+                                            f"and runs only on kind: edgetpu targets, not on a {t.kind} target")
+    if src.kind == "tflite" and src.variant == "float" and t.kind == "edgetpu":
+        return _failure(t, "conversion_failed", f"{src.path.name} is a float .tflite; the Edge TPU runs int8 "
+                                                "models only (pass the SavedModel/.keras with --calibration, or an "
+                                                "int8 .tflite)")
+    return None
 
+
+def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> DeviceResult:
+    """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
+    scorer = _scorer()
+    if scorer is None or io is None or not res.ok or not res.outputs_path:
+        return res
+    with np.load(res.outputs_path, allow_pickle=False) as z:
+        outputs = {io.tflite_outputs.get(k, k): (z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k])
+                   for k in z.files}
+    try:
+        res.metrics = scorer.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
+                                          io.specs)
+    except EdgepipeError as exc:   # this device's outputs cannot be scored: its row says why, the others go on
+        res.ok, res.error = False, ErrorInfo("scoring_failed", exc.one_line())
+    return res
+
+
+def execute(inventory: Any, model: str | Path | ModelSource | None = None, data: str | Path | Dataset | None = None,
+            *, calibration: Any = None, select: list[str] | None = None, out_dir: str | Path,
+            cache_dir: str | Path | None = None, on_event: OnEvent | None = None,
+            on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+            transport_factory: TransportFactory | None = None, prepared: RunInputs | None = None,
+            on_notice: Notice | None = None, **prepare_kw: Any) -> RunResult:
+    """Host checks -> refuse what cannot run -> probe -> convert once per format -> push + run everywhere ->
+    fetch outputs -> score. `prepared` (from `prepare`) skips the host checks a caller already did."""
     ev, report = on_event or _noop, on_result or (lambda r: None)
     run_id = run_id or new_run_id()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = inventory.select(list(select or []))
     started = time.time()
-    src = load_source(model)        # a missing model fails here, before any device is touched
-    load_eval_data(data)            # and so does bad eval data
-    # 1. probe: what each device really has
-    probes = {p.name: p for p in probe_fleet(targets, max_parallel=inventory.max_parallel,
-                                             transport_factory=transport_factory, on_event=ev, keep=True)}
-    connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
-    try:
-        return _after_probe(inventory, model, data, targets, probes, connections, calibration=calibration,
-                            out_dir=out_dir, cache_dir=cache_dir, ev=ev, report=report, run_id=run_id,
-                            transport_factory=transport_factory, src=src, started=started)
-    finally:
-        for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
-            tr.close()
-
-
-def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult],
-                 connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
-                 report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
-                 started: float) -> RunResult:
-    from pipeline.convert.converter import convert, plan_formats
-
+    if prepared is None:   # a bad model or bad data fails here, before any device is touched
+        prepared = prepare(model, data, targets=targets, calibration=calibration, cache_dir=cache_dir,
+                           on_notice=on_notice, **prepare_kw)
     done: dict[str, DeviceResult] = {}
 
     def finish(res: DeviceResult) -> None:
         done[res.name] = res
         report(res)
 
+    runnable = []
+    for t in targets:
+        refused = _refusal(t, prepared.src)
+        if refused is None:
+            runnable.append(t)
+        else:
+            finish(refused)
+            ev(t.name, "done", f"{refused.error.code}: {refused.error.message}")
+    # 1. probe: what each device really has
+    probes = {p.name: p for p in probe_fleet(runnable, max_parallel=inventory.max_parallel,
+                                             transport_factory=transport_factory, on_event=ev, keep=True)}
+    connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
+    try:
+        manifests = _after_probe(inventory, prepared, runnable, probes, connections, out_dir=out_dir,
+                                 cache_dir=cache_dir, ev=ev, finish=finish, run_id=run_id,
+                                 transport_factory=transport_factory)
+    finally:
+        for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
+            tr.close()
+    fm = prepared.float_metrics or {}
+    return RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
+                     finished=time.time(), model_sha256=prepared.src.sha256, artifacts=manifests,
+                     complete=len(done) == len(targets), float_top1=fm.get("top1"),
+                     task=_spec_dict(prepared.task), float_metrics=prepared.float_metrics)
+
+
+def _after_probe(inventory: Any, prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeResult],
+                 connections: dict[str, Any], *, out_dir: Path, cache_dir: Any, ev: OnEvent,
+                 finish: Callable[[DeviceResult], None], run_id: str, transport_factory: Any) -> list[dict]:
+    from pipeline.convert.converter import convert
+    from pipeline.convert.recipes import plan_formats
+
+    src = prepared.src
     live = []
     for t in targets:
         p = probes[t.name]
@@ -137,24 +304,22 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
         else:
             finish(_failure(t, p.error.code, p.error.message))
             ev(t.name, "done", f"{p.error.code}: {p.error.message}")
+    if not live:
+        return []
+    # 2. the host's float reference outputs (cached), once some device can be measured
+    compute_reference(prepared, Path(cache_dir) if cache_dir else None, out_dir)
 
-    # 2. the eval file with the host's float reference outputs; first, so bad data fails before any conversion
-    float_top1 = None
-    eval_path = None
-    if live:
-        eval_path, float_top1 = build_eval_file(model, data, out_dir, Path(cache_dir) if cache_dir else None,
-                                                src.sha256)
-
-    # 3. convert once per distinct format
+    # 3. convert once per distinct format (a .tflite ships as it is, checked per runtime)
     runtimes = {t.name: effective_runtime(t, probes.get(t.name)) for t in live}
     artifacts: dict[str, Any] = {}
     manifests = []
     by_name = {t.name: t for t in live}
     for req in plan_formats(live, runtimes):
+        mode = None if src.kind == "tflite" else req.mode
         for n in req.targets:
-            ev(n, "convert", f"{req.mode}" + (f" for {req.compat}" if req.compat else ""))
+            ev(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
-            art = convert(model, req.mode, calibration=calibration, out_dir=out_dir / "artifacts",
+            art = convert(src, mode, calibration=prepared.calibration, out_dir=out_dir / "artifacts",
                           cache_dir=cache_dir, compat=req.compat, io_type=req.io_type)
         except CompatibilityError as exc:
             for n in req.targets:
@@ -164,23 +329,35 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
             for n in req.targets:
                 finish(_failure(by_name[n], "conversion_failed", exc.one_line()))
             continue
-        manifests.append(art.manifest)
+        if art.manifest not in manifests:
+            manifests.append(art.manifest)
         for n in req.targets:
             artifacts[n] = art
             ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
     ready = [t for t in live if t.name in artifacts]
+    eval_dir = (Path(cache_dir) if cache_dir else out_dir) / "eval"
+    ios: dict[str, ArtifactIO] = {}
+    for t in ready:
+        art = artifacts[t.name]
+        if art.sha256 not in ios:
+            ios[art.sha256] = _artifact_io(prepared, art, eval_dir)
 
-    # 4-5. push, run, collect, validate
-    jobs = [DeviceJob(t, artifacts[t.name].path, eval_path, artifact_info={
+    def finish_scored(res: DeviceResult) -> None:
+        art = artifacts.get(res.name)
+        if art is not None and art.mode != res.mode:   # a .tflite ships as it is: report what really ran
+            res.mode = art.mode
+        finish(score(res, ios.get(art.sha256) if art is not None else None, prepared))
+
+    # 4-5. push, run, collect outputs, validate, score
+    outputs_dir = out_dir / "outputs" / run_id
+    jobs = [DeviceJob(t, artifacts[t.name].path, ios[artifacts[t.name].sha256].eval_file, artifact_info={
         "sha256": artifacts[t.name].sha256, "bytes": artifacts[t.name].bytes, "path": str(artifacts[t.name].path),
-        "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None})
+        "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None},
+        outputs_dir=outputs_dir, reduce=ios[artifacts[t.name].sha256].reduce)
         for t in ready]
     runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish,
+                         on_event=ev, on_result=finish_scored,
                          connections={t.name: connections.pop(t.name) for t in ready if t.name in connections})
     runner.run(jobs)
-    result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
-                       finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
-                       complete=len(done) == len(targets), float_top1=float_top1)
-    return result
+    return manifests

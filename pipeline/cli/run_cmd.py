@@ -11,7 +11,9 @@ from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
 from pipeline.release.report import human_bytes
-from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.cli.convert_cmd import (INPUT_SHAPE, PRE_CHANNELS, PRE_CROP, PRE_DTYPE, PRE_FILE, PRE_LABELS, PRE_LAYOUT,
+                                      PRE_MEAN, PRE_RESIZE, PRE_SCALE, PRE_STD, SIGNATURE, preprocess_options)
 from pipeline.cli.fleet_cmd import DeviceBoard
 
 
@@ -47,7 +49,8 @@ def device_table(result: Any) -> Table:
 def run_command(
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
     model: Path = typer.Option(..., "--model", "-m", help="SavedModel directory, .keras, .h5 or .tflite"),
-    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz with x (inputs) and optionally y (labels)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (one array per model input, x for one; labels "
+                              "such as y) or an image folder with class subfolders."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz or image folder (int8 modes)."),
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -59,6 +62,23 @@ def run_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment, $GITHUB_STEP_SUMMARY)."),
+    signature: Optional[str] = SIGNATURE,
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Float model to measure agreement against "
+                                             "(for a pre-quantized or Edge-TPU-compiled .tflite)."),
+    input_shape: List[str] = INPUT_SHAPE,
+    task: Optional[str] = typer.Option(None, "--task", help="classification | binary | regression | detection | "
+                                       "segmentation | keypoints | raw (default: inferred)"),
+    output: Optional[str] = typer.Option(None, "--output", help="The model output the task scores (by name)."),
+    preprocess: Optional[Path] = PRE_FILE,
+    resize: Optional[str] = PRE_RESIZE,
+    crop: Optional[str] = PRE_CROP,
+    scale: Optional[float] = PRE_SCALE,
+    mean: Optional[str] = PRE_MEAN,
+    std: Optional[str] = PRE_STD,
+    channels: Optional[str] = PRE_CHANNELS,
+    layout: Optional[str] = PRE_LAYOUT,
+    image_dtype: Optional[str] = PRE_DTYPE,
+    labels: Optional[Path] = PRE_LABELS,
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
@@ -69,10 +89,14 @@ def run_command(
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
+    pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, labels)
     with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board)
+                      summary=summary, on_event=board, signature=signature, reference=reference,
+                      input_shapes=input_shape, preprocess=pre, task=task, output=output,
+                      on_notice=lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False,
+                                                              soft_wrap=True))
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
 from pipeline.errors import AgentError, EdgepipeError, TransportError
+from pipeline.files import sha256_path
 from pipeline.results import DeviceResult, ErrorInfo, parse_agent_output
 from pipeline.devices.transport import Transport, open_transport
 
@@ -67,10 +68,15 @@ def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop
             time.sleep(delay)
 
 
-def agent_argv(target: Any, agent: str, model: str, data: str, out: str) -> list[str]:
+def agent_argv(target: Any, agent: str, model: str, data: str, out: str, outputs_out: str | None = None,
+               reduce: dict[str, str] | None = None) -> list[str]:
     """The agent's command line for a target: every value one argv element, never a shell string."""
     argv = [target.python, agent, "--model", model, "--data", data, "--runs", str(target.runs),
             "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out]
+    if outputs_out:
+        argv += ["--outputs-out", outputs_out]
+        for name, op in sorted((reduce or {}).items()):
+            argv += ["--reduce", f"{name}={op}"]
     if target.delegate:
         argv += ["--delegate", str(target.delegate)]
     if target.threads:
@@ -95,6 +101,8 @@ class DeviceJob:
     eval_file: Path
     agent: PushItem = field(default_factory=PushItem.agent)
     artifact_info: dict[str, Any] | None = None
+    outputs_dir: Path | None = None   # where the agent's outputs .npz is fetched to; None: not asked for
+    reduce: dict[str, str] = field(default_factory=dict)   # TFLite output name -> "argmax"
 
     def items(self) -> tuple[PushItem, PushItem, PushItem]:
         return self.agent, PushItem.blob(self.artifact), PushItem.blob(self.eval_file)
@@ -171,6 +179,38 @@ class FleetRunner:
         self.on_event(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
         return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
 
+    @staticmethod
+    def _outputs_args(job: DeviceJob, result_remote: str) -> tuple[str | None, dict[str, str]]:
+        """--outputs-out next to the result JSON on the device (when the job wants outputs), and --reduce."""
+        if job.outputs_dir is None:
+            return None, {}
+        return result_remote[: -len(".json")] + ".outputs.npz", job.reduce
+
+    def _with_outputs(self, tr: Transport, job: DeviceJob, res: DeviceResult) -> DeviceResult:
+        """Fetch the outputs .npz a successful agent wrote into the run's out dir; check it against its sha256."""
+        block = (res.result or {}).get("outputs") if res.ok else None
+        if not block or job.outputs_dir is None:
+            return res
+        t = job.target
+        local = Path(job.outputs_dir) / f"{safe_name(t.name)}.outputs.npz"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tr.get(block["path"], local)
+            got = sha256_path(local)
+            if got != block["sha256"]:
+                raise TransportError(f"outputs file arrived corrupted (sha256 {got[:12]}…, expected "
+                                     f"{block['sha256'][:12]}…)", code="collect_failed")
+        except (EdgepipeError, OSError, KeyError) as exc:
+            local.unlink(missing_ok=True)
+            message = exc.one_line() if isinstance(exc, EdgepipeError) else f"{type(exc).__name__}: {exc}"
+            return DeviceResult.failure(t.name, t.kind, t.mode, "collect_failed",
+                                        f"could not fetch the model outputs from the device: {message}",
+                                        host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated),
+                                        result=res.result)
+        self.on_event(t.name, "collect", f"outputs: {local.stat().st_size} bytes")
+        res.outputs_path = str(local)
+        return res
+
     def _earlier_result(self, tr: Transport, dep: Deployer, t: Any, pid: int | None) -> DeviceResult | None:
         """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
         if pid:
@@ -205,7 +245,9 @@ class FleetRunner:
             items, dirs = [agent, model, data], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
                 w = WORKDIR_MARK + "/"
-                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + result_rel(self.run_id, t.name))
+                res_rel = result_rel(self.run_id, t.name)
+                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + res_rel,
+                                  *self._outputs_args(job, w + res_rel))
                 with self.locks(t.physical_host):
                     ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
                     s = time.monotonic()
@@ -217,7 +259,7 @@ class FleetRunner:
                     if cr is not None:
                         timings["run"] = time.monotonic() - s
                 if cr is not None:
-                    return self._finish_run(t, cr)
+                    return self._with_outputs(tr, job, self._finish_run(t, cr))
             ev(t.name, "push", f"{model.size + data.size + agent.size} bytes needed")
             s = time.monotonic()
             before = tr.bytes_sent
@@ -231,8 +273,9 @@ class FleetRunner:
             if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
                 earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None))
                 if earlier is not None:
-                    return earlier
-            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out)
+                    return self._with_outputs(tr, job, earlier)
+            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out,
+                              *self._outputs_args(job, out))
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()
@@ -242,7 +285,7 @@ class FleetRunner:
                     stats["remote_pid"] = exc.data.get("remote_pid")
                     raise
                 timings["run"] = time.monotonic() - s
-            return self._finish_run(t, cr)
+            return self._with_outputs(tr, job, self._finish_run(t, cr))
         finally:
             if tr is not None:
                 tr.close()
