@@ -18,7 +18,7 @@ from pipeline.convert.source import (ModelSource, describe, identify, match_spec
                                      specs_from_manifest, with_shapes)
 from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
-from pipeline.errors import CompatibilityError, ConfigError, ConversionError, EdgepipeError
+from pipeline.errors import AgentError, CompatibilityError, ConfigError, ConversionError, EdgepipeError
 from pipeline.inventory import AUTO_ORDER
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
 
@@ -72,14 +72,37 @@ def _spec_dict(spec: Any) -> dict[str, Any] | None:
 
 
 def output_specs(src: ModelSource, artifact_outputs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The model's outputs as the scorer sees them: name (the model's own), tflite_name, shape, dtype, quantization."""
+    """The model's outputs as the scorer sees them: name (the model's own), tflite_name, shape (batch 1 first; -1
+    for a dimension only the conversion fixes), dtype and quantization (the artifact's, when given)."""
     out = []
     for s in src.outputs or []:
-        t = (artifact_outputs or {}).get(s.name)
-        ref = t or s
-        out.append({"name": s.name, "tflite_name": ref.tflite_name, "shape": list(ref.shape or ()),
-                    "dtype": ref.dtype, "scale": ref.scale, "zero_point": ref.zero_point})
+        ref = (artifact_outputs or {}).get(s.name) or s
+        shape = [1 if (i == 0 and d is None) else (-1 if d is None else int(d)) for i, d in enumerate(ref.shape or ())]
+        out.append({"name": s.name, "tflite_name": ref.tflite_name, "shape": shape, "dtype": ref.dtype,
+                    "scale": ref.scale, "zero_point": ref.zero_point})
     return out
+
+
+def _label_key(task: Any) -> str | None:
+    labels = _field(task, "labels")
+    if isinstance(labels, (list, tuple)):
+        return labels[0] if labels else None
+    return labels
+
+
+REDUCE_BYTES = 64 << 20   # a dense segmentation output bigger than this (as float16) comes back as argmax masks
+
+
+def _reductions(task: Any, src: ModelSource, n: int) -> dict[str, str]:
+    """{model output name: 'argmax'} for outputs the devices should reduce before sending them back."""
+    asked = dict(_field(task, "reduce") or {})
+    if _field(task, "task") == "segmentation":
+        for name in _field(task, "outputs") or []:
+            spec = src.output(name)
+            size = int(np.prod([d for d in (spec.shape or ())[1:] if d])) if spec is not None else 0
+            if n * size * 2 > REDUCE_BYTES:
+                asked.setdefault(name, "argmax")
+    return asked
 
 
 def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
@@ -87,7 +110,7 @@ def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
     if _field(task, "task") != "classification":
         return
     name = _field(task, "output") or (src.outputs[0].name if len(src.outputs or []) == 1 else None)
-    label = _field(task, "labels") or "y"
+    label = _label_key(task) or "y"
     spec, y = src.output(name) if name else None, ds.labels.get(label)
     if spec is None or y is None or not spec.shape or spec.shape[-1] is None:
         return
@@ -153,6 +176,8 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
                                                       "x for one) or an image folder")
     scorer = _scorer()
     task_spec = None
+    if output is not None and src.output(output) is not None:
+        output = src.output(output).name   # a TFLite tensor name works too
     if scorer is not None:
         task_spec = scorer.resolve_task(task, output, output_specs(src), dict(ds.labels))
     elif task is not None or output is not None:
@@ -180,8 +205,8 @@ def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
     p.reference = cached_reference(p.src, p.data.inputs, p.data.sha256, where, p.reference_model)
     scorer = _scorer()
-    if scorer is not None and p.reference is not None and p.data.labels:
-        p.float_metrics = scorer.score_device(p.task, p.reference, None, dict(p.data.labels), output_specs(p.src))
+    if scorer is not None and p.reference is not None:
+        p.float_metrics = scorer.score_reference(p.task, p.reference, dict(p.data.labels), output_specs(p.src))
 
 
 # ---------------------------------------------------------------- the run
@@ -202,7 +227,7 @@ def _artifact_io(prepared: RunInputs, art: Any, where: Path) -> ArtifactIO:
     in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=str(art.path))
     out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=str(art.path))
     by_name = {s.name: s for s in a_out}
-    reduce = {out_map[k]: v for k, v in (_field(prepared.task, "reduce") or {}).items() if k in out_map}
+    reduce = {out_map[k]: v for k, v in _reductions(prepared.task, src, prepared.data.n).items() if k in out_map}
     return ArtifactIO(write_device_eval(prepared.data, in_map, where), {v: k for k, v in out_map.items()},
                       output_specs(src, {k: by_name[v] for k, v in out_map.items()}), reduce)
 
@@ -233,10 +258,13 @@ def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> Devi
         outputs = {io.tflite_outputs.get(k, k): (z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k])
                    for k in z.files}
     try:
-        res.metrics = scorer.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
-                                          io.specs)
+        metrics = scorer.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
+                                      io.specs, reference_metrics=prepared.float_metrics)
     except EdgepipeError as exc:   # this device's outputs cannot be scored: its row says why, the others go on
-        res.ok, res.error = False, ErrorInfo("scoring_failed", exc.one_line())
+        res.ok = False
+        res.error = ErrorInfo(exc.code if isinstance(exc, AgentError) else "scoring_failed", exc.one_line())
+        return res
+    scorer.attach(res, metrics)   # DeviceResult.metrics, and result["accuracy"/"agreement"] for a classifier
     return res
 
 

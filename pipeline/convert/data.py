@@ -335,11 +335,11 @@ def bind_inputs(arrays: dict[str, np.ndarray], specs: Sequence[Any], file: str, 
     for spec in specs:
         key = find_input(arrays, spec, single)
         if key is None:
-            names = ", ".join(s.name for s in specs)
+            names = ", ".join(repr(s.name) for s in specs)
             raise ConfigError(f"{role} data has no array for model input '{spec.name}' (arrays: "
                               f"{', '.join(arrays) or 'none'})", file=file, field=spec.name,
                               hint=f"name the arrays after the model's inputs: {names}"
-                                   + (" (or x)" if single else ""))
+                                   + (" (or 'x' for a single input)" if single else ""))
         inputs[spec.name] = check_input_array(np.asarray(arrays[key]), key, spec, file, role)
         used.add(key)
     counts = {k: len(v) for k, v in inputs.items()}
