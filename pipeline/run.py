@@ -107,10 +107,14 @@ def _reductions(task: Any, src: ModelSource, n: int) -> dict[str, str]:
 
 def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
     """Labels that cannot fit the scored output: class ids of a classifier outside its width (one line, exit 2)."""
-    if _field(task, "task") != "classification":
+    kind, name, label = _field(task, "task"), _field(task, "output"), _label_key(task) or "y"
+    outs, y = src.outputs or [], ds.labels.get("y")
+    if task is None and len(outs) == 1 and len(outs[0].shape or ()) == 2 and (outs[0].shape[-1] or 0) > 1 \
+            and y is not None and y.ndim == 1 and y.dtype.kind in "iu":
+        kind, name = "classification", outs[0].name   # no scorer installed: the one reading needing no rules
+    if kind != "classification":
         return
-    name = _field(task, "output") or (src.outputs[0].name if len(src.outputs or []) == 1 else None)
-    label = _label_key(task) or "y"
+    name = name or (outs[0].name if len(outs) == 1 else None)
     spec, y = src.output(name) if name else None, ds.labels.get(label)
     if spec is None or y is None or not spec.shape or spec.shape[-1] is None:
         return
@@ -179,7 +183,11 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
     if output is not None and src.output(output) is not None:
         output = src.output(output).name   # a TFLite tensor name works too
     if scorer is not None:
-        task_spec = scorer.resolve_task(task, output, output_specs(src), dict(ds.labels))
+        try:
+            task_spec = scorer.resolve_task(task, output, output_specs(src), dict(ds.labels))
+        except ConfigError as exc:
+            exc.file = exc.file or ds.source   # name the user's data file the labels came from
+            raise
     elif task is not None or output is not None:
         raise ConfigError("--task/--output need the scoring module (pipeline.metrics), which is not installed",
                           field="--task")
