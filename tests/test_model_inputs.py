@@ -271,3 +271,24 @@ def test_dynamic_height_and_width_need_input_shape(cli, fleet, shape_models, tmp
     with np.load(doc["devices"][0]["outputs_path"]) as z:
         (got,) = [z[k] for k in z.files]
     assert _close_to_float16(got, want)
+
+
+def test_the_model_is_identified_once_per_run(digits, tmp_path, conversion_cache, monkeypatch):
+    """api -> run -> convert -> reference share one ModelSource: the model's bytes are hashed once per run."""
+    import pipeline.convert.source as source
+    from pipeline import api
+    from tests.fixtures.devices import venv_python
+
+    calls = []
+    real = source.sha256_path
+    monkeypatch.setattr(source, "sha256_path", lambda p: calls.append(str(p)) or real(p))
+    targets = tmp_path / "t.yaml"
+    targets.write_text(f"defaults: {{runs: 2, warmup: 0, timeout: 120}}\ntargets:\n"
+                       f"  - {{name: here, host: localhost, transport: local, python: {venv_python('litert')}, "
+                       f"workdir: {tmp_path / 'device'}, kind: cpu, mode: int8}}\n")
+    eval_path = tmp_path / "eval.npz"
+    np.savez(eval_path, x=digits.x_eval[:20], y=digits.y_eval[:20])
+    rel = api.run(targets, model=digits.model_path, data=eval_path, calibration=digits.calibration_path,
+                  out_dir=tmp_path / "out", cache_dir=conversion_cache, db=tmp_path / "r.db", baseline="none")
+    assert rel.run.devices[0].ok, rel.run.devices[0].error
+    assert calls == [str(digits.model_path)]

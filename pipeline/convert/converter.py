@@ -148,8 +148,9 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
     info = read_model(src.path)
     detected = detect_mode(info)
     if mode not in (None, "auto", detected):
-        raise ConversionError(f"model is already a {detected} .tflite; it cannot be re-converted to {mode}",
-                              file=str(src.path), hint="pass the original SavedModel/.keras model instead")
+        raise ConversionError(f"model is already a {detected} .tflite; it cannot be re-converted to {mode} "
+                              "(TFLiteConverter converts TensorFlow models, never a .tflite)", file=str(src.path),
+                              hint=f"pass the original SavedModel/.keras model, or use mode {detected}")
     compiled = src.variant == "edgetpu_compiled"
     if not compiled:   # an Edge TPU model never runs on the host: its custom op exists only in libedgetpu
         _validate_tflite(src.path)
