@@ -21,7 +21,7 @@ from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
-from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, _first_line, describe, identify,
+from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
                                      open_signature, parse_input_shapes, signature_specs, with_shapes)
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.files import write_atomic
@@ -110,7 +110,7 @@ def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, prog
         except Exception as exc:
             raise ConversionError(f"cannot trace the model at input shapes "
                                   f"{', '.join(f'{s.name} {s.shape_text()}' for s in src.inputs)}: "
-                                  f"{_first_line(exc)}", file=str(src.path)) from None
+                                  f"{first_line(exc)}", file=str(src.path)) from None
         representative = None
         if calib is not None and r.options.get("representative_dataset"):
             calib = calib.bind(src.inputs)
@@ -121,7 +121,7 @@ def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, prog
         try:
             return bytes(converter.convert())
         except Exception as exc:
-            raise ConversionError(f"TFLite conversion to {r.mode} failed: {_first_line(exc)}", file=str(src.path)) from None
+            raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
 
 def _validate_tflite(path: Path) -> None:

@@ -238,7 +238,7 @@ def _qat_to_saved_model(src: ModelSource, workdir: Path) -> Path:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
@@ -268,7 +268,7 @@ def open_signature(src: ModelSource, workdir: Path, progress: Progress | None = 
         try:
             model = keras.models.load_model(src.path, compile=False)
         except Exception as exc:
-            raise ConversionError(f"cannot load Keras model: {_first_line(exc)}", file=str(src.path),
+            raise ConversionError(f"cannot load Keras model: {first_line(exc)}", file=str(src.path),
                                   hint="check the file is a complete Keras model saved with model.save()") from None
         for t in model.inputs:
             name = getattr(t, "name", None)
@@ -278,11 +278,11 @@ def open_signature(src: ModelSource, workdir: Path, progress: Progress | None = 
         try:
             model.export(str(path), verbose=False)
         except Exception as exc:
-            raise ConversionError(f"cannot export the Keras model: {_first_line(exc)}", file=str(src.path)) from None
+            raise ConversionError(f"cannot export the Keras model: {first_line(exc)}", file=str(src.path)) from None
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:
-        raise ConversionError(f"cannot load SavedModel: {_first_line(exc)}", file=str(src.path)) from None
+        raise ConversionError(f"cannot load SavedModel: {first_line(exc)}", file=str(src.path)) from None
     sigs = dict(loaded.signatures)
     key = src.signature or DEFAULT_SIGNATURE
     if key not in sigs:
@@ -338,7 +338,7 @@ def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress:
         except EdgepipeError:
             raise
         except Exception as exc:
-            raise ConversionError(f"cannot read the model's signature: {_first_line(exc)}", file=str(src.path)) from None
+            raise ConversionError(f"cannot read the model's signature: {first_line(exc)}", file=str(src.path)) from None
     if cached is not None:
         write_atomic(cached, json.dumps({"inputs": [s.to_dict() for s in inputs],
                                          "outputs": [s.to_dict() for s in outputs]}, indent=1))
