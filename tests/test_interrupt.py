@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import _load_commands, app
+from pipeline.devices.cancel import CancelToken
+from pipeline.devices.fleet import DeviceJob, FleetRunner
+from pipeline.inventory import load_inventory
 from pipeline.release.store import Store
 from pipeline.results import DeviceResult, RunResult
 from pipeline.testing.sshd import write_targets_yaml
@@ -139,6 +143,41 @@ def test_signal_stops_the_run_kills_the_agents_and_keeps_what_finished(sig, flee
     assert f"INTERRUPTED by {sig.name}" in shown.stdout
     listed = cli.invoke(app, ["history", "--db", str(db)], env={"COLUMNS": "200"})
     assert "interrupted" in listed.stdout
+
+
+def test_cancel_token_stops_the_fleet_without_a_signal(fleet, tiny_artifact, tiny_eval, tmp_path):
+    """The library's side alone: a token cancelled from another thread, as an embedding program would."""
+    fast, slow = fleet[0], fleet[1]
+    local_wd = tmp_path / "local-wd"
+    inv = load_inventory(write_targets_yaml(
+        [fast, slow], tmp_path / "targets.yaml",
+        defaults={"runs": 3, "warmup": 1, "timeout": 900, "retries": 0, "connect_timeout": 5},
+        per_device={slow.name: {"runs": SLOW_RUNS, "workdir": str(tmp_path / "slow-wd")}},
+        targets=[{"name": "here", "transport": "local", "python": FLEET_PYTHONS[0], "workdir": str(local_wd),
+                  "kind": "cpu", "runs": SLOW_RUNS}]))
+    slow_dirs = [tmp_path / "slow-wd", local_wd]
+    cancel, reported = CancelToken(), []
+
+    def watch() -> None:
+        end = time.monotonic() + SAFETY
+        while not (reported and all(agent_pids(w) for w in slow_dirs)) and time.monotonic() < end:
+            time.sleep(0.05)
+        cancel.cancel()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    jobs = [DeviceJob(t, Path(tiny_artifact.path), Path(tiny_eval)) for t in inv.targets]
+    try:
+        results = FleetRunner(run_id="cancel-lib", cancel=cancel, on_result=reported.append).run(jobs)
+    finally:
+        cancel.cancel()
+        watcher.join()
+        for w in slow_dirs:
+            for pid in agent_pids(w):
+                os.kill(pid, signal.SIGKILL)
+    assert [r.name for r in reported] == [fast.name] and reported[0].ok
+    assert [r.error.code for r in results[1:]] == ["interrupted", "interrupted"]
+    assert [agent_pids(w) for w in slow_dirs] == [[], []]
 
 
 def _device(name: str, p50: float) -> DeviceResult:
