@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.devices.cancel import CancelToken
+from pipeline.errors import Interrupted
 from pipeline.inventory import Inventory, load_inventory
 from pipeline.results import DeviceResult, RunResult
 
@@ -58,8 +60,13 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
-        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None) -> Release:
-    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job."""
+        on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+        cancel: CancelToken | None = None) -> Release:
+    """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
+
+    Setting `cancel` (the CLI does on SIGINT/SIGTERM) kills the agents still running, keeps the devices already
+    stored, marks the run interrupted (never a baseline) and raises `Interrupted` with the stored partial run.
+    """
     from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
     from pipeline.run import execute, load_eval_data, new_run_id
@@ -70,6 +77,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
     load_eval_data(data)                       # and so does a missing or unreadable eval file
     run_id = run_id or new_run_id()
+    cancel = cancel or CancelToken()
+    cancel.check("stopped before the run started; nothing recorded")
     store = Store(db_path(db, inv))
     try:
         store.begin_run(run_id, model_sha256, inv.sha256, label)
@@ -80,8 +89,17 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             if on_result is not None:
                 on_result(device)
 
-        result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
-                         out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result, run_id=run_id)
+        try:
+            result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
+                             out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result,
+                             run_id=run_id, cancel=cancel)
+        except Interrupted as exc:
+            store.mark_interrupted(run_id, exc.reason)
+            exc.run = store.load_run(run_id)
+            exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
+                           f"{len(selected)} device result(s) kept, marked interrupted in {store.path}")
+            exc.data["db"] = str(store.path)
+            raise
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)

@@ -21,9 +21,19 @@ SCHEMA_PATH = agent_file("result.schema.json")
 class ErrorInfo:
     code: str
     message: str
+    details: dict[str, Any] | None = None  # facts behind the code, e.g. disk_full's free_bytes and needed_bytes
 
-    def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            d["details"] = dict(self.details)
+        return d
+
+
+def target_fields(target: Any) -> dict[str, Any]:
+    """The DeviceResult fields that come from the inventory target itself."""
+    return dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
+                groups=list(target.groups), emulated=bool(target.emulated))
 
 
 @dataclass
@@ -47,6 +57,17 @@ class DeviceResult:
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
         return cls(name=name, kind=kind, mode=mode, ok=False, error=ErrorInfo(code, message), **kw)
+
+    @classmethod
+    def for_target(cls, target: Any, *, ok: bool, **kw: Any) -> "DeviceResult":
+        """A result for an inventory target (name, kind, mode, host, groups, emulated taken from it)."""
+        return cls(ok=ok, **target_fields(target), **kw)
+
+    @classmethod
+    def failed_for(cls, target: Any, code: str, message: str, *, details: dict[str, Any] | None = None,
+                   **extra: Any) -> "DeviceResult":
+        """The one way a target's failure becomes a row: an error code, a message, optional facts."""
+        return cls.for_target(target, ok=False, error=ErrorInfo(code, message, details or None), **extra)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +96,7 @@ class RunResult:
     float_top1: float | None = None
     label: str | None = None
     inventory_sha256: str | None = None
+    interrupted: str | None = None  # 'SIGINT' / 'SIGTERM' / 'cancelled' when the run was stopped on request
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -96,6 +118,7 @@ class RunResult:
             "float_top1": self.float_top1,
             "label": self.label,
             "inventory_sha256": self.inventory_sha256,
+            "interrupted": self.interrupted,
         }
 
     def to_json(self, **kw: Any) -> str:

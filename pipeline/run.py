@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.deploy import sha256_file
-from pipeline.errors import CompatibilityError, ConfigError, ConversionError
+from pipeline.errors import CompatibilityError, ConfigError, ConversionError, Interrupted
 from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
 from pipeline.inventory import AUTO_ORDER
@@ -84,18 +85,19 @@ def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_di
     return path, top1
 
 
-def _failure(t: Any, code: str, message: str) -> DeviceResult:
-    return DeviceResult.failure(t.name, t.kind, t.mode, code, message, host=f"{t.host}:{t.port}",
-                                groups=list(t.groups), emulated=bool(t.emulated))
-
-
 def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration: Any = None,
             select: list[str] | None = None, out_dir: str | Path, cache_dir: str | Path | None = None,
             on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-            run_id: str | None = None, transport_factory: TransportFactory | None = None) -> RunResult:
-    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results."""
+            run_id: str | None = None, transport_factory: TransportFactory | None = None,
+            cancel: CancelToken | None = None) -> RunResult:
+    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results.
+
+    Once `cancel` is set, agents still running are killed and `Interrupted` is raised carrying the partial
+    RunResult (only the devices already reported through `on_result`).
+    """
     from pipeline.convert.converter import load_source
 
+    cancel = cancel or CancelToken()
     ev, report = on_event or _noop, on_result or (lambda r: None)
     run_id = run_id or new_run_id()
     out_dir = Path(out_dir)
@@ -106,12 +108,18 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
     load_eval_data(data)            # and so does bad eval data
     # 1. probe: what each device really has
     probes = {p.name: p for p in probe_fleet(targets, max_parallel=inventory.max_parallel,
-                                             transport_factory=transport_factory, on_event=ev, keep=True)}
+                                             transport_factory=transport_factory, on_event=ev, keep=True,
+                                             cancel=cancel)}
     connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
+    done: dict[str, DeviceResult] = {}
     try:
         return _after_probe(inventory, model, data, targets, probes, connections, calibration=calibration,
                             out_dir=out_dir, cache_dir=cache_dir, ev=ev, report=report, run_id=run_id,
-                            transport_factory=transport_factory, src=src, started=started)
+                            transport_factory=transport_factory, src=src, started=started, cancel=cancel, done=done)
+    except Interrupted as exc:
+        exc.run = RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
+                            finished=time.time(), model_sha256=src.sha256, complete=False, interrupted=exc.reason)
+        raise
     finally:
         for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
             tr.close()
@@ -120,10 +128,10 @@ def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration:
 def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult],
                  connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
                  report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
-                 started: float) -> RunResult:
+                 started: float, cancel: CancelToken, done: dict[str, DeviceResult]) -> RunResult:
     from pipeline.convert.converter import convert, plan_formats
 
-    done: dict[str, DeviceResult] = {}
+    cancel.check("stopped after probing the fleet")
 
     def finish(res: DeviceResult) -> None:
         done[res.name] = res
@@ -135,7 +143,7 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
         if p.ok:
             live.append(t)
         else:
-            finish(_failure(t, p.error.code, p.error.message))
+            finish(DeviceResult.failed_for(t, p.error.code, p.error.message, details=p.error.details))
             ev(t.name, "done", f"{p.error.code}: {p.error.message}")
 
     # 2. the eval file with the host's float reference outputs; first, so bad data fails before any conversion
@@ -146,23 +154,27 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
                                                 src.sha256)
 
     # 3. convert once per distinct format
+    cancel.check("stopped before converting")
     runtimes = {t.name: effective_runtime(t, probes.get(t.name)) for t in live}
     artifacts: dict[str, Any] = {}
     manifests = []
     by_name = {t.name: t for t in live}
     for req in plan_formats(live, runtimes):
+        cancel.check("stopped between conversions")
         for n in req.targets:
             ev(n, "convert", f"{req.mode}" + (f" for {req.compat}" if req.compat else ""))
         try:
             art = convert(model, req.mode, calibration=calibration, out_dir=out_dir / "artifacts",
                           cache_dir=cache_dir, compat=req.compat, io_type=req.io_type)
         except CompatibilityError as exc:
+            cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             for n in req.targets:
-                finish(_failure(by_name[n], "incompatible", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "incompatible", exc.one_line()))
             continue
         except ConversionError as exc:
+            cancel.check("stopped during a conversion")
             for n in req.targets:
-                finish(_failure(by_name[n], "conversion_failed", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "conversion_failed", exc.one_line()))
             continue
         manifests.append(art.manifest)
         for n in req.targets:
@@ -177,9 +189,10 @@ def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], prob
         "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None})
         for t in ready]
     runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish,
+                         on_event=ev, on_result=finish, cancel=cancel,
                          connections={t.name: connections.pop(t.name) for t in ready if t.name in connections})
     runner.run(jobs)
+    cancel.check(f"stopped with {len(done)} of {len(targets)} device(s) finished")
     result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
                        finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
                        complete=len(done) == len(targets), float_top1=float_top1)

@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 
-from pipeline.cli.app import app
+from pipeline.cli.app import app, exit_now_if_interrupted
 
 # Each module registers its commands on `app` / `fleet_app` when imported.
 _COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd")
@@ -25,7 +25,10 @@ def _load_commands() -> None:
 
 def main() -> None:
     _load_commands()
-    app()
+    try:
+        app()
+    finally:
+        exit_now_if_interrupted()
 
 
 __all__ = ["app", "main"]

@@ -55,7 +55,8 @@ def history(
         for r in hist.runs:
             p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
             verdict = "-" if r.passed is None else ("passed" if r.passed else f"failed (exit {r.exit_code})")
-            table.add_row(escape(r.run_id), _when(r.started), escape(r.label or "-"), "yes" if r.complete else "NO",
+            complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
+            table.add_row(escape(r.run_id), _when(r.started), escape(r.label or "-"), complete,
                           f"{r.ok}/{r.devices}", verdict, _f(p50s[len(p50s) // 2] if p50s else None))
     else:
         table = Table(title=f"trend of {escape(target)}")
@@ -85,7 +86,8 @@ def show(
         doc["verdict"] = verdicts[-1] if verdicts else None
         emit_json(json.dumps(doc))
         return
-    state = "complete" if result.complete else "INCOMPLETE (interrupted)"
+    state = ("complete" if result.complete else f"INTERRUPTED by {result.interrupted}" if result.interrupted
+             else "INCOMPLETE (stopped before the end)")
     table = Table(title=f"run {escape(result.run_id)} · {_when(result.started)} UTC · {state}")
     for col in ("device", "kind", "mode", "ok", "runtime", "p50 ms", "p90 ms", "top-1", "agreement"):
         table.add_column(col)

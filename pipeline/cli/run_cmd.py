@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
 from pipeline.release.report import human_bytes
-from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 
 
@@ -62,17 +62,18 @@ def run_command(
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
-    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured.
+    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured,
+    130 / 143 interrupted by Ctrl-C / SIGTERM (agents stopped, finished devices kept, run marked interrupted).
     """
     from pipeline import api
     from pipeline.inventory import load_inventory
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
-    with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
+    with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board)
+                      summary=summary, on_event=board, cancel=cancel)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()
@@ -90,4 +91,8 @@ def run_command(
         console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
         if rel.report_path:
             console.print(f"report: {rel.report_path}")
+    if cancel.cancelled:  # the signal came after every device was stored and gated: nothing left to stop
+        late = cancel.error(f"interrupted after run {rel.run.run_id} was complete and gated")
+        err_console.print(late.message, markup=False, highlight=False, soft_wrap=True)
+        raise interrupted_exit(late.exit_code)
     raise typer.Exit(rel.exit_code)

@@ -2,7 +2,8 @@
 
 Bounded by `max_parallel`; targets on one physical board never measure at the same time; connection errors are
 retried with backoff; a result the agent already wrote on the device is fetched instead of measuring again; every
-failure becomes that device's DeviceResult with a code, and the others carry on.
+failure becomes that device's DeviceResult with a code, and the others carry on. A cancel token stops everything:
+agents still running are killed on their devices and their targets come back as `interrupted`, never reported.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
-from pipeline.errors import AgentError, EdgepipeError, TransportError
-from pipeline.results import DeviceResult, ErrorInfo, parse_agent_output
+from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
+from pipeline.results import DeviceResult, parse_agent_output
 from pipeline.devices.transport import Transport, open_transport
 
 OnEvent = Callable[[str, str, str], None]
@@ -51,11 +53,14 @@ class HostLocks:
             return self._locks.setdefault(key, threading.Lock())
 
 
-def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop, backoff: float = BACKOFF) -> R:
+def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop, backoff: float = BACKOFF,
+             cancel: CancelToken | None = None) -> R:
     """Call attempt(n) until it succeeds or fails with a non-retryable error; `target.retries` extra tries."""
+    cancel = cancel or CancelToken()
     n = 0
     while True:
         n += 1
+        cancel.check(f"{target.name}: not started")
         try:
             return attempt(n)
         except TransportError as exc:
@@ -64,7 +69,7 @@ def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop
                 raise
             delay = backoff * 2 ** (n - 1)
             on_event(target.name, "connect", f"retry {n} in {delay:.1f}s: {exc.message}")
-            time.sleep(delay)
+            cancel.wait(delay)
 
 
 def agent_argv(target: Any, agent: str, model: str, data: str, out: str) -> list[str]:
@@ -102,20 +107,16 @@ class DeviceJob:
 
 def result_from_output(target: Any, stdout: bytes, rc: int | None, stderr_tail: str) -> DeviceResult:
     """Validate the agent's JSON; garbage is this device's `bad_result`, a non-zero exit without JSON `agent_error`."""
-    base = dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
-                groups=list(target.groups), emulated=bool(target.emulated))
     try:
         doc = parse_agent_output(stdout.decode("utf-8", "replace"))
     except AgentError as exc:
         if rc not in (0, None):
-            return DeviceResult.failure(code="agent_error", message=f"agent exited with {rc}: {stderr_tail or exc.message}",
-                                        **base)
-        return DeviceResult.failure(code="bad_result", message=exc.message, **base)
+            return DeviceResult.failed_for(target, "agent_error", f"agent exited with {rc}: {stderr_tail or exc.message}")
+        return DeviceResult.failed_for(target, "bad_result", exc.message)
     if not doc.get("ok"):
         err = doc.get("error") or {}
-        return DeviceResult(ok=False, error=ErrorInfo(err.get("code", "agent_error"), err.get("message", "")),
-                            result=doc, **base)
-    return DeviceResult(ok=True, result=doc, **base)
+        return DeviceResult.failed_for(target, err.get("code", "agent_error"), err.get("message", ""), result=doc)
+    return DeviceResult.for_target(target, ok=True, result=doc)
 
 
 class FleetRunner:
@@ -123,8 +124,10 @@ class FleetRunner:
 
     def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                  on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-                 backoff: float = BACKOFF, connections: dict[str, Transport] | None = None) -> None:
+                 backoff: float = BACKOFF, connections: dict[str, Transport] | None = None,
+                 cancel: CancelToken | None = None) -> None:
         self.run_id = run_id
+        self.cancel = cancel or CancelToken()
         self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
         self.max_parallel = max_parallel
         self.factory = transport_factory or open_transport
@@ -147,13 +150,14 @@ class FleetRunner:
         stats = {"bytes_sent": 0, "attempts": 0, "timings": {}}
         t0 = time.monotonic()
         try:
-            res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff)
+            res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+        except Interrupted as exc:  # stopped on request: a row for the caller, never reported as measured
+            return DeviceResult.failed_for(t, exc.code, exc.one_line(), artifact=job.artifact_info,
+                                           bytes_sent=stats["bytes_sent"], attempts=max(1, stats["attempts"]))
         except EdgepipeError as exc:
-            res = DeviceResult.failure(t.name, t.kind, t.mode, exc.code, exc.one_line(), host=f"{t.host}:{t.port}",
-                                       groups=list(t.groups), emulated=bool(t.emulated))
+            res = DeviceResult.failed_for(t, exc.code, exc.one_line(), details=exc.data.get("details"))
         except Exception as exc:  # a host-side bug must still be one device's row, not a crashed run
-            res = DeviceResult.failure(t.name, t.kind, t.mode, "internal", f"{type(exc).__name__}: {exc}",
-                                       host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+            res = DeviceResult.failed_for(t, "internal", f"{type(exc).__name__}: {exc}")
         res.bytes_sent = stats["bytes_sent"]
         res.attempts = max(1, stats["attempts"])
         res.timings = dict(stats["timings"], total=time.monotonic() - t0)
@@ -165,9 +169,7 @@ class FleetRunner:
 
     def _finish_run(self, t: Any, cr: Any) -> DeviceResult:
         if cr.timed_out:
-            return DeviceResult.failure(t.name, t.kind, t.mode, "timeout",
-                                        f"agent did not finish within {t.timeout:g}s; killed it on the device",
-                                        host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+            return DeviceResult.failed_for(t, "timeout", f"agent did not finish within {t.timeout:g}s; killed it on the device")
         self.on_event(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
         return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
 
@@ -199,8 +201,9 @@ class FleetRunner:
             if tr is None:
                 tr = self.factory(t)
                 tr.connect()
+            tr.cancel = self.cancel
             timings["connect"] = time.monotonic() - s
-            dep = Deployer(tr, t.python, t.workdir)
+            dep = Deployer(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
             items, dirs = [agent, model, data], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go

@@ -1,7 +1,8 @@
 """The results database: runs, artifacts, device results and gate verdicts in one SQLite file.
 
 Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
-marked incomplete). WAL + a busy timeout let two runs write the same file at once.
+marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, and is never a baseline).
+WAL + a busy timeout let two runs write the same file at once.
 """
 from __future__ import annotations
 
@@ -85,8 +86,13 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    """Why a run stopped early: 'SIGINT', 'SIGTERM' or 'cancelled' (NULL for a run that was not interrupted)."""
+    db.execute("ALTER TABLE runs ADD COLUMN interrupted TEXT")
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -105,6 +111,7 @@ class RunInfo:
     ok: int = 0
     passed: bool | None = None
     exit_code: int | None = None
+    interrupted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,6 +270,11 @@ class Store:
         self._write("UPDATE runs SET complete=1, finished=? WHERE id=?",
                     (finished if finished is not None else time.time(), run_id))
 
+    def mark_interrupted(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
+        """The run was stopped on request (`reason`: 'SIGINT', 'SIGTERM', ...): it stays incomplete, never a baseline."""
+        self._write("UPDATE runs SET interrupted=?, finished=? WHERE id=?",
+                    (reason, finished if finished is not None else time.time(), run_id))
+
     def record_run(self, run: RunResult, *, inventory_sha256: str | None = None, label: str | None = None) -> None:
         """Store a whole finished RunResult at once (imports, tests); per-device commits use add_device_result."""
         self.begin_run(run.run_id, run.model_sha256, inventory_sha256 or run.inventory_sha256, label or run.label,
@@ -274,6 +286,8 @@ class Store:
             self.add_device_result(run.run_id, d)
         if run.complete:
             self.finish_run(run.run_id, finished=run.finished or None)
+        elif run.interrupted:
+            self.mark_interrupted(run.run_id, run.interrupted, finished=run.finished or None)
 
     def save_verdict(self, run_id: str, verdict: Any) -> None:
         """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict())."""
@@ -308,7 +322,8 @@ class Store:
                      for r in self._rows("SELECT * FROM artifacts WHERE run_id=? ORDER BY rowid", (info.run_id,))]
         return RunResult(run_id=info.run_id, devices=devices, started=info.started, finished=info.finished or 0.0,
                          model_sha256=info.model_sha256, artifacts=artifacts, complete=info.complete,
-                         float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256)
+                         float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256,
+                         interrupted=info.interrupted)
 
     def resolve_run(self, ref: str) -> str:
         """A run id from an exact id, a label/tag (its latest run), 'last', or a unique id prefix."""
@@ -337,7 +352,7 @@ class Store:
             return None
         if spec == "last":
             params: tuple = ()
-            sql = "SELECT id FROM runs WHERE complete=1"
+            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL"
             if exclude is not None:
                 ex = self._row("SELECT started FROM runs WHERE id=?", (exclude,))
                 sql += " AND id != ?"
@@ -399,7 +414,8 @@ def _runinfo(row: sqlite3.Row) -> RunInfo:
     return RunInfo(run_id=row["id"], started=row["started"], finished=row["finished"], model_sha256=row["model_sha256"],
                    label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
                    devices=int(row["n_devices"]), ok=int(row["n_ok"]),
-                   passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"])
+                   passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"],
+                   interrupted=row["interrupted"])
 
 
 def _like_prefix(ref: str) -> str:

@@ -28,6 +28,7 @@ MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's 
 
 KEEPALIVE = 15
 PID_MARK = b"EDGEPIPE_PID="
+PID_WAIT = 1.0  # seconds a cancelled command may take to report the pid we kill it by
 FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
                errno.ENOTDIR}
 
@@ -85,6 +86,16 @@ def _quietly(fn: Any) -> None:
         fn()
     except (paramiko.SSHException, OSError, EOFError):
         pass
+
+
+def _write_acks(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+    """Read the status of every pipelined write still unanswered; raises IOError for the first failed one.
+
+    paramiko files pipelined write requests as answered by nobody: a failed write (a full disk is the server's
+    generic "Failure") is dropped when the file closes, and the upload would look merely corrupted.
+    """
+    while f._reqs:
+        sftp._read_response(f._reqs.popleft())
 
 
 def _unreachable(what: str, exc: BaseException) -> TransportError:
@@ -237,11 +248,14 @@ class SSHTransport(Transport):
 
     # -- commands ---------------------------------------------------------------------------------------------
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+        prog = os.path.basename(str(argv[0]))
+        self.check_cancel(f"did not start {prog} on {self.host}:{self.port}")
         t0 = time.monotonic()
         deadline = t0 + timeout
         chan = self._session()
         out, err = bytearray(), bytearray()
         pid: int | None = None
+        pid_wait: float | None = None  # when cancelled before our pid line came: how long to wait for it
         try:
             chan.exec_command(remote_command(argv))
             if stdin:
@@ -263,8 +277,14 @@ class SSHTransport(Transport):
                     break
                 if chan.closed and drained or not self._t.is_active():
                     raise TransportError(f"connection to {self.host}:{self.port} lost while running "
-                                         f"{os.path.basename(str(argv[0]))}", code="unreachable",
+                                         f"{prog}", code="unreachable",
                                          data={"remote_pid": pid})  # it may still be running there
+                if self.cancelled():
+                    pid_wait = pid_wait or time.monotonic() + PID_WAIT
+                    if pid is not None or time.monotonic() > pid_wait:
+                        self._kill(pid)
+                        raise self.cancel.error(f"killed {prog} on {self.host}:{self.port}" +
+                                                (f" (pid {pid})" if pid else ""))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._kill(pid)
@@ -316,7 +336,9 @@ class SSHTransport(Transport):
         try:
             with sftp.open(remote, "wb") as dst:
                 dst.set_pipelined(True)
-                return copy_chunks(local, dst.write, progress, self._count_sent)
+                done = copy_chunks(local, dst.write, progress, self._count_sent)
+                _write_acks(sftp, dst)
+                return done
         except OSError as exc:
             if exc.errno in FILE_ERRNOS or (exc.errno is None and self._alive()):  # SFTP status: path, perms, disk
                 raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
