@@ -102,12 +102,16 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
-        """Kill the child's whole session (a QAT re-save runs a grandchild), then reap it."""
+    def signal(self, sig: int) -> None:
+        """Signal the child's whole session (a QAT re-save runs a grandchild)."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def kill(self) -> None:
+        """Kill the child's session, reap the child, close the pipes."""
+        self.signal(signal.SIGKILL)
         self.proc.wait()
         self._close_pipes()
 
@@ -133,11 +137,22 @@ _WORKER: _Worker | None = None
 
 
 def stop_worker() -> None:
-    """End the quiet child process, if one runs (at exit, or to free TensorFlow's memory)."""
+    """End the quiet child process (at exit, on an interrupt, or to free TensorFlow's memory).
+
+    Idle, it exits when its request pipe closes; mid-call, its session is killed and that call raises.
+    """
     global _WORKER
-    if _WORKER is not None:
-        _WORKER.stop()
-        _WORKER = None
+    worker = _WORKER
+    if worker is None:
+        return
+    if _LOCK.acquire(blocking=False):
+        try:
+            worker.stop()
+            _WORKER = None
+        finally:
+            _LOCK.release()
+    else:
+        worker.signal(signal.SIGKILL)   # the caller sees the pipe close and cleans up
 
 
 atexit.register(stop_worker)
@@ -157,7 +172,10 @@ def run_quiet(fn: Callable[..., Any], *args: Any, log: str | Path, what: str, fi
     request = (fn.__module__, fn.__qualname__, args, kwargs, str(log), progress is not None, os.getcwd(),
                dict(os.environ))
     with _LOCK:
-        if _WORKER is None or not _WORKER.alive():
+        if _WORKER is not None and not _WORKER.alive():   # it died while idle (killed, out of memory)
+            _WORKER.kill()
+            _WORKER = None
+        if _WORKER is None:
             _WORKER = _Worker(log)
         worker = _WORKER
         try:
@@ -166,6 +184,7 @@ def run_quiet(fn: Callable[..., Any], *args: Any, log: str | Path, what: str, fi
                 msg = _recv(worker.rep_r)
                 if msg is None:
                     code = worker.proc.wait()
+                    worker.kill()          # what it left behind (a grandchild), and the pipes
                     _WORKER = None
                     died = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                     raise _with_log(ConversionError(f"{what}: the TensorFlow worker process died ({died})",
@@ -181,14 +200,13 @@ def run_quiet(fn: Callable[..., Any], *args: Any, log: str | Path, what: str, fi
                     exc = body[0]
                     raise _with_log(exc, log) if isinstance(exc, ConversionError) else exc
                 raise _with_log(ConversionError(f"{what} failed: {body[0]}", file=file), log)
-        except (EdgepipeError, OSError) as exc:
-            if isinstance(exc, OSError) or not worker.alive():
-                worker.kill()
-                _WORKER = None
-                if isinstance(exc, OSError):
-                    raise _with_log(ConversionError(f"{what}: lost the TensorFlow worker process ({exc})",
-                                                    file=file), log) from None
+        except EdgepipeError:
             raise
+        except OSError as exc:             # a broken pipe: the child went away between two messages
+            worker.kill()
+            _WORKER = None
+            raise _with_log(ConversionError(f"{what}: lost the TensorFlow worker process ({exc})", file=file),
+                            log) from None
         except BaseException:
             # interrupted (Ctrl-C) or a failing progress callback: the child is mid-call, so it cannot be reused
             worker.kill()
