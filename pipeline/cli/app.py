@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},   # subcommands inherit it
 )
 fleet_app = typer.Typer(help="Inspect, check and enroll the device fleet.", no_args_is_help=True)
 app.add_typer(fleet_app, name="fleet")
@@ -28,10 +29,27 @@ err_console = Console(stderr=True, highlight=False)
 _exit_now: list[int] = []  # set once a run was interrupted: see exit_now_if_interrupted
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"edgepipe {version('edgepipe')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("edgepipe (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="Show the version and exit.")) -> None:
+    """Convert TensorFlow models for edge targets, validate them on real devices, gate the release."""
+
+
 def out_console() -> Console:
-    """stdout console; wide when not a terminal, so tables in CI logs are not truncated to 80 columns."""
+    """stdout console; $COLUMNS or the terminal's width, else wide (CI logs), so tables are not cut to 80 columns."""
     probe = Console()
-    return Console(highlight=False, width=None if probe.is_terminal else 160)
+    return Console(highlight=False, width=None if probe.is_terminal or os.environ.get("COLUMNS") else 160)
 
 
 def fail(exc: EdgepipeError) -> "typer.Exit":
@@ -86,6 +104,9 @@ def stop_on_signals() -> Iterator[CancelToken]:
 
     def handler(signum: int, _frame: Any) -> None:
         token.cancel(signum)
+        worker = sys.modules.get("pipeline.convert.worker")
+        if worker is not None:  # a conversion in the quiet child stops now, not when it ends
+            worker.stop_worker()
 
     old: dict[int, Any] = {}
     try:

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
-
+from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.stages import Stages
+from pipeline.cli.tables import Col, fitted_table
 
 
 def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
@@ -25,24 +26,27 @@ def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
     return out
 
 
-def _summary(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="artifacts")
+SUMMARY_COLUMNS = (Col("mode"), Col("file"), Col("size", 2, justify="right"), Col("cached", 3),
+                   Col("edge tpu ops", 4, wrap=True), Col("targets", 1, wrap=True))
+
+
+def _summary(rows: list[dict[str, Any]], width: int | None) -> Table:
     with_targets = any(r["targets"] for r in rows)
-    for col in ("mode", "file", "size", "cached", "edge tpu ops") + (("targets",) if with_targets else ()):
-        t.add_column(col, overflow="fold")
+    cells = []
     for r in rows:
         e = r.get("edgetpu")
         etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} {e['status']}"
                                  if e.get("status") != "failed" else f"failed: {e.get('error')}")
-        cells = [r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no", etpu]
-        t.add_row(*cells, *((", ".join(r["targets"]),) if with_targets else ()))
-    return t
+        cells.append([r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no",
+                      escape(etpu), escape(", ".join(r["targets"]))])
+    cols = SUMMARY_COLUMNS if with_targets else SUMMARY_COLUMNS[:-1]
+    return fitted_table("artifacts", cols, [c[:len(cols)] for c in cells], width)
 
 
 @app.command("convert")
 @handle_errors
 def convert_command(
-    model: Path = typer.Argument(..., help="SavedModel directory, .keras, .h5 or .tflite"),
+    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras, .h5 or .tflite"),
     mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
     kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
     targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
@@ -66,18 +70,16 @@ def convert_command(
     reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
     calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed) if calibration else None
     rows = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
+    with Stages("convert") as stages:
         for r in reqs:
             label = r.mode + (f" [{r.compat}]" if r.compat else "")
-            task = bar.add_task(f"{label}: starting", total=None)
-            art = convert(model, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
-                          compat=r.compat, io_type=r.io_type,
-                          progress=lambda stage, detail, t=task, lb=label: bar.update(t, description=f"{lb}: {detail}"))
-            bar.remove_task(task)
-            err_console.print(f"{label}: {art.path} ({art.bytes} bytes{', cached' if art.cached else ''})")
+            with stages.stage(label) as progress:
+                art = convert(model, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
+                              compat=r.compat, io_type=r.io_type, progress=progress)
+                progress.finish(f"{art.path} ({art.bytes} bytes)", cached=art.cached)
             rows.append(artifact_json(art, r.targets))
     if as_json:
         emit_json(json.dumps({"artifacts": rows}))
     else:
-        out_console().print(_summary(rows))
+        console = out_console()
+        console.print(_summary(rows, console.width))

@@ -13,6 +13,7 @@ from pipeline.convert.cache import DEFAULT_CACHE_DIR
 from pipeline.release.report import human_bytes
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
+from pipeline.cli.tables import Col, fitted_table
 
 
 def _row(d: Any) -> list[str]:
@@ -33,13 +34,14 @@ def _delegate(r: dict) -> str:
     return f"{used} (fell back from {dl.get('requested')})" if dl.get("fallback") else used
 
 
-def device_table(result: Any) -> Table:
-    t = Table(title=f"run {result.run_id} · {len(result.succeeded)}/{len(result.devices)} devices ok")
-    for col in ("device", "kind", "mode", "status", "p50 ms", "p90 ms", "top1", "agree", "runtime", "delegate", "sent"):
-        t.add_column(col)
-    for d in result.devices:
-        t.add_row(*_row(d))
-    return t
+RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
+               Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
+               Col("runtime", 3), Col("delegate", 5, wrap=True), Col("sent", 6, justify="right"))
+
+
+def device_table(result: Any, width: int | None = None) -> Table:
+    return fitted_table(f"run {result.run_id} · {len(result.succeeded)}/{len(result.devices)} devices ok",
+                        RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
 @app.command("run")
@@ -82,7 +84,7 @@ def run_command(
         emit_json(json.dumps(doc))
     else:
         console = out_console()
-        console.print(device_table(rel.run))
+        console.print(device_table(rel.run, console.width))
         for d in rel.run.failed:
             console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
         for c in rel.verdict.failures:

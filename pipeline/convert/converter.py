@@ -25,6 +25,7 @@ from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import MODES, FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+from pipeline.convert.worker import run_quiet
 
 __all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "load_source", "plan_formats"]
 
@@ -115,6 +116,11 @@ def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | N
     if compat and compat.get("options"):
         parts.append("compat-" + compat["runtime"] + (f"-{compat['version']}" if compat.get("version") else ""))
     return ".".join(parts) + ".tflite"
+
+
+def log_path(artifact: Path) -> Path:
+    """Where TensorFlow's output for one artifact goes: `<out>/logs/<artifact stem>.log`."""
+    return artifact.parent / "logs" / (artifact.name.removesuffix(".tflite") + ".log")
 
 
 @contextlib.contextmanager
@@ -218,8 +224,8 @@ def _from_saved_model(path: Path, batch: int | None) -> tuple[Any, list[tuple[st
 
 
 def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> bytes:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before TF's first import: keep C++ info logs quiet
-    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp, capture_stdout():
+    """The TensorFlow part of a conversion; runs in the quiet worker process (see pipeline.convert.worker)."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp:
         progress("load", f"loading {src.kind} model (TensorFlow)")
         converter, specs = _make_converter(src, Path(tmp), progress, r.options.get("input_batch"))
         if calib is not None and r.options.get("representative_dataset"):
@@ -262,7 +268,8 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
     if mode not in (None, "auto", detected):
         raise ConversionError(f"model is already a {detected} .tflite; it cannot be re-converted to {mode}",
                               file=str(src.path), hint="pass the original SavedModel/.keras model instead")
-    _validate_tflite(src.path)
+    run_quiet(_validate_tflite, src.path, log=log_path(out_dir / src.path.name), what="loading the .tflite",
+              file=str(src.path))
     out_path = out_dir / f"{src.name}.{detected}.tflite"
     if out_path.resolve() != src.path.resolve():
         shutil.copyfile(src.path, out_path)
@@ -321,7 +328,8 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 
-    data = _run_conversion(src, r, calib, report)
+    data = run_quiet(_run_conversion, src, r, calib, progress=report, log=log_path(out_path),
+                     what=f"conversion to {mode}", file=str(src.path))
     if r.options.get("share_vectors"):
         from pipeline.convert.flatbuffer import compact_tflite
 

@@ -1,6 +1,7 @@
 """Float reference outputs of the source model on the host, to compare device results against."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,27 @@ def _tflite_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     return np.stack(ys)
 
 
-def float_reference(model: str | Path, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """Outputs of the float model for every sample of `x` (same as batch-1 runs; batched on the host for speed)."""
-    from pipeline.convert.converter import _qat_to_saved_model, capture_stdout, load_source
+def float_reference(model: str | Path, x: np.ndarray, *, batch_size: int = 64,
+                    log: str | Path | None = None) -> np.ndarray:
+    """Outputs of the float model for every sample of `x` (same as batch-1 runs; batched on the host for speed).
+
+    TensorFlow runs in the quiet worker process; its output goes to `log` (default: a file in the temp dir).
+    """
+    from pipeline.convert.converter import load_source
+    from pipeline.convert.worker import run_quiet
 
     src = load_source(model)
-    x = np.asarray(x, dtype=np.float32)
+    log = log or Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"reference-{src.name}.log"
+    return run_quiet(_reference_outputs, src, np.asarray(x, dtype=np.float32), batch_size, log=log,
+                     what="the float reference", file=str(src.path))
+
+
+def _reference_outputs(src: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from pipeline.convert.converter import _qat_to_saved_model
+
     if src.kind == "tflite":
         return _tflite_outputs(src.path, x)
-    with capture_stdout(), tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
         if src.kind == "saved_model":
             return _saved_model_outputs(src.path, x, batch_size)
         if src.qat:
