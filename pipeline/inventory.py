@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.results import accelerator_of
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
@@ -26,14 +27,6 @@ RUNTIMES = ("auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow")
 AUTO_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")  # the agent's `--runtime auto` order
 KIND_DEFAULT_MODE = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
 KIND_DEFAULT_DELEGATE = {"edgetpu": "edgetpu", "gpu": "gpu", "cpu": "cpu"}
-ACCELERATOR_KINDS = ("edgetpu", "gpu")  # kinds whose targets should not measure on the CPU
-
-
-def accelerator_of(delegate: str | None) -> str:
-    """edgetpu | gpu | cpu for a `delegate:` value (a library path is an external, GPU-class delegate)."""
-    if delegate in (None, "", "cpu"):
-        return "cpu"
-    return "edgetpu" if delegate == "edgetpu" else "gpu"
 SECRET_KEYS = ("password", "passphrase", "secret")
 CREDENTIAL_HINT = (
     "literal secrets are not accepted in targets.yaml; use identity_file: PATH (an SSH key), use_agent: true "

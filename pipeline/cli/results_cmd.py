@@ -12,8 +12,10 @@ from rich.table import Table
 
 from pipeline.release.store import open_store
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.cli.run_cmd import _delegate, print_verdict_notes
 
 DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yaml `db:`, else .edgepipe/results.db beside it).")
+MODEL_OPT = typer.Option(None, "--model-name", help="Only runs of this model (the name `edgepipe run` recorded).")
 
 
 def _when(ts: float | None) -> str:
@@ -40,31 +42,37 @@ def history(
     as_json: bool = typer.Option(False, "--json", help="Print runs and per-target points as JSON."),
     db: Optional[Path] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+    model_name: Optional[str] = MODEL_OPT,
 ) -> None:
     """List recent runs with their verdicts, or one target's trend with --target."""
     with open_store(db, _inventory(targets, required=False)) as store:
-        hist = store.history(target=target, limit=limit)
+        hist = store.history(target=target, limit=limit, model_name=model_name)
     if as_json:
         emit_json(json.dumps(hist.to_dict()))
         return
     console = out_console()
     if target is None:
         table = Table(title=f"last {len(hist.runs)} run(s)")
-        for col in ("run", "started (UTC)", "tag", "complete", "devices ok", "verdict", "median p50 ms"):
+        for col in ("run", "started (UTC)", "model", "tag", "complete", "devices ok", "fallbacks", "verdict",
+                    "median p50 ms"):
             table.add_column(col)
         for r in hist.runs:
             p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
+            fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
             verdict = "-" if r.passed is None else ("passed" if r.passed else f"failed (exit {r.exit_code})")
-            table.add_row(escape(r.run_id), _when(r.started), escape(r.label or "-"), "yes" if r.complete else "NO",
-                          f"{r.ok}/{r.devices}", verdict, _f(p50s[len(p50s) // 2] if p50s else None))
+            table.add_row(escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"),
+                          "yes" if r.complete else "NO", f"{r.ok}/{r.devices}", str(fell) if fell else "-", verdict,
+                          _f(p50s[len(p50s) // 2] if p50s else None))
     else:
         table = Table(title=f"trend of {escape(target)}")
-        for col in ("run", "started (UTC)", "tag", "mode", "ok", "p50 ms", "p90 ms", "top-1", "agreement", "bytes"):
+        for col in ("run", "started (UTC)", "model", "tag", "mode", "ok", "p50 ms", "p90 ms", "top-1", "agreement",
+                    "bytes"):
             table.add_column(col)
         for p in hist.points:
-            table.add_row(escape(p.run_id), _when(p.started), escape(p.label or "-"), escape(p.mode or "-"),
-                          "yes" if p.ok else escape(p.error_code or "no"), _f(p.p50), _f(p.p90), _f(p.top1, 4),
-                          _f(p.agreement, 4), _f(p.bytes))
+            ok = ("yes" + (" (FALLBACK: CPU)" if p.fallback else "")) if p.ok else escape(p.error_code or "no")
+            table.add_row(escape(p.run_id), _when(p.started), escape(p.model_name or "-"), escape(p.label or "-"),
+                          escape(p.mode or "-"), ok, _f(p.p50), _f(p.p90), _f(p.top1, 4), _f(p.agreement, 4),
+                          _f(p.bytes))
     console.print(table)
 
 
@@ -75,10 +83,11 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print the stored run (and its last verdict) as JSON."),
     db: Optional[Path] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="With 'last': the last run of this model."),
 ) -> None:
     """Show one stored run: its devices, figures and last gate verdict."""
     with open_store(db, _inventory(targets, required=False)) as store:
-        result = store.load_run(run)
+        result = store.load_run(store.resolve_run(run, model_name=model_name))
         verdicts = store.verdicts(result.run_id)
     if as_json:
         doc = result.to_dict()
@@ -86,20 +95,31 @@ def show(
         emit_json(json.dumps(doc))
         return
     state = "complete" if result.complete else "INCOMPLETE (interrupted)"
-    table = Table(title=f"run {escape(result.run_id)} · {_when(result.started)} UTC · {state}")
-    for col in ("device", "kind", "mode", "ok", "runtime", "p50 ms", "p90 ms", "top-1", "agreement"):
+    model = f" · model {escape(result.model_name)}" if result.model_name else ""
+    table = Table(title=f"run {escape(result.run_id)}{model} · {_when(result.started)} UTC · {state}")
+    for col in ("device", "kind", "mode", "ok", "runtime", "accelerator", "p50 ms", "p90 ms", "top-1", "agreement"):
         table.add_column(col)
     for d in result.devices:
         r = d.result or {}
         rt = r.get("runtime") or {}
         table.add_row(escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
-                      escape(f"{rt.get('name', '-')} {rt.get('version', '')}"), _f((r.get("latency_ms") or {}).get("p50")),
+                      escape(f"{rt.get('name', '-')} {rt.get('version', '')}"), _delegate(r),
+                      _f((r.get("latency_ms") or {}).get("p50")),
                       _f((r.get("latency_ms") or {}).get("p90")), _f((r.get("accuracy") or {}).get("top1"), 4),
                       _f((r.get("agreement") or {}).get("top1"), 4))
     console = out_console()
     console.print(table)
+    for d in result.devices:
+        if d.fallback:
+            console.print(f"[bold yellow]FALLBACK[/] {escape(d.name)}: {escape(d.fallback_reason or 'ran on the CPU')}",
+                          soft_wrap=True)
     if verdicts:
-        console.print(escape(verdicts[-1].get("headline", "")))
+        from pipeline.release.gate import Verdict
+
+        verdict = Verdict.from_dict(verdicts[-1])
+        for note in verdict.notes:
+            console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+        console.print(escape(verdict.headline()))
 
 
 @app.command("gate")
@@ -131,6 +151,7 @@ def gate(
         console = out_console()
         for c in verdict.failures:
             console.print(f"[red]✗[/] {escape(c.message())}")
+        print_verdict_notes(console, verdict)
         console.print(("[green]" if verdict.passed else "[red]") + escape(verdict.headline()) + "[/]")
     raise typer.Exit(verdict.exit_code)
 
