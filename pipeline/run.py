@@ -65,21 +65,24 @@ def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_di
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
     path = where / f"eval-{key}.npz"
     if not path.exists():
+        from pipeline.convert.edgetpu import is_compiled
         from pipeline.convert.reference import float_reference
 
-        try:
-            ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
-        except ConfigError as exc:
-            exc.file = exc.file or str(data)
-            raise
+        refs = {}
+        if not is_compiled(model):  # a model compiled for the Edge TPU cannot run on the host: no float reference
+            try:
+                refs["ref"] = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
+            except ConfigError as exc:
+                exc.file = exc.file or str(data)
+                raise
         where.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ref=ref, **arrays)
+        np.savez(tmp, **refs, **arrays)
         tmp.replace(path)
     with np.load(path) as z:
-        ref, y = z["ref"], (z["y"] if "y" in z.files else None)
+        ref, y = (z["ref"] if "ref" in z.files else None), (z["y"] if "y" in z.files else None)
     top1 = None
-    if y is not None and ref.ndim == 2 and ref.shape[1] > 1:
+    if y is not None and ref is not None and ref.ndim == 2 and ref.shape[1] > 1:
         top1 = float((ref.argmax(-1) == y.reshape(-1)).mean())
     return path, top1
 

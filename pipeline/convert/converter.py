@@ -316,8 +316,8 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
-        if mode == "int8" and shutil.which("edgetpu_compiler"):
-            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)   # compiled file beside it
+        if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
+            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 

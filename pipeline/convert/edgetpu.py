@@ -261,6 +261,8 @@ def runtime_number(runtime_version: str | None) -> int | None:
 
 def is_compiled(path: Path | str) -> bool:
     """True for a model `edgetpu_compiler` produced: its graph holds the `edgetpu-custom-op` libedgetpu runs."""
+    if Path(path).suffix.lower() != ".tflite" or not Path(path).is_file():
+        return False
     try:
         info = read_model(path)
     except Exception:  # not a model at all: the caller's own loading reports that
