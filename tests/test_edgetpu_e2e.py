@@ -255,3 +255,19 @@ def test_require_accelerator_and_max_fallback_percent_fail_a_release_measured_on
     assert rel.exit_code == 1
     assert v.headline() == (f"FAILED: 1 of 2 devices failed 1 check; fleet check failed: max_fallback_percent; "
                             f"1 fallback to the CPU ({devices[1].name})")
+
+
+def test_an_already_compiled_model_goes_as_is_to_edgetpu_targets(devices, digits_artifacts, eval_npz, tmp_path,
+                                                                 conversion_cache):
+    from tests.fake_edgetpu import compile_like_edgetpu
+
+    compiled = tmp_path / "digits_cnn_edgetpu.tflite"
+    compiled.write_bytes(compile_like_edgetpu(digits_artifacts["int8"].path.read_bytes()))
+    targets = _targets(devices, tmp_path / "targets.yaml", {"allow_fallback": True})
+    rel = api.run(targets, model=compiled, data=eval_npz, select=[devices[1].name], out_dir=tmp_path / "out",
+                  cache_dir=conversion_cache, db=tmp_path / "r.db", baseline="none")
+    [dev] = rel.run.devices
+    assert dev.artifact["sha256"] == sha(compiled) and dev.artifact["edgetpu"]["precompiled"] is True
+    assert sha(devices[1].workdir / "blobs" / sha(compiled)) == sha(compiled)
+    # no plain int8 exists for a model compiled elsewhere, so even allow_fallback cannot measure it on the CPU
+    assert dev.error.code == "edgetpu_unavailable" and "no --fallback-model" in dev.error.message
