@@ -61,11 +61,13 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
         on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
-        cancel: CancelToken | None = None) -> Release:
+        cancel: CancelToken | None = None, model_name: str | None = None) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     Setting `cancel` (the CLI does on SIGINT/SIGTERM) kills the agents still running, keeps the devices already
     stored, marks the run interrupted (never a baseline) and raises `Interrupted` with the stored partial run.
+    `model_name` (default: the model file's stem) names what `--baseline last` compares with: the last complete
+    run of the same name. With a latency regression gate, each device re-measures the baseline's model too.
     """
     from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
@@ -74,14 +76,18 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
-    model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
+    src = load_source(model)                  # a missing or unknown model fails here, before a run is recorded
     load_eval_data(data)                       # and so does a missing or unreadable eval file
+    model_name = model_name or src.name
     run_id = run_id or new_run_id()
     cancel = cancel or CancelToken()
     cancel.check("stopped before the run started; nothing recorded")
     store = Store(db_path(db, inv))
     try:
-        store.begin_run(run_id, model_sha256, inv.sha256, label)
+        store.begin_run(run_id, src.sha256, inv.sha256, label, model_name=model_name)
+        # the baseline's model is re-measured beside the new one only where a latency regression gate applies
+        remeasure = (store.resolve_baseline(baseline, exclude=run_id, model_name=model_name)
+                     if inv.gates.max_latency_regression is not None else None)
         record = store.recorder(run_id)
 
         def _on_result(device: DeviceResult) -> None:
@@ -92,7 +98,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         try:
             result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
                              out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result,
-                             run_id=run_id, cancel=cancel)
+                             run_id=run_id, cancel=cancel,
+                             baseline=remeasure, model_name=model_name)
         except Interrupted as exc:
             store.mark_interrupted(run_id, exc.reason)
             exc.run = store.load_run(run_id)
@@ -118,11 +125,17 @@ def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summar
     if report_dir is not None:
         from pipeline.release.report import write_report
 
-        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=HISTORY_IN_REPORT), report_dir)
+        rel.report_path = write_report(rel.run, rel.verdict, _history(store, rel.run), report_dir)
     if junit is not None:
         rel.junit_path = write_junit(rel.verdict, junit)
     if summary is not None:
         rel.summary_path = write_summary(rel.verdict, summary)
+
+
+def _history(store: Any, run: RunResult) -> Any:
+    """The report's trend: runs of the same model only."""
+    return store.history(limit=HISTORY_IN_REPORT, model_name=run.model_name) if run.model_name else \
+        store.history(limit=HISTORY_IN_REPORT)
 
 
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
@@ -160,4 +173,4 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
             run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
         else:
             verdict = Verdict.from_dict(verdicts[-1])
-        return write_report(run, verdict, store.history(limit=HISTORY_IN_REPORT), out_dir)
+        return write_report(run, verdict, _history(store, run), out_dir)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.results import accelerator_of
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
@@ -62,8 +63,28 @@ class GatesSpec(GateThresholds):
     max_latency_regression: Optional[float] = Field(None, ge=0)  # fraction: 0.10 = 10 % slower
     min_latency_regression_ms: Optional[float] = Field(None, ge=0)  # and at least this much slower (absolute floor)
     max_top1_regression: Optional[float] = Field(None, ge=0, le=100)  # points
+    max_fallback_percent: Optional[float] = Field(None, ge=0, le=100)  # share of accelerator targets that ran on CPU
     kinds: dict[Kind, GateThresholds] = Field(default_factory=dict)
     groups: dict[str, GateThresholds] = Field(default_factory=dict)
+
+    def thresholds_for(self, kind: str, groups: list[str] | tuple[str, ...] = (), target: GateThresholds | None = None,
+                       target_name: str | None = None) -> dict[str, tuple[Any, str]]:
+        """Per-target thresholds with their source; the most specific wins: target > group > kind > fleet."""
+        out: dict[str, tuple[Any, str]] = {}
+        layers: list[tuple[GateThresholds, str]] = [(self, "gates")]
+        if kind in self.kinds:
+            layers.append((self.kinds[kind], f"gates.kinds.{kind}"))
+        for g in groups:
+            if g in self.groups:
+                layers.append((self.groups[g], f"gates.groups.{g}"))
+        if target is not None:
+            layers.append((target, f"targets[{target_name}].gates"))
+        for spec, source in layers:
+            for key in THRESHOLD_KEYS:
+                value = getattr(spec, key)
+                if value is not None:
+                    out[key] = (value, f"{source}.{key}")
+        return out
 
 
 class _TargetFields(_Strict):
@@ -85,6 +106,7 @@ class _TargetFields(_Strict):
     delegate_options: Optional[dict[str, Any]] = None
     edgetpu_device: Optional[str] = None
     allow_fallback: Optional[bool] = None
+    require_accelerator: Optional[bool] = None
     transport: Optional[Literal["ssh", "local"]] = None
     workdir: Optional[str] = Field(None, min_length=1)
     jump_host: Optional[str] = None
@@ -171,6 +193,12 @@ class Target:
     index: int = 0
     description: str | None = None
     gates: GateThresholds = field(default_factory=GateThresholds)
+    require_accelerator: bool = False
+
+    @property
+    def accelerator(self) -> str:
+        """What the target asks to run on: edgetpu, gpu (the GPU or an external delegate library) or cpu."""
+        return accelerator_of(self.delegate)
 
     @property
     def physical_host(self) -> tuple[str, int]:
@@ -222,20 +250,7 @@ class Inventory:
 
     def gates_for(self, target: Target) -> dict[str, tuple[Any, str]]:
         """Per-target thresholds with their source; the most specific wins: target > group > kind > fleet."""
-        out: dict[str, tuple[Any, str]] = {}
-        layers: list[tuple[GateThresholds, str]] = [(self.gates, "gates")]
-        if target.kind in self.gates.kinds:
-            layers.append((self.gates.kinds[target.kind], f"gates.kinds.{target.kind}"))
-        for g in target.groups:
-            if g in self.gates.groups:
-                layers.append((self.gates.groups[g], f"gates.groups.{g}"))
-        layers.append((target.gates, f"targets[{target.name}].gates"))
-        for spec, source in layers:
-            for key in THRESHOLD_KEYS:
-                value = getattr(spec, key)
-                if value is not None:
-                    out[key] = (value, f"{source}.{key}")
-        return out
+        return self.gates.thresholds_for(target.kind, target.groups, target.gates, target.name)
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
@@ -386,12 +401,16 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
             if gs.allow_fallback is not None and spec.allow_fallback is None:
                 merged["allow_fallback"] = gs.allow_fallback
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
+    delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
+    require = merged.get("require_accelerator")
+    if require is None:  # an accelerator target must use it, unless falling back to the CPU is explicitly allowed
+        require = accelerator_of(delegate) != "cpu" and not merged["allow_fallback"]
     runtime, runtime_version = _split_runtime(merged.get("runtime"), merged.get("runtime_version"), file, f"{fpath}.runtime")
     known_hosts = spec.known_hosts or d.known_hosts or BUILTIN_DEFAULTS["known_hosts"]
     return Target(
         name=spec.name, host=merged.get("host") or spec.host or "localhost", port=merged["port"], user=merged["user"],
         kind=merged["kind"], mode=mode, python=merged["python"], runtime=runtime, runtime_version=runtime_version,
-        threads=merged.get("threads"), delegate=merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]],
+        threads=merged.get("threads"), delegate=delegate,
         delegate_options=dict(merged.get("delegate_options") or {}), edgetpu_device=merged.get("edgetpu_device"),
         allow_fallback=bool(merged["allow_fallback"]), groups=list(spec.groups), transport=merged["transport"],
         workdir=merged["workdir"], known_hosts=_resolve_path(known_hosts, base),
@@ -400,7 +419,7 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         connect_timeout=float(merged["connect_timeout"]), timeout=float(merged["timeout"]), retries=int(merged["retries"]),
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
-        gates=spec.gates,
+        gates=spec.gates, require_accelerator=bool(require),
     )
 
 

@@ -17,6 +17,27 @@ from pipeline.files import agent_file
 SCHEMA_PATH = agent_file("result.schema.json")
 
 
+def accelerator_of(delegate: str | None) -> str:
+    """edgetpu | gpu | cpu for a `delegate:` value (a library path is an external, GPU-class delegate)."""
+    if delegate in (None, "", "cpu"):
+        return "cpu"
+    return "edgetpu" if delegate == "edgetpu" else "gpu"
+
+
+def accelerator_use(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """{"requested", "used", "fallback", "reason"} from the agent's `accelerator` block (or its older `delegate`)."""
+    r = result or {}
+    acc = r.get("accelerator")
+    if isinstance(acc, dict) and acc.get("requested"):
+        return acc
+    dl = r.get("delegate")
+    if isinstance(dl, dict) and dl.get("requested"):
+        asked = accelerator_of(dl["requested"])
+        return {"requested": asked, "used": "cpu" if dl.get("fallback") else asked,
+                "fallback": bool(dl.get("fallback")), "reason": dl.get("reason")}
+    return None
+
+
 @dataclass
 class ErrorInfo:
     code: str
@@ -53,6 +74,24 @@ class DeviceResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     bytes_sent: int = 0
     attempts: int = 1
+    # additive (issue 12): measured on the CPU although the target asked for an accelerator, and why
+    fallback: bool = False
+    fallback_reason: str | None = None
+
+    def mark_fallback(self) -> None:
+        """Set `fallback`/`fallback_reason` from the agent's result and the artifact (e.g. an uncompiled Edge TPU
+        model), so every output can name a device that did not use its accelerator."""
+        not_compiled = (self.artifact or {}).get("not_compiled")
+        if not self.ok and self.error and self.error.code == "edgetpu_unavailable" and not_compiled \
+                and not self.error.message.startswith("not compiled"):
+            self.error.message = f"not compiled: {not_compiled}; {self.error.message}"
+        use = accelerator_use(self.result) if self.ok else None
+        if not use or not use.get("fallback"):
+            self.fallback, self.fallback_reason = False, None
+            return
+        why = use.get("reason") or f"ran on {use.get('used')} instead of {use.get('requested')}"
+        self.fallback = True
+        self.fallback_reason = f"not compiled: {not_compiled}; {why}" if not_compiled else why
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
@@ -80,7 +119,10 @@ class DeviceResult:
         err = d.get("error")
         d["error"] = ErrorInfo(**err) if err else None
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        device = cls(**{k: v for k, v in d.items() if k in known})
+        if "fallback" not in d:  # stored before fallbacks were recorded: derive it from the agent's result
+            device.mark_fallback()
+        return device
 
 
 @dataclass
@@ -97,6 +139,7 @@ class RunResult:
     label: str | None = None
     inventory_sha256: str | None = None
     interrupted: str | None = None  # 'SIGINT' / 'SIGTERM' / 'cancelled' when the run was stopped on request
+    model_name: str | None = None  # additive (issue 12): baselines compare runs of the same model name
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -119,6 +162,7 @@ class RunResult:
             "label": self.label,
             "inventory_sha256": self.inventory_sha256,
             "interrupted": self.interrupted,
+            "model_name": self.model_name,
         }
 
     def to_json(self, **kw: Any) -> str:

@@ -14,6 +14,18 @@ from pipeline.release.report import human_bytes
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.tables import Col, fitted_table
+from pipeline.results import accelerator_use
+
+
+def print_verdict_notes(console: Any, verdict: Any) -> None:
+    """Fallbacks, uncompiled Edge TPU models and cross-model comparisons, one line each (never silent)."""
+    for name in verdict.fallbacks:
+        console.print(f"[bold yellow]FALLBACK[/] {escape(name)} {escape(verdict.fallback_text(name))}", soft_wrap=True)
+    for note in verdict.notes:
+        console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+    if verdict.cross_model:
+        console.print(f"[yellow]cross-model comparison[/]: {escape(str(verdict.cross_model.get('model')))} against "
+                      f"the baseline model {escape(str(verdict.cross_model.get('baseline_model')))}", soft_wrap=True)
 
 
 def _row(d: Any) -> list[str]:
@@ -30,17 +42,19 @@ def _row(d: Any) -> list[str]:
 
 def _delegate(r: dict) -> str:
     dl = r.get("delegate") or {}
-    used = dl.get("used") or "-"
-    return f"{used} (fell back from {dl.get('requested')})" if dl.get("fallback") else used
+    use = accelerator_use(r) or {}
+    used = use.get("used") or dl.get("used") or "-"
+    return f"[bold red]{used} (FALLBACK from {use.get('requested')})[/]" if use.get("fallback") else used
 
 
 RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
                Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
-               Col("runtime", 3), Col("delegate", 5, wrap=True), Col("sent", 6, justify="right"))
+               Col("runtime", 3), Col("accelerator", 5, wrap=True), Col("sent", 6, justify="right"))
 
 
 def device_table(result: Any, width: int | None = None) -> Table:
-    return fitted_table(f"run {result.run_id} · {len(result.succeeded)}/{len(result.devices)} devices ok",
+    return fitted_table(f"run {result.run_id}" + (f" · model {escape(result.model_name)}" if result.model_name else "")
+                        + f" · {len(result.succeeded)}/{len(result.devices)} devices ok",
                         RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
@@ -61,6 +75,7 @@ def run_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment, $GITHUB_STEP_SUMMARY)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Name of the model for baselines and history (default: the model file's stem); --baseline last is the last run of this name."),
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
@@ -75,7 +90,8 @@ def run_command(
     with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board, cancel=cancel)
+                      summary=summary, on_event=board, cancel=cancel,
+                      model_name=model_name)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()
@@ -89,6 +105,7 @@ def run_command(
             console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
         for c in rel.verdict.failures:
             console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
+        print_verdict_notes(console, rel.verdict)
         style = "green" if rel.verdict.passed else "red"
         console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
         if rel.report_path:

@@ -286,13 +286,13 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
     return _finish(out_path, manifest, cached=False)
 
 
-def _edgetpu(path: Path, info, mode: str, progress: Progress) -> dict[str, Any] | None:
+def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
     if mode != "int8":
         return None
     from pipeline.convert.edgetpu import analyze
 
     progress("edgetpu", "checking Edge TPU mapping")
-    return analyze(path, info)
+    return analyze(path, info, cache_dir=cache_dir)
 
 
 def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: str | Path,
@@ -323,8 +323,8 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
-        if mode == "int8" and shutil.which("edgetpu_compiler"):
-            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report)   # the compiled file lives next to it
+        if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
+            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 
@@ -336,7 +336,7 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         data = compact_tflite(data)
     write_atomic(out_path, data)
     info = read_model(data)
-    edgetpu = _edgetpu(out_path, info, mode, report)
+    edgetpu = _edgetpu(out_path, info, mode, report, cache_dir)
     manifest = build_manifest(info, mode=mode, file_name=name, recipe=r.options, tf_version=tf_ver,
                               source=src.record(), calibration=calib.summary() if calib else None, compat=r.compat,
                               edgetpu=edgetpu)

@@ -72,10 +72,16 @@ def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop
             cancel.wait(delay)
 
 
-def agent_argv(target: Any, agent: str, model: str, data: str, out: str) -> list[str]:
-    """The agent's command line for a target: every value one argv element, never a shell string."""
+def agent_argv(target: Any, agent: str, model: str, data: str, out: str,
+               extra: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """The agent's command line for a target: every value one argv element, never a shell string.
+
+    `extra` holds (flag, device path) pairs such as ("--fallback-model", ...) and ("--baseline-model", ...).
+    """
     argv = [target.python, agent, "--model", model, "--data", data, "--runs", str(target.runs),
             "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out]
+    for flag, value in extra:
+        argv += [flag, value]
     if target.delegate:
         argv += ["--delegate", str(target.delegate)]
     if target.threads:
@@ -100,9 +106,30 @@ class DeviceJob:
     eval_file: Path
     agent: PushItem = field(default_factory=PushItem.agent)
     artifact_info: dict[str, Any] | None = None
+    fallback_artifact: Path | None = None  # the plain int8 an Edge TPU target runs on the CPU (allow_fallback)
+    baseline_artifact: dict[str, Any] | None = None  # {"sha256", "path"|None}: the baseline's model, re-measured
 
     def items(self) -> tuple[PushItem, PushItem, PushItem]:
         return self.agent, PushItem.blob(self.artifact), PushItem.blob(self.eval_file)
+
+    def extras(self) -> list[tuple[str, str, PushItem | None]]:
+        """(agent flag, path in the work directory, item to push or None) for the optional model files.
+
+        The baseline's model is pushed when the host still has it; otherwise the device's content-addressed copy
+        from the baseline run is used, and the agent says so when it is gone.
+        """
+        out: list[tuple[str, str, PushItem | None]] = []
+        if self.fallback_artifact is not None:
+            item = PushItem.blob(self.fallback_artifact)
+            out.append(("--fallback-model", item.rel, item))
+        base = self.baseline_artifact
+        if base and base.get("sha256"):
+            local = Path(base["path"]) if base.get("path") else None
+            item = PushItem.blob(local) if local is not None and local.is_file() else None
+            if item is not None and item.sha256 != base["sha256"]:
+                item = None  # that file was overwritten since the baseline run
+            out.append(("--baseline-model", f"blobs/{base['sha256']}", item))
+        return out
 
 
 def result_from_output(target: Any, stdout: bytes, rc: int | None, stderr_tail: str) -> DeviceResult:
@@ -162,6 +189,7 @@ class FleetRunner:
         res.attempts = max(1, stats["attempts"])
         res.timings = dict(stats["timings"], total=time.monotonic() - t0)
         res.artifact = job.artifact_info
+        res.mark_fallback()
         self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         with self._result_lock:
             self.on_result(res)
@@ -205,10 +233,12 @@ class FleetRunner:
             timings["connect"] = time.monotonic() - s
             dep = Deployer(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
-            items, dirs = [agent, model, data], [f"runs/{safe_name(self.run_id)}"]
+            extras = job.extras()
+            items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
                 w = WORKDIR_MARK + "/"
-                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + result_rel(self.run_id, t.name))
+                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + result_rel(self.run_id, t.name),
+                                  [(flag, w + rel) for flag, rel, _ in extras])
                 with self.locks(t.physical_host):
                     ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
                     s = time.monotonic()
@@ -221,7 +251,7 @@ class FleetRunner:
                         timings["run"] = time.monotonic() - s
                 if cr is not None:
                     return self._finish_run(t, cr)
-            ev(t.name, "push", f"{model.size + data.size + agent.size} bytes needed")
+            ev(t.name, "push", f"{sum(i.size for i in items)} bytes needed")
             s = time.monotonic()
             before = tr.bytes_sent
             try:
@@ -235,7 +265,8 @@ class FleetRunner:
                 earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None))
                 if earlier is not None:
                     return earlier
-            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out)
+            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out,
+                              [(flag, dep.path(rel)) for flag, rel, _ in extras])
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()

@@ -26,16 +26,24 @@ def junit_xml(verdict: Verdict) -> str:
         skips = sum(1 for c in checks if c.skipped)
         suite = ET.SubElement(root, "testsuite", name=f"edgepipe.{subject}", tests=str(len(checks)),
                               failures=str(fails), errors="0", skipped=str(skips))
+        fallback = _fallback_line(verdict, subject)
+        if fallback:
+            props = ET.SubElement(suite, "properties")
+            ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
         for c in checks:
             case = ET.SubElement(suite, "testcase", classname=f"edgepipe.{subject}", name=c.gate, time="0")
+            if fallback:
+                props = ET.SubElement(case, "properties")
+                ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
             if c.skipped:
                 ET.SubElement(case, "skipped", message=c.note)
             elif not c.passed:
                 fail = ET.SubElement(case, "failure", message=c.message(), type=c.gate)
                 fail.text = (f"gate: {c.gate}\nmeasured: {fmt(c.measured)}\nthreshold: {fmt(c.threshold)}\n"
                              f"source: {c.source}\n" + (f"note: {c.note}\n" if c.note else ""))
-            else:
-                ET.SubElement(case, "system-out").text = c.message()
+            if not c.skipped and (c.passed or fallback):
+                ET.SubElement(case, "system-out").text = "\n".join(
+                    x for x in (fallback, c.message() if c.passed else "") if x)
         total += len(checks)
         failures += fails
         skipped += skips
@@ -45,6 +53,11 @@ def junit_xml(verdict: Verdict) -> str:
     root.set("skipped", str(skipped))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _fallback_line(verdict: Verdict, subject: str) -> str:
+    """`FALLBACK: coral ran on cpu instead of edgetpu: <reason>` for a device that did not use its accelerator."""
+    return f"FALLBACK: {subject} {verdict.fallback_text(subject)}" if subject in verdict.fallbacks else ""
 
 
 def write_junit(verdict: Verdict, path: str | Path) -> Path:
@@ -62,12 +75,22 @@ def summary_markdown(verdict: Verdict) -> str:
              f"Run `{verdict.run_id}`" + (f", baseline `{verdict.baseline_run_id}`" if verdict.baseline_run_id else
                                           ", no baseline") + f", exit code {verdict.exit_code}.", "",
              md_escape(verdict.headline()), ""]
+    if verdict.fallbacks or verdict.notes or verdict.cross_model:
+        lines += [f"- :warning: **FALLBACK**: {md_escape(name)} {md_escape(verdict.fallback_text(name))}"
+                  for name in verdict.fallbacks]
+        lines += [f"- :warning: {md_escape(note)}" for note in verdict.notes]
+        if verdict.cross_model:
+            lines.append(f"- :warning: cross-model comparison: {md_escape(verdict.cross_model.get('model'))} against "
+                         f"the baseline model {md_escape(verdict.cross_model.get('baseline_model'))}")
+        lines.append("")
     if verdict.devices:
-        lines += ["| device | status | failed checks |", "|---|---|---|"]
+        lines += ["| device | status | accelerator | failed checks |", "|---|---|---|---|"]
         for name, state in verdict.devices.items():
             bad = [c.gate for c in verdict.checks_for(name) if not c.passed and not c.skipped]
             mark = ":white_check_mark:" if state == "passed" else ":x:"
-            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(', '.join(bad)) or '-'} |")
+            fb = verdict.fallbacks.get(name)
+            acc = f"FALLBACK: {fb.get('used')} instead of {fb.get('requested')}" if fb else "-"
+            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(acc)} | {md_escape(', '.join(bad)) or '-'} |")
         lines.append("")
     failures = verdict.failures
     if failures:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from pipeline.files import write_atomic
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
-from pipeline.results import DeviceResult, RunResult
+from pipeline.results import DeviceResult, RunResult, accelerator_use
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 CSS = """
@@ -22,6 +22,7 @@ h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .banner{padding:16px 20px;border-radius:8px;color:#fff;margin-bottom:14px}
 .banner.pass{background:#1a7f37}.banner.fail{background:#cf222e}.banner.none{background:#6e7781}
 .banner .big{font-size:24px;font-weight:700}.meta{font-size:13px;opacity:.92}
+.banner ul{margin:8px 0 0;padding-left:20px;font-size:14px}.fallback{background:#fff3cd;color:#5c3c00}
 table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
 th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -170,9 +171,21 @@ def _delegate(d: DeviceResult) -> str:
     dl = _r(d, "delegate") or {}
     used = dl.get("used") or dl.get("requested")
     text = e(used) if used else "–"
-    if dl.get("fallback"):
-        text += f' <span class="bad">(fell back from {e(dl.get("requested"))})</span>'
+    if d.fallback or dl.get("fallback"):
+        asked = (accelerator_use(d.result) or {}).get("requested") or dl.get("requested")
+        text += (f' <span class="bad" title="{e(d.fallback_reason)}">FALLBACK: fell back from {e(asked)}, '
+                 "CPU timings</span>")
     return text
+
+
+def fallback_banner(verdict: Verdict) -> str:
+    """The banner's list of devices that did not use their accelerator, and of models that were not compiled."""
+    items = [f"<li>FALLBACK: {e(name)} {e(verdict.fallback_text(name))}</li>" for name in verdict.fallbacks]
+    items += [f"<li>{e(note)}</li>" for note in verdict.notes]
+    if verdict.cross_model:
+        items.append(f"<li>cross-model comparison: {e(verdict.cross_model.get('model'))} against the baseline "
+                     f"model {e(verdict.cross_model.get('baseline_model'))}</li>")
+    return f'<ul id="fallbacks">{"".join(items)}</ul>' if items else ""
 
 
 def _td(inner_html: str, num: bool = False) -> str:
@@ -181,7 +194,7 @@ def _td(inner_html: str, num: bool = False) -> str:
 
 
 def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> str:
-    head = ("device", "kind", "mode", "runtime", "delegate", "p50 ms", "p90 ms", "top-1", "drop (pts)",
+    head = ("device", "kind", "mode", "runtime", "accelerator", "p50 ms", "p90 ms", "top-1", "drop (pts)",
             "agreement", "SNR dB", "size", "verdict", "gates")
     out = ["<table id=\"devices\"><thead><tr>", "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for d in run.devices:
@@ -201,7 +214,7 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
             _td(f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>'),
             _td("".join(_badge(c) for c in verdict.checks_for(d.name))),
         ]
-        out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append(("<tr class=\"fallback\">" if d.fallback else "<tr>") + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -284,8 +297,10 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
     ref = float_top1(run)
     cls = "none" if verdict.exit_code == 3 else ("pass" if verdict.passed else "fail")
     when = _dt.datetime.fromtimestamp(run.started or 0, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}",
-            f"model sha256 <code>{e((run.model_sha256 or '')[:16])}</code>"]
+    meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}"]
+    if run.model_name:
+        meta.append(f"model {e(run.model_name)}")
+    meta.append(f"model sha256 <code>{e((run.model_sha256 or '')[:16])}</code>")
     if run.label:
         meta.append(f"tag {e(run.label)}")
     meta.append(f"baseline {e(verdict.baseline_run_id or 'none')}")
@@ -302,7 +317,7 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>edgepipe report {e(run.run_id)}</title><style>{CSS}</style></head><body>",
         f'<div class="banner {cls}" id="verdict"><div class="big">{e(verdict.headline())}</div>'
-        f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div></div>',
+        f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div>{fallback_banner(verdict)}</div>',
         "<h2>Devices</h2>", device_table(run, verdict, ref), emu_note,
         "<h2>Failed checks</h2>", checks_table(failures, "failures"),
         "<h2>Fleet gates</h2>", checks_table([c for c in verdict.checks if c.family == "fleet"], "fleet"),
