@@ -33,7 +33,7 @@ def _row(d: Any) -> list[str]:
     lat = r.get("latency_ms") or {}
     acc = r.get("accuracy") or {}
     agr = r.get("agreement") or {}
-    status = "[green]ok[/]" if d.ok else f"[red]{d.error.code}[/]"
+    status = ("[bold yellow]ok, FALLBACK[/]" if d.fallback else "[green]ok[/]") if d.ok else f"[red]{d.error.code}[/]"
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
