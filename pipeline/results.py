@@ -43,6 +43,8 @@ class DeviceResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     bytes_sent: int = 0
     attempts: int = 1
+    # additive (issue 11): host-computed task metrics {"task", "<metric>": value, "outputs": {name: {...}}}
+    metrics: dict[str, Any] | None = None
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
