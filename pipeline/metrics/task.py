@@ -81,7 +81,9 @@ def _fits(task: str, specs: list[OutputSpec], labels: dict[str, np.ndarray],
         return (ones, "0/1 labels") if is_binary01(y) else ([], "binary needs 0/1 labels, one per sample")
     if task in ("regression", "keypoints"):
         want = _squeezed(y.shape[1:])
+        size = int(np.prod(want)) if want else 1
         hits = [s for s in specs if _squeezed(s.sample_shape) == want]
+        hits = hits or [s for s in specs if s.width == size]  # e.g. a [1, 4] output for [N, 2, 2] corner labels
         if task == "keypoints" and not hits:  # (y, x, score) outputs against (y, x) labels
             hits = [s for s in specs if len(_squeezed(s.sample_shape)) == len(want) and want
                     and _squeezed(s.sample_shape)[:-1] == want[:-1] and _squeezed(s.sample_shape)[-1] > want[-1]]
