@@ -374,3 +374,33 @@ def test_score_reference_is_the_float_models_own_figures(binary_model):
     dev = score_device(task, m.outputs["float32"], None, m.labels, specs)
     assert ref == {"accuracy": dev["accuracy"], "auc": dev["auc"]}
     assert score_reference(task, None, m.labels, specs) is None
+
+
+def test_score_result_reads_the_fetched_outputs_file(multihead_model, tmp_path):
+    """What the host does per finished device: load the agent's float16 outputs npz, score, attach, or fail the device."""
+    from pipeline.metrics import score_result
+    from pipeline.results import DeviceResult
+
+    m = multihead_model
+    specs, task = m.specs["int8"], resolve_task(None, None, m.specs["int8"], m.labels)
+    path = tmp_path / "outputs.npz"
+    np.savez(path, **{k: v.astype(np.float16) for k, v in m.outputs["int8"].items()})
+
+    def device(p):
+        d = DeviceResult(name="pi", kind="cpu", mode="int8", ok=True, result={"accuracy": None, "agreement": None,
+                                                                               "latency_ms": {"p50": 1.0}})
+        d.outputs_path = str(p)
+        return d
+
+    d = score_result(device(path), task, m.outputs["float32"], m.labels, specs)
+    probs = m.outputs["int8"][task.output].astype(np.float16)
+    assert d.ok and d.metrics["top1"] == pytest.approx(float((probs.argmax(1) == m.labels["y"]).mean()))
+    assert d.result["accuracy"]["top1"] == d.metrics["top1"] and d.result["agreement"]["n"] == len(m.labels["y"])
+    assert DeviceResult.from_dict(d.to_dict()).metrics == d.metrics
+    path.write_bytes(path.read_bytes()[:100])
+    broken = score_result(device(path), task, m.outputs["float32"], m.labels, specs)
+    assert not broken.ok and broken.error.code == "bad_outputs" and "outputs.npz" in broken.error.message
+    assert broken.result["latency_ms"] == {"p50": 1.0}  # the agent's facts are kept
+    np.savez(path, other=np.zeros((len(m.labels["y"]), 3), np.float16))
+    missing = score_result(device(path), task, m.outputs["float32"], m.labels, specs)
+    assert missing.error.code == "bad_outputs" and task.output in missing.error.message

@@ -4,8 +4,9 @@ Between devices and release: scoring reads arrays (device outputs, float referen
 """
 from pipeline.metrics.labels import labels_from_coco
 from pipeline.metrics.outputs import OutputsError, OutputSpec
-from pipeline.metrics.score import TASK_METRICS, attach, legacy, score_device, score_reference
+from pipeline.metrics.score import (TASK_METRICS, attach, legacy, load_outputs, score_device, score_reference,
+                                    score_result)
 from pipeline.metrics.task import TASKS, TaskSpec, resolve_task
 
 __all__ = ["TASKS", "TASK_METRICS", "OutputSpec", "OutputsError", "TaskSpec", "attach", "labels_from_coco", "legacy",
-           "resolve_task", "score_device", "score_reference"]
+           "load_outputs", "resolve_task", "score_device", "score_reference", "score_result"]

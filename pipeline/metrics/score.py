@@ -8,6 +8,9 @@ Scoring reads arrays; it never runs a model. Without a float reference agreement
 """
 from __future__ import annotations
 
+import dataclasses
+import zipfile
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,6 +23,7 @@ from pipeline.metrics.detection import (coco_map, detections, truth_from_detecti
 from pipeline.metrics.labels import as_arrays, detection_labels
 from pipeline.metrics.outputs import OutputsError, OutputSpec, align, is_reduced, parse_specs
 from pipeline.metrics.task import TaskSpec
+from pipeline.results import ErrorInfo
 
 NO_REFERENCE = "not measured: no float reference"
 # The task's own figures, per task (what the reference is also scored on, and what reports show first).
@@ -185,3 +189,32 @@ def attach(device: Any, metrics: Mapping[str, Any] | None) -> None:
     device.metrics = dict(metrics) if metrics is not None else None
     if device.result is not None and metrics is not None:
         device.result.update(legacy(metrics))
+
+
+def load_outputs(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a device's outputs .npz (the agent's --outputs-out file), by output tensor name."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing, truncated or not an npz
+        raise OutputsError(f"cannot read the device's outputs {Path(path).name}: {exc}") from None
+
+
+def score_result(device: Any, task_spec: TaskSpec | Mapping[str, Any], reference: Mapping[str, Any] | None,
+                 labels: Mapping[str, Any] | None, output_specs: Any, *,
+                 reference_metrics: Mapping[str, Any] | None = None) -> Any:
+    """Score a finished DeviceResult from its fetched outputs file (`outputs_path`) and attach the metrics.
+
+    Outputs that cannot be scored make the device a `bad_outputs` failure (its agent facts kept), never an
+    exception; a device without outputs (failed, or an agent without --outputs-out) is returned as it is.
+    """
+    path = getattr(device, "outputs_path", None)
+    if not device.ok or not path:
+        return device
+    try:
+        metrics = score_device(task_spec, load_outputs(path), reference, labels, output_specs,
+                               reference_metrics=reference_metrics)
+    except OutputsError as exc:
+        return dataclasses.replace(device, ok=False, error=ErrorInfo(exc.code, exc.one_line()))
+    attach(device, metrics)
+    return device
