@@ -100,3 +100,19 @@ def test_coco_json_labels(tmp_path):
     with pytest.raises(ConfigError) as err:
         labels_from_coco(path, n=3)
     assert str(path) in err.value.one_line() and "3 samples" in err.value.one_line()
+
+
+def test_a_reference_mismatch_is_a_host_config_error_never_the_devices():
+    """Scoring on tiny hand-made arrays: a float reference with a wrong shape or a missing output."""
+    from pipeline.metrics import score_device
+
+    specs = [CLS, BOX]
+    task = resolve_task(None, None, specs, IDS)
+    rng = np.random.default_rng(0)
+    outs = {"logits": rng.random((40, 10)), "box": rng.random((40, 4))}
+    with pytest.raises(ConfigError) as err:
+        score_device(task, outs, {"logits": rng.random((40, 9)), "box": outs["box"]}, IDS, specs)
+    assert err.value.field == "reference" and "logits" in str(err.value)
+    met = score_device(task, outs, {"logits": outs["logits"]}, IDS, specs)  # the box head has no float twin
+    assert met["outputs"]["box"]["snr_db"] is None and "no output of this name" in met["outputs"]["box"]["note"]
+    assert met["outputs"]["logits"]["snr_db"] == 300.0 and met["top1_agreement"] == 1.0

@@ -77,14 +77,16 @@ def is_reduced(arr: np.ndarray, spec: OutputSpec | None) -> bool:
     return spec is not None and np.issubdtype(arr.dtype, np.integer) and arr.shape[1:] == spec.sample_shape[:-1]
 
 
-def align(outputs: Mapping[str, Any], specs: list[OutputSpec], what: str = "device") -> dict[str, np.ndarray]:
-    """Every output by name as [N, ...]; an output the artifact declares but the arrays lack is an error."""
+def align(outputs: Mapping[str, Any], specs: list[OutputSpec], what: str = "device",
+          require_all: bool = True) -> dict[str, np.ndarray]:
+    """Every output by name as [N, ...]; with `require_all`, an output the artifact declares but the arrays lack
+    is an error."""
     by_name = {s.name: s for s in specs}
     arrays: dict[str, np.ndarray] = {}
     for name, arr in (outputs or {}).items():
         arrays[name] = per_sample(name, arr, by_name.get(name))
     missing = [s.name for s in specs if s.name not in arrays]
-    if missing and arrays:
+    if missing and arrays and require_all:
         raise OutputsError(f"{what} outputs lack {', '.join(repr(m) for m in missing)} "
                            f"(got {', '.join(repr(k) for k in arrays)})")
     lengths = {len(a) for a in arrays.values()}

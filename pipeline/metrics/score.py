@@ -55,6 +55,15 @@ def _label_count(labels: Mapping[str, np.ndarray], n: int) -> None:
                               hint="one label per eval sample, in the same order")
 
 
+def _reference(reference: Mapping[str, Any], specs: list[OutputSpec]) -> dict[str, np.ndarray]:
+    """The float outputs by name; a host-side mismatch is a ConfigError, never blamed on a device."""
+    try:
+        return align(reference, specs, "float reference", require_all=False)
+    except OutputsError as exc:
+        raise ConfigError(exc.message, field="reference",
+                          hint="the float reference model must have the artifact's outputs") from None
+
+
 def task_metrics(task: TaskSpec, arrays: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
                  specs: list[OutputSpec]) -> dict[str, Any]:
     """The task's figures against labels (empty when the run has no labels for it)."""
@@ -85,7 +94,7 @@ def task_metrics(task: TaskSpec, arrays: Mapping[str, np.ndarray], labels: Mappi
 def _agreement(task: TaskSpec, dev: dict[str, np.ndarray], ref: dict[str, np.ndarray],
                specs: list[OutputSpec]) -> dict[str, dict[str, Any]]:
     by_name = {s.name: s for s in specs}
-    if task.task == "detection":
+    if task.task == "detection" and all(n in ref for n in task.roles.values()):
         dev, ref = without_padding(dev, task.roles), without_padding(ref, task.roles)
     per: dict[str, dict[str, Any]] = {}
     for name, d in dev.items():
@@ -107,6 +116,9 @@ def _agreement(task: TaskSpec, dev: dict[str, np.ndarray], ref: dict[str, np.nda
             per[name]["top1_agreement"] = float(((pd >= task.threshold) == (pr >= task.threshold)).mean())
         elif scored and task.task == "segmentation":
             per[name]["top1_agreement"] = float((d.argmax(axis=-1) == r.argmax(axis=-1)).mean())
+    for role, name in task.roles.items():  # detection: say which output is which
+        if name in per:
+            per[name]["role"] = role
     return per
 
 
@@ -117,8 +129,13 @@ def score_reference(task_spec: TaskSpec | Mapping[str, Any], reference: Mapping[
     if reference is None or not (task.labels or (task.task == "detection" and detection_labels(as_arrays(labels)))):
         return None
     specs = parse_specs(output_specs)
-    ref = align(reference, specs, "float reference")
-    _check_finite(task, ref, "float reference")
+    ref = _reference(reference, specs)
+    if any(o not in ref for o in task.outputs):
+        return None
+    try:
+        _check_finite(task, ref, "float reference")
+    except OutputsError as exc:
+        raise ConfigError(exc.message, field="reference") from None
     figures = task_metrics(task, ref, as_arrays(labels), specs)
     return {k: figures.get(k) for k in TASK_METRICS[task.task]}
 
@@ -144,17 +161,20 @@ def score_device(task_spec: TaskSpec | Mapping[str, Any], outputs: Mapping[str, 
     arrays = as_arrays(labels)
     _label_count(arrays, n)
     _check_finite(task, dev, "device")
-    metrics: dict[str, Any] = {"task": task.task, "scored": list(task.outputs), "labels": list(task.labels), "n": n}
+    metrics: dict[str, Any] = {"task": task.task, "scored": list(task.outputs), "labels": list(task.labels), "n": n,
+                               "inferred": task.inferred, "reason": task.reason}
     metrics.update(task_metrics(task, dev, arrays, specs))
     if reference is None:
         metrics["agreement"] = NO_REFERENCE
         metrics["outputs"] = {name: dict(NOT_MEASURED) for name in dev}
+        for role, name in task.roles.items():
+            metrics["outputs"][name]["role"] = role
         return metrics
-    ref = align(reference, specs, "float reference")
+    ref = _reference(reference, specs)
     metrics["outputs"] = _agreement(task, dev, ref, specs)
     if task.output in metrics["outputs"] and "top1_agreement" in metrics["outputs"][task.output]:
         metrics["top1_agreement"] = metrics["outputs"][task.output]["top1_agreement"]
-    if task.task == "detection":
+    if task.task == "detection" and all(n in ref for n in task.roles.values()):
         truth = truth_from_detections(detections(ref, task.roles))
         vs_float = coco_map(truth, detections(dev, task.roles))
         metrics["map50_vs_float"], metrics["map_vs_float"] = vs_float["map50"], vs_float["map"]

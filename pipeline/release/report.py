@@ -240,6 +240,7 @@ def task_tables(run: RunResult) -> str:
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     note = next((d.metrics.get("agreement") for d in scored if isinstance(d.metrics.get("agreement"), str)), None)
+    out.append('<p class="note">Agreement with the float model, per output (matched by tensor name):</p>')
     out.append('<table id="task-outputs"><thead><tr><th>device</th><th>output</th><th>SNR dB</th><th>MAE</th>'
                "<th>cosine</th><th>top-1 agreement</th><th>note</th></tr></thead><tbody>")
     for d in scored:
@@ -247,7 +248,8 @@ def task_tables(run: RunResult) -> str:
             why = o.get("note") or ("argmax-reduced on the device" if o.get("reduced") else "")
             if o.get("snr_db") is None and not why:
                 why = (d.metrics or {}).get("agreement") or "not measured"
-            out.append(f"<tr><td>{e(d.name)}</td><td><code>{e(name)}</code></td>"
+            role = f" ({e(o['role'])})" if o.get("role") else ""
+            out.append(f"<tr><td>{e(d.name)}</td><td><code>{e(name)}</code>{role}</td>"
                        f"<td class=\"num\">{_num(o.get('snr_db'), 4)}</td><td class=\"num\">{_num(o.get('mae'), 3)}</td>"
                        f"<td class=\"num\">{_num(o.get('cosine'), 6)}</td>"
                        f"<td class=\"num\">{_num(o.get('top1_agreement'), 4)}</td><td>{e(why)}</td></tr>")
