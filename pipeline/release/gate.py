@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from pipeline.inventory import THRESHOLD_KEYS
 from pipeline.metrics.gates import readings
+from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.regression import CONFIDENCE, compare_accuracy, compare_latency
 from pipeline.results import DeviceResult, RunResult
 
@@ -256,8 +257,6 @@ def task_checks(device: DeviceResult, gate: str, threshold: Any, source: str, ex
 
 def task_figures(device: DeviceResult) -> dict[str, Any]:
     """The device's task and headline figures (no per-output detail), as JUnit and Markdown show them."""
-    from pipeline.metrics import TASK_METRICS
-
     m = device.metrics or {}
     if not m.get("task"):
         return {}

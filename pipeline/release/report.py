@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.files import write_atomic
+from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
 from pipeline.results import DeviceResult, RunResult
 
@@ -215,8 +216,6 @@ METRIC_LABELS = {
 
 def task_tables(run: RunResult) -> str:
     """The task each device was scored on, its figures next to the float model's, and agreement per output."""
-    from pipeline.metrics import TASK_METRICS
-
     scored = [d for d in run.devices if d.metrics]
     if not scored:
         return '<p class="note">No task metrics in this run (results stored before host scoring).</p>'
