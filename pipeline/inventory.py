@@ -9,10 +9,11 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
 from pipeline.results import accelerator_of
@@ -38,6 +39,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _snr_gate(value: Any) -> Any:
+    """min_snr_db: a number for every output, or a mapping output name -> dB; anything else one clear line."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if value is None or number(value):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and number(v) for k, v in value.items()):
+        return value
+    raise PydanticCustomError("snr_gate", "wrong type: got {kind} {value}; expected a number (dB for every output) "
+                              "or a mapping of output name to dB, e.g. {boxes: 30, scores: 20}",
+                              {"kind": type(value).__name__, "value": repr(value)})
+
+
+SnrGate = Annotated[Optional[Union[float, dict[str, float]]], BeforeValidator(_snr_gate)]
+
+
 class GateThresholds(_Strict):
     """Per-target gates; None means not gated."""
 
@@ -47,9 +65,17 @@ class GateThresholds(_Strict):
     min_top1: Optional[float] = Field(None, ge=0, le=1)
     max_top1_drop: Optional[float] = Field(None, ge=0, le=100)  # points (0.01 top-1 = 1 point)
     min_agreement: Optional[float] = Field(None, ge=0, le=1)
-    min_snr_db: Optional[float] = None
+    min_snr_db: SnrGate = None  # dB for every output, or per output name
     max_bytes: Optional[int] = Field(None, gt=0)
     min_edgetpu_mapped: Optional[float] = Field(None, ge=0, le=1)
+    # task gates (issue 11), read from the host-computed metrics
+    min_map50: Optional[float] = Field(None, ge=0, le=1)
+    min_map: Optional[float] = Field(None, ge=0, le=1)
+    max_map_drop: Optional[float] = Field(None, ge=0, le=100)  # points of mAP@0.5:0.95 below the float model
+    max_mae: Optional[float] = Field(None, ge=0)
+    max_rmse: Optional[float] = Field(None, ge=0)
+    min_miou: Optional[float] = Field(None, ge=0, le=1)
+    min_auc: Optional[float] = Field(None, ge=0, le=1)
 
 
 THRESHOLD_KEYS = tuple(GateThresholds.model_fields)

@@ -74,6 +74,8 @@ class DeviceResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     bytes_sent: int = 0
     attempts: int = 1
+    # additive (issue 11): host-computed task metrics {"task", "<metric>": value, "outputs": {name: {...}}}
+    metrics: dict[str, Any] | None = None
     # additive (issue 12): measured on the CPU although the target asked for an accelerator, and why
     fallback: bool = False
     fallback_reason: str | None = None

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
+from pipeline.metrics.gates import readings
+from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.regression import (CONFIDENCE, LatencyComparison, compare_accuracy, compare_across_runs,
                                          compare_paired)
 from pipeline.results import DeviceResult, RunResult, accelerator_use
@@ -39,17 +41,25 @@ class Check:
     note: str = ""
     skipped: bool = False
     family: str = "target"  # target | fleet | regression
+    output: str | None = None  # task gates: the output tensor and the metric the check looked at
+    metric: str | None = None
 
     @property
     def subject(self) -> str:
         return self.target if self.target is not None else "fleet"
 
+    @property
+    def label(self) -> str:
+        """The gate key, with the output and metric it read: `min_snr_db[boxes snr_db]`."""
+        what = " ".join(str(p) for p in (self.output, self.metric) if p)
+        return f"{self.gate}[{what}]" if what else self.gate
+
     def message(self) -> str:
         """`pi4: max_p90_ms: measured 12.4 > threshold 10 (from targets[pi4].gates.max_p90_ms)`."""
         if self.skipped:
-            return f"{self.subject}: {self.gate}: skipped ({self.note})"
+            return f"{self.subject}: {self.label}: skipped ({self.note})"
         verdict = "ok" if self.passed else "FAILED"
-        text = (f"{self.subject}: {self.gate}: {verdict}: measured {fmt(self.measured)}, "
+        text = (f"{self.subject}: {self.label}: {verdict}: measured {fmt(self.measured)}, "
                 f"threshold {fmt(self.threshold)} (from {self.source})")
         return text + (f"; {self.note}" if self.note else "")
 
@@ -69,6 +79,7 @@ class Verdict:
     fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. "coral: not compiled: edgetpu_compiler not on PATH"
     cross_model: dict[str, Any] | None = None  # {"model", "baseline_model"} when the baseline is another model
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> task figures (for JUnit/Markdown)
 
     @property
     def failures(self) -> list[Check]:
@@ -120,14 +131,16 @@ class Verdict:
         return {"run_id": self.run_id, "passed": self.passed, "exit_code": self.exit_code,
                 "baseline_run_id": self.baseline_run_id, "devices": dict(self.devices),
                 "headline": self.headline(), "checks": [c.to_dict() for c in self.checks],
-                "fallbacks": dict(self.fallbacks), "notes": list(self.notes), "cross_model": self.cross_model}
+                "fallbacks": dict(self.fallbacks), "notes": list(self.notes), "cross_model": self.cross_model,
+                "metrics": dict(self.metrics)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Verdict":
         return cls(run_id=d["run_id"], passed=d["passed"], exit_code=d["exit_code"],
                    checks=[Check(**c) for c in d.get("checks", [])], baseline_run_id=d.get("baseline_run_id"),
                    devices=dict(d.get("devices", {})), fallbacks=dict(d.get("fallbacks") or {}),
-                   notes=list(d.get("notes") or []), cross_model=d.get("cross_model"))
+                   notes=list(d.get("notes") or []), cross_model=d.get("cross_model"),
+                   metrics=dict(d.get("metrics") or {}))
 
 
 def _s(n: int) -> str:
@@ -273,6 +286,10 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
         if gate in LATENCY_GATES and device.emulated:
             checks.append(Check(device.name, gate, None, threshold, source, True, note=EMULATED_NOTE, skipped=True))
             continue
+        task = task_checks(device, gate, threshold, source, extra_note)
+        if task is not None:
+            checks.extend(task)
+            continue
         measured, note = _measure(device, gate, run)
         note = "; ".join(n for n in (note, extra_note, cpu_note if gate in LATENCY_GATES else "") if n)
         if measured is None:
@@ -286,6 +303,43 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
 def _median(device: DeviceResult) -> float | None:
     lat = (device.result or {}).get("latency_ms") or {}
     return lat.get("p50")
+
+
+def task_checks(device: DeviceResult, gate: str, threshold: Any, source: str, extra_note: str) -> list[Check] | None:
+    """Checks of a task gate (mAP, MAE, mIoU, AUC, per-output SNR...) from the host-computed metrics, one per
+    output and metric looked at; None when the gate is measured the legacy way (latency, classification top-1)."""
+    found = readings(device.metrics, gate, threshold)
+    if found is None:
+        return None
+    checks = []
+    for r in found:
+        note = "; ".join(n for n in (r.note, extra_note) if n)
+        src = f"{source}.{r.output}" if isinstance(threshold, dict) else source
+        if not r.applies:
+            checks.append(Check(device.name, gate, None, r.threshold, src, True, note=note, skipped=True,
+                                output=r.output, metric=r.metric))
+        elif r.value is None:
+            checks.append(Check(device.name, gate, None, r.threshold, src, False, note=note or "not measured",
+                                output=r.output, metric=r.metric))
+        else:
+            passed = r.value <= r.threshold if gate.startswith("max_") else r.value >= r.threshold
+            checks.append(Check(device.name, gate, r.value, r.threshold, src, bool(passed), note=note,
+                                output=r.output, metric=r.metric))
+    return checks
+
+
+def task_figures(device: DeviceResult) -> dict[str, Any]:
+    """The device's task and headline figures (no per-output detail), as JUnit and Markdown show them."""
+    m = device.metrics or {}
+    if not m.get("task"):
+        return {}
+    keys = TASK_METRICS.get(m["task"], ()) + ("top1_agreement", "map50_vs_float", "map_vs_float")
+    out = {"task": m["task"]}
+    out.update({k: m[k] for k in keys if m.get(k) is not None})
+    snrs = [o.get("snr_db") for o in (m.get("outputs") or {}).values() if o.get("snr_db") is not None]
+    if snrs:
+        out["min_snr_db"] = min(snrs)
+    return out
 
 
 def _latency_comparison(d: DeviceResult, b: DeviceResult, thr: float, floor_ms: float,
@@ -494,7 +548,8 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
         exit_code = EXIT_PASSED if passed else EXIT_FAILED
     return Verdict(run_id=run.run_id, passed=passed, exit_code=exit_code, checks=checks,
                    baseline_run_id=baseline.run_id if baseline is not None else None, devices=state,
-                   fallbacks=fallbacks(devices), notes=_notes(devices, run), cross_model=_cross_model(run, baseline))
+                   fallbacks=fallbacks(devices), notes=_notes(devices, run), cross_model=_cross_model(run, baseline),
+                   metrics={d.name: task_figures(d) for d in devices if d.metrics})
 
 
 def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | None = "last",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.files import write_atomic
+from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
 from pipeline.results import DeviceResult, RunResult, accelerator_use
 
@@ -164,7 +165,7 @@ def trend_plot(history: Any, run: RunResult) -> str | None:
 def _badge(c: Check) -> str:
     cls = "skip" if c.skipped else ("ok" if c.passed else "bad")
     mark = "–" if c.skipped else ("✓" if c.passed else "✗")
-    return f'<span class="badge {cls}" title="{e(c.message())}">{e(c.gate)} {mark}</span>'
+    return f'<span class="badge {cls}" title="{e(c.message())}">{e(c.label)} {mark}</span>'
 
 
 def _delegate(d: DeviceResult) -> str:
@@ -219,6 +220,57 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
     return "".join(out)
 
 
+METRIC_LABELS = {
+    "top1": "top-1", "top5": "top-5", "accuracy": "accuracy", "auc": "ROC AUC", "mae": "MAE", "rmse": "RMSE",
+    "r2": "R²", "map50": "mAP@0.5", "map": "mAP@0.5:0.95", "miou": "mIoU", "pixel_accuracy": "pixel accuracy",
+    "top1_agreement": "top-1 agreement", "map50_vs_float": "mAP@0.5 vs float", "map_vs_float": "mAP vs float",
+}
+
+
+def task_tables(run: RunResult) -> str:
+    """The task each device was scored on, its figures next to the float model's, and agreement per output."""
+    scored = [d for d in run.devices if d.metrics]
+    if not scored:
+        return '<p class="note">No task metrics in this run (results stored before host scoring).</p>'
+    keys: list[str] = []
+    for d in scored:
+        m = d.metrics or {}
+        extra = ("top1_agreement", "map50_vs_float", "map_vs_float")
+        keys += [k for k in TASK_METRICS.get(m.get("task"), ()) + extra if k in m and k not in keys]
+    head = ["device", "mode", "task", "scored output"] + [METRIC_LABELS.get(k, k) for k in keys]
+    out = ['<table id="task-metrics"><thead><tr>', "".join(f"<th>{e(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for d in scored:
+        m = d.metrics or {}
+        ref = m.get("reference") or {}
+        cells = [_td(e(d.name)), _td(e(d.mode)), _td(e(m.get("task"))),
+                 _td("<br>".join(f"<code>{e(o)}</code>" for o in m.get("scored") or []) or "–")]
+        for k in keys:
+            text = _num(m.get(k), 4)
+            if ref.get(k) is not None:
+                text += f' <span class="note">(float {_num(ref[k], 4)})</span>'
+            cells.append(_td(text, num=True))
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    note = next((d.metrics.get("agreement") for d in scored if isinstance(d.metrics.get("agreement"), str)), None)
+    out.append('<p class="note">Agreement with the float model, per output (matched by tensor name):</p>')
+    out.append('<table id="task-outputs"><thead><tr><th>device</th><th>output</th><th>SNR dB</th><th>MAE</th>'
+               "<th>cosine</th><th>top-1 agreement</th><th>note</th></tr></thead><tbody>")
+    for d in scored:
+        for name, o in ((d.metrics or {}).get("outputs") or {}).items():
+            why = o.get("note") or ("argmax-reduced on the device" if o.get("reduced") else "")
+            if o.get("snr_db") is None and not why:
+                why = (d.metrics or {}).get("agreement") or "not measured"
+            role = f" ({e(o['role'])})" if o.get("role") else ""
+            out.append(f"<tr><td>{e(d.name)}</td><td><code>{e(name)}</code>{role}</td>"
+                       f"<td class=\"num\">{_num(o.get('snr_db'), 4)}</td><td class=\"num\">{_num(o.get('mae'), 3)}</td>"
+                       f"<td class=\"num\">{_num(o.get('cosine'), 6)}</td>"
+                       f"<td class=\"num\">{_num(o.get('top1_agreement'), 4)}</td><td>{e(why)}</td></tr>")
+    out.append("</tbody></table>")
+    if note:
+        out.append(f'<p class="note">{e(note)}</p>')
+    return "".join(out)
+
+
 def human_bytes(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return "–"
@@ -237,7 +289,7 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
            "<th>threshold</th><th>source</th><th>note</th></tr></thead><tbody>"]
     for c in rows:
         cls, word = ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("bad", "FAIL"))
-        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.gate)}</code></td><td class=\"{cls}\">{word}</td>"
+        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.label)}</code></td><td class=\"{cls}\">{word}</td>"
                    f"<td class=\"num\">{e(fmt(c.measured))}</td><td class=\"num\">{e(fmt(c.threshold))}</td>"
                    f"<td><code>{e(c.source)}</code></td><td>{e(c.note)}</td></tr>")
     out.append("</tbody></table>")
@@ -319,6 +371,7 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
         f'<div class="banner {cls}" id="verdict"><div class="big">{e(verdict.headline())}</div>'
         f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div>{fallback_banner(verdict)}</div>',
         "<h2>Devices</h2>", device_table(run, verdict, ref), emu_note,
+        "<h2>Task metrics</h2>", task_tables(run),
         "<h2>Failed checks</h2>", checks_table(failures, "failures"),
         "<h2>Fleet gates</h2>", checks_table([c for c in verdict.checks if c.family == "fleet"], "fleet"),
         "<h2>Regression against the baseline</h2>",
