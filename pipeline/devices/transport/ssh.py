@@ -3,7 +3,7 @@
 Host keys are checked against known_hosts right after key exchange, before authentication or any data;
 commands are quoted argv run under `exec` so a timeout can kill the remote process group; stdout and stderr
 are drained together under a wall-clock deadline (no paramiko #448 deadlock); puts are pipelined SFTP writes
-over a large window (bench/fanout.py measures them against `cat` on an exec channel and against OpenSSH scp).
+of the largest request the server takes, over AES-GCM (bench/push.py measures them against OpenSSH scp).
 """
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ from pipeline.devices.transport.base import CHUNK, CommandResult, Progress, Tran
 
 WINDOW = 16 << 20          # what we advertise for incoming data (agent stdout, get)
 MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's limit applies to our sends
+# AEAD first: one OpenSSL call per packet and no MAC compared in Python (paramiko has no chacha20-poly1305)
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SFTP_WRITE_MAX = 255 << 10  # OpenSSH's sftp-server takes up to 256 KiB per message; paramiko sends 32 KiB
+SFTP_WRITE_MIN = 32 << 10   # every SFTP server must accept this (the size paramiko and old clients use)
+LIMITS = "limits@openssh.com"
 
 KEEPALIVE = 15
 PID_MARK = b"EDGEPIPE_PID="
@@ -165,6 +170,7 @@ class SSHTransport(Transport):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/reply packets: no Nagle wait
         t = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
         opts = t.get_security_options()
+        opts.ciphers = [c for c in CIPHERS if c in opts.ciphers] + [c for c in opts.ciphers if c not in CIPHERS]
         on_file = knownhosts.known_types(self.known_hosts, host, port)
         if on_file:  # ask for the key type we can verify, as OpenSSH does
             opts.key_types = [k for k in on_file if k in opts.key_types] + [k for k in opts.key_types if k not in on_file]
@@ -305,7 +311,7 @@ class SSHTransport(Transport):
 
     # -- files ------------------------------------------------------------------------------------------------
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
-        """Upload with pipelined SFTP writes (measured fastest, see bench/fanout.py); `cat` if SFTP is absent."""
+        """Upload with pipelined SFTP writes (bench/push.py compares them with scp and `cat`); `cat` if SFTP is absent."""
         try:
             sftp = paramiko.SFTPClient.from_transport(self._transport(), window_size=WINDOW,
                                                       max_packet_size=MAX_PACKET)
@@ -314,7 +320,9 @@ class SSHTransport(Transport):
                 return self.put_cat(local, remote, progress)
             raise TransportError(f"connection to {self.host}:{self.port} lost", code="unreachable") from None
         try:
-            with sftp.open(remote, "wb") as dst:
+            request = _sftp_write_size(sftp)
+            with sftp.open(remote, "wb", bufsize=0) as dst:  # unbuffered: each 1 MiB read goes out as slices
+                dst.MAX_REQUEST_SIZE = request
                 dst.set_pipelined(True)
                 return copy_chunks(local, dst.write, progress, self._count_sent)
         except OSError as exc:
@@ -332,8 +340,12 @@ class SSHTransport(Transport):
         chan = self._session()
         try:
             chan.exec_command("cat > " + remote_word(remote))
-            done = copy_chunks(local, chan.sendall, progress, self._count_sent)
-            chan.shutdown_write()
+            try:  # a memoryview: Channel.sendall re-slices what is left after each packet (bytes would copy it)
+                done = copy_chunks(local, lambda b: chan.sendall(memoryview(b)), progress, self._count_sent)
+                chan.shutdown_write()
+            except OSError:  # sshd closed the channel: `cat` failed (disk full...) and said why on stderr
+                if chan.exit_status in (-1, 0) or not self._alive():
+                    raise
             rc = chan.recv_exit_status()
             if rc != 0:
                 msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
@@ -364,6 +376,23 @@ class SSHTransport(Transport):
             if t is not None:
                 t.close()
         self._t = self._jump = None
+
+
+def _sftp_write_size(sftp: paramiko.SFTPClient) -> int:
+    """Bytes per SFTP write request: the server's max write length (limits@openssh.com), else the safe 32 KiB.
+
+    Bigger requests mean fewer SFTP headers and status replies for paramiko's Python code to handle per MiB.
+    """
+    try:
+        kind, msg = sftp._request(paramiko.sftp.CMD_EXTENDED, LIMITS)
+        if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
+            return SFTP_WRITE_MIN
+        _max_packet, _max_read, max_write = msg.get_int64(), msg.get_int64(), msg.get_int64()
+    except (OSError, EOFError, paramiko.SSHException):  # a server without the extension: SSH_FX_OP_UNSUPPORTED
+        return SFTP_WRITE_MIN
+    if max_write == 0:  # "no limit"
+        return SFTP_WRITE_MAX
+    return max(SFTP_WRITE_MIN, min(SFTP_WRITE_MAX, max_write))
 
 
 def fetch_host_key(target: Any) -> tuple[str, bytes]:
