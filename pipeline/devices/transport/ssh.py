@@ -138,6 +138,7 @@ class SSHTransport(Transport):
         self.connect_seconds = 0.0
         self._t: paramiko.Transport | None = None
         self._jump: paramiko.Transport | None = None
+        self._sftp_write: int | None = None
 
     # -- connection -------------------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -348,9 +349,10 @@ class SSHTransport(Transport):
                 return self.put_cat(local, remote, progress)
             raise TransportError(f"connection to {self.host}:{self.port} lost", code="unreachable") from None
         try:
-            request = _sftp_write_size(sftp)
+            if self._sftp_write is None:  # asked once per connection
+                self._sftp_write = _sftp_write_size(sftp)
             with sftp.open(remote, "wb", bufsize=0) as dst:  # unbuffered: each 1 MiB read goes out as slices
-                dst.MAX_REQUEST_SIZE = request
+                dst.MAX_REQUEST_SIZE = self._sftp_write
                 dst.set_pipelined(True)
                 return copy_chunks(local, dst.write, progress, self._count_sent)
         except OSError as exc:
@@ -404,6 +406,7 @@ class SSHTransport(Transport):
             if t is not None:
                 t.close()
         self._t = self._jump = None
+        self._sftp_write = None
 
 
 def _sftp_write_size(sftp: paramiko.SFTPClient) -> int:
