@@ -105,7 +105,7 @@ class RunResult:
 def _inline_refs(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
     """The schema with each bare `{"$ref": "#/$defs/x"}` replaced by x itself (our schema has no cycles).
 
-    jsonschema resolves a $ref on every use (once per latency sample): inlined, validating costs ~1/3.
+    jsonschema resolves a $ref on every use (once per latency sample): inlined, a result validates 2-3x faster.
     """
     if isinstance(node, dict):
         ref = node.get("$ref")

@@ -99,7 +99,7 @@ _KEYS_LOCK = threading.Lock()
 
 
 def _load_key(path: Path, passphrase: bytes | None) -> Any:
-    """PKey.from_path once per process for each key file (as it is now) and passphrase: decrypting an encrypted
+    """PKey.from_path once per process per key file (path, mtime, size) and passphrase: decrypting an encrypted
     key runs bcrypt's KDF (~0.25 s of CPU), which every device's connection would pay again."""
     st = path.stat()
     secret = hashlib.sha256(passphrase).digest() if passphrase is not None else None
