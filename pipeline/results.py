@@ -171,11 +171,27 @@ class RunResult:
         return json.dumps(self.to_dict(), **kw)
 
 
+def _inline_refs(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
+    """The schema with each bare `{"$ref": "#/$defs/x"}` replaced by x itself (our schema has no cycles).
+
+    jsonschema resolves a $ref on every use (once per latency sample): inlined, a result validates 2-3x faster.
+    """
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if len(node) == 1 and isinstance(ref, str) and ref.startswith("#/$defs/") and depth < 32:
+            return _inline_refs(defs[ref[len("#/$defs/"):]], defs, depth + 1)
+        return {k: v if k == "$defs" else _inline_refs(v, defs, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs, depth) for v in node]
+    return node
+
+
 @lru_cache(maxsize=1)
 def _validator():
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
+    schema = _inline_refs(schema, schema.get("$defs", {}))
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema)
 
