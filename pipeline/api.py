@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.devices.cancel import CancelToken
+from pipeline.errors import Interrupted
 from pipeline.inventory import Inventory, load_inventory
 from pipeline.results import DeviceResult, RunResult
 
@@ -79,6 +81,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
         on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+        cancel: CancelToken | None = None, model_name: str | None = None,
         signature: str | None = None, reference: str | Path | None = None, input_shapes: Any = None,
         preprocess: Any = None, task: str | None = None, output: str | None = None,
         on_notice: Callable[[str], None] | None = None) -> Release:
@@ -86,6 +89,10 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
 
     The model, eval data, calibration data and reference are checked on the host first: a problem there is one
     error and no run is recorded. `on_notice(message)` receives warnings such as a small calibration set.
+    Setting `cancel` (the CLI does on SIGINT/SIGTERM) kills the agents still running, keeps the devices already
+    stored, marks the run interrupted (never a baseline) and raises `Interrupted` with the stored partial run.
+    `model_name` (default: the model file's stem) names what `--baseline last` compares with: the last complete
+    run of the same name. With a latency regression gate, each device re-measures the baseline's model too.
     """
     from pipeline.release.gate import gate_stored_run
     from pipeline.release.store import Store, db_path
@@ -96,10 +103,16 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     prepared = prepare(model, data, targets=selected, calibration=calibration, signature=signature,
                        input_shapes=input_shapes, reference=reference, preprocess=_preprocess(preprocess), task=task,
                        output=output, cache_dir=cache_dir, on_notice=on_notice)
+    model_name = model_name or prepared.src.name
     run_id = run_id or new_run_id()
+    cancel = cancel or CancelToken()
+    cancel.check("stopped before the run started; nothing recorded")
     store = Store(db_path(db, inv))
     try:
-        store.begin_run(run_id, prepared.src.sha256, inv.sha256, label)
+        store.begin_run(run_id, prepared.src.sha256, inv.sha256, label, model_name=model_name)
+        # the baseline's model is re-measured beside the new one only where a latency regression gate applies
+        remeasure = (store.resolve_baseline(baseline, exclude=run_id, model_name=model_name)
+                     if inv.gates.max_latency_regression is not None else None)
         record = store.recorder(run_id)
 
         def _on_result(device: DeviceResult) -> None:
@@ -107,8 +120,17 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             if on_result is not None:
                 on_result(device)
 
-        result = execute(inv, select=[t.name for t in selected], out_dir=out_dir, cache_dir=cache_dir,
-                         on_event=on_event, on_result=_on_result, run_id=run_id, prepared=prepared)
+        try:
+            result = execute(inv, select=[t.name for t in selected], out_dir=out_dir, cache_dir=cache_dir,
+                             on_event=on_event, on_result=_on_result, run_id=run_id, cancel=cancel,
+                             baseline=remeasure, model_name=model_name, prepared=prepared)
+        except Interrupted as exc:
+            store.mark_interrupted(run_id, exc.reason)
+            exc.run = store.load_run(run_id)
+            exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
+                           f"{len(selected)} device result(s) kept, marked interrupted in {store.path}")
+            exc.data["db"] = str(store.path)
+            raise
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)
@@ -127,11 +149,17 @@ def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summar
     if report_dir is not None:
         from pipeline.release.report import write_report
 
-        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=HISTORY_IN_REPORT), report_dir)
+        rel.report_path = write_report(rel.run, rel.verdict, _history(store, rel.run), report_dir)
     if junit is not None:
         rel.junit_path = write_junit(rel.verdict, junit)
     if summary is not None:
         rel.summary_path = write_summary(rel.verdict, summary)
+
+
+def _history(store: Any, run: RunResult) -> Any:
+    """The report's trend: runs of the same model only."""
+    return store.history(limit=HISTORY_IN_REPORT, model_name=run.model_name) if run.model_name else \
+        store.history(limit=HISTORY_IN_REPORT)
 
 
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
@@ -169,4 +197,4 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
             run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
         else:
             verdict = Verdict.from_dict(verdicts[-1])
-        return write_report(run, verdict, store.history(limit=HISTORY_IN_REPORT), out_dir)
+        return write_report(run, verdict, _history(store, run), out_dir)

@@ -12,13 +12,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline import metrics as scoring
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.data import Dataset, Preprocess, load_dataset, write_device_eval
 from pipeline.convert.source import (ModelSource, describe, identify, match_specs, parse_input_shapes,
                                      specs_from_manifest, with_shapes)
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.fleet import DeviceJob, FleetRunner, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
-from pipeline.errors import AgentError, CompatibilityError, ConfigError, ConversionError, EdgepipeError
+from pipeline.errors import AgentError, CompatibilityError, ConfigError, ConversionError, EdgepipeError, Interrupted
 from pipeline.inventory import AUTO_ORDER
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
 
@@ -43,16 +45,7 @@ def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
     return {}
 
 
-# ---------------------------------------------------------------- scoring (pipeline.metrics, when installed)
-
-def _scorer() -> Any:
-    """The host-side scorer module (pipeline.metrics); None in a tree without it (runs then carry outputs only)."""
-    try:
-        import pipeline.metrics as metrics
-    except ImportError:
-        return None
-    return metrics
-
+# ---------------------------------------------------------------- scoring (pipeline.metrics) helpers
 
 def _field(spec: Any, name: str) -> Any:
     """A task spec field, whether the spec is a mapping or an object."""
@@ -108,10 +101,7 @@ def _reductions(task: Any, src: ModelSource, n: int) -> dict[str, str]:
 def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
     """Labels that cannot fit the scored output: class ids of a classifier outside its width (one line, exit 2)."""
     kind, name, label = _field(task, "task"), _field(task, "output"), _label_key(task) or "y"
-    outs, y = src.outputs or [], ds.labels.get("y")
-    if task is None and len(outs) == 1 and len(outs[0].shape or ()) == 2 and (outs[0].shape[-1] or 0) > 1 \
-            and y is not None and y.ndim == 1 and y.dtype.kind in "iu":
-        kind, name = "classification", outs[0].name   # no scorer installed: the one reading needing no rules
+    outs = src.outputs or []
     if kind != "classification":
         return
     name = name or (outs[0].name if len(outs) == 1 else None)
@@ -178,19 +168,13 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
         raise ConfigError(f"target {missing[0].name} (mode {missing[0].mode}) needs calibration data",
                           field="--calibration", hint="pass --calibration DATA.npz (one array per model input, "
                                                       "x for one) or an image folder")
-    scorer = _scorer()
-    task_spec = None
     if output is not None and src.output(output) is not None:
         output = src.output(output).name   # a TFLite tensor name works too
-    if scorer is not None:
-        try:
-            task_spec = scorer.resolve_task(task, output, output_specs(src), dict(ds.labels))
-        except ConfigError as exc:
-            exc.file = exc.file or ds.source   # name the user's data file the labels came from
-            raise
-    elif task is not None or output is not None:
-        raise ConfigError("--task/--output need the scoring module (pipeline.metrics), which is not installed",
-                          field="--task")
+    try:
+        task_spec = scoring.resolve_task(task, output, output_specs(src), dict(ds.labels))
+    except ConfigError as exc:
+        exc.file = exc.file or ds.source   # name the user's data file the labels came from
+        raise
     check_labels(ds, task_spec, src)
     prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
     for msg in list(src.notes) + (calib.warnings if calib else []):
@@ -212,9 +196,8 @@ def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path
     p = prepared
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
     p.reference = cached_reference(p.src, p.data.inputs, p.data.sha256, where, p.reference_model)
-    scorer = _scorer()
-    if scorer is not None and p.reference is not None:
-        p.float_metrics = scorer.score_reference(p.task, p.reference, dict(p.data.labels), output_specs(p.src))
+    if p.reference is not None:
+        p.float_metrics = scoring.score_reference(p.task, p.reference, dict(p.data.labels), output_specs(p.src))
 
 
 # ---------------------------------------------------------------- the run
@@ -229,61 +212,138 @@ class ArtifactIO:
     reduce: dict[str, str]
 
 
-def _artifact_io(prepared: RunInputs, art: Any, where: Path) -> ArtifactIO:
+def _artifact_io(prepared: RunInputs, manifest: dict[str, Any], where: Path) -> ArtifactIO:
+    """The eval file and output names for one artifact, from its manifest's tensors."""
     src = prepared.src
-    a_in, a_out = specs_from_manifest(art.manifest)
-    in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=str(art.path))
-    out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=str(art.path))
+    a_in, a_out = specs_from_manifest(manifest)
+    in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=manifest.get("file"))
+    out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=manifest.get("file"))
     by_name = {s.name: s for s in a_out}
     reduce = {out_map[k]: v for k, v in _reductions(prepared.task, src, prepared.data.n).items() if k in out_map}
     return ArtifactIO(write_device_eval(prepared.data, in_map, where), {v: k for k, v in out_map.items()},
                       output_specs(src, {k: by_name[v] for k, v in out_map.items()}), reduce)
 
 
-def _failure(t: Any, code: str, message: str) -> DeviceResult:
-    return DeviceResult.failure(t.name, t.kind, t.mode, code, message, host=f"{t.host}:{t.port}",
-                                groups=list(t.groups), emulated=bool(t.emulated))
-
-
 def _refusal(t: Any, src: ModelSource) -> DeviceResult | None:
     """A target that cannot run this .tflite at all, decided before its device is touched."""
-    if src.variant == "edgetpu_compiled" and t.kind != "edgetpu":
-        return _failure(t, "needs_edgetpu", f"{src.path.name} is compiled for the Edge TPU (edgetpu-custom-op) "
-                                            f"and runs only on kind: edgetpu targets, not on a {t.kind} target")
-    if src.kind == "tflite" and src.variant == "float" and t.kind == "edgetpu":
-        return _failure(t, "conversion_failed", f"{src.path.name} is a float .tflite; the Edge TPU runs int8 "
-                                                "models only (pass the SavedModel/.keras with --calibration, or an "
-                                                "int8 .tflite)")
+    if src.variant == "edgetpu_compiled" and t.accelerator != "edgetpu":
+        return DeviceResult.failed_for(t, "needs_edgetpu", f"{src.path.name} is compiled for the Edge TPU "
+                                       "(edgetpu-custom-op) and runs only on Edge TPU targets, not on a "
+                                       f"{t.accelerator} target")
+    if src.kind == "tflite" and src.variant == "float" and t.accelerator == "edgetpu":
+        return DeviceResult.failed_for(t, "conversion_failed", f"{src.path.name} is a float .tflite; the Edge TPU "
+                                       "runs int8 models only (pass the SavedModel/.keras with --calibration, or "
+                                       "an int8 .tflite)")
     return None
 
 
 def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> DeviceResult:
     """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
-    scorer = _scorer()
-    if scorer is None or io is None or not res.ok or not res.outputs_path:
+    if io is None or not res.ok or not res.outputs_path:
         return res
     with np.load(res.outputs_path, allow_pickle=False) as z:
         outputs = {io.tflite_outputs.get(k, k): (z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k])
                    for k in z.files}
     try:
-        metrics = scorer.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
+        metrics = scoring.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
                                       io.specs, reference_metrics=prepared.float_metrics)
     except EdgepipeError as exc:   # this device's outputs cannot be scored: its row says why, the others go on
         res.ok = False
         res.error = ErrorInfo(exc.code if isinstance(exc, AgentError) else "scoring_failed", exc.one_line())
         return res
-    scorer.attach(res, metrics)   # DeviceResult.metrics, and result["accuracy"/"agreement"] for a classifier
+    scoring.attach(res, metrics)   # DeviceResult.metrics, and result["accuracy"/"agreement"] for a classifier
     return res
+
+
+def _plain_info(art: Any) -> dict[str, Any]:
+    return {"sha256": art.sha256, "bytes": art.bytes, "path": str(art.path), "mode": art.mode,
+            "variant": art.manifest.get("compat") or None, "edgetpu": art.edgetpu}
+
+
+class EdgeTPUFiles:
+    """What each Edge TPU target receives: the int8 artifact compiled for its libedgetpu runtime (and the plain
+    int8 as its CPU fallback when `allow_fallback`), or the plain int8 labelled "not compiled: <why>"."""
+
+    def __init__(self, out_dir: Path, cache_dir: Path | None) -> None:
+        self.out_dir, self.cache_dir = out_dir, cache_dir
+        self._compiled: dict[tuple[str, int | None], Any] = {}
+        self.manifests: list[dict[str, Any]] = []
+
+    def select(self, target: Any, art: Any, probe: ProbeResult | None) -> tuple[Path, dict[str, Any], Path | None]:
+        """(model to push, artifact info for the result, plain int8 to push as the CPU fallback or None)."""
+        from pipeline.convert.edgetpu import compiled_artifact, runtime_number
+
+        info = _plain_info(art)
+        if art.mode != "int8":
+            info["not_compiled"] = f"mode {art.mode}: the Edge TPU runs int8 models only"
+            return art.path, info, None
+        tpu = ((probe.probe or {}).get("edgetpu") or {}) if probe is not None and probe.ok else {}
+        version = runtime_number(tpu.get("runtime_version"))
+        key = (art.sha256, version)
+        if key not in self._compiled:
+            comp = compiled_artifact(art.path, out_dir=self.out_dir, cache_dir=self.cache_dir,
+                                     min_runtime_version=version, source_manifest=art.manifest)
+            self._compiled[key] = comp
+            if comp.manifest is not None:
+                self.manifests.append(comp.manifest)
+        comp = self._compiled[key]
+        if not comp.compiled:
+            info["not_compiled"] = comp.reason
+            return art.path, info, None
+        info = {"sha256": comp.sha256, "bytes": comp.bytes, "path": str(comp.path), "mode": art.mode,
+                "variant": "edgetpu", "edgetpu": comp.manifest["edgetpu"], "compiled": True,
+                "min_runtime_version": version, "plain_int8_sha256": art.sha256}
+        return comp.path, info, (art.path if target.allow_fallback else None)
+
+
+def precompiled_artifact(src: Any, out_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """A model given already compiled (`*_edgetpu.tflite`): shipped as is to Edge TPU targets, no CPU fallback."""
+    import shutil
+
+    from pipeline.convert.manifest import build_manifest, read_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / src.path.name
+    if path.resolve() != src.path.resolve():
+        shutil.copyfile(src.path, path)
+    tpu = {"status": "compiled", "precompiled": True, "compiler_available": None, "compiler_version": None,
+           "mapped_share": None, "note": "compiled before edgepipe saw it: no compiler report to read the "
+                                         "mapped share from"}
+    manifest = build_manifest(read_model(path), mode="int8", file_name=path.name, recipe={"precompiled": True},
+                              tf_version=None, source=src.record(), calibration=None, compat=None, edgetpu=tpu)
+    info = {"sha256": manifest["sha256"], "bytes": manifest["bytes"], "path": str(path), "mode": "int8",
+            "variant": "edgetpu", "edgetpu": tpu, "compiled": True}
+    return path, info, manifest
+
+
+def _baseline_model(target: Any, info: dict[str, Any], baseline: RunResult | None) -> dict[str, Any] | None:
+    """The baseline run's artifact for this target, to re-measure interleaved on the device; None when it is the
+    same file (nothing to compare side by side), not comparable, or on the Edge TPU."""
+    if baseline is None or target.accelerator == "edgetpu":
+        return None
+    for b in baseline.devices:
+        art = b.artifact or {}
+        if b.name == target.name and b.ok and b.mode == target.mode and not b.fallback and art.get("sha256"):
+            return None if art["sha256"] == info["sha256"] else {"sha256": art["sha256"], "path": art.get("path")}
+    return None
 
 
 def execute(inventory: Any, model: str | Path | ModelSource | None = None, data: str | Path | Dataset | None = None,
             *, calibration: Any = None, select: list[str] | None = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, on_event: OnEvent | None = None,
             on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
-            transport_factory: TransportFactory | None = None, prepared: RunInputs | None = None,
+            transport_factory: TransportFactory | None = None, cancel: CancelToken | None = None,
+            baseline: RunResult | None = None, model_name: str | None = None, prepared: RunInputs | None = None,
             on_notice: Notice | None = None, **prepare_kw: Any) -> RunResult:
-    """Host checks -> refuse what cannot run -> probe -> convert once per format -> push + run everywhere ->
-    fetch outputs -> score. `prepared` (from `prepare`) skips the host checks a caller already did."""
+    """Host checks -> refuse what cannot run -> probe -> float reference -> convert once per format -> push + run
+    everywhere -> fetch outputs -> score. `prepared` (from `prepare`) skips the host checks a caller already did.
+
+    Once `cancel` is set, agents still running are killed and `Interrupted` is raised carrying the partial
+    RunResult (only the devices already reported through `on_result`). With `baseline`, each device also
+    re-measures the baseline run's model interleaved with the new one (when they differ), so the regression gate
+    compares two models timed side by side instead of two runs.
+    """
+    cancel = cancel or CancelToken()
     ev, report = on_event or _noop, on_result or (lambda r: None)
     run_id = run_id or new_run_id()
     out_dir = Path(out_dir)
@@ -293,6 +353,7 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
     if prepared is None:   # a bad model or bad data fails here, before any device is touched
         prepared = prepare(model, data, targets=targets, calibration=calibration, cache_dir=cache_dir,
                            on_notice=on_notice, **prepare_kw)
+    src = prepared.src
     done: dict[str, DeviceResult] = {}
 
     def finish(res: DeviceResult) -> None:
@@ -301,7 +362,7 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
 
     runnable = []
     for t in targets:
-        refused = _refusal(t, prepared.src)
+        refused = _refusal(t, src)
         if refused is None:
             runnable.append(t)
         else:
@@ -309,28 +370,37 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
             ev(t.name, "done", f"{refused.error.code}: {refused.error.message}")
     # 1. probe: what each device really has
     probes = {p.name: p for p in probe_fleet(runnable, max_parallel=inventory.max_parallel,
-                                             transport_factory=transport_factory, on_event=ev, keep=True)}
+                                             transport_factory=transport_factory, on_event=ev, keep=True,
+                                             cancel=cancel)}
     connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
     try:
         manifests = _after_probe(inventory, prepared, runnable, probes, connections, out_dir=out_dir,
                                  cache_dir=cache_dir, ev=ev, finish=finish, run_id=run_id,
-                                 transport_factory=transport_factory)
+                                 transport_factory=transport_factory, cancel=cancel, baseline=baseline)
+        cancel.check(f"stopped with {len(done)} of {len(targets)} device(s) finished")
+    except Interrupted as exc:
+        exc.run = RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
+                            finished=time.time(), model_sha256=src.sha256, complete=False, interrupted=exc.reason)
+        raise
     finally:
         for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
             tr.close()
     fm = prepared.float_metrics or {}
     return RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
-                     finished=time.time(), model_sha256=prepared.src.sha256, artifacts=manifests,
+                     finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
                      complete=len(done) == len(targets), float_top1=fm.get("top1"),
-                     task=_spec_dict(prepared.task), float_metrics=prepared.float_metrics)
+                     model_name=model_name or src.name, task=_spec_dict(prepared.task),
+                     float_metrics=prepared.float_metrics)
 
 
 def _after_probe(inventory: Any, prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeResult],
                  connections: dict[str, Any], *, out_dir: Path, cache_dir: Any, ev: OnEvent,
-                 finish: Callable[[DeviceResult], None], run_id: str, transport_factory: Any) -> list[dict]:
+                 finish: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, cancel: CancelToken,
+                 baseline: RunResult | None = None) -> list[dict[str, Any]]:
     from pipeline.convert.converter import convert
     from pipeline.convert.recipes import plan_formats
 
+    cancel.check("stopped after probing the fleet")
     src = prepared.src
     live = []
     for t in targets:
@@ -338,19 +408,31 @@ def _after_probe(inventory: Any, prepared: RunInputs, targets: list[Any], probes
         if p.ok:
             live.append(t)
         else:
-            finish(_failure(t, p.error.code, p.error.message))
+            finish(DeviceResult.failed_for(t, p.error.code, p.error.message, details=p.error.details))
             ev(t.name, "done", f"{p.error.code}: {p.error.message}")
     if not live:
         return []
     # 2. the host's float reference outputs (cached), once some device can be measured
     compute_reference(prepared, Path(cache_dir) if cache_dir else None, out_dir)
 
-    # 3. convert once per distinct format (a .tflite ships as it is, checked per runtime)
+    # 3. convert once per distinct format; a .tflite ships as it is (checked per runtime)
+    cancel.check("stopped before converting")
     runtimes = {t.name: effective_runtime(t, probes.get(t.name)) for t in live}
     artifacts: dict[str, Any] = {}
-    manifests = []
+    manifests: list[dict[str, Any]] = []
     by_name = {t.name: t for t in live}
-    for req in plan_formats(live, runtimes):
+    shipped: dict[str, tuple[Path, dict[str, Any], Path | None]] = {}
+    io_manifest: dict[str, dict[str, Any]] = {}   # target -> the manifest naming the tensors of what it runs
+    to_convert = live
+    if src.variant == "edgetpu_compiled":   # already compiled: only Edge TPU targets got this far
+        path, info, manifest = precompiled_artifact(src, out_dir / "artifacts")
+        manifests.append(manifest)
+        for t in live:
+            shipped[t.name], io_manifest[t.name] = (path, info, None), manifest
+            ev(t.name, "artifact", f"{path.name}: compiled before edgepipe, shipped as is")
+        to_convert = []
+    for req in plan_formats(to_convert, runtimes):
+        cancel.check("stopped between conversions")
         mode = None if src.kind == "tflite" else req.mode
         for n in req.targets:
             ev(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
@@ -358,42 +440,59 @@ def _after_probe(inventory: Any, prepared: RunInputs, targets: list[Any], probes
             art = convert(src, mode, calibration=prepared.calibration, out_dir=out_dir / "artifacts",
                           cache_dir=cache_dir, compat=req.compat, io_type=req.io_type)
         except CompatibilityError as exc:
+            cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             for n in req.targets:
-                finish(_failure(by_name[n], "incompatible", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "incompatible", exc.one_line()))
             continue
         except ConversionError as exc:
+            cancel.check("stopped during a conversion")
             for n in req.targets:
-                finish(_failure(by_name[n], "conversion_failed", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "conversion_failed", exc.one_line()))
             continue
         if art.manifest not in manifests:
             manifests.append(art.manifest)
         for n in req.targets:
-            artifacts[n] = art
+            artifacts[n], io_manifest[n] = art, art.manifest
             ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
-    ready = [t for t in live if t.name in artifacts]
+    # 3b. Edge TPU targets get the compiled model (cached like a conversion), the plain int8 as their CPU fallback
+    tpu = EdgeTPUFiles(out_dir / "artifacts", Path(cache_dir) if cache_dir else None)
+    for t in live:
+        if t.name in artifacts:
+            if t.accelerator == "edgetpu":
+                shipped[t.name] = tpu.select(t, artifacts[t.name], probes.get(t.name))
+                info = shipped[t.name][1]
+                ev(t.name, "artifact", f"{Path(info['path']).name}: " + (
+                    "compiled for the Edge TPU" if info.get("compiled") else f"not compiled: {info['not_compiled']}"))
+            else:
+                shipped[t.name] = (artifacts[t.name].path, _plain_info(artifacts[t.name]), None)
+    manifests.extend(tpu.manifests)
+    ready = [t for t in live if t.name in shipped]
+
+    # 4. the eval inputs, named as each artifact names its inputs (one file when they agree, as they do)
     eval_dir = (Path(cache_dir) if cache_dir else out_dir) / "eval"
     ios: dict[str, ArtifactIO] = {}
     for t in ready:
-        art = artifacts[t.name]
-        if art.sha256 not in ios:
-            ios[art.sha256] = _artifact_io(prepared, art, eval_dir)
+        m = io_manifest[t.name]
+        if m["sha256"] not in ios:
+            ios[m["sha256"]] = _artifact_io(prepared, m, eval_dir)
+    io_of = {t.name: ios[io_manifest[t.name]["sha256"]] for t in ready}
 
     def finish_scored(res: DeviceResult) -> None:
-        art = artifacts.get(res.name)
-        if art is not None and art.mode != res.mode:   # a .tflite ships as it is: report what really ran
-            res.mode = art.mode
-        finish(score(res, ios.get(art.sha256) if art is not None else None, prepared))
+        mode = (shipped.get(res.name, (None, {}, None))[1] or {}).get("mode")
+        if src.kind == "tflite" and mode and mode != res.mode:   # a .tflite ships as it is: say what really ran
+            res.mode = mode
+        finish(score(res, io_of.get(res.name), prepared))
 
-    # 4-5. push, run, collect outputs, validate, score
+    # 5. push, run, fetch the outputs, validate, score
     outputs_dir = out_dir / "outputs" / run_id
-    jobs = [DeviceJob(t, artifacts[t.name].path, ios[artifacts[t.name].sha256].eval_file, artifact_info={
-        "sha256": artifacts[t.name].sha256, "bytes": artifacts[t.name].bytes, "path": str(artifacts[t.name].path),
-        "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None},
-        outputs_dir=outputs_dir, reduce=ios[artifacts[t.name].sha256].reduce)
-        for t in ready]
+    jobs = [DeviceJob(t, shipped[t.name][0], io_of[t.name].eval_file, artifact_info=shipped[t.name][1],
+                      fallback_artifact=shipped[t.name][2],
+                      baseline_artifact=_baseline_model(t, shipped[t.name][1], baseline),
+                      outputs_dir=outputs_dir, reduce=io_of[t.name].reduce)
+            for t in ready]
     runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish_scored,
+                         on_event=ev, on_result=finish_scored, cancel=cancel,
                          connections={t.name: connections.pop(t.name) for t in ready if t.name in connections})
     runner.run(jobs)
     return manifests

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
-
+from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.stages import Stages
+from pipeline.cli.tables import Col, fitted_table
 
 
 def _numbers(text: str | None, flag: str) -> Any:
@@ -66,30 +67,39 @@ def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
     return out
 
 
-def _summary(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="artifacts")
+SUMMARY_COLUMNS = (Col("mode"), Col("file"), Col("size", 2, justify="right"), Col("cached", 3),
+                   Col("edge tpu ops", 4, wrap=True), Col("targets", 1, wrap=True))
+
+
+def _summary(rows: list[dict[str, Any]], width: int | None) -> Table:
     with_targets = any(r["targets"] for r in rows)
-    for col in ("mode", "file", "size", "cached", "edge tpu ops") + (("targets",) if with_targets else ()):
-        t.add_column(col, overflow="fold")
+    cells = []
     for r in rows:
         e = r.get("edgetpu")
         etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} {e['status']}"
                                  if e.get("status") != "failed" else f"failed: {e.get('error')}")
-        cells = [r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no", etpu]
-        t.add_row(*cells, *((", ".join(r["targets"]),) if with_targets else ()))
-    return t
+        cells.append([r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no",
+                      escape(etpu), escape(", ".join(r["targets"]))])
+    cols = SUMMARY_COLUMNS if with_targets else SUMMARY_COLUMNS[:-1]
+    return fitted_table("artifacts", cols, [c[:len(cols)] for c in cells], width)
 
 
-def _progress(bar: Progress, task: Any, label: str, stage: str, detail: str) -> None:
-    if stage in ("warning", "notice"):   # worth keeping on screen, not just in the spinner line
-        err_console.print(f"{label}: {stage}: {detail}", markup=False, highlight=False, soft_wrap=True)
-    bar.update(task, description=f"{label}: {detail}")
+def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
+    """A progress callback that prints warnings and notices as lines of their own (not just in the spinner)."""
+
+    def call(stage: str, detail: str) -> None:
+        if stage in ("warning", "notice"):
+            stages.line(f"{label}: {stage}: {detail}")
+        else:
+            progress(stage, detail)
+
+    return call
 
 
 @app.command("convert")
 @handle_errors
 def convert_command(
-    model: Path = typer.Argument(..., help="SavedModel directory, .keras, .h5 or .tflite"),
+    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras, .h5 or .tflite"),
     mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
     kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
     targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
@@ -125,23 +135,23 @@ def convert_command(
     reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
     pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
     src = identify(model, signature=signature)
-    if src.kind != "tflite":
-        src = describe(src, cache_dir=None if no_cache else cache_dir)
     calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed,
                              preprocess=pre) if calibration else None
     rows = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
+    with Stages("convert") as stages:
+        if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
+            with stages.stage("model") as progress:
+                src = describe(src, cache_dir=None if no_cache else cache_dir, progress=progress)
         for r in reqs:
             label = r.mode + (f" [{r.compat}]" if r.compat else "")
-            task = bar.add_task(f"{label}: starting", total=None)
-            art = convert(src, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
-                          compat=r.compat, io_type=r.io_type, input_shapes=input_shape, preprocess=pre,
-                          progress=lambda stage, detail, t=task, lb=label: _progress(bar, t, lb, stage, detail))
-            bar.remove_task(task)
-            err_console.print(f"{label}: {art.path} ({art.bytes} bytes{', cached' if art.cached else ''})")
+            with stages.stage(label) as progress:
+                art = convert(src, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
+                              compat=r.compat, io_type=r.io_type, input_shapes=input_shape, preprocess=pre,
+                              progress=_keep_warnings(stages, label, progress))
+                progress.finish(f"{art.path} ({art.bytes} bytes)", cached=art.cached)
             rows.append(artifact_json(art, r.targets))
     if as_json:
         emit_json(json.dumps({"artifacts": rows}))
     else:
-        out_console().print(_summary(rows))
+        console = out_console()
+        console.print(_summary(rows, console.width))

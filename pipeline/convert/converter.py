@@ -23,6 +23,7 @@ from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash
 from pipeline.convert.recipes import FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
 from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
                                      open_signature, parse_input_shapes, signature_specs, with_shapes)
+from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.files import write_atomic
 
@@ -60,6 +61,11 @@ def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | N
     return ".".join(parts) + ".tflite"
 
 
+def log_path(artifact: Path) -> Path:
+    """Where TensorFlow's output for one artifact goes: `<out>/logs/<artifact stem>.log`."""
+    return artifact.parent / "logs" / (artifact.name.removesuffix(".tflite") + ".log")
+
+
 @contextlib.contextmanager
 def capture_stdout() -> Iterator[list[str]]:
     """Redirect fd 1 to a temp file while TF runs (it prints to the C-level stdout), keeping stdout clean."""
@@ -95,9 +101,10 @@ def _converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
 
 
 def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> bytes:
-    """Load the model's signature, fix its input shapes, apply the recipe, convert; returns the .tflite bytes."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before TF's first import: keep C++ info logs quiet
-    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp, capture_stdout():
+    """Load the model's signature, fix its input shapes, apply the recipe, convert; returns the .tflite bytes.
+
+    The TensorFlow part of a conversion; runs in the quiet worker process (see pipeline.convert.worker)."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp:
         progress("load", f"loading {src.kind} model (TensorFlow)")
         sig = open_signature(src, Path(tmp), progress)
         if not src.described:
@@ -153,7 +160,8 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
                               hint=f"pass the original SavedModel/.keras model, or use mode {detected}")
     compiled = src.variant == "edgetpu_compiled"
     if not compiled:   # an Edge TPU model never runs on the host: its custom op exists only in libedgetpu
-        _validate_tflite(src.path)
+        run_quiet(_validate_tflite, src.path, log=log_path(out_dir / src.path.name), what="loading the .tflite",
+                  file=str(src.path))
     out_path = out_dir / (src.path.name if compiled else f"{src.name}.{detected}.tflite")
     if out_path.resolve() != src.path.resolve():
         shutil.copyfile(src.path, out_path)
@@ -170,13 +178,13 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
     return _finish(out_path, manifest, cached=False)
 
 
-def _edgetpu(path: Path, info, mode: str, progress: Progress) -> dict[str, Any] | None:
+def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
     if mode != "int8":
         return None
     from pipeline.convert.edgetpu import analyze
 
     progress("edgetpu", "checking Edge TPU mapping")
-    return analyze(path, info)
+    return analyze(path, info, cache_dir=cache_dir)
 
 
 def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
@@ -225,19 +233,20 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
-        if mode == "int8" and shutil.which("edgetpu_compiler"):
-            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report)   # the compiled file lives next to it
+        if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
+            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 
-    data = _run_conversion(src, r, calib, report)
+    data = run_quiet(_run_conversion, src, r, calib, progress=report, log=log_path(out_path),
+                     what=f"conversion to {mode}", file=str(src.path))
     if r.options.get("share_vectors"):
         from pipeline.convert.flatbuffer import compact_tflite
 
         data = compact_tflite(data)
     write_atomic(out_path, data)
     info = read_model(data)
-    edgetpu = _edgetpu(out_path, info, mode, report)
+    edgetpu = _edgetpu(out_path, info, mode, report, cache_dir)
     batch = info.input_tensors[0].shape[0] if info.inputs and info.input_tensors[0].shape else None
     manifest = build_manifest(info, mode=mode, file_name=name, recipe=dict(r.options, input_batch=batch),
                               tf_version=tf_ver, source=src.record(), calibration=calib.summary() if calib else None,

@@ -29,10 +29,9 @@ def _chunks(n: int, step: int) -> list[tuple[list[int], int]]:
 def _tf_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    from pipeline.convert.converter import capture_stdout
     from pipeline.convert.source import open_signature
 
-    with capture_stdout(), tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
         sig = open_signature(src, Path(tmp))
         args = sig.fn.structured_input_signature[1]
         missing = [name for name in args if name not in inputs]
@@ -72,13 +71,23 @@ def _tflite_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str
     return {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in outs.items()}
 
 
-def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, np.ndarray]:
+def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size: int = 64,
+                  log: str | Path | None = None) -> dict[str, np.ndarray]:
     """Every output of the float model `src` for every sample, keyed by the model's output names.
 
     `inputs` is keyed by the model's input names. Results equal batch-1 runs (the host batches only for speed).
-    A plain function of its arguments, so it can run in a separate process.
+    TensorFlow/LiteRT run in the quiet worker process; their output goes to `log` (default: a file in the temp dir).
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline.convert.worker import run_quiet
+
+    log = log or Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"reference-{src.name}.log"
+    return run_quiet(compute_float_outputs, src, inputs, batch_size, log=log, what="the float reference",
+                     file=str(src.path))
+
+
+def compute_float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch_size: int = 64
+                          ) -> dict[str, np.ndarray]:
+    """`float_outputs` in this process (a plain function of its arguments: what the quiet worker runs)."""
     if src.kind == "tflite":
         return _tflite_outputs(src, inputs)
     try:

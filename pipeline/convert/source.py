@@ -316,6 +316,17 @@ def _describe_key(src: ModelSource) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The TensorFlow part of `describe`; runs in the quiet worker process (see pipeline.convert.worker)."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-describe-") as tmp:
+        try:
+            return signature_specs(open_signature(src, Path(tmp)))
+        except EdgepipeError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"cannot read the model's signature: {first_line(exc)}", file=str(src.path)) from None
+
+
 def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress: Progress | None = None) -> ModelSource:
     """`src` with its inputs and outputs (TensorFlow reads a SavedModel/Keras signature once; cached by content)."""
     if src.described:
@@ -328,17 +339,11 @@ def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress:
                            outputs=[TensorSpec.from_dict(d) for d in doc["outputs"]])
         except (OSError, ValueError, KeyError, TypeError):
             pass   # a torn cache entry is a miss
-    from pipeline.convert.converter import capture_stdout
+    from pipeline.convert.worker import run_quiet
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     (progress or (lambda s, d: None))("load", f"reading the {src.kind} model's signature (TensorFlow)")
-    with capture_stdout(), tempfile.TemporaryDirectory(prefix="edgepipe-describe-") as tmp:
-        try:
-            inputs, outputs = signature_specs(open_signature(src, Path(tmp), progress))
-        except EdgepipeError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"cannot read the model's signature: {first_line(exc)}", file=str(src.path)) from None
+    log = Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"describe-{src.name}.log"
+    inputs, outputs = run_quiet(_describe_tf, src, log=log, what="reading the model's signature", file=str(src.path))
     if cached is not None:
         write_atomic(cached, json.dumps({"inputs": [s.to_dict() for s in inputs],
                                          "outputs": [s.to_dict() for s in outputs]}, indent=1))
