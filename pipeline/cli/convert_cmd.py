@@ -138,10 +138,9 @@ def convert_command(
     calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed,
                              preprocess=pre) if calibration else None
     rows = []
+    if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
+        src = describe(src, cache_dir=None if no_cache else cache_dir)
     with Stages("convert") as stages:
-        if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
-            with stages.stage("model") as progress:
-                src = describe(src, cache_dir=None if no_cache else cache_dir, progress=progress)
         for r in reqs:
             label = r.mode + (f" [{r.compat}]" if r.compat else "")
             with stages.stage(label) as progress:
