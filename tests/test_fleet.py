@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from pipeline.inventory import load_inventory
 from pipeline.testing.faults import Faults
 from pipeline.testing.sshd import pid_alive, stop, write_targets_yaml
 from pipeline.devices.transport.ssh import SSHTransport
+from tests.fixtures.fleet import wait_until
 
 FAST = {"runs": 3, "warmup": 1, "timeout": 60, "retries": 0, "connect_timeout": 5}
 
@@ -109,15 +109,6 @@ def test_flipped_byte_is_caught_and_never_installed(fleet, tiny_artifact, tiny_e
     assert not res.ok and res.error.code == "push_failed" and "corrupt" in res.error.message
     assert not final.exists()
     assert list((dev.workdir / "tmp").iterdir()) == []  # the bad upload was removed too
-
-
-def wait_until(condition, what: str, limit: float = 60.0) -> None:
-    """Poll for something that must happen; `limit` only keeps a broken build from hanging the suite."""
-    end = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"{what} did not happen within {limit:g}s")
-        time.sleep(0.05)
 
 
 def test_hung_agent_is_killed_at_its_deadline_and_others_finish(fleet, tiny_artifact, tiny_eval, tmp_path):

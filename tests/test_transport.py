@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pipeline.errors import TransportError
 from pipeline.testing.sshd import generate_key, pid_alive
 from pipeline.devices.transport import open_transport
 from pipeline.devices.transport.local import LocalTransport
+from tests.fixtures.fleet import wait_until
 
 
 @dataclass
@@ -107,15 +107,6 @@ def marked_processes(marker: str) -> list[int]:
             except OSError:
                 pass  # gone meanwhile
     return found
-
-
-def wait_until(condition, what: str, limit: float = 60.0) -> None:
-    """Poll for something that must happen; `limit` only keeps a broken build from hanging the suite."""
-    end = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"{what} did not happen within {limit:g}s")
-        time.sleep(0.05)
 
 
 def test_timeout_kills_the_remote_process_group(ssh, fleet, tmp_path):
