@@ -82,7 +82,18 @@ def _cases(tmp, digits, two_heads):
                                 ["only_feat.npz", "'img'", "feat"]),
         "unknown preprocessing key": (model, tmp / "empty_folder", ["-c", cal, "--preprocess", tmp / "bad.yaml"],
                                       ["bad.yaml", "sharpen"]),
+        "unknown output": (str(two_heads / "two_heads.keras"), _tflite_named(tmp, two_heads),
+                           ["-c", two_heads / "two_heads_calibration.npz", "--output", "nope"],
+                           ["two_heads_tfl.npz", "'nope'", "box", "cls"]),
     }
+
+
+def _tflite_named(tmp, two_heads):
+    """Eval data keyed by the TFLite tensor names the converted model will have (they work as well as Keras names)."""
+    d = np.load(two_heads / "two_heads_eval.npz")
+    np.savez(tmp / "two_heads_tfl.npz", **{"serving_default_feat:0": d["feat"], "serving_default_img:0": d["img"]},
+             y=d["y"])
+    return tmp / "two_heads_tfl.npz"
 
 
 def _only_feat(tmp, two_heads):
@@ -93,7 +104,7 @@ def _only_feat(tmp, two_heads):
 
 CASES = ["missing eval file", "empty eval set", "NaN in eval", "inf in calibration", "wrong shape", "wrong dtype",
          "label count", "label range", "no calibration for int8", "empty calibration folder", "missing model input",
-         "unknown preprocessing key"]
+         "unknown preprocessing key", "unknown output"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -6,7 +6,6 @@ Device outputs are checked against computations written here (LiteRT, Keras, TF 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -17,7 +16,6 @@ from pipeline.cli import _load_commands, app
 from pipeline.testing.sshd import write_targets_yaml
 
 FAST = {"runs": 3, "warmup": 1, "timeout": 120, "retries": 0, "connect_timeout": 5}
-HAS_SCORER = importlib.util.find_spec("pipeline.metrics") is not None
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +91,9 @@ def test_two_input_two_output_model_on_both_runtimes_outputs_by_name(cli, fleet,
         assert set(tensors) == set(want) and all(t["reduced"] is None for t in tensors.values())
     cls_name = next(t["name"] for t in manifest["outputs"] if t["signature_name"] == "cls")
     assert np.allclose(want[cls_name].sum(axis=1), 1.0, atol=1e-5)   # the softmax head, not the box head
-    if HAS_SCORER:
-        m = devices[0]["metrics"]
-        assert set(m["outputs"]) == {"box", "cls"}   # agreement for every output, by the model's own names
-        assert m["outputs"]["cls"]["snr_db"] > 40 and m["outputs"]["box"]["snr_db"] > 40
+    m = devices[0]["metrics"]
+    assert set(m["outputs"]) == {"box", "cls"}   # agreement for every output, by the model's own names
+    assert m["outputs"]["cls"]["snr_db"] > 40 and m["outputs"]["box"]["snr_db"] > 40
 
 
 def test_two_input_model_int8_is_calibrated_per_input(two_heads, tmp_path, conversion_cache):
@@ -165,18 +162,16 @@ def test_prequantized_uint8_tflite_ships_as_is_without_and_with_reference(cli, f
         (got,) = [z[k] for k in z.files]
     assert _close_to_float16(got, want)
     top1 = float((want.argmax(1) == digits.y_eval[:40]).mean())
-    if HAS_SCORER:
-        assert d["metrics"]["top1"] == pytest.approx(top1)
-        assert d["result"]["agreement"] is None and d["metrics"]["agreement"].startswith("not measured")
+    assert d["metrics"]["top1"] == pytest.approx(top1) and d["result"]["accuracy"]["top1"] == pytest.approx(top1)
+    assert d["result"]["agreement"] is None and d["metrics"]["agreement"].startswith("not measured")
 
     r, doc = _run(cli, tmp_path / "b", targets, digits_uint8, eval_path, "--reference", digits.model_path,
                   cache=conversion_cache)
     assert doc is not None and doc["devices"][0]["ok"], r.output
     assert "not measured" not in r.stderr
-    if HAS_SCORER:
-        agr = doc["devices"][0]["metrics"]["outputs"]
-        assert all(v.get("snr_db") is not None for v in agr.values())
-        assert doc["devices"][0]["result"]["agreement"]["top1"] > 0.9
+    agr = doc["devices"][0]["metrics"]["outputs"]
+    assert all(v.get("snr_db") is not None for v in agr.values())
+    assert doc["devices"][0]["result"]["agreement"]["top1"] > 0.9
     # the reference really is the float Keras model's output on the same samples
     from pipeline.run import compute_reference, prepare
 

@@ -26,7 +26,7 @@ KINDS = ("saved_model", "keras", "h5", "tflite")
 VARIANTS = ("float", "quantized", "edgetpu_compiled")   # what a .tflite source already is
 EDGETPU_OP = "edgetpu-custom-op"
 DEFAULT_SIGNATURE = "serving_default"
-DESCRIBE_VERSION = 1
+DESCRIBE_VERSION = 2
 _QAT_MARKERS = (b"QuantizeWrapper", b"QuantizeLayer", b"FakeQuantWithMinMaxVars")
 Progress = Callable[[str, str], None]
 
@@ -302,7 +302,9 @@ def _shape(ts: Any) -> tuple[int | None, ...] | None:
 def signature_specs(sig: LoadedSignature) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs (signature arguments, Keras shapes where declared) and outputs (signature keys) of a signature."""
     args = sig.fn.structured_input_signature[1]
-    inputs = [TensorSpec(n, sig.declared.get(n) or _shape(s), s.dtype.name) for n, s in sorted(args.items())]
+    # the converter traces a concrete function, so the artifact will name input `x` `serving_default_x:0`
+    inputs = [TensorSpec(n, sig.declared.get(n) or _shape(s), s.dtype.name, (f"{DEFAULT_SIGNATURE}_{n}:0",))
+              for n, s in sorted(args.items())]
     outs = sig.fn.structured_outputs
     outputs = [TensorSpec(n, _shape(s), s.dtype.name) for n, s in sorted(outs.items())]
     return inputs, outputs
