@@ -241,10 +241,9 @@ def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> Devi
     """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
     if io is None or not res.ok or not res.outputs_path:
         return res
-    with np.load(res.outputs_path, allow_pickle=False) as z:
-        outputs = {io.tflite_outputs.get(k, k): (z[k].astype(np.float32) if z[k].dtype.kind == "f" else z[k])
-                   for k in z.files}
-    try:
+    try:   # the agent names outputs by TFLite tensor; the task and the reference use the model's own names
+        outputs = {io.tflite_outputs.get(k, k): (v.astype(np.float32) if v.dtype.kind == "f" else v)
+                   for k, v in scoring.load_outputs(res.outputs_path).items()}
         metrics = scoring.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
                                       io.specs, reference_metrics=prepared.float_metrics)
     except EdgepipeError as exc:   # this device's outputs cannot be scored: its row says why, the others go on
