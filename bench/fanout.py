@@ -6,9 +6,8 @@ Figures (medians over --rounds):
     same figure is also taken with a device "python" that replays the real agent's recorded answers, which
     isolates the fan-out machinery (connections, pushes, locks) from the agents' own CPU load;
   * a cold run (empty conversion cache, fresh devices) and a second identical run: bytes sent on the second
-    (target 0) and its wall time as a fraction of the cold one (target <= 0.2);
-  * push throughput of a 25 MB file (pipelined SFTP over paramiko) vs OpenSSH `scp` to the same sshd, as a ratio
-    (target >= 0.8); the exec-channel `cat` alternative is measured too.
+    (target 0) and its wall time as a fraction of the cold one (target <= 0.2).
+Push throughput against OpenSSH is bench/push.py; the orchestrator's CPU per device is bench/host_cpu.py.
 
     .venv/bin/python bench/fanout.py [--rounds 3] [--json]
 """
@@ -33,12 +32,10 @@ sys.path.insert(0, str(ROOT))
 from pipeline.inventory import load_inventory  # noqa: E402
 from pipeline.run import execute  # noqa: E402
 from pipeline.testing.sshd import start_fleet, stop, write_targets_yaml  # noqa: E402
-from pipeline.devices.transport import open_transport  # noqa: E402
 
 PYTHONS = [str(ROOT / ".venv-devices" / "litert" / "bin" / "python"),
            str(ROOT / ".venv-devices" / "tflite-runtime" / "bin" / "python")]
 DEFAULTS = {"runs": 10, "warmup": 2, "timeout": 300, "retries": 0, "max_parallel": 8}
-PUSH_MB = 25
 
 
 def log(msg: str) -> None:
@@ -163,41 +160,6 @@ def cli_cold_warm(rounds: int, tmp: Path, model: Path, data: Path, n: int = 4) -
             "again_over_cold": round(w / c, 3)}
 
 
-def push_speed(rounds: int, tmp: Path) -> dict:
-    (dev,) = start_fleet(1, PYTHONS[:1], tmp / "push")
-    try:
-        kh = tmp / "push" / "known_hosts"
-        inv = load_inventory(write_targets_yaml([dev], tmp / "push" / "t.yaml", known_hosts=kh))
-        tr = open_transport(inv.targets[0])
-        tr.connect()
-        src = tmp / "blob.bin"
-        src.write_bytes(os.urandom(PUSH_MB * 10**6))
-        rates: dict[str, list[float]] = {"edgepipe_put": [], "cat_exec": [], "scp": []}
-        scp = ["scp", "-q", "-i", str(dev.identity_file), "-o", f"UserKnownHostsFile={kh}", "-o",
-               "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-P", str(dev.port)]
-        for r in range(rounds):
-            for method in rates:
-                dest = str(tmp / f"dest-{method}")
-                t0 = time.perf_counter()
-                if method == "edgepipe_put":
-                    tr.put(src, dest)
-                elif method == "cat_exec":
-                    tr.put_cat(src, dest)
-                else:  # the whole command, as a user would time it (its connection setup included)
-                    subprocess.run(scp + [str(src), f"{dev.user}@127.0.0.1:{dest}"], check=True)
-                dt = time.perf_counter() - t0
-                assert Path(dest).stat().st_size == src.stat().st_size
-                rates[method].append(PUSH_MB / dt)
-            log("  push round %d: " % r + ", ".join(f"{k} {v[-1]:.0f} MB/s" for k, v in rates.items()))
-        tr.close()
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        return {"file_mb": PUSH_MB, "mb_per_s": {k: round(v, 1) for k, v in med.items()},
-                "put_over_scp": round(med["edgepipe_put"] / med["scp"], 2),
-                "cat_over_scp": round(med["cat_exec"] / med["scp"], 2)}
-    finally:
-        stop([dev])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -221,13 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         cw = cold_warm(args.rounds, tmp, bundle.model_path, data)
         log("cold vs identical second `edgepipe run` process (what a user waits for):")
         cli = cli_cold_warm(args.rounds, tmp, bundle.model_path, data)
-        log("push throughput:")
-        push = push_speed(args.rounds, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures = {
         "bench": "fanout", "rounds": args.rounds, "cpus": os.cpu_count(), "fanout": fan,
-        "fanout_replayed_agent": stub, "rerun": cw, "rerun_cli": cli, "push": push,
+        "fanout_replayed_agent": stub, "rerun": cw, "rerun_cli": cli,
         "targets": [
             {"name": "8 devices / 1 device wall time (real agents)", "value": fan["ratio_to_1"]["8"], "target": "<= 1.5",
              "met": fan["ratio_to_1"]["8"] <= 1.5},
@@ -239,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
              "value": cli["again_over_cold"], "target": "<= 0.2", "met": cli["again_over_cold"] <= 0.2},
             {"name": "second / cold execute() wall time (in-process, TF already imported)",
              "value": cw["again_over_cold"], "target": "<= 0.2", "met": cw["again_over_cold"] <= 0.2},
-            {"name": "push throughput, edgepipe / scp (25 MB)", "value": push["put_over_scp"], "target": ">= 0.8",
-             "met": push["put_over_scp"] >= 0.8},
         ],
         "notes": [
             f"The loopback devices run their agents on this machine's {os.cpu_count()} cores, so with 8 devices the "
@@ -258,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{cw['cold_wall_s']}s = {cw['again_over_cold']}x  (targets: 0 bytes, <= 0.2x)")
         print(f"second identical `edgepipe run` process: {cli['again_bytes_sent']} bytes sent, {cli['again_wall_s']}s "
               f"vs cold {cli['cold_wall_s']}s = {cli['again_over_cold']}x")
-        print(f"push {PUSH_MB} MB: {push['mb_per_s']} MB/s; edgepipe/scp = {push['put_over_scp']}x (target >= 0.8x)")
     return 0
 
 

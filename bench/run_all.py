@@ -22,7 +22,9 @@ SUITE = [
     ("convert.py", "Conversion: size per mode vs float32 (MobileNetV2), conversion time, cached re-run"),
     ("latency.py", "Latency per mode per runtime (MobileNetV2, measured by the agent), as a ratio to float32"),
     ("agent_overhead.py", "Agent overhead against a bare invoke() loop"),
-    ("fanout.py", "Fan-out wall time (1/4/8 loopback sshd devices), re-run ratio, push throughput vs scp"),
+    ("fanout.py", "Fan-out wall time (1/4/8 loopback sshd devices), re-run ratio"),
+    ("push.py", "Push throughput of a 200 MB file against OpenSSH scp, on an open connection and cold"),
+    ("host_cpu.py", "Orchestrator host CPU per device, warm run, 1 vs 24 loopback sshd devices"),
     ("regression.py", "Regression detector: A/A false-alarm rate, detection rate of a 20% slowdown"),
     ("arm64_start.py", "Emulated Raspberry Pi 4 (qemu user-mode): cached start time against an x86 sshd device"),
     ("scale.py", "Orchestration at scale: host CPU per device-run and wall time, 1-128 sleeping devices, one "

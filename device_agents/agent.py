@@ -33,6 +33,14 @@ ARM_PARTS = {
 }
 CORAL_USB_IDS = ("1a6e:089a", "18d1:9302")  # before and after the Edge TPU firmware is loaded
 EDGETPU_LIB = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+EDGETPU_CUSTOM_OP = "edgetpu-custom-op"  # what edgetpu_compiler turns the mapped part of a graph into
+APEX_TEMP = "/sys/class/apex/apex_0/temp"  # PCIe/M.2 Edge TPU temperature, millidegrees Celsius
+# Flatbuffer field ids (tflite schema.fbs) the agent reads.
+MODEL_OPERATOR_CODES, MODEL_SUBGRAPHS, MODEL_BUFFERS = 1, 2, 4
+SUBGRAPH_TENSORS, SUBGRAPH_OPERATORS = 0, 3
+OPERATOR_CODE_CUSTOM_CODE = 1
+BUFFER_DATA, BUFFER_OFFSET = 0, 1
+PAIRED_ROUNDS = 20  # rounds of the baseline re-measurement: new and baseline timed back to back, order alternating
 GPU_DELEGATE_LIBS = ("libtensorflowlite_gpu_delegate.so", "libtensorflowlite_gpu_gl.so")
 RUNTIME_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")
 RUNTIME_DISTS = {
@@ -345,15 +353,16 @@ def read_model(path):
         raise AgentFailure("model_corrupt", "%s is not a TFLite flatbuffer (%d bytes, file identifier %r, "
                            "expected 'TFL3'): re-copy or re-convert the model" % (path, size, head[4:8]))
     try:
-        check_flatbuffer(path, size)
+        custom_ops = check_flatbuffer(path, size)
     except ValueError as exc:
         raise AgentFailure("model_corrupt", "%s is truncated or corrupt (%s, file has %d bytes): re-copy or "
                            "re-convert the model" % (path, exc, size))
-    return {"path": path, "sha256": digest.hexdigest(), "bytes": size}
+    return {"path": path, "sha256": digest.hexdigest(), "bytes": size, "custom_ops": custom_ops}
 
 
 def check_flatbuffer(path, size):
-    """Bounds-check the Model table, its subgraphs and buffers: some runtimes segfault on a truncated file."""
+    """Bounds-check the Model table, its subgraphs and buffers (some runtimes segfault on a truncated file);
+    returns the custom operator names, e.g. ['edgetpu-custom-op'] for a model compiled for the Edge TPU."""
     import mmap
     import struct
     with open(path, "rb") as f:
@@ -393,17 +402,23 @@ def check_flatbuffer(path, size):
             return [first + 4 * i + u32(first + 4 * i, what) for i in range(n)]
 
         root = u32(0, "root table")
-        for i, sub in enumerate(tables(root, 2, "subgraphs")):
-            for idx, name in ((0, "tensors"), (3, "operators")):
+        for i, sub in enumerate(tables(root, MODEL_SUBGRAPHS, "subgraphs")):
+            for idx, name in ((SUBGRAPH_TENSORS, "tensors"), (SUBGRAPH_OPERATORS, "operators")):
                 for t in tables(sub, idx, "subgraph %d %s" % (i, name)):
                     field(t, 0, "subgraph %d %s entry" % (i, name))
-        for i, b in enumerate(tables(root, 4, "buffers")):
-            vector(b, 0, "buffer %d data" % i, item=1)
-            pos = field(b, 1, "buffer %d" % i)
+        for i, b in enumerate(tables(root, MODEL_BUFFERS, "buffers")):
+            vector(b, BUFFER_DATA, "buffer %d data" % i, item=1)
+            pos = field(b, BUFFER_OFFSET, "buffer %d" % i)
             if pos is not None and pos + 16 <= size:  # large models: data lives at an absolute file offset
                 offset, length = struct.unpack_from("<QQ", buf, pos)
                 if offset > 1 and offset + length > size:
                     raise ValueError("buffer %d data ends at byte %d" % (i, offset + length))
+        custom = []
+        for i, code in enumerate(tables(root, MODEL_OPERATOR_CODES, "operator_codes")):
+            first, n = vector(code, OPERATOR_CODE_CUSTOM_CODE, "operator code %d custom name" % i, item=1)
+            if first is not None:
+                custom.append(bytes(buf[first:first + n]).decode("utf-8", "replace"))
+        return custom
     except struct.error as exc:
         raise ValueError("unreadable structure: %s" % exc)
     finally:
@@ -544,36 +559,182 @@ def _one_line(exc):
     return text or type(exc).__name__
 
 
+def accelerator_of(delegate):
+    """edgetpu | gpu | cpu for a --delegate value (a library path is an external, GPU-class delegate)."""
+    if delegate in (None, "", "cpu"):
+        return "cpu"
+    return "edgetpu" if delegate == "edgetpu" else "gpu"
+
+
+def edgetpu_interpreter(runtime, args, model, options):
+    """The compiled model on the Edge TPU (pycoral's make_interpreter, else libedgetpu through load_delegate),
+    allocated; AgentFailure(edgetpu_unavailable) naming every reason the TPU cannot run it."""
+    problems = []
+    interp = library = None
+    compiled = EDGETPU_CUSTOM_OP in model.get("custom_ops", [])
+    try:
+        interp, library = build_interpreter(runtime, model["path"], "edgetpu", options, args.threads,
+                                            args.edgetpu_device)
+        with quiet_stdout():
+            interp.allocate_tensors()
+    except AgentFailure as exc:
+        if exc.code != "delegate_unavailable":
+            raise
+        problems.append(exc.message)
+    except (RuntimeError, ValueError) as exc:
+        if not compiled:
+            raise  # a plain model that cannot even allocate is the model's problem, classified by the caller
+        problems.append("the Edge TPU could not prepare %s: %s" % (os.path.basename(model["path"]), _one_line(exc)))
+    if not compiled:
+        problems.append("%s is not compiled for the Edge TPU (no %s in its graph; compile it with edgetpu_compiler)"
+                        % (os.path.basename(model["path"]), EDGETPU_CUSTOM_OP))
+    if problems:
+        raise AgentFailure("edgetpu_unavailable", "Edge TPU not used: " + "; ".join(problems))
+    return interp, library
+
+
+def cpu_fallback_model(args, model, failure):
+    """The plain model to run on the CPU instead: --fallback-model, else the model itself unless it is compiled."""
+    if args.fallback_model:
+        return read_model(args.fallback_model)
+    if EDGETPU_CUSTOM_OP in model.get("custom_ops", []):
+        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU and "
+                           "no --fallback-model (the plain int8 artifact) was given" % failure.message)
+    return model
+
+
 def load(runtime, args, model, options, warnings):
-    """Create + allocate the interpreter (timed as `init`), falling back to CPU only when allowed."""
+    """Create + allocate the interpreter (timed as `init`), falling back to CPU only when allowed.
+
+    `--delegate edgetpu` runs the compiled model on the Edge TPU; when the TPU cannot run it, --allow-fallback runs
+    the plain int8 `--fallback-model` on the CPU (and `model` is updated in place to describe what ran), and without
+    it the error is `edgetpu_unavailable`.
+    """
     requested = args.delegate or "cpu"
     record = {"requested": requested, "used": requested, "fallback": False, "reason": None, "library": None}
     t0 = time.perf_counter_ns()
     try:
         try:
-            interp, library = build_interpreter(runtime, model["path"], requested, options, args.threads,
-                                                args.edgetpu_device)
+            if requested == "edgetpu":
+                interp, library = edgetpu_interpreter(runtime, args, model, options)
+            else:
+                interp, library = build_interpreter(runtime, model["path"], requested, options, args.threads,
+                                                    args.edgetpu_device)
+                with quiet_stdout():
+                    interp.allocate_tensors()
             record["library"] = library
         except AgentFailure as exc:
-            if exc.code != "delegate_unavailable" or not args.allow_fallback:
+            if exc.code not in ("delegate_unavailable", "edgetpu_unavailable") or not args.allow_fallback:
                 raise
+            cpu_model = cpu_fallback_model(args, model, exc)
             log("delegate %s unavailable, falling back to CPU: %s" % (requested, exc.message))
             warnings.append("delegate %s unavailable, ran on CPU instead: %s" % (requested, exc.message))
             record.update(used="cpu", fallback=True, reason=exc.message)
+            if cpu_model is not model:
+                requested_model = dict((k, model[k]) for k in ("path", "sha256", "bytes", "custom_ops"))
+                model.clear()
+                model.update(cpu_model, requested=requested_model)
             t0 = time.perf_counter_ns()
             interp, _ = build_interpreter(runtime, model["path"], "cpu", {}, args.threads, None)
-        with quiet_stdout():
-            interp.allocate_tensors()
+            with quiet_stdout():
+                interp.allocate_tensors()
     except AgentFailure:
         raise
     except Exception as exc:  # the runtimes raise ValueError/RuntimeError (and worse) for bad models
         failure = classify_load_error(exc, runtime, model["path"])
-        if record["fallback"] and failure.code == "model_incompatible":  # e.g. an Edge TPU model without the TPU
+        if record["fallback"] and failure.code == "model_incompatible":
             failure = AgentFailure("delegate_unavailable", "%s; the CPU fallback cannot run the model either: %s"
                                    % (record["reason"], failure.message))
         raise failure
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     return interp, record, init_ms
+
+
+def accelerator(record, args):
+    """The result's `accelerator` block: asked for (edgetpu | gpu | cpu), used, and why they differ."""
+    requested = accelerator_of(record["requested"])
+    block = {"requested": requested, "used": "cpu" if record["fallback"] else requested,
+             "fallback": bool(record["fallback"]), "reason": record["reason"],
+             "allow_fallback": bool(args.allow_fallback)}
+    if requested == "edgetpu":
+        block["temperature_c"] = edgetpu_temperature_c()
+    return block
+
+
+# ---------------------------------------------------------------- Edge TPU facts
+
+def edgetpu_temperature_c():
+    """The Edge TPU's temperature where the board exposes it (PCIe/M.2 apex driver), else None."""
+    raw = _read(APEX_TEMP)
+    try:
+        return round(int(raw.strip()) / 1000.0, 1)
+    except (AttributeError, ValueError):
+        return None
+
+
+def coral_usb_ids():
+    """Coral USB Accelerators on the bus, by vendor:product id (before and after firmware load)."""
+    found = []
+    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
+        vendor = (_read(vendor_file) or "").strip()
+        product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
+        ident = "%s:%s" % (vendor, product)
+        if ident in CORAL_USB_IDS and ident not in found:
+            found.append(ident)
+    return found
+
+
+def libedgetpu_facts(library):
+    """(runtime version, Edge TPUs) from libedgetpu's C API (edgetpu_version, edgetpu_list_devices) via ctypes."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL(library)
+        lib.edgetpu_version.restype = ctypes.c_char_p
+        raw = lib.edgetpu_version()
+    except (OSError, AttributeError) as exc:
+        log("libedgetpu at %s cannot be loaded: %s" % (library, _one_line(exc)))
+        return None, []
+    devices = []
+
+    class Device(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("path", ctypes.c_char_p)]  # struct edgetpu_device
+
+    try:
+        count = ctypes.c_size_t(0)
+        lib.edgetpu_list_devices.restype = ctypes.POINTER(Device)
+        lib.edgetpu_list_devices.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
+        found = lib.edgetpu_list_devices(ctypes.byref(count))
+        for i in range(count.value):
+            devices.append({"type": "usb" if found[i].type == 1 else "pci",
+                            "path": (found[i].path or b"").decode("utf-8", "replace")})
+        if found:
+            lib.edgetpu_free_devices(found)
+    except (OSError, AttributeError, ValueError) as exc:
+        log("libedgetpu cannot list Edge TPUs: %s" % _one_line(exc))
+    return (raw.decode("utf-8", "replace") if raw else None), devices
+
+
+def edgetpu_facts():
+    """libedgetpu (path, runtime version), the Edge TPUs found and the TPU temperature; absent facts are None/[]."""
+    library = find_libraries([EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")])
+    usb = coral_usb_ids()
+    apex = sorted(glob.glob("/dev/apex_*"))
+    version, devices = None, []
+    if has_google_pycoral():
+        try:
+            with quiet_stdout():
+                from pycoral.utils import edgetpu
+                version = edgetpu.get_runtime_version()
+                devices = [dict(d) for d in edgetpu.list_edge_tpus()]
+        except Exception as exc:  # pycoral's extension fails to import without libedgetpu
+            log("pycoral cannot describe the Edge TPU: %s" % _one_line(exc))
+    if version is None and library:
+        version, listed = libedgetpu_facts(library)
+        devices = devices or listed
+    if not devices:
+        devices = [{"type": "pci", "path": p} for p in apex] + [{"type": "usb", "path": u} for u in usb]
+    return {"libedgetpu": library, "usb": usb, "pcie": bool(apex), "runtime_version": version,
+            "devices": devices, "temperature_c": edgetpu_temperature_c()}
 
 
 # ---------------------------------------------------------------- data
@@ -595,15 +756,12 @@ def load_data(path, inputs, outputs):
         arrays = dict((k, npz[k]) for k in npz.files)
     except Exception as exc:
         raise AgentFailure("bad_data", "%s is not a readable .npz file: %s" % (path, _one_line(exc)))
-    if len(inputs) == 1:
-        keys = ["x"]
-    else:
-        keys = [d["name"] for d in inputs]
     xs = []
-    for key, detail in zip(keys, inputs):
+    for detail in inputs:  # by TFLite input tensor name; `x` also names the input of a single-input model
+        key = detail["name"] if detail["name"] in arrays else ("x" if len(inputs) == 1 else None)
         if key not in arrays:
             raise AgentFailure("bad_data", "%s has no array %r (has %s); the model's inputs are %s"
-                               % (path, key, sorted(arrays), [d["name"] for d in inputs]))
+                               % (path, detail["name"], sorted(arrays), [d["name"] for d in inputs]))
         xs.append(_check_input(path, key, arrays[key], detail))
     n = len(xs[0])
     if any(len(x) != n for x in xs) or n == 0:
@@ -656,12 +814,13 @@ def quantize(x, detail):
     return x.astype(dtype)
 
 
-def dequantize(q, detail):
+def dequantize(q, detail, dtype=None):
     import numpy as np
+    dtype = dtype or np.float64
     scale, zero = detail.get("quantization", (0.0, 0))
     if np.dtype(detail["dtype"]).kind in "iu" and scale:
-        return (q.astype(np.float64) - zero) * scale
-    return q.astype(np.float64)
+        return ((q.astype(np.float64) - zero) * scale).astype(dtype)
+    return q.astype(dtype)
 
 
 # ---------------------------------------------------------------- measurement
@@ -702,18 +861,113 @@ def time_invokes(interp, runs, warmup, max_seconds):
     return first_ns, warm, samples
 
 
-def evaluate(interp, inputs, outputs, xs, y, ref):
-    """Batch-1 pass over the whole eval set (after the timed runs); accuracy and agreement on output 0."""
+def _feed(interp, inputs, xs):
+    """Put the first eval sample into each input that has its shape, zeros into the others; 'eval' or 'zeros'."""
+    import numpy as np
+    fed = "eval"
+    for i, detail in enumerate(interp.get_input_details()):
+        same = i < len(inputs) and list(detail["shape"]) == list(inputs[i]["shape"])
+        if same:
+            idx = [j % len(xs[i]) for j in range(batch_size([detail]))]
+            value = quantize(xs[i][idx], detail).reshape(detail["shape"])
+        else:
+            value, fed = np.zeros(detail["shape"], dtype=detail["dtype"]), "zeros"
+        interp.set_tensor(detail["index"], value)
+    return fed
+
+
+def time_paired(runtime, args, record, interp, inputs, xs, options):
+    """Time the baseline's model against this one in the same process, in rounds of `block` invokes each, order
+    alternating (ABBA...): drift between whole runs hits both alike and cancels in their ratio. The `paired` block."""
+    try:
+        base = read_model(args.baseline_model)
+    except AgentFailure as exc:
+        return {"error": exc.message}
+    done = {"baseline": {"sha256": base["sha256"], "bytes": base["bytes"]}}
+    if record["used"] == "edgetpu":
+        done["error"] = "not re-measured on the Edge TPU (one compiled model owns its parameter cache)"
+        return done
+    try:
+        other, _ = build_interpreter(runtime, base["path"], record["used"], options, args.threads, None)
+        with quiet_stdout():
+            other.allocate_tensors()
+    except Exception as exc:  # AgentFailure or whatever the runtime raises for that model
+        done["error"] = "cannot load the baseline model: %s" % (getattr(exc, "message", None) or _one_line(exc))
+        return done
+    _feed(interp, inputs, xs)
+    fed = _feed(other, inputs, xs)
+    block = max(1, -(-args.runs // PAIRED_ROUNDS))
+    pc = time.perf_counter_ns
+    deadline = pc() + int(args.max_seconds * 1e9) if args.max_seconds else None
+    samples = {id(interp): [], id(other): []}
+    for it in (interp, other):
+        for _ in range(block):
+            it.invoke()
+    gc.collect()
+    gc.disable()
+    try:
+        rounds = 0
+        for r in range(PAIRED_ROUNDS):
+            for it in ((interp, other) if r % 2 == 0 else (other, interp)):
+                invoke, out = it.invoke, samples[id(it)]
+                for _ in range(block):
+                    t0 = pc()
+                    invoke()
+                    out.append(pc() - t0)
+            rounds += 1
+            if deadline is not None and pc() > deadline:
+                break
+    finally:
+        gc.enable()
+    done.update({"rounds": rounds, "block": block, "input": fed,
+                 "samples_ms": [round(v / 1e6, 6) for v in samples[id(interp)]],
+                 "baseline_samples_ms": [round(v / 1e6, 6) for v in samples[id(other)]]})
+    return done
+
+
+def batch_size(inputs):
+    """Samples per invoke: the input tensors' fixed batch (1 for almost every edge model)."""
+    shape = inputs[0]["shape"] if inputs else []
+    return max(1, int(shape[0])) if len(shape) else 1
+
+
+def set_inputs(interp, inputs, xs, start):
+    """Feed samples start..start+batch (wrapping around at the end, so a fixed batch is always full)."""
+    import numpy as np
+    b = batch_size(inputs)
+    idx = [(start + j) % len(xs[0]) for j in range(b)]
+    for x, detail in zip(xs, inputs):
+        interp.set_tensor(detail["index"], quantize(x[idx], detail).reshape(detail["shape"]))
+    return min(b, len(xs[0]) - start)
+
+
+def capture(interp, inputs, outputs, xs, wanted, reduce):
+    """Batch-size pass over the whole eval set: {output name: per-sample arrays stacked [N, ...]}, dequantized
+    (float32), or the argmax over the last axis (int32) for outputs named in `reduce`."""
     import numpy as np
     n = len(xs[0])
-    out_detail = outputs[0]
-    preds = np.empty((n, int(np.prod(out_detail["shape"]))), dtype=np.float64)
-    set_tensor, get_tensor, invoke = interp.set_tensor, interp.get_tensor, interp.invoke
-    for i in range(n):
-        for x, detail in zip(xs, inputs):
-            set_tensor(detail["index"], quantize(x[i:i + 1], detail).reshape(detail["shape"]))
-        invoke()
-        preds[i] = dequantize(get_tensor(out_detail["index"]), out_detail).reshape(-1)
+    b = batch_size(inputs)
+    rows = dict((d["name"], []) for d in outputs if d["name"] in wanted)
+    for start in range(0, n, b):
+        keep = set_inputs(interp, inputs, xs, start)
+        interp.invoke()
+        for detail in outputs:
+            if detail["name"] not in rows:
+                continue
+            out = dequantize(interp.get_tensor(detail["index"]), detail, np.float32)
+            out = out[:keep] if out.ndim and out.shape[0] == b else np.repeat(out[None], keep, axis=0)
+            if reduce.get(detail["name"]) == "argmax":
+                out = out.argmax(axis=-1).astype(np.int32)
+            rows[detail["name"]].append(out)
+    return dict((k, np.concatenate(v)) for k, v in rows.items())
+
+
+def legacy_scores(preds, y, ref):
+    """On-device accuracy and agreement on output 0 when the eval file carries labels `y` / references `ref`
+    (older hosts and standalone use; the host now scores every output itself from --outputs-out)."""
+    import numpy as np
+    n = len(preds)
+    preds = preds.reshape(n, -1).astype(np.float64)
     accuracy = agreement = None
     if y is not None:
         y = y.astype(np.int64)
@@ -729,6 +983,36 @@ def evaluate(interp, inputs, outputs, xs, y, ref):
         agreement = {"top1": float((preds.argmax(1) == r.argmax(1)).mean()), "mae": float(np.abs(err).mean()),
                      "max_abs": float(np.abs(err).max()), "snr_db": float(min(snr, EXACT_SNR_DB)), "n": int(n)}
     return accuracy, agreement
+
+
+def write_outputs(path, captured, outputs, reduce):
+    """Every output as an .npz (float16, float32 where float16 would overflow; int32 argmax when reduced),
+    written atomically; returns the result's `outputs` block."""
+    import numpy as np
+    arrays, tensors = {}, []
+    for detail in outputs:
+        a = captured[detail["name"]]
+        if a.dtype.kind == "f":
+            finite = a[np.isfinite(a)]
+            a = a.astype(np.float16 if not finite.size or np.abs(finite).max() <= 65504.0 else np.float32)
+        arrays[detail["name"]] = a
+        tensors.append({"name": detail["name"], "shape": [int(d) for d in a.shape], "dtype": a.dtype.name,
+                        "reduced": reduce.get(detail["name"])})
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": os.path.basename(path), "path": path, "sha256": digest.hexdigest(), "tensors": tensors}
 
 
 def peak_rss_bytes():
@@ -757,8 +1041,8 @@ def run(args):
     model["inputs"] = [_tensor_info(d) for d in inputs]
     model["outputs"] = [_tensor_info(d) for d in outputs]
     xs, y, ref = load_data(args.data, inputs, outputs)
-    for x, detail in zip(xs, inputs):  # the timed runs use the first eval sample
-        interp.set_tensor(detail["index"], quantize(x[0:1], detail).reshape(detail["shape"]))
+    reduce = parse_reduce(args.reduce, outputs)
+    set_inputs(interp, inputs, xs, 0)  # the timed runs use the first eval sample(s)
     log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
     gc.collect()
     gc.disable()  # no collector pauses inside the timed loop
@@ -776,7 +1060,14 @@ def run(args):
     latency = dict((k, None if v is None else round(v, 6)) for k, v in latency.items())
     log("latency mean %.3f ms p50 %.3f ms over %d runs; evaluating %d samples"
         % (stats["mean"], stats["p50"], len(samples), len(xs[0])))
-    accuracy, agreement = evaluate(interp, inputs, outputs, xs, y, ref)
+    wanted = set(d["name"] for d in outputs) if args.outputs_out else set()
+    if y is not None or ref is not None:
+        wanted.add(outputs[0]["name"])
+    captured = capture(interp, inputs, outputs, xs, wanted, reduce) if wanted else {}
+    accuracy, agreement = legacy_scores(captured[outputs[0]["name"]], y, ref) if outputs[0]["name"] in captured \
+        else (None, None)
+    outputs_block = write_outputs(args.outputs_out, captured, outputs, reduce) if args.outputs_out else None
+    paired = time_paired(runtime, args, delegate, interp, inputs, xs, options) if args.baseline_model else None
     device["soc_temp_c_after"] = _soc_temp_c()
     peak = peak_rss_bytes()
     return {
@@ -785,8 +1076,10 @@ def run(args):
         "agent": {"version": AGENT_VERSION, "python": sys.executable},
         "runtime": runtime.describe(),
         "delegate": delegate,
+        "accelerator": accelerator(delegate, args),
+        "paired": paired,
         "config": {"runs": args.runs, "warmup": args.warmup, "threads": args.threads,
-                   "max_seconds": args.max_seconds, "batch": 1, "numpy": np.__version__},
+                   "max_seconds": args.max_seconds, "batch": batch_size(inputs), "numpy": np.__version__},
         "runs_done": len(samples),
         "warmup_done": len(warm),
         "stopped_early": stopped_early,
@@ -794,6 +1087,7 @@ def run(args):
         "samples_ms": samples_ms,
         "accuracy": accuracy,
         "agreement": agreement,
+        "outputs": outputs_block,
         "memory": {"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
                    "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
         "device": device,
@@ -805,13 +1099,6 @@ def run(args):
 
 def probe(args):
     """What this device can run: Python, runtimes, Edge TPU / GPU delegate presence, disk, device facts."""
-    usb = []
-    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
-        vendor = (_read(vendor_file) or "").strip()
-        product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
-        ident = "%s:%s" % (vendor, product)
-        if ident in CORAL_USB_IDS and ident not in usb:
-            usb.append(ident)
     workdir = os.path.expanduser(args.workdir or "~")
     while not os.path.isdir(workdir) and os.path.dirname(workdir) != workdir:
         workdir = os.path.dirname(workdir)
@@ -832,8 +1119,7 @@ def probe(args):
             "os": platform.system(),
             "runtimes": runtime_versions(),
             "numpy": dist_version(("numpy",)),
-            "edgetpu": {"libedgetpu": find_libraries([EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")]),
-                        "usb": usb, "pcie": os.path.exists("/dev/apex_0")},
+            "edgetpu": edgetpu_facts(),
             "gpu_delegate": find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))]),
             "disk_free_bytes": free,
             "workdir": workdir,
@@ -854,7 +1140,8 @@ def parse_args(argv):
     p.add_argument("--probe", action="store_true", help="describe this device and exit")
     p.add_argument("--workdir", help="directory whose free space --probe reports")
     p.add_argument("--model", help="the .tflite model")
-    p.add_argument("--data", help="eval .npz: x (float inputs), optional y (labels), ref (float outputs)")
+    p.add_argument("--data", help="eval .npz: one array per model input by TFLite tensor name (x for a single "
+                                   "input); optional y (labels) and ref (float outputs) for on-device scores")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
@@ -862,9 +1149,14 @@ def parse_args(argv):
     p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--edgetpu-device", default=None, help="e.g. usb:0, pci:0")
     p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the delegate cannot load")
+    p.add_argument("--fallback-model", help="plain int8 model the CPU runs when the Edge TPU cannot (--allow-fallback)")
+    p.add_argument("--baseline-model", help="also time this (the baseline's) model, interleaved with --model")
     p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
     p.add_argument("--out", help="also write the JSON document here (atomically)")
+    p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
+    p.add_argument("--reduce", action="append", default=[], metavar="NAME=argmax",
+                   help="store the argmax over the last axis of output NAME instead of its values (repeatable)")
     args = p.parse_args(argv)
     if not args.probe:
         if not args.model or not args.data:
@@ -872,6 +1164,19 @@ def parse_args(argv):
         if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
             raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
     return args
+
+
+def parse_reduce(pairs, outputs):
+    """{output tensor name: 'argmax'} from --reduce NAME=argmax items; unknown names or ops are bad_args."""
+    names = [d["name"] for d in outputs]
+    reduce = {}
+    for pair in pairs or []:
+        name, _, op = pair.rpartition("=")
+        if op != "argmax" or name not in names:
+            raise AgentFailure("bad_args", "--reduce %r must be NAME=argmax with NAME one of the model's outputs %s"
+                               % (pair, names))
+        reduce[name] = op
+    return reduce
 
 
 def _finite(obj):

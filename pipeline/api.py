@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.devices.cancel import CancelToken
+from pipeline.errors import Interrupted
 from pipeline.inventory import Inventory, load_inventory
 from pipeline.results import DeviceResult, RunResult
 
@@ -39,18 +41,38 @@ def _inventory(targets: str | Path | Inventory) -> Inventory:
     return targets if isinstance(targets, Inventory) else load_inventory(targets)
 
 
+def _preprocess(preprocess: Any) -> Any:
+    """A Preprocess, or one read from a YAML/JSON file path."""
+    if preprocess is None or not isinstance(preprocess, (str, Path)):
+        return preprocess
+    from pipeline.convert.data import Preprocess
+
+    return Preprocess.from_file(preprocess)
+
+
 def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str] = (),
             targets: str | Path | Inventory | None = None, calibration: Any = None, compat: str | None = None,
             io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-            progress: Callable[[str, str], None] | None = None) -> list[Any]:
-    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts."""
+            progress: Callable[[str, str], None] | None = None, signature: str | None = None,
+            input_shapes: Any = None, preprocess: Any = None) -> list[Any]:
+    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts.
+
+    The model is identified once; `signature` picks a SavedModel signature, `input_shapes` (NAME=1x224x224x3 items
+    or a mapping) fixes dynamic dimensions, `preprocess` (a Preprocess or a YAML/JSON file) reads an image folder.
+    """
     from pipeline.convert.converter import convert as convert_one
     from pipeline.convert.recipes import requested_formats
+    from pipeline.convert.source import describe, identify
 
     fleets = [_inventory(targets)] if targets is not None else []
-    return [convert_one(model, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
-                        io_type=r.io_type, progress=progress)
-            for r in requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)]
+    reqs = requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)
+    src = identify(model, signature=signature)
+    if src.kind != "tflite":
+        src = describe(src, cache_dir=cache_dir, progress=progress)
+    return [convert_one(src, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
+                        io_type=r.io_type, progress=progress, input_shapes=input_shapes,
+                        preprocess=_preprocess(preprocess))
+            for r in reqs]
 
 
 def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any = None,
@@ -59,34 +81,52 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         report_dir: str | Path | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
         on_event: Callable[[str, str, str], None] | None = None,
         on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+        cancel: CancelToken | None = None, model_name: str | None = None,
+        signature: str | None = None, reference: str | Path | None = None, input_shapes: Any = None,
+        preprocess: Any = None, task: str | None = None, output: str | None = None,
+        on_notice: Callable[[str], None] | None = None,
         lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
         worker_retries: int = 1, queue_timeout: float | None = None) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
+
+    The model, eval data, calibration data and reference are checked on the host first: a problem there is one
+    error and no run is recorded. `on_notice(message)` receives warnings such as a small calibration set.
+    Setting `cancel` (the CLI does on SIGINT/SIGTERM) kills the agents still running, keeps the devices already
+    stored, marks the run interrupted (never a baseline) and raises `Interrupted` with the stored partial run.
+    `model_name` (default: the model file's stem) names what `--baseline last` compares with: the last complete
+    run of the same name. With a latency regression gate, each device re-measures the baseline's model too.
 
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
     queue (pipeline.distributed.coordinator); gating and reporting are the same.
     """
-    from pipeline.convert.converter import load_source
     from pipeline.release.gate import gate_stored_run
-    from pipeline.run import execute, load_eval_data, new_run_id
     from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
+    from pipeline.run import execute, new_run_id, prepare
 
     inv = _inventory(targets)
     selected = inv.select(list(select))
-    model_sha256 = load_source(model).sha256  # a missing or unknown model fails here, before a run is recorded
-    load_eval_data(data)                       # and so does a missing or unreadable eval file
+    prepared = prepare(model, data, targets=selected, calibration=calibration, signature=signature,
+                       input_shapes=input_shapes, reference=reference, preprocess=_preprocess(preprocess), task=task,
+                       output=output, cache_dir=cache_dir, on_notice=on_notice)
+    model_name = model_name or prepared.src.name
     run_id = run_id or new_run_id()
+    cancel = cancel or CancelToken()
+    cancel.check("stopped before the run started; nothing recorded")
     store = open_store(db, inv, must_exist=False)
-    leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
+    leases = None
     try:
         if distributed:  # a missing site: or a SQLite history is bad input: exit 2 before a run is recorded
             from pipeline.distributed.coordinator import preflight
 
             preflight(inv, selected, store)
-        store.begin_run(run_id, model_sha256, inv.sha256, label)
+        leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
+        store.begin_run(run_id, prepared.src.sha256, inv.sha256, label, model_name=model_name)
+        # the baseline's model is re-measured beside the new one only where a latency regression gate applies
+        remeasure = (store.resolve_baseline(baseline, exclude=run_id, model_name=model_name)
+                     if inv.gates.max_latency_regression is not None and not distributed else None)
         record = store.recorder(run_id)
 
         def _on_result(device: DeviceResult) -> None:
@@ -94,35 +134,45 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             if on_result is not None:
                 on_result(device)
 
-        if distributed:
-            result = _distributed(inv, model, data, store, calibration=calibration, select=[t.name for t in selected],
-                                  out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=on_result,
-                                  run_id=run_id, lease_timeout=lease_timeout, worker_timeout=worker_timeout,
-                                  worker_retries=worker_retries, queue_timeout=queue_timeout)
-        else:
-            result = execute(inv, model, data, calibration=calibration, select=[t.name for t in selected],
-                             out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_result=_on_result,
-                             run_id=run_id, lease=leases)
+        try:
+            if distributed:
+                result = _distributed(inv, prepared, store, select=[t.name for t in selected], out_dir=out_dir,
+                                      cache_dir=cache_dir, on_event=on_event, on_result=on_result, run_id=run_id,
+                                      lease_timeout=lease_timeout, worker_timeout=worker_timeout,
+                                      worker_retries=worker_retries, queue_timeout=queue_timeout,
+                                      model_name=model_name, cancel=cancel)
+            else:
+                result = execute(inv, select=[t.name for t in selected], out_dir=out_dir, cache_dir=cache_dir,
+                                 on_event=on_event, on_result=_on_result, run_id=run_id, cancel=cancel,
+                                 baseline=remeasure, model_name=model_name, prepared=prepared, lease=leases)
+        except Interrupted as exc:
+            store.mark_interrupted(run_id, exc.reason)
+            exc.run = store.load_run(run_id)
+            exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
+                           f"{len(selected)} device result(s) kept, marked interrupted in {store.path}")
+            exc.data["db"] = str(store.path)
+            raise
         for art in result.artifacts:
             store.add_artifact(run_id, art)
         store.set_float_top1(run_id, result.float_top1)
+        store.set_task(run_id, result.task, result.float_metrics)
         store.finish_run(run_id)
         stored, base, verdict = gate_stored_run(store, run_id, inv, baseline, select=[t.name for t in selected])
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
         _write_outputs(rel, store, report_dir, junit, summary)
         return rel
     finally:
-        leases.close()
+        if leases is not None:
+            leases.close()
         store.close()
 
 
-def _distributed(inv: Inventory, model: Any, data: Any, store: Any, *, worker_timeout: float | None,
-                 **kw: Any) -> RunResult:
-    """The measuring half of a distributed run (workers store their devices' results themselves)."""
+def _distributed(inv: Inventory, prepared: Any, store: Any, *, worker_timeout: float | None, **kw: Any) -> RunResult:
+    """The measuring half of a distributed run (workers store their devices' results; the host scores them)."""
     from pipeline.distributed.coordinator import execute_distributed
     from pipeline.distributed.queue import WORKER_TIMEOUT_S
 
-    return execute_distributed(inv, model, data, store=store, worker_timeout=worker_timeout or WORKER_TIMEOUT_S, **kw)
+    return execute_distributed(inv, prepared, store=store, worker_timeout=worker_timeout or WORKER_TIMEOUT_S, **kw)
 
 
 def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summary: Any) -> None:
@@ -131,11 +181,17 @@ def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summar
     if report_dir is not None:
         from pipeline.release.report import write_report
 
-        rel.report_path = write_report(rel.run, rel.verdict, store.history(limit=HISTORY_IN_REPORT), report_dir)
+        rel.report_path = write_report(rel.run, rel.verdict, _history(store, rel.run), report_dir)
     if junit is not None:
         rel.junit_path = write_junit(rel.verdict, junit)
     if summary is not None:
         rel.summary_path = write_summary(rel.verdict, summary)
+
+
+def _history(store: Any, run: RunResult) -> Any:
+    """The report's trend: runs of the same model only."""
+    return store.history(limit=HISTORY_IN_REPORT, model_name=run.model_name) if run.model_name else \
+        store.history(limit=HISTORY_IN_REPORT)
 
 
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
@@ -173,4 +229,4 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
             run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
         else:
             verdict = Verdict.from_dict(verdicts[-1])
-        return write_report(run, verdict, store.history(limit=HISTORY_IN_REPORT), out_dir)
+        return write_report(run, verdict, _history(store, run), out_dir)

@@ -1,6 +1,7 @@
 """One exception root for edgepipe; every error carries what the user needs to fix it."""
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -93,3 +94,26 @@ class GateError(EdgepipeError):
     """A gate cannot be evaluated (e.g. an unknown run or baseline)."""
 
     code = "gate"
+
+
+class Interrupted(EdgepipeError):
+    """Work stopped on request (Ctrl-C, SIGTERM): running agents were killed, finished results kept.
+
+    `signum` is the signal that asked (exit code 128 + signum, 130 without one); `run` the partial RunResult.
+    """
+
+    code = "interrupted"
+
+    def __init__(self, message: str, *, signum: int | None = None, run: Any = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.signum = signum
+        self.run = run
+        self.exit_code = 128 + int(signum or signal.SIGINT)
+
+    @property
+    def reason(self) -> str:
+        """'SIGINT', 'SIGTERM', or 'cancelled' when the caller cancelled without a signal."""
+        try:
+            return signal.Signals(self.signum).name if self.signum else "cancelled"
+        except ValueError:
+            return f"signal {self.signum}"

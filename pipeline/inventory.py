@@ -11,12 +11,14 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
+from pipeline.results import accelerator_of
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
@@ -71,6 +73,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _snr_gate(value: Any) -> Any:
+    """min_snr_db: a number for every output, or a mapping output name -> dB; anything else one clear line."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if value is None or number(value):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and number(v) for k, v in value.items()):
+        return value
+    raise PydanticCustomError("snr_gate", "wrong type: got {kind} {value}; expected a number (dB for every output) "
+                              "or a mapping of output name to dB, e.g. {boxes: 30, scores: 20}",
+                              {"kind": type(value).__name__, "value": repr(value)})
+
+
+SnrGate = Annotated[Optional[Union[float, dict[str, float]]], BeforeValidator(_snr_gate)]
+
+
 class GateThresholds(_Strict):
     """Per-target gates; None means not gated."""
 
@@ -80,9 +99,17 @@ class GateThresholds(_Strict):
     min_top1: Optional[float] = Field(None, ge=0, le=1)
     max_top1_drop: Optional[float] = Field(None, ge=0, le=100)  # points (0.01 top-1 = 1 point)
     min_agreement: Optional[float] = Field(None, ge=0, le=1)
-    min_snr_db: Optional[float] = None
+    min_snr_db: SnrGate = None  # dB for every output, or per output name
     max_bytes: Optional[int] = Field(None, gt=0)
     min_edgetpu_mapped: Optional[float] = Field(None, ge=0, le=1)
+    # task gates (issue 11), read from the host-computed metrics
+    min_map50: Optional[float] = Field(None, ge=0, le=1)
+    min_map: Optional[float] = Field(None, ge=0, le=1)
+    max_map_drop: Optional[float] = Field(None, ge=0, le=100)  # points of mAP@0.5:0.95 below the float model
+    max_mae: Optional[float] = Field(None, ge=0)
+    max_rmse: Optional[float] = Field(None, ge=0)
+    min_miou: Optional[float] = Field(None, ge=0, le=1)
+    min_auc: Optional[float] = Field(None, ge=0, le=1)
 
 
 THRESHOLD_KEYS = tuple(GateThresholds.model_fields)
@@ -96,8 +123,28 @@ class GatesSpec(GateThresholds):
     max_latency_regression: Optional[float] = Field(None, ge=0)  # fraction: 0.10 = 10 % slower
     min_latency_regression_ms: Optional[float] = Field(None, ge=0)  # and at least this much slower (absolute floor)
     max_top1_regression: Optional[float] = Field(None, ge=0, le=100)  # points
+    max_fallback_percent: Optional[float] = Field(None, ge=0, le=100)  # share of accelerator targets that ran on CPU
     kinds: dict[Kind, GateThresholds] = Field(default_factory=dict)
     groups: dict[str, GateThresholds] = Field(default_factory=dict)
+
+    def thresholds_for(self, kind: str, groups: list[str] | tuple[str, ...] = (), target: GateThresholds | None = None,
+                       target_name: str | None = None) -> dict[str, tuple[Any, str]]:
+        """Per-target thresholds with their source; the most specific wins: target > group > kind > fleet."""
+        out: dict[str, tuple[Any, str]] = {}
+        layers: list[tuple[GateThresholds, str]] = [(self, "gates")]
+        if kind in self.kinds:
+            layers.append((self.kinds[kind], f"gates.kinds.{kind}"))
+        for g in groups:
+            if g in self.groups:
+                layers.append((self.groups[g], f"gates.groups.{g}"))
+        if target is not None:
+            layers.append((target, f"targets[{target_name}].gates"))
+        for spec, source in layers:
+            for key in THRESHOLD_KEYS:
+                value = getattr(spec, key)
+                if value is not None:
+                    out[key] = (value, f"{source}.{key}")
+        return out
 
 
 class _TargetFields(_Strict):
@@ -119,6 +166,7 @@ class _TargetFields(_Strict):
     delegate_options: Optional[dict[str, Any]] = None
     edgetpu_device: Optional[str] = None
     allow_fallback: Optional[bool] = None
+    require_accelerator: Optional[bool] = None
     transport: Optional[Literal["ssh", "local"]] = None
     workdir: Optional[str] = Field(None, min_length=1)
     jump_host: Optional[str] = None
@@ -217,6 +265,12 @@ class Target:
     description: str | None = None
     gates: GateThresholds = field(default_factory=GateThresholds)
     site: str | None = None
+    require_accelerator: bool = False
+
+    @property
+    def accelerator(self) -> str:
+        """What the target asks to run on: edgetpu, gpu (the GPU or an external delegate library) or cpu."""
+        return accelerator_of(self.delegate)
 
     @property
     def physical_host(self) -> tuple[str, int]:
@@ -270,20 +324,7 @@ class Inventory:
 
     def gates_for(self, target: Target) -> dict[str, tuple[Any, str]]:
         """Per-target thresholds with their source; the most specific wins: target > group > kind > fleet."""
-        out: dict[str, tuple[Any, str]] = {}
-        layers: list[tuple[GateThresholds, str]] = [(self.gates, "gates")]
-        if target.kind in self.gates.kinds:
-            layers.append((self.gates.kinds[target.kind], f"gates.kinds.{target.kind}"))
-        for g in target.groups:
-            if g in self.gates.groups:
-                layers.append((self.gates.groups[g], f"gates.groups.{g}"))
-        layers.append((target.gates, f"targets[{target.name}].gates"))
-        for spec, source in layers:
-            for key in THRESHOLD_KEYS:
-                value = getattr(spec, key)
-                if value is not None:
-                    out[key] = (value, f"{source}.{key}")
-        return out
+        return self.gates.thresholds_for(target.kind, target.groups, target.gates, target.name)
 
 
 def _loc_to_path(loc: tuple[Any, ...]) -> str:
@@ -441,12 +482,16 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
             if gs.allow_fallback is not None and spec.allow_fallback is None:
                 merged["allow_fallback"] = gs.allow_fallback
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
+    delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
+    require = merged.get("require_accelerator")
+    if require is None:  # an accelerator target must use it, unless falling back to the CPU is explicitly allowed
+        require = accelerator_of(delegate) != "cpu" and not merged["allow_fallback"]
     runtime, runtime_version = _split_runtime(merged.get("runtime"), merged.get("runtime_version"), file, f"{fpath}.runtime")
     known_hosts = spec.known_hosts or d.known_hosts or BUILTIN_DEFAULTS["known_hosts"]
     return Target(
         name=spec.name, host=merged.get("host") or spec.host or "localhost", port=merged["port"], user=merged["user"],
         kind=merged["kind"], mode=mode, python=merged["python"], runtime=runtime, runtime_version=runtime_version,
-        threads=merged.get("threads"), delegate=merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]],
+        threads=merged.get("threads"), delegate=delegate,
         delegate_options=dict(merged.get("delegate_options") or {}), edgetpu_device=merged.get("edgetpu_device"),
         allow_fallback=bool(merged["allow_fallback"]), groups=list(spec.groups), transport=merged["transport"],
         workdir=merged["workdir"], known_hosts=_resolve_path(known_hosts, base),
@@ -455,7 +500,7 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         connect_timeout=float(merged["connect_timeout"]), timeout=float(merged["timeout"]), retries=int(merged["retries"]),
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
-        gates=spec.gates, site=merged.get("site"),
+        gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"),
     )
 
 

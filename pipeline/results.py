@@ -17,13 +17,44 @@ from pipeline.files import agent_file
 SCHEMA_PATH = agent_file("result.schema.json")
 
 
+def accelerator_of(delegate: str | None) -> str:
+    """edgetpu | gpu | cpu for a `delegate:` value (a library path is an external, GPU-class delegate)."""
+    if delegate in (None, "", "cpu"):
+        return "cpu"
+    return "edgetpu" if delegate == "edgetpu" else "gpu"
+
+
+def accelerator_use(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """{"requested", "used", "fallback", "reason"} from the agent's `accelerator` block (or its older `delegate`)."""
+    r = result or {}
+    acc = r.get("accelerator")
+    if isinstance(acc, dict) and acc.get("requested"):
+        return acc
+    dl = r.get("delegate")
+    if isinstance(dl, dict) and dl.get("requested"):
+        asked = accelerator_of(dl["requested"])
+        return {"requested": asked, "used": "cpu" if dl.get("fallback") else asked,
+                "fallback": bool(dl.get("fallback")), "reason": dl.get("reason")}
+    return None
+
+
 @dataclass
 class ErrorInfo:
     code: str
     message: str
+    details: dict[str, Any] | None = None  # facts behind the code, e.g. disk_full's free_bytes and needed_bytes
 
-    def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            d["details"] = dict(self.details)
+        return d
+
+
+def target_fields(target: Any) -> dict[str, Any]:
+    """The DeviceResult fields that come from the inventory target itself."""
+    return dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
+                groups=list(target.groups), emulated=bool(target.emulated))
 
 
 @dataclass
@@ -43,12 +74,44 @@ class DeviceResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     bytes_sent: int = 0
     attempts: int = 1
+    # additive (issue 11): host-computed task metrics {"task", "<metric>": value, "outputs": {name: {...}}}
+    metrics: dict[str, Any] | None = None
+    outputs_path: str | None = None  # local copy of the agent's --outputs-out .npz (every output, by tensor name)
+    # additive (issue 12): measured on the CPU although the target asked for an accelerator, and why
+    fallback: bool = False
+    fallback_reason: str | None = None
+
+    def mark_fallback(self) -> None:
+        """Set `fallback`/`fallback_reason` from the agent's result and the artifact (e.g. an uncompiled Edge TPU
+        model), so every output can name a device that did not use its accelerator."""
+        not_compiled = (self.artifact or {}).get("not_compiled")
+        if not self.ok and self.error and self.error.code == "edgetpu_unavailable" and not_compiled \
+                and not self.error.message.startswith("not compiled"):
+            self.error.message = f"not compiled: {not_compiled}; {self.error.message}"
+        use = accelerator_use(self.result) if self.ok else None
+        if not use or not use.get("fallback"):
+            self.fallback, self.fallback_reason = False, None
+            return
+        why = use.get("reason") or f"ran on {use.get('used')} instead of {use.get('requested')}"
+        self.fallback = True
+        self.fallback_reason = f"not compiled: {not_compiled}; {why}" if not_compiled else why
     # the device lease it measured under: {"acquired", "released"} epoch seconds on the database's clock, "device"
     lease: dict[str, Any] | None = None
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
         return cls(name=name, kind=kind, mode=mode, ok=False, error=ErrorInfo(code, message), **kw)
+
+    @classmethod
+    def for_target(cls, target: Any, *, ok: bool, **kw: Any) -> "DeviceResult":
+        """A result for an inventory target (name, kind, mode, host, groups, emulated taken from it)."""
+        return cls(ok=ok, **target_fields(target), **kw)
+
+    @classmethod
+    def failed_for(cls, target: Any, code: str, message: str, *, details: dict[str, Any] | None = None,
+                   **extra: Any) -> "DeviceResult":
+        """The one way a target's failure becomes a row: an error code, a message, optional facts."""
+        return cls.for_target(target, ok=False, error=ErrorInfo(code, message, details or None), **extra)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,7 +124,10 @@ class DeviceResult:
         err = d.get("error")
         d["error"] = ErrorInfo(**err) if err else None
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        device = cls(**{k: v for k, v in d.items() if k in known})
+        if "fallback" not in d:  # stored before fallbacks were recorded: derive it from the agent's result
+            device.mark_fallback()
+        return device
 
 
 @dataclass
@@ -77,6 +143,11 @@ class RunResult:
     float_top1: float | None = None
     label: str | None = None
     inventory_sha256: str | None = None
+    interrupted: str | None = None  # 'SIGINT' / 'SIGTERM' / 'cancelled' when the run was stopped on request
+    model_name: str | None = None  # additive (issue 12): baselines compare runs of the same model name
+    # additive (issue 11): the task the host scored (pipeline.metrics task spec) and the float model's own scores
+    task: dict[str, Any] | None = None
+    float_metrics: dict[str, Any] | None = None
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -98,10 +169,29 @@ class RunResult:
             "float_top1": self.float_top1,
             "label": self.label,
             "inventory_sha256": self.inventory_sha256,
+            "interrupted": self.interrupted,
+            "model_name": self.model_name,
+            "task": self.task,
+            "float_metrics": self.float_metrics,
         }
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
+
+
+def _inline_refs(node: Any, defs: dict[str, Any], depth: int = 0) -> Any:
+    """The schema with each bare `{"$ref": "#/$defs/x"}` replaced by x itself (our schema has no cycles).
+
+    jsonschema resolves a $ref on every use (once per latency sample): inlined, a result validates 2-3x faster.
+    """
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if len(node) == 1 and isinstance(ref, str) and ref.startswith("#/$defs/") and depth < 32:
+            return _inline_refs(defs[ref[len("#/$defs/"):]], defs, depth + 1)
+        return {k: v if k == "$defs" else _inline_refs(v, defs, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs, depth) for v in node]
+    return node
 
 
 @lru_cache(maxsize=1)
@@ -109,6 +199,7 @@ def _validator():
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
+    schema = _inline_refs(schema, schema.get("$defs", {}))
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema)
 

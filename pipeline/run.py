@@ -1,23 +1,31 @@
-"""One fleet run: probe devices, convert once per distinct format, ship the eval file with float references,
-push and run everything, validate every result. Returns a RunResult; never raises for a device's problem.
+"""One fleet run: check the model and data on the host, probe devices, convert once per distinct format, push the
+eval inputs, run everywhere, fetch every device's outputs and score them on the host. Returns a RunResult; never
+raises for a device's problem.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.devices.deploy import sha256_file
-from pipeline.errors import CompatibilityError, ConfigError, ConversionError
+from pipeline import metrics as scoring
+from pipeline.convert.calibration import Calibration, load_calibration
+from pipeline.convert.data import Dataset, Preprocess, load_dataset, write_device_eval
+from pipeline.convert.source import (ModelSource, describe, identify, match_specs, parse_input_shapes,
+                                     specs_from_manifest, with_shapes)
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.fleet import DeviceJob, FleetRunner, LeaseHook, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
+from pipeline.errors import AgentError, CompatibilityError, ConfigError, ConversionError, EdgepipeError, Interrupted
 from pipeline.inventory import AUTO_ORDER
-from pipeline.results import DeviceResult, RunResult
+from pipeline.results import DeviceResult, ErrorInfo, RunResult
 
+CALIBRATED_MODES = ("int8", "int16x8")
+Notice = Callable[[str], None]
 
 
 def new_run_id() -> str:
@@ -37,167 +45,470 @@ def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
     return {}
 
 
-def load_eval_data(data: str | Path) -> dict[str, np.ndarray]:
-    """x (required) and y (optional) from an .npz; a bad file is one ConfigError line naming it."""
-    p = Path(data)
-    if not p.is_file():
-        raise ConfigError("evaluation data not found", file=str(p), field="--data",
-                          hint="pass an .npz with an array x (inputs) and optionally y (labels)")
+# ---------------------------------------------------------------- scoring (pipeline.metrics) helpers
+
+def _field(spec: Any, name: str) -> Any:
+    """A task spec field, whether the spec is a mapping or an object."""
+    if spec is None:
+        return None
+    return spec.get(name) if isinstance(spec, dict) else getattr(spec, name, None)
+
+
+def spec_dict(spec: Any) -> dict[str, Any] | None:
+    if spec is None or isinstance(spec, dict):
+        return spec
+    if hasattr(spec, "to_dict"):
+        return spec.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(spec) if is_dataclass(spec) else {"task": str(spec)}
+
+
+def output_specs(src: ModelSource, artifact_outputs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The model's outputs as the scorer sees them: name (the model's own), tflite_name, shape (batch 1 first; -1
+    for a dimension only the conversion fixes), dtype and quantization (the artifact's, when given)."""
+    out = []
+    for s in src.outputs or []:
+        ref = (artifact_outputs or {}).get(s.name) or s
+        shape = [1 if (i == 0 and d is None) else (-1 if d is None else int(d)) for i, d in enumerate(ref.shape or ())]
+        out.append({"name": s.name, "tflite_name": ref.tflite_name, "shape": shape, "dtype": ref.dtype,
+                    "scale": ref.scale, "zero_point": ref.zero_point})
+    return out
+
+
+def _label_key(task: Any) -> str | None:
+    labels = _field(task, "labels")
+    if isinstance(labels, (list, tuple)):
+        return labels[0] if labels else None
+    return labels
+
+
+REDUCE_BYTES = 64 << 20   # a dense segmentation output bigger than this (as float16) comes back as argmax masks
+
+
+def _reductions(task: Any, src: ModelSource, n: int) -> dict[str, str]:
+    """{model output name: 'argmax'} for outputs the devices should reduce before sending them back."""
+    asked = dict(_field(task, "reduce") or {})
+    if _field(task, "task") == "segmentation":
+        for name in _field(task, "outputs") or []:
+            spec = src.output(name)
+            size = int(np.prod([d for d in (spec.shape or ())[1:] if d])) if spec is not None else 0
+            if n * size * 2 > REDUCE_BYTES:
+                asked.setdefault(name, "argmax")
+    return asked
+
+
+def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
+    """Labels that cannot fit the scored output: class ids of a classifier outside its width (one line, exit 2)."""
+    kind, name, label = _field(task, "task"), _field(task, "output"), _label_key(task) or "y"
+    outs = src.outputs or []
+    if kind != "classification":
+        return
+    name = name or (outs[0].name if len(outs) == 1 else None)
+    spec, y = src.output(name) if name else None, ds.labels.get(label)
+    if spec is None or y is None or not spec.shape or spec.shape[-1] is None:
+        return
+    width = int(spec.shape[-1])
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        ids = y.reshape(-1)
+        if ids.dtype.kind == "f" and not np.all(ids == np.round(ids)):
+            raise ConfigError(f"label array '{label}' holds fractional values but output '{name}' is a "
+                              f"{width}-class classifier", file=ds.source, field=label,
+                              hint="give integer class ids (or one-hot rows)")
+        if ids.size and (ids.min() < 0 or ids.max() >= width):
+            raise ConfigError(f"label array '{label}' has class ids {int(ids.min())}..{int(ids.max())} but output "
+                              f"'{name}' has {width} classes (0..{width - 1})", file=ds.source, field=label,
+                              hint="labels must index the model's output")
+    elif y.ndim == 2 and y.shape[1] != width:
+        raise ConfigError(f"label array '{label}' has shape {tuple(y.shape)} but output '{name}' has {width} "
+                          f"classes", file=ds.source, field=label, hint=f"one-hot labels need {width} columns")
+
+
+# ---------------------------------------------------------------- host-side preparation (no device touched)
+
+@dataclass
+class RunInputs:
+    """Everything checked and computed on the host before any device is touched."""
+
+    src: ModelSource                          # identified once, described, input shapes resolved
+    data: Dataset                             # eval inputs by model input name, labels by the user's names
+    calibration: Calibration | None = None
+    reference_model: ModelSource | None = None
+    reference: dict[str, np.ndarray] | None = None   # float outputs by model output name; None: not measured
+    task: Any = None                          # pipeline.metrics task spec (None when scoring is not installed)
+    float_metrics: dict[str, Any] | None = None
+    notices: list[str] = field(default_factory=list)
+
+
+def _needs_calibration(targets: list[Any], src: ModelSource) -> list[Any]:
+    if src.kind == "tflite" or src.qat:
+        return []
+    return [t for t in targets if t.mode in CALIBRATED_MODES]
+
+
+def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targets: list[Any] = (),
+            calibration: Any = None, signature: str | None = None, input_shapes: Any = None,
+            reference: str | Path | ModelSource | None = None, preprocess: Preprocess | None = None,
+            task: str | None = None, output: str | None = None, cache_dir: str | Path | None = None,
+            on_notice: Notice | None = None) -> RunInputs:
+    """Identify the model once, check the eval and calibration data against it, resolve the task and compute the
+    float reference (cached). Every problem is one ConfigError/ConversionError, before any device is touched."""
+    notice = on_notice or (lambda msg: None)
+    src = identify(model, signature=signature)
+    ref_src = describe(identify(reference), cache_dir=cache_dir) if reference is not None else None
+    src = with_shapes(describe(src, cache_dir=cache_dir), {**src.overrides, **parse_input_shapes(input_shapes)})
+    ds = load_dataset(data, src.inputs, preprocess=preprocess)
+    calib = None
+    if calibration is not None and src.kind != "tflite":
+        calib = load_calibration(calibration, preprocess=preprocess, inputs=src.inputs)
+    elif calibration is not None:
+        notice("--calibration is not used: a .tflite ships as it is")
+    missing = _needs_calibration(list(targets), src) if calib is None else []
+    if missing:
+        raise ConfigError(f"target {missing[0].name} (mode {missing[0].mode}) needs calibration data",
+                          field="--calibration", hint="pass --calibration DATA.npz (one array per model input, "
+                                                      "x for one) or an image folder")
+    if output is not None and src.output(output) is not None:
+        output = src.output(output).name   # a TFLite tensor name works too
     try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # zip/npy format errors come in many types
-        raise ConfigError(f"cannot read evaluation data: {exc}", file=str(p), field="--data",
-                          hint="write it with numpy.savez(path, x=..., y=...)") from None
-    if "x" not in arrays:
-        raise ConfigError(f"evaluation data has no array 'x' (found: {', '.join(arrays) or 'none'})", file=str(p),
-                          field="--data", hint="numpy.savez(path, x=inputs, y=labels)")
-    if "y" in arrays and len(arrays["y"]) != len(arrays["x"]):
-        raise ConfigError(f"x has {len(arrays['x'])} samples but y has {len(arrays['y'])}", file=str(p), field="--data")
-    return {k: arrays[k] for k in ("x", "y") if k in arrays}
+        task_spec = scoring.resolve_task(task, output, output_specs(src), dict(ds.labels))
+    except ConfigError as exc:
+        exc.file = exc.file or ds.source   # name the user's data file the labels came from
+        raise
+    check_labels(ds, task_spec, src)
+    prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
+    for msg in list(src.notes) + (calib.warnings if calib else []):
+        prepared.notices.append(msg)
+        notice(msg)
+    if src.variant == "edgetpu_compiled" and ref_src is None:
+        notice("an Edge-TPU-compiled model never runs on the host: agreement with float is not measured "
+               "(pass --reference FLOAT_MODEL to measure it)")
+    elif not src.runs_on_host and ref_src is None:
+        notice(f"a {src.variant} .tflite is not a float model: agreement with float is not measured "
+               "(pass --reference FLOAT_MODEL to measure it)")
+    return prepared
 
 
-def build_eval_file(model: str | Path, data: str | Path, out_dir: Path, cache_dir: Path | None,
-                    model_sha256: str) -> tuple[Path, float | None]:
-    """The eval .npz shipped to devices: x, y and the host's float reference outputs (cached by content)."""
-    arrays = load_eval_data(data)
-    key = hashlib.sha256(f"{model_sha256}:{sha256_file(Path(data))}".encode()).hexdigest()[:24]
+def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path) -> None:
+    """The float reference outputs (cached by model, reference and data) and the float model's own scores."""
+    from pipeline.convert.reference import cached_reference
+
+    p = prepared
     where = (Path(cache_dir) if cache_dir else Path(out_dir)) / "eval"
-    path = where / f"eval-{key}.npz"
-    if not path.exists():
-        from pipeline.convert.reference import float_reference
-
-        try:
-            ref = np.asarray(float_reference(model, arrays["x"]), dtype=np.float32)
-        except ConfigError as exc:
-            exc.file = exc.file or str(data)
-            raise
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ref=ref, **arrays)
-        tmp.replace(path)
-    with np.load(path) as z:
-        ref, y = z["ref"], (z["y"] if "y" in z.files else None)
-    top1 = None
-    if y is not None and ref.ndim == 2 and ref.shape[1] > 1:
-        top1 = float((ref.argmax(-1) == y.reshape(-1)).mean())
-    return path, top1
+    p.reference = cached_reference(p.src, p.data.inputs, p.data.sha256, where, p.reference_model)
+    if p.reference is not None:
+        p.float_metrics = scoring.score_reference(p.task, p.reference, dict(p.data.labels), output_specs(p.src))
 
 
-def _failure(t: Any, code: str, message: str) -> DeviceResult:
-    return DeviceResult.failure(t.name, t.kind, t.mode, code, message, host=f"{t.host}:{t.port}",
-                                groups=list(t.groups), emulated=bool(t.emulated))
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class ArtifactIO:
+    """How one artifact names the model's tensors: its eval file and output specs for scoring."""
+
+    eval_file: Path
+    tflite_outputs: dict[str, str]            # TFLite output name -> model output name
+    specs: list[dict[str, Any]]
+    reduce: dict[str, str]
 
 
-def execute(inventory: Any, model: str | Path, data: str | Path, *, calibration: Any = None,
-            select: list[str] | None = None, out_dir: str | Path, cache_dir: str | Path | None = None,
-            on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
-            run_id: str | None = None, transport_factory: TransportFactory | None = None,
-            lease: LeaseHook | None = None) -> RunResult:
-    """Probe → eval file with float refs → convert once per format → push + run everywhere → validated results.
+def _artifact_io(prepared: RunInputs, manifest: dict[str, Any], where: Path) -> ArtifactIO:
+    """The eval file and output names for one artifact, from its manifest's tensors."""
+    src = prepared.src
+    a_in, a_out = specs_from_manifest(manifest)
+    in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=manifest.get("file"))
+    out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=manifest.get("file"))
+    by_name = {s.name: s for s in a_out}
+    reduce = {out_map[k]: v for k, v in _reductions(prepared.task, src, prepared.data.n).items() if k in out_map}
+    return ArtifactIO(write_device_eval(prepared.data, in_map, where), {v: k for k, v in out_map.items()},
+                      output_specs(src, {k: by_name[v] for k, v in out_map.items()}), reduce)
 
-    `lease` (see pipeline.devices.fleet.LeaseHook) holds each device for this run while it is pushed and measured.
+
+def refusal(t: Any, src: ModelSource) -> DeviceResult | None:
+    """A target that cannot run this .tflite at all, decided before its device is touched."""
+    if src.variant == "edgetpu_compiled" and t.accelerator != "edgetpu":
+        return DeviceResult.failed_for(t, "needs_edgetpu", f"{src.path.name} is compiled for the Edge TPU "
+                                       "(edgetpu-custom-op) and runs only on Edge TPU targets, not on a "
+                                       f"{t.accelerator} target")
+    if src.kind == "tflite" and src.variant == "float" and t.accelerator == "edgetpu":
+        return DeviceResult.failed_for(t, "conversion_failed", f"{src.path.name} is a float .tflite; the Edge TPU "
+                                       "runs int8 models only (pass the SavedModel/.keras with --calibration, or "
+                                       "an int8 .tflite)")
+    return None
+
+
+def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> DeviceResult:
+    """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
+    if io is None or not res.ok or not res.outputs_path:
+        return res
+    try:   # the agent names outputs by TFLite tensor; the task and the reference use the model's own names
+        outputs = {io.tflite_outputs.get(k, k): (v.astype(np.float32) if v.dtype.kind == "f" else v)
+                   for k, v in scoring.load_outputs(res.outputs_path).items()}
+        metrics = scoring.score_device(prepared.task, outputs, prepared.reference, dict(prepared.data.labels),
+                                      io.specs, reference_metrics=prepared.float_metrics)
+    except EdgepipeError as exc:   # this device's outputs cannot be scored: its row says why, the others go on
+        res.ok = False
+        res.error = ErrorInfo(exc.code if isinstance(exc, AgentError) else "scoring_failed", exc.one_line())
+        return res
+    scoring.attach(res, metrics)   # DeviceResult.metrics, and result["accuracy"/"agreement"] for a classifier
+    return res
+
+
+def _plain_info(art: Any) -> dict[str, Any]:
+    return {"sha256": art.sha256, "bytes": art.bytes, "path": str(art.path), "mode": art.mode,
+            "variant": art.manifest.get("compat") or None, "edgetpu": art.edgetpu}
+
+
+class EdgeTPUFiles:
+    """What each Edge TPU target receives: the int8 artifact compiled for its libedgetpu runtime (and the plain
+    int8 as its CPU fallback when `allow_fallback`), or the plain int8 labelled "not compiled: <why>"."""
+
+    def __init__(self, out_dir: Path, cache_dir: Path | None) -> None:
+        self.out_dir, self.cache_dir = out_dir, cache_dir
+        self._compiled: dict[tuple[str, int | None], Any] = {}
+        self.manifests: list[dict[str, Any]] = []
+
+    def select(self, target: Any, art: Any, probe: ProbeResult | None) -> tuple[Path, dict[str, Any], Path | None]:
+        """(model to push, artifact info for the result, plain int8 to push as the CPU fallback or None)."""
+        from pipeline.convert.edgetpu import compiled_artifact, runtime_number
+
+        info = _plain_info(art)
+        if art.mode != "int8":
+            info["not_compiled"] = f"mode {art.mode}: the Edge TPU runs int8 models only"
+            return art.path, info, None
+        tpu = ((probe.probe or {}).get("edgetpu") or {}) if probe is not None and probe.ok else {}
+        version = runtime_number(tpu.get("runtime_version"))
+        key = (art.sha256, version)
+        if key not in self._compiled:
+            comp = compiled_artifact(art.path, out_dir=self.out_dir, cache_dir=self.cache_dir,
+                                     min_runtime_version=version, source_manifest=art.manifest)
+            self._compiled[key] = comp
+            if comp.manifest is not None:
+                self.manifests.append(comp.manifest)
+        comp = self._compiled[key]
+        if not comp.compiled:
+            info["not_compiled"] = comp.reason
+            return art.path, info, None
+        info = {"sha256": comp.sha256, "bytes": comp.bytes, "path": str(comp.path), "mode": art.mode,
+                "variant": "edgetpu", "edgetpu": comp.manifest["edgetpu"], "compiled": True,
+                "min_runtime_version": version, "plain_int8_sha256": art.sha256}
+        return comp.path, info, (art.path if target.allow_fallback else None)
+
+
+def precompiled_artifact(src: Any, out_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """A model given already compiled (`*_edgetpu.tflite`): shipped as is to Edge TPU targets, no CPU fallback."""
+    import shutil
+
+    from pipeline.convert.manifest import build_manifest, read_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / src.path.name
+    if path.resolve() != src.path.resolve():
+        shutil.copyfile(src.path, path)
+    tpu = {"status": "compiled", "precompiled": True, "compiler_available": None, "compiler_version": None,
+           "mapped_share": None, "note": "compiled before edgepipe saw it: no compiler report to read the "
+                                         "mapped share from"}
+    manifest = build_manifest(read_model(path), mode="int8", file_name=path.name, recipe={"precompiled": True},
+                              tf_version=None, source=src.record(), calibration=None, compat=None, edgetpu=tpu)
+    info = {"sha256": manifest["sha256"], "bytes": manifest["bytes"], "path": str(path), "mode": "int8",
+            "variant": "edgetpu", "edgetpu": tpu, "compiled": True}
+    return path, info, manifest
+
+
+def _baseline_model(target: Any, info: dict[str, Any], baseline: RunResult | None) -> dict[str, Any] | None:
+    """The baseline run's artifact for this target, to re-measure interleaved on the device; None when it is the
+    same file (nothing to compare side by side), not comparable, or on the Edge TPU."""
+    if baseline is None or target.accelerator == "edgetpu":
+        return None
+    for b in baseline.devices:
+        art = b.artifact or {}
+        if b.name == target.name and b.ok and b.mode == target.mode and not b.fallback and art.get("sha256"):
+            return None if art["sha256"] == info["sha256"] else {"sha256": art["sha256"], "path": art.get("path")}
+    return None
+
+
+def execute(inventory: Any, model: str | Path | ModelSource | None = None, data: str | Path | Dataset | None = None,
+            *, calibration: Any = None, select: list[str] | None = None, out_dir: str | Path,
+            cache_dir: str | Path | None = None, on_event: OnEvent | None = None,
+            on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
+            transport_factory: TransportFactory | None = None, cancel: CancelToken | None = None,
+            baseline: RunResult | None = None, model_name: str | None = None, prepared: RunInputs | None = None,
+            on_notice: Notice | None = None, lease: LeaseHook | None = None, **prepare_kw: Any) -> RunResult:
+    """Host checks -> refuse what cannot run -> probe -> float reference -> convert once per format -> push + run
+    everywhere -> fetch outputs -> score. `prepared` (from `prepare`) skips the host checks a caller already did.
+
+    Once `cancel` is set, agents still running are killed and `Interrupted` is raised carrying the partial
+    RunResult (only the devices already reported through `on_result`). With `baseline`, each device also
+    re-measures the baseline run's model interleaved with the new one (when they differ), so the regression gate
+    compares two models timed side by side instead of two runs. `lease` (pipeline.devices.fleet.LeaseHook) holds
+    each device for this run while it is pushed and measured.
     """
-    from pipeline.convert.converter import load_source
-
+    cancel = cancel or CancelToken()
     ev, report = on_event or _noop, on_result or (lambda r: None)
     run_id = run_id or new_run_id()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = inventory.select(list(select or []))
     started = time.time()
-    src = load_source(model)        # a missing model fails here, before any device is touched
-    load_eval_data(data)            # and so does bad eval data
-    # 1. probe: what each device really has
-    probes = {p.name: p for p in probe_fleet(targets, max_parallel=inventory.max_parallel,
-                                             transport_factory=transport_factory, on_event=ev, keep=True)}
-    connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
-    try:
-        return _after_probe(inventory, model, data, targets, probes, connections, calibration=calibration,
-                            out_dir=out_dir, cache_dir=cache_dir, ev=ev, report=report, run_id=run_id,
-                            transport_factory=transport_factory, src=src, started=started, lease=lease)
-    finally:
-        for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
-            tr.close()
-
-
-def _after_probe(inventory: Any, model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult],
-                 connections: dict[str, Any], *, calibration: Any, out_dir: Path, cache_dir: Any, ev: OnEvent,
-                 report: Callable[[DeviceResult], None], run_id: str, transport_factory: Any, src: Any,
-                 started: float, lease: LeaseHook | None = None) -> RunResult:
+    if prepared is None:   # a bad model or bad data fails here, before any device is touched
+        prepared = prepare(model, data, targets=targets, calibration=calibration, cache_dir=cache_dir,
+                           on_notice=on_notice, **prepare_kw)
+    src = prepared.src
     done: dict[str, DeviceResult] = {}
 
     def finish(res: DeviceResult) -> None:
         done[res.name] = res
         report(res)
 
-    jobs, manifests, float_top1 = prepare_jobs(model, data, targets, probes, calibration=calibration, out_dir=out_dir,
-                                               cache_dir=cache_dir, ev=ev, finish=finish, src=src)
-    # 4-5. push, run, collect, validate
-    runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
-                         on_event=ev, on_result=finish, lease=lease,
-                         connections={j.target.name: connections.pop(j.target.name) for j in jobs
-                                      if j.target.name in connections})
-    runner.run(jobs)
-    result = RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
-                       finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
-                       complete=len(done) == len(targets), float_top1=float_top1)
-    return result
+    runnable = []
+    for t in targets:
+        refused = refusal(t, src)
+        if refused is None:
+            runnable.append(t)
+        else:
+            finish(refused)
+            ev(t.name, "done", f"{refused.error.code}: {refused.error.message}")
+    # 1. probe: what each device really has
+    probes = {p.name: p for p in probe_fleet(runnable, max_parallel=inventory.max_parallel,
+                                             transport_factory=transport_factory, on_event=ev, keep=True,
+                                             cancel=cancel)}
+    connections = {n: p.transport for n, p in probes.items() if p.transport is not None}
+    try:
+        plan = plan_jobs(prepared, runnable, probes, out_dir=out_dir, cache_dir=cache_dir, ev=ev, finish=finish,
+                         run_id=run_id, cancel=cancel, baseline=baseline)
+        runner = FleetRunner(run_id=run_id, max_parallel=inventory.max_parallel, transport_factory=transport_factory,
+                             on_event=ev, on_result=lambda res: finish(plan.scored(res)), cancel=cancel, lease=lease,
+                             connections={j.target.name: connections.pop(j.target.name) for j in plan.jobs
+                                          if j.target.name in connections})
+        runner.run(plan.jobs)
+        manifests = plan.manifests
+        cancel.check(f"stopped with {len(done)} of {len(targets)} device(s) finished")
+    except Interrupted as exc:
+        exc.run = RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
+                            finished=time.time(), model_sha256=src.sha256, complete=False, interrupted=exc.reason)
+        raise
+    finally:
+        for tr in connections.values():  # FleetRunner closes what it took; close the rest (e.g. failed conversions)
+            tr.close()
+    fm = prepared.float_metrics or {}
+    return RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
+                     finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
+                     complete=len(done) == len(targets), float_top1=fm.get("top1"),
+                     model_name=model_name or src.name, task=spec_dict(prepared.task),
+                     float_metrics=prepared.float_metrics)
 
 
-def prepare_jobs(model: Any, data: Any, targets: list[Any], probes: dict[str, ProbeResult], *, calibration: Any,
-                 out_dir: Path, cache_dir: Any, ev: OnEvent, finish: Callable[[DeviceResult], None],
-                 src: Any) -> tuple[list[DeviceJob], list[dict[str, Any]], float | None]:
-    """After the probe: the eval file, one conversion per distinct format, and a DeviceJob per ready target.
+@dataclass
+class JobPlan:
+    """What the devices of a run will do, decided on the host: one DeviceJob per ready target, the manifests of
+    every artifact, and how to finish a device's result (what really ran, scored on the host)."""
 
-    Targets that failed their probe or whose conversion failed are `finish`ed with their error here. Also used by
-    distributed runs, whose probes come back from the workers.
-    """
-    from pipeline.convert.converter import convert, plan_formats
+    jobs: list[DeviceJob]
+    manifests: list[dict[str, Any]]
+    prepared: RunInputs
+    shipped: dict[str, tuple[Path, dict[str, Any], Path | None]] = field(default_factory=dict)
+    io_of: dict[str, ArtifactIO] = field(default_factory=dict)
 
+    def scored(self, res: DeviceResult) -> DeviceResult:
+        mode = (self.shipped.get(res.name, (None, {}, None))[1] or {}).get("mode")
+        if self.prepared.src.kind == "tflite" and mode and mode != res.mode:  # shipped as it is: say what ran
+            res.mode = mode
+        return score(res, self.io_of.get(res.name), self.prepared)
+
+
+def plan_jobs(prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeResult], *, out_dir: Path,
+              cache_dir: Any, ev: OnEvent, finish: Callable[[DeviceResult], None], run_id: str,
+              cancel: CancelToken | None = None, baseline: RunResult | None = None) -> JobPlan:
+    """After the probe: the float reference, one conversion per distinct format, the eval file per artifact and a
+    DeviceJob per ready target. Targets whose probe or conversion failed are `finish`ed here. Distributed runs use
+    it too, with probes that came back from their sites' workers."""
+    from pipeline.convert.converter import convert
+    from pipeline.convert.recipes import plan_formats
+
+    cancel = cancel or CancelToken()
+    cancel.check("stopped after probing the fleet")
+    src = prepared.src
     live = []
     for t in targets:
         p = probes[t.name]
         if p.ok:
             live.append(t)
         else:
-            finish(_failure(t, p.error.code, p.error.message))
+            finish(DeviceResult.failed_for(t, p.error.code, p.error.message, details=p.error.details))
             ev(t.name, "done", f"{p.error.code}: {p.error.message}")
+    if not live:
+        return JobPlan([], [], prepared)
+    # 2. the host's float reference outputs (cached), once some device can be measured
+    compute_reference(prepared, Path(cache_dir) if cache_dir else None, out_dir)
 
-    # 2. the eval file with the host's float reference outputs; first, so bad data fails before any conversion
-    float_top1 = None
-    eval_path = None
-    if live:
-        eval_path, float_top1 = build_eval_file(model, data, out_dir, Path(cache_dir) if cache_dir else None,
-                                                src.sha256)
-
-    # 3. convert once per distinct format
+    # 3. convert once per distinct format; a .tflite ships as it is (checked per runtime)
+    cancel.check("stopped before converting")
     runtimes = {t.name: effective_runtime(t, probes.get(t.name)) for t in live}
     artifacts: dict[str, Any] = {}
-    manifests = []
+    manifests: list[dict[str, Any]] = []
     by_name = {t.name: t for t in live}
-    for req in plan_formats(live, runtimes):
+    shipped: dict[str, tuple[Path, dict[str, Any], Path | None]] = {}
+    io_manifest: dict[str, dict[str, Any]] = {}   # target -> the manifest naming the tensors of what it runs
+    to_convert = live
+    if src.variant == "edgetpu_compiled":   # already compiled: only Edge TPU targets got this far
+        path, info, manifest = precompiled_artifact(src, out_dir / "artifacts")
+        manifests.append(manifest)
+        for t in live:
+            shipped[t.name], io_manifest[t.name] = (path, info, None), manifest
+            ev(t.name, "artifact", f"{path.name}: compiled before edgepipe, shipped as is")
+        to_convert = []
+    for req in plan_formats(to_convert, runtimes):
+        cancel.check("stopped between conversions")
+        mode = None if src.kind == "tflite" else req.mode
         for n in req.targets:
-            ev(n, "convert", f"{req.mode}" + (f" for {req.compat}" if req.compat else ""))
+            ev(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
-            art = convert(model, req.mode, calibration=calibration, out_dir=out_dir / "artifacts",
+            art = convert(src, mode, calibration=prepared.calibration, out_dir=out_dir / "artifacts",
                           cache_dir=cache_dir, compat=req.compat, io_type=req.io_type)
         except CompatibilityError as exc:
+            cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             for n in req.targets:
-                finish(_failure(by_name[n], "incompatible", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "incompatible", exc.one_line()))
             continue
         except ConversionError as exc:
+            cancel.check("stopped during a conversion")
             for n in req.targets:
-                finish(_failure(by_name[n], "conversion_failed", exc.one_line()))
+                finish(DeviceResult.failed_for(by_name[n], "conversion_failed", exc.one_line()))
             continue
-        manifests.append(art.manifest)
+        if art.manifest not in manifests:
+            manifests.append(art.manifest)
         for n in req.targets:
-            artifacts[n] = art
+            artifacts[n], io_manifest[n] = art, art.manifest
             ev(n, "artifact", f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes")
 
-    ready = [t for t in live if t.name in artifacts]
-    jobs = [DeviceJob(t, artifacts[t.name].path, eval_path, artifact_info={
-        "sha256": artifacts[t.name].sha256, "bytes": artifacts[t.name].bytes, "path": str(artifacts[t.name].path),
-        "mode": artifacts[t.name].mode, "variant": artifacts[t.name].manifest.get("compat") or None})
-        for t in ready]
-    return jobs, manifests, float_top1
+    # 3b. Edge TPU targets get the compiled model (cached like a conversion), the plain int8 as their CPU fallback
+    tpu = EdgeTPUFiles(out_dir / "artifacts", Path(cache_dir) if cache_dir else None)
+    for t in live:
+        if t.name in artifacts:
+            if t.accelerator == "edgetpu":
+                shipped[t.name] = tpu.select(t, artifacts[t.name], probes.get(t.name))
+                info = shipped[t.name][1]
+                ev(t.name, "artifact", f"{Path(info['path']).name}: " + (
+                    "compiled for the Edge TPU" if info.get("compiled") else f"not compiled: {info['not_compiled']}"))
+            else:
+                shipped[t.name] = (artifacts[t.name].path, _plain_info(artifacts[t.name]), None)
+    manifests.extend(tpu.manifests)
+    ready = [t for t in live if t.name in shipped]
+
+    # 4. the eval inputs, named as each artifact names its inputs (one file when they agree, as they do)
+    eval_dir = (Path(cache_dir) if cache_dir else out_dir) / "eval"
+    ios: dict[str, ArtifactIO] = {}
+    for t in ready:
+        m = io_manifest[t.name]
+        if m["sha256"] not in ios:
+            ios[m["sha256"]] = _artifact_io(prepared, m, eval_dir)
+    io_of = {t.name: ios[io_manifest[t.name]["sha256"]] for t in ready}
+
+    # 5. the jobs: push, run, fetch the outputs (scored by JobPlan.scored)
+    outputs_dir = out_dir / "outputs" / run_id
+    jobs = [DeviceJob(t, shipped[t.name][0], io_of[t.name].eval_file, artifact_info=shipped[t.name][1],
+                      fallback_artifact=shipped[t.name][2],
+                      baseline_artifact=_baseline_model(t, shipped[t.name][1], baseline),
+                      outputs_dir=outputs_dir, reduce=io_of[t.name].reduce)
+            for t in ready]
+    return JobPlan(jobs, manifests, prepared, shipped, io_of)

@@ -26,16 +26,26 @@ class GateModels:
     root: Path
     float_top1: float
     eval_path: Path
-    artifacts: dict[str, Any]          # 'float32', 'int8', 'int8-badcal' -> converter Artifact
+    artifacts: dict[str, Any]          # 'float32', 'int8', 'int8-badcal', 'int8-leaky' -> converter Artifact
+    extra: dict[str, Any] = field(default_factory=dict)  # more artifacts (e.g. 'float32-x10'), not in run()'s list
     _cache: dict[tuple, dict] = field(default_factory=dict)
 
-    def measure(self, variant: str, python: str = "litert", runs: int = 60, **agent_args: Any) -> dict[str, Any]:
-        """The real agent's JSON for one artifact in one device venv (memoised per session)."""
-        key = (variant, python, runs, tuple(sorted(agent_args.items())))
+    def artifact(self, variant: str) -> Any:
+        return self.artifacts.get(variant) or self.extra.get(variant)
+
+    def measure(self, variant: str, python: str = "litert", runs: int = 60, threads: int = 1, take: int = 0,
+                **agent_args: Any) -> dict[str, Any]:
+        """The real agent's JSON for one artifact in one device venv (memoised per session; another `take` is
+        another, independent agent run).
+
+        One thread by default: latency is compared across runs, and a thread pool's speed depends on the cores
+        free at that moment."""
+        key = (variant, python, runs, threads, take, tuple(sorted(agent_args.items())))
         if key not in self._cache:
-            model = self.artifacts[variant].path if variant in self.artifacts else Path(variant)
+            art = self.artifact(variant)
+            model = art.path if art is not None else Path(variant)
             argv = [str(PYTHONS[python]), str(AGENT), "--model", str(model), "--data", str(self.eval_path),
-                    "--runs", str(runs), "--warmup", "5"]
+                    "--runs", str(runs), "--warmup", "5", "--threads", str(threads)]
             for k, v in agent_args.items():
                 argv += [f"--{k.replace('_', '-')}", str(v)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -49,7 +59,7 @@ class GateModels:
                runs: int = 60, **agent_args: Any) -> DeviceResult:
         """A DeviceResult as the fan-out builds it from a real agent run."""
         doc = self.measure(variant, python, runs, **agent_args)
-        art = self.artifacts.get(variant)
+        art = self.artifact(variant)
         mode = art.mode if art is not None else "float32"
         artifact = ({"sha256": art.sha256, "bytes": art.bytes, "mode": art.mode, "edgetpu": art.edgetpu,
                      "path": str(art.path)} if art is not None else None)
@@ -115,3 +125,15 @@ def write_targets(path: Path, targets: list[dict[str, Any]], gates: dict[str, An
     doc.update(extra)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def heavy_models(gate_models, digits_x10, digits, conversion_cache) -> GateModels:
+    """gate_models plus the widened CNN (`digits_x10`) converted for real: variants 'float32-x10' and 'int8-x10'."""
+    from pipeline.convert.converter import convert
+
+    out = gate_models.root / "x10"
+    for mode in ("float32", "int8"):
+        gate_models.extra[f"{mode}-x10"] = convert(digits_x10, mode, calibration=digits.calibration_path,
+                                                   out_dir=out, cache_dir=conversion_cache)
+    return gate_models

@@ -160,8 +160,8 @@ def test_missing_edgetpu_delegate_with_and_without_fallback(venv, device_python,
     py, model = device_python[venv], digits_artifacts["int8"].path
     rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
                                 "--edgetpu-device", "usb:0")
-    assert rc != 0 and doc["error"]["code"] == "delegate_unavailable"
-    assert "libedgetpu.so.1" in doc["error"]["message"]
+    assert rc != 0 and doc["error"]["code"] == "edgetpu_unavailable"
+    assert "libedgetpu.so.1" in doc["error"]["message"] and "not compiled for the Edge TPU" in doc["error"]["message"]
     assert "Traceback" not in stderr and "Delegate.__del__" not in stderr
 
     rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
@@ -170,6 +170,8 @@ def test_missing_edgetpu_delegate_with_and_without_fallback(venv, device_python,
     d = doc["delegate"]
     assert (d["requested"], d["used"], d["fallback"]) == ("edgetpu", "cpu", True)
     assert "libedgetpu.so.1" in d["reason"]
+    a = doc["accelerator"]
+    assert (a["requested"], a["used"], a["fallback"], a["reason"]) == ("edgetpu", "cpu", True, d["reason"])
     assert any("ran on CPU instead" in w for w in doc["warnings"])
     assert doc["accuracy"]["top1"] > 0.9
     assert "Delegate.__del__" not in stderr
@@ -266,7 +268,8 @@ def test_probe_reports_runtimes_and_device(venv, device_python, tmp_path):
     for module, version in p["runtimes"].items():
         assert (version is not None) == (module == expected), p["runtimes"]
     assert p["runtimes"]["pycoral"] is None  # never the unrelated PyPI package
-    assert p["edgetpu"] == {"libedgetpu": None, "usb": [], "pcie": False}
+    assert p["edgetpu"] == {"libedgetpu": None, "usb": [], "pcie": False, "runtime_version": None, "devices": [],
+                            "temperature_c": None}
     assert p["disk_free_bytes"] > 0 and p["python"].count(".") == 2
     assert p["device"]["cpu_cores"] >= 1 and p["device"]["machine"]
 

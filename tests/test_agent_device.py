@@ -216,4 +216,4 @@ def test_pypi_pycoral_impostor_is_ignored(device_python, digits_artifacts, tmp_p
                           timeout=120)
     doc = json.loads(proc.stdout)
     validate_agent_result(doc)
-    assert doc["error"]["code"] == "delegate_unavailable" and "libedgetpu" in doc["error"]["message"]
+    assert doc["error"]["code"] == "edgetpu_unavailable" and "libedgetpu" in doc["error"]["message"]

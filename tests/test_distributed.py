@@ -78,6 +78,20 @@ class Lab:
         return {r["target"]: {"stage": r["stage"], "worker": r["worker"]} for r in rows}
 
 
+def _host_top1(artifact: str, x: np.ndarray, y: np.ndarray) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=artifact)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    hits = 0
+    for xi, yi in zip(x, y):
+        it.set_tensor(inp["index"], xi[None].astype(np.float32))
+        it.invoke()
+        hits += int(it.get_tensor(out["index"])[0].argmax() == yi)
+    return hits / len(y)
+
+
 @pytest.fixture(scope="module")
 def lab(sshd_fleet, pg_server, tmp_path_factory, digits):
     devices = sshd_fleet(2, pythons=[LITERT], prefix="a") + sshd_fleet(2, pythons=[LITERT], prefix="b")
@@ -108,6 +122,14 @@ def test_a_distributed_run_measures_every_site_and_gates_as_usual(lab, conversio
     arts = {d["artifact"]["sha256"] for d in devs.values()}
     assert len(arts) == 1 and all(d["lease"]["released"] >= d["lease"]["acquired"] for d in devs.values())
     assert len(devs["a1"]["result"]["samples_ms"]) == 20
+    # every output travelled back through the artifact store and was scored here, as in a local run: the accuracy
+    # equals the same artifact run on the host with LiteRT and scored with numpy
+    assert doc["task"]["task"] == "classification"
+    expected = _host_top1(devs["a1"]["artifact"]["path"], lab.digits.x_eval[:40], lab.digits.y_eval[:40])
+    for d in devs.values():
+        assert d["metrics"]["task"] == "classification" and d["result"]["outputs"]["stored"]["sha256"]
+        assert d["result"]["accuracy"]["top1"] == pytest.approx(expected)
+        assert all(o["snr_db"] > 30 for o in d["metrics"]["outputs"].values())
     # the same exit codes as a local run: a gate nobody can meet fails with 1
     strict = yaml.safe_load(lab.targets.read_text())
     strict["gates"] = {"max_p50_ms": 1e-6}

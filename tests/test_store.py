@@ -79,6 +79,26 @@ def test_a_history_written_by_the_sqlite_only_store_upgrades_in_place(tmp_path, 
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_history_of_the_last_sqlite_only_release_upgrades_in_place(tmp_path):
+    """tests/data/history-v4.db was written by the store as it shipped last (schema 4: interrupted runs, model
+    names, fallbacks): it reaches the numbered migrations' latest version with every row and flag intact."""
+    path = tmp_path / "results.db"
+    shutil.copy(ROOT / "tests" / "data" / "history-v4.db", path)
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION > 4
+        runs = {r.run_id: r for r in store.history().runs}
+        assert set(runs) == {"r-0", "r-1", "r-2"} and runs["r-2"].interrupted == "SIGINT"
+        assert {r.model_name for r in runs.values()} == {"digits"}
+        # the interrupted run is never a baseline; the last complete run of the model is
+        assert store.resolve_baseline("last", model_name="digits").run_id == "r-1"
+        points = {(p.run_id, p.target): p for p in store.history(limit=5).points}
+        assert points[("r-0", "pi-b")].fallback and not points[("r-1", "pi-a")].fallback
+        assert points[("r-1", "pi-b")].error_code == "unreachable"
+        assert store.latency_history("pi-a", "ef" * 32, "ai-edge-litert 2.3.0", before=2e9) == [2.25, 1.25]
+        assert store.load_run("r-1").devices[0].lease is None
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_a_newer_database_is_refused_with_one_line(results_db):
     with Store(results_db) as store:
         with store.db.write():

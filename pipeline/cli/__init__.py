@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import importlib
-import os
 
-# TensorFlow's C++ logging (oneDNN notes, CUDA probing) is noise for users; real errors still surface as exceptions.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
-
-from pipeline.cli.app import app
+# TensorFlow and LiteRT run in a quiet child process whose output goes to a log (pipeline.convert.worker).
+from pipeline.cli import helptext  # noqa: F401  (click-style metavars in --help)
+from pipeline.cli.app import app, exit_now_if_interrupted
 
 # Each module registers its commands on `app` / `fleet_app` when imported.
 _COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd", "worker_cmd")
@@ -25,7 +22,10 @@ def _load_commands() -> None:
 
 def main() -> None:
     _load_commands()
-    app()
+    try:
+        app()
+    finally:
+        exit_now_if_interrupted()
 
 
 __all__ = ["app", "main"]

@@ -6,12 +6,54 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.stages import Stages
+from pipeline.cli.tables import Col, fitted_table
 
+
+def _numbers(text: str | None, flag: str) -> Any:
+    """'0.5' -> 0.5, '0.485,0.456,0.406' -> [0.485, 0.456, 0.406], '224x224' -> [224, 224] (for --mean/--std/...)."""
+    if text is None:
+        return None
+    from pipeline.errors import ConfigError
+
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"cannot read {flag} {text!r}", field=flag, hint="numbers separated by commas") from None
+    values = [int(v) if v.is_integer() and flag in ("--resize", "--crop") else v for v in values]
+    return values[0] if len(values) == 1 else values
+
+
+def preprocess_options(file: Path | None, resize: str | None, crop: str | None, scale: float | None,
+                       mean: str | None, std: str | None, channels: str | None, layout: str | None,
+                       image_dtype: str | None, labels: Path | None) -> Any:
+    """The declared image preprocessing from --preprocess FILE and the individual flags (flags win)."""
+    from pipeline.convert.data import preprocess_from
+
+    return preprocess_from(file, resize=_numbers(resize, "--resize"), crop=_numbers(crop, "--crop"), scale=scale,
+                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), channels=channels,
+                           layout=layout, dtype=image_dtype, labels=str(labels) if labels else None)
+
+
+# Image preprocessing flags shared by `convert` and `run` (an image-folder calibration or eval set).
+PRE_FILE = typer.Option(None, "--preprocess", help="YAML/JSON file: resize, crop, scale, mean, std, channels, layout, dtype, labels")
+PRE_RESIZE = typer.Option(None, "--resize", help="image resize: HxW, or one number for the shorter side")
+PRE_CROP = typer.Option(None, "--crop", help="center crop after resizing: HxW or one number")
+PRE_SCALE = typer.Option(None, "--scale", help="multiply pixel values (0..255) by this, e.g. 0.00392")
+PRE_MEAN = typer.Option(None, "--mean", help="subtract after scaling: one value or one per channel (a,b,c)")
+PRE_STD = typer.Option(None, "--std", help="divide after subtracting the mean: one value or one per channel")
+PRE_CHANNELS = typer.Option(None, "--channels", help="rgb | bgr | gray (default: from the model input)")
+PRE_LAYOUT = typer.Option(None, "--layout", help="nhwc | nchw")
+PRE_DTYPE = typer.Option(None, "--image-dtype", help="float32 | uint8 | int8: the dtype images are fed as")
+PRE_LABELS = typer.Option(None, "--labels", help="class names, one per line, in label-id order (image folders)")
+SIGNATURE = typer.Option(None, "--signature", help="SavedModel signature to use (default: serving_default)")
+INPUT_SHAPE = typer.Option([], "--input-shape", help="fix dynamic dimensions: NAME=1x224x224x3 (repeatable)")
 
 
 def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
@@ -25,24 +67,39 @@ def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
     return out
 
 
-def _summary(rows: list[dict[str, Any]]) -> Table:
-    t = Table(title="artifacts")
+SUMMARY_COLUMNS = (Col("mode"), Col("file"), Col("size", 2, justify="right"), Col("cached", 3),
+                   Col("edge tpu ops", 4, wrap=True), Col("targets", 1, wrap=True))
+
+
+def _summary(rows: list[dict[str, Any]], width: int | None) -> Table:
     with_targets = any(r["targets"] for r in rows)
-    for col in ("mode", "file", "size", "cached", "edge tpu ops") + (("targets",) if with_targets else ()):
-        t.add_column(col, overflow="fold")
+    cells = []
     for r in rows:
         e = r.get("edgetpu")
         etpu = "" if not e else (f"{e.get('mapped_ops')}/{e.get('total_ops')} {e['status']}"
                                  if e.get("status") != "failed" else f"failed: {e.get('error')}")
-        cells = [r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no", etpu]
-        t.add_row(*cells, *((", ".join(r["targets"]),) if with_targets else ()))
-    return t
+        cells.append([r["mode"], Path(r["path"]).name, f"{r['bytes'] / 1024:.1f} KiB", "yes" if r["cached"] else "no",
+                      escape(etpu), escape(", ".join(r["targets"]))])
+    cols = SUMMARY_COLUMNS if with_targets else SUMMARY_COLUMNS[:-1]
+    return fitted_table("artifacts", cols, [c[:len(cols)] for c in cells], width)
+
+
+def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
+    """A progress callback that prints warnings and notices as lines of their own (not just in the spinner)."""
+
+    def call(stage: str, detail: str) -> None:
+        if stage in ("warning", "notice"):
+            stages.line(f"{label}: {stage}: {detail}")
+        else:
+            progress(stage, detail)
+
+    return call
 
 
 @app.command("convert")
 @handle_errors
 def convert_command(
-    model: Path = typer.Argument(..., help="SavedModel directory, .keras, .h5 or .tflite"),
+    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras, .h5 or .tflite"),
     mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
     kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
     targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
@@ -55,29 +112,45 @@ def convert_command(
     cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="conversion cache directory ($EDGEPIPE_CACHE_DIR)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="always convert"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON object on stdout"),
+    signature: Optional[str] = SIGNATURE,
+    input_shape: List[str] = INPUT_SHAPE,
+    preprocess: Optional[Path] = PRE_FILE,
+    resize: Optional[str] = PRE_RESIZE,
+    crop: Optional[str] = PRE_CROP,
+    scale: Optional[float] = PRE_SCALE,
+    mean: Optional[str] = PRE_MEAN,
+    std: Optional[str] = PRE_STD,
+    channels: Optional[str] = PRE_CHANNELS,
+    layout: Optional[str] = PRE_LAYOUT,
+    image_dtype: Optional[str] = PRE_DTYPE,
 ) -> None:
     """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
     from pipeline.convert.calibration import load_calibration
     from pipeline.convert.converter import convert
+    from pipeline.convert.source import describe, identify
 
     from pipeline.inventory import load_inventory
     from pipeline.convert.recipes import requested_formats
 
     reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
-    calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed) if calibration else None
+    pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
+    src = identify(model, signature=signature)
+    calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed,
+                             preprocess=pre) if calibration else None
     rows = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
+    if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
+        src = describe(src, cache_dir=None if no_cache else cache_dir)
+    with Stages("convert") as stages:
         for r in reqs:
             label = r.mode + (f" [{r.compat}]" if r.compat else "")
-            task = bar.add_task(f"{label}: starting", total=None)
-            art = convert(model, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
-                          compat=r.compat, io_type=r.io_type,
-                          progress=lambda stage, detail, t=task, lb=label: bar.update(t, description=f"{lb}: {detail}"))
-            bar.remove_task(task)
-            err_console.print(f"{label}: {art.path} ({art.bytes} bytes{', cached' if art.cached else ''})")
+            with stages.stage(label) as progress:
+                art = convert(src, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
+                              compat=r.compat, io_type=r.io_type, input_shapes=input_shape, preprocess=pre,
+                              progress=_keep_warnings(stages, label, progress))
+                progress.finish(f"{art.path} ({art.bytes} bytes)", cached=art.cached)
             rows.append(artifact_json(art, r.targets))
     if as_json:
         emit_json(json.dumps({"artifacts": rows}))
     else:
-        out_console().print(_summary(rows))
+        console = out_console()
+        console.print(_summary(rows, console.width))

@@ -8,13 +8,14 @@ from typing import Any, List, Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli.app import emit_json, err_console, fleet_app, handle_errors, out_console
+from pipeline.cli.tables import Col, fitted_table
 
 STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "artifact": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
                "collect": "blue", "done": "bold", "lease": "red", "queue": "cyan"}
-PLAIN_STAGES = ("artifact", "lease", "queue", "done")  # the stages worth one plain line each in CI logs
 
 
 class DeviceBoard:
@@ -45,9 +46,10 @@ class DeviceBoard:
 
     def __call__(self, name: str, stage: str, detail: str) -> None:
         with self.lock:
+            changed = self.rows.get(name, ("", ""))[0] != stage
             self.rows[name] = (stage, str(detail))
-        if self.live is None and self.enabled and stage in PLAIN_STAGES:
-            # Not a terminal (CI logs, pipes): one plain line per conversion and per finished device.
+        if self.live is None and self.enabled and changed:
+            # Not a terminal (CI logs, pipes): one plain line each time a device enters a stage.
             err_console.print(f"{self.title}: {name}: {stage}: {detail}", markup=False, highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "DeviceBoard":
@@ -58,6 +60,11 @@ class DeviceBoard:
     def __exit__(self, *exc: Any) -> None:
         if self.live:
             self.live.stop()
+
+
+CHECK_COLUMNS = (Col("device"), Col("host", 3), Col("ok"), Col("connect", 4, justify="right"), Col("python", 2),
+                 Col("runtimes", 1, wrap=True), Col("edge tpu", 5, wrap=True), Col("gpu", 5, wrap=True),
+                 Col("disk free", 3, justify="right"))
 
 
 def _gib(n: Any) -> str:
@@ -82,21 +89,21 @@ def check(
     if as_json:
         emit_json(json.dumps({"devices": [r.to_dict() for r in results]}))
     else:
-        table = Table(title=f"fleet check · {sum(r.ok for r in results)}/{len(results)} reachable")
-        for col in ("device", "host", "ok", "connect", "python", "runtimes", "edge tpu", "gpu", "disk free"):
-            table.add_column(col)
+        rows = []
         for r in results:
             s = r.summary()
             if not r.ok:
-                table.add_row(r.name, r.host, f"[red]{r.error.code}[/]", "", "", "", "", "", "")
+                rows.append([escape(r.name), escape(r.host), f"[red]{r.error.code}[/]", "", "", "", "", "", ""])
                 continue
             rts = ", ".join(f"{k} {v}" for k, v in s["runtimes"].items()) or "[red]none[/]"
             tpu = [x for x in (s["libedgetpu"] and "libedgetpu", s["coral_usb"] and "usb " + ",".join(s["coral_usb"]),
                                s["coral_pcie"] and "pcie") if x]
-            table.add_row(r.name, r.host, "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?", rts,
-                          ", ".join(tpu) or "-", s["gpu_delegate"] or "-", _gib(s["disk_free_bytes"]))
+            rows.append([escape(r.name), escape(r.host), "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?",
+                         escape(rts), escape(", ".join(tpu) or "-"), escape(s["gpu_delegate"] or "-"),
+                         _gib(s["disk_free_bytes"])])
         console = out_console()
-        console.print(table)
+        console.print(fitted_table(f"fleet check · {sum(r.ok for r in results)}/{len(results)} reachable",
+                                   CHECK_COLUMNS, rows, console.width))
         for r in results:
             if not r.ok:
                 console.print(f"[red]{r.name}[/]: {r.error.code}: {r.error.message}", soft_wrap=True)

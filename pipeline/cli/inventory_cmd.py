@@ -5,10 +5,14 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from pipeline.inventory import load_inventory
 from pipeline.cli.app import emit_json, fleet_app, handle_errors, out_console
+from pipeline.cli.tables import Col, fitted_table
+
+VALIDATE_COLUMNS = (Col("name"), Col("host", 2), Col("kind"), Col("mode"), Col("runtime", 1), Col("delegate", 3, wrap=True),
+                    Col("groups", 4, wrap=True))
 
 
 @fleet_app.command("validate")
@@ -28,10 +32,8 @@ def validate(
     if as_json:
         emit_json(json.dumps({"inventory": str(inv.path), "sha256": inv.sha256, "targets": rows}))
         return
-    table = Table(title=f"{inv.path} · {len(rows)} targets")
-    for col in ("name", "host", "kind", "mode", "runtime", "delegate", "groups"):
-        table.add_column(col)
-    for r in rows:
-        host = f"{r['host']}:{r['port']}" if r["transport"] == "ssh" else "local"
-        table.add_row(r["name"], host, r["kind"], r["mode"], r["runtime"], r["delegate"], ",".join(r["groups"]))
-    out_console().print(table)
+    cells = [[escape(r["name"]), escape(f"{r['host']}:{r['port']}" if r["transport"] == "ssh" else "local"), r["kind"],
+              r["mode"], escape(r["runtime"]), escape(str(r["delegate"])), escape(",".join(r["groups"]))] for r in rows]
+    console = out_console()
+    console.print(fitted_table(f"{escape(str(inv.path))} · {len(rows)} targets", VALIDATE_COLUMNS, cells,
+                               console.width))

@@ -8,13 +8,26 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from pipeline.release.store import open_store
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
+from pipeline.cli.tables import Col, fitted_table
+from pipeline.cli.run_cmd import _delegate, print_verdict_notes
 
+HISTORY_COLUMNS = (Col("run"), Col("started (UTC)", 1), Col("model", 4, wrap=True), Col("tag", 3, wrap=True),
+                   Col("complete"), Col("ok"), Col("fallbacks"), Col("verdict", wrap=True),
+                   Col("p50 ms", 2, justify="right"))   # median over the run's devices
+TREND_COLUMNS = (Col("run"), Col("started (UTC)", 3), Col("model", 5, wrap=True), Col("tag", 5, wrap=True),
+                 Col("mode", 2), Col("ok", wrap=True),
+                 Col("p50 ms", justify="right"), Col("p90 ms", 4, justify="right"), Col("top-1", 1, justify="right"),
+                 Col("agreement", 1, justify="right"), Col("bytes", 6, justify="right"))
+SHOW_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("ok"), Col("runtime", 2, wrap=True),
+                Col("accelerator", wrap=True),
+                Col("p50 ms", justify="right"), Col("p90 ms", 4, justify="right"), Col("top-1", 1, justify="right"),
+                Col("agreement", 1, justify="right"))
 DB_OPT = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db (default: "
                       "targets.yaml `db:`, else .edgepipe/results.db beside it).")
+MODEL_OPT = typer.Option(None, "--model-name", help="Only runs of this model (the name `edgepipe run` recorded).")
 
 
 def _when(ts: float | None) -> str:
@@ -41,72 +54,84 @@ def history(
     as_json: bool = typer.Option(False, "--json", help="Print runs and per-target points as JSON."),
     db: Optional[str] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+    model_name: Optional[str] = MODEL_OPT,
 ) -> None:
     """List recent runs with their verdicts, or one target's trend with --target."""
     with open_store(db, _inventory(targets, required=False)) as store:
-        hist = store.history(target=target, limit=limit)
+        hist = store.history(target=target, limit=limit, model_name=model_name)
     if as_json:
         emit_json(json.dumps(hist.to_dict()))
         return
     console = out_console()
     if target is None:
-        table = Table(title=f"last {len(hist.runs)} run(s)")
-        for col in ("run", "started (UTC)", "tag", "complete", "devices ok", "verdict", "median p50 ms"):
-            table.add_column(col)
+        rows = []
         for r in hist.runs:
             p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
+            fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
             verdict = "-" if r.passed is None else ("passed" if r.passed else f"failed (exit {r.exit_code})")
-            table.add_row(escape(r.run_id), _when(r.started), escape(r.label or "-"), "yes" if r.complete else "NO",
-                          f"{r.ok}/{r.devices}", verdict, _f(p50s[len(p50s) // 2] if p50s else None))
+            complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
+            rows.append([escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"),
+                         complete, f"{r.ok}/{r.devices}", str(fell) if fell else "-", verdict,
+                         _f(p50s[len(p50s) // 2] if p50s else None)])
+        table = fitted_table(f"last {len(hist.runs)} run(s)", HISTORY_COLUMNS, rows, console.width)
     else:
-        table = Table(title=f"trend of {escape(target)}")
-        for col in ("run", "started (UTC)", "tag", "mode", "ok", "p50 ms", "p90 ms", "top-1", "agreement", "bytes"):
-            table.add_column(col)
-        for p in hist.points:
-            table.add_row(escape(p.run_id), _when(p.started), escape(p.label or "-"), escape(p.mode or "-"),
-                          "yes" if p.ok else escape(p.error_code or "no"), _f(p.p50), _f(p.p90), _f(p.top1, 4),
-                          _f(p.agreement, 4), _f(p.bytes))
+        rows = [[escape(p.run_id), _when(p.started), escape(p.model_name or "-"), escape(p.label or "-"),
+                 escape(p.mode or "-"),
+                 ("yes" + (" (FALLBACK: CPU)" if p.fallback else "")) if p.ok else escape(p.error_code or "no"),
+                 _f(p.p50), _f(p.p90), _f(p.top1, 4), _f(p.agreement, 4), _f(p.bytes)] for p in hist.points]
+        table = fitted_table(f"trend of {escape(target)}", TREND_COLUMNS, rows, console.width)
     console.print(table)
 
 
 @app.command("show")
 @handle_errors
 def show(
-    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run id, tag, unique id prefix, or 'last'."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored run (and its last verdict) as JSON."),
     db: Optional[str] = DB_OPT,
     targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Inventory (for its db: setting)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="With 'last': the last run of this model."),
 ) -> None:
     """Show one stored run: its devices, figures and last gate verdict."""
     with open_store(db, _inventory(targets, required=False)) as store:
-        result = store.load_run(run)
+        result = store.load_run(store.resolve_run(run, model_name=model_name))
         verdicts = store.verdicts(result.run_id)
     if as_json:
         doc = result.to_dict()
         doc["verdict"] = verdicts[-1] if verdicts else None
         emit_json(json.dumps(doc))
         return
-    state = "complete" if result.complete else "INCOMPLETE (interrupted)"
-    table = Table(title=f"run {escape(result.run_id)} · {_when(result.started)} UTC · {state}")
-    for col in ("device", "kind", "mode", "ok", "runtime", "p50 ms", "p90 ms", "top-1", "agreement"):
-        table.add_column(col)
+    state = ("complete" if result.complete else f"INTERRUPTED by {result.interrupted}" if result.interrupted
+             else "INCOMPLETE (stopped before the end)")
+    rows = []
     for d in result.devices:
         r = d.result or {}
         rt = r.get("runtime") or {}
-        table.add_row(escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
-                      escape(f"{rt.get('name', '-')} {rt.get('version', '')}"), _f((r.get("latency_ms") or {}).get("p50")),
-                      _f((r.get("latency_ms") or {}).get("p90")), _f((r.get("accuracy") or {}).get("top1"), 4),
-                      _f((r.get("agreement") or {}).get("top1"), 4))
+        rows.append([escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
+                     escape(f"{rt.get('name', '-')} {rt.get('version', '')}".strip()), _delegate(r),
+                     _f((r.get("latency_ms") or {}).get("p50")), _f((r.get("latency_ms") or {}).get("p90")),
+                     _f((r.get("accuracy") or {}).get("top1"), 4), _f((r.get("agreement") or {}).get("top1"), 4)])
     console = out_console()
-    console.print(table)
+    model = f" · model {escape(result.model_name)}" if result.model_name else ""
+    console.print(fitted_table(f"run {escape(result.run_id)}{model} · {_when(result.started)} UTC · {state}",
+                               SHOW_COLUMNS, rows, console.width))
+    for d in result.devices:
+        if d.fallback:
+            console.print(f"[bold yellow]FALLBACK[/] {escape(d.name)}: {escape(d.fallback_reason or 'ran on the CPU')}",
+                          soft_wrap=True)
     if verdicts:
-        console.print(escape(verdicts[-1].get("headline", "")))
+        from pipeline.release.gate import Verdict
+
+        verdict = Verdict.from_dict(verdicts[-1])
+        for note in verdict.notes:
+            console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+        console.print(escape(verdict.headline()))
 
 
 @app.command("gate")
 @handle_errors
 def gate(
-    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run id, tag, unique id prefix, or 'last'."),
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory holding the gates."),
     select: Optional[list[str]] = typer.Option(None, "--select", help="Gate only these targets or groups."),
     baseline: str = typer.Option("last", "--baseline", help="last | RUN_ID | TAG | none"),
@@ -132,6 +157,7 @@ def gate(
         console = out_console()
         for c in verdict.failures:
             console.print(f"[red]✗[/] {escape(c.message())}")
+        print_verdict_notes(console, verdict)
         console.print(("[green]" if verdict.passed else "[red]") + escape(verdict.headline()) + "[/]")
     raise typer.Exit(verdict.exit_code)
 
@@ -139,7 +165,7 @@ def gate(
 @app.command("report")
 @handle_errors
 def report_cmd(
-    run: str = typer.Argument(..., help="Run id, tag, unique id prefix, or 'last'."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run id, tag, unique id prefix, or 'last'."),
     out: Path = typer.Option(..., "--out", help="Directory for report.html."),
     targets: Optional[Path] = typer.Option(None, "--targets", "-t",
                                            help="Re-gate with this inventory (default: the run's last stored verdict)."),

@@ -11,8 +11,23 @@ from rich.table import Table
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
 from pipeline.release.report import human_bytes
-from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
+from pipeline.cli.convert_cmd import (INPUT_SHAPE, PRE_CHANNELS, PRE_CROP, PRE_DTYPE, PRE_FILE, PRE_LABELS, PRE_LAYOUT,
+                                      PRE_MEAN, PRE_RESIZE, PRE_SCALE, PRE_STD, SIGNATURE, preprocess_options)
 from pipeline.cli.fleet_cmd import DeviceBoard
+from pipeline.cli.tables import Col, fitted_table
+from pipeline.results import accelerator_use
+
+
+def print_verdict_notes(console: Any, verdict: Any) -> None:
+    """Fallbacks, uncompiled Edge TPU models and cross-model comparisons, one line each (never silent)."""
+    for name in verdict.fallbacks:
+        console.print(f"[bold yellow]FALLBACK[/] {escape(name)} {escape(verdict.fallback_text(name))}", soft_wrap=True)
+    for note in verdict.notes:
+        console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
+    if verdict.cross_model:
+        console.print(f"[yellow]cross-model comparison[/]: {escape(str(verdict.cross_model.get('model')))} against "
+                      f"the baseline model {escape(str(verdict.cross_model.get('baseline_model')))}", soft_wrap=True)
 
 
 def _row(d: Any) -> list[str]:
@@ -20,7 +35,7 @@ def _row(d: Any) -> list[str]:
     lat = r.get("latency_ms") or {}
     acc = r.get("accuracy") or {}
     agr = r.get("agreement") or {}
-    status = "[green]ok[/]" if d.ok else f"[red]{d.error.code}[/]"
+    status = ("[bold yellow]ok, FALLBACK[/]" if d.fallback else "[green]ok[/]") if d.ok else f"[red]{d.error.code}[/]"
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
@@ -29,17 +44,20 @@ def _row(d: Any) -> list[str]:
 
 def _delegate(r: dict) -> str:
     dl = r.get("delegate") or {}
-    used = dl.get("used") or "-"
-    return f"{used} (fell back from {dl.get('requested')})" if dl.get("fallback") else used
+    use = accelerator_use(r) or {}
+    used = use.get("used") or dl.get("used") or "-"
+    return f"[bold red]{used} (FALLBACK from {use.get('requested')})[/]" if use.get("fallback") else used
 
 
-def device_table(result: Any) -> Table:
-    t = Table(title=f"run {result.run_id} · {len(result.succeeded)}/{len(result.devices)} devices ok")
-    for col in ("device", "kind", "mode", "status", "p50 ms", "p90 ms", "top1", "agree", "runtime", "delegate", "sent"):
-        t.add_column(col)
-    for d in result.devices:
-        t.add_row(*_row(d))
-    return t
+RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
+               Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
+               Col("runtime", 3), Col("accelerator", 5, wrap=True), Col("sent", 6, justify="right"))
+
+
+def device_table(result: Any, width: int | None = None) -> Table:
+    return fitted_table(f"run {result.run_id}" + (f" · model {escape(result.model_name)}" if result.model_name else "")
+                        + f" · {len(result.succeeded)}/{len(result.devices)} devices ok",
+                        RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
 @app.command("run")
@@ -47,7 +65,8 @@ def device_table(result: Any) -> Table:
 def run_command(
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
     model: Path = typer.Option(..., "--model", "-m", help="SavedModel directory, .keras, .h5 or .tflite"),
-    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz with x (inputs) and optionally y (labels)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (one array per model input, x for one; labels "
+                              "such as y) or an image folder with class subfolders."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz or image folder (int8 modes)."),
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -71,21 +90,46 @@ def run_command(
                                        "worker's device is queued again before it is reported worker_lost."),
     queue_timeout: Optional[float] = typer.Option(None, "--queue-timeout", min=1, help="With --distributed: seconds a "
                                                   "job may wait for a worker before its device is no_worker (default: wait)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Name of the model for baselines and history (default: the model file's stem); --baseline last is the last run of this name."),
+    signature: Optional[str] = SIGNATURE,
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Float model to measure agreement against "
+                                             "(for a pre-quantized or Edge-TPU-compiled .tflite)."),
+    input_shape: List[str] = INPUT_SHAPE,
+    task: Optional[str] = typer.Option(None, "--task", help="classification | binary | regression | detection | "
+                                       "segmentation | keypoints | raw (default: inferred)"),
+    output: Optional[str] = typer.Option(None, "--output", help="The model output the task scores (by name)."),
+    preprocess: Optional[Path] = PRE_FILE,
+    resize: Optional[str] = PRE_RESIZE,
+    crop: Optional[str] = PRE_CROP,
+    scale: Optional[float] = PRE_SCALE,
+    mean: Optional[str] = PRE_MEAN,
+    std: Optional[str] = PRE_STD,
+    channels: Optional[str] = PRE_CHANNELS,
+    layout: Optional[str] = PRE_LAYOUT,
+    image_dtype: Optional[str] = PRE_DTYPE,
+    labels: Optional[Path] = PRE_LABELS,
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
-    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured.
+    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured,
+    130 / 143 interrupted by Ctrl-C / SIGTERM (agents stopped, finished devices kept, run marked interrupted).
     """
     from pipeline import api
     from pipeline.inventory import load_inventory
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
-    with DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
+    pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, labels)
+    with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
-                      summary=summary, on_event=board, lease_timeout=lease_timeout, distributed=distributed,
-                      worker_timeout=worker_timeout, worker_retries=worker_retries, queue_timeout=queue_timeout)
+                      summary=summary, on_event=board, cancel=cancel,
+                      model_name=model_name, signature=signature, reference=reference,
+                      input_shapes=input_shape, preprocess=pre, task=task, output=output,
+                      on_notice=lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False,
+                                                              soft_wrap=True),
+                      lease_timeout=lease_timeout, distributed=distributed, worker_timeout=worker_timeout,
+                      worker_retries=worker_retries, queue_timeout=queue_timeout)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()
@@ -94,13 +138,18 @@ def run_command(
         emit_json(json.dumps(doc))
     else:
         console = out_console()
-        console.print(device_table(rel.run))
+        console.print(device_table(rel.run, console.width))
         for d in rel.run.failed:
             console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
         for c in rel.verdict.failures:
             console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
+        print_verdict_notes(console, rel.verdict)
         style = "green" if rel.verdict.passed else "red"
         console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
         if rel.report_path:
             console.print(f"report: {rel.report_path}")
+    if cancel.cancelled:  # the signal came after every device was stored and gated: nothing left to stop
+        late = cancel.error(f"interrupted after run {rel.run.run_id} was complete and gated")
+        err_console.print(late.message, markup=False, highlight=False, soft_wrap=True)
+        raise interrupted_exit(late.exit_code)
     raise typer.Exit(rel.exit_code)

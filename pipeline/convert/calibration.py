@@ -1,64 +1,55 @@
-"""Calibration data for full-integer recipes: an .npz with array `x`, or an image folder with declared preprocessing.
+"""Calibration data for full-integer recipes: an .npz (one array per model input, `x` for one) or an image folder.
 
 The selected samples (count + seed) are hashed, so the cache and the manifest know exactly which data calibrated
-an artifact.
+an artifact. Checks (shape, dtype, NaN/inf, empty) are the evaluation data's, from `pipeline.convert.data`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.convert.data import (IMAGE_SUFFIXES, PREPROCESS_FILE, Preprocess, bind_inputs, check_finite, digest,
+                                   image_files, load_images, read_npz)
 from pipeline.errors import ConfigError
 
 DEFAULT_COUNT = 200
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".webp")
-PREPROCESS_FILE = "preprocess.json"
+MIN_RECOMMENDED = 100   # fewer samples than this give unstable activation ranges
+ImagePreprocess = Preprocess   # the older name, still accepted
+
+__all__ = ["Calibration", "DEFAULT_COUNT", "IMAGE_SUFFIXES", "ImagePreprocess", "MIN_RECOMMENDED", "PREPROCESS_FILE",
+           "Preprocess", "load_calibration"]
 
 
-@dataclass
-class ImagePreprocess:
-    """How raw images become model input: resize to `size` (h, w), then (x * scale - mean) / std."""
-
-    size: tuple[int, int]
-    mean: Sequence[float] | float = 0.0
-    std: Sequence[float] | float = 1.0
-    scale: float = 1.0
-    channels: int = 3   # 1 = grayscale, 3 = RGB
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str) -> "ImagePreprocess":
-        unknown = set(d) - {"size", "mean", "std", "scale", "channels"}
-        if unknown:
-            raise ConfigError(f"unknown preprocessing key '{sorted(unknown)[0]}'", file=source,
-                              hint="use size, mean, std, scale, channels")
-        size = d.get("size")
-        if isinstance(size, int):
-            size = [size, size]
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size)):
-            raise ConfigError("preprocessing needs size: [height, width]", file=source, field="size")
-        return cls(size=(size[0], size[1]), mean=d.get("mean", 0.0), std=d.get("std", 1.0),
-                   scale=float(d.get("scale", 1.0)), channels=int(d.get("channels", 3)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "mean": self.mean, "std": self.std, "scale": self.scale,
-                "channels": self.channels}
+def _digest_one(x: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
 
 
 @dataclass
 class Calibration:
-    """Selected calibration samples (float32, N x input shape) and their identity for the manifest."""
+    """Selected calibration samples by array name and their identity for the manifest; `bind` ties them to the
+    model's inputs (then `inputs` is keyed by input name and `sha256` covers exactly what calibrates)."""
 
-    x: np.ndarray
+    arrays: dict[str, np.ndarray]
     sha256: str
     count: int
     seed: int
     source: str
     preprocess: dict[str, Any] | None = None
+    inputs: dict[str, np.ndarray] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def x(self) -> np.ndarray:
+        """The samples of a single-input model."""
+        src = self.inputs if self.inputs is not None else self.arrays
+        return src["x"] if "x" in src else next(iter(src.values()))
 
     def summary(self) -> dict[str, Any]:
         """The manifest's calibration record (no paths, so the manifest hash does not depend on location)."""
@@ -67,117 +58,100 @@ class Calibration:
             out["preprocess"] = self.preprocess
         return out
 
-    def check_input(self, shape: Sequence[int | None], dtype: str, name: str = "input") -> None:
-        """Raise ConfigError naming both shapes/dtypes when the samples do not fit the model input."""
-        want = [None if (d is None or d < 0) else int(d) for d in shape]
-        got = list(self.x.shape)
-        model_shape = "(" + ", ".join("None" if d is None else str(d) for d in want) + ")"
-        ok = len(got) == len(want) and all(w is None or w == g for w, g in zip(want[1:], got[1:]))
-        if not ok:
-            raise ConfigError(f"calibration data shape {tuple(got)} does not match model input '{name}' shape "
-                              f"{model_shape}", file=self.source, field="x",
-                              hint="pass samples shaped (N, " + ", ".join(str(d) for d in want[1:]) + ")")
-        got_float = self.x.dtype.kind == "f"
-        if (dtype.startswith("float") and not got_float) or (not dtype.startswith("float") and str(self.x.dtype) != dtype):
-            raise ConfigError(f"calibration data dtype {self.x.dtype} does not match model input '{name}' dtype "
-                              f"{dtype} (shape {tuple(got)} vs {model_shape})", file=self.source, field="x",
-                              hint="save the samples already preprocessed, as the model expects them")
+    def bind(self, specs: Sequence[Any]) -> "Calibration":
+        """Tie the arrays to the model's inputs (by name, or `x` for one input); one ConfigError for any misfit."""
+        if self.inputs is not None and set(self.inputs) == {s.name for s in specs}:
+            return self
+        inputs, _ = bind_inputs(self.arrays, specs, self.source, "calibration")
+        sha = _digest_one(next(iter(inputs.values()))) if len(inputs) == 1 else digest(inputs)
+        return replace(self, inputs=inputs, sha256=sha)
 
-    def samples(self) -> Iterator[list[np.ndarray]]:
-        """Representative dataset generator: one batch-1 sample per step."""
-        for i in range(len(self.x)):
-            yield [self.x[i : i + 1]]
+    def samples(self, batch: dict[str, int] | None = None) -> Iterator[Any]:
+        """Representative dataset: per step one sample (or `batch[name]` samples) for every input.
+
+        A single input yields a list (what any converter accepts); several inputs yield a dict by signature name.
+        """
+        inputs = self.inputs if self.inputs is not None else {"x": self.x}
+        n = len(next(iter(inputs.values())))
+        step = max([1] + list((batch or {}).values()))
+        for start in range(0, n, step):
+            idx = [(start + j) % n for j in range(step)]   # a fixed batch wraps around to stay full
+            chunk = {k: v[idx] for k, v in inputs.items()}
+            yield [next(iter(chunk.values()))] if len(chunk) == 1 else chunk
 
 
-def _select(x: np.ndarray, count: int | None, seed: int) -> np.ndarray:
-    n = len(x)
+def _select(arrays: dict[str, np.ndarray], count: int | None, seed: int) -> dict[str, np.ndarray]:
+    n = max((len(a) for a in arrays.values() if np.ndim(a)), default=0)
     k = n if count is None else min(int(count), n)
     if k == n:
-        return x
+        return arrays
     idx = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-    return x[idx]
+    return {name: (a[idx] if np.ndim(a) and len(a) == n else a) for name, a in arrays.items()}
 
 
-def _digest(x: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(f"{x.dtype.str}{x.shape}".encode())
-    h.update(np.ascontiguousarray(x).tobytes())
-    return h.hexdigest()
+def _finish(arrays: dict[str, np.ndarray], count: int | None, seed: int, source: str, inputs: Sequence[Any] | None,
+            preprocess: dict[str, Any] | None = None) -> Calibration:
+    arrays = _select(arrays, count, seed)
+    main = arrays.get("x") if "x" in arrays else next(iter(arrays.values()))
+    if np.ndim(main) < 2 or len(main) == 0:
+        raise ConfigError(f"calibration array has shape {np.shape(main)}; expected (N, ...) with N > 0",
+                          file=source, field="x", hint="give at least one sample, batch first")
+    for k, a in arrays.items():
+        check_finite(np.asarray(a), k, source, "calibration")
+    n = len(main)
+    cal = Calibration(arrays, _digest_one(main), n, seed, source, preprocess)
+    if n < MIN_RECOMMENDED:
+        cal.warnings.append(f"only {n} calibration samples in {source}: {MIN_RECOMMENDED} or more give stable "
+                            "int8 activation ranges")
+    return cal.bind(inputs) if inputs else cal
 
 
-def _from_npz(path: Path, count: int | None, seed: int) -> Calibration:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data.files:
-                raise ConfigError(f"no array 'x' in calibration file (found: {', '.join(data.files) or 'none'})",
-                                  file=str(path), field="x", hint="save samples with np.savez(path, x=samples)")
-            x = np.asarray(data["x"])
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"cannot read calibration .npz ({type(exc).__name__}: {exc})", file=str(path)) from None
-    if x.ndim < 2 or len(x) == 0:
-        raise ConfigError(f"calibration array x has shape {x.shape}; expected (N, ...) with N > 0",
-                          file=str(path), field="x")
-    if x.dtype.kind == "f":
-        x = x.astype(np.float32)
-    elif x.dtype.kind not in "iu":
-        raise ConfigError(f"calibration array x has dtype {x.dtype}; expected float32", file=str(path), field="x")
-    x = _select(x, count, seed)
-    return Calibration(x, _digest(x), len(x), seed, str(path))
+def load_calibration(data: "str | Path | Calibration | np.ndarray | dict", *, count: int | None = DEFAULT_COUNT,
+                     seed: int = 0, preprocess: Preprocess | None = None,
+                     inputs: Sequence[Any] | None = None) -> Calibration:
+    """Calibration samples from an .npz, an image folder (class subfolders allowed) or in-memory arrays.
 
-
-def _from_images(folder: Path, pre: ImagePreprocess | None, count: int | None, seed: int) -> Calibration:
-    if pre is None:
-        spec = folder / PREPROCESS_FILE
-        if not spec.exists():
-            raise ConfigError("an image folder needs declared preprocessing", file=str(folder),
-                              hint=f'write {PREPROCESS_FILE} with {{"size": [H, W], "mean": [...], "std": [...]}} '
-                                   'or {"size": [H, W], "scale": 0.00392}')
-        try:
-            pre = ImagePreprocess.from_dict(json.loads(spec.read_text()), str(spec))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"invalid JSON at line {exc.lineno} column {exc.colno}", file=str(spec)) from None
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError("no images in calibration folder", file=str(folder),
-                          hint=f"add {', '.join(IMAGE_SUFFIXES[:3])} files or pass an .npz with array x")
-    if count is not None and count < len(files):
-        idx = np.sort(np.random.default_rng(seed).choice(len(files), size=int(count), replace=False))
-        files = [files[i] for i in idx]
-    from PIL import Image
-
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if pre.channels == 1 else "RGB").resize((pre.size[1], pre.size[0]),
-                                                                            Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32)
-        except Exception as exc:
-            raise ConfigError(f"cannot read image ({exc})", file=str(f)) from None
-        if a.ndim == 2:
-            a = a[..., None]
-        arrays.append((a * pre.scale - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32))
-    x = np.stack(arrays).astype(np.float32)
-    return Calibration(x, _digest(x), len(x), seed, str(folder), preprocess=pre.to_dict())
-
-
-def load_calibration(data: "str | Path | Calibration | np.ndarray", *, count: int | None = DEFAULT_COUNT,
-                     seed: int = 0, preprocess: ImagePreprocess | None = None) -> Calibration:
-    """Load calibration samples from an .npz (array x), an image folder, or an in-memory array."""
+    With `inputs` (the model's input specs) the samples are bound and checked against them at once.
+    """
     if isinstance(data, Calibration):
-        return data
+        return data.bind(inputs) if inputs else data
     if isinstance(data, np.ndarray):
-        x = _select(data.astype(np.float32) if data.dtype.kind == "f" else data, count, seed)
-        return Calibration(x, _digest(x), len(x), seed, "<array>")
-    path = Path(data)
+        return _finish({"x": data.astype(np.float32) if data.dtype.kind == "f" else data}, count, seed, "<array>",
+                       inputs)
+    if isinstance(data, dict):
+        return _finish({k: np.asarray(v) for k, v in data.items()}, count, seed, "<arrays>", inputs)
+    path = Path(data).expanduser()
     if path.is_dir():
-        return _from_images(path, preprocess, count, seed)
+        if inputs is not None and len(inputs) != 1:
+            raise ConfigError(f"an image folder calibrates a single-input model; this model has {len(inputs)} "
+                              "inputs", file=str(path), hint="pass an .npz with one array per input")
+        files, _ = image_files(path)
+        chosen = None
+        if count is not None and files and count < len(files):
+            idx = np.sort(np.random.default_rng(seed).choice(len(files), size=int(count), replace=False))
+            chosen = [files[i] for i in idx]
+        images = load_images(path, preprocess, inputs[0] if inputs else None, files=chosen, role="calibration")
+        pre = preprocess or _folder_preprocess(path)
+        return _finish({"x": images.x}, None, seed, str(path), inputs, pre.record() if pre else None)
     if not path.exists():
         raise ConfigError("calibration data not found", file=str(path),
-                          hint="pass an .npz with array x or a folder of images")
+                          hint="pass an .npz with one array per model input (x for one) or a folder of images")
     if path.suffix.lower() != ".npz":
         raise ConfigError(f"unsupported calibration file type '{path.suffix}'", file=str(path),
-                          hint="pass an .npz with array x or a folder of images")
-    return _from_npz(path, count, seed)
+                          hint="pass an .npz with one array per model input (x for one) or a folder of images")
+    arrays = read_npz(path, "calibration")
+    if inputs is None and "x" not in arrays:
+        raise ConfigError(f"no array 'x' in calibration file (found: {', '.join(arrays) or 'none'})",
+                          file=str(path), field="x", hint="save samples with np.savez(path, x=samples), or one "
+                                                          "array per model input")
+    if inputs is None:
+        arrays = {"x": arrays["x"]}
+    arrays = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+    return _finish(arrays, count, seed, str(path), inputs)
+
+
+def _folder_preprocess(folder: Path) -> Preprocess | None:
+    import json
+
+    spec = folder / PREPROCESS_FILE
+    return Preprocess.from_dict(json.loads(spec.read_text()), str(spec)) if spec.exists() else None

@@ -9,29 +9,29 @@ import io
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.convert.cache import ConversionCache, cache_key, tf_version
-from pipeline.files import sha256_path, write_atomic
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
-from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
-from pipeline.convert.recipes import MODES, FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+from pipeline.convert.recipes import FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
+                                     open_signature, parse_input_shapes, signature_specs, with_shapes)
+from pipeline.convert.worker import run_quiet
+from pipeline.errors import ConversionError, EdgepipeError
+from pipeline.files import write_atomic
 
-__all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "load_source", "plan_formats"]
+__all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "identify", "load_source", "plan_formats"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]
 _FD_LOCK = threading.Lock()
-_QAT_MARKERS = (b"QuantizeWrapper", b"QuantizeLayer", b"FakeQuantWithMinMaxVars")
 
 
 @dataclass
@@ -46,65 +46,9 @@ class Artifact:
     edgetpu: dict[str, Any] | None = None
 
 
-@dataclass
-class ModelSource:
-    """A model on disk, identified by content hash; `kind` is saved_model, keras, h5 or tflite."""
-
-    path: Path
-    kind: str
-    name: str
-    sha256: str
-    qat: bool
-
-    def record(self) -> dict[str, Any]:
-        return {"name": self.name, "format": self.kind, "sha256": self.sha256, "qat": self.qat}
-
-
-def _detect_qat(path: Path, kind: str) -> bool:
-    """A QAT model carries fake-quant layers/ops; look for their names without loading the model."""
-    try:
-        if kind == "saved_model":
-            blob = (path / "saved_model.pb").read_bytes()
-        elif kind == "keras":
-            with zipfile.ZipFile(path) as z:
-                blob = z.read("config.json")
-        elif kind == "h5":
-            blob = path.read_bytes()
-        else:
-            return False
-    except (OSError, KeyError, zipfile.BadZipFile):
-        return False
-    return any(m in blob for m in _QAT_MARKERS)
-
-
-def _strip_suffixes(name: str) -> str:
-    for suffix in ("_savedmodel", ".savedmodel", "_saved_model", "-savedmodel"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    parts = name.split(".")
-    while len(parts) > 1 and (parts[-1] in MODES or parts[-1].startswith("compat-") or parts[-1] == "uint8io"):
-        parts.pop()
-    return ".".join(parts)
-
-
-def load_source(model: str | Path) -> ModelSource:
-    """Identify a model path; raise one clear ConversionError when it is missing or unsupported."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ConversionError("model not found", file=str(path),
-                              hint="pass a SavedModel directory, a .keras/.h5 file or a .tflite")
-    if path.is_dir():
-        if not (path / "saved_model.pb").exists():
-            raise ConversionError("directory is not a SavedModel (no saved_model.pb)", file=str(path),
-                                  hint="export it with model.export(DIR) or tf.saved_model.save")
-        kind = "saved_model"
-    else:
-        kind = {".keras": "keras", ".h5": "h5", ".hdf5": "h5", ".tflite": "tflite"}.get(path.suffix.lower(), "")
-        if not kind:
-            raise ConversionError(f"unsupported model file type '{path.suffix or path.name}'", file=str(path),
-                                  hint="use a SavedModel directory, .keras, .h5 or .tflite")
-    return ModelSource(path, kind, _strip_suffixes(path.name if kind == "saved_model" else path.stem),
-                       sha256_path(path), _detect_qat(path, kind))
+def load_source(model: str | Path | ModelSource, *, signature: str | None = None) -> ModelSource:
+    """Identify a model once (see `pipeline.convert.source.identify`); kept as the converter's entry name."""
+    return identify(model, signature=signature)
 
 
 def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | None) -> str:
@@ -115,6 +59,11 @@ def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | N
     if compat and compat.get("options"):
         parts.append("compat-" + compat["runtime"] + (f"-{compat['version']}" if compat.get("version") else ""))
     return ".".join(parts) + ".tflite"
+
+
+def log_path(artifact: Path) -> Path:
+    """Where TensorFlow's output for one artifact goes: `<out>/logs/<artifact stem>.log`."""
+    return artifact.parent / "logs" / (artifact.name.removesuffix(".tflite") + ".log")
 
 
 @contextlib.contextmanager
@@ -139,102 +88,47 @@ def capture_stdout() -> Iterator[list[str]]:
                 log.debug("captured TF stdout: %s", captured[-1])
 
 
-def _qat_to_saved_model(src: ModelSource, workdir: Path) -> Path:
-    """Keras 3 cannot load a tfmot QAT .h5/.keras; re-save it as a SavedModel in a legacy-Keras subprocess."""
-    out = workdir / "qat_savedmodel"
-    script = (
-        "import os, sys\n"
-        "os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
-        "import tensorflow as tf\n"
-        "import tensorflow_model_optimization as tfmot\n"
-        "with tfmot.quantization.keras.quantize_scope():\n"
-        "    m = tf.keras.models.load_model(sys.argv[1], compile=False)\n"
-        "tf.saved_model.save(m, sys.argv[2])\n"
-    )
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", script, str(src.path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-        if "tensorflow_model_optimization" in proc.stderr or "tf_keras" in proc.stderr:
-            raise ConversionError("this is a quantization-aware-trained (QAT) Keras 2 model; loading it needs "
-                                  "tensorflow-model-optimization and tf-keras", file=str(src.path),
-                                  hint="pip install tensorflow-model-optimization tf-keras, or export it as "
-                                       "a SavedModel directory")
-        raise ConversionError(f"cannot load QAT model: {tail}", file=str(src.path))
-    return out
-
-
-def _make_converter(src: ModelSource, workdir: Path, progress: Progress, batch: int | None) -> tuple[Any, list[tuple[str, Any, str]]]:
-    """A TFLiteConverter for the model plus its input specs (name, shape, dtype)."""
+def _converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
+    """A TFLiteConverter for the signature with every input shape fixed (static shapes: what edge runtimes and the
+    Edge TPU want; a fixed batch also drops the SHAPE/STRIDED_SLICE/PACK ops a dynamic batch adds)."""
     import tensorflow as tf
 
-    path = src.path
-    if src.kind in ("keras", "h5") and src.qat:
-        progress("load", "QAT model: re-saving with legacy Keras + tfmot")
-        path = _qat_to_saved_model(src, workdir)
-    elif src.kind in ("keras", "h5"):
-        import keras
-
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"cannot load Keras model: {msg[:300]}", file=str(path),
-                                  hint="check the file is a complete Keras model saved with model.save()") from None
-        path = workdir / "savedmodel"
-        model.export(str(path), verbose=False)
-    try:
-        return _from_saved_model(path, batch)
-    except EdgepipeError:
-        raise
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"cannot load SavedModel: {msg[:300]}", file=str(src.path)) from None
-
-
-def _from_saved_model(path: Path, batch: int | None) -> tuple[Any, list[tuple[str, Any, str]]]:
-    """Converter from the serving signature; with `batch`, the dynamic batch dimension is fixed first.
-
-    A fixed batch gives static shapes (the Edge TPU needs them) and drops the SHAPE/STRIDED_SLICE/PACK ops
-    that a dynamic batch adds around Flatten.
-    """
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path))
-    sigs = loaded.signatures
-    sig = sigs.get("serving_default") if "serving_default" in sigs else next(iter(sigs.values()), None)
-    if sig is None:
-        raise ConversionError("SavedModel has no signature to convert", file=str(path),
-                              hint="export it with model.export(DIR)")
-    inputs = sig.structured_input_signature[1]
-    specs = [(n, (None if s.shape.rank is None else s.shape.as_list()), s.dtype.name) for n, s in sorted(inputs.items())]
-    if batch and len(specs) == 1 and specs[0][1] and specs[0][1][0] is None and None not in specs[0][1][1:]:
-        name, shape, _ = specs[0]
-        fixed = tf.TensorSpec([batch] + shape[1:], inputs[name].dtype, name=name)
-        fn = tf.function(lambda x: sig(**{name: x}), input_signature=[fixed])
-        return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], loaded), specs
-    return tf.lite.TFLiteConverter.from_saved_model(str(path)), specs
+    args = sig.fn.structured_input_signature[1]
+    names = [s.name for s in inputs]
+    fixed = [tf.TensorSpec(list(s.shape), args[s.name].dtype, name=s.name) for s in inputs]
+    fn = tf.function(lambda *a: sig.fn(**dict(zip(names, a))), input_signature=fixed)
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], sig.loaded)
 
 
 def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> bytes:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before TF's first import: keep C++ info logs quiet
-    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp, capture_stdout():
+    """Load the model's signature, fix its input shapes, apply the recipe, convert; returns the .tflite bytes.
+
+    The TensorFlow part of a conversion; runs in the quiet worker process (see pipeline.convert.worker)."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp:
         progress("load", f"loading {src.kind} model (TensorFlow)")
-        converter, specs = _make_converter(src, Path(tmp), progress, r.options.get("input_batch"))
+        sig = open_signature(src, Path(tmp), progress)
+        if not src.described:
+            ins, outs = signature_specs(sig)
+            src = with_shapes(replace(src, inputs=ins, outputs=outs), r.options.get("input_shapes"))
+        try:
+            converter = _converter(sig, src.inputs)
+        except EdgepipeError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"cannot trace the model at input shapes "
+                                  f"{', '.join(f'{s.name} {s.shape_text()}' for s in src.inputs)}: "
+                                  f"{first_line(exc)}", file=str(src.path)) from None
+        representative = None
         if calib is not None and r.options.get("representative_dataset"):
-            if len(specs) != 1:
-                raise ConversionError(f"calibration supports single-input models; this model has {len(specs)} "
-                                      "inputs", file=str(src.path))
-            name, shape, dtype = specs[0]
-            calib.check_input(shape, dtype, name)
-        apply_recipe(r, converter, calib.samples if calib is not None else None)
+            calib = calib.bind(src.inputs)
+            batch = {s.name: int(s.shape[0]) for s in src.inputs}
+            representative = lambda: calib.samples(batch)   # noqa: E731 - TF wants a zero-argument callable
+        apply_recipe(r, converter, representative)
         progress("convert", f"converting to {r.mode}")
         try:
             return bytes(converter.convert())
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"TFLite conversion to {r.mode} failed: {msg[:300]}", file=str(src.path)) from None
+            raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
 
 def _validate_tflite(path: Path) -> None:
@@ -257,16 +151,21 @@ def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
 
 
 def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str | None, progress: Progress) -> Artifact:
+    """A .tflite source ships as it is (TFLiteConverter cannot re-quantize a .tflite); its manifest says what it is."""
     info = read_model(src.path)
     detected = detect_mode(info)
     if mode not in (None, "auto", detected):
-        raise ConversionError(f"model is already a {detected} .tflite; it cannot be re-converted to {mode}",
-                              file=str(src.path), hint="pass the original SavedModel/.keras model instead")
-    _validate_tflite(src.path)
-    out_path = out_dir / f"{src.name}.{detected}.tflite"
+        raise ConversionError(f"model is already a {detected} .tflite; it cannot be re-converted to {mode} "
+                              "(TFLiteConverter converts TensorFlow models, never a .tflite)", file=str(src.path),
+                              hint=f"pass the original SavedModel/.keras model, or use mode {detected}")
+    compiled = src.variant == "edgetpu_compiled"
+    if not compiled:   # an Edge TPU model never runs on the host: its custom op exists only in libedgetpu
+        run_quiet(_validate_tflite, src.path, log=log_path(out_dir / src.path.name), what="loading the .tflite",
+                  file=str(src.path))
+    out_path = out_dir / (src.path.name if compiled else f"{src.name}.{detected}.tflite")
     if out_path.resolve() != src.path.resolve():
         shutil.copyfile(src.path, out_path)
-    edgetpu = _edgetpu(out_path, info, detected, progress)
+    edgetpu = None if compiled else _edgetpu(out_path, info, detected, progress)
     compat_rec = None
     if compat:
         runtime, version = parse_compat(compat)
@@ -279,33 +178,51 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
     return _finish(out_path, manifest, cached=False)
 
 
-def _edgetpu(path: Path, info, mode: str, progress: Progress) -> dict[str, Any] | None:
+def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
     if mode != "int8":
         return None
     from pipeline.convert.edgetpu import analyze
 
     progress("edgetpu", "checking Edge TPU mapping")
-    return analyze(path, info)
+    return analyze(path, info, cache_dir=cache_dir)
 
 
-def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: str | Path,
+def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, compat: str | None = None, io_type: str = "int8",
-            progress: Progress | None = None) -> Artifact:
-    """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match."""
+            progress: Progress | None = None, signature: str | None = None, input_shapes: Any = None,
+            preprocess: Any = None) -> Artifact:
+    """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match.
+
+    `model` may be a path or the ModelSource identified once by the caller; a .tflite passes through as it is
+    (`mode` None accepts whatever it is). `input_shapes` ({name: shape} or NAME=1x..x.. items) fixes dynamic
+    dimensions; `preprocess` applies to an image-folder calibration.
+    """
     report: Progress = progress or (lambda stage, detail: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = load_source(model)
+    src = identify(model, signature=signature)
     if src.kind == "tflite":
         return _passthrough(src, mode, out, compat, report)
+    if mode is None:
+        raise ConversionError("no mode given for converting a TensorFlow model", field="mode")
+    overrides = {**src.overrides, **parse_input_shapes(input_shapes)}
+    src = with_shapes(describe(src, cache_dir=cache_dir, progress=report), overrides)
+    for note in src.notes:
+        report("notice", note)
     r = make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat)
+    if src.overrides:
+        r.options["input_shapes"] = {k: list(v) for k, v in sorted(src.overrides.items())}
+    if src.signature:
+        r.options["signature"] = src.signature
     calib = None
     if r.needs_calibration:
         if calibration is None:
             raise ConversionError(f"{mode} needs calibration data", file=str(src.path), field="calibration",
-                                  hint="pass --calibration DATA.npz (an array named x, shaped like the model input) "
-                                       "or a folder of images with preprocess.json")
-        calib = load_calibration(calibration)
+                                  hint="pass --calibration DATA.npz (one array per model input, x for one) "
+                                       "or a folder of images with preprocessing")
+        calib = load_calibration(calibration, preprocess=preprocess, inputs=src.inputs)
+        for warning in calib.warnings:
+            report("warning", warning)
     tf_ver = tf_version()
     name = artifact_name(src.name, mode, io_type, r.compat)
     out_path = out / name
@@ -316,22 +233,24 @@ def convert(model: str | Path, mode: str, *, calibration: Any = None, out_dir: s
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
-        if mode == "int8" and shutil.which("edgetpu_compiler"):
-            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report)   # the compiled file lives next to it
+        if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
+            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 
-    data = _run_conversion(src, r, calib, report)
+    data = run_quiet(_run_conversion, src, r, calib, progress=report, log=log_path(out_path),
+                     what=f"conversion to {mode}", file=str(src.path))
     if r.options.get("share_vectors"):
         from pipeline.convert.flatbuffer import compact_tflite
 
         data = compact_tflite(data)
     write_atomic(out_path, data)
     info = read_model(data)
-    edgetpu = _edgetpu(out_path, info, mode, report)
-    manifest = build_manifest(info, mode=mode, file_name=name, recipe=r.options, tf_version=tf_ver,
-                              source=src.record(), calibration=calib.summary() if calib else None, compat=r.compat,
-                              edgetpu=edgetpu)
+    edgetpu = _edgetpu(out_path, info, mode, report, cache_dir)
+    batch = info.input_tensors[0].shape[0] if info.inputs and info.input_tensors[0].shape else None
+    manifest = build_manifest(info, mode=mode, file_name=name, recipe=dict(r.options, input_batch=batch),
+                              tf_version=tf_ver, source=src.record(), calibration=calib.summary() if calib else None,
+                              compat=r.compat, edgetpu=edgetpu)
     if r.compat:
         check_compat(manifest, r.compat["runtime"], r.compat["version"])
     if cache:

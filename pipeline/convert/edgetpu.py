@@ -3,16 +3,29 @@
 The preflight applies Coral's documented rules (int8/uint8 tensors, static shapes, at most 3 innermost non-unit
 dimensions, supported ops with their limits) and, like the compiler, maps ops up to the first unsupported one.
 Its result is labelled `predicted` so nobody mistakes it for the compiler's verdict.
+
+`compiled_artifact` is what an Edge TPU target receives: the int8 artifact compiled (with `-m` set from the
+device's libedgetpu runtime version when the probe knows it), cached like any conversion, with its own manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.convert.manifest import ModelInfo, OpInfo, read_model
+from pipeline.convert.cache import ConversionCache
+from pipeline.convert.manifest import MANIFEST_VERSION, ModelInfo, OpInfo, manifest_hash, read_model, write_manifest
+from pipeline.files import sha256_path
+
+CUSTOM_OP = "edgetpu-custom-op"
+NOT_ON_PATH = "edgetpu_compiler not on PATH"
+COMPILE_CACHE_VERSION = 1
 
 MAPPED = "Mapped to Edge TPU"
 SUPPORTED = {
@@ -199,25 +212,159 @@ def preflight(info: ModelInfo) -> dict[str, Any]:
 
 
 def compile_model(path: Path, info: ModelInfo | None = None, *, compiler: str = "edgetpu_compiler",
-                  timeout: float = 300.0) -> dict[str, Any]:
-    """Run the compiler (argv, no shell) next to the artifact and parse console + log."""
+                  timeout: float = 300.0, min_runtime_version: int | None = None,
+                  out_dir: Path | None = None) -> dict[str, Any]:
+    """Run the compiler (argv, no shell) and parse console + log; outputs land in `out_dir` (default: beside it)."""
     path = Path(path)
     exe = shutil.which(compiler)
     if exe is None:
         raise FileNotFoundError(compiler)
-    proc = subprocess.run([exe, "-s", "-o", str(path.parent), str(path)], capture_output=True, text=True,
-                          timeout=timeout)
-    log_path = path.with_name(path.stem + "_edgetpu.log")
+    out = Path(out_dir) if out_dir is not None else path.parent
+    argv = [exe, "-s", "-o", str(out)]
+    if min_runtime_version is not None:
+        argv += ["-m", str(int(min_runtime_version))]
+    proc = subprocess.run(argv + [str(path)], capture_output=True, text=True, timeout=timeout)
+    log_path = out / (path.stem + "_edgetpu.log")
     log_text = log_path.read_text(errors="replace") if log_path.exists() else None
-    result = parse_compiler_output(proc.stdout + "\n" + proc.stderr, log_text, info)
-    compiled = path.with_name(path.stem + "_edgetpu.tflite")
+    console = proc.stdout + "\n" + proc.stderr
+    result = parse_compiler_output(console, log_text, info)
+    compiled = out / (path.stem + "_edgetpu.tflite")
     result["compiled_file"] = compiled.name if compiled.exists() and result["status"] == "compiled" else None
+    result["min_runtime_version"] = min_runtime_version
+    result["console"] = console.strip()
+    result["log"] = log_text
     return result
 
 
-def analyze(path: Path, info: ModelInfo | None = None) -> dict[str, Any]:
-    """Compiler report when `edgetpu_compiler` is on PATH, else the static preflight (labelled predicted)."""
+def analyze(path: Path, info: ModelInfo | None = None, *, cache_dir: Path | str | None = None) -> dict[str, Any]:
+    """Compiler report when `edgetpu_compiler` is on PATH (cached with `cache_dir`), else the static preflight
+    (labelled predicted)."""
     info = info or read_model(path)
-    if shutil.which("edgetpu_compiler"):
+    if not shutil.which("edgetpu_compiler"):
+        return preflight(info)
+    if cache_dir is None:
         return compile_model(path, info)
-    return preflight(info)
+    art = compiled_artifact(path, out_dir=Path(path).parent, cache_dir=cache_dir)
+    if art.manifest is None:
+        return {"status": "failed", "compiler_available": True, "compiler_version": compiler_version(),
+                "error": art.reason, "compiled_file": None}
+    return art.manifest["edgetpu"]
+
+
+def runtime_number(runtime_version: str | None) -> int | None:
+    """The number `-m` takes, from libedgetpu's version string ('BuildLabel(...), RuntimeVersion(14)' or '14')."""
+    if not runtime_version:
+        return None
+    m = re.search(r"RuntimeVersion\((\d+)\)", runtime_version) or re.fullmatch(r"\s*(\d+)\s*", runtime_version)
+    return int(m.group(1)) if m else None
+
+
+def is_compiled(path: Path | str) -> bool:
+    """True for a model `edgetpu_compiler` produced: its graph holds the `edgetpu-custom-op` libedgetpu runs."""
+    if Path(path).suffix.lower() != ".tflite" or not Path(path).is_file():
+        return False
+    try:
+        info = read_model(path)
+    except Exception:  # not a model at all: the caller's own loading reports that
+        return False
+    return any(name == f"CUSTOM:{CUSTOM_OP}" for name, _ in info.operator_codes)
+
+
+def compiler_version(compiler: str = "edgetpu_compiler") -> str | None:
+    """`edgetpu_compiler --version` ('Edge TPU Compiler version 16.0.384591198' -> '16.0.384591198'); None if absent."""
+    exe = shutil.which(compiler)
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"Edge TPU Compiler version (\S+)", proc.stdout + proc.stderr)
+    return m.group(1) if m else None
+
+
+@dataclass
+class CompiledArtifact:
+    """An Edge TPU model, or why there is none: `path` is None and `reason` says why (e.g. compiler not on PATH)."""
+
+    source_path: Path
+    source_sha256: str
+    path: Path | None
+    sha256: str | None
+    bytes: int | None
+    manifest: dict[str, Any] | None
+    cached: bool = False
+    reason: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.path is not None
+
+
+def _compiled_name(source: Path, min_runtime_version: int | None) -> str:
+    stem = source.name[: -len(".tflite")] if source.name.endswith(".tflite") else source.stem
+    return f"{stem}{'' if min_runtime_version is None else f'.rt{min_runtime_version}'}_edgetpu.tflite"
+
+
+def compiled_artifact(source: Path | str, *, out_dir: Path | str, cache_dir: Path | str | None = None,
+                      min_runtime_version: int | None = None, source_manifest: dict[str, Any] | None = None
+                      ) -> CompiledArtifact:
+    """Compile an int8 artifact for the Edge TPU (cached by source sha256, compiler version and `-m`).
+
+    The manifest records the compiler version, its console and log, the mapped share and the sha256 of both files.
+    Without the compiler, or when it fails, `path` is None and `reason` says so ("not compiled: ...").
+    """
+    source = Path(source)
+    src_sha = sha256_path(source)
+    version = compiler_version()
+    if version is None:
+        return CompiledArtifact(source, src_sha, None, None, None, None, reason=NOT_ON_PATH)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = _compiled_name(source, min_runtime_version)
+    key = hashlib.sha256(json.dumps({"v": COMPILE_CACHE_VERSION, "edgetpu_compile": src_sha, "compiler": version,
+                                     "m": min_runtime_version}, sort_keys=True).encode()).hexdigest()
+    cache = ConversionCache(cache_dir) if cache_dir else None
+    hit = cache.get(key) if cache else None
+    if hit is not None:
+        target = out / name
+        shutil.copyfile(hit.tflite, target)
+        manifest = dict(hit.manifest, file=name)
+        _write_compiled_manifest(target, manifest)
+        return CompiledArtifact(source, src_sha, target, manifest["sha256"], manifest["bytes"], manifest, cached=True)
+    info = read_model(source)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-edgetpu-") as tmp:
+        staged = Path(tmp) / "in" / source.name   # the compiler names its outputs after its input
+        staged.parent.mkdir()
+        shutil.copyfile(source, staged)
+        report = compile_model(staged, info, min_runtime_version=min_runtime_version, out_dir=Path(tmp))
+        produced = Path(tmp) / (staged.stem + "_edgetpu.tflite")
+        if report["status"] != "compiled" or not produced.exists():
+            error = report.get("error") or "the compiler wrote no *_edgetpu.tflite"
+            return CompiledArtifact(source, src_sha, None, None, None, None,
+                                    reason=f"edgetpu_compiler {version} failed: {error}")
+        target = out / name
+        shutil.copyfile(produced, target)
+    sha, size = sha256_path(target), target.stat().st_size
+    tpu = {k: v for k, v in report.items() if k not in ("console", "log", "compiled_file")}
+    tpu["compiled_file"] = name
+    src_man = source_manifest or {}
+    manifest = {
+        "manifest_version": MANIFEST_VERSION, "file": name, "sha256": sha, "bytes": size, "mode": "int8",
+        "variant": "edgetpu", "compiled": True,
+        "source_artifact": {"file": source.name, "sha256": src_sha, "bytes": source.stat().st_size},
+        "compiler": {"name": "edgetpu_compiler", "version": version, "min_runtime_version": min_runtime_version,
+                     "console": report.get("console"), "log": report.get("log")},
+        "source": src_man.get("source"), "calibration": src_man.get("calibration"),
+        "inputs": src_man.get("inputs"), "outputs": src_man.get("outputs"),
+        "edgetpu": tpu,
+    }
+    manifest["manifest_sha256"] = manifest_hash(manifest)
+    _write_compiled_manifest(target, manifest)
+    if cache:
+        cache.put(key, target, manifest)
+    return CompiledArtifact(source, src_sha, target, sha, size, manifest)
+
+
+def _write_compiled_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    write_manifest(manifest, path.with_name(path.name[: -len(".tflite")] + ".manifest.json"))

@@ -50,6 +50,7 @@ class TensorInfo:
     scale: list[float]
     zero_point: list[int]
     is_constant: bool
+    signature_name: str | None = None   # the model's own name for an input/output (its SignatureDef), if any
 
     def public(self) -> dict[str, Any]:
         """The manifest form: per-tensor scale/zero_point as scalars when there is one of each."""
@@ -58,7 +59,7 @@ class TensorInfo:
         if scale is None:
             scale, zp = 0.0, 0
         return {"name": self.name, "shape": self.shape, "shape_signature": self.shape_signature,
-                "dtype": self.dtype, "scale": scale, "zero_point": zp}
+                "dtype": self.dtype, "scale": scale, "zero_point": zp, "signature_name": self.signature_name}
 
 
 @dataclass
@@ -83,6 +84,12 @@ class ModelInfo:
     outputs: list[int]
     operator_codes: list[tuple[str, int]] = field(default_factory=list)
     subgraphs: int = 1
+    signature_key: str | None = None
+
+    @property
+    def custom_ops(self) -> list[str]:
+        """Names of the custom operators the model uses (e.g. `edgetpu-custom-op`)."""
+        return sorted({n.split(":", 1)[1] for n, _ in self.operator_codes if n.startswith("CUSTOM:")})
 
     @property
     def input_tensors(self) -> list[TensorInfo]:
@@ -166,10 +173,28 @@ def read_model(data: bytes | bytearray | Path | str) -> ModelInfo:
         inputs = [int(sg.Inputs(j)) for j in range(sg.InputsLength())]
         outputs = [int(sg.Outputs(j)) for j in range(sg.OutputsLength())]
         subgraphs = model.SubgraphsLength()
+        signature_key = _signature_names(model, tensors)
     except Exception as exc:  # a truncated/garbled flatbuffer raises anything from struct/IndexError
         raise ConversionError(f"corrupt TFLite flatbuffer ({type(exc).__name__})", file=label,
                               hint="re-export the model") from None
-    return ModelInfo(hashlib.sha256(buf).hexdigest(), len(buf), tensors, ops, inputs, outputs, codes, subgraphs)
+    return ModelInfo(hashlib.sha256(buf).hexdigest(), len(buf), tensors, ops, inputs, outputs, codes, subgraphs,
+                     signature_key)
+
+
+def _signature_names(model: Any, tensors: list[TensorInfo]) -> str | None:
+    """Name the first subgraph's inputs/outputs after its SignatureDef (the source model's own names); its key."""
+    for i in range(model.SignatureDefsLength()):
+        sd = model.SignatureDefs(i)
+        if sd.SubgraphIndex() != 0:
+            continue
+        for n in range(sd.InputsLength()):
+            tm = sd.Inputs(n)
+            tensors[tm.TensorIndex()].signature_name = (tm.Name() or b"").decode() or None
+        for n in range(sd.OutputsLength()):
+            tm = sd.Outputs(n)
+            tensors[tm.TensorIndex()].signature_name = (tm.Name() or b"").decode() or None
+        return (sd.SignatureKey() or b"").decode() or None
+    return None
 
 
 def detect_mode(info: ModelInfo) -> str:
@@ -215,6 +240,7 @@ def build_manifest(info: ModelInfo, *, mode: str, file_name: str, recipe: dict[s
         "compat": compat,
         "inputs": [t.public() for t in info.input_tensors],
         "outputs": [t.public() for t in info.output_tensors],
+        "input_batch": info.input_tensors[0].shape[0] if info.inputs and info.input_tensors[0].shape else None,
         "operators": info.operators(),
         "edgetpu": edgetpu,
     }

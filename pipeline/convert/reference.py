@@ -1,86 +1,177 @@
-"""Float reference outputs of the source model on the host, to compare device results against."""
+"""Float reference outputs on the host: every output of the float model, by name, for every evaluation sample.
+
+Devices return their outputs; the host scores them against labels and against these. A SavedModel/Keras model runs
+through its signature (TensorFlow), a float .tflite through ai-edge-litert; a quantized or Edge-TPU-compiled .tflite
+is not a float model, so its reference comes from `--reference MODEL` or is not measured at all.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, ConversionError
+from pipeline.convert.source import ModelSource, TensorSpec, describe, identify, match_specs
+from pipeline.errors import ConfigError, ConversionError, EdgepipeError
+
+REFERENCE_VERSION = 2
 
 
-def check_input_shape(expected: Any, x: np.ndarray, model: Any) -> None:
-    """x must be N samples of the model's per-sample input shape; say both shapes, not a framework traceback."""
-    exp = tuple(None if d is None or int(d) < 0 else int(d) for d in list(expected)[1:])
-    got = tuple(x.shape[1:])
-    if len(exp) != len(got) or any(e is not None and e != g for e, g in zip(exp, got)):
-        want = "(N, " + ", ".join("?" if e is None else str(e) for e in exp) + ")"
-        raise ConfigError(f"array x has shape {tuple(x.shape)} but the model {Path(str(model)).name} takes {want}",
-                          field="x", hint="reshape x to the model's input shape (one sample per row)")
+def _chunks(n: int, step: int) -> list[tuple[list[int], int]]:
+    """(sample indices, how many are real) per call; the last chunk wraps around so a fixed batch is always full."""
+    return [([(s + j) % n for j in range(step)], min(step, n - s)) for s in range(0, n, step)]
 
 
-def _first_output(y: Any) -> np.ndarray:
-    if isinstance(y, dict):
-        y = y[sorted(y)[0]]
-    elif isinstance(y, (list, tuple)):
-        y = y[0]
-    return np.asarray(y)
-
-
-def _saved_model_outputs(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _tf_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(path))
-    sig = loaded.signatures.get("serving_default") if "serving_default" in loaded.signatures else None
-    if sig is None:
-        raise ConversionError("SavedModel has no serving_default signature", file=str(path))
-    (name, spec), = sig.structured_input_signature[1].items()
-    check_input_shape(spec.shape, x, path)
-    outs = []
-    for i in range(0, len(x), batch_size):
-        outs.append(_first_output({k: v.numpy() for k, v in sig(**{name: tf.constant(x[i:i + batch_size],
-                                                                                    spec.dtype)}).items()}))
-    return np.concatenate(outs)
+    from pipeline.convert.source import open_signature
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
+        sig = open_signature(src, Path(tmp))
+        args = sig.fn.structured_input_signature[1]
+        missing = [name for name in args if name not in inputs]
+        if missing:
+            raise ConfigError(f"no data for model input '{missing[0]}'", file=str(src.path), field=missing[0])
+        fixed = {args[k].shape[0] for k in args if args[k].shape.rank and args[k].shape[0] is not None}
+        step = fixed.pop() if fixed else batch_size
+        n = len(next(iter(inputs.values())))
+        outs: dict[str, list[np.ndarray]] = {}
+        for idx, keep in _chunks(n, step):
+            feed = {k: tf.constant(inputs[k][idx], args[k].dtype) for k in args}
+            for name, value in sig.fn(**feed).items():
+                outs.setdefault(name, []).append(np.asarray(value)[:keep])
+    return {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in outs.items()}
 
 
-def _tflite_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+def _tflite_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(path))
+    if src.variant != "float":
+        raise ConversionError(f"the host cannot compute float outputs of a {src.variant} .tflite", file=str(src.path),
+                              hint="pass the float model with --reference (SavedModel, .keras or float .tflite)")
+    it = Interpreter(model_path=str(src.path))
     it.allocate_tensors()
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    check_input_shape(inp["shape"], x, path)
-    if inp["dtype"] != np.float32:
-        raise ConversionError("float reference needs a float model, not a quantized .tflite", file=str(path),
-                              hint="pass the SavedModel/.keras model or the float32 artifact")
-    ys = []
-    for i in range(len(x)):
-        it.set_tensor(inp["index"], x[i:i + 1].astype(np.float32))
+    by_name = {d["name"]: d for d in it.get_input_details()}
+    out_details = {d["name"]: d for d in it.get_output_details()}
+    feeds = [(by_name[s.tflite_name], inputs[s.name]) for s in src.inputs]
+    step = int(feeds[0][0]["shape"][0]) or 1
+    n = len(feeds[0][1])
+    outs: dict[str, list[np.ndarray]] = {s.name: [] for s in src.outputs}
+    for idx, keep in _chunks(n, step):
+        for detail, x in feeds:
+            it.set_tensor(detail["index"], x[idx].astype(detail["dtype"]).reshape(detail["shape"]))
         it.invoke()
-        ys.append(it.get_tensor(out["index"])[0].copy())
-    return np.stack(ys)
+        for s in src.outputs:
+            outs[s.name].append(np.array(it.get_tensor(out_details[s.tflite_name]["index"]))[:keep])
+    return {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in outs.items()}
 
 
-def float_reference(model: str | Path, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-    """Outputs of the float model for every sample of `x` (same as batch-1 runs; batched on the host for speed)."""
-    from pipeline.convert.converter import _qat_to_saved_model, capture_stdout, load_source
+def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size: int = 64,
+                  log: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Every output of the float model `src` for every sample, keyed by the model's output names.
 
-    src = load_source(model)
-    x = np.asarray(x, dtype=np.float32)
+    `inputs` is keyed by the model's input names. Results equal batch-1 runs (the host batches only for speed).
+    TensorFlow/LiteRT run in the quiet worker process; their output goes to `log` (default: a file in the temp dir).
+    """
+    from pipeline.convert.worker import run_quiet
+
+    log = log or Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"reference-{src.name}.log"
+    return run_quiet(compute_float_outputs, src, inputs, batch_size, log=log, what="the float reference",
+                     file=str(src.path))
+
+
+def compute_float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch_size: int = 64
+                          ) -> dict[str, np.ndarray]:
+    """`float_outputs` in this process (a plain function of its arguments: what the quiet worker runs)."""
     if src.kind == "tflite":
-        return _tflite_outputs(src.path, x)
-    with capture_stdout(), tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
-        if src.kind == "saved_model":
-            return _saved_model_outputs(src.path, x, batch_size)
-        if src.qat:
-            return _saved_model_outputs(_qat_to_saved_model(src, Path(tmp)), x, batch_size)
-        import keras
+        return _tflite_outputs(src, inputs)
+    try:
+        return _tf_outputs(src, inputs, batch_size)
+    except EdgepipeError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        raise ConversionError("the float model failed on the evaluation data: "
+                              + (text.splitlines()[0][:300] if text else type(exc).__name__), file=str(src.path)) from None
 
+
+def reference_outputs(src: ModelSource, inputs: dict[str, np.ndarray], reference: ModelSource | None = None,
+                      ) -> dict[str, np.ndarray] | None:
+    """Float outputs to compare the released model with, keyed by its output names; None when not measurable.
+
+    Without `reference` the released model is its own float reference when the host can run it. With it, the
+    reference model's inputs and outputs are matched to the released model's by name, then shape, then position.
+    """
+    if reference is None:
+        return float_outputs(src, inputs) if src.runs_on_host else None
+    if not reference.runs_on_host:
+        raise ConfigError(f"--reference must be a float model, not a {reference.variant} .tflite",
+                          file=str(reference.path), field="--reference",
+                          hint="pass the SavedModel, .keras or float .tflite the released model came from")
+    in_map = match_specs(reference.inputs, src.inputs, what="reference model inputs", file=str(reference.path))
+    outs = float_outputs(reference, {r: inputs[s] for r, s in in_map.items()})
+    out_map = match_specs(src.outputs, reference.outputs, what="model outputs in the reference",
+                          file=str(reference.path))
+    result = {}
+    for mine, theirs in out_map.items():
+        want = _per_sample(src.output(mine))
+        got = tuple(outs[theirs].shape[1:])
+        if want is not None and (len(want) != len(got) or any(w not in (None, g) for w, g in zip(want, got))):
+            raise ConfigError(f"reference output '{theirs}' has per-sample shape {got} but model output '{mine}' "
+                              f"has {want}", file=str(reference.path), field="--reference",
+                              hint="pass the float model this model was quantized from")
+        result[mine] = outs[theirs]
+    return result
+
+
+def _per_sample(spec: TensorSpec | None) -> tuple | None:
+    return tuple(spec.shape[1:]) if spec is not None and spec.shape else None
+
+
+def reference_key(src: ModelSource, reference: ModelSource | None, data_sha256: str) -> str:
+    ident = lambda s: None if s is None else [s.sha256, s.signature, s.overrides]  # noqa: E731
+    blob = json.dumps({"v": REFERENCE_VERSION, "model": ident(src), "reference": ident(reference),
+                       "data": data_sha256}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_reference(src: ModelSource, inputs: dict[str, np.ndarray], data_sha256: str, where: Path,
+                     reference: ModelSource | None = None) -> dict[str, np.ndarray] | None:
+    """`reference_outputs`, saved in the eval cache (`where`) by model, reference and data content."""
+    if reference is None and not src.runs_on_host:
+        return None
+    path = Path(where) / f"ref-{reference_key(src, reference, data_sha256)}.npz"
+    if path.exists():
         try:
-            m = keras.models.load_model(src.path, compile=False)
-        except Exception as exc:
-            raise ConversionError(f"cannot load Keras model: {str(exc).splitlines()[0][:300]}",
-                                  file=str(src.path)) from None
-        check_input_shape(m.inputs[0].shape, x, src.path)
-        return _first_output(m.predict(x, batch_size=batch_size, verbose=0))
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:
+            pass   # a torn cache file is recomputed
+    outs = reference_outputs(src, inputs, reference)
+    if outs is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **outs)
+    tmp.replace(path)
+    return outs
+
+
+def float_reference(model: str | Path | ModelSource, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """The single output of a single-input float model for every sample of `x` (a convenience over float_outputs)."""
+    from pipeline.convert.data import check_input_array
+
+    src = describe(identify(model))
+    if len(src.inputs) != 1 or len(src.outputs) != 1:
+        raise ConfigError(f"float_reference takes a single-input, single-output model; this one has inputs "
+                          f"{[s.name for s in src.inputs]} and outputs {[s.name for s in src.outputs]}",
+                          file=str(src.path), hint="use float_outputs(source, {input name: array})")
+    spec = src.inputs[0]
+    xs = check_input_array(np.asarray(x), "x", spec, "<array>", "evaluation")
+    return float_outputs(src, {spec.name: xs}, batch_size=batch_size)[src.outputs[0].name]

@@ -4,6 +4,12 @@ Layout: `agent/<hash>/agent.py`, `blobs/<sha256>` (artifacts, eval files), `runs
 `tmp/` for uploads in flight. What the device already holds, verified by hash, is not sent again; a new file is
 uploaded under a temp name, its sha256 checked on the device, then renamed into place, so a killed transfer
 never leaves a partial file under the final name. All device-side steps are argv for the device's Python.
+
+An upload's temp name carries its owner: the pid of the device-side process that holds our connection (sshd's
+session process; the orchestrator itself for a local target). Every push first removes the `.part` files whose
+owner is gone (a killed run's), never one a live concurrent push is still writing. What is missing must fit in
+the free space the device reports, or the push fails as `disk_full` before sending a byte; a write that fails
+on a full disk mid-upload is `disk_full` too, with the free and needed bytes.
 """
 from __future__ import annotations
 
@@ -28,23 +34,36 @@ WORKDIR_MARK = "@@EDGEPIPE_WORKDIR@@"  # replaced on the device by its absolute 
 # Runs on the device with its own Python (3.7+, stdlib only): prepare the layout and report which files are
 # there (verified by hash) / verify+install uploads / exec the agent right away when everything is there.
 DEVICE_HELPER = r"""
-import hashlib, json, os, sys, time
+import errno, hashlib, json, os, sys, time
 def h(p):
     d = hashlib.sha256()
     with open(p, 'rb') as f:
         for b in iter(lambda: f.read(1 << 20), b''):
             d.update(b)
     return d.hexdigest()
+def owner_alive(part):
+    # <sha16>.<owner pid>.<random>.part; older names carry no owner
+    bits = part.split('.')
+    if len(bits) != 4 or not bits[1].isdigit():
+        return False
+    try:
+        os.kill(int(bits[1]), 0)
+    except OSError as e:
+        return e.errno != errno.ESRCH  # EPERM: alive, only not ours to signal
+    return True
+def free(w):
+    st = os.statvfs(w)
+    return st.f_bavail * st.f_frsize
 op, arg = sys.argv[1], json.loads(sys.argv[2])
 if op in ('prepare', 'exec'):
     w = os.path.abspath(os.path.expanduser(arg['workdir']))
     for sub in ['agent', 'blobs', 'runs', 'tmp'] + arg.get('dirs', []):
         os.makedirs(os.path.join(w, sub), exist_ok=True)
     tmp = os.path.join(w, 'tmp')
-    for n in os.listdir(tmp):  # uploads abandoned by a killed transfer
+    for n in os.listdir(tmp):  # uploads abandoned by a killed transfer: their owner process is gone
         p = os.path.join(tmp, n)
         try:
-            if time.time() - os.path.getmtime(p) > 3600:
+            if not owner_alive(n) or time.time() - os.path.getmtime(p) > 3600:
                 os.remove(p)
         except OSError:
             pass
@@ -59,10 +78,14 @@ if op in ('prepare', 'exec'):
         except OSError as e:
             sys.stderr.write('%s: %s\n' % (argv[0], e.strerror))
             sys.exit(127)
-    st = os.statvfs(w)
-    print(json.dumps({'workdir': w, 'present': present, 'free_bytes': st.f_bavail * st.f_frsize}))
+    print(json.dumps({'workdir': w, 'present': present, 'free_bytes': free(w), 'owner': os.getppid()}))
     if op == 'exec':
         sys.exit(75)
+elif op == 'free':
+    for p in arg['remove']:
+        if os.path.exists(p):
+            os.remove(p)
+    print(json.dumps({'free_bytes': free(arg['workdir'])}))
 elif op == 'install':
     done, bad = [], []
     for tmp, final, sha in arg['items']:
@@ -136,16 +159,20 @@ class PushReport:
 class Deployer:
     """Talks to one device's work directory through a connected transport and the device's Python."""
 
-    def __init__(self, transport: Transport, python: str, workdir: str = "~/.edgepipe") -> None:
+    def __init__(self, transport: Transport, python: str, workdir: str = "~/.edgepipe",
+                 timeout: float | None = None) -> None:
         self.t = transport
         self.python = python
         self.workdir = workdir
+        self.timeout = float(timeout or HELPER_TIMEOUT)  # the target's `timeout:` for every helper step
         self.abs_workdir: str | None = None
+        self.owner: int | None = None
 
     def _helper(self, op: str, arg: dict[str, Any]) -> dict[str, Any]:
-        res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=HELPER_TIMEOUT)
+        res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=self.timeout)
         if res.timed_out:
-            raise TransportError(f"device helper '{op}' timed out after {HELPER_TIMEOUT:.0f}s", code="timeout")
+            raise TransportError(f"device helper '{op}' timed out after {self.timeout:g}s", code="timeout",
+                                 hint="raise the target's `timeout:` if the device is just slow")
         if res.rc in (126, 127):
             raise AgentError(f"device python {self.python!r} cannot be run: {res.stderr_tail()}",
                              hint="set `python:` for this target to an interpreter that exists on the device",
@@ -168,7 +195,14 @@ class Deployer:
         info = self._helper("prepare", {"workdir": self.workdir, "dirs": list(dirs),
                                         "files": {i.rel: i.sha256 for i in items}})
         self.abs_workdir = info["workdir"]
+        self.owner = info.get("owner")
         return info
+
+    def _disk_full(self, free: int, needed: int, when: str) -> TransportError:
+        return TransportError(f"device disk is full: {self.abs_workdir} has {free} bytes free, {when} needs "
+                              f"{needed} bytes", code="disk_full",
+                              hint="free space on the device or point the target's `workdir:` at a larger disk",
+                              data={"details": {"free_bytes": free, "needed_bytes": needed}})
 
     def push(self, items: list[PushItem], *, dirs: list[str] = (),
              progress: Callable[[str, int, int], None] | None = None) -> PushReport:
@@ -176,16 +210,27 @@ class Deployer:
         t0 = time.monotonic()
         info = self.prepare(items, dirs)
         report = PushReport(workdir=info["workdir"], free_bytes=info.get("free_bytes"))
+        missing = [i for i in items if not info["present"].get(i.rel)]
+        report.skipped = [i.rel for i in items if info["present"].get(i.rel)]
+        needed = sum(i.size for i in missing)
+        if report.free_bytes is not None and needed > report.free_bytes:
+            raise self._disk_full(report.free_bytes, needed, "the upload")
         pending = []
-        for item in items:
-            if info["present"].get(item.rel):
-                report.skipped.append(item.rel)
-                continue
-            tmp = self.path(f"tmp/{item.sha256[:16]}.{uuid.uuid4().hex[:8]}.part")
-            cb = (lambda done, total, _r=item.rel, _s=item.size: progress(_r, done, _s)) if progress else None
+        for item in missing:
+            tmp = self.path(f"tmp/{item.sha256[:16]}.{self.owner or 0}.{uuid.uuid4().hex[:8]}.part")
+
+            def cb(done: int, total: int, _r: str = item.rel, _s: int = item.size) -> None:
+                self.t.check_cancel(f"stopped uploading {posixpath.basename(_r)}")
+                if progress:
+                    progress(_r, done, _s)
+
             before = self.t.bytes_sent
             try:
                 self.t.put(item.local, tmp, cb)
+            except TransportError as exc:
+                if exc.code in ("push_failed", "disk_full"):
+                    self._explain_write_error(exc, [tmp] + [p[0] for p in pending], needed)
+                raise
             finally:
                 report.bytes_sent += self.t.bytes_sent - before
             pending.append([tmp, self.path(item.rel), item.sha256])
@@ -199,6 +244,16 @@ class Deployer:
             report.uploaded = [p[1] for p in pending]
         report.seconds = time.monotonic() - t0
         return report
+
+    def _explain_write_error(self, exc: TransportError, parts: list[str], needed: int) -> None:
+        """A failed upload on a disk too small for it is `disk_full` (SFTP only says "Failure"); this push's
+        uploads are removed first, so the free space is what the device really has for it."""
+        try:
+            free = int(self._helper("free", {"workdir": self.abs_workdir, "remove": parts})["free_bytes"])
+        except (TransportError, AgentError, KeyError, ValueError):
+            return  # the original error stands
+        if exc.code == "disk_full" or needed > free:
+            raise self._disk_full(free, needed, "the upload") from None
 
     def exec_if_present(self, items: list[PushItem], argv: list[str], *, timeout: float,
                         dirs: list[str] = ()) -> CommandResult | None:
@@ -225,7 +280,7 @@ class Deployer:
 
     def fetch_result(self, run_id: str, target_name: str) -> str | None:
         """The result the agent wrote with `--out` for this run, or None if it never finished writing it."""
-        res = self.t.run(["cat", self.result_path(run_id, target_name)], timeout=HELPER_TIMEOUT)
+        res = self.t.run(["cat", self.result_path(run_id, target_name)], timeout=self.timeout)
         if res.rc != 0 or not res.stdout.strip():
             return None
         return res.stdout.decode("utf-8", "replace")

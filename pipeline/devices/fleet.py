@@ -2,7 +2,8 @@
 
 Bounded by `max_parallel`; targets on one physical board never measure at the same time; connection errors are
 retried with backoff; a result the agent already wrote on the device is fetched instead of measuring again; every
-failure becomes that device's DeviceResult with a code, and the others carry on.
+failure becomes that device's DeviceResult with a code, and the others carry on. A cancel token stops everything:
+agents still running are killed on their devices and their targets come back as `interrupted`, never reported.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
-from pipeline.errors import AgentError, EdgepipeError, TransportError
-from pipeline.results import DeviceResult, ErrorInfo, parse_agent_output
+from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
+from pipeline.files import sha256_path
+from pipeline.results import DeviceResult, parse_agent_output
 from pipeline.devices.transport import Transport, open_transport
 
 OnEvent = Callable[[str, str, str], None]
@@ -56,11 +59,14 @@ class HostLocks:
             return self._locks.setdefault(key, threading.Lock())
 
 
-def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop, backoff: float = BACKOFF) -> R:
+def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop, backoff: float = BACKOFF,
+             cancel: CancelToken | None = None) -> R:
     """Call attempt(n) until it succeeds or fails with a non-retryable error; `target.retries` extra tries."""
+    cancel = cancel or CancelToken()
     n = 0
     while True:
         n += 1
+        cancel.check(f"{target.name}: not started")
         try:
             return attempt(n)
         except TransportError as exc:
@@ -69,13 +75,19 @@ def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop
                 raise
             delay = backoff * 2 ** (n - 1)
             on_event(target.name, "connect", f"retry {n} in {delay:.1f}s: {exc.message}")
-            time.sleep(delay)
+            cancel.wait(delay)
 
 
-def agent_argv(target: Any, agent: str, model: str, data: str, out: str) -> list[str]:
-    """The agent's command line for a target: every value one argv element, never a shell string."""
+def agent_argv(target: Any, agent: str, model: str, data: str, out: str,
+               extra: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """The agent's command line for a target: every value one argv element, never a shell string.
+
+    `extra` holds (flag, device path) pairs such as ("--fallback-model", ...) and ("--baseline-model", ...).
+    """
     argv = [target.python, agent, "--model", model, "--data", data, "--runs", str(target.runs),
             "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out]
+    for flag, value in extra:
+        argv += [flag, value]
     if target.delegate:
         argv += ["--delegate", str(target.delegate)]
     if target.threads:
@@ -100,27 +112,46 @@ class DeviceJob:
     eval_file: Path
     agent: PushItem = field(default_factory=PushItem.agent)
     artifact_info: dict[str, Any] | None = None
+    fallback_artifact: Path | None = None  # the plain int8 an Edge TPU target runs on the CPU (allow_fallback)
+    baseline_artifact: dict[str, Any] | None = None  # {"sha256", "path"|None}: the baseline's model, re-measured
+    outputs_dir: Path | None = None   # where the agent's outputs .npz is fetched to; None: not asked for
+    reduce: dict[str, str] = field(default_factory=dict)   # TFLite output name -> "argmax"
 
     def items(self) -> tuple[PushItem, PushItem, PushItem]:
         return self.agent, PushItem.blob(self.artifact), PushItem.blob(self.eval_file)
 
+    def extras(self) -> list[tuple[str, str, PushItem | None]]:
+        """(agent flag, path in the work directory, item to push or None) for the optional model files.
+
+        The baseline's model is pushed when the host still has it; otherwise the device's content-addressed copy
+        from the baseline run is used, and the agent says so when it is gone.
+        """
+        out: list[tuple[str, str, PushItem | None]] = []
+        if self.fallback_artifact is not None:
+            item = PushItem.blob(self.fallback_artifact)
+            out.append(("--fallback-model", item.rel, item))
+        base = self.baseline_artifact
+        if base and base.get("sha256"):
+            local = Path(base["path"]) if base.get("path") else None
+            item = PushItem.blob(local) if local is not None and local.is_file() else None
+            if item is not None and item.sha256 != base["sha256"]:
+                item = None  # that file was overwritten since the baseline run
+            out.append(("--baseline-model", f"blobs/{base['sha256']}", item))
+        return out
+
 
 def result_from_output(target: Any, stdout: bytes, rc: int | None, stderr_tail: str) -> DeviceResult:
     """Validate the agent's JSON; garbage is this device's `bad_result`, a non-zero exit without JSON `agent_error`."""
-    base = dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
-                groups=list(target.groups), emulated=bool(target.emulated))
     try:
         doc = parse_agent_output(stdout.decode("utf-8", "replace"))
     except AgentError as exc:
         if rc not in (0, None):
-            return DeviceResult.failure(code="agent_error", message=f"agent exited with {rc}: {stderr_tail or exc.message}",
-                                        **base)
-        return DeviceResult.failure(code="bad_result", message=exc.message, **base)
+            return DeviceResult.failed_for(target, "agent_error", f"agent exited with {rc}: {stderr_tail or exc.message}")
+        return DeviceResult.failed_for(target, "bad_result", exc.message)
     if not doc.get("ok"):
         err = doc.get("error") or {}
-        return DeviceResult(ok=False, error=ErrorInfo(err.get("code", "agent_error"), err.get("message", "")),
-                            result=doc, **base)
-    return DeviceResult(ok=True, result=doc, **base)
+        return DeviceResult.failed_for(target, err.get("code", "agent_error"), err.get("message", ""), result=doc)
+    return DeviceResult.for_target(target, ok=True, result=doc)
 
 
 class FleetRunner:
@@ -129,9 +160,10 @@ class FleetRunner:
     def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                  on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
                  backoff: float = BACKOFF, connections: dict[str, Transport] | None = None,
-                 lease: LeaseHook | None = None) -> None:
+                 lease: LeaseHook | None = None, cancel: CancelToken | None = None) -> None:
         self.run_id = run_id
         self.lease = lease
+        self.cancel = cancel or CancelToken()
         self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
         self.max_parallel = max_parallel
         self.factory = transport_factory or open_transport
@@ -157,18 +189,22 @@ class FleetRunner:
         try:
             hold = self.lease(t, lambda detail: self.on_event(t.name, "lease", detail)) if self.lease else nullcontext()
             with hold as held:  # the device is ours (pushes included) until its result is in
-                res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff)
+                res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+        except Interrupted as exc:  # stopped on request: a row for the caller, never reported as measured
+            stopped = DeviceResult.failed_for(t, exc.code, exc.one_line(), artifact=job.artifact_info,
+                                              bytes_sent=stats["bytes_sent"], attempts=max(1, stats["attempts"]))
+            stopped.lease = held
+            return stopped
         except EdgepipeError as exc:
-            res = DeviceResult.failure(t.name, t.kind, t.mode, exc.code, exc.one_line(), host=f"{t.host}:{t.port}",
-                                       groups=list(t.groups), emulated=bool(t.emulated))
+            res = DeviceResult.failed_for(t, exc.code, exc.one_line(), details=exc.data.get("details"))
         except Exception as exc:  # a host-side bug must still be one device's row, not a crashed run
-            res = DeviceResult.failure(t.name, t.kind, t.mode, "internal", f"{type(exc).__name__}: {exc}",
-                                       host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+            res = DeviceResult.failed_for(t, "internal", f"{type(exc).__name__}: {exc}")
         res.bytes_sent = stats["bytes_sent"]
         res.attempts = max(1, stats["attempts"])
         res.timings = dict(stats["timings"], total=time.monotonic() - t0)
         res.artifact = job.artifact_info
         res.lease = held
+        res.mark_fallback()
         self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         with self._result_lock:
             self.on_result(res)
@@ -176,11 +212,42 @@ class FleetRunner:
 
     def _finish_run(self, t: Any, cr: Any) -> DeviceResult:
         if cr.timed_out:
-            return DeviceResult.failure(t.name, t.kind, t.mode, "timeout",
-                                        f"agent did not finish within {t.timeout:g}s; killed it on the device",
-                                        host=f"{t.host}:{t.port}", groups=list(t.groups), emulated=bool(t.emulated))
+            return DeviceResult.failed_for(t, "timeout", f"agent did not finish within {t.timeout:g}s; killed it on the device")
         self.on_event(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
         return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
+
+    @staticmethod
+    def _outputs_flags(job: DeviceJob, result_remote: str) -> list[tuple[str, str]]:
+        """--outputs-out next to the result JSON on the device (when the job wants outputs), and --reduce."""
+        if job.outputs_dir is None:
+            return []
+        flags = [("--outputs-out", result_remote[: -len(".json")] + ".outputs.npz")]
+        return flags + [("--reduce", f"{name}={op}") for name, op in sorted(job.reduce.items())]
+
+    def _with_outputs(self, tr: Transport, job: DeviceJob, res: DeviceResult) -> DeviceResult:
+        """Fetch the outputs .npz a successful agent wrote into the run's out dir; check it against its sha256."""
+        block = (res.result or {}).get("outputs") if res.ok else None
+        if not block or job.outputs_dir is None:
+            return res
+        t = job.target
+        local = Path(job.outputs_dir) / f"{safe_name(t.name)}.outputs.npz"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tr.get(block["path"], local)
+            got = sha256_path(local)
+            if got != block["sha256"]:
+                raise TransportError(f"outputs file arrived corrupted (sha256 {got[:12]}…, expected "
+                                     f"{block['sha256'][:12]}…)", code="collect_failed")
+        except (EdgepipeError, OSError, KeyError) as exc:
+            local.unlink(missing_ok=True)
+            message = exc.one_line() if isinstance(exc, EdgepipeError) else f"{type(exc).__name__}: {exc}"
+            failed = DeviceResult.failed_for(t, "collect_failed",
+                                             f"could not fetch the model outputs from the device: {message}")
+            failed.result = res.result   # the timings stay visible
+            return failed
+        self.on_event(t.name, "collect", f"outputs: {local.stat().st_size} bytes")
+        res.outputs_path = str(local)
+        return res
 
     def _earlier_result(self, tr: Transport, dep: Deployer, t: Any, pid: int | None) -> DeviceResult | None:
         """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
@@ -210,13 +277,17 @@ class FleetRunner:
             if tr is None:
                 tr = self.factory(t)
                 tr.connect()
+            tr.cancel = self.cancel
             timings["connect"] = time.monotonic() - s
-            dep = Deployer(tr, t.python, t.workdir)
+            dep = Deployer(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
-            items, dirs = [agent, model, data], [f"runs/{safe_name(self.run_id)}"]
+            extras = job.extras()
+            items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
                 w = WORKDIR_MARK + "/"
-                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + result_rel(self.run_id, t.name))
+                res_rel = result_rel(self.run_id, t.name)
+                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + res_rel,
+                                  [(flag, w + rel) for flag, rel, _ in extras] + self._outputs_flags(job, w + res_rel))
                 with self.locks(t.physical_host):
                     ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
                     s = time.monotonic()
@@ -228,8 +299,8 @@ class FleetRunner:
                     if cr is not None:
                         timings["run"] = time.monotonic() - s
                 if cr is not None:
-                    return self._finish_run(t, cr)
-            ev(t.name, "push", f"{model.size + data.size + agent.size} bytes needed")
+                    return self._with_outputs(tr, job, self._finish_run(t, cr))
+            ev(t.name, "push", f"{sum(i.size for i in items)} bytes needed")
             s = time.monotonic()
             before = tr.bytes_sent
             try:
@@ -242,8 +313,9 @@ class FleetRunner:
             if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
                 earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None))
                 if earlier is not None:
-                    return earlier
-            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out)
+                    return self._with_outputs(tr, job, earlier)
+            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out,
+                              [(flag, dep.path(rel)) for flag, rel, _ in extras] + self._outputs_flags(job, out))
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()
@@ -253,7 +325,7 @@ class FleetRunner:
                     stats["remote_pid"] = exc.data.get("remote_pid")
                     raise
                 timings["run"] = time.monotonic() - s
-            return self._finish_run(t, cr)
+            return self._with_outputs(tr, job, self._finish_run(t, cr))
         finally:
             if tr is not None:
                 tr.close()

@@ -11,6 +11,7 @@ import hmac
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,6 +30,7 @@ def fingerprint(blob: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+@lru_cache(maxsize=4096)  # every connection matches its name against every line of the file
 def _glob(pattern: str) -> re.Pattern[str]:
     """OpenSSH host patterns know only `*` and `?`; brackets in `[host]:port` are literal."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower()))

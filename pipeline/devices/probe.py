@@ -9,6 +9,7 @@ import posixpath
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.deploy import Deployer, PushItem
 from pipeline.errors import AgentError, EdgepipeError
 from pipeline.devices.fleet import BACKOFF, OnEvent, TransportFactory, _noop, fan_out, retrying
@@ -63,10 +64,11 @@ def _agent_missing(res: Any) -> bool:
 
 
 def probe_target(target: Any, *, transport_factory: TransportFactory | None = None, on_event: OnEvent = _noop,
-                 backoff: float = BACKOFF, keep: bool = False) -> ProbeResult:
+                 backoff: float = BACKOFF, keep: bool = False, cancel: CancelToken | None = None) -> ProbeResult:
     """Connect (with retries), run `agent.py --probe` (pushing the agent first only if it is missing).
 
     Never raises for device problems. With `keep`, the open transport stays on `result.transport` for reuse.
+    Once `cancel` is set, the probe stops (killing it on the device) and comes back as `interrupted`.
     """
     factory = transport_factory or open_transport
     attempts = [0]
@@ -76,6 +78,7 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
         attempts[0] = n
         on_event(target.name, "probe", f"{target.host}:{target.port}")
         tr = factory(target)
+        tr.cancel = cancel
         kept = False
         try:
             tr.connect()
@@ -84,7 +87,7 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
             argv = [target.python, posixpath.join(target.workdir, agent.rel), "--probe", "--workdir", target.workdir]
             res = tr.run(argv, timeout=timeout)
             if _agent_missing(res):
-                dep = Deployer(tr, target.python, target.workdir)
+                dep = Deployer(tr, target.python, target.workdir, timeout=timeout)
                 dep.push([agent])
                 argv[1], argv[4] = dep.path(agent.rel), dep.abs_workdir
                 res = tr.run(argv, timeout=timeout)
@@ -111,10 +114,11 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
                 tr.close()
 
     try:
-        out = retrying(target, attempt, on_event, backoff)
+        out = retrying(target, attempt, on_event, backoff, cancel)
     except EdgepipeError as exc:
         out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
-                          error=ErrorInfo(exc.code, exc.one_line()), emulated=bool(target.emulated))
+                          error=ErrorInfo(exc.code, exc.one_line(), exc.data.get("details")),
+                          emulated=bool(target.emulated))
     except Exception as exc:  # a host-side bug is still one row, not a crashed check
         out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
                           error=ErrorInfo("internal", f"{type(exc).__name__}: {exc}"), emulated=bool(target.emulated))
@@ -125,12 +129,12 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
 
 def probe_fleet(targets: list[Any], *, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                 on_event: OnEvent | None = None, on_probe: Callable[[ProbeResult], None] | None = None,
-                keep: bool = False) -> list[ProbeResult]:
+                keep: bool = False, cancel: CancelToken | None = None) -> list[ProbeResult]:
     """Probe every target in parallel (bounded); one ProbeResult per target, in order."""
     ev = on_event or _noop
 
     def one(t: Any) -> ProbeResult:
-        r = probe_target(t, transport_factory=transport_factory, on_event=ev, keep=keep)
+        r = probe_target(t, transport_factory=transport_factory, on_event=ev, keep=keep, cancel=cancel)
         if on_probe:
             on_probe(r)
         return r

@@ -13,13 +13,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.devices.cancel import CancelToken
 from pipeline.devices.fleet import OnEvent, _noop
 from pipeline.devices.probe import ProbeResult
 from pipeline.distributed import queue as q
 from pipeline.distributed.artifacts import ArtifactStore
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, EdgepipeError, Interrupted
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
-from pipeline.run import load_eval_data, prepare_jobs
+from pipeline.run import plan_jobs, refusal, spec_dict
 
 POLL_S = 0.5
 STALL_CHECK_S = 2.0
@@ -83,13 +84,17 @@ class Coordinator:
                 self.ev(t.name, "queue", f"waiting for a worker of site {site}")
         return jobs
 
-    def wait(self, jobs: dict[str, tuple[int, Any]], arrived: Callable[[set[str]], dict[str, Any]]) -> dict[str, Any]:
-        """Each target's result (what `arrived(pending names)` returns once workers stored them) or an ErrorInfo."""
+    def wait(self, jobs: dict[str, tuple[int, Any]], arrived: Callable[[set[str]], dict[str, Any]],
+             cancel: CancelToken | None = None) -> dict[str, Any]:
+        """Each target's result (what `arrived(pending names)` returns once workers stored them) or an ErrorInfo.
+        A set `cancel` raises Interrupted (jobs no worker took yet are withdrawn on exit)."""
         out: dict[str, Any] = {}
         pending = dict(jobs)
         queued_at = time.monotonic()
         last_stall = time.monotonic()
         while pending:
+            if cancel is not None:
+                cancel.check(f"stopped while {len(pending)} device(s) were with their sites' workers")
             states = q.job_states(self.db, [job_id for job_id, _ in pending.values()])
             ready = arrived(set(pending))  # after the states: a job seen finished has its result stored already
             for name, (job_id, t) in list(pending.items()):
@@ -146,95 +151,123 @@ class Coordinator:
                     self.ev(r["target"], r["stage"], f"{r['detail']} [{r['worker']}]")
 
 
-def execute_distributed(inventory: Any, model: str | Path, data: str | Path, *, store: Any, run_id: str,
-                        calibration: Any = None, select: list[str] | None = None, out_dir: str | Path,
-                        cache_dir: str | Path | None = None, on_event: OnEvent | None = None,
+def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: str, select: list[str] | None = None,
+                        out_dir: str | Path, cache_dir: str | Path | None = None, on_event: OnEvent | None = None,
                         on_result: Callable[[DeviceResult], None] | None = None, lease_timeout: float | None = None,
                         worker_timeout: float = q.WORKER_TIMEOUT_S, worker_retries: int = 1,
-                        queue_timeout: float | None = None) -> RunResult:
+                        queue_timeout: float | None = None, model_name: str | None = None,
+                        cancel: CancelToken | None = None) -> RunResult:
     """The distributed twin of pipeline.run.execute: same RunResult, devices measured by their sites' workers.
 
-    The run must already be begun in `store` (a PostgreSQL history); worker results land there directly, results
-    made here (probe or conversion failures, lost workers) are stored here. `on_result` sees every device once.
+    `prepared` comes from pipeline.run.prepare (the host checks). The run must already be begun in `store` (a
+    PostgreSQL history). Workers store each device's raw result and put its outputs in the artifact store; the
+    outputs are scored here, as in a local run, and the scored result replaces the raw one. `on_result` sees every
+    device once.
     """
-    from pipeline.convert.converter import load_source
-
+    cancel = cancel or CancelToken()
     ev, report = on_event or _noop, on_result or (lambda r: None)
     targets = inventory.select(list(select or []))
     preflight(inventory, targets, store)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    src = load_source(model)
-    load_eval_data(data)
+    src = prepared.src
     q.ensure_schema(store.db)
     blobs = ArtifactStore(store.db, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
-                          shared_dir=inventory.artifact_store.shared_dir, file=inventory.path)
+                          shared_dir=inventory.artifact_store.shared_dir, file=inventory.path,
+                          cache_dir=out_dir / "outputs" / run_id / "fetched")
     done: dict[str, DeviceResult] = {}
 
-    def finish(res: DeviceResult, *, stored: bool = False) -> None:
-        if not stored:
-            store.add_device_result(run_id, res)
+    def finish(res: DeviceResult) -> None:
+        store.add_device_result(run_id, res)
         done[res.name] = res
         ev(res.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         report(res)
 
-    with Coordinator(store, inventory, run_id, on_event=ev, worker_timeout=worker_timeout,
-                     worker_retries=worker_retries, queue_timeout=queue_timeout) as co:
-        # 1. probe, through the workers that can reach each device
-        jobs = co.defer(q.PROBE_TASK, targets, lambda t: {"run_id": run_id, "target": t.name})
+    runnable = []
+    for t in targets:
+        refused = refusal(t, src)
+        if refused is None:
+            runnable.append(t)
+        else:
+            finish(refused)
+    plan = None
+    try:
+        with Coordinator(store, inventory, run_id, on_event=ev, worker_timeout=worker_timeout,
+                         worker_retries=worker_retries, queue_timeout=queue_timeout) as co:
+            # 1. probe, through the workers that can reach each device
+            jobs = co.defer(q.PROBE_TASK, runnable, lambda t: {"run_id": run_id, "target": t.name})
 
-        def probe_arrived(names: set[str]) -> dict[str, ProbeResult]:
-            rows = store.db.all("SELECT target, probe FROM dist_probes WHERE run_id=? AND target = ANY(?)",
-                                (run_id, sorted(names)))
-            return {r["target"]: _probe_from(json.loads(r["probe"])) for r in rows}
+            def probe_arrived(names: set[str]) -> dict[str, ProbeResult]:
+                rows = store.db.all("SELECT target, probe FROM dist_probes WHERE run_id=? AND target = ANY(?)",
+                                    (run_id, sorted(names)))
+                return {r["target"]: _probe_from(json.loads(r["probe"])) for r in rows}
 
-        def result_arrived(names: set[str]) -> dict[str, DeviceResult]:
-            rows = store.db.all("SELECT target, raw FROM device_results WHERE run_id=? AND target = ANY(?)",
-                                (run_id, sorted(names)))
-            return {r["target"]: DeviceResult.from_dict(json.loads(r["raw"])) for r in rows}
+            def result_arrived(names: set[str]) -> dict[str, DeviceResult]:
+                rows = store.db.all("SELECT target, raw FROM device_results WHERE run_id=? AND target = ANY(?)",
+                                    (run_id, sorted(names)))
+                return {r["target"]: DeviceResult.from_dict(json.loads(r["raw"])) for r in rows}
 
-        probes = {}
-        for name, got in co.wait(jobs, probe_arrived).items():
-            t = inventory.target(name)
-            probes[name] = got if isinstance(got, ProbeResult) else ProbeResult(
-                name, f"{t.host}:{t.port}", t.kind, False, error=got, emulated=bool(t.emulated))
-        # 2-3. eval file and conversions, once, here; failures are final for their devices
-        device_jobs, manifests, float_top1 = prepare_jobs(
-            model, data, targets, probes, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir,
-            ev=lambda n, s, d: None if s == "done" else ev(n, s, d), finish=finish, src=src)
-        # 4. artifacts where workers read them, one measure job per device
-        locations: dict[str, Any] = {}
-        for j in device_jobs:
-            for path in (j.artifact, j.eval_file):
-                if str(path) not in locations:
-                    try:
-                        locations[str(path)] = blobs.put(path)
-                    except ConfigError as exc:  # too big for the database and no shared directory: those devices fail
-                        locations[str(path)] = exc
-        placed = []
-        for j in device_jobs:
-            bad = next((locations[str(p)] for p in (j.artifact, j.eval_file) if isinstance(locations[str(p)], ConfigError)), None)
-            if bad is None:
-                placed.append(j)
-                continue
-            res = _failure(j.target, "artifact_unavailable", bad.one_line())
-            res.artifact = j.artifact_info
-            finish(res)
-        device_jobs = placed
-        spec = {j.target.name: j for j in device_jobs}
-        jobs = co.defer(q.MEASURE_TASK, [j.target for j in device_jobs], lambda t: {
-            "run_id": run_id, "target": t.name, "artifact": locations[str(spec[t.name].artifact)],
-            "eval": locations[str(spec[t.name].eval_file)], "artifact_info": spec[t.name].artifact_info,
-            "lease_timeout": lease_timeout})
-        # 5. wait; each worker committed its device's result
-        for name, got in co.wait(jobs, result_arrived).items():
-            if isinstance(got, DeviceResult):
-                finish(got, stored=True)
-            else:
-                res = _failure(spec[name].target, got.code, got.message)
-                res.artifact = spec[name].artifact_info
+            probes = {}
+            for name, got in co.wait(jobs, probe_arrived, cancel).items():
+                t = inventory.target(name)
+                probes[name] = got if isinstance(got, ProbeResult) else ProbeResult(
+                    name, f"{t.host}:{t.port}", t.kind, False, error=got, emulated=bool(t.emulated))
+            # 2-3. float reference, conversions and eval files, once, here; failures are final for their devices
+            plan = plan_jobs(prepared, runnable, probes, out_dir=out_dir, cache_dir=cache_dir, ev=ev, finish=finish,
+                             run_id=run_id, cancel=cancel)
+            # 4. artifacts where workers read them, one measure job per device
+            locations: dict[str, Any] = {}
+            placed = []
+            for j in plan.jobs:
+                files = [p for p in (j.artifact, j.eval_file, j.fallback_artifact) if p is not None]
+                for path in files:
+                    if str(path) not in locations:
+                        try:
+                            locations[str(path)] = blobs.put(path)
+                        except ConfigError as exc:  # too big for the database and no shared directory
+                            locations[str(path)] = exc
+                bad = next((locations[str(p)] for p in files if isinstance(locations[str(p)], ConfigError)), None)
+                if bad is None:
+                    placed.append(j)
+                    continue
+                res = _failure(j.target, "artifact_unavailable", bad.one_line())
+                res.artifact = j.artifact_info
                 finish(res)
+            spec = {j.target.name: j for j in placed}
+            jobs = co.defer(q.MEASURE_TASK, [j.target for j in placed], lambda t: {
+                "run_id": run_id, "target": t.name, "artifact": locations[str(spec[t.name].artifact)],
+                "eval": locations[str(spec[t.name].eval_file)], "artifact_info": spec[t.name].artifact_info,
+                "lease_timeout": lease_timeout, "reduce": dict(spec[t.name].reduce),
+                "fallback": (locations[str(spec[t.name].fallback_artifact)]
+                             if spec[t.name].fallback_artifact is not None else None)})
+            # 5. wait; each worker committed its device's raw result and put its outputs in the artifact store
+            for name, got in co.wait(jobs, result_arrived, cancel).items():
+                if isinstance(got, DeviceResult):
+                    finish(plan.scored(_with_outputs(got, blobs)))
+                else:
+                    res = _failure(spec[name].target, got.code, got.message)
+                    res.artifact = spec[name].artifact_info
+                    finish(res)
+    except Interrupted as exc:
+        exc.run = RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
+                            finished=time.time(), model_sha256=src.sha256, complete=False, interrupted=exc.reason)
+        raise
+    fm = prepared.float_metrics or {}
     return RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
-                     finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
-                     complete=len(done) == len(targets), float_top1=float_top1)
+                     finished=time.time(), model_sha256=src.sha256, artifacts=plan.manifests if plan else [],
+                     complete=len(done) == len(targets), float_top1=fm.get("top1"),
+                     model_name=model_name or src.name, task=spec_dict(prepared.task),
+                     float_metrics=prepared.float_metrics)
+
+
+def _with_outputs(res: DeviceResult, blobs: ArtifactStore) -> DeviceResult:
+    """The device's outputs .npz, fetched from where its worker put it (checked by sha256), for host scoring."""
+    stored = ((res.result or {}).get("outputs") or {}).get("stored") if res.ok else None
+    if not stored:
+        return res
+    try:
+        res.outputs_path = str(blobs.fetch(stored))
+    except EdgepipeError as exc:
+        res.ok, res.error = False, ErrorInfo("bad_outputs", f"outputs of this device are not readable: {exc.one_line()}")
+    return res

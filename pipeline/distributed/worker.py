@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError, EdgepipeError
 from pipeline.release.leases import Leases
 from pipeline.inventory import is_db_url
 from pipeline.release.store import db_path, open_store
-from pipeline.results import DeviceResult
+from pipeline.results import DeviceResult, ErrorInfo
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
 KEEP_S = 300.0  # a probe's open connection waits this long for the same device's measure job on this worker
@@ -68,8 +68,10 @@ class Worker:
             self.store.close()
             raise
         self.leases = Leases(self.store.db, owner=f"worker-{self.name}")
+        cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE / site
         self.blobs = ArtifactStore(self.store.db, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
-                                   cache_dir=Path(cache_dir) if cache_dir else DEFAULT_CACHE / site)
+                                   shared_dir=inventory.artifact_store.shared_dir, cache_dir=cache)
+        self.outputs_dir = cache / "outputs"
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="edgepipe-job")
         self._kept: dict[tuple[str, str], tuple[float, Any]] = {}  # (run, target) -> (when, open transport)
         self._kept_lock = threading.Lock()
@@ -92,8 +94,9 @@ class Worker:
 
         @self.app.task(name=MEASURE_TASK)
         async def measure(run_id: str, target: str, artifact: dict, eval: dict, artifact_info: dict,
-                          lease_timeout: float | None = None) -> None:
-            await in_pool(self.measure, run_id, target, artifact, eval, artifact_info, lease_timeout)
+                          lease_timeout: float | None = None, reduce: dict | None = None,
+                          fallback: dict | None = None) -> None:
+            await in_pool(self.measure, run_id, target, artifact, eval, artifact_info, lease_timeout, reduce, fallback)
 
     def serve(self) -> None:
         """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once)."""
@@ -170,13 +173,17 @@ class Worker:
                                   (run_id, target, json.dumps(doc, default=str)))
 
     def measure(self, run_id: str, target: str, artifact: dict, eval: dict, artifact_info: dict,
-                lease_timeout: float | None) -> None:
+                lease_timeout: float | None, reduce: dict | None = None, fallback: dict | None = None) -> None:
+        """Measure one device (under its lease), put its outputs .npz in the artifact store for the coordinator to
+        score, and commit the raw result."""
         ev = self._events(run_id)
         t0 = time.monotonic()
         try:
             t = self._target(target)
             ev(target, "fetch", f"{artifact['name']} ({artifact['bytes']} bytes) from the artifact store ({artifact['where']})")
-            job = DeviceJob(t, self.blobs.fetch(artifact), self.blobs.fetch(eval), artifact_info=artifact_info)
+            job = DeviceJob(t, self.blobs.fetch(artifact), self.blobs.fetch(eval), artifact_info=artifact_info,
+                            fallback_artifact=self.blobs.fetch(fallback) if fallback else None,
+                            outputs_dir=self.outputs_dir / run_id, reduce=dict(reduce or {}))
         except Exception as exc:  # an EdgepipeError (unknown target, artifact unavailable) or a worker-side bug
             code, message = (exc.code, exc.one_line()) if isinstance(exc, EdgepipeError) else \
                 ("internal", f"worker {self.name}: {type(exc).__name__}: {exc}")
@@ -194,4 +201,18 @@ class Worker:
         runner = FleetRunner(run_id=run_id, max_parallel=1, on_event=ev, lease=lease,
                              connections=self._kept_transport(run_id, target))
         (res,) = runner.run([job])
-        self.store.add_device_result(run_id, res)
+        self.store.add_device_result(run_id, self._share_outputs(res))
+
+    def _share_outputs(self, res: DeviceResult) -> DeviceResult:
+        """The fetched outputs go to the artifact store; the result names where (`result.outputs.stored`)."""
+        block = (res.result or {}).get("outputs") if res.ok else None
+        if res.outputs_path and block is not None:
+            local = Path(res.outputs_path)
+            try:
+                block["stored"] = self.blobs.put(local)
+            except EdgepipeError as exc:
+                res.ok, res.error = False, ErrorInfo("bad_outputs", f"worker {self.name} cannot share the outputs: "
+                                                                    f"{exc.one_line()}")
+            local.unlink(missing_ok=True)
+        res.outputs_path = None  # a path on the worker means nothing to the coordinator
+        return res

@@ -26,16 +26,27 @@ def junit_xml(verdict: Verdict) -> str:
         skips = sum(1 for c in checks if c.skipped)
         suite = ET.SubElement(root, "testsuite", name=f"edgepipe.{subject}", tests=str(len(checks)),
                               failures=str(fails), errors="0", skipped=str(skips))
+        fallback = _fallback_line(verdict, subject)
+        props = _metric_properties(suite, verdict.metrics.get(subject))
+        if fallback:
+            props = props if props is not None else ET.SubElement(suite, "properties")
+            ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
         for c in checks:
-            case = ET.SubElement(suite, "testcase", classname=f"edgepipe.{subject}", name=c.gate, time="0")
+            case = ET.SubElement(suite, "testcase", classname=f"edgepipe.{subject}", name=c.label, time="0")
+            if fallback:
+                props = ET.SubElement(case, "properties")
+                ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
             if c.skipped:
                 ET.SubElement(case, "skipped", message=c.note)
             elif not c.passed:
                 fail = ET.SubElement(case, "failure", message=c.message(), type=c.gate)
-                fail.text = (f"gate: {c.gate}\nmeasured: {fmt(c.measured)}\nthreshold: {fmt(c.threshold)}\n"
+                fail.text = (f"gate: {c.gate}\n" + (f"output: {c.output}\n" if c.output else "")
+                             + (f"metric: {c.metric}\n" if c.metric else "")
+                             + f"measured: {fmt(c.measured)}\nthreshold: {fmt(c.threshold)}\n"
                              f"source: {c.source}\n" + (f"note: {c.note}\n" if c.note else ""))
-            else:
-                ET.SubElement(case, "system-out").text = c.message()
+            if not c.skipped and (c.passed or fallback):
+                ET.SubElement(case, "system-out").text = "\n".join(
+                    x for x in (fallback, c.message() if c.passed else "") if x)
         total += len(checks)
         failures += fails
         skipped += skips
@@ -45,6 +56,42 @@ def junit_xml(verdict: Verdict) -> str:
     root.set("skipped", str(skipped))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _fallback_line(verdict: Verdict, subject: str) -> str:
+    """`FALLBACK: coral ran on cpu instead of edgetpu: <reason>` for a device that did not use its accelerator."""
+    return f"FALLBACK: {subject} {verdict.fallback_text(subject)}" if subject in verdict.fallbacks else ""
+
+
+def _metric_properties(suite: ET.Element, figures: dict | None) -> ET.Element | None:
+    """A device's task figures as JUnit <properties> (CI systems show them beside the testcases)."""
+    if not figures:
+        return None
+    props = ET.SubElement(suite, "properties")
+    for key, value in figures.items():
+        ET.SubElement(props, "property", name=f"edgepipe.{key}", value=fmt(value))
+    return props
+
+
+def _gate_md(c: Check) -> str:
+    """The gate key as code; with the output and metric a task check read (escaped: output names are model text)."""
+    return f"`{c.gate}`" + (f" {md_escape(c.label[len(c.gate):])}" if c.label != c.gate else "")
+
+
+def task_metrics_markdown(verdict: Verdict) -> list[str]:
+    """One row per device with its task and figures (mAP, MAE, mIoU, ...), or nothing for pre-task results."""
+    rows = {name: figs for name, figs in verdict.metrics.items() if figs}
+    if not rows:
+        return []
+    keys: list[str] = []
+    for figs in rows.values():
+        keys += [k for k in figs if k != "task" and k not in keys]
+    lines = ["### Task metrics", "", "| device | task | " + " | ".join(md_escape(k) for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for name, figs in rows.items():
+        cells = [md_escape(fmt(figs[k])) if k in figs else "-" for k in keys]
+        lines.append(f"| {md_escape(name)} | {md_escape(figs.get('task'))} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_junit(verdict: Verdict, path: str | Path) -> Path:
@@ -62,25 +109,36 @@ def summary_markdown(verdict: Verdict) -> str:
              f"Run `{verdict.run_id}`" + (f", baseline `{verdict.baseline_run_id}`" if verdict.baseline_run_id else
                                           ", no baseline") + f", exit code {verdict.exit_code}.", "",
              md_escape(verdict.headline()), ""]
-    if verdict.devices:
-        lines += ["| device | status | failed checks |", "|---|---|---|"]
-        for name, state in verdict.devices.items():
-            bad = [c.gate for c in verdict.checks_for(name) if not c.passed and not c.skipped]
-            mark = ":white_check_mark:" if state == "passed" else ":x:"
-            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(', '.join(bad)) or '-'} |")
+    if verdict.fallbacks or verdict.notes or verdict.cross_model:
+        lines += [f"- :warning: **FALLBACK**: {md_escape(name)} {md_escape(verdict.fallback_text(name))}"
+                  for name in verdict.fallbacks]
+        lines += [f"- :warning: {md_escape(note)}" for note in verdict.notes]
+        if verdict.cross_model:
+            lines.append(f"- :warning: cross-model comparison: {md_escape(verdict.cross_model.get('model'))} against "
+                         f"the baseline model {md_escape(verdict.cross_model.get('baseline_model'))}")
         lines.append("")
+    if verdict.devices:
+        lines += ["| device | status | accelerator | failed checks |", "|---|---|---|---|"]
+        for name, state in verdict.devices.items():
+            bad = [c.label for c in verdict.checks_for(name) if not c.passed and not c.skipped]
+            mark = ":white_check_mark:" if state == "passed" else ":x:"
+            fb = verdict.fallbacks.get(name)
+            acc = f"FALLBACK: {fb.get('used')} instead of {fb.get('requested')}" if fb else "-"
+            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(acc)} | {md_escape(', '.join(bad)) or '-'} |")
+        lines.append("")
+    lines += task_metrics_markdown(verdict)
     failures = verdict.failures
     if failures:
         lines += ["### Failed checks", "", "| subject | gate | measured | threshold | source | note |",
                   "|---|---|---|---|---|---|"]
         for c in failures:
-            lines.append(f"| {md_escape(c.subject)} | `{c.gate}` | {md_escape(fmt(c.measured))} | "
+            lines.append(f"| {md_escape(c.subject)} | {_gate_md(c)} | {md_escape(fmt(c.measured))} | "
                          f"{md_escape(fmt(c.threshold))} | `{c.source.replace('`', '')}` | {md_escape(c.note)} |")
         lines.append("")
     skipped = [c for c in verdict.checks if c.skipped]
     if skipped:
         lines += [f"<details><summary>{len(skipped)} skipped check(s)</summary>", ""]
-        lines += [f"- {md_escape(c.subject)} `{c.gate}`: {md_escape(c.note)}" for c in skipped]
+        lines += [f"- {md_escape(c.subject)} {_gate_md(c)}: {md_escape(c.note)}" for c in skipped]
         lines += ["", "</details>", ""]
     return "\n".join(lines)
 

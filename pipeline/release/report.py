@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.files import write_atomic
+from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
-from pipeline.results import DeviceResult, RunResult
+from pipeline.results import DeviceResult, RunResult, accelerator_use
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 CSS = """
@@ -22,6 +23,7 @@ h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .banner{padding:16px 20px;border-radius:8px;color:#fff;margin-bottom:14px}
 .banner.pass{background:#1a7f37}.banner.fail{background:#cf222e}.banner.none{background:#6e7781}
 .banner .big{font-size:24px;font-weight:700}.meta{font-size:13px;opacity:.92}
+.banner ul{margin:8px 0 0;padding-left:20px;font-size:14px}.fallback{background:#fff3cd;color:#5c3c00}
 table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
 th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -163,16 +165,28 @@ def trend_plot(history: Any, run: RunResult) -> str | None:
 def _badge(c: Check) -> str:
     cls = "skip" if c.skipped else ("ok" if c.passed else "bad")
     mark = "–" if c.skipped else ("✓" if c.passed else "✗")
-    return f'<span class="badge {cls}" title="{e(c.message())}">{e(c.gate)} {mark}</span>'
+    return f'<span class="badge {cls}" title="{e(c.message())}">{e(c.label)} {mark}</span>'
 
 
 def _delegate(d: DeviceResult) -> str:
     dl = _r(d, "delegate") or {}
     used = dl.get("used") or dl.get("requested")
     text = e(used) if used else "–"
-    if dl.get("fallback"):
-        text += f' <span class="bad">(fell back from {e(dl.get("requested"))})</span>'
+    if d.fallback or dl.get("fallback"):
+        asked = (accelerator_use(d.result) or {}).get("requested") or dl.get("requested")
+        text += (f' <span class="bad" title="{e(d.fallback_reason)}">FALLBACK: fell back from {e(asked)}, '
+                 "CPU timings</span>")
     return text
+
+
+def fallback_banner(verdict: Verdict) -> str:
+    """The banner's list of devices that did not use their accelerator, and of models that were not compiled."""
+    items = [f"<li>FALLBACK: {e(name)} {e(verdict.fallback_text(name))}</li>" for name in verdict.fallbacks]
+    items += [f"<li>{e(note)}</li>" for note in verdict.notes]
+    if verdict.cross_model:
+        items.append(f"<li>cross-model comparison: {e(verdict.cross_model.get('model'))} against the baseline "
+                     f"model {e(verdict.cross_model.get('baseline_model'))}</li>")
+    return f'<ul id="fallbacks">{"".join(items)}</ul>' if items else ""
 
 
 def _td(inner_html: str, num: bool = False) -> str:
@@ -181,7 +195,7 @@ def _td(inner_html: str, num: bool = False) -> str:
 
 
 def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> str:
-    head = ("device", "kind", "mode", "runtime", "delegate", "p50 ms", "p90 ms", "top-1", "drop (pts)",
+    head = ("device", "kind", "mode", "runtime", "accelerator", "p50 ms", "p90 ms", "top-1", "drop (pts)",
             "agreement", "SNR dB", "size", "verdict", "gates")
     out = ["<table id=\"devices\"><thead><tr>", "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for d in run.devices:
@@ -201,8 +215,59 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
             _td(f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>'),
             _td("".join(_badge(c) for c in verdict.checks_for(d.name))),
         ]
+        out.append(("<tr class=\"fallback\">" if d.fallback else "<tr>") + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+METRIC_LABELS = {
+    "top1": "top-1", "top5": "top-5", "accuracy": "accuracy", "auc": "ROC AUC", "mae": "MAE", "rmse": "RMSE",
+    "r2": "R²", "map50": "mAP@0.5", "map": "mAP@0.5:0.95", "miou": "mIoU", "pixel_accuracy": "pixel accuracy",
+    "top1_agreement": "top-1 agreement", "map50_vs_float": "mAP@0.5 vs float", "map_vs_float": "mAP vs float",
+}
+
+
+def task_tables(run: RunResult) -> str:
+    """The task each device was scored on, its figures next to the float model's, and agreement per output."""
+    scored = [d for d in run.devices if d.metrics]
+    if not scored:
+        return '<p class="note">No task metrics in this run (results stored before host scoring).</p>'
+    keys: list[str] = []
+    for d in scored:
+        m = d.metrics or {}
+        extra = ("top1_agreement", "map50_vs_float", "map_vs_float")
+        keys += [k for k in TASK_METRICS.get(m.get("task"), ()) + extra if k in m and k not in keys]
+    head = ["device", "mode", "task", "scored output"] + [METRIC_LABELS.get(k, k) for k in keys]
+    out = ['<table id="task-metrics"><thead><tr>', "".join(f"<th>{e(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for d in scored:
+        m = d.metrics or {}
+        ref = m.get("reference") or {}
+        cells = [_td(e(d.name)), _td(e(d.mode)), _td(e(m.get("task"))),
+                 _td("<br>".join(f"<code>{e(o)}</code>" for o in m.get("scored") or []) or "–")]
+        for k in keys:
+            text = _num(m.get(k), 4)
+            if ref.get(k) is not None:
+                text += f' <span class="note">(float {_num(ref[k], 4)})</span>'
+            cells.append(_td(text, num=True))
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
+    note = next((d.metrics.get("agreement") for d in scored if isinstance(d.metrics.get("agreement"), str)), None)
+    out.append('<p class="note">Agreement with the float model, per output (matched by tensor name):</p>')
+    out.append('<table id="task-outputs"><thead><tr><th>device</th><th>output</th><th>SNR dB</th><th>MAE</th>'
+               "<th>cosine</th><th>top-1 agreement</th><th>note</th></tr></thead><tbody>")
+    for d in scored:
+        for name, o in ((d.metrics or {}).get("outputs") or {}).items():
+            why = o.get("note") or ("argmax-reduced on the device" if o.get("reduced") else "")
+            if o.get("snr_db") is None and not why:
+                why = (d.metrics or {}).get("agreement") or "not measured"
+            role = f" ({e(o['role'])})" if o.get("role") else ""
+            out.append(f"<tr><td>{e(d.name)}</td><td><code>{e(name)}</code>{role}</td>"
+                       f"<td class=\"num\">{_num(o.get('snr_db'), 4)}</td><td class=\"num\">{_num(o.get('mae'), 3)}</td>"
+                       f"<td class=\"num\">{_num(o.get('cosine'), 6)}</td>"
+                       f"<td class=\"num\">{_num(o.get('top1_agreement'), 4)}</td><td>{e(why)}</td></tr>")
+    out.append("</tbody></table>")
+    if note:
+        out.append(f'<p class="note">{e(note)}</p>')
     return "".join(out)
 
 
@@ -224,7 +289,7 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
            "<th>threshold</th><th>source</th><th>note</th></tr></thead><tbody>"]
     for c in rows:
         cls, word = ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("bad", "FAIL"))
-        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.gate)}</code></td><td class=\"{cls}\">{word}</td>"
+        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.label)}</code></td><td class=\"{cls}\">{word}</td>"
                    f"<td class=\"num\">{e(fmt(c.measured))}</td><td class=\"num\">{e(fmt(c.threshold))}</td>"
                    f"<td><code>{e(c.source)}</code></td><td>{e(c.note)}</td></tr>")
     out.append("</tbody></table>")
@@ -284,8 +349,10 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
     ref = float_top1(run)
     cls = "none" if verdict.exit_code == 3 else ("pass" if verdict.passed else "fail")
     when = _dt.datetime.fromtimestamp(run.started or 0, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}",
-            f"model sha256 <code>{e((run.model_sha256 or '')[:16])}</code>"]
+    meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}"]
+    if run.model_name:
+        meta.append(f"model {e(run.model_name)}")
+    meta.append(f"model sha256 <code>{e((run.model_sha256 or '')[:16])}</code>")
     if run.label:
         meta.append(f"tag {e(run.label)}")
     meta.append(f"baseline {e(verdict.baseline_run_id or 'none')}")
@@ -302,8 +369,9 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>edgepipe report {e(run.run_id)}</title><style>{CSS}</style></head><body>",
         f'<div class="banner {cls}" id="verdict"><div class="big">{e(verdict.headline())}</div>'
-        f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div></div>',
+        f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div>{fallback_banner(verdict)}</div>',
         "<h2>Devices</h2>", device_table(run, verdict, ref), emu_note,
+        "<h2>Task metrics</h2>", task_tables(run),
         "<h2>Failed checks</h2>", checks_table(failures, "failures"),
         "<h2>Fleet gates</h2>", checks_table([c for c in verdict.checks if c.family == "fleet"], "fleet"),
         "<h2>Regression against the baseline</h2>",

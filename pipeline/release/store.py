@@ -1,8 +1,10 @@
 """The results history: runs, artifacts, device results and gate verdicts, in SQLite or PostgreSQL.
 
 Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
-marked incomplete). One SQL text serves both databases (pipeline.release.database isolates the differences);
-the schema is versioned by the numbered files of pipeline.release.migrations (pipeline.release.schema).
+marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, and is never a baseline).
+One SQL text serves both databases (pipeline.release.database isolates the differences; SQLite runs in WAL with a
+busy timeout so two runs can write one file at once); the schema is versioned by the numbered files of
+pipeline.release.migrations (pipeline.release.schema).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class RunInfo:
     ok: int = 0
     passed: bool | None = None
     exit_code: int | None = None
+    interrupted: str | None = None
+    model_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +67,9 @@ class TargetPoint:
     snr_db: float | None
     bytes: int | None
     emulated: bool
+    fallback: bool = False
+    artifact_sha256: str | None = None
+    model_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,19 +84,25 @@ class History:
         return {"runs": [r.to_dict() for r in self.runs], "points": [p.to_dict() for p in self.points]}
 
 
+def runtime_label(d: DeviceResult) -> str | None:
+    """'ai-edge-litert 2.3.0': the runtime a device result was measured with (the `runtime` column)."""
+    rt = (d.result or {}).get("runtime") or {}
+    return f"{rt.get('name')} {rt.get('version') or ''}".strip() if rt.get("name") else None
+
+
 def _query_columns(d: DeviceResult) -> dict[str, Any]:
     r = d.result or {}
     lat = r.get("latency_ms") or {}
     acc = r.get("accuracy") or {}
     agr = r.get("agreement") or {}
-    rt = r.get("runtime") or {}
     art = d.artifact or {}
-    runtime = f"{rt.get('name')} {rt.get('version') or ''}".strip() if rt.get("name") else None
+    runtime = runtime_label(d)
     return {
         "kind": d.kind, "mode": d.mode, "ok": int(bool(d.ok)), "error_code": d.error.code if d.error else None,
         "p50": lat.get("p50"), "p90": lat.get("p90"), "p99": lat.get("p99"), "top1": acc.get("top1"),
         "agreement": agr.get("top1"), "snr_db": agr.get("snr_db"), "bytes": art.get("bytes"),
-        "emulated": int(bool(d.emulated)), "runtime": runtime,
+        "emulated": int(bool(d.emulated)), "runtime": runtime, "artifact_sha256": art.get("sha256"),
+        "fallback": int(bool(d.fallback)),
         "lease_acquired": (d.lease or {}).get("acquired"), "lease_released": (d.lease or {}).get("released"),
     }
 
@@ -134,17 +147,23 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------------
     def begin_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None, label: str | None = None,
-                  *, started: float | None = None, float_top1: float | None = None) -> None:
+                  *, started: float | None = None, float_top1: float | None = None,
+                  model_name: str | None = None) -> None:
         """Record a run as started and incomplete; `finish_run` marks it complete."""
         if self._row("SELECT id FROM runs WHERE id=?", (run_id,)):
             raise StoreError(f"run {run_id!r} already exists", file=str(self.path), hint="use a new run id")
-        self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1) "
-                    "VALUES (?, ?, ?, ?, ?, 0, ?)",
+        self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1, "
+                    "model_name) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
                     (run_id, started if started is not None else time.time(), model_sha256, label, inventory_sha256,
-                     float_top1))
+                     float_top1, model_name))
 
     def set_float_top1(self, run_id: str, value: float | None) -> None:
         self._write("UPDATE runs SET float_top1=? WHERE id=?", (value, run_id))
+
+    def set_task(self, run_id: str, task: dict[str, Any] | None, float_metrics: dict[str, Any] | None) -> None:
+        """The task the host scored and the float model's own scores (both as `run --json` prints them)."""
+        self._write("UPDATE runs SET task=?, float_metrics=? WHERE id=?",
+                    (_json_or_none(task), _json_or_none(float_metrics), run_id))
 
     def add_artifact(self, run_id: str, artifact: Any) -> None:
         """Store one artifact: a conversion Artifact, a manifest dict, or a dict with sha256, mode, bytes, manifest."""
@@ -175,17 +194,26 @@ class Store:
         self._write("UPDATE runs SET complete=1, finished=? WHERE id=?",
                     (finished if finished is not None else time.time(), run_id))
 
+    def mark_interrupted(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
+        """The run was stopped on request (`reason`: 'SIGINT', 'SIGTERM', ...): it stays incomplete, never a baseline."""
+        self._write("UPDATE runs SET interrupted=?, finished=? WHERE id=?",
+                    (reason, finished if finished is not None else time.time(), run_id))
+
     def record_run(self, run: RunResult, *, inventory_sha256: str | None = None, label: str | None = None) -> None:
         """Store a whole finished RunResult at once (imports, tests); per-device commits use add_device_result."""
         self.begin_run(run.run_id, run.model_sha256, inventory_sha256 or run.inventory_sha256, label or run.label,
                        started=run.started or None,
-                       float_top1=run.float_top1)
+                       float_top1=run.float_top1, model_name=run.model_name)
         for a in run.artifacts:
             self.add_artifact(run.run_id, a)
         for d in run.devices:
             self.add_device_result(run.run_id, d)
+        if run.task is not None or run.float_metrics is not None:
+            self.set_task(run.run_id, run.task, run.float_metrics)
         if run.complete:
             self.finish_run(run.run_id, finished=run.finished or None)
+        elif run.interrupted:
+            self.mark_interrupted(run.run_id, run.interrupted, finished=run.finished or None)
 
     def save_verdict(self, run_id: str, verdict: Any) -> None:
         """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict())."""
@@ -223,19 +251,25 @@ class Store:
     def load_run(self, run_id: str) -> RunResult:
         """The stored run as a RunResult (devices in the order they were committed); metadata via run_info."""
         info = self.run_info(self.resolve_run(run_id))
-        row = self._row("SELECT float_top1 FROM runs WHERE id=?", (info.run_id,))
+        row = self._row("SELECT float_top1, task, float_metrics FROM runs WHERE id=?", (info.run_id,))
         devices = [DeviceResult.from_dict(json.loads(r["raw"])) for r in
                    self._rows("SELECT raw FROM device_results WHERE run_id=? ORDER BY stored, rowid", (info.run_id,))]
         artifacts = [{"sha256": r["sha256"], "mode": r["mode"], "bytes": r["bytes"], "manifest": json.loads(r["manifest"] or "{}")}
                      for r in self._rows("SELECT * FROM artifacts WHERE run_id=? ORDER BY rowid", (info.run_id,))]
         return RunResult(run_id=info.run_id, devices=devices, started=info.started, finished=info.finished or 0.0,
                          model_sha256=info.model_sha256, artifacts=artifacts, complete=info.complete,
-                         float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256)
+                         float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256,
+                         interrupted=info.interrupted, model_name=info.model_name,
+                         task=json.loads(row["task"]) if row["task"] else None,
+                         float_metrics=json.loads(row["float_metrics"]) if row["float_metrics"] else None)
 
-    def resolve_run(self, ref: str) -> str:
-        """A run id from an exact id, a label/tag (its latest run), 'last', or a unique id prefix."""
+    def resolve_run(self, ref: str, model_name: str | None = None) -> str:
+        """A run id from an exact id, a label/tag (its latest run), 'last' (of `model_name` when given), or a
+        unique id prefix."""
         if ref == "last":
-            row = self._row("SELECT id FROM runs ORDER BY started DESC, rowid DESC LIMIT 1")
+            row = (self._row("SELECT id FROM runs WHERE model_name=? ORDER BY started DESC, rowid DESC LIMIT 1",
+                             (model_name,)) if model_name is not None
+                   else self._row("SELECT id FROM runs ORDER BY started DESC, rowid DESC LIMIT 1"))
         else:
             row = (self._row("SELECT id FROM runs WHERE id=?", (ref,))
                    or self._row("SELECT id FROM runs WHERE label=? ORDER BY started DESC, rowid DESC LIMIT 1", (ref,)))
@@ -250,23 +284,28 @@ class Store:
                             file=str(self.path), hint="list runs with `edgepipe history`")
         return row["id"]
 
-    def resolve_baseline(self, spec: str | None, exclude: str | None = None) -> RunResult | None:
+    def resolve_baseline(self, spec: str | None, exclude: str | None = None,
+                         model_name: str | None = None) -> RunResult | None:
         """The baseline run for `--baseline last|RUN_ID|TAG|none`, never the run being gated itself.
 
-        'last' is the latest complete run started before `exclude` (or latest overall without it).
+        'last' is the latest complete run of the same model name (`model_name`, else the name of the run `exclude`)
+        started before `exclude`; a run of another model is a baseline only when named by RUN_ID or TAG.
         """
         if spec is None or spec == "none":
             return None
         if spec == "last":
-            params: tuple = ()
-            sql = "SELECT id FROM runs WHERE complete=1"
+            if model_name is None and exclude is not None:
+                own = self._row("SELECT model_name FROM runs WHERE id=?", (exclude,))
+                model_name = own["model_name"] if own is not None else None
+            same, params = _same("model_name", model_name)
+            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL AND " + same
             if exclude is not None:
                 ex = self._row("SELECT started FROM runs WHERE id=?", (exclude,))
                 sql += " AND id != ?"
-                params = (exclude,)
+                params += (exclude,)
                 if ex is not None:
                     sql += " AND started <= ?"
-                    params = (exclude, ex["started"])
+                    params += (ex["started"],)
             row = self._row(sql + " ORDER BY started DESC, rowid DESC LIMIT 1", params)
             return self.load_run(row["id"]) if row else None
         run_id = self.resolve_run(spec)
@@ -275,10 +314,17 @@ class Store:
                             hint="pick an earlier run id or tag, or --baseline last")
         return self.load_run(run_id)
 
-    def history(self, target: str | None = None, limit: int = 20) -> History:
-        """The latest `limit` runs (newest first) and, for each, every target's figures (or only `target`'s)."""
-        runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + " GROUP BY r.id ORDER BY r.started DESC, r.rowid DESC LIMIT ?",
-                                                 (int(limit),))]
+    def history(self, target: str | None = None, limit: int = 20, model_name: str | None = None) -> History:
+        """The latest `limit` runs (newest first; only those of `model_name` when given) and, for each, every
+        target's figures (or only `target`'s)."""
+        where, params0 = (" WHERE r.model_name=?", (model_name,)) if model_name is not None else ("", ())
+        if model_name is not None and self._row("SELECT 1 FROM runs WHERE model_name=? LIMIT 1", (model_name,)) is None:
+            names = [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name "
+                                                         "IS NOT NULL ORDER BY model_name LIMIT 10")]
+            raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
+                            hint=f"known model names: {', '.join(names) or 'none'}")
+        runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + where + " GROUP BY r.id ORDER BY r.started DESC, "
+                                                 "r.rowid DESC LIMIT ?", params0 + (int(limit),))]
         if target is not None:
             known = self._row("SELECT 1 FROM device_results WHERE target=? LIMIT 1", (target,))
             if known is None:
@@ -287,7 +333,7 @@ class Store:
         points: list[TargetPoint] = []
         ids = [r.run_id for r in runs]
         if ids:
-            sql = ("SELECT d.*, r.started, r.label FROM device_results d JOIN runs r ON r.id = d.run_id "
+            sql = ("SELECT d.*, r.started, r.label, r.model_name FROM device_results d JOIN runs r ON r.id = d.run_id "
                    f"WHERE d.run_id IN ({', '.join('?' * len(ids))})")
             params: tuple = tuple(ids)
             if target is not None:
@@ -298,11 +344,24 @@ class Store:
                     run_id=r["run_id"], started=r["started"], label=r["label"], target=r["target"], kind=r["kind"],
                     mode=r["mode"], ok=bool(r["ok"]), error_code=r["error_code"], p50=r["p50"], p90=r["p90"],
                     p99=r["p99"], top1=r["top1"], agreement=r["agreement"], snr_db=r["snr_db"], bytes=r["bytes"],
-                    emulated=bool(r["emulated"])))
+                    emulated=bool(r["emulated"]), fallback=bool(r["fallback"]), artifact_sha256=r["artifact_sha256"],
+                    model_name=r["model_name"]))
         if target is not None:
             with_target = {p.run_id for p in points}
             runs = [r for r in runs if r.run_id in with_target]
         return History(runs=runs, points=points)
+
+    def latency_history(self, target: str, artifact_sha256: str, runtime: str | None, *, before: float,
+                        limit: int = 10) -> list[float]:
+        """Median latency (ms) of one artifact on one target and runtime in the latest `limit` complete runs
+        started before `before`: the run-to-run spread the regression gate allows for."""
+        same_runtime, rt = _same("d.runtime", runtime)
+        rows = self._rows(
+            "SELECT d.p50 FROM device_results d JOIN runs r ON r.id = d.run_id WHERE d.target=? AND "
+            f"d.artifact_sha256=? AND {same_runtime} AND d.ok=1 AND d.emulated=0 AND d.fallback=0 AND d.p50 > 0 "
+            "AND r.complete=1 AND r.started < ? ORDER BY r.started DESC, r.rowid DESC LIMIT ?",
+            (target, artifact_sha256) + rt + (before, int(limit)))
+        return [float(r["p50"]) for r in rows]
 
     def verdicts(self, run_id: str) -> list[dict[str, Any]]:
         return [json.loads(r["verdict"]) for r in
@@ -321,7 +380,18 @@ def _runinfo(row: Any) -> RunInfo:
     return RunInfo(run_id=row["id"], started=row["started"], finished=row["finished"], model_sha256=row["model_sha256"],
                    label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
                    devices=int(row["n_devices"]), ok=int(row["n_ok"]),
-                   passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"])
+                   passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"],
+                   interrupted=row["interrupted"],
+                   model_name=row["model_name"])
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _same(column: str, value: Any) -> tuple[str, tuple]:
+    """`column IS value` for both databases (PostgreSQL's IS takes no parameter): the SQL and its parameters."""
+    return (f"{column} IS NULL", ()) if value is None else (f"{column} = ?", (value,))
 
 
 def _like_prefix(ref: str) -> str:

@@ -75,7 +75,7 @@ def _python(venv: str) -> str:
 
 
 def _targets_doc(entries: list[dict], state: Path, known_hosts: Path | None) -> dict:
-    defaults = {"runs": 30, "warmup": 3, "timeout": 300, "connect_timeout": 5, "retries": 1, "max_parallel": 3,
+    defaults = {"runs": 30, "warmup": 3, "threads": 1, "timeout": 300, "connect_timeout": 5, "retries": 1, "max_parallel": 3,
                 "allow_fallback": True}
     if known_hosts is not None:
         defaults["known_hosts"] = str(known_hosts)

@@ -98,7 +98,8 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen | None = None, timeo
     raise RuntimeError(f"sshd on {host}:{port} not ready after {timeout}s ({last})")
 
 
-def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Path) -> str:
+def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Path,
+            sftp: str = "internal-sftp") -> str:
     return "\n".join([
         f"ListenAddress 127.0.0.1:{port}",
         f"HostKey {host_key}",
@@ -113,7 +114,7 @@ def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Pa
         "MaxStartups 64:30:128",
         "MaxSessions 64",
         "LogLevel INFO",  # tests read "Accepted publickey" lines to prove what was (not) authenticated
-        "Subsystem sftp internal-sftp",
+        f"Subsystem sftp {sftp}",
         # bash sources ~/.bashrc for ssh commands only at SHLVL<2; this machine's root .bashrc runs `pyenv init`
         # (~0.25 s per command), which a real board does not: keep the simulated device's commands lean
         "SetEnv SHLVL=1",
@@ -122,8 +123,11 @@ def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Pa
 
 
 def start_sshd(name: str, root: Path, *, client_key: Path, python: str, port: int | None = None,
-               user: str | None = None, host_key: Path | None = None) -> SimDevice:
-    """Start one `sshd -D -e -f CONFIG` on 127.0.0.1 that accepts `client_key`; returns once it answers."""
+               user: str | None = None, host_key: Path | None = None, sftp: str = "internal-sftp") -> SimDevice:
+    """Start one `sshd -D -e -f CONFIG` on 127.0.0.1 that accepts `client_key`; returns once it answers.
+
+    `sftp` is the SFTP subsystem command (e.g. `internal-sftp -P limits` for a server without that extension).
+    """
     os.makedirs("/run/sshd", exist_ok=True)  # privilege-separation dir sshd insists on
     root = Path(root)
     etc = root / "etc"
@@ -137,7 +141,7 @@ def start_sshd(name: str, root: Path, *, client_key: Path, python: str, port: in
     for attempt in range(5):  # the free port can be taken between probe and bind: retry with another
         p = port or free_port()
         cfg = etc / "sshd_config"
-        cfg.write_text(_config(root, p, host_key, authorized, etc / "sshd.pid"))
+        cfg.write_text(_config(root, p, host_key, authorized, etc / "sshd.pid", sftp))
         log = root / "sshd.log"
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)

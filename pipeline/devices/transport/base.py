@@ -54,11 +54,22 @@ def copy_chunks(local: Path, write: Callable[[bytes], Any], progress: Progress |
 
 
 class Transport(ABC):
-    """Reach one device. Methods raise `TransportError` (with a fleet error code) on connection problems."""
+    """Reach one device. Methods raise `TransportError` (with a fleet error code) on connection problems.
+
+    With a `cancel` token set, `run` kills its command on the device and raises `Interrupted` once it is cancelled.
+    """
 
     name: str = "transport"
     bytes_sent: int = 0
     connect_seconds: float = 0.0
+    cancel: Any = None  # pipeline.devices.cancel.CancelToken | None
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+    def check_cancel(self, what: str = "stopped") -> None:
+        if self.cancel is not None:
+            self.cancel.check(what)
 
     @abstractmethod
     def connect(self) -> None: ...

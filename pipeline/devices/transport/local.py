@@ -1,6 +1,7 @@
 """Local transport: the agent runs as a subprocess on this machine (`transport: local` targets)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -12,6 +13,8 @@ from typing import Any, Sequence
 from pipeline.errors import TransportError
 from pipeline.devices.transport.base import CommandResult, Progress, Transport, copy_chunks
 
+POLL = 0.1  # seconds between looks at the cancel token while a command runs
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class LocalTransport(Transport):
@@ -31,23 +34,31 @@ class LocalTransport(Transport):
         # like the SSH transport's remote shell: a leading `~/` means the home directory, nothing else is expanded
         argv = [os.path.expanduser(str(a)) if str(a).startswith("~/") or i == 0 else str(a)
                 for i, a in enumerate(argv)]
+        self.check_cancel(f"did not start {os.path.basename(argv[0])}")
         t0 = time.monotonic()
+        deadline = t0 + timeout
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             # what a remote shell would answer: command not found / not executable
             return CommandResult(127, b"", f"{argv[0]}: {exc.strerror}".encode(), False, time.monotonic() - t0)
-        try:
-            out, err = proc.communicate(stdin, timeout=timeout)  # reads both pipes concurrently
-            return CommandResult(proc.returncode, out, err, False, time.monotonic() - t0)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            out, err = proc.communicate()
-            return CommandResult(None, out or b"", err or b"", True, time.monotonic() - t0)
+        while True:
+            try:  # communicate() may be called again after a timeout without losing output
+                out, err = proc.communicate(stdin, timeout=max(0.0, min(POLL, deadline - time.monotonic())))
+                return CommandResult(proc.returncode, out, err, False, time.monotonic() - t0)
+            except subprocess.TimeoutExpired:
+                stop = self.cancelled()
+                if not stop and time.monotonic() < deadline:
+                    continue
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the agent and anything it started
+                except ProcessLookupError:
+                    pass
+                out, err = proc.communicate()
+                if stop:
+                    raise self.cancel.error(f"killed {os.path.basename(argv[0])} (pid {proc.pid})") from None
+                return CommandResult(None, out or b"", err or b"", True, time.monotonic() - t0)
 
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
         dest = Path(os.path.expanduser(remote))
@@ -55,7 +66,8 @@ class LocalTransport(Transport):
             with open(dest, "wb") as dst:
                 done = copy_chunks(local, dst.write, progress, self._count_sent)
         except OSError as exc:
-            raise TransportError(f"local copy to {dest} failed: {exc.strerror}", code="push_failed") from None
+            raise TransportError(f"local copy to {dest} failed: {exc.strerror}",
+                                 code="disk_full" if exc.errno in DISK_ERRNOS else "push_failed") from None
         return done
 
     def get(self, remote: str, local: Path) -> None:

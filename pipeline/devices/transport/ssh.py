@@ -3,11 +3,12 @@
 Host keys are checked against known_hosts right after key exchange, before authentication or any data;
 commands are quoted argv run under `exec` so a timeout can kill the remote process group; stdout and stderr
 are drained together under a wall-clock deadline (no paramiko #448 deadlock); puts are pipelined SFTP writes
-over a large window (bench/fanout.py measures them against `cat` on an exec channel and against OpenSSH scp).
+of the largest request the server takes, over AES-GCM (bench/push.py measures them against OpenSSH scp).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import select
 import shlex
@@ -25,9 +26,16 @@ from pipeline.devices.transport.base import CHUNK, CommandResult, Progress, Tran
 
 WINDOW = 16 << 20          # what we advertise for incoming data (agent stdout, get)
 MAX_PACKET = 1 << 18       # OpenSSH caps what it sends us anyway; the server's limit applies to our sends
+# AEAD first: one OpenSSL call per packet and no MAC compared in Python (paramiko has no chacha20-poly1305)
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SFTP_WRITE_MAX = 255 << 10  # OpenSSH's sftp-server takes up to 256 KiB per message; paramiko sends 32 KiB
+SFTP_WRITE_MIN = 32 << 10   # every SFTP server must accept this (the size paramiko and old clients use)
+LIMITS = "limits@openssh.com"
+WAIT = 0.2                 # run(): longest sleep between checks; data, EOF and close wake it at once
 
 KEEPALIVE = 15
 PID_MARK = b"EDGEPIPE_PID="
+PID_WAIT = 1.0  # seconds a cancelled command may take to report the pid we kill it by
 FILE_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
                errno.ENOTDIR}
 
@@ -87,9 +95,42 @@ def _quietly(fn: Any) -> None:
         pass
 
 
+def _write_acks(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+    """Read the status of every pipelined write still unanswered; raises IOError for the first failed one.
+
+    paramiko files pipelined write requests as answered by nobody: a failed write (a full disk is the server's
+    generic "Failure") is dropped when the file closes, and the upload would look merely corrupted.
+    """
+    while f._reqs:
+        sftp._read_response(f._reqs.popleft())
+
+
+_KEYS: dict[tuple[str, int, int, bytes | None], Any] = {}
+_KEYS_LOCK = threading.Lock()
+
+
+def _load_key(path: Path, passphrase: bytes | None) -> Any:
+    """PKey.from_path once per process per key file (path, mtime, size) and passphrase: decrypting an encrypted
+    key runs bcrypt's KDF (~0.25 s of CPU), which every device's connection would pay again."""
+    st = path.stat()
+    secret = hashlib.sha256(passphrase).digest() if passphrase is not None else None
+    tag = (str(path), st.st_mtime_ns, st.st_size, secret)
+    with _KEYS_LOCK:  # parallel connections wait for the one decryption instead of each doing it
+        if tag not in _KEYS:
+            _KEYS[tag] = paramiko.PKey.from_path(path, passphrase)
+        return _KEYS[tag]
+
+
 def _unreachable(what: str, exc: BaseException) -> TransportError:
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return TransportError(f"cannot reach {what}: {reason}", code="unreachable")
+
+
+class _Transport(paramiko.Transport):
+    """paramiko's reader thread wakes every 0.1 s just to see whether it was closed: about 0.5 ms of CPU per
+    connection per second of a run, measured. Once a second is enough; data and a dropped connection wake it."""
+
+    _active_check_timeout = 1.0
 
 
 class SSHTransport(Transport):
@@ -108,6 +149,7 @@ class SSHTransport(Transport):
         self.connect_seconds = 0.0
         self._t: paramiko.Transport | None = None
         self._jump: paramiko.Transport | None = None
+        self._sftp_write: int | None = None
 
     # -- connection -------------------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -163,8 +205,9 @@ class SSHTransport(Transport):
             except (OSError, UnicodeError) as exc:
                 raise _unreachable(where, exc) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/reply packets: no Nagle wait
-        t = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
+        t = _Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
         opts = t.get_security_options()
+        opts.ciphers = [c for c in CIPHERS if c in opts.ciphers] + [c for c in opts.ciphers if c not in CIPHERS]
         on_file = knownhosts.known_types(self.known_hosts, host, port)
         if on_file:  # ask for the key type we can verify, as OpenSSH does
             opts.key_types = [k for k in on_file if k in opts.key_types] + [k for k in opts.key_types if k not in on_file]
@@ -191,7 +234,7 @@ class SSHTransport(Transport):
             path = Path(os.path.expanduser(str(idf)))
             pw = Secret(os.environ[env]) if env and env in os.environ else None
             try:
-                keys.append(paramiko.PKey.from_path(path, pw.encode() if pw is not None else None))
+                keys.append(_load_key(path, pw.encode() if pw is not None else None))
             except FileNotFoundError:
                 raise TransportError(f"identity_file {path} does not exist", code="auth_failed") from None
             except (paramiko.PasswordRequiredException, TypeError):  # cryptography: TypeError when no passphrase
@@ -237,11 +280,14 @@ class SSHTransport(Transport):
 
     # -- commands ---------------------------------------------------------------------------------------------
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+        prog = os.path.basename(str(argv[0]))
+        self.check_cancel(f"did not start {prog} on {self.host}:{self.port}")
         t0 = time.monotonic()
         deadline = t0 + timeout
         chan = self._session()
         out, err = bytearray(), bytearray()
         pid: int | None = None
+        pid_wait: float | None = None  # when cancelled before our pid line came: how long to wait for it
         try:
             chan.exec_command(remote_command(argv))
             if stdin:
@@ -263,13 +309,22 @@ class SSHTransport(Transport):
                     break
                 if chan.closed and drained or not self._t.is_active():
                     raise TransportError(f"connection to {self.host}:{self.port} lost while running "
-                                         f"{os.path.basename(str(argv[0]))}", code="unreachable",
+                                         f"{prog}", code="unreachable",
                                          data={"remote_pid": pid})  # it may still be running there
+                if self.cancelled():
+                    pid_wait = pid_wait or time.monotonic() + PID_WAIT
+                    if pid is not None or time.monotonic() > pid_wait:
+                        self._kill(pid)
+                        raise self.cancel.error(f"killed {prog} on {self.host}:{self.port}" +
+                                                (f" (pid {pid})" if pid else ""))
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._kill(pid)
                     return CommandResult(None, bytes(out), bytes(err), True, time.monotonic() - t0)
-                select.select([fd], [], [], min(left, 0.02))
+                if chan.eof_received:  # the fd stays readable after EOF: wait for the exit status instead
+                    chan.status_event.wait(min(left, WAIT))
+                else:  # paramiko makes the fd readable on data, EOF and close (a lost connection closes it)
+                    select.select([fd], [], [], min(left, WAIT))
             rc = chan.recv_exit_status()
             if pid is None:
                 pid, out = _take_pid(out)
@@ -305,7 +360,7 @@ class SSHTransport(Transport):
 
     # -- files ------------------------------------------------------------------------------------------------
     def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
-        """Upload with pipelined SFTP writes (measured fastest, see bench/fanout.py); `cat` if SFTP is absent."""
+        """Upload with pipelined SFTP writes (bench/push.py times them against scp); `cat` if SFTP is absent."""
         try:
             sftp = paramiko.SFTPClient.from_transport(self._transport(), window_size=WINDOW,
                                                       max_packet_size=MAX_PACKET)
@@ -314,9 +369,14 @@ class SSHTransport(Transport):
                 return self.put_cat(local, remote, progress)
             raise TransportError(f"connection to {self.host}:{self.port} lost", code="unreachable") from None
         try:
-            with sftp.open(remote, "wb") as dst:
+            if self._sftp_write is None:  # asked once per connection
+                self._sftp_write = _sftp_write_size(sftp)
+            with sftp.open(remote, "wb", bufsize=0) as dst:  # unbuffered: each 1 MiB read goes out as slices
+                dst.MAX_REQUEST_SIZE = self._sftp_write
                 dst.set_pipelined(True)
-                return copy_chunks(local, dst.write, progress, self._count_sent)
+                done = copy_chunks(local, dst.write, progress, self._count_sent)
+                _write_acks(sftp, dst)
+                return done
         except OSError as exc:
             if exc.errno in FILE_ERRNOS or (exc.errno is None and self._alive()):  # SFTP status: path, perms, disk
                 raise TransportError(f"writing {remote} on {self.host}:{self.port} failed: {exc}",
@@ -332,8 +392,12 @@ class SSHTransport(Transport):
         chan = self._session()
         try:
             chan.exec_command("cat > " + remote_word(remote))
-            done = copy_chunks(local, chan.sendall, progress, self._count_sent)
-            chan.shutdown_write()
+            try:  # a memoryview: Channel.sendall re-slices what is left after each packet (bytes would copy it)
+                done = copy_chunks(local, lambda b: chan.sendall(memoryview(b)), progress, self._count_sent)
+                chan.shutdown_write()
+            except OSError:  # sshd closed the channel: `cat` failed (disk full...) and said why on stderr
+                if chan.exit_status in (-1, 0) or not self._alive():
+                    raise
             rc = chan.recv_exit_status()
             if rc != 0:
                 msg = chan.recv_stderr(4096).decode("utf-8", "replace").strip()
@@ -364,6 +428,24 @@ class SSHTransport(Transport):
             if t is not None:
                 t.close()
         self._t = self._jump = None
+        self._sftp_write = None
+
+
+def _sftp_write_size(sftp: paramiko.SFTPClient) -> int:
+    """Bytes per SFTP write request: the server's max write length (limits@openssh.com), else the safe 32 KiB.
+
+    Bigger requests mean fewer SFTP headers and status replies for paramiko's Python code to handle per MiB.
+    """
+    try:
+        kind, msg = sftp._request(paramiko.sftp.CMD_EXTENDED, LIMITS)
+        if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
+            return SFTP_WRITE_MIN
+        _max_packet, _max_read, max_write = msg.get_int64(), msg.get_int64(), msg.get_int64()
+    except (OSError, EOFError, paramiko.SSHException):  # a server without the extension: SSH_FX_OP_UNSUPPORTED
+        return SFTP_WRITE_MIN
+    if max_write == 0:  # "no limit"
+        return SFTP_WRITE_MAX
+    return max(SFTP_WRITE_MIN, min(SFTP_WRITE_MAX, max_write))
 
 
 def fetch_host_key(target: Any) -> tuple[str, bytes]:
