@@ -82,14 +82,16 @@ def xacts(url: str) -> int:
 
 
 def recorded_answers(model: Path, data: Path, work: Path) -> tuple[dict, dict]:
-    """One real probe and one real measurement of the digits CNN by the agent under LiteRT."""
+    """One real probe and one real measurement of the digits CNN by the agent under LiteRT, with its outputs file:
+    replayed, every device's outputs are fetched and scored on the host as in a real run."""
     from pipeline.convert.converter import convert
 
     art = convert(model, "float32", out_dir=work / "art", cache_dir=work / "cache")
     probe = json.loads(subprocess.run([str(LITERT), str(AGENT), "--probe"], capture_output=True, text=True,
                                       check=True).stdout)
     result = json.loads(subprocess.run([str(LITERT), str(AGENT), "--model", str(art.path), "--data", str(data),
-                                        "--runs", "20"], capture_output=True, text=True, check=True).stdout)
+                                        "--runs", "20", "--outputs-out", str(work / "recorded.outputs.npz")],
+                                       capture_output=True, text=True, check=True).stdout)
     return probe, result
 
 
@@ -123,6 +125,7 @@ def one_size(n: int, mode: str, work: Path, model: Path, data: Path, python: str
             wall = time.perf_counter() - t0
             c1, w1, p1, x1 = self_cpu(), proc_cpu(wpids), pg_cpu(server), xacts(url)
             bad = [f"{d.name}: {d.error.code} {d.error.message}" for d in rel.run.devices if not d.ok]
+            bad += [f"{d.name}: outputs not scored" for d in rel.run.devices if d.ok and not d.metrics]
             if bad:
                 raise SystemExit(f"bench run failed ({mode}, n={n}): " + "; ".join(bad[:5]))
             out[label] = {"wall_s": wall, "orchestrator_cpu_s": c1 - c0, "workers_cpu_s": w1 - w0,

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline import metrics as scoring
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.data import Dataset, Preprocess, load_dataset, write_device_eval
+from pipeline.convert.edgetpu_files import EdgeTPUFiles, plain_info, precompiled_artifact
 from pipeline.convert.source import (ModelSource, describe, identify, match_specs, parse_input_shapes,
                                      specs_from_manifest, with_shapes)
 from pipeline.devices.cancel import CancelToken
@@ -47,23 +48,6 @@ def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- scoring (pipeline.metrics) helpers
 
-def _field(spec: Any, name: str) -> Any:
-    """A task spec field, whether the spec is a mapping or an object."""
-    if spec is None:
-        return None
-    return spec.get(name) if isinstance(spec, dict) else getattr(spec, name, None)
-
-
-def spec_dict(spec: Any) -> dict[str, Any] | None:
-    if spec is None or isinstance(spec, dict):
-        return spec
-    if hasattr(spec, "to_dict"):
-        return spec.to_dict()
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(spec) if is_dataclass(spec) else {"task": str(spec)}
-
-
 def output_specs(src: ModelSource, artifact_outputs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The model's outputs as the scorer sees them: name (the model's own), tflite_name, shape (batch 1 first; -1
     for a dimension only the conversion fixes), dtype and quantization (the artifact's, when given)."""
@@ -75,53 +59,6 @@ def output_specs(src: ModelSource, artifact_outputs: dict[str, Any] | None = Non
                     "scale": ref.scale, "zero_point": ref.zero_point})
     return out
 
-
-def _label_key(task: Any) -> str | None:
-    labels = _field(task, "labels")
-    if isinstance(labels, (list, tuple)):
-        return labels[0] if labels else None
-    return labels
-
-
-REDUCE_BYTES = 64 << 20   # a dense segmentation output bigger than this (as float16) comes back as argmax masks
-
-
-def _reductions(task: Any, src: ModelSource, n: int) -> dict[str, str]:
-    """{model output name: 'argmax'} for outputs the devices should reduce before sending them back."""
-    asked = dict(_field(task, "reduce") or {})
-    if _field(task, "task") == "segmentation":
-        for name in _field(task, "outputs") or []:
-            spec = src.output(name)
-            size = int(np.prod([d for d in (spec.shape or ())[1:] if d])) if spec is not None else 0
-            if n * size * 2 > REDUCE_BYTES:
-                asked.setdefault(name, "argmax")
-    return asked
-
-
-def check_labels(ds: Dataset, task: Any, src: ModelSource) -> None:
-    """Labels that cannot fit the scored output: class ids of a classifier outside its width (one line, exit 2)."""
-    kind, name, label = _field(task, "task"), _field(task, "output"), _label_key(task) or "y"
-    outs = src.outputs or []
-    if kind != "classification":
-        return
-    name = name or (outs[0].name if len(outs) == 1 else None)
-    spec, y = src.output(name) if name else None, ds.labels.get(label)
-    if spec is None or y is None or not spec.shape or spec.shape[-1] is None:
-        return
-    width = int(spec.shape[-1])
-    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
-        ids = y.reshape(-1)
-        if ids.dtype.kind == "f" and not np.all(ids == np.round(ids)):
-            raise ConfigError(f"label array '{label}' holds fractional values but output '{name}' is a "
-                              f"{width}-class classifier", file=ds.source, field=label,
-                              hint="give integer class ids (or one-hot rows)")
-        if ids.size and (ids.min() < 0 or ids.max() >= width):
-            raise ConfigError(f"label array '{label}' has class ids {int(ids.min())}..{int(ids.max())} but output "
-                              f"'{name}' has {width} classes (0..{width - 1})", file=ds.source, field=label,
-                              hint="labels must index the model's output")
-    elif y.ndim == 2 and y.shape[1] != width:
-        raise ConfigError(f"label array '{label}' has shape {tuple(y.shape)} but output '{name}' has {width} "
-                          f"classes", file=ds.source, field=label, hint=f"one-hot labels need {width} columns")
 
 
 # ---------------------------------------------------------------- host-side preparation (no device touched)
@@ -175,7 +112,7 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
     except ConfigError as exc:
         exc.file = exc.file or ds.source   # name the user's data file the labels came from
         raise
-    check_labels(ds, task_spec, src)
+    scoring.check_class_labels(dict(ds.labels), task_spec, output_specs(src), ds.source)
     prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
     for msg in list(src.notes) + (calib.warnings if calib else []):
         prepared.notices.append(msg)
@@ -219,7 +156,7 @@ def _artifact_io(prepared: RunInputs, manifest: dict[str, Any], where: Path) -> 
     in_map = match_specs(src.inputs, a_in, what="model inputs in the artifact", file=manifest.get("file"))
     out_map = match_specs(src.outputs, a_out, what="model outputs in the artifact", file=manifest.get("file"))
     by_name = {s.name: s for s in a_out}
-    reduce = {out_map[k]: v for k, v in _reductions(prepared.task, src, prepared.data.n).items() if k in out_map}
+    reduce = {out_map[k]: v for k, v in scoring.reductions(prepared.task, output_specs(src), prepared.data.n).items() if k in out_map}
     return ArtifactIO(write_device_eval(prepared.data, in_map, where), {v: k for k, v in out_map.items()},
                       output_specs(src, {k: by_name[v] for k, v in out_map.items()}), reduce)
 
@@ -252,67 +189,6 @@ def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> Devi
         return res
     scoring.attach(res, metrics)   # DeviceResult.metrics, and result["accuracy"/"agreement"] for a classifier
     return res
-
-
-def _plain_info(art: Any) -> dict[str, Any]:
-    return {"sha256": art.sha256, "bytes": art.bytes, "path": str(art.path), "mode": art.mode,
-            "variant": art.manifest.get("compat") or None, "edgetpu": art.edgetpu}
-
-
-class EdgeTPUFiles:
-    """What each Edge TPU target receives: the int8 artifact compiled for its libedgetpu runtime (and the plain
-    int8 as its CPU fallback when `allow_fallback`), or the plain int8 labelled "not compiled: <why>"."""
-
-    def __init__(self, out_dir: Path, cache_dir: Path | None) -> None:
-        self.out_dir, self.cache_dir = out_dir, cache_dir
-        self._compiled: dict[tuple[str, int | None], Any] = {}
-        self.manifests: list[dict[str, Any]] = []
-
-    def select(self, target: Any, art: Any, probe: ProbeResult | None) -> tuple[Path, dict[str, Any], Path | None]:
-        """(model to push, artifact info for the result, plain int8 to push as the CPU fallback or None)."""
-        from pipeline.convert.edgetpu import compiled_artifact, runtime_number
-
-        info = _plain_info(art)
-        if art.mode != "int8":
-            info["not_compiled"] = f"mode {art.mode}: the Edge TPU runs int8 models only"
-            return art.path, info, None
-        tpu = ((probe.probe or {}).get("edgetpu") or {}) if probe is not None and probe.ok else {}
-        version = runtime_number(tpu.get("runtime_version"))
-        key = (art.sha256, version)
-        if key not in self._compiled:
-            comp = compiled_artifact(art.path, out_dir=self.out_dir, cache_dir=self.cache_dir,
-                                     min_runtime_version=version, source_manifest=art.manifest)
-            self._compiled[key] = comp
-            if comp.manifest is not None:
-                self.manifests.append(comp.manifest)
-        comp = self._compiled[key]
-        if not comp.compiled:
-            info["not_compiled"] = comp.reason
-            return art.path, info, None
-        info = {"sha256": comp.sha256, "bytes": comp.bytes, "path": str(comp.path), "mode": art.mode,
-                "variant": "edgetpu", "edgetpu": comp.manifest["edgetpu"], "compiled": True,
-                "min_runtime_version": version, "plain_int8_sha256": art.sha256}
-        return comp.path, info, (art.path if target.allow_fallback else None)
-
-
-def precompiled_artifact(src: Any, out_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """A model given already compiled (`*_edgetpu.tflite`): shipped as is to Edge TPU targets, no CPU fallback."""
-    import shutil
-
-    from pipeline.convert.manifest import build_manifest, read_model
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / src.path.name
-    if path.resolve() != src.path.resolve():
-        shutil.copyfile(src.path, path)
-    tpu = {"status": "compiled", "precompiled": True, "compiler_available": None, "compiler_version": None,
-           "mapped_share": None, "note": "compiled before edgepipe saw it: no compiler report to read the "
-                                         "mapped share from"}
-    manifest = build_manifest(read_model(path), mode="int8", file_name=path.name, recipe={"precompiled": True},
-                              tf_version=None, source=src.record(), calibration=None, compat=None, edgetpu=tpu)
-    info = {"sha256": manifest["sha256"], "bytes": manifest["bytes"], "path": str(path), "mode": "int8",
-            "variant": "edgetpu", "edgetpu": tpu, "compiled": True}
-    return path, info, manifest
 
 
 def _baseline_model(target: Any, info: dict[str, Any], baseline: RunResult | None) -> dict[str, Any] | None:
@@ -394,7 +270,7 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
     return RunResult(run_id=run_id, devices=[done[t.name] for t in targets], started=started,
                      finished=time.time(), model_sha256=src.sha256, artifacts=manifests,
                      complete=len(done) == len(targets), float_top1=fm.get("top1"),
-                     model_name=model_name or src.name, task=spec_dict(prepared.task),
+                     model_name=model_name or src.name, task=scoring.spec_dict(prepared.task),
                      float_metrics=prepared.float_metrics)
 
 
@@ -451,7 +327,7 @@ def plan_jobs(prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeRe
     io_manifest: dict[str, dict[str, Any]] = {}   # target -> the manifest naming the tensors of what it runs
     to_convert = live
     if src.variant == "edgetpu_compiled":   # already compiled: only Edge TPU targets got this far
-        path, info, manifest = precompiled_artifact(src, out_dir / "artifacts")
+        path, info, manifest = precompiled_artifact(src.path, src.record(), out_dir / "artifacts")
         manifests.append(manifest)
         for t in live:
             shipped[t.name], io_manifest[t.name] = (path, info, None), manifest
@@ -486,12 +362,14 @@ def plan_jobs(prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeRe
     for t in live:
         if t.name in artifacts:
             if t.accelerator == "edgetpu":
-                shipped[t.name] = tpu.select(t, artifacts[t.name], probes.get(t.name))
+                p = probes.get(t.name)
+                shipped[t.name] = tpu.select(artifacts[t.name], ((p.probe or {}).get("edgetpu") or {}) if p and p.ok
+                                             else {}, allow_fallback=t.allow_fallback)
                 info = shipped[t.name][1]
                 ev(t.name, "artifact", f"{Path(info['path']).name}: " + (
                     "compiled for the Edge TPU" if info.get("compiled") else f"not compiled: {info['not_compiled']}"))
             else:
-                shipped[t.name] = (artifacts[t.name].path, _plain_info(artifacts[t.name]), None)
+                shipped[t.name] = (artifacts[t.name].path, plain_info(artifacts[t.name]), None)
     manifests.extend(tpu.manifests)
     ready = [t for t in live if t.name in shipped]
 

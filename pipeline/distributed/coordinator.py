@@ -20,7 +20,8 @@ from pipeline.distributed import queue as q
 from pipeline.distributed.artifacts import ArtifactStore
 from pipeline.errors import ConfigError, EdgepipeError, Interrupted
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
-from pipeline.run import plan_jobs, refusal, spec_dict
+from pipeline import metrics as scoring
+from pipeline.run import plan_jobs, refusal
 
 POLL_S = 0.5
 STALL_CHECK_S = 2.0
@@ -257,7 +258,7 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
     return RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
                      finished=time.time(), model_sha256=src.sha256, artifacts=plan.manifests if plan else [],
                      complete=len(done) == len(targets), float_top1=fm.get("top1"),
-                     model_name=model_name or src.name, task=spec_dict(prepared.task),
+                     model_name=model_name or src.name, task=scoring.spec_dict(prepared.task),
                      float_metrics=prepared.float_metrics)
 
 

@@ -2,11 +2,12 @@
 
 Between devices and release: scoring reads arrays (device outputs, float reference, labels) and never runs a model.
 """
-from pipeline.metrics.labels import labels_from_coco
+from pipeline.metrics.labels import check_class_labels, labels_from_coco
 from pipeline.metrics.outputs import OutputsError, OutputSpec
 from pipeline.metrics.score import (TASK_METRICS, attach, legacy, load_outputs, score_device, score_reference,
                                     score_result)
-from pipeline.metrics.task import TASKS, TaskSpec, resolve_task
+from pipeline.metrics.task import TASKS, TaskSpec, reductions, resolve_task, spec_dict
 
-__all__ = ["TASKS", "TASK_METRICS", "OutputSpec", "OutputsError", "TaskSpec", "attach", "labels_from_coco", "legacy",
-           "load_outputs", "resolve_task", "score_device", "score_reference", "score_result"]
+__all__ = ["TASKS", "TASK_METRICS", "OutputSpec", "OutputsError", "TaskSpec", "attach", "check_class_labels",
+           "labels_from_coco", "legacy", "load_outputs", "reductions", "resolve_task", "score_device", "score_reference",
+           "score_result", "spec_dict"]

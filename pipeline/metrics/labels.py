@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.metrics.outputs import parse_specs
 
 DETECTION_KEYS = ("y_boxes", "y_classes")
 MAIN_KEY = "y"
@@ -114,3 +115,31 @@ def labels_from_coco(path: str | Path, n: int | None = None) -> dict[str, np.nda
         for j, (box, cls) in enumerate(items):
             boxes[i, j], classes[i, j] = box, cls
     return {"y_boxes": boxes, "y_classes": classes}
+
+
+def check_class_labels(labels: Mapping[str, np.ndarray], task: Any, output_specs: Iterable[Any],
+                       file: str | None = None) -> None:
+    """Labels that cannot fit a classifier's scored output: class ids outside its width, fractional ids, one-hot
+    rows of another width. One ConfigError line naming the user's file and label array, before any device."""
+    if task is None or task.task != "classification":
+        return
+    specs = {s.name: s for s in parse_specs(output_specs)}
+    name = task.output or (next(iter(specs)) if len(specs) == 1 else None)
+    label = task.labels[0] if task.labels else MAIN_KEY
+    spec, y = specs.get(name), labels.get(label)
+    if spec is None or y is None or not spec.shape or spec.shape[-1] <= 0:
+        return
+    width = int(spec.shape[-1])
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
+        ids = y.reshape(-1)
+        if ids.dtype.kind == "f" and not np.all(ids == np.round(ids)):
+            raise ConfigError(f"label array '{label}' holds fractional values but output '{name}' is a "
+                              f"{width}-class classifier", file=file, field=label,
+                              hint="give integer class ids (or one-hot rows)")
+        if ids.size and (ids.min() < 0 or ids.max() >= width):
+            raise ConfigError(f"label array '{label}' has class ids {int(ids.min())}..{int(ids.max())} but output "
+                              f"'{name}' has {width} classes (0..{width - 1})", file=file, field=label,
+                              hint="labels must index the model's output")
+    elif y.ndim == 2 and y.shape[1] != width:
+        raise ConfigError(f"label array '{label}' has shape {tuple(y.shape)} but output '{name}' has {width} "
+                          f"classes", file=file, field=label, hint=f"one-hot labels need {width} columns")

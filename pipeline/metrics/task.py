@@ -17,6 +17,7 @@ from pipeline.metrics.outputs import OutputSpec, parse_specs
 
 TASKS = ("classification", "binary", "regression", "detection", "segmentation", "keypoints", "raw")
 TASK_HINT = "pass --task " + "|".join(TASKS)
+REDUCE_BYTES = 64 << 20   # a dense segmentation output bigger than this (as float16) comes back as argmax masks
 
 
 @dataclass
@@ -188,3 +189,20 @@ def resolve_task(requested_task: str | None, requested_output: str | None, outpu
     num_classes = {"classification": out.width, "segmentation": out.shape[-1]}.get(task)
     return TaskSpec(task, outputs=[out.name], labels=[key] if y is not None else [], inferred=inferred,
                     reason=why, threshold=float(threshold), num_classes=num_classes)
+
+
+def spec_dict(task: Any) -> dict[str, Any] | None:
+    """The task as `run --json` and the history record it."""
+    return task.to_dict() if isinstance(task, TaskSpec) else task
+
+
+def reductions(task: TaskSpec | None, output_specs: Iterable[Any], n: int,
+               budget: int = REDUCE_BYTES) -> dict[str, str]:
+    """{output name: 'argmax'} for the segmentation outputs too big to travel back dense: n samples as float16
+    above `budget` bytes. The devices reduce them before sending."""
+    if task is None or task.task != "segmentation":
+        return {}
+    specs = {s.name: s for s in parse_specs(output_specs)}
+    big = [name for name in task.outputs
+           if name in specs and n * int(np.prod([d for d in specs[name].sample_shape if d > 0])) * 2 > budget]
+    return {name: "argmax" for name in big}
