@@ -333,9 +333,7 @@ def detector(out: Path) -> TaskModel:
                 h = tf.nn.relu(tf.nn.conv2d(h, tf.constant(k), strides=2 if i < 3 else 1, padding="SAME") + b)
             enc = tf.reshape(tf.nn.conv2d(h, tf.constant(convs[4][0]), 1, "SAME") + convs[4][1], [-1, a, 4])
             logits = tf.reshape(tf.nn.conv2d(h, tf.constant(convs[5][0]), 1, "SAME") + convs[5][1], [-1, a, c1])
-            boxes, classes, scores, count = postprocess(enc, tf.nn.softmax(logits), tf.constant(anchors))
-            return {"detection_boxes": boxes, "detection_classes": classes, "detection_scores": scores,
-                    "num_detections": count}
+            return postprocess(enc, tf.nn.softmax(logits), tf.constant(anchors))
 
     module = Detector()
     tf.saved_model.save(module, str(out / "detector_savedmodel"), signatures=module.__call__.get_concrete_function())
