@@ -1,7 +1,9 @@
 """Every task's model end to end over real loopback sshd devices, one on ai-edge-litert and one on tflite-runtime,
 through the real CLI (`edgepipe run --json`): a detector ending in TFLite_Detection_PostProcess (given as its float
 .tflite, and as its int8 .tflite with --reference), a segmenter (argmax masks reduced on the device), a binary
-sigmoid and a regression MLP (given as SavedModels, float32 on one runtime and int8 on the other).
+sigmoid and a regression MLP (given as SavedModels, float32 on one runtime and int8 on the other), and a
+pre-quantized uint8 classifier .tflite with --reference. (Two inputs, class + box heads and a stand-in
+*_edgetpu.tflite run over sshd on both runtimes in test_model_inputs.py and test_edgetpu_e2e.py.)
 
 Every figure edgepipe reports is recomputed here from the outputs file the device sent back, with pycocotools /
 numpy / scikit-learn called directly (never pipeline.metrics), and the device's outputs are checked against the
@@ -261,9 +263,10 @@ def test_every_task_runs_end_to_end_on_both_runtimes_scored_as_computed_here(tas
                 assert agr["snr_db"] == pytest.approx(mine, abs=0.5), tname
         # the float model's own figures, shown beside the device's (float TF on the host vs LiteRT here: close)
         ref_in = {k: v.argmax(-1).astype(np.int32) for k, v in ref.items()} if task == "segmentation" else ref
-        for k, v in _independent_figures(task, ref_in, tm).items():
-            if k in m["reference"]:
-                assert m["reference"][k] == pytest.approx(v, abs=0.01), k
+        figures = _independent_figures(task, ref_in, tm)
+        assert set(m["reference"]) == set(figures)
+        for k, v in figures.items():
+            assert m["reference"][k] == pytest.approx(v, abs=0.01), k
 
 
 def test_a_task_gate_no_model_can_pass_fails_the_run_and_names_output_and_metric(task_run, fleet):
@@ -285,3 +288,37 @@ def test_a_task_gate_no_model_can_pass_fails_the_run_and_names_output_and_metric
               if c.find("failure") is not None]
     assert failed == [f"{gate}[{check['output']} {metric}]"]
     assert not [c for c in suites.get(f"edgepipe.{fleet[0].name}", []) if c.find("failure") is not None]
+
+
+def test_prequantized_uint8_classifier_on_both_runtimes_against_its_float_reference(fleet, cli, digits, digits_uint8,
+                                                                                     tmp_path, conversion_cache):
+    """The .tflite a Coral user ships (uint8 in and out), as it is, scored on the host against labels and against
+    the float Keras model named by --reference."""
+    import keras
+
+    x, y = digits.x_eval[:60], digits.y_eval[:60]
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    targets = write_targets_yaml(fleet, tmp_path / "targets.yaml", defaults=FAST)
+    r, doc = run_cli(cli, tmp_path, targets, digits_uint8, tmp_path / "eval.npz", "--reference", digits.model_path,
+                     cache=conversion_cache)
+    assert r.exit_code == 0, r.output
+    float_probs = keras.models.load_model(digits.model_path, compile=False).predict(x, verbose=0)
+    (host,) = run_tflite(digits_uint8, x)[0].values()
+    names = _names(doc)
+    for f, runtime in zip(fleet, RUNTIMES):
+        (dev,) = [d for d in doc["devices"] if d["name"] == f.name]
+        assert dev["ok"] and dev["result"]["runtime"]["name"] == runtime and dev["mode"] == "int8"
+        ((tname, got),) = outputs_of(dev).items()
+        step = 1 / 256   # the uint8 softmax output's scale: one quantization step
+        assert np.mean(np.abs(got.astype(np.float32) - host) <= step * 1.01) == 1.0
+        m = dev["metrics"]
+        assert m["task"] == "classification"
+        top5 = np.argsort(-got.astype(np.float64), axis=1, kind="stable")[:, :5]   # ties: the lower class id first
+        assert m["top1"] == pytest.approx(float((got.argmax(1) == y).mean()))
+        assert m["top5"] == pytest.approx(float((top5 == y[:, None]).any(1).mean()))
+        agree = float((got.argmax(1) == float_probs.argmax(1)).mean())
+        assert m["outputs"][names[tname]]["top1_agreement"] == pytest.approx(agree)
+        assert m["outputs"][names[tname]]["snr_db"] == pytest.approx(snr_db(got, float_probs), abs=0.5)
+        # the legacy keys keep their classification meaning
+        assert dev["result"]["accuracy"]["top1"] == pytest.approx(m["top1"])
+        assert dev["result"]["agreement"]["top1"] == pytest.approx(agree)
