@@ -28,9 +28,9 @@ from tests.task_models import (binary_model, detector_model, regression_model, r
 FAST = {"runs": 2, "warmup": 0, "timeout": 120, "retries": 0, "connect_timeout": 5}
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")   # the two sshd devices, in this order
 # case -> (task, session fixture, mode on LiteRT, mode on tflite-runtime). LiteRT mode None: the model is the .tflite
-# of that mode, shipped as it is to both (a detector reaches a Coral user as a .tflite; edgepipe does not yet
-# convert a SavedModel that ends in the postprocess composite: no allow_custom_ops, and its TF signature returns
-# the composite's placeholders, so the host's float reference would be zeros)
+# of that mode, shipped as it is to both (a detector reaches a Coral user as a .tflite; a SavedModel ending in the
+# postprocess composite cannot be run yet: its TF signature returns the composite's placeholders, so the host can
+# read neither the outputs' roles nor a float reference from it)
 CASES = {
     "detection-float": ("detection", "detector_model", None, "float32"),
     "detection-int8": ("detection", "detector_model", None, "int8"),
