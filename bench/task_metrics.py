@@ -2,8 +2,8 @@
 tests/task_models.py) through `api.run` on four local targets with the ai-edge-litert device venv, one per mode
 (float32, dynamic, float16, int8, the pipeline's own recipes), scored on the host against labels and the float model.
 
-The detector goes as its .tflite per mode with `--reference` its float .tflite (a SavedModel ending in the
-postprocess composite cannot be run directly yet). Prints one Markdown table per task (or JSON with --json).
+The detector goes as its .tflite per mode with `--reference` its float .tflite (pre-quantized, as Coral users
+often have it; the builder's own recipes, int8 with float input/output). Prints one Markdown table per task (or JSON with --json).
 Takes about three minutes on an idle 2-core machine.
 
     PYTHONPATH=$PWD .venv/bin/python bench/task_metrics.py [--json] [--models digits,detector]

@@ -1,7 +1,7 @@
 """Every task's model end to end over real loopback sshd devices, one on ai-edge-litert and one on tflite-runtime,
-through the real CLI (`edgepipe run --json`): a detector ending in TFLite_Detection_PostProcess (given as its float
-.tflite, and as its int8 .tflite with --reference), a segmenter (argmax masks reduced on the device), a binary
-sigmoid and a regression MLP (given as SavedModels, float32 on one runtime and int8 on the other), and a
+through the real CLI (`edgepipe run --json`): a detector ending in TFLite_Detection_PostProcess, a segmenter (argmax
+masks reduced on the device), a binary sigmoid and a regression MLP, given as SavedModels (float32 on one runtime and
+int8 on the other); the detector also as a pre-quantized int8 .tflite with --reference; and a
 pre-quantized uint8 classifier .tflite with --reference. (Two inputs, class + box heads and a stand-in
 *_edgetpu.tflite run over sshd on both runtimes in test_model_inputs.py and test_edgetpu_e2e.py.)
 
@@ -28,12 +28,10 @@ from tests.task_models import (binary_model, detector_model, regression_model, r
 FAST = {"runs": 2, "warmup": 0, "timeout": 120, "retries": 0, "connect_timeout": 5}
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")   # the two sshd devices, in this order
 # case -> (task, session fixture, mode on LiteRT, mode on tflite-runtime). LiteRT mode None: the model is the .tflite
-# of that mode, shipped as it is to both (a detector reaches a Coral user as a .tflite; a SavedModel ending in the
-# postprocess composite cannot be run yet: its TF signature returns the composite's placeholders, so the host can
-# read neither the outputs' roles nor a float reference from it)
+# of that mode, shipped as it is to both (a pre-quantized detector, as a Coral user often has it)
 CASES = {
-    "detection-float": ("detection", "detector_model", None, "float32"),
-    "detection-int8": ("detection", "detector_model", None, "int8"),
+    "detection": ("detection", "detector_model", "float32", "int8"),
+    "detection-int8-tflite": ("detection", "detector_model", None, "int8"),
     "segmentation": ("segmentation", "segmenter_model", "int8", "float32"),
     "binary": ("binary", "binary_model", "float32", "int8"),
     "regression": ("regression", "regression_model", "int8", "float32"),
