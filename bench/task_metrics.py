@@ -3,7 +3,8 @@ tests/task_models.py) through `api.run` on four local targets with the ai-edge-l
 (float32, dynamic, float16, int8, the pipeline's own recipes), scored on the host against labels and the float model.
 
 The detector goes as its .tflite per mode with `--reference` its float .tflite (pre-quantized, as Coral users
-often have it; the builder's own recipes, int8 with float input/output). Prints one Markdown table per task (or JSON with --json).
+often have it; the builder's own recipes, int8 with float input/output). Prints one Markdown table per task
+(or JSON with --json).
 Takes about three minutes on an idle 2-core machine.
 
     PYTHONPATH=$PWD .venv/bin/python bench/task_metrics.py [--json] [--models digits,detector]
@@ -80,7 +81,8 @@ def measure(names: list[str], tmp: Path) -> list[dict[str, Any]]:
             from pipeline.examples.digits import train_digits
 
             d = train_digits(where / "model")
-            devices = release(where / "run", d.model_path, {"x": d.x_eval, "y": d.y_eval}, calibration=d.calibration_path)
+            devices = release(where / "run", d.model_path, {"x": d.x_eval, "y": d.y_eval},
+                              calibration=d.calibration_path)
             rows += [row(name, dev) for dev in devices]
             continue
         tm = BUILDERS[name](where / "model")
