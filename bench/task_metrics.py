@@ -2,10 +2,8 @@
 tests/task_models.py) through `api.run` on four local targets with the ai-edge-litert device venv, one per mode
 (float32, dynamic, float16, int8, the pipeline's own recipes), scored on the host against labels and the float model.
 
-The detector goes as its .tflite per mode with `--reference` its float .tflite (pre-quantized, as Coral users
-often have it; the builder's own recipes, int8 with float input/output). Prints one Markdown table per task
-(or JSON with --json).
-Takes about three minutes on an idle 2-core machine.
+Every model goes as a user hands it over (the detector as its SavedModel ending in the postprocess composite).
+Prints one Markdown table per task (or JSON with --json). Takes about three minutes on an idle 2-core machine.
 
     PYTHONPATH=$PWD .venv/bin/python bench/task_metrics.py [--json] [--models digits,detector]
 """
@@ -48,9 +46,8 @@ def fleet(root: Path, modes: tuple[str, ...]) -> Path:
     return path
 
 
-def release(root: Path, model: Path, data: dict[str, np.ndarray], modes: tuple[str, ...] = MODES,
-            **kw: Any) -> list[Any]:
-    """One `api.run` over the targets of `modes`; its DeviceResults."""
+def release(root: Path, model: Path, data: dict[str, np.ndarray], **kw: Any) -> list[Any]:
+    """One `api.run` over the four targets; its DeviceResults."""
     from pipeline import api
 
     root.mkdir(parents=True, exist_ok=True)
@@ -58,7 +55,7 @@ def release(root: Path, model: Path, data: dict[str, np.ndarray], modes: tuple[s
     if "calibration" in kw and not isinstance(kw["calibration"], (str, Path)):
         np.savez(root / "calibration.npz", x=kw["calibration"])
         kw["calibration"] = root / "calibration.npz"
-    rel = api.run(fleet(root, modes), model=model, data=root / "eval.npz", out_dir=root / "out",
+    rel = api.run(fleet(root, MODES), model=model, data=root / "eval.npz", out_dir=root / "out",
                   cache_dir=root.parent / "cache", db=root / "results.db", baseline="none", **kw)
     bad = [f"{d.name}: {d.error.code}: {d.error.message}" for d in rel.run.devices if not d.ok]
     if bad:
@@ -86,12 +83,6 @@ def measure(names: list[str], tmp: Path) -> list[dict[str, Any]]:
             rows += [row(name, dev) for dev in devices]
             continue
         tm = BUILDERS[name](where / "model")
-        if name == "detector":   # each mode's .tflite, shipped as is, agreement against the float .tflite
-            for mode in MODES:
-                (dev,) = release(where / mode, tm.paths[mode], {"x": tm.x, **tm.labels}, modes=(mode,),
-                                 reference=None if mode == "float32" else tm.paths["float32"])
-                rows.append(row(name, dev))
-            continue
         rows += [row(name, dev) for dev in release(where / "run", tm.source, {"x": tm.x, **tm.labels},
                                                    calibration=tm.calib)]
         if name == "multihead":   # the box head, scored as keypoints (two corners [N, 2, 2]: the 4-wide output)
