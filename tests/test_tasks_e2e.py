@@ -222,7 +222,8 @@ def _padding_dropped(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     k = out[roles["count"]].reshape(-1).round()
     res = dict(out)
     for role in ("boxes", "classes", "scores"):
-        a = out[roles[role]].astype(np.float64).copy()
+        with np.errstate(invalid="ignore"):   # the padding may hold any bit pattern
+            a = out[roles[role]].astype(np.float64)
         a[np.arange(a.shape[1])[None, :] >= k[:, None]] = 0
         res[roles[role]] = a
     return res
