@@ -27,6 +27,8 @@ class TaskModel:
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # mode -> name -> [N, ...]
     specs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)      # mode -> output specs
     extra: dict[str, Any] = field(default_factory=dict)
+    calib: np.ndarray | None = None                # the calibration inputs the int8 artifact was built with
+    source: Path | None = None                     # the SavedModel a user would hand to `edgepipe run`
 
 
 # -- conversion and host runs (ai-edge-litert, as on a device) ---------------------------------------------------
@@ -86,6 +88,7 @@ def run_tflite(path: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], list[d
 
 
 def build_all_modes(tm: TaskModel, fn: Any, trackable: Any, calib: np.ndarray, out: Path, **kw: Any) -> TaskModel:
+    tm.calib, tm.source = calib, fn if isinstance(fn, Path) else out / "savedmodel"   # _batch1 exported it there
     for mode in MODES:
         path = out / f"{tm.name}_{mode}.tflite"
         path.write_bytes(convert(fn, trackable, mode, calib, **kw))
@@ -317,8 +320,10 @@ def detector(out: Path) -> TaskModel:
 
     @tf.function(experimental_implements=postprocess_attrs())
     def postprocess(box_encodings: Any, class_predictions: Any, anchors_t: Any) -> Any:
-        return (tf.constant(0.0, name="boxes"), tf.constant(0.0, name="classes"), tf.constant(0.0, name="scores"),
-                tf.constant(0.0, name="num_detections"))
+        # placeholders of the op's output shapes, as the TF Object Detection API's export writes them: the
+        # .tflite's tensors and signature carry these shapes
+        return (tf.zeros([1, DET_MAX, 4], name="boxes"), tf.zeros([1, DET_MAX], name="classes"),
+                tf.zeros([1, DET_MAX], name="scores"), tf.zeros([1], name="num_detections"))
 
     class Detector(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([1, DET_SIZE, DET_SIZE, 3], tf.float32, name="image")])

@@ -103,8 +103,9 @@ def _fill(workdir: Path) -> None:
         f.write(b"\0" * max(0, free_bytes(workdir) - LEFT_FREE))
 
 
-class FillingSSH(SSHTransport):
-    """Fills the device's disk right before the artifact's upload: the probe saw room, the push finds none."""
+class FillsDiskBeforeArtifact:
+    """Transport mixin: fills the device's disk right before the artifact's upload (the probe saw room, the push
+    finds none); `artifact` and `workdir` are set on the concrete class."""
 
     artifact: Path
     workdir: Path
@@ -115,14 +116,12 @@ class FillingSSH(SSHTransport):
         return super().put(local, remote, progress)
 
 
-class FillingLocal(LocalTransport):
-    artifact: Path
-    workdir: Path
+class FillingSSH(FillsDiskBeforeArtifact, SSHTransport):
+    pass
 
-    def put(self, local, remote, progress=None):
-        if Path(local) == self.artifact:
-            _fill(self.workdir)
-        return super().put(local, remote, progress)
+
+class FillingLocal(FillsDiskBeforeArtifact, LocalTransport):
+    pass
 
 
 @pytest.mark.parametrize("transport", ["ssh", "local"])

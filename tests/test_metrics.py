@@ -279,6 +279,18 @@ def test_detection_outputs_are_matched_by_name_and_shape_not_position(detector_m
         resolve_task("detection", None, anonymous, detector_model.labels)
 
 
+def test_detection_roles_come_from_tensor_names_when_the_model_names_say_nothing(detector_model):
+    """A signature that calls the op's outputs output_0 … output_3 (in flatbuffer order, here): the TFLite tensor
+    names (`NAME:k`, output k of the op) still tell boxes, classes, scores and count apart."""
+    specs = detector_model.specs["float32"]
+    generic = [dict(s, name=f"output_{i}", tflite_name=s["name"]) for i, s in enumerate(specs)]
+    by_suffix = {"0": "boxes", "1": "classes", "2": "scores", "3": "count"}
+    want = {by_suffix[s["tflite_name"].rpartition(":")[2]]: s["name"] for s in generic}
+    assert detection_layout(generic) == want and want["boxes"] != "output_0"
+    task = resolve_task(None, None, generic, detector_model.labels)
+    assert task.task == "detection" and task.roles == want
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_detection_map_against_labels_and_float(detector_model, mode):
     m = detector_model

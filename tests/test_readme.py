@@ -19,6 +19,7 @@ import pytest
 from pipeline.testing.sshd import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
+DETECTION = "det_eval.npz"   # marks the README's detection command (run by its own test, with a detector it builds)
 README = (REPO / "README.md").read_text()
 pytestmark = pytest.mark.slow
 
@@ -107,8 +108,8 @@ def test_every_readme_command_runs(demo):
     env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
     ran = 0
     for cmd in commands():
-        if cmd.startswith("make "):
-            continue  # the two make commands are covered above
+        if cmd.startswith("make ") or DETECTION in cmd:
+            continue  # the two make commands are covered above, the detection example below
         bound = _bind(cmd, _bindings(state))  # RUN_ID is the newest run so far; TAG is the demo's labelled run
         if "--db" not in bound and bound.split()[1:2] in (["history"], ["show"], ["gate"], ["report"]):
             bound += f" --db {state / 'results.db'}"
@@ -127,6 +128,43 @@ def test_readme_python_api_block_runs(demo):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert ".html" in res.stdout and "int8" in res.stdout
+
+
+def test_readme_detection_example_runs_as_written(demo, tmp_path):
+    """The README's detection gates (its yaml block) and command, on the demo fleet, with a detector built here."""
+    import numpy as np
+    import yaml
+
+    from tests.task_models import detector
+
+    state, proc = demo
+    assert proc.returncode == 0
+    (cmd,) = [c for c in commands() if DETECTION in c]
+    (gates_block,) = blocks("yaml")
+    readme_gates = yaml.safe_load(gates_block)["gates"]
+    tm = detector(tmp_path / "det")
+    np.savez(tmp_path / DETECTION, x=tm.x, **tm.labels)
+    fleet = yaml.safe_load((state / "targets.yaml").read_text())
+    fleet["gates"].update(readme_gates)
+    fleet["db"] = str(tmp_path / "results.db")
+    (tmp_path / "targets.yaml").write_text(yaml.safe_dump(fleet))
+    bound = _bind(cmd, {"targets.yaml": str(tmp_path / "targets.yaml"), "detector.tflite": str(tm.paths["int8"]),
+                        "detector_float.tflite": str(tm.paths["float32"]), DETECTION: str(tmp_path / DETECTION),
+                        "out/": str(tmp_path / "out") + "/"})
+    env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode in (0, 1), f"{bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(doc["devices"]) == 3 and (tmp_path / "out" / "report.html").is_file()
+    for d in doc["devices"]:   # what the README says each row carries
+        m = d["metrics"]
+        assert d["ok"] and m["task"] == "detection" and {"map50", "map", "map50_vs_float"} <= set(m), d["error"]
+        assert {o["role"] for o in m["outputs"].values()} == {"boxes", "classes", "scores", "count"}
+        assert all(o["snr_db"] is not None for o in m["outputs"].values())
+        for gate in readme_gates:   # every README gate was checked, naming the output and the metric it read
+            checks = [c for c in doc["verdict"]["checks"] if c["target"] == d["name"] and c["gate"] == gate]
+            assert checks and all(c["output"] and c["metric"] and not c["skipped"] for c in checks), gate
 
 
 def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(demo):

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.convert.source import ModelSource, TensorSpec, describe, identify, match_specs
+from pipeline.convert.source import (ModelSource, TensorSpec, describe, ends_in_postprocess, identify,
+                                     match_specs)
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
 
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3
 
 
 def _chunks(n: int, step: int) -> list[tuple[list[int], int]]:
@@ -71,6 +72,20 @@ def _tflite_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str
     return {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in outs.items()}
 
 
+def _postprocess_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A SavedModel ending in the detection postprocess composite runs as its float32 .tflite (TF would run only
+    the composite's placeholders)."""
+    from pipeline.convert.source import float_tflite, open_signature, signature_specs
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
+        sig = open_signature(src, Path(tmp))
+        tsrc = identify(float_tflite(sig, signature_specs(sig)[0], Path(tmp) / "float32.tflite"))
+        in_map = match_specs(tsrc.inputs, src.inputs, what="model inputs", file=str(src.path))
+        outs = _tflite_outputs(tsrc, {t: inputs[s] for t, s in in_map.items()})
+    out_map = match_specs(src.outputs, tsrc.outputs, what="model outputs", file=str(src.path))
+    return {mine: outs[theirs] for mine, theirs in out_map.items()}
+
+
 def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size: int = 64,
                   log: str | Path | None = None) -> dict[str, np.ndarray]:
     """Every output of the float model `src` for every sample, keyed by the model's output names.
@@ -91,6 +106,8 @@ def compute_float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch
     if src.kind == "tflite":
         return _tflite_outputs(src, inputs)
     try:
+        if ends_in_postprocess(src):
+            return _postprocess_outputs(src, inputs)
         return _tf_outputs(src, inputs, batch_size)
     except EdgepipeError:
         raise

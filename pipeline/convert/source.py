@@ -25,8 +25,9 @@ from pipeline.inventory import MODES
 KINDS = ("saved_model", "keras", "h5", "tflite")
 VARIANTS = ("float", "quantized", "edgetpu_compiled")   # what a .tflite source already is
 EDGETPU_OP = "edgetpu-custom-op"
+POSTPROCESS_OP = b"TFLite_Detection_PostProcess"   # a composite the converter turns into this custom op
 DEFAULT_SIGNATURE = "serving_default"
-DESCRIBE_VERSION = 2
+DESCRIBE_VERSION = 3
 _QAT_MARKERS = (b"QuantizeWrapper", b"QuantizeLayer", b"FakeQuantWithMinMaxVars")
 Progress = Callable[[str, str], None]
 
@@ -310,6 +311,34 @@ def signature_specs(sig: LoadedSignature) -> tuple[list[TensorSpec], list[Tensor
     return inputs, outputs
 
 
+def ends_in_postprocess(src: ModelSource) -> bool:
+    """A SavedModel whose graph holds the TFLite_Detection_PostProcess composite: TensorFlow runs only its
+    placeholders, so its real outputs exist only in the converted .tflite."""
+    return src.kind == "saved_model" and POSTPROCESS_OP in (src.path / "saved_model.pb").read_bytes()
+
+
+def float_tflite(sig: LoadedSignature, inputs: Sequence[TensorSpec], path: Path) -> Path:
+    """The signature converted to a float32 .tflite at `path` (batch 1 where the batch is dynamic)."""
+    from pipeline.convert.converter import _converter
+
+    fixed = [replace(s, shape=tuple(1 if d is None and i == 0 else d for i, d in enumerate(s.shape or ())))
+             for s in inputs]
+    path.write_bytes(_converter(sig, fixed).convert())
+    return path
+
+
+def _postprocess_outputs(sig: LoadedSignature, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                         workdir: Path) -> list[TensorSpec]:
+    """The outputs with their TFLite tensor names (`NAME:k`: output k of the op, which tells boxes, classes,
+    scores and count apart) and shapes, read from a float32 conversion."""
+    from pipeline.convert.manifest import read_model
+
+    info = read_model(float_tflite(sig, inputs, workdir / "float32.tflite"))
+    by_key = {t.signature_name: t for t in info.output_tensors}
+    return [replace(o, tflite_name=by_key[o.name].name, shape=tuple(by_key[o.name].shape)) if o.name in by_key else o
+            for o in outputs]
+
+
 def _describe_key(src: ModelSource) -> str:
     from pipeline.convert.cache import tf_version
 
@@ -322,7 +351,11 @@ def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The TensorFlow part of `describe`; runs in the quiet worker process (see pipeline.convert.worker)."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-describe-") as tmp:
         try:
-            return signature_specs(open_signature(src, Path(tmp)))
+            sig = open_signature(src, Path(tmp))
+            inputs, outputs = signature_specs(sig)
+            if ends_in_postprocess(src):
+                outputs = _postprocess_outputs(sig, inputs, outputs, Path(tmp))
+            return inputs, outputs
         except EdgepipeError:
             raise
         except Exception as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -34,12 +34,11 @@ def _shapes_fit(roles: Mapping[str, OutputSpec]) -> bool:
     return len(b) == 3 and b[2] == 4 and c == b[:2] and s == b[:2] and n == b[:1]
 
 
-def detection_layout(specs: Iterable[Any]) -> dict[str, str] | None:
-    """role -> output name for the postprocess outputs, or None when the model has no such layout."""
-    specs = parse_specs(specs)
+def _layout(specs: list[OutputSpec], key: Callable[[OutputSpec], str]) -> dict[str, str] | None:
+    """role -> spec name, reading the roles from key(spec): `NAME:k` suffixes first, then role words."""
     groups: dict[str, dict[int, OutputSpec]] = {}
     for s in specs:
-        base, k = _split(s.name)
+        base, k = _split(key(s))
         groups.setdefault(base, {})[k] = s
     for g in groups.values():
         if all(k in g for k in SUFFIX_ROLE):
@@ -48,11 +47,24 @@ def detection_layout(specs: Iterable[Any]) -> dict[str, str] | None:
                 return {r: roles[r].name for r in ROLES}
     roles = {}
     for role, words in ROLE_WORDS.items():
-        hits = [s for s in specs if any(w in s.name.lower() for w in words) and s not in roles.values()]
+        hits = [s for s in specs if any(w in key(s).lower() for w in words) and s not in roles.values()]
         if len(hits) != 1:
             return None
         roles[role] = hits[0]
     return {r: roles[r].name for r in ROLES} if _shapes_fit(roles) else None
+
+
+def detection_layout(specs: Iterable[Any]) -> dict[str, str] | None:
+    """role -> output name for the postprocess outputs, or None when the model has no such layout.
+
+    When the model's own names say nothing (a signature's output_0 … output_3), the artifact's tensor names
+    (`StatefulPartitionedCall:k`) still tell the roles.
+    """
+    specs = parse_specs(specs)
+    found = _layout(specs, lambda s: s.name)
+    if found is None and all(s.tflite_name for s in specs):
+        found = _layout(specs, lambda s: s.tflite_name or s.name)
+    return found
 
 
 def detections(arrays: Mapping[str, np.ndarray], roles: Mapping[str, str]) -> Detections:

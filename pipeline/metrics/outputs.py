@@ -29,6 +29,7 @@ class OutputSpec:
     dtype: str = "float32"
     scale: float = 0.0
     zero_point: int = 0
+    tflite_name: str | None = None   # the artifact's tensor name, when the model names the output otherwise
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -45,7 +46,7 @@ class OutputSpec:
             return d
         return cls(name=str(d["name"]), shape=tuple(int(v) for v in d.get("shape") or ()),
                    dtype=str(d.get("dtype") or "float32"), scale=float(d.get("scale") or 0.0),
-                   zero_point=int(d.get("zero_point") or 0))
+                   zero_point=int(d.get("zero_point") or 0), tflite_name=d.get("tflite_name") or None)
 
 
 def parse_specs(specs: Iterable[Any]) -> list[OutputSpec]:
