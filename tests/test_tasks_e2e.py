@@ -149,9 +149,9 @@ def task_run(request, fleet, cli, conversion_cache, tmp_path_factory):
         model, extra = tm.source, ["--calibration", root / "calibration.npz"]
     mp = pytest.MonkeyPatch()
     if task == "segmentation":   # masks count as "huge" here: building 64 MiB of outputs would cost minutes
-        import pipeline.run
+        import pipeline.metrics.task
 
-        mp.setattr(pipeline.run, "REDUCE_BYTES", 1024)
+        mp.setattr(pipeline.metrics.task, "REDUCE_BYTES", 1024)
     try:
         r, doc = run_cli(cli, root, targets, model, root / "eval.npz", *extra, cache=conversion_cache)
     finally:

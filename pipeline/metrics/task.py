@@ -197,11 +197,12 @@ def spec_dict(task: Any) -> dict[str, Any] | None:
 
 
 def reductions(task: TaskSpec | None, output_specs: Iterable[Any], n: int,
-               budget: int = REDUCE_BYTES) -> dict[str, str]:
+               budget: int | None = None) -> dict[str, str]:
     """{output name: 'argmax'} for the segmentation outputs too big to travel back dense: n samples as float16
-    above `budget` bytes. The devices reduce them before sending."""
+    above `budget` bytes (default REDUCE_BYTES). The devices reduce them before sending."""
     if task is None or task.task != "segmentation":
         return {}
+    budget = REDUCE_BYTES if budget is None else budget
     specs = {s.name: s for s in parse_specs(output_specs)}
     big = [name for name in task.outputs
            if name in specs and n * int(np.prod([d for d in specs[name].sample_shape if d > 0])) * 2 > budget]
