@@ -263,12 +263,14 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
 
 
 def _with_outputs(res: DeviceResult, blobs: ArtifactStore) -> DeviceResult:
-    """The device's outputs .npz, fetched from where its worker put it (checked by sha256), for host scoring."""
+    """The device's outputs .npz, fetched from where its worker put it (checked by sha256) for host scoring, then
+    removed from the shared store: outputs are transient, the run keeps its own copy under out_dir."""
     stored = ((res.result or {}).get("outputs") or {}).get("stored") if res.ok else None
     if not stored:
         return res
     try:
         res.outputs_path = str(blobs.fetch(stored))
+        blobs.discard(stored)
     except EdgepipeError as exc:
         res.ok, res.error = False, ErrorInfo("bad_outputs", f"outputs of this device are not readable: {exc.one_line()}")
     return res
