@@ -437,7 +437,7 @@ def _after_probe(inventory: Any, prepared: RunInputs, targets: list[Any], probes
             ev(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
             art = convert(src, mode, calibration=prepared.calibration, out_dir=out_dir / "artifacts",
-                          cache_dir=cache_dir, compat=req.compat, io_type=req.io_type)
+                          cache_dir=cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float)
         except CompatibilityError as exc:
             cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             for n in req.targets:
