@@ -248,7 +248,7 @@ def choose(candidates: list[Candidate], objective: str) -> Candidate | None:
         p0, b0 = min(c.p50_ms for c in ok) or 1e-9, min(c.bytes for c in ok)
         return min(ok, key=lambda c: (math.log(max(c.p50_ms, 1e-9) / max(p0, 1e-9)) + math.log(c.bytes / b0),
                                       c.bytes))
-    return min(ok, key=lambda c: (round(c.p50_ms, 3), c.bytes))
+    return min(ok, key=lambda c: (c.p50_ms, c.bytes))
 
 
 def advise(cls: DeviceClass, layers: list[dict[str, Any]]) -> str:
