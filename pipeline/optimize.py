@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ConversionError
 from pipeline.metrics.score import TASK_METRICS
 from pipeline.run import RunInputs, execute, new_run_id
 
@@ -317,7 +317,11 @@ def recover(classes: list[DeviceClass], measurer: Measurer, *, rank: Callable[[]
     pending = [c for c in classes if _needs_recovery(c)]
     if not pending:
         return []
-    layers = rank()
+    try:
+        layers = rank()
+    except ConversionError as exc:   # the debugger cannot run on this model: no recovery, the tables still stand
+        on_notice(f"cannot rank int8 layers, so no int8 recovery: {exc.one_line()}")
+        return []
     int8 = next(c for c in pending[0].candidates if c.mode == "int8")
     compute = quantized_share(read_model(int8.path))[1] if int8.path and Path(int8.path).exists() else len(layers)
     for k in schedule(compute, len(layers)):

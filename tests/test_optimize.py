@@ -58,13 +58,17 @@ def outlier_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fleet_yaml(sshd_fleet, tmp_path_factory):
-    """One sshd device with LiteRT and one local device with tflite-runtime 2.14: two device classes."""
+    """One sshd device with LiteRT, one local device with tflite-runtime 2.14 and a local "Coral" that may fall back
+to the CPU (no Edge TPU here): three device classes."""
     (dev,) = sshd_fleet(1, pythons=[FLEET_PYTHONS[0]], prefix="opt")
     d = tmp_path_factory.mktemp("optimize")
     path = write_targets_yaml([dev], d / "targets.yaml", defaults={"runs": 10, "warmup": 1, "timeout": 120},
                               targets=[{"name": "bench-old", "kind": "cpu", "transport": "local",
                                         "runtime": "tflite-runtime", "python": TFLITE_RUNTIME,
-                                        "workdir": str(d / "bench-old")}])
+                                        "workdir": str(d / "bench-old")},
+                                       {"name": "coral-here", "kind": "edgetpu", "transport": "local",
+                                        "allow_fallback": True, "python": FLEET_PYTHONS[0],
+                                        "workdir": str(d / "coral-here")}])
     path.write_text(f"{COMMENT}\n{path.read_text()}gates:  # accuracy budget below\n  max_top1_drop: 2.0\n")
     return path
 
@@ -115,7 +119,7 @@ def top1_and_int8_share(path: str, x: np.ndarray, y: np.ndarray) -> tuple[float,
 
 def test_int8_collapses_and_recovery_keeps_80_percent_int8(by_size, outlier_model):
     code, doc = by_size
-    assert code == 0 and len(doc["classes"]) == 2
+    assert code == 0 and len(doc["classes"]) == 3
     float_top1 = outlier_model["float_top1"]
     assert doc["metric"] == "top1" and doc["float_value"] == pytest.approx(float_top1, abs=1e-6)
     for cls in doc["classes"]:
@@ -133,7 +137,24 @@ def test_int8_collapses_and_recovery_keeps_80_percent_int8(by_size, outlier_mode
         assert manifest["recipe"]["keep_float"] == chosen["keep_float"]   # reproducible: the recipe says what stayed float
     assert "d3" in doc["layers"][0]["name"] and doc["layers"][0]["suspect"]   # the debugger found the broken layer
     html = Path(doc["report"]).read_text()
-    assert html.count("<svg") == 2 and "int8+float1" in html
+    assert html.count("<svg") == 3 and "int8+float1" in html
+
+
+def test_edgetpu_class_gets_int8_only_and_the_tpu_cost_of_each_kept_layer(by_size):
+    (tpu,) = [c for c in by_size[1]["classes"] if c["kind"] == "edgetpu"]
+    assert {c["mode"] for c in tpu["candidates"]} == {"int8"}
+    chosen = tpu["chosen"]
+    (cost,) = chosen["edgetpu_cost"]
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=chosen["path"],
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    ops = it._get_ops_details()
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    float_ops = [op["index"] for op in ops if op["op_name"] == "FULLY_CONNECTED" and dtypes[op["inputs"][0]] == np.float32]
+    assert cost["name"] == chosen["keep_float"][0] and cost["op"] == "FULLY_CONNECTED"
+    assert [cost["index"]] == float_ops and cost["cpu_ops_from_here"] == len(ops) - float_ops[0]
+    assert "segment ends" in cost["note"]
 
 
 def choose_from_table(cands: list[dict], objective: str) -> dict:
