@@ -3,13 +3,15 @@
 1. MobileNetV2 (alpha 0.35, 96x96, weights=None, BatchNorm re-estimated) with a 64-unit head fitted on its own
    features, and an injected outlier (one dead head unit read with weights of 1e4) that makes full int8 collapse.
    No internet, so no pretrained weights: the metric is top-1 against the float model's own predictions
-   (agreement with float). Reported: what recovery brings back, the share of ops still int8, size and p50 of the
-   recovered model against full int8 and float32, per runtime (LiteRT and tflite-runtime 2.14 device venvs).
+   (agreement with float). Random weights make this network lose accuracy in int8 even without the outlier, so the
+   recovery budget is that plain-int8 drop + 2 points. Reported: what recovery brings back, the share of ops still
+   int8, size and p50 of the recovered model against full int8 and float32, per runtime (LiteRT and tflite-runtime
+   2.14 device venvs).
 2. The seed's claims next to the measured ratios per runtime: dynamic "2-3x faster, 4x smaller", full int8 "4x
    smaller", float16 "2x smaller" (on the model without the outlier, so the figures are about the formats).
 3. Wall time of `edgepipe optimize` against one `edgepipe run` on the demo fleet (warm caches); target <= 3x.
 
-Usage: python bench/optimize.py [--repeats 3] [--runs 30] [--json]
+Usage: python bench/optimize.py [--repeats 3] [--runs 20] [--json]
 """
 from __future__ import annotations
 
@@ -94,14 +96,15 @@ def fleet(root: Path, runs: int) -> Path:
     return path
 
 
-def optimize_medians(targets: Path, model: Path, cal: Path, ev: Path, out: Path, repeats: int) -> dict:
+def optimize_medians(targets: Path, model: Path, cal: Path, ev: Path, out: Path, repeats: int,
+                     max_drop: float) -> dict:
     """Run optimize `repeats` times (cached after the first); per class and variant the median p50 and figures."""
     from pipeline import api
 
     per: dict[str, dict[str, dict]] = {}
     last = None
     for i in range(repeats):
-        res = api.optimize(targets, model=model, data=ev, calibration=cal, max_drop=1.0, out_dir=out / "art",
+        res = api.optimize(targets, model=model, data=ev, calibration=cal, max_drop=max_drop, out_dir=out / "art",
                            cache_dir=out / "cache")
         for cls in res.classes:
             rows = per.setdefault(cls.runtime, {})
@@ -154,7 +157,7 @@ def demo_timing(work: Path, repeats: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -163,10 +166,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-opt-") as tmp:
         work = Path(tmp)
         targets = fleet(work, args.runs)
-        log("MobileNetV2 0.35/96 with an injected outlier ...")
-        outlier = optimize_medians(targets, *build(root, True), work / "outlier", args.repeats)
-        log("MobileNetV2 0.35/96 without it (format claims) ...")
-        plain = optimize_medians(targets, *build(root, False), work / "plain", args.repeats)
+        log("MobileNetV2 0.35/96 without the outlier (format claims; every candidate within a 100-point budget) ...")
+        plain = optimize_medians(targets, *build(root, False), work / "plain", args.repeats, 100.0)
+        # Random weights make this network int8-unfriendly even without the outlier: the budget for recovery is
+        # what full int8 reaches on the same network without it (its worst runtime), plus 2 points.
+        plain_drop = max(rows["int8"]["drop"] for rows in plain["classes"].values())
+        budget = round(plain_drop + 2.0, 2)
+        log(f"MobileNetV2 0.35/96 with an injected outlier (budget: drop <= {budget} points) ...")
+        outlier = optimize_medians(targets, *build(root, True), work / "outlier", args.repeats, budget)
         log("demo fleet: optimize vs run ...")
         timing = demo_timing(work / "demo", args.repeats)
     recovery, claims = {}, {}
@@ -193,7 +200,8 @@ def main() -> int:
         claims[rt]["int16x8"] = {"smaller_measured": ratio(f32["bytes"], rows["int16x8"]["bytes"]),
                                  "speedup_measured": ratio(f32["p50_ms"], rows["int16x8"]["p50_ms"])}
     doc = {"bench": "optimize", "model": "MobileNetV2(alpha=0.35, 96x96, weights=None) + fitted 64-unit head",
-           "repeats": args.repeats, "runs": args.runs, "recovery": recovery, "claims": claims,
+           "metric": "top-1 against the float model's predictions (agreement)", "recovery_budget_points": budget,
+           "plain_int8_drop_points": plain_drop, "repeats": args.repeats, "runs": args.runs, "recovery": recovery, "claims": claims,
            "worst_layers": outlier["layers"], "demo_time": timing,
            "tables": {"outlier": outlier["classes"], "plain": plain["classes"]}}
     for part in doc["tables"].values():

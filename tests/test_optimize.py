@@ -233,3 +233,29 @@ def test_a_tflite_model_is_refused_with_one_line(cli, by_size, outlier_model, tm
     r = cli.invoke(app, ["optimize", tflite, "--targets", str(targets), "--data", str(outlier_model["eval"]),
                          "--calibration", str(outlier_model["cal"]), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2 and "a .tflite cannot be re-converted" in r.output and not (tmp_path / "device").exists()
+
+
+def test_classes_budgets_and_ties_without_devices(tmp_path):
+    from pipeline.optimize import Candidate, budget_for, choose, device_classes
+
+    path = tmp_path / "targets.yaml"
+    path.write_text("targets:\n"
+                    "  - {name: a, kind: cpu, transport: local, runtime: tflite-runtime, gates: {min_top1: 0.9}}\n"
+                    "  - {name: b, kind: cpu, transport: local, runtime: tflite-runtime}\n"
+                    "  - {name: c, kind: cpu, transport: local}\n"
+                    "gates: {max_top1_drop: 3}\n")
+    inv = load_inventory(path)
+    one, each = device_classes(inv, inv.targets, "top1", None, False), device_classes(inv, inv.targets, "top1", None,
+                                                                                       True)
+    assert [(c.targets, c.measured_on) for c in one] == [(["a", "b"], ["a"]), (["c"], ["c"])]
+    assert [c.measured_on for c in each] == [["a", "b"], ["c"]]
+    b = budget_for(inv, inv.targets[0], "top1", None)
+    assert (b.max_drop, b.min_value) == (3.0, 0.9) and b.holds(0.95, 2.5) and not b.holds(0.89, 0.5)
+    assert budget_for(inv, inv.targets[2], "top1", 0.5).max_drop == 0.5               # --max-drop wins
+    assert budget_for(inv, inv.targets[2], "mae", None).source == "default"          # no gate for this metric
+    same = [Candidate("float16", "float16", bytes=300, p50_ms=1.0, within_budget=True),
+            Candidate("int8", "int8", bytes=100, p50_ms=1.0, within_budget=True),
+            Candidate("float32", "float32", bytes=50, p50_ms=0.5, within_budget=False)]
+    assert choose(same, "latency").variant == "int8"          # a tie on p50 goes to the smaller artifact
+    assert choose(same, "size").variant == "int8" and choose(same[:1], "balanced").variant == "float16"
+    assert choose([same[2]], "latency") is None               # nothing within budget: no choice
