@@ -26,6 +26,8 @@ SUITE = [
     ("push.py", "Push throughput of a 200 MB file against OpenSSH scp, on an open connection and cold"),
     ("host_cpu.py", "Orchestrator host CPU per device, warm run, 1 vs 24 loopback sshd devices"),
     ("regression.py", "Regression detector: A/A false-alarm rate, detection rate of a 20% slowdown"),
+    ("optimize.py", "edgepipe optimize: int8 recovery on MobileNetV2 with an outlier, format claims vs measured, "
+                    "optimize vs run wall time"),
     ("arm64_start.py", "Emulated Raspberry Pi 4 (qemu user-mode): cached start time against an x86 sshd device"),
     ("scale.py", "Orchestration at scale: host CPU per device-run and wall time, 1-128 sleeping devices, one "
                  "orchestrator vs two site workers (docs/scaling.md)"),

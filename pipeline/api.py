@@ -230,3 +230,51 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
         else:
             verdict = Verdict.from_dict(verdicts[-1])
         return write_report(run, verdict, _history(store, run), out_dir)
+
+
+def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any,
+             select: Iterable[str] = (), objective: str = "latency", max_drop: float | None = None,
+             each: bool = False, out_dir: str | Path = DEFAULT_OUT,
+             cache_dir: str | Path | None = DEFAULT_CACHE_DIR, report_dir: str | Path | None = None,
+             write_modes: bool = False, on_event: Callable[[str, str, str], None] | None = None,
+             on_notice: Callable[[str], None] | None = None, cancel: CancelToken | None = None,
+             signature: str | None = None, input_shapes: Any = None, preprocess: Any = None,
+             task: str | None = None, output: str | None = None, db: str | Path | None = None,
+             lease_timeout: float | None = None) -> Any:
+    """Measure every candidate format per device class, recover int8 when it misses the accuracy budget, choose per
+    class by `objective`; optionally write the HTML report and patch targets.yaml (`write_modes`). Stores no run;
+    each device is leased in the results database while a candidate is measured on it, as `run` does.
+
+    Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
+    """
+    from pipeline.optimize import check_options, optimize as run_optimize
+    from pipeline.release.leases import Leases
+    from pipeline.release.store import open_store
+    from pipeline.run import new_run_id, prepare
+
+    check_options(objective, max_drop)
+    inv = _inventory(targets)
+    inv.select(list(select))   # an unknown --select is one line before the model is even read
+    prepared = prepare(model, data, calibration=calibration, signature=signature, input_shapes=input_shapes,
+                       preprocess=_preprocess(preprocess), task=task, output=output, cache_dir=cache_dir,
+                       on_notice=on_notice)
+    with open_store(db, inv, must_exist=False) as store:
+        leases = Leases(store.db, owner=f"optimize-{new_run_id()}", timeout=lease_timeout)
+        try:
+            res = run_optimize(inv, prepared, select=list(select), objective=objective, max_drop=max_drop, each=each,
+                               out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_notice=on_notice,
+                               cancel=cancel or CancelToken(), lease=leases)
+        finally:
+            leases.close()
+    if report_dir is not None:
+        from pipeline.release.optimize_report import write_optimize_report
+
+        res.report_path = write_optimize_report(res.to_dict(), report_dir)
+    if write_modes:
+        from pipeline.targets_file import write_modes as patch
+
+        choices = {name: (cls.chosen.mode, list(cls.chosen.keep_float))
+                   for cls in res.classes if cls.chosen is not None for name in cls.targets}
+        res.changes = patch(inv.path, choices) if choices else []
+        res.written = inv.path
+    return res

@@ -157,6 +157,7 @@ class _TargetFields(_Strict):
     passphrase_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     kind: Optional[Kind] = None
     mode: Optional[Mode] = None
+    keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None   # int8: op output tensors kept float
     io_type: Optional[Literal["int8", "uint8"]] = None
     python: Optional[str] = Field(None, min_length=1)
     runtime: Optional[str] = None
@@ -197,6 +198,7 @@ class TargetSpec(_TargetFields):
 class GroupSpec(_Strict):
     description: Optional[str] = None
     mode: Optional[Mode] = None
+    keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None
     threads: Optional[int] = Field(None, ge=1, le=256)
     allow_fallback: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)
@@ -266,6 +268,7 @@ class Target:
     gates: GateThresholds = field(default_factory=GateThresholds)
     site: str | None = None
     require_accelerator: bool = False
+    keep_float: tuple[str, ...] = ()   # int8 selective quantization (`edgepipe optimize --write-modes` sets it)
 
     @property
     def accelerator(self) -> str:
@@ -482,6 +485,7 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
             if gs.allow_fallback is not None and spec.allow_fallback is None:
                 merged["allow_fallback"] = gs.allow_fallback
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
+    keep_float = _keep_float(spec, inv, mode, file, fpath)
     delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
     require = merged.get("require_accelerator")
     if require is None:  # an accelerator target must use it, unless falling back to the CPU is explicitly allowed
@@ -500,8 +504,23 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         connect_timeout=float(merged["connect_timeout"]), timeout=float(merged["timeout"]), retries=int(merged["retries"]),
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
-        gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"),
+        gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"), keep_float=keep_float,
     )
+
+
+def _keep_float(spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str) -> tuple[str, ...]:
+    """The target's keep_float (target > its groups > defaults); int8 only, since it is an int8 recipe option."""
+    if spec.keep_float is not None:
+        value, where = spec.keep_float, f"{fpath}.keep_float"
+    else:
+        from_groups = [(g, inv.groups[g].keep_float) for g in spec.groups
+                       if g in inv.groups and inv.groups[g].keep_float is not None]
+        value, where = (from_groups[0][1], f"groups.{from_groups[0][0]}.keep_float") if from_groups else \
+            (inv.defaults.keep_float, "defaults.keep_float")
+    if value and mode != "int8":
+        raise ConfigError(f"keep_float applies to mode int8, but target {spec.name!r} resolves to mode {mode}",
+                          file=file, field=where, hint="set mode: int8 next to it, or remove keep_float")
+    return tuple(sorted(set(value or ())))
 
 
 def load_inventory(path: str | Path) -> Inventory:

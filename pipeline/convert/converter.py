@@ -20,7 +20,8 @@ from pipeline.convert.cache import ConversionCache, cache_key, tf_version
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
-from pipeline.convert.recipes import FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats
+from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
+                                      quantize_selective)
 from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
                                      open_signature, parse_input_shapes, signature_specs, with_shapes)
 from pipeline.convert.worker import run_quiet
@@ -51,11 +52,18 @@ def load_source(model: str | Path | ModelSource, *, signature: str | None = None
     return identify(model, signature=signature)
 
 
-def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | None) -> str:
-    """Deterministic file name, e.g. digits_cnn.int8.tflite or digits_cnn.dynamic.compat-tflite-runtime-2.14.tflite."""
+def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | None,
+                  keep_float: list[str] | tuple[str, ...] = ()) -> str:
+    """Deterministic file name, e.g. digits_cnn.int8.tflite or digits_cnn.dynamic.compat-tflite-runtime-2.14.tflite;
+    an int8 model with layers kept in float is digits_cnn.int8.keepfloat2-<hash>.tflite."""
+    import hashlib
+
     parts = [name, mode]
     if mode == "int8" and io_type != "int8":
         parts.append(f"{io_type}io")
+    if keep_float:
+        digest = hashlib.sha256("\n".join(sorted(keep_float)).encode()).hexdigest()[:8]
+        parts.append(f"keepfloat{len(keep_float)}-{digest}")
     if compat and compat.get("options"):
         parts.append("compat-" + compat["runtime"] + (f"-{compat['version']}" if compat.get("version") else ""))
     return ".".join(parts) + ".tflite"
@@ -100,33 +108,44 @@ def _converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
     return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], sig.loaded)
 
 
+def prepared_converter(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress,
+                       tmp: Path) -> Any:
+    """A TFLiteConverter for `src` with its input shapes fixed and recipe `r` applied (TF imported here); the
+    model is loaded under `tmp`, which must outlive the converter."""
+    progress("load", f"loading {src.kind} model (TensorFlow)")
+    sig = open_signature(src, tmp, progress)
+    if not src.described:
+        ins, outs = signature_specs(sig)
+        src = with_shapes(replace(src, inputs=ins, outputs=outs), r.options.get("input_shapes"))
+    try:
+        converter = _converter(sig, src.inputs)
+    except EdgepipeError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"cannot trace the model at input shapes "
+                              f"{', '.join(f'{s.name} {s.shape_text()}' for s in src.inputs)}: "
+                              f"{first_line(exc)}", file=str(src.path)) from None
+    representative = None
+    if calib is not None and r.options.get("representative_dataset"):
+        calib = calib.bind(src.inputs)
+        batch = {s.name: int(s.shape[0]) for s in src.inputs}
+        representative = lambda: calib.samples(batch)   # noqa: E731 - TF wants a zero-argument callable
+    apply_recipe(r, converter, representative)
+    converter._edgepipe_keepalive = sig   # the loaded model must live as long as the converter
+    return converter
+
+
 def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> bytes:
     """Load the model's signature, fix its input shapes, apply the recipe, convert; returns the .tflite bytes.
 
     The TensorFlow part of a conversion; runs in the quiet worker process (see pipeline.convert.worker)."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp:
-        progress("load", f"loading {src.kind} model (TensorFlow)")
-        sig = open_signature(src, Path(tmp), progress)
-        if not src.described:
-            ins, outs = signature_specs(sig)
-            src = with_shapes(replace(src, inputs=ins, outputs=outs), r.options.get("input_shapes"))
+        converter = prepared_converter(src, r, calib, progress, Path(tmp))
+        progress("convert", f"converting to {r.mode}" + (f" ({len(r.options['keep_float'])} layer(s) kept in float)"
+                                                         if r.options.get("keep_float") else ""))
         try:
-            converter = _converter(sig, src.inputs)
-        except EdgepipeError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"cannot trace the model at input shapes "
-                                  f"{', '.join(f'{s.name} {s.shape_text()}' for s in src.inputs)}: "
-                                  f"{first_line(exc)}", file=str(src.path)) from None
-        representative = None
-        if calib is not None and r.options.get("representative_dataset"):
-            calib = calib.bind(src.inputs)
-            batch = {s.name: int(s.shape[0]) for s in src.inputs}
-            representative = lambda: calib.samples(batch)   # noqa: E731 - TF wants a zero-argument callable
-        apply_recipe(r, converter, representative)
-        progress("convert", f"converting to {r.mode}")
-        try:
-            return bytes(converter.convert())
+            data = bytes(converter.convert())
+            return quantize_selective(r, converter, data) if r.options.get("keep_float") else data
         except Exception as exc:
             raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
@@ -190,12 +209,13 @@ def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | P
 def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, compat: str | None = None, io_type: str = "int8",
             progress: Progress | None = None, signature: str | None = None, input_shapes: Any = None,
-            preprocess: Any = None) -> Artifact:
+            preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = ()) -> Artifact:
     """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match.
 
     `model` may be a path or the ModelSource identified once by the caller; a .tflite passes through as it is
     (`mode` None accepts whatever it is). `input_shapes` ({name: shape} or NAME=1x..x.. items) fixes dynamic
-    dimensions; `preprocess` applies to an image-folder calibration.
+    dimensions; `preprocess` applies to an image-folder calibration; `keep_float` (int8) names op output tensors
+    kept in float (selective quantization, recorded in the recipe, so cached and reproducible).
     """
     report: Progress = progress or (lambda stage, detail: None)
     out = Path(out_dir)
@@ -209,7 +229,7 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     src = with_shapes(describe(src, cache_dir=cache_dir, progress=report), overrides)
     for note in src.notes:
         report("notice", note)
-    r = make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat)
+    r = make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat, keep_float=keep_float)
     if src.overrides:
         r.options["input_shapes"] = {k: list(v) for k, v in sorted(src.overrides.items())}
     if src.signature:
@@ -224,7 +244,7 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
         for warning in calib.warnings:
             report("warning", warning)
     tf_ver = tf_version()
-    name = artifact_name(src.name, mode, io_type, r.compat)
+    name = artifact_name(src.name, mode, io_type, r.compat, r.options.get("keep_float") or ())
     out_path = out / name
     key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, tf_ver)
     cache = ConversionCache(cache_dir) if cache_dir else None

@@ -56,7 +56,7 @@ def float16(**_: Any) -> Recipe:
 
 
 @recipe("int8")
-def int8(*, io_type: str = "int8", qat: bool = False, **_: Any) -> Recipe:
+def int8(*, io_type: str = "int8", qat: bool = False, keep_float: tuple[str, ...] = (), **_: Any) -> Recipe:
     # A QAT model carries its own quantization ranges, so it needs no representative dataset.
     # (TFLITE_BUILTINS_INT8 would make TF demand a representative dataset even then.)
     opts: dict[str, Any] = {"optimizations": ["DEFAULT"], "inference_input_type": io_type,
@@ -66,6 +66,11 @@ def int8(*, io_type: str = "int8", qat: bool = False, **_: Any) -> Recipe:
     else:
         opts["supported_ops"] = ["TFLITE_BUILTINS_INT8"]
         opts["representative_dataset"] = True
+    if keep_float:   # selective quantization: these op output tensors stay float (see quantize_selective)
+        if qat:
+            raise ConversionError("keep_float needs a post-training int8 conversion; a QAT model carries its own "
+                                  "quantization", field="keep_float")
+        opts["keep_float"] = sorted(set(keep_float))
     return Recipe("int8", opts, needs_calibration=not qat)
 
 
@@ -76,15 +81,20 @@ def int16x8(**_: Any) -> Recipe:
                   needs_calibration=True)
 
 
-def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: str | None = None) -> Recipe:
-    """Pick the recipe for `mode`, then apply the options a declared runtime (`compat`) needs to load it."""
+def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: str | None = None,
+                keep_float: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """Pick the recipe for `mode`, then apply the options a declared runtime (`compat`) needs to load it.
+    `keep_float` (int8 only) names op output tensors kept in float: selective quantization."""
     from pipeline.convert.compat import compat_options, parse_compat
 
     if mode not in RECIPES:
         raise ConversionError(f"unknown mode '{mode}'", field="mode", hint=f"use one of: {', '.join(MODES)}")
     if io_type not in IO_TYPES:
         raise ConversionError(f"unknown io_type '{io_type}'", field="io_type", hint="use int8 or uint8")
-    r = RECIPES[mode](io_type=io_type, qat=qat)
+    if keep_float and mode != "int8":
+        raise ConversionError(f"keep_float applies to mode int8, not {mode}", field="keep_float",
+                              hint="set mode: int8, or remove keep_float")
+    r = RECIPES[mode](io_type=io_type, qat=qat, keep_float=tuple(keep_float))
     r.options["input_batch"] = 1   # static shapes: what edge runtimes and the Edge TPU want
     r.options["share_vectors"] = True   # lossless: identical quantization vectors stored once (flatbuffer.py)
     if compat:
@@ -118,6 +128,22 @@ def apply_recipe(r: Recipe, converter: Any, representative: Callable[[], Any] | 
     for name, value in o.items():
         if name.startswith("_experimental") or name.startswith("experimental_"):
             setattr(converter, name, value)
+    if o.get("keep_float"):   # calibrate only; quantize_selective quantizes everything but the kept tensors
+        converter.experimental_mlir_quantizer = True
+        converter._experimental_calibrate_only = True
+
+
+def quantize_selective(r: Recipe, converter: Any, calibrated: bytes) -> bytes:
+    """Quantize a calibrated model to int8 except the ops whose output tensors `keep_float` names (what
+    tf.lite.experimental.QuantizationDebugger's `denylisted_nodes` does), with the recipe's int8 input/output."""
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    o = r.options
+    return bytes(mlir_quantize(calibrated, disable_per_channel=converter._experimental_disable_per_channel,
+                               fully_quantize=True, input_data_type=getattr(tf, o["inference_input_type"]),
+                               output_data_type=getattr(tf, o["inference_output_type"]),
+                               denylisted_nodes=list(o["keep_float"])))
 
 
 @dataclass
@@ -128,6 +154,7 @@ class FormatRequest:
     compat: str | None
     io_type: str
     targets: list[str] = field(default_factory=list)
+    keep_float: tuple[str, ...] = ()
 
 
 def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) -> list[FormatRequest]:
@@ -141,8 +168,9 @@ def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) 
         version = probe.get("version") if probe.get("runtime") else getattr(t, "runtime_version", None)
         io_type = (getattr(t, "io_type", None) or "int8") if t.mode == "int8" else "int8"
         compat = compat_for(t.mode, runtime, version)
-        key = (t.mode, compat, io_type)
-        plan.setdefault(key, FormatRequest(t.mode, compat, io_type)).targets.append(t.name)
+        keep = tuple(sorted(getattr(t, "keep_float", None) or ())) if t.mode == "int8" else ()
+        key = (t.mode, compat, io_type, keep)
+        plan.setdefault(key, FormatRequest(t.mode, compat, io_type, keep_float=keep)).targets.append(t.name)
     return list(plan.values())
 
 
@@ -163,7 +191,7 @@ def requested_formats(modes: Any = (), kinds: Any = (), fleets: Any = (), *, com
         raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
     merged: dict[tuple, FormatRequest] = {}
     for r in reqs:
-        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8")
+        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8", r.keep_float)
         if key in merged:
             merged[key].targets.extend(t for t in r.targets if t not in merged[key].targets)
         else:

@@ -1,0 +1,108 @@
+"""`edgepipe optimize`: choose each device class's format by measuring (thin over pipeline.api.optimize)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console, stop_on_signals
+from pipeline.cli.fleet_cmd import DeviceBoard
+from pipeline.cli.model_options import model_options
+from pipeline.cli.tables import Col, fitted_table
+from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.release.report import human_bytes
+
+COLUMNS = (Col("variant"), Col("size", 1, justify="right"), Col("p50 ms", 0, justify="right"),
+           Col("metric", 0, justify="right"), Col("drop", 2, justify="right"), Col("agree", 3, justify="right"),
+           Col("int8 ops", 4, justify="right"), Col("budget", 0), Col("note", 5, wrap=True))
+
+
+def _cell(v: Any, f: str) -> str:
+    return (f % v) if isinstance(v, (int, float)) else "-"
+
+
+def class_table(cls: Any, metric: str, width: int | None) -> Table:
+    """One device class: every measured candidate, ✓/✗ against the budget, the chosen one marked."""
+    rows = []
+    for c in cls.candidates:
+        chosen = cls.chosen is c
+        name = f"[bold]{escape(c.variant)} ◀[/]" if chosen else escape(c.variant)
+        note = c.error or ("; ".join(f"{x['op']}@{x['index']}: {x['note']}" for x in c.edgetpu_cost or []))
+        rows.append([name, human_bytes(c.bytes) if c.bytes else "-", _cell(c.p50_ms, "%.3f"),
+                     _cell(c.value, "%.4f"), _cell(c.drop, "%+.2f"), _cell(c.agreement, "%.3f"),
+                     _cell(c.int8_share * 100 if c.int8_share is not None else None, "%.0f%%"),
+                     "[green]✓[/]" if c.within_budget else "[red]✗[/]", escape(note or "")])
+    title = (f"{escape(cls.label)} · {escape(', '.join(cls.targets))} · measured on {escape(', '.join(cls.measured_on))}"
+             f" · {escape(metric)} budget: {escape(cls.budget.text())}")
+    return fitted_table(title, COLUMNS, rows, width)
+
+
+def _per_device(board: Any) -> Any:
+    """Candidates run as `device[variant]`: show them on the device's own row."""
+    def event(name: str, stage: str, detail: str) -> None:
+        base, _, variant = name.partition("[")
+        board(base, stage, f"{variant.rstrip(']')}: {detail}" if variant else detail)
+    return event
+
+
+@app.command("optimize")
+@handle_errors
+@model_options
+def optimize_command(
+    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras or .h5 (the float model)"),
+    targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
+    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (inputs and labels) or an image folder."),
+    calibration: Path = typer.Option(..., "--calibration", "-c", help="Calibration .npz or image folder."),
+    objective: str = typer.Option("latency", "--objective", help="latency | size | balanced"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget: points of the task's metric "
+                                             "below float (default: the accuracy gates in targets.yaml, else 1)."),
+    select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
+    each: bool = typer.Option(False, "--each", help="Measure on every device of a class, not one."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write optimize.html (tables, Pareto plots) here."),
+    write_modes: bool = typer.Option(False, "--write-modes", help="Set each target's chosen mode (and keep_float) "
+                                     "in targets.yaml, keeping its comments."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="Where artifacts and eval files go."),
+    cache_dir: Optional[Path] = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Conversion cache."),
+    db: Optional[str] = typer.Option(None, "--db", help="Results database holding the device leases (default: "
+                                     "targets.yaml `db:`, else .edgepipe/results.db beside it); no run is stored."),
+    lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0,
+                                                  help="Seconds to wait for a device another run holds (default: "
+                                                       "wait); then that device fails with lease_timeout."),
+    model_kw: Any = None,
+) -> None:
+    """Measure every candidate format per device class (kind + runtime + accelerator), keep int8's worst layers in
+    float when int8 misses the accuracy budget, and choose per class by the objective.
+
+    Exit codes: 0 every class has a chosen format, 1 some class has none (advice printed), 2 usage or
+    configuration error, 130 / 143 interrupted.
+    """
+    from pipeline import api
+    from pipeline.inventory import load_inventory
+
+    inv = load_inventory(targets)
+    chosen = inv.select(select)
+    notice = lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False, soft_wrap=True)  # noqa
+    with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe optimize") as board:
+        res = api.optimize(inv, model=model, data=data, calibration=calibration, select=select, objective=objective,
+                           max_drop=max_drop, each=each, out_dir=out, cache_dir=cache_dir, report_dir=report,
+                           write_modes=write_modes, on_event=_per_device(board),
+                           on_notice=notice, cancel=cancel, db=db, lease_timeout=lease_timeout, **model_kw)
+    if as_json:
+        emit_json(json.dumps(res.to_dict()))
+    else:
+        console = out_console()
+        for cls in res.classes:
+            console.print(class_table(cls, res.metric, console.width))
+            style = "green" if cls.chosen else "red"
+            console.print(f"[{style}]{'chosen' if cls.chosen else 'NOTHING PASSES'}[/]: {escape(cls.advice)}",
+                          soft_wrap=True)
+        for change in res.changes:
+            console.print(f"targets.yaml: {escape(change)}", soft_wrap=True)
+        if res.report_path:
+            console.print(f"report: {res.report_path}")
+    raise typer.Exit(res.exit_code)

@@ -1,0 +1,261 @@
+"""`edgepipe optimize` on a real fleet (a loopback sshd device under LiteRT, a local tflite-runtime device): a model
+whose int8 collapses is recovered by keeping its worst layer in float, the choice follows the measured table, and
+--write-modes makes `edgepipe run` ship the chosen formats."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import _load_commands, app
+from pipeline.inventory import load_inventory
+from pipeline.testing.sshd import write_targets_yaml
+from tests.fixtures.fleet import FLEET_PYTHONS
+
+TFLITE_RUNTIME = FLEET_PYTHONS[1]
+COMMENT = "# the lab fleet: keep this comment"
+
+
+@pytest.fixture(scope="session")
+def outlier_model(tmp_path_factory):
+    """A 7-layer MLP on the digits whose 4th layer has one dead input unit with outgoing weights of 1e4: the float
+    model is unchanged (the unit is always 0), but int8's weight scale for that layer rounds every other weight to
+    zero, so full int8 collapses to chance."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from pipeline.examples.digits import load_split
+
+    out = tmp_path_factory.mktemp("outlier")
+    xtr, ytr, xte, yte = load_split(0)
+    xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,), name="x")
+    h = inp
+    for i in range(5):
+        h = keras.layers.Dense(48, activation="relu", name=f"d{i}")(h)
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="probs")(h))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(xtr, ytr, epochs=30, batch_size=32, verbose=0)
+    w, b = model.get_layer("d2").get_weights()
+    w[:, 0], b[0] = 0.0, -1.0                      # unit 0 of d2 is dead: relu(-1) = 0 for every input
+    model.get_layer("d2").set_weights([w, b])
+    w, b = model.get_layer("d3").get_weights()
+    w[0, :] = 1e4                                  # ... and d3 reads it with huge weights
+    model.get_layer("d3").set_weights([w, b])
+    model.save(out / "outlier.keras")
+    np.savez(out / "cal.npz", x=xtr[:200])
+    np.savez(out / "eval.npz", x=xte[:150], y=yte[:150])
+    float_top1 = float((model.predict(xte[:150], verbose=0).argmax(-1) == yte[:150]).mean())
+    return {"model": out / "outlier.keras", "cal": out / "cal.npz", "eval": out / "eval.npz",
+            "x": xte[:150], "y": yte[:150], "float_top1": float_top1}
+
+
+@pytest.fixture(scope="module")
+def fleet_yaml(sshd_fleet, tmp_path_factory):
+    """One sshd device with LiteRT, one local device with tflite-runtime 2.14 and a local "Coral" that may fall back
+to the CPU (no Edge TPU here): three device classes."""
+    (dev,) = sshd_fleet(1, pythons=[FLEET_PYTHONS[0]], prefix="opt")
+    d = tmp_path_factory.mktemp("optimize")
+    path = write_targets_yaml([dev], d / "targets.yaml", defaults={"runs": 10, "warmup": 1, "timeout": 120},
+                              targets=[{"name": "bench-old", "kind": "cpu", "transport": "local",
+                                        "runtime": "tflite-runtime", "python": TFLITE_RUNTIME,
+                                        "workdir": str(d / "bench-old")},
+                                       {"name": "coral-here", "kind": "edgetpu", "transport": "local",
+                                        "allow_fallback": True, "python": FLEET_PYTHONS[0],
+                                        "workdir": str(d / "coral-here")}])
+    path.write_text(f"{COMMENT}\n{path.read_text()}gates:  # accuracy budget below\n  max_top1_drop: 2.0\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli():
+    _load_commands()
+    return CliRunner()
+
+
+def optimize(cli, targets: Path, m: dict, cache: Path, out: Path, *extra: str):
+    r = cli.invoke(app, ["optimize", str(m["model"]), "--targets", str(targets), "--data", str(m["eval"]),
+                         "--calibration", str(m["cal"]), "--cache-dir", str(cache), "--out", str(out), "--json",
+                         *extra])
+    assert r.exit_code in (0, 1), r.output
+    return r.exit_code, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def by_size(cli, fleet_yaml, outlier_model, conversion_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("opt-size")
+    return optimize(cli, fleet_yaml, outlier_model, conversion_cache, out, "--objective", "size", "--report",
+                    str(out / "report"))
+
+
+def top1_and_int8_share(path: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Top-1 with the LiteRT interpreter (no default delegate, so every op is visible) and the share of compute ops
+    (QUANTIZE/DEQUANTIZE aside) whose input is int8."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    preds = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].astype(np.float32)
+        if inp["dtype"] == np.int8:
+            s, z = inp["quantization"]
+            xi = np.clip(np.round(xi / s + z), -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], xi)
+        it.invoke()
+        preds.append(int(it.get_tensor(outp["index"])[0].argmax()))
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    compute = [op for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    int8 = [op for op in compute if dtypes[op["inputs"][0]] == np.int8]
+    return float((np.array(preds) == y).mean()), len(int8) / len(compute)
+
+
+def test_int8_collapses_and_recovery_keeps_80_percent_int8(by_size, outlier_model):
+    code, doc = by_size
+    assert code == 0 and len(doc["classes"]) == 3
+    float_top1 = outlier_model["float_top1"]
+    assert doc["metric"] == "top1" and doc["float_value"] == pytest.approx(float_top1, abs=1e-6)
+    for cls in doc["classes"]:
+        cands = {c["variant"]: c for c in cls["candidates"]}
+        assert cands["int8"]["drop"] > 30 and not cands["int8"]["within_budget"]   # full int8 collapsed
+        chosen = cls["chosen"]
+        assert chosen["mode"] == "int8" and chosen["keep_float"], chosen   # smallest within budget: recovered int8
+        assert chosen["keep_float"] == [x["name"] for x in doc["layers"][:len(chosen["keep_float"])]]
+        top1, share = top1_and_int8_share(chosen["path"], outlier_model["x"], outlier_model["y"])
+        assert (float_top1 - top1) * 100 <= 2.0          # the budget from targets.yaml gates.max_top1_drop
+        assert top1 == pytest.approx(chosen["value"], abs=1e-6)
+        assert share >= 0.8 and chosen["int8_share"] == pytest.approx(share, abs=1e-3)
+        manifest = json.loads(Path(chosen["path"]).with_name(
+            Path(chosen["path"]).name.replace(".tflite", ".manifest.json")).read_text())
+        assert manifest["recipe"]["keep_float"] == chosen["keep_float"]   # reproducible: the recipe says what stayed float
+    assert "d3" in doc["layers"][0]["name"] and doc["layers"][0]["suspect"]   # the debugger found the broken layer
+    html = Path(doc["report"]).read_text()
+    assert html.count("<svg") == 3 and "int8+float1" in html
+
+
+def test_edgetpu_class_gets_int8_only_and_the_tpu_cost_of_each_kept_layer(by_size):
+    (tpu,) = [c for c in by_size[1]["classes"] if c["kind"] == "edgetpu"]
+    assert {c["mode"] for c in tpu["candidates"]} == {"int8"}
+    chosen = tpu["chosen"]
+    (cost,) = chosen["edgetpu_cost"]
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=chosen["path"],
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    ops = it._get_ops_details()
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    float_ops = [op["index"] for op in ops if op["op_name"] == "FULLY_CONNECTED" and dtypes[op["inputs"][0]] == np.float32]
+    assert cost["name"] == chosen["keep_float"][0] and cost["op"] == "FULLY_CONNECTED"
+    assert [cost["index"]] == float_ops and cost["cpu_ops_from_here"] == len(ops) - float_ops[0]
+    assert "segment ends" in cost["note"]
+
+
+def choose_from_table(cands: list[dict], objective: str) -> dict:
+    ok = [c for c in cands if c["within_budget"]]
+    key = (lambda c: (c["p50_ms"], c["bytes"])) if objective == "latency" else (lambda c: (c["bytes"], c["p50_ms"]))
+    return min(ok, key=key)
+
+
+def test_choice_follows_measurements_and_write_modes_makes_run_use_it(cli, by_size, fleet_yaml, outlier_model,
+                                                                      conversion_cache, tmp_path):
+    for cls in by_size[1]["classes"]:
+        assert cls["chosen"]["variant"] == choose_from_table(cls["candidates"], "size")["variant"]
+    targets = tmp_path / "targets.yaml"
+    shutil.copy(fleet_yaml, targets)
+    before = sorted(p.relative_to(conversion_cache) for p in conversion_cache.rglob("*"))
+    code, doc = optimize(cli, targets, outlier_model, conversion_cache, tmp_path / "out", "--write-modes")
+    assert code == 0
+    assert sorted(p.relative_to(conversion_cache) for p in conversion_cache.rglob("*")) == before  # nothing converted
+    for cls in doc["classes"]:
+        fastest = choose_from_table(cls["candidates"], "latency")
+        assert cls["chosen"]["variant"] == fastest["variant"]
+        assert all(c["p50_ms"] >= fastest["p50_ms"] for c in cls["candidates"] if c["within_budget"])
+    text = targets.read_text()
+    assert COMMENT in text and "# accuracy budget below" in text
+    inv = load_inventory(targets)
+    chosen = {name: cls["chosen"] for cls in doc["classes"] for name in cls["targets"]}
+    for t in inv.targets:
+        assert t.mode == chosen[t.name]["mode"] and list(t.keep_float) == chosen[t.name]["keep_float"]
+    r = cli.invoke(app, ["run", "--targets", str(targets), "--model", str(outlier_model["model"]), "--data",
+                         str(outlier_model["eval"]), "--calibration", str(outlier_model["cal"]), "--cache-dir",
+                         str(conversion_cache), "--out", str(tmp_path / "run"), "--db", str(tmp_path / "r.db"),
+                         "--json"])
+    assert r.exit_code == 0, r.output
+    for d in json.loads(r.stdout.strip().splitlines()[-1])["devices"]:
+        assert d["mode"] == chosen[d["name"]]["mode"]
+        assert d["artifact"]["sha256"] == chosen[d["name"]]["sha256"]   # exactly the variant optimize measured
+
+
+def test_keep_float_is_validated_in_targets_yaml(tmp_path):
+    from pipeline.errors import ConfigError
+
+    bad = tmp_path / "targets.yaml"
+    bad.write_text("targets:\n  - {name: a, kind: cpu, transport: local, mode: float16, keep_float: [dense]}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_inventory(bad)
+    assert exc.value.field == "targets[0].keep_float" and "int8" in exc.value.one_line()
+    bad.write_text("groups:\n  g: {mode: int8, keep_float: [dense]}\n"
+                   "targets:\n  - {name: a, kind: cpu, transport: local, groups: [g]}\n")
+    assert load_inventory(bad).targets[0].keep_float == ("dense",)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--objective", "fastest"], ["--objective", "latency"]),
+    (["--max-drop", "500"], ["--max-drop", "0..100"]),
+    (["--select", "nope"], ["--select", "nope"]),
+])
+def test_bad_input_is_one_line_exit_2_before_any_device(cli, outlier_model, tmp_path, args, words):
+    wd = tmp_path / "device"
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(f"targets:\n  - {{name: a, kind: cpu, transport: local, python: {TFLITE_RUNTIME}, "
+                       f"workdir: {wd}}}\n")
+    r = cli.invoke(app, ["optimize", str(outlier_model["model"]), "--targets", str(targets), "--data",
+                         str(outlier_model["eval"]), "--calibration", str(outlier_model["cal"]),
+                         "--cache-dir", str(tmp_path / "c"), *args])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output and all(w in lines[0] for w in words), r.output
+    assert not wd.exists()   # no device touched
+
+
+def test_a_tflite_model_is_refused_with_one_line(cli, by_size, outlier_model, tmp_path):
+    tflite = [c for c in by_size[1]["classes"][0]["candidates"] if c["variant"] == "float32"][0]["path"]
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(f"targets:\n  - {{name: a, kind: cpu, transport: local, python: {TFLITE_RUNTIME}, "
+                       f"workdir: {tmp_path / 'device'}}}\n")
+    r = cli.invoke(app, ["optimize", tflite, "--targets", str(targets), "--data", str(outlier_model["eval"]),
+                         "--calibration", str(outlier_model["cal"]), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "a .tflite cannot be re-converted" in r.output and not (tmp_path / "device").exists()
+
+
+def test_classes_budgets_and_ties_without_devices(tmp_path):
+    from pipeline.optimize import Candidate, budget_for, choose, device_classes
+
+    path = tmp_path / "targets.yaml"
+    path.write_text("targets:\n"
+                    "  - {name: a, kind: cpu, transport: local, runtime: tflite-runtime, gates: {min_top1: 0.9}}\n"
+                    "  - {name: b, kind: cpu, transport: local, runtime: tflite-runtime}\n"
+                    "  - {name: c, kind: cpu, transport: local}\n"
+                    "gates: {max_top1_drop: 3}\n")
+    inv = load_inventory(path)
+    one, each = device_classes(inv, inv.targets, "top1", None, False), device_classes(inv, inv.targets, "top1", None,
+                                                                                       True)
+    assert [(c.targets, c.measured_on) for c in one] == [(["a", "b"], ["a"]), (["c"], ["c"])]
+    assert [c.measured_on for c in each] == [["a", "b"], ["c"]]
+    b = budget_for(inv, inv.targets[0], "top1", None)
+    assert (b.max_drop, b.min_value) == (3.0, 0.9) and b.holds(0.95, 2.5) and not b.holds(0.89, 0.5)
+    assert budget_for(inv, inv.targets[2], "top1", 0.5).max_drop == 0.5               # --max-drop wins
+    assert budget_for(inv, inv.targets[2], "mae", None).source == "default"          # no gate for this metric
+    same = [Candidate("float16", "float16", bytes=300, p50_ms=1.0, within_budget=True),
+            Candidate("int8", "int8", bytes=100, p50_ms=1.0, within_budget=True),
+            Candidate("float32", "float32", bytes=50, p50_ms=0.5, within_budget=False)]
+    assert choose(same, "latency").variant == "int8"          # a tie on p50 goes to the smaller artifact
+    assert choose(same, "size").variant == "int8" and choose(same[:1], "balanced").variant == "float16"
+    assert choose([same[2]], "latency") is None               # nothing within budget: no choice
