@@ -259,3 +259,27 @@ def test_classes_budgets_and_ties_without_devices(tmp_path):
     assert choose(same, "latency").variant == "int8"          # a tie on p50 goes to the smaller artifact
     assert choose(same, "size").variant == "int8" and choose(same[:1], "balanced").variant == "float16"
     assert choose([same[2]], "latency") is None               # nothing within budget: no choice
+
+
+def test_a_device_another_run_holds_is_never_measured_alongside(cli, fleet_yaml, outlier_model, conversion_cache,
+                                                                tmp_path):
+    """optimize leases each device like `run`: while another holder has the sshd board, every candidate on it waits
+    and, past --lease-timeout, fails with lease_timeout instead of measuring beside the other run."""
+    from pipeline.release.leases import Leases
+    from pipeline.release.store import Store
+
+    inv = load_inventory(fleet_yaml)
+    board = next(t for t in inv.targets if t.transport == "ssh")
+    db = tmp_path / "shared.db"
+    with Store(db) as store:
+        other = Leases(store.db, owner="another-run", run_id="r-other")
+        with other(board):
+            r = cli.invoke(app, ["optimize", str(outlier_model["model"]), "--targets", str(fleet_yaml), "--data",
+                                 str(outlier_model["eval"]), "--calibration", str(outlier_model["cal"]), "--select",
+                                 board.name, "--db", str(db), "--lease-timeout", "0.5", "--json", "--out",
+                                 str(tmp_path / "out"), "--cache-dir", str(conversion_cache)])
+        other.close()
+    assert r.exit_code == 1, r.output[-2000:]
+    (cls,) = json.loads(r.stdout)["classes"]
+    assert cls["chosen"] is None and cls["candidates"]
+    assert all(c["p50_ms"] is None and "lease_timeout" in c["error"] for c in cls["candidates"])
