@@ -130,9 +130,6 @@ def test_a_distributed_run_measures_every_site_and_gates_as_usual(lab, conversio
         assert d["metrics"]["task"] == "classification" and d["result"]["outputs"]["stored"]["sha256"]
         assert d["result"]["accuracy"]["top1"] == pytest.approx(expected)
         assert all(o["snr_db"] > 30 for o in d["metrics"]["outputs"].values())
-    with Store(lab.url) as store:   # outputs are transient: scored, then gone from the shared store
-        shas = sorted({d["result"]["outputs"]["stored"]["sha256"] for d in devs.values()})
-        assert not store.db.all("SELECT sha256 FROM artifact_blobs WHERE sha256 = ANY(?)", (shas,))
     # the same exit codes as a local run: a gate nobody can meet fails with 1
     strict = yaml.safe_load(lab.targets.read_text())
     strict["gates"] = {"max_p50_ms": 1e-6}

@@ -193,7 +193,10 @@ def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(de
     assert not any(pid_alive(p) for p in pids)
 
 
-def test_demo_without_sshd_falls_back_to_local_targets_and_still_reports(tmp_path):
+def test_demo_without_sshd_falls_back_to_local_targets_and_still_reports(demo, tmp_path):
+    import shutil
+
+    shutil.copytree(demo[0] / "digits", tmp_path / "digits")   # the demo's model: "training (or reusing)" reuses it
     res = subprocess.run([sys.executable, "-m", "pipeline.testing.demo", "--local", "--state", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -82,15 +82,6 @@ class ArtifactStore:
                 tmp.unlink(missing_ok=True)
             return local
 
-    def discard(self, loc: dict[str, Any]) -> None:
-        """Remove a transient file (a device's outputs, once fetched for scoring) from the shared store; copies
-        already fetched into local caches stay."""
-        if loc["where"] == "db":
-            with self.db.write():
-                self.db.execute("DELETE FROM artifact_blobs WHERE sha256=?", (loc["sha256"],))
-        else:
-            Path(loc["path"]).unlink(missing_ok=True)
-
     def _copy_to(self, loc: dict[str, Any], dest: Path) -> None:
         if loc["where"] == "db":
             row = self.db.one("SELECT data FROM artifact_blobs WHERE sha256=?", (loc["sha256"],))

@@ -263,14 +263,15 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
 
 
 def _with_outputs(res: DeviceResult, blobs: ArtifactStore) -> DeviceResult:
-    """The device's outputs .npz, fetched from where its worker put it (checked by sha256) for host scoring, then
-    removed from the shared store: outputs are transient, the run keeps its own copy under out_dir."""
+    """The device's outputs .npz, fetched from where its worker put it (checked by sha256) for host scoring.
+
+    Outputs are content-addressed like artifacts, so two runs (or two devices) whose outputs are identical share
+    one blob: it is never removed here, another coordinator may still need it (retention: docs/scaling.md)."""
     stored = ((res.result or {}).get("outputs") or {}).get("stored") if res.ok else None
     if not stored:
         return res
     try:
         res.outputs_path = str(blobs.fetch(stored))
-        blobs.discard(stored)
     except EdgepipeError as exc:
         res.ok, res.error = False, ErrorInfo("bad_outputs", f"outputs of this device are not readable: {exc.one_line()}")
     return res
