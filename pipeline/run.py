@@ -174,6 +174,21 @@ def refusal(t: Any, src: ModelSource) -> DeviceResult | None:
     return None
 
 
+def runnable_targets(targets: list[Any], src: ModelSource, finish: Callable[[DeviceResult], None],
+                     ev: OnEvent | None = None) -> list[Any]:
+    """The targets that can run this model; each other one is finished now with its refusal, before any device."""
+    runnable = []
+    for t in targets:
+        refused = refusal(t, src)
+        if refused is None:
+            runnable.append(t)
+            continue
+        finish(refused)
+        if ev is not None:
+            ev(t.name, "done", f"{refused.error.code}: {refused.error.message}")
+    return runnable
+
+
 def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> DeviceResult:
     """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
     if io is None or not res.ok or not res.outputs_path:
@@ -236,14 +251,7 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
         done[res.name] = res
         report(res)
 
-    runnable = []
-    for t in targets:
-        refused = refusal(t, src)
-        if refused is None:
-            runnable.append(t)
-        else:
-            finish(refused)
-            ev(t.name, "done", f"{refused.error.code}: {refused.error.message}")
+    runnable = runnable_targets(targets, src, finish, ev)
     # 1. probe: what each device really has
     probes = {p.name: p for p in probe_fleet(runnable, max_parallel=inventory.max_parallel,
                                              transport_factory=transport_factory, on_event=ev, keep=True,

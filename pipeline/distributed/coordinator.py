@@ -21,7 +21,7 @@ from pipeline.distributed.artifacts import ArtifactStore
 from pipeline.errors import ConfigError, EdgepipeError, Interrupted
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
 from pipeline import metrics as scoring
-from pipeline.run import plan_jobs, refusal
+from pipeline.run import plan_jobs, runnable_targets
 
 POLL_S = 0.5
 STALL_CHECK_S = 2.0
@@ -185,13 +185,7 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
         ev(res.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         report(res)
 
-    runnable = []
-    for t in targets:
-        refused = refusal(t, src)
-        if refused is None:
-            runnable.append(t)
-        else:
-            finish(refused)
+    runnable = runnable_targets(targets, src, finish)   # finish() reports "done" itself
     plan = None
     try:
         with Coordinator(store, inventory, run_id, on_event=ev, worker_timeout=worker_timeout,
