@@ -3,7 +3,7 @@
 CREATE TABLE artifact_blobs (
     sha256 TEXT PRIMARY KEY,
     size BIGINT NOT NULL,
-    data BLOB NOT NULL,
+    data BYTEA NOT NULL,           -- SQLite stores the bytes as given (a blob is never converted)
     stored DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE dist_probes (
