@@ -1,10 +1,9 @@
 """`edgepipe optimize` benchmark, all figures measured side by side in one run (medians over repeats):
 
-1. MobileNetV2 (alpha 0.35, 96x96, weights=None, BatchNorm re-estimated) with a 64-unit head fitted on its own
-   features, and an injected outlier (one dead head unit read with weights of 1e4) that makes full int8 collapse.
-   No internet, so no pretrained weights: the metric is top-1 against the float model's own predictions
-   (agreement with float). Random weights make this network lose accuracy in int8 even without the outlier, so the
-   recovery budget is that plain-int8 drop + 2 points. Reported: what recovery brings back, the share of ops still
+1. MobileNetV2 (alpha 0.35, 96x96) with a 64-unit head, trained from scratch on the digits upscaled to 96x96 (no
+   internet, so no pretrained weights), and an injected outlier (one dead head unit read with weights of 1e4) that
+   makes full int8 collapse. The metric is top-1 against the true labels of held-out digits; the recovery budget is
+   1 point (or plain int8's own drop + 0.5 when that is more). Reported: what recovery brings back, the share of ops still
    int8, size and p50 of the recovered model against full int8 and float32, per runtime (LiteRT and tflite-runtime
    2.14 device venvs).
 2. The seed's claims next to the measured ratios per runtime: dynamic "2-3x faster, 4x smaller", full int8 "4x
@@ -44,48 +43,53 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _digits96() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The digits (8x8) upscaled to 96x96x3 in [-1, 1], MobileNetV2's input range: a real task without internet."""
+    from pipeline.examples.digits import load_split
+
+    xtr, ytr, xte, yte = load_split(0)
+    up = lambda x: np.repeat(np.kron(x, np.ones((1, 12, 12, 1), np.float32)), 3, axis=-1) * 2.0 - 1.0  # noqa: E731
+    return up(xtr), ytr, up(xte), yte
+
+
 def build(root: Path, outlier: bool) -> tuple[Path, Path, Path]:
-    """(model .keras, calibration .npz, eval .npz with y = the float model's predictions)."""
+    """(model .keras, calibration .npz, eval .npz with the true labels): MobileNetV2 0.35/96 trained from scratch
+    on the upscaled digits; with `outlier`, one dead head unit is read with weights of 1e4 (the float model is
+    unchanged, but int8's per-tensor weight scale of that layer zeroes every other weight)."""
     name = "outlier" if outlier else "plain"
     model, cal, ev = root / f"mnv2_{name}.keras", root / f"mnv2_{name}_cal.npz", root / f"mnv2_{name}_eval.npz"
     if model.exists():
         return model, cal, ev
     import keras
 
-    keras.utils.set_random_seed(0)
-    base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(96, 96, 3), include_top=False,
-                                          pooling="avg")
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1.0, 1.0, size=(400, 96, 96, 3)).astype(np.float32)
-    base(x[:32], training=True)   # BatchNorm statistics from data, so the random network is numerically sane
-    feats = base.predict(x, verbose=0)
-    inp = keras.Input((96, 96, 3), name="image")
-    h = keras.layers.Dense(64, activation="relu", name="fc1")(base(inp))
-    out = keras.layers.Dense(10, activation="softmax", name="probs")(h)
-    m = keras.Model(inp, out)
-    head = keras.Sequential([keras.Input((feats.shape[1],)), m.get_layer("fc1"), m.get_layer("probs")])
-    head.compile("adam", "sparse_categorical_crossentropy")
-    labels = rng.integers(0, 10, size=len(x))   # a quick fit: ten classes the float model tells apart
-    head.fit((feats - feats.mean(0)) / (feats.std(0) + 1e-6), labels, epochs=40, verbose=0)
-    w, b = m.get_layer("fc1").get_weights()       # fold the standardisation into fc1
-    mu, sd = feats.mean(0), feats.std(0) + 1e-6
-    w2 = w / sd[:, None]
-    b2 = b - mu @ w2
+    trained = root / "mnv2_trained.keras"
+    xtr, ytr, xte, yte = _digits96()
+    if not trained.exists():
+        keras.utils.set_random_seed(0)
+        base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(96, 96, 3), include_top=False,
+                                              pooling="avg")
+        for layer in base.layers:   # a few hundred steps: BatchNorm's moving statistics must follow them
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+        inp = keras.Input((96, 96, 3), name="image")
+        h = keras.layers.Dense(64, activation="relu", name="fc1")(base(inp))
+        m = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="probs")(h))
+        m.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        m.fit(xtr, ytr, epochs=8, batch_size=32, verbose=0)
+        m.save(trained)
+    m = keras.models.load_model(trained)
     if outlier:
-        w2[:, 0], b2[0] = 0.0, -1.0               # a dead unit ...
-    m.get_layer("fc1").set_weights([w2, b2])
-    if outlier:
+        w, b = m.get_layer("fc1").get_weights()
+        w[:, 0], b[0] = 0.0, -1.0                 # a dead unit ...
+        m.get_layer("fc1").set_weights([w, b])
         w, b = m.get_layer("probs").get_weights()
-        w[0, :] = 1e4                             # ... read with huge weights: int8's weight scale zeroes the rest
+        w[0, :] = 1e4                             # ... read with huge weights
         m.get_layer("probs").set_weights([w, b])
     m.save(model)
-    y = m.predict(x[200:], verbose=0).argmax(-1)
-    np.savez(cal, x=x[:200])
-    np.savez(ev, x=x[200:], y=y)
-    log(f"built {name}: float predictions use {len(set(y.tolist()))} of 10 classes")
+    top1 = float((m.predict(xte, verbose=0).argmax(-1) == yte).mean())
+    np.savez(cal, x=xtr[:200])
+    np.savez(ev, x=xte, y=yte)
+    log(f"built {name}: float top-1 {top1:.3f} on {len(yte)} held-out digits")
     return model, cal, ev
 
 
@@ -177,10 +181,10 @@ def main() -> int:
         targets = fleet(work, args.runs)
         log("MobileNetV2 0.35/96 without the outlier (format claims; every candidate within a 100-point budget) ...")
         plain = optimize_medians(targets, *build(root, False), work / "plain", args.repeats, 100.0)
-        # Random weights make this network int8-unfriendly even without the outlier: the budget for recovery is
-        # what full int8 reaches on the same network without it (its worst runtime), plus 2 points.
+        # The recovery budget: 1 point of top-1, or what full int8 loses on the same network without the outlier
+        # (its worst runtime) when that is more.
         plain_drop = max(rows["int8"]["drop"] for rows in plain["classes"].values())
-        budget = round(plain_drop + 2.0, 2)
+        budget = round(max(1.0, plain_drop + 0.5), 2)
         log(f"MobileNetV2 0.35/96 with an injected outlier (budget: drop <= {budget} points) ...")
         outlier = optimize_medians(targets, *build(root, True), work / "outlier", args.repeats, budget)
         log("demo fleet: optimize vs run ...")
@@ -208,8 +212,9 @@ def main() -> int:
                       for m, c in CLAIMS.items()}
         claims[rt]["int16x8"] = {"smaller_measured": ratio(f32["bytes"], rows["int16x8"]["bytes"]),
                                  "speedup_measured": ratio(f32["p50_ms"], rows["int16x8"]["p50_ms"])}
-    doc = {"bench": "optimize", "model": "MobileNetV2(alpha=0.35, 96x96, weights=None) + fitted 64-unit head",
-           "metric": "top-1 against the float model's predictions (agreement)", "recovery_budget_points": budget,
+    doc = {"bench": "optimize", "model": "MobileNetV2(alpha=0.35, 96x96) + 64-unit head, trained from scratch on "
+                                         "the digits upscaled to 96x96",
+           "metric": "top-1 against the true labels (held-out digits)", "recovery_budget_points": budget,
            "plain_int8_drop_points": plain_drop, "repeats": args.repeats, "runs": args.runs, "recovery": recovery, "claims": claims,
            "worst_layers": outlier["layers"], "demo_time": timing,
            "tables": {"outlier": outlier["classes"], "plain": plain["classes"]}}

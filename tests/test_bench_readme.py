@@ -1,4 +1,4 @@
-"""The README's push and orchestrator-CPU figures are the ones bench/RESULTS.json recorded, not figures from memory."""
+"""The README's push, orchestrator-CPU and optimize figures are the ones bench/RESULTS.json recorded, not figures from memory."""
 from __future__ import annotations
 
 import json
@@ -21,3 +21,15 @@ def test_push_and_host_cpu_rows_follow_the_recorded_bench():
     assert f"**{push['put_over_scp_cold']:.2f}×**" in row(readme, "| push of 200 MB cold")
     assert f"**{cpu['marginal_ms_per_device']:.1f} ms**" in row(readme, "| orchestrator CPU per extra device")
     assert push["file_mb"] == 200 and cpu["devices"] == 24
+
+
+def test_optimize_rows_follow_the_recorded_bench():
+    fig = json.loads((REPO / "bench" / "RESULTS.json").read_text())["benches"]["optimize"]["figures"]
+    readme = (REPO / "README.md").read_text()
+    t, rec = fig["demo_time"], fig["recovery"]["ai-edge-litert"]
+    assert f"**{t['ratio']:.2f}×**" in row(readme, "| `edgepipe optimize` vs one `edgepipe run`")
+    line = row(readme, "| int8 recovery: MobileNetV2")
+    assert f"**{rec['recovered']['top1']:.3f}**" in line and f"full int8 {rec['int8_top1']:.3f}" in line
+    assert f"**{100 * rec['recovered']['int8_share']:.1f} %**" in line and rec["recovered"]["within_budget"]
+    dyn = fig["claims"]["ai-edge-litert"]["dynamic"]
+    assert f"| {dyn['smaller_measured']:.2f}× smaller" in row(readme, '| dynamic range "2–3× faster, 4× smaller"')
