@@ -122,7 +122,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
             from pipeline.distributed.coordinator import preflight
 
             preflight(inv, selected, store)
-        leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
+        if not distributed:   # a distributed run's devices are leased by the workers that measure them
+            leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
         store.begin_run(run_id, prepared.src.sha256, inv.sha256, label, model_name=model_name)
         # the baseline's model is re-measured beside the new one only where a latency regression gate applies
         remeasure = (store.resolve_baseline(baseline, exclude=run_id, model_name=model_name)

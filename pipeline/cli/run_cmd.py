@@ -12,9 +12,8 @@ from rich.table import Table
 from pipeline.convert.cache import DEFAULT_CACHE_DIR
 from pipeline.release.report import human_bytes
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
-from pipeline.cli.convert_cmd import (INPUT_SHAPE, PRE_CHANNELS, PRE_CROP, PRE_DTYPE, PRE_FILE, PRE_LABELS, PRE_LAYOUT,
-                                      PRE_MEAN, PRE_RESIZE, PRE_SCALE, PRE_STD, SIGNATURE, preprocess_options)
 from pipeline.cli.fleet_cmd import DeviceBoard
+from pipeline.cli.model_options import model_options
 from pipeline.cli.tables import Col, fitted_table
 from pipeline.results import accelerator_use
 
@@ -62,6 +61,7 @@ def device_table(result: Any, width: int | None = None) -> Table:
 
 @app.command("run")
 @handle_errors
+@model_options
 def run_command(
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
     model: Path = typer.Option(..., "--model", "-m", help="SavedModel directory, .keras, .h5 or .tflite"),
@@ -91,23 +91,9 @@ def run_command(
     queue_timeout: Optional[float] = typer.Option(None, "--queue-timeout", min=1, help="With --distributed: seconds a "
                                                   "job may wait for a worker before its device is no_worker (default: wait)."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name of the model for baselines and history (default: the model file's stem); --baseline last is the last run of this name."),
-    signature: Optional[str] = SIGNATURE,
     reference: Optional[Path] = typer.Option(None, "--reference", help="Float model to measure agreement against "
                                              "(for a pre-quantized or Edge-TPU-compiled .tflite)."),
-    input_shape: List[str] = INPUT_SHAPE,
-    task: Optional[str] = typer.Option(None, "--task", help="classification | binary | regression | detection | "
-                                       "segmentation | keypoints | raw (default: inferred)"),
-    output: Optional[str] = typer.Option(None, "--output", help="The model output the task scores (by name)."),
-    preprocess: Optional[Path] = PRE_FILE,
-    resize: Optional[str] = PRE_RESIZE,
-    crop: Optional[str] = PRE_CROP,
-    scale: Optional[float] = PRE_SCALE,
-    mean: Optional[str] = PRE_MEAN,
-    std: Optional[str] = PRE_STD,
-    channels: Optional[str] = PRE_CHANNELS,
-    layout: Optional[str] = PRE_LAYOUT,
-    image_dtype: Optional[str] = PRE_DTYPE,
-    labels: Optional[Path] = PRE_LABELS,
+    model_kw: Any = None,
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
@@ -119,13 +105,11 @@ def run_command(
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
-    pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, labels)
     with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe run") as board:
         rel = api.run(inv, model=model, data=data, calibration=calibration, select=select, out_dir=out,
                       cache_dir=cache_dir, db=db, baseline=baseline, label=label, report_dir=report, junit=junit,
                       summary=summary, on_event=board, cancel=cancel,
-                      model_name=model_name, signature=signature, reference=reference,
-                      input_shapes=input_shape, preprocess=pre, task=task, output=output,
+                      model_name=model_name, reference=reference, **model_kw,
                       on_notice=lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False,
                                                               soft_wrap=True),
                       lease_timeout=lease_timeout, distributed=distributed, worker_timeout=worker_timeout,

@@ -108,6 +108,15 @@ def _converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
     return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], sig.loaded)
 
 
+def with_source_options(r: Recipe, src: ModelSource) -> Recipe:
+    """The source's fixed input shapes and chosen signature as recipe options, so the cache key sees them."""
+    if src.overrides:
+        r.options["input_shapes"] = {k: list(v) for k, v in sorted(src.overrides.items())}
+    if src.signature:
+        r.options["signature"] = src.signature
+    return r
+
+
 def prepared_converter(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress,
                        tmp: Path) -> Any:
     """A TFLiteConverter for `src` with its input shapes fixed and recipe `r` applied (TF imported here); the
@@ -229,11 +238,8 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     src = with_shapes(describe(src, cache_dir=cache_dir, progress=report), overrides)
     for note in src.notes:
         report("notice", note)
-    r = make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat, keep_float=keep_float)
-    if src.overrides:
-        r.options["input_shapes"] = {k: list(v) for k, v in sorted(src.overrides.items())}
-    if src.signature:
-        r.options["signature"] = src.signature
+    r = with_source_options(make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat, keep_float=keep_float),
+                            src)
     calib = None
     if r.needs_calibration:
         if calibration is None:

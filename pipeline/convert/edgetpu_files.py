@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.convert.edgetpu import compiled_artifact, runtime_number
 from pipeline.convert.manifest import build_manifest, read_model
 
 ArtifactInfo = dict[str, Any]     # what a DeviceResult's `artifact` says about the file a device ran
-Shipped = tuple[Path, ArtifactInfo, "Path | None"]   # (model to push, its info, CPU fallback to push or None)
+Shipped = tuple[Path, ArtifactInfo, Optional[Path]]   # (model to push, its info, CPU fallback to push or None)
 
 
 def plain_info(art: Any) -> ArtifactInfo:

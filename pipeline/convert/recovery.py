@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from pipeline.convert.cache import tf_version
 from pipeline.convert.calibration import Calibration
+from pipeline.convert.converter import with_source_options
 from pipeline.convert.manifest import ModelInfo, canonical_json
 from pipeline.convert.recipes import Recipe, make_recipe
 from pipeline.convert.source import ModelSource
@@ -72,11 +73,7 @@ def _debug_layers(src: ModelSource, r: Recipe, calib: Calibration, progress: Pro
 def rank_layers(src: ModelSource, calibration: Calibration, *, cache_dir: str | Path | None, log_dir: str | Path,
                 io_type: str = "int8", progress: Progress | None = None) -> list[LayerError]:
     """The int8 model's layers, worst quantization error first (cached by model, calibration and TF version)."""
-    r = make_recipe("int8", io_type=io_type, qat=src.qat)
-    if src.overrides:
-        r.options["input_shapes"] = {k: list(v) for k, v in sorted(src.overrides.items())}
-    if src.signature:
-        r.options["signature"] = src.signature
+    r = with_source_options(make_recipe("int8", io_type=io_type, qat=src.qat), src)
     key = hashlib.sha256(canonical_json({"v": RANKING_VERSION, "model": src.sha256, "recipe": r.key(),
                                          "calibration": calibration.sha256, "tf": tf_version()}).encode()).hexdigest()
     where = Path(cache_dir) / "recovery" / f"{key}.json" if cache_dir else None

@@ -37,11 +37,6 @@ def preflight(inventory: Any, targets: list[Any], store: Any) -> None:
     q.require_postgres(store.db, what="run --distributed", file=inventory.path)
 
 
-def _failure(t: Any, code: str, message: str) -> DeviceResult:
-    return DeviceResult.failure(t.name, t.kind, t.mode, code, message, host=f"{t.host}:{t.port}",
-                                groups=list(t.groups), emulated=bool(t.emulated))
-
-
 def _probe_from(doc: dict[str, Any]) -> ProbeResult:
     known = {f.name for f in fields(ProbeResult)} - {"transport"}
     d = {k: v for k, v in doc.items() if k in known}
@@ -226,9 +221,8 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
                 if bad is None:
                     placed.append(j)
                     continue
-                res = _failure(j.target, "artifact_unavailable", bad.one_line())
-                res.artifact = j.artifact_info
-                finish(res)
+                finish(DeviceResult.failed_for(j.target, "artifact_unavailable", bad.one_line(),
+                                               artifact=j.artifact_info))
             spec = {j.target.name: j for j in placed}
             jobs = co.defer(q.MEASURE_TASK, [j.target for j in placed], lambda t: {
                 "run_id": run_id, "target": t.name, "artifact": locations[str(spec[t.name].artifact)],
@@ -241,9 +235,8 @@ def execute_distributed(inventory: Any, prepared: Any, *, store: Any, run_id: st
                 if isinstance(got, DeviceResult):
                     finish(plan.scored(_with_outputs(got, blobs)))
                 else:
-                    res = _failure(spec[name].target, got.code, got.message)
-                    res.artifact = spec[name].artifact_info
-                    finish(res)
+                    finish(DeviceResult.failed_for(spec[name].target, got.code, got.message,
+                                                   artifact=spec[name].artifact_info))
     except Interrupted as exc:
         exc.run = RunResult(run_id=run_id, devices=[done[t.name] for t in targets if t.name in done], started=started,
                             finished=time.time(), model_sha256=src.sha256, complete=False, interrupted=exc.reason)
