@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""edgepipe device agent: measure one TFLite model's latency and accuracy on this device's runtime.
+"""edgepipe device agent: measure one TFLite model's latency and outputs on this device's runtime.
 
 Ships alone to the device (stdlib + numpy + one TFLite runtime, Python 3.7+). Prints exactly one JSON
 document on stdout (schema: result.schema.json next to this file); everything else goes to stderr.
+
+Reads top-down: the protocol constants (the host imports them from here), the result envelope, `main` and its
+arguments, the two commands (`measure`, phase by phase, and `probe`), then the parts of each phase in the order a
+measurement meets them: runtime and delegate, model file and interpreter, eval data, timing, output capture,
+device facts.
 """
 import argparse
 import gc
@@ -17,9 +22,11 @@ import sys
 import time
 import traceback
 
-AGENT_VERSION = "1.0.0"
+# ---------------------------------------------------------------- protocol constants
+# The host imports these from this file (pipeline.devices, pipeline.results, pipeline.convert): one definition.
+
+AGENT_VERSION = "1.1.0"
 SCHEMA_VERSION = 1
-EXACT_SNR_DB = 300.0  # reported when outputs match the reference exactly (the real value is +inf)
 
 # ARM "CPU part" ids (implementer 0x41) seen on Raspberry Pi, Coral and similar boards.
 ARM_PARTS = {
@@ -53,6 +60,8 @@ RUNTIME_MODULES = {"pycoral": "pycoral", "ai-edge-litert": "ai_edge_litert",
                    "tflite-runtime": "tflite_runtime", "tensorflow": "tensorflow"}
 
 
+# ---------------------------------------------------------------- the result envelope
+
 class AgentFailure(Exception):
     """A failure with a stable code the host can act on; becomes {"ok": false, "error": {...}}."""
 
@@ -61,6 +70,31 @@ class AgentFailure(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+
+    def error(self):
+        return dict({"code": self.code, "message": self.message}, **self.extra)
+
+
+def envelope(ok, **body):
+    """The one JSON document every command prints: schema version, ok, which agent, then the command's body."""
+    doc = {"schema_version": SCHEMA_VERSION, "ok": ok, "agent": {"version": AGENT_VERSION, "python": sys.executable}}
+    doc.update(body)
+    return doc
+
+
+def emit(doc, out_path):
+    """Print the document (and write it to --out first, atomically, so the host can fetch it after a drop)."""
+    text = json.dumps(_finite(doc), allow_nan=False) + "\n"
+    if out_path:
+        try:
+            write_atomic(out_path, text)
+        except OSError as exc:
+            log("cannot write --out %s: %s" % (out_path, exc))
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # the host went away; it fetches the --out copy on reconnect
 
 
 def log(msg):
@@ -73,183 +107,197 @@ def log(msg):
         pass
 
 
-# ---------------------------------------------------------------- device facts
+# ---------------------------------------------------------------- main
 
-def _read(path):
+def main(argv=None):
+    out_path = None
     try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, IOError, UnicodeDecodeError):
-        return None
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        out_path = args.out
+        doc = probe(args) if args.probe else measure(args)
+        rc = 0
+    except AgentFailure as exc:
+        log("error %s: %s" % (exc.code, exc.message))
+        doc, rc = envelope(False, error=exc.error()), (2 if exc.code == "bad_args" else 1)
+    except Exception as exc:  # a bug or an unforeseen runtime failure: still one JSON document
+        traceback.print_exc()
+        doc = envelope(False, error={"code": "internal", "message": "%s: %s" % (type(exc).__name__, _one_line(exc))})
+        rc = 3
+    emit(doc, out_path)
+    return rc
 
 
-def parse_cpuinfo(text):
-    """CPU model, core count and board from x86 or ARM /proc/cpuinfo text; unknown fields are None."""
-    facts = {"cpu_model": None, "cpu_cores": None, "cpu_part": None, "hardware": None, "board": None}
-    if not text:
-        return facts
-    fields = {}
-    cores = 0
-    for line in text.splitlines():
-        if ":" not in line:
-            continue
-        key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if key == "processor" and value.isdigit():
-            cores += 1
-        elif value:
-            fields.setdefault(key, value)
-    facts["cpu_cores"] = cores or None
-    facts["hardware"] = fields.get("hardware")
-    facts["board"] = fields.get("model") if not fields.get("model", "").isdigit() else None
-    part = fields.get("cpu part")
-    if part:
-        part = part.lower()
-        facts["cpu_part"] = part
-        name = ARM_PARTS.get(part) if fields.get("cpu implementer", "0x41").lower() == "0x41" else None
-        facts["cpu_model"] = ("ARM " + name) if name else None
-    if facts["cpu_model"] is None:
-        for key in ("model name", "processor", "cpu model", "hardware"):
-            value = fields.get(key)
-            if value and not value.isdigit():
-                facts["cpu_model"] = value
-                break
-    if facts["cpu_model"] is None and part:
-        facts["cpu_model"] = "implementer %s part %s" % (fields.get("cpu implementer", "?"), part)
-    return facts
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise AgentFailure("bad_args", "%s: %s" % (self.prog, message))
 
 
-def _soc_temp_c():
-    raw = _read("/sys/class/thermal/thermal_zone0/temp")
+def parse_args(argv):
+    p = _Parser(prog="agent.py", description=__doc__.splitlines()[0])
+    p.add_argument("--probe", action="store_true", help="describe this device and exit")
+    p.add_argument("--workdir", help="directory whose free space --probe reports")
+    p.add_argument("--model", help="the .tflite model")
+    p.add_argument("--expect-sha256", help="refuse (artifact_mismatch) unless the model file has this sha256")
+    p.add_argument("--data", help="eval .npz: one array per model input by TFLite tensor name (x for a single input)")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--delegate", default="cpu", help="cpu | edgetpu | gpu | /path/to/delegate.so")
+    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--edgetpu-device", default=None, help="e.g. usb:0, pci:0")
+    p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the delegate cannot load")
+    p.add_argument("--fallback-model", help="plain int8 model the CPU runs when the Edge TPU cannot (--allow-fallback)")
+    p.add_argument("--baseline-model", help="also time this (the baseline's) model, interleaved with --model")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
+    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
+    p.add_argument("--out", help="also write the JSON document here (atomically)")
+    p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
+    p.add_argument("--reduce", action="append", default=[], metavar="NAME=argmax",
+                   help="store the argmax over the last axis of output NAME instead of its values (repeatable)")
+    args = p.parse_args(argv)
+    if not args.probe:
+        if not args.model or not args.data:
+            raise AgentFailure("bad_args", "agent.py: --model and --data are required (or --probe)")
+        if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+            raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
+    return args
+
+
+# ---------------------------------------------------------------- the two commands
+
+def measure(args):
+    """One measurement, phase by phase: the device and the model file; the runtime and the interpreter (timed as
+    `init`); the eval data; the timed invokes; every output over the eval set; the baseline side by side."""
+    started = time.time()
+    device = device_facts()
+    warnings = device_warnings(device)
+    model = read_model(args.model, args.expect_sha256)
+    if not os.path.isfile(args.data):
+        raise AgentFailure("data_not_found", "evaluation file not found: %s" % args.data)
+    options = parse_delegate_options(args.delegate_option)
+    runtime = select_runtime(args.runtime, args.delegate)
+    import numpy as np
+    rss_before = peak_rss_bytes()
+    interp, delegate, init_ms = load(runtime, args, model, options, warnings)
+    inputs, outputs = interp.get_input_details(), interp.get_output_details()
+    model["inputs"] = [_tensor_info(d) for d in inputs]
+    model["outputs"] = [_tensor_info(d) for d in outputs]
+    xs = load_data(args.data, inputs)
+    reduce = parse_reduce(args.reduce, outputs)
+    timing = time_model(interp, inputs, xs, init_ms, args, warnings, started)
+    outputs_block = record_outputs(args.outputs_out, interp, inputs, outputs, xs, reduce)
+    paired = time_paired(runtime, args, delegate, interp, inputs, xs, options) if args.baseline_model else None
+    device["soc_temp_c_after"] = _soc_temp_c()
+    peak = peak_rss_bytes()
+    timing["timestamps"]["finished"] = time.time()
+    return envelope(
+        True,
+        runtime=runtime.describe(),
+        delegate=delegate,
+        accelerator=accelerator(delegate, args),
+        paired=paired,
+        config={"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "max_seconds": args.max_seconds,
+                "batch": batch_size(inputs), "numpy": np.__version__},
+        accuracy=None,   # scored on the host from the outputs file (pipeline.metrics)
+        agreement=None,
+        outputs=outputs_block,
+        memory={"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
+                "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
+        device=device,
+        model=model,
+        warnings=warnings,
+        wall_s=round(time.time() - started, 3),
+        **timing)
+
+
+def probe(args):
+    """What this device can run: Python, runtimes, Edge TPU / GPU delegate presence, disk, device facts."""
+    workdir = os.path.expanduser(args.workdir or "~")
+    while not os.path.isdir(workdir) and os.path.dirname(workdir) != workdir:
+        workdir = os.path.dirname(workdir)
     try:
-        return round(int(raw.strip()) / 1000.0, 1)
-    except (AttributeError, ValueError):
-        return None
-
-
-def device_facts():
-    """What the device can tell about itself; missing files are None, never an error."""
-    facts = parse_cpuinfo(_read("/proc/cpuinfo"))
-    if facts["cpu_model"] is None:
-        facts["cpu_model"] = platform.processor() or None
-    if facts["cpu_cores"] is None:
-        facts["cpu_cores"] = os.cpu_count()
-    if facts["board"] is None:
-        board = _read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
-        facts["board"] = board.strip("\x00\n ") if board else None
-    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
-    facts.update({
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        st = os.statvfs(workdir)
+        free = int(st.f_bavail * st.f_frsize)
+    except (OSError, AttributeError):
+        free = None
+    return envelope(True, probe={
+        "python": platform.python_version(),
+        "executable": sys.executable,
         "machine": platform.machine(),
         "os": platform.system(),
-        "kernel": platform.release(),
-        "os_release": _os_release(),
-        "hostname": platform.node(),
-        "python": platform.python_version(),
-        "governor": governor.strip() if governor else None,
-        "soc_temp_c_before": _soc_temp_c(),
-        "soc_temp_c_after": None,
+        "runtimes": runtime_versions(),
+        "numpy": dist_version(("numpy",)),
+        "edgetpu": edgetpu_facts(),
+        "gpu_delegate": find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))]),
+        "disk_free_bytes": free,
+        "workdir": workdir,
+        "device": device_facts(),
     })
-    return facts
 
 
-def device_warnings(facts):
-    """Conditions that make latency figures less trustworthy."""
-    warnings = []
-    if facts.get("governor") not in (None, "performance"):
-        warnings.append("CPU governor is %r, not 'performance': latency varies with frequency scaling; "
-                        "set it with `cpupower frequency-set -g performance`" % facts["governor"])
-    temp = facts.get("soc_temp_c_before")
-    if temp is not None and temp >= 80.0:
-        warnings.append("SoC is at %.1f C before the run: the CPU may be thermally throttled" % temp)
-    return warnings
+# ---------------------------------------------------------------- the measurement's phases
 
-
-def _os_release():
-    text = _read("/etc/os-release") or ""
-    for line in text.splitlines():
-        if line.startswith("PRETTY_NAME="):
-            return line.split("=", 1)[1].strip().strip('"')
-    return None
-
-
-# ---------------------------------------------------------------- runtimes
-
-def dist_version(names):
-    """Installed distribution version without importing the package (importlib.metadata, else dist-info scan)."""
+def time_model(interp, inputs, xs, init_ms, args, warnings, started):
+    """The timed phase on the first eval sample(s): first invoke, warmup, timed runs (no collector pauses inside);
+    the result's latency_ms (p50/p90/p99 over `n` samples), samples_ms, runs_done, warmup_done, stopped_early and
+    timestamps (this device's clock, epoch seconds: started, timed_from/timed_to around the timed invokes, finished)."""
+    set_inputs(interp, inputs, xs, 0)
+    log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
+    gc.collect()
+    gc.disable()
+    timed_from = time.time()
     try:
-        import importlib.metadata as md  # novermin (guarded: Python 3.7 falls back below)
-        for name in names:
-            try:
-                return md.version(name)
-            except md.PackageNotFoundError:
-                pass
+        first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
+    finally:
+        gc.enable()
+    timed_to = time.time()
+    stats, samples_ms = _stats(samples)
+    stopped_early = len(samples) < args.runs or len(warm) < args.warmup
+    if stopped_early:
+        warnings.append("stopped after %d of %d runs (--max-seconds %s)" % (len(samples), args.runs, args.max_seconds))
+    latency = {"init": init_ms, "first": first_ns / 1e6,
+               "warmup_mean": (sum(warm) / len(warm) / 1e6) if warm else None}
+    latency.update(stats)
+    log("latency mean %.3f ms p50 %.3f ms over %d runs" % (stats["mean"], stats["p50"], len(samples)))
+    return {"latency_ms": dict((k, None if v is None else round(v, 6)) for k, v in latency.items()),
+            "samples_ms": samples_ms, "runs_done": len(samples), "warmup_done": len(warm),
+            "stopped_early": stopped_early,
+            "timestamps": {"started": started, "timed_from": timed_from, "timed_to": timed_to, "finished": None}}
+
+
+def record_outputs(path, interp, inputs, outputs, xs, reduce):
+    """Every output over the whole eval set, written to `path` (--outputs-out) for the host to score; the result's
+    `outputs` block, or None when no file was asked for."""
+    if not path:
         return None
-    except ImportError:  # Python 3.7
-        pass
-    wanted = set(n.replace("-", "_").lower() for n in names)
-    for entry in sys.path:
-        for meta in glob.glob(os.path.join(entry or ".", "*.*-info")):
-            stem = os.path.basename(meta).rsplit(".", 1)[0]
-            name, _, version = stem.partition("-")
-            if name.replace("-", "_").lower() in wanted and version:
-                return version.split("-")[0]
-    return None
+    log("capturing every output over %d samples" % len(xs[0]))
+    captured = capture(interp, inputs, outputs, xs, set(d["name"] for d in outputs), reduce)
+    return write_outputs(path, captured, outputs, reduce)
 
 
-def _has_module(name):
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+# ---------------------------------------------------------------- runtime and delegate choice
 
-
-def has_google_pycoral():
-    """Google's pycoral ships pycoral/utils/edgetpu.py; the PyPI `pycoral` (a GIS tool) does not."""
-    try:
-        spec = importlib.util.find_spec("pycoral")
-    except (ImportError, ValueError):
-        return False
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if glob.glob(os.path.join(location, "utils", "edgetpu*.py")):
-            return True
-    return False
-
-
-def runtime_versions():
-    """{module: version|None} for every runtime the agent knows, without importing TensorFlow."""
-    out = {}
-    for name in ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow"):
-        module = RUNTIME_MODULES[name]
-        present = has_google_pycoral() if name == "pycoral" else _has_module(module)
-        version = None
-        if present:
-            version = dist_version(RUNTIME_DISTS[name])
-            if version is None and name != "tensorflow":
-                try:
-                    with quiet_stdout():
-                        version = getattr(importlib.import_module(module), "__version__", None)
-                except Exception as exc:  # a broken install is still worth reporting
-                    log("importing %s failed: %s" % (module, _one_line(exc)))
-            version = version or "unknown"
-        out[module] = version
-    return out
-
-
-class Runtime(object):
-    """One imported TFLite runtime: how to build an interpreter and load a delegate."""
-
-    def __init__(self, name, version, interpreter_cls, load_delegate, make_interpreter=None, import_ms=0.0):
-        self.name = name
-        self.version = version
-        self.interpreter_cls = interpreter_cls
-        self.load_delegate = load_delegate
-        self.make_interpreter = make_interpreter
-        self.import_ms = import_ms
-
-    def describe(self):
-        return {"name": self.name, "version": self.version, "import_ms": round(self.import_ms, 3)}
-
+def select_runtime(requested, delegate):
+    """Import the best runtime present (pycoral only for Edge TPU), or the one asked for."""
+    if requested and requested != "auto":
+        order = [requested]
+    else:
+        order = [n for n in RUNTIME_ORDER if n != "pycoral" or delegate == "edgetpu"]
+    tried = []
+    for name in order:
+        t0 = time.perf_counter_ns()
+        try:
+            with quiet_stdout():
+                runtime = _import_runtime(name)
+        except Exception as exc:  # ImportError, or a broken install failing inside its own import
+            tried.append("%s (%s)" % (name, _one_line(exc)))
+            continue
+        runtime.import_ms = (time.perf_counter_ns() - t0) / 1e6
+        log("runtime %s %s (import %.0f ms)" % (runtime.name, runtime.version, runtime.import_ms))
+        return runtime
+    raise AgentFailure("no_runtime", "no TFLite runtime importable with %s: tried %s; install one, e.g. "
+                       "`pip install ai-edge-litert` or `pip install tflite-runtime 'numpy<2'`"
+                       % (sys.executable, "; ".join(tried)))
 
 def _import_runtime(name):
     if name == "pycoral":
@@ -274,29 +322,76 @@ def _import_runtime(name):
     version = getattr(mod, "__version__", None) or dist_version(RUNTIME_DISTS[name])
     return Runtime(name, version, Interpreter, load_delegate)
 
+class Runtime(object):
+    """One imported TFLite runtime: how to build an interpreter and load a delegate."""
 
-def select_runtime(requested, delegate):
-    """Import the best runtime present (pycoral only for Edge TPU), or the one asked for."""
-    if requested and requested != "auto":
-        order = [requested]
-    else:
-        order = [n for n in RUNTIME_ORDER if n != "pycoral" or delegate == "edgetpu"]
-    tried = []
-    for name in order:
-        t0 = time.perf_counter_ns()
-        try:
-            with quiet_stdout():
-                runtime = _import_runtime(name)
-        except Exception as exc:  # ImportError, or a broken install failing inside its own import
-            tried.append("%s (%s)" % (name, _one_line(exc)))
-            continue
-        runtime.import_ms = (time.perf_counter_ns() - t0) / 1e6
-        log("runtime %s %s (import %.0f ms)" % (runtime.name, runtime.version, runtime.import_ms))
-        return runtime
-    raise AgentFailure("no_runtime", "no TFLite runtime importable with %s: tried %s; install one, e.g. "
-                       "`pip install ai-edge-litert` or `pip install tflite-runtime 'numpy<2'`"
-                       % (sys.executable, "; ".join(tried)))
+    def __init__(self, name, version, interpreter_cls, load_delegate, make_interpreter=None, import_ms=0.0):
+        self.name = name
+        self.version = version
+        self.interpreter_cls = interpreter_cls
+        self.load_delegate = load_delegate
+        self.make_interpreter = make_interpreter
+        self.import_ms = import_ms
 
+    def describe(self):
+        return {"name": self.name, "version": self.version, "import_ms": round(self.import_ms, 3)}
+
+def runtime_versions():
+    """{module: version|None} for every runtime the agent knows, without importing TensorFlow."""
+    out = {}
+    for name in RUNTIME_ORDER:
+        module = RUNTIME_MODULES[name]
+        present = has_google_pycoral() if name == "pycoral" else _has_module(module)
+        version = None
+        if present:
+            version = dist_version(RUNTIME_DISTS[name])
+            if version is None and name != "tensorflow":
+                try:
+                    with quiet_stdout():
+                        version = getattr(importlib.import_module(module), "__version__", None)
+                except Exception as exc:  # a broken install is still worth reporting
+                    log("importing %s failed: %s" % (module, _one_line(exc)))
+            version = version or "unknown"
+        out[module] = version
+    return out
+
+def dist_version(names):
+    """Installed distribution version without importing the package (importlib.metadata, else dist-info scan)."""
+    try:
+        import importlib.metadata as md  # novermin (guarded: Python 3.7 falls back below)
+        for name in names:
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                pass
+        return None
+    except ImportError:  # Python 3.7
+        pass
+    wanted = set(n.replace("-", "_").lower() for n in names)
+    for entry in sys.path:
+        for meta in glob.glob(os.path.join(entry or ".", "*.*-info")):
+            stem = os.path.basename(meta).rsplit(".", 1)[0]
+            name, _, version = stem.partition("-")
+            if name.replace("-", "_").lower() in wanted and version:
+                return version.split("-")[0]
+    return None
+
+def _has_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+def has_google_pycoral():
+    """Google's pycoral ships pycoral/utils/edgetpu.py; the PyPI `pycoral` (a GIS tool) does not."""
+    try:
+        spec = importlib.util.find_spec("pycoral")
+    except (ImportError, ValueError):
+        return False
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if glob.glob(os.path.join(location, "utils", "edgetpu*.py")):
+            return True
+    return False
 
 class quiet_stdout(object):
     """Point fd 1 at stderr while native code may print (the real stdout is reserved for the JSON)."""
@@ -312,7 +407,6 @@ class quiet_stdout(object):
         os.dup2(self.saved, 1)
         os.close(self.saved)
         return False
-
 
 class quiet_unraisable(object):
     """Swallow the `Delegate.__del__` AttributeError a failed load_delegate leaves behind."""
@@ -334,10 +428,11 @@ class quiet_unraisable(object):
         return False
 
 
-# ---------------------------------------------------------------- model loading
+# ---------------------------------------------------------------- model file and interpreter
 
-def read_model(path):
-    """sha256 and size of the model; model_not_found / model_corrupt before any runtime sees it."""
+def read_model(path, expect_sha256=None):
+    """sha256 and size of the model; artifact_mismatch (not the file that was shipped), model_not_found or
+    model_corrupt before any runtime sees it."""
     if not os.path.isfile(path):
         raise AgentFailure("model_not_found", "model file not found: %s" % path)
     digest = hashlib.sha256()
@@ -349,6 +444,10 @@ def read_model(path):
                 head = chunk[:8]
             digest.update(chunk)
             size += len(chunk)
+    if expect_sha256 and digest.hexdigest() != expect_sha256.lower():
+        raise AgentFailure("artifact_mismatch", "%s has sha256 %s, not the %s that was shipped: it changed on the "
+                           "device" % (path, digest.hexdigest(), expect_sha256.lower()),
+                           expected=expect_sha256.lower(), got=digest.hexdigest())
     if size < 8 or head[4:8] != b"TFL3":
         raise AgentFailure("model_corrupt", "%s is not a TFLite flatbuffer (%d bytes, file identifier %r, "
                            "expected 'TFL3'): re-copy or re-convert the model" % (path, size, head[4:8]))
@@ -358,7 +457,6 @@ def read_model(path):
         raise AgentFailure("model_corrupt", "%s is truncated or corrupt (%s, file has %d bytes): re-copy or "
                            "re-convert the model" % (path, exc, size))
     return {"path": path, "sha256": digest.hexdigest(), "bytes": size, "custom_ops": custom_ops}
-
 
 def check_flatbuffer(path, size):
     """Bounds-check the Model table, its subgraphs and buffers (some runtimes segfault on a truncated file);
@@ -424,185 +522,6 @@ def check_flatbuffer(path, size):
     finally:
         buf.close()
 
-
-def parse_op_error(text):
-    """(operator, version|None) from "Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'"."""
-    import re
-    m = re.search(r"builtin opcode '([A-Z0-9_]+)' version '(\d+)'", text)
-    if m:
-        return m.group(1), int(m.group(2))
-    m = re.search(r"custom op:? '?([\w\-]+)'?", text, re.IGNORECASE)
-    if m:
-        return m.group(1), None
-    return None, None
-
-
-def _exc_chain(exc):
-    """The exception and its causes: native wrappers hide the real error behind SystemError's __context__."""
-    seen = []
-    while exc is not None and exc not in seen and len(seen) < 5:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
-def classify_load_error(exc, runtime, path):
-    text = "%s: %s" % (type(exc).__name__, exc) if isinstance(exc, UnicodeDecodeError) else str(exc)
-    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    where = "%s %s" % (runtime.name, runtime.version)
-    for link in _exc_chain(exc):
-        if any(s in str(link) for s in ("_ARRAY_API", "multiarray failed to import", "compiled using NumPy 1.x")):
-            return AgentFailure("no_runtime", "%s was built for numpy 1.x and cannot run with numpy %s (%s: %s); "
-                                "install 'numpy<2' next to it" % (where, _numpy_version(), type(link).__name__,
-                                                                  _one_line(link)))
-    corrupt = ("not a valid Flatbuffer", "mmap", "allocation is null", "UnicodeDecodeError", "Could not open")
-    if isinstance(exc, UnicodeDecodeError) or any(s.lower() in first.lower() for s in corrupt):
-        return AgentFailure("model_corrupt", "%s cannot be parsed by %s: %s" % (path, where, first))
-    op, version = parse_op_error(first)
-    lead = "%s cannot load %s" % (where, os.path.basename(path))
-    if op and version is not None:
-        lead += ": operator %s version %d is newer than this runtime supports" % (op, version)
-    elif op:
-        lead += ": custom operator %s is not registered" % op
-        if "edgetpu" in op:
-            lead += " (an Edge TPU model needs --delegate edgetpu)"
-    return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op, operator_version=version,
-                        runtime=runtime.name, runtime_version=runtime.version)
-
-
-def _numpy_version():
-    import numpy
-    return numpy.__version__
-
-
-def parse_delegate_options(pairs):
-    options = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise AgentFailure("bad_args", "--delegate-option %r must look like key=value" % pair)
-        key, _, value = pair.partition("=")
-        options[key.strip()] = value.strip()
-    return options
-
-
-def find_libraries(names, extra_dirs=()):
-    """Paths of shared libraries by file name in the usual library directories (no dlopen)."""
-    dirs = list(extra_dirs) + [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
-    dirs += [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib", "/lib"]
-    dirs += glob.glob("/usr/lib/*-linux-gnu") + glob.glob("/lib/*-linux-gnu")
-    for d in dirs:
-        for name in names:
-            candidate = os.path.join(d, name)
-            if os.path.exists(candidate):
-                return candidate
-    return None
-
-
-def _delegate_library(kind):
-    if kind == "edgetpu":
-        return EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")
-    if kind == "gpu":
-        found = find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))])
-        if not found:
-            raise AgentFailure("delegate_unavailable", "no GPU delegate library (%s) found on this device; "
-                               "pass --delegate /path/to/delegate.so" % ", ".join(GPU_DELEGATE_LIBS))
-        return found
-    return kind  # a path to an external delegate
-
-
-def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_device):
-    """Interpreter with the delegate applied and tensors allocated; delegate load failures are delegate_unavailable."""
-    kwargs = {"model_path": model_path}
-    if threads:
-        kwargs["num_threads"] = threads
-    if delegate in (None, "cpu"):
-        with quiet_stdout():
-            interp = runtime.interpreter_cls(**kwargs)
-        return interp, None
-    if delegate == "edgetpu" and runtime.make_interpreter is not None:
-        interp = error = None
-        with quiet_stdout(), quiet_unraisable():
-            try:
-                interp = runtime.make_interpreter(model_path, device=edgetpu_device)
-            except (ValueError, OSError, RuntimeError) as exc:
-                error = _one_line(exc)
-        if error is not None:
-            raise AgentFailure("delegate_unavailable", "Edge TPU unavailable via pycoral (%s): %s"
-                               % (edgetpu_device or "any device", error))
-        return interp, "pycoral"
-    library = _delegate_library(delegate)
-    opts = dict(options)
-    if delegate == "edgetpu" and edgetpu_device:
-        opts.setdefault("device", edgetpu_device)
-    loaded = error = None
-    with quiet_stdout(), quiet_unraisable():
-        try:
-            loaded = runtime.load_delegate(library, opts)
-        except (ValueError, OSError, RuntimeError) as exc:
-            error = _one_line(exc)  # leaving this block frees the half-built Delegate inside quiet_unraisable
-    if error is not None:
-        raise AgentFailure("delegate_unavailable", "%s delegate failed to load (%s): %s" % (delegate, library, error))
-    kwargs["experimental_delegates"] = [loaded]
-    try:
-        with quiet_stdout():
-            interp = runtime.interpreter_cls(**kwargs)
-    except (ValueError, RuntimeError) as exc:
-        if "delegate" in str(exc).lower():
-            raise AgentFailure("delegate_unavailable", "%s delegate (%s) could not be applied: %s"
-                               % (delegate, library, _one_line(exc)))
-        raise
-    return interp, library
-
-
-def _one_line(exc):
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
-
-
-def accelerator_of(delegate):
-    """edgetpu | gpu | cpu for a --delegate value (a library path is an external, GPU-class delegate)."""
-    if delegate in (None, "", "cpu"):
-        return "cpu"
-    return "edgetpu" if delegate == "edgetpu" else "gpu"
-
-
-def edgetpu_interpreter(runtime, args, model, options):
-    """The compiled model on the Edge TPU (pycoral's make_interpreter, else libedgetpu through load_delegate),
-    allocated; AgentFailure(edgetpu_unavailable) naming every reason the TPU cannot run it."""
-    problems = []
-    interp = library = None
-    compiled = EDGETPU_CUSTOM_OP in model.get("custom_ops", [])
-    try:
-        interp, library = build_interpreter(runtime, model["path"], "edgetpu", options, args.threads,
-                                            args.edgetpu_device)
-        with quiet_stdout():
-            interp.allocate_tensors()
-    except AgentFailure as exc:
-        if exc.code != "delegate_unavailable":
-            raise
-        problems.append(exc.message)
-    except (RuntimeError, ValueError) as exc:
-        if not compiled:
-            raise  # a plain model that cannot even allocate is the model's problem, classified by the caller
-        problems.append("the Edge TPU could not prepare %s: %s" % (os.path.basename(model["path"]), _one_line(exc)))
-    if not compiled:
-        problems.append("%s is not compiled for the Edge TPU (no %s in its graph; compile it with edgetpu_compiler)"
-                        % (os.path.basename(model["path"]), EDGETPU_CUSTOM_OP))
-    if problems:
-        raise AgentFailure("edgetpu_unavailable", "Edge TPU not used: " + "; ".join(problems))
-    return interp, library
-
-
-def cpu_fallback_model(args, model, failure):
-    """The plain model to run on the CPU instead: --fallback-model, else the model itself unless it is compiled."""
-    if args.fallback_model:
-        return read_model(args.fallback_model)
-    if EDGETPU_CUSTOM_OP in model.get("custom_ops", []):
-        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU and "
-                           "no --fallback-model (the plain int8 artifact) was given" % failure.message)
-    return model
-
-
 def load(runtime, args, model, options, warnings):
     """Create + allocate the interpreter (timed as `init`), falling back to CPU only when allowed.
 
@@ -649,6 +568,161 @@ def load(runtime, args, model, options, warnings):
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     return interp, record, init_ms
 
+def edgetpu_interpreter(runtime, args, model, options):
+    """The compiled model on the Edge TPU (pycoral's make_interpreter, else libedgetpu through load_delegate),
+    allocated; AgentFailure(edgetpu_unavailable) naming every reason the TPU cannot run it."""
+    problems = []
+    interp = library = None
+    compiled = EDGETPU_CUSTOM_OP in model.get("custom_ops", [])
+    try:
+        interp, library = build_interpreter(runtime, model["path"], "edgetpu", options, args.threads,
+                                            args.edgetpu_device)
+        with quiet_stdout():
+            interp.allocate_tensors()
+    except AgentFailure as exc:
+        if exc.code != "delegate_unavailable":
+            raise
+        problems.append(exc.message)
+    except (RuntimeError, ValueError) as exc:
+        if not compiled:
+            raise  # a plain model that cannot even allocate is the model's problem, classified by the caller
+        problems.append("the Edge TPU could not prepare %s: %s" % (os.path.basename(model["path"]), _one_line(exc)))
+    if not compiled:
+        problems.append("%s is not compiled for the Edge TPU (no %s in its graph; compile it with edgetpu_compiler)"
+                        % (os.path.basename(model["path"]), EDGETPU_CUSTOM_OP))
+    if problems:
+        raise AgentFailure("edgetpu_unavailable", "Edge TPU not used: " + "; ".join(problems))
+    return interp, library
+
+def cpu_fallback_model(args, model, failure):
+    """The plain model to run on the CPU instead: --fallback-model, else the model itself unless it is compiled."""
+    if args.fallback_model:
+        return read_model(args.fallback_model)
+    if EDGETPU_CUSTOM_OP in model.get("custom_ops", []):
+        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU and "
+                           "no --fallback-model (the plain int8 artifact) was given" % failure.message)
+    return model
+
+def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_device):
+    """Interpreter with the delegate applied and tensors allocated; delegate load failures are delegate_unavailable."""
+    kwargs = {"model_path": model_path}
+    if threads:
+        kwargs["num_threads"] = threads
+    if delegate in (None, "cpu"):
+        with quiet_stdout():
+            interp = runtime.interpreter_cls(**kwargs)
+        return interp, None
+    if delegate == "edgetpu" and runtime.make_interpreter is not None:
+        interp = error = None
+        with quiet_stdout(), quiet_unraisable():
+            try:
+                interp = runtime.make_interpreter(model_path, device=edgetpu_device)
+            except (ValueError, OSError, RuntimeError) as exc:
+                error = _one_line(exc)
+        if error is not None:
+            raise AgentFailure("delegate_unavailable", "Edge TPU unavailable via pycoral (%s): %s"
+                               % (edgetpu_device or "any device", error))
+        return interp, "pycoral"
+    library = _delegate_library(delegate)
+    opts = dict(options)
+    if delegate == "edgetpu" and edgetpu_device:
+        opts.setdefault("device", edgetpu_device)
+    loaded = error = None
+    with quiet_stdout(), quiet_unraisable():
+        try:
+            loaded = runtime.load_delegate(library, opts)
+        except (ValueError, OSError, RuntimeError) as exc:
+            error = _one_line(exc)  # leaving this block frees the half-built Delegate inside quiet_unraisable
+    if error is not None:
+        raise AgentFailure("delegate_unavailable", "%s delegate failed to load (%s): %s" % (delegate, library, error))
+    kwargs["experimental_delegates"] = [loaded]
+    try:
+        with quiet_stdout():
+            interp = runtime.interpreter_cls(**kwargs)
+    except (ValueError, RuntimeError) as exc:
+        if "delegate" in str(exc).lower():
+            raise AgentFailure("delegate_unavailable", "%s delegate (%s) could not be applied: %s"
+                               % (delegate, library, _one_line(exc)))
+        raise
+    return interp, library
+
+def _delegate_library(kind):
+    if kind == "edgetpu":
+        return EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")
+    if kind == "gpu":
+        found = find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))])
+        if not found:
+            raise AgentFailure("delegate_unavailable", "no GPU delegate library (%s) found on this device; "
+                               "pass --delegate /path/to/delegate.so" % ", ".join(GPU_DELEGATE_LIBS))
+        return found
+    return kind  # a path to an external delegate
+
+def find_libraries(names, extra_dirs=()):
+    """Paths of shared libraries by file name in the usual library directories (no dlopen)."""
+    dirs = list(extra_dirs) + [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    dirs += [os.path.join(sys.prefix, "lib"), "/usr/local/lib", "/usr/lib", "/lib"]
+    dirs += glob.glob("/usr/lib/*-linux-gnu") + glob.glob("/lib/*-linux-gnu")
+    for d in dirs:
+        for name in names:
+            candidate = os.path.join(d, name)
+            if os.path.exists(candidate):
+                return candidate
+    return None
+
+def parse_delegate_options(pairs):
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise AgentFailure("bad_args", "--delegate-option %r must look like key=value" % pair)
+        key, _, value = pair.partition("=")
+        options[key.strip()] = value.strip()
+    return options
+
+def classify_load_error(exc, runtime, path):
+    text = "%s: %s" % (type(exc).__name__, exc) if isinstance(exc, UnicodeDecodeError) else str(exc)
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    where = "%s %s" % (runtime.name, runtime.version)
+    for link in _exc_chain(exc):
+        if any(s in str(link) for s in ("_ARRAY_API", "multiarray failed to import", "compiled using NumPy 1.x")):
+            return AgentFailure("no_runtime", "%s was built for numpy 1.x and cannot run with numpy %s (%s: %s); "
+                                "install 'numpy<2' next to it" % (where, _numpy_version(), type(link).__name__,
+                                                                  _one_line(link)))
+    corrupt = ("not a valid Flatbuffer", "mmap", "allocation is null", "UnicodeDecodeError", "Could not open")
+    if isinstance(exc, UnicodeDecodeError) or any(s.lower() in first.lower() for s in corrupt):
+        return AgentFailure("model_corrupt", "%s cannot be parsed by %s: %s" % (path, where, first))
+    op, version = parse_op_error(first)
+    lead = "%s cannot load %s" % (where, os.path.basename(path))
+    if op and version is not None:
+        lead += ": operator %s version %d is newer than this runtime supports" % (op, version)
+    elif op:
+        lead += ": custom operator %s is not registered" % op
+        if "edgetpu" in op:
+            lead += " (an Edge TPU model needs --delegate edgetpu)"
+    return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op, operator_version=version,
+                        runtime=runtime.name, runtime_version=runtime.version)
+
+def parse_op_error(text):
+    """(operator, version|None) from "Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'"."""
+    import re
+    m = re.search(r"builtin opcode '([A-Z0-9_]+)' version '(\d+)'", text)
+    if m:
+        return m.group(1), int(m.group(2))
+    m = re.search(r"custom op:? '?([\w\-]+)'?", text, re.IGNORECASE)
+    if m:
+        return m.group(1), None
+    return None, None
+
+def _exc_chain(exc):
+    """The exception and its causes: native wrappers hide the real error behind SystemError's __context__."""
+    seen = []
+    while exc is not None and exc not in seen and len(seen) < 5:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+def _numpy_version():
+    import numpy
+    return numpy.__version__
 
 def accelerator(record, args):
     """The result's `accelerator` block: asked for (edgetpu | gpu | cpu), used, and why they differ."""
@@ -660,84 +734,14 @@ def accelerator(record, args):
         block["temperature_c"] = edgetpu_temperature_c()
     return block
 
-
-# ---------------------------------------------------------------- Edge TPU facts
-
-def edgetpu_temperature_c():
-    """The Edge TPU's temperature where the board exposes it (PCIe/M.2 apex driver), else None."""
-    raw = _read(APEX_TEMP)
-    try:
-        return round(int(raw.strip()) / 1000.0, 1)
-    except (AttributeError, ValueError):
-        return None
+def accelerator_of(delegate):
+    """edgetpu | gpu | cpu for a --delegate value (a library path is an external, GPU-class delegate)."""
+    if delegate in (None, "", "cpu"):
+        return "cpu"
+    return "edgetpu" if delegate == "edgetpu" else "gpu"
 
 
-def coral_usb_ids():
-    """Coral USB Accelerators on the bus, by vendor:product id (before and after firmware load)."""
-    found = []
-    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
-        vendor = (_read(vendor_file) or "").strip()
-        product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
-        ident = "%s:%s" % (vendor, product)
-        if ident in CORAL_USB_IDS and ident not in found:
-            found.append(ident)
-    return found
-
-
-def libedgetpu_facts(library):
-    """(runtime version, Edge TPUs) from libedgetpu's C API (edgetpu_version, edgetpu_list_devices) via ctypes."""
-    import ctypes
-    try:
-        lib = ctypes.CDLL(library)
-        lib.edgetpu_version.restype = ctypes.c_char_p
-        raw = lib.edgetpu_version()
-    except (OSError, AttributeError) as exc:
-        log("libedgetpu at %s cannot be loaded: %s" % (library, _one_line(exc)))
-        return None, []
-    devices = []
-
-    class Device(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_int), ("path", ctypes.c_char_p)]  # struct edgetpu_device
-
-    try:
-        count = ctypes.c_size_t(0)
-        lib.edgetpu_list_devices.restype = ctypes.POINTER(Device)
-        lib.edgetpu_list_devices.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
-        found = lib.edgetpu_list_devices(ctypes.byref(count))
-        for i in range(count.value):
-            devices.append({"type": "usb" if found[i].type == 1 else "pci",
-                            "path": (found[i].path or b"").decode("utf-8", "replace")})
-        if found:
-            lib.edgetpu_free_devices(found)
-    except (OSError, AttributeError, ValueError) as exc:
-        log("libedgetpu cannot list Edge TPUs: %s" % _one_line(exc))
-    return (raw.decode("utf-8", "replace") if raw else None), devices
-
-
-def edgetpu_facts():
-    """libedgetpu (path, runtime version), the Edge TPUs found and the TPU temperature; absent facts are None/[]."""
-    library = find_libraries([EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")])
-    usb = coral_usb_ids()
-    apex = sorted(glob.glob("/dev/apex_*"))
-    version, devices = None, []
-    if has_google_pycoral():
-        try:
-            with quiet_stdout():
-                from pycoral.utils import edgetpu
-                version = edgetpu.get_runtime_version()
-                devices = [dict(d) for d in edgetpu.list_edge_tpus()]
-        except Exception as exc:  # pycoral's extension fails to import without libedgetpu
-            log("pycoral cannot describe the Edge TPU: %s" % _one_line(exc))
-    if version is None and library:
-        version, listed = libedgetpu_facts(library)
-        devices = devices or listed
-    if not devices:
-        devices = [{"type": "pci", "path": p} for p in apex] + [{"type": "usb", "path": u} for u in usb]
-    return {"libedgetpu": library, "usb": usb, "pcie": bool(apex), "runtime_version": version,
-            "devices": devices, "temperature_c": edgetpu_temperature_c()}
-
-
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- eval data
 
 def _tensor_info(detail):
     scale, zero = detail.get("quantization", (0.0, 0))
@@ -745,9 +749,8 @@ def _tensor_info(detail):
             "dtype": detail["dtype"].__name__ if hasattr(detail["dtype"], "__name__") else str(detail["dtype"]),
             "scale": float(scale), "zero_point": int(zero)}
 
-
-def load_data(path, inputs, outputs):
-    """Arrays from the eval .npz, checked against the model; returns (xs per input, y|None, ref|None)."""
+def load_data(path, inputs):
+    """One array per model input from the eval .npz, checked against the model (other arrays are ignored)."""
     import numpy as np
     if not os.path.isfile(path):
         raise AgentFailure("data_not_found", "evaluation file not found: %s" % path)
@@ -767,19 +770,7 @@ def load_data(path, inputs, outputs):
     if any(len(x) != n for x in xs) or n == 0:
         raise AgentFailure("bad_data", "%s: inputs need the same non-zero number of samples, got %s"
                            % (path, [len(x) for x in xs]))
-    y = arrays.get("y")
-    if y is not None:
-        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-        if y.ndim != 1 or len(y) != n or y.dtype.kind not in "iu":
-            raise AgentFailure("bad_data", "%s: y must be %d integer labels, got shape %s dtype %s"
-                               % (path, n, list(y.shape), y.dtype))
-    ref = arrays.get("ref")
-    if ref is not None:
-        want = [n] + [int(d) for d in outputs[0]["shape"][1:]]
-        if ref.ndim < 1 or len(ref) != n or ref[0].size != int(np.prod(want[1:])) or ref.dtype.kind not in "fiu":
-            raise AgentFailure("bad_data", "%s: ref has shape %s but model output %r needs %s"
-                               % (path, list(ref.shape), outputs[0]["name"], want))
-    return xs, y, ref
+    return xs
 
 
 def _check_input(path, key, x, detail):
@@ -798,6 +789,31 @@ def _check_input(path, key, x, detail):
     raise AgentFailure("bad_data", "%s: %s has dtype %s but model input %r is %s; give float inputs "
                        "(they are quantized on the device)" % (path, key, x.dtype, detail["name"], dtype.name))
 
+def parse_reduce(pairs, outputs):
+    """{output tensor name: 'argmax'} from --reduce NAME=argmax items; unknown names or ops are bad_args."""
+    names = [d["name"] for d in outputs]
+    reduce = {}
+    for pair in pairs or []:
+        name, _, op = pair.rpartition("=")
+        if op != "argmax" or name not in names:
+            raise AgentFailure("bad_args", "--reduce %r must be NAME=argmax with NAME one of the model's outputs %s"
+                               % (pair, names))
+        reduce[name] = op
+    return reduce
+
+def batch_size(inputs):
+    """Samples per invoke: the input tensors' fixed batch (1 for almost every edge model)."""
+    shape = inputs[0]["shape"] if inputs else []
+    return max(1, int(shape[0])) if len(shape) else 1
+
+def set_inputs(interp, inputs, xs, start):
+    """Feed samples start..start+batch (wrapping around at the end, so a fixed batch is always full)."""
+    import numpy as np
+    b = batch_size(inputs)
+    idx = [(start + j) % len(xs[0]) for j in range(b)]
+    for x, detail in zip(xs, inputs):
+        interp.set_tensor(detail["index"], quantize(x[idx], detail).reshape(detail["shape"]))
+    return min(b, len(xs[0]) - start)
 
 def quantize(x, detail):
     """Float sample → the input tensor's dtype using its scale and zero point (plain cast for float models)."""
@@ -813,7 +829,6 @@ def quantize(x, detail):
         return np.clip(q, info.min, info.max).astype(dtype)
     return x.astype(dtype)
 
-
 def dequantize(q, detail, dtype=None):
     import numpy as np
     dtype = dtype or np.float64
@@ -823,15 +838,7 @@ def dequantize(q, detail, dtype=None):
     return q.astype(dtype)
 
 
-# ---------------------------------------------------------------- measurement
-
-def _stats(samples_ns):
-    import numpy as np
-    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()), "max": float(ms.max()),
-            "p50": float(p50), "p90": float(p90), "p99": float(p99)}, [round(float(v), 6) for v in ms]
-
+# ---------------------------------------------------------------- timing
 
 def time_invokes(interp, runs, warmup, max_seconds):
     """first, warmup and timed invokes (benchmark_model's phases); a deadline stops warmup/runs early."""
@@ -860,20 +867,14 @@ def time_invokes(interp, runs, warmup, max_seconds):
             break
     return first_ns, warm, samples
 
-
-def _feed(interp, inputs, xs):
-    """Put the first eval sample into each input that has its shape, zeros into the others; 'eval' or 'zeros'."""
+def _stats(samples_ns):
+    """Summary of the timed invokes, computed from the very samples_ms reported (ms, rounded to the nanosecond)."""
     import numpy as np
-    fed = "eval"
-    for i, detail in enumerate(interp.get_input_details()):
-        same = i < len(inputs) and list(detail["shape"]) == list(inputs[i]["shape"])
-        if same:
-            idx = [j % len(xs[i]) for j in range(batch_size([detail]))]
-            value = quantize(xs[i][idx], detail).reshape(detail["shape"])
-        else:
-            value, fed = np.zeros(detail["shape"], dtype=detail["dtype"]), "zeros"
-        interp.set_tensor(detail["index"], value)
-    return fed
+    samples_ms = [round(v / 1e6, 6) for v in samples_ns]
+    ms = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()), "max": float(ms.max()),
+            "p50": float(p50), "p90": float(p90), "p99": float(p99), "n": int(ms.size)}, samples_ms
 
 
 def time_paired(runtime, args, record, interp, inputs, xs, options):
@@ -924,22 +925,22 @@ def time_paired(runtime, args, record, interp, inputs, xs, options):
                  "baseline_samples_ms": [round(v / 1e6, 6) for v in samples[id(other)]]})
     return done
 
-
-def batch_size(inputs):
-    """Samples per invoke: the input tensors' fixed batch (1 for almost every edge model)."""
-    shape = inputs[0]["shape"] if inputs else []
-    return max(1, int(shape[0])) if len(shape) else 1
-
-
-def set_inputs(interp, inputs, xs, start):
-    """Feed samples start..start+batch (wrapping around at the end, so a fixed batch is always full)."""
+def _feed(interp, inputs, xs):
+    """Put the first eval sample into each input that has its shape, zeros into the others; 'eval' or 'zeros'."""
     import numpy as np
-    b = batch_size(inputs)
-    idx = [(start + j) % len(xs[0]) for j in range(b)]
-    for x, detail in zip(xs, inputs):
-        interp.set_tensor(detail["index"], quantize(x[idx], detail).reshape(detail["shape"]))
-    return min(b, len(xs[0]) - start)
+    fed = "eval"
+    for i, detail in enumerate(interp.get_input_details()):
+        same = i < len(inputs) and list(detail["shape"]) == list(inputs[i]["shape"])
+        if same:
+            idx = [j % len(xs[i]) for j in range(batch_size([detail]))]
+            value = quantize(xs[i][idx], detail).reshape(detail["shape"])
+        else:
+            value, fed = np.zeros(detail["shape"], dtype=detail["dtype"]), "zeros"
+        interp.set_tensor(detail["index"], value)
+    return fed
 
+
+# ---------------------------------------------------------------- output capture
 
 def capture(interp, inputs, outputs, xs, wanted, reduce):
     """Batch-size pass over the whole eval set: {output name: per-sample arrays stacked [N, ...]}, dequantized
@@ -960,30 +961,6 @@ def capture(interp, inputs, outputs, xs, wanted, reduce):
                 out = out.argmax(axis=-1).astype(np.int32)
             rows[detail["name"]].append(out)
     return dict((k, np.concatenate(v)) for k, v in rows.items())
-
-
-def legacy_scores(preds, y, ref):
-    """On-device accuracy and agreement on output 0 when the eval file carries labels `y` / references `ref`
-    (older hosts and standalone use; the host now scores every output itself from --outputs-out)."""
-    import numpy as np
-    n = len(preds)
-    preds = preds.reshape(n, -1).astype(np.float64)
-    accuracy = agreement = None
-    if y is not None:
-        y = y.astype(np.int64)
-        k = min(5, preds.shape[1])
-        topk = np.argsort(-preds, axis=1, kind="stable")[:, :k]
-        accuracy = {"top1": float((topk[:, 0] == y).mean()), "top5": float((topk == y[:, None]).any(axis=1).mean()),
-                    "n": int(n), "k": int(k)}
-    if ref is not None:
-        r = ref.reshape(n, -1).astype(np.float64)
-        err = preds - r
-        noise, signal = float((err ** 2).sum()), float((r ** 2).sum())
-        snr = EXACT_SNR_DB if noise == 0 else (10.0 * np.log10(signal / noise) if signal > 0 else -EXACT_SNR_DB)
-        agreement = {"top1": float((preds.argmax(1) == r.argmax(1)).mean()), "mae": float(np.abs(err).mean()),
-                     "max_abs": float(np.abs(err).max()), "snr_db": float(min(snr, EXACT_SNR_DB)), "n": int(n)}
-    return accuracy, agreement
-
 
 def write_outputs(path, captured, outputs, reduce):
     """Every output as an .npz (float16, float32 where float16 would overflow; int32 argmax when reduced),
@@ -1015,6 +992,93 @@ def write_outputs(path, captured, outputs, reduce):
     return {"file": os.path.basename(path), "path": path, "sha256": digest.hexdigest(), "tensors": tensors}
 
 
+# ---------------------------------------------------------------- device facts
+
+def device_facts():
+    """What the device can tell about itself; missing files are None, never an error."""
+    facts = parse_cpuinfo(_read("/proc/cpuinfo"))
+    if facts["cpu_model"] is None:
+        facts["cpu_model"] = platform.processor() or None
+    if facts["cpu_cores"] is None:
+        facts["cpu_cores"] = os.cpu_count()
+    if facts["board"] is None:
+        board = _read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
+        facts["board"] = board.strip("\x00\n ") if board else None
+    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    facts.update({
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.machine(),
+        "os": platform.system(),
+        "kernel": platform.release(),
+        "os_release": _os_release(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "governor": governor.strip() if governor else None,
+        "soc_temp_c_before": _soc_temp_c(),
+        "soc_temp_c_after": None,
+    })
+    return facts
+
+def device_warnings(facts):
+    """Conditions that make latency figures less trustworthy."""
+    warnings = []
+    if facts.get("governor") not in (None, "performance"):
+        warnings.append("CPU governor is %r, not 'performance': latency varies with frequency scaling; "
+                        "set it with `cpupower frequency-set -g performance`" % facts["governor"])
+    temp = facts.get("soc_temp_c_before")
+    if temp is not None and temp >= 80.0:
+        warnings.append("SoC is at %.1f C before the run: the CPU may be thermally throttled" % temp)
+    return warnings
+
+def parse_cpuinfo(text):
+    """CPU model, core count and board from x86 or ARM /proc/cpuinfo text; unknown fields are None."""
+    facts = {"cpu_model": None, "cpu_cores": None, "cpu_part": None, "hardware": None, "board": None}
+    if not text:
+        return facts
+    fields = {}
+    cores = 0
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor" and value.isdigit():
+            cores += 1
+        elif value:
+            fields.setdefault(key, value)
+    facts["cpu_cores"] = cores or None
+    facts["hardware"] = fields.get("hardware")
+    facts["board"] = fields.get("model") if not fields.get("model", "").isdigit() else None
+    part = fields.get("cpu part")
+    if part:
+        part = part.lower()
+        facts["cpu_part"] = part
+        name = ARM_PARTS.get(part) if fields.get("cpu implementer", "0x41").lower() == "0x41" else None
+        facts["cpu_model"] = ("ARM " + name) if name else None
+    if facts["cpu_model"] is None:
+        for key in ("model name", "processor", "cpu model", "hardware"):
+            value = fields.get(key)
+            if value and not value.isdigit():
+                facts["cpu_model"] = value
+                break
+    if facts["cpu_model"] is None and part:
+        facts["cpu_model"] = "implementer %s part %s" % (fields.get("cpu implementer", "?"), part)
+    return facts
+
+def _soc_temp_c():
+    raw = _read("/sys/class/thermal/thermal_zone0/temp")
+    try:
+        return round(int(raw.strip()) / 1000.0, 1)
+    except (AttributeError, ValueError):
+        return None
+
+def _os_release():
+    text = _read("/etc/os-release") or ""
+    for line in text.splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return None
+
 def peak_rss_bytes():
     try:
         import resource
@@ -1023,161 +1087,89 @@ def peak_rss_bytes():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
+def edgetpu_facts():
+    """libedgetpu (path, runtime version), the Edge TPUs found and the TPU temperature; absent facts are None/[]."""
+    library = find_libraries([EDGETPU_LIB.get(platform.system(), "libedgetpu.so.1")])
+    usb = coral_usb_ids()
+    apex = sorted(glob.glob("/dev/apex_*"))
+    version, devices = None, []
+    if has_google_pycoral():
+        try:
+            with quiet_stdout():
+                from pycoral.utils import edgetpu
+                version = edgetpu.get_runtime_version()
+                devices = [dict(d) for d in edgetpu.list_edge_tpus()]
+        except Exception as exc:  # pycoral's extension fails to import without libedgetpu
+            log("pycoral cannot describe the Edge TPU: %s" % _one_line(exc))
+    if version is None and library:
+        version, listed = libedgetpu_facts(library)
+        devices = devices or listed
+    if not devices:
+        devices = [{"type": "pci", "path": p} for p in apex] + [{"type": "usb", "path": u} for u in usb]
+    return {"libedgetpu": library, "usb": usb, "pcie": bool(apex), "runtime_version": version,
+            "devices": devices, "temperature_c": edgetpu_temperature_c()}
 
-def run(args):
-    """The measurement: model → runtime → interpreter → timings → accuracy → one result dict."""
-    started = time.time()
-    device = device_facts()
-    warnings = device_warnings(device)
-    model = read_model(args.model)
-    if not os.path.isfile(args.data):
-        raise AgentFailure("data_not_found", "evaluation file not found: %s" % args.data)
-    options = parse_delegate_options(args.delegate_option)
-    runtime = select_runtime(args.runtime, args.delegate)
-    import numpy as np
-    rss_before = peak_rss_bytes()
-    interp, delegate, init_ms = load(runtime, args, model, options, warnings)
-    inputs, outputs = interp.get_input_details(), interp.get_output_details()
-    model["inputs"] = [_tensor_info(d) for d in inputs]
-    model["outputs"] = [_tensor_info(d) for d in outputs]
-    xs, y, ref = load_data(args.data, inputs, outputs)
-    reduce = parse_reduce(args.reduce, outputs)
-    set_inputs(interp, inputs, xs, 0)  # the timed runs use the first eval sample(s)
-    log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
-    gc.collect()
-    gc.disable()  # no collector pauses inside the timed loop
+def libedgetpu_facts(library):
+    """(runtime version, Edge TPUs) from libedgetpu's C API (edgetpu_version, edgetpu_list_devices) via ctypes."""
+    import ctypes
     try:
-        first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
-    finally:
-        gc.enable()
-    stats, samples_ms = _stats(samples)
-    stopped_early = len(samples) < args.runs or len(warm) < args.warmup
-    if stopped_early:
-        warnings.append("stopped after %d of %d runs (--max-seconds %s)" % (len(samples), args.runs, args.max_seconds))
-    latency = {"init": init_ms, "first": first_ns / 1e6,
-               "warmup_mean": (sum(warm) / len(warm) / 1e6) if warm else None}
-    latency.update(stats)
-    latency = dict((k, None if v is None else round(v, 6)) for k, v in latency.items())
-    log("latency mean %.3f ms p50 %.3f ms over %d runs; evaluating %d samples"
-        % (stats["mean"], stats["p50"], len(samples), len(xs[0])))
-    wanted = set(d["name"] for d in outputs) if args.outputs_out else set()
-    if y is not None or ref is not None:
-        wanted.add(outputs[0]["name"])
-    captured = capture(interp, inputs, outputs, xs, wanted, reduce) if wanted else {}
-    accuracy, agreement = legacy_scores(captured[outputs[0]["name"]], y, ref) if outputs[0]["name"] in captured \
-        else (None, None)
-    outputs_block = write_outputs(args.outputs_out, captured, outputs, reduce) if args.outputs_out else None
-    paired = time_paired(runtime, args, delegate, interp, inputs, xs, options) if args.baseline_model else None
-    device["soc_temp_c_after"] = _soc_temp_c()
-    peak = peak_rss_bytes()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "ok": True,
-        "agent": {"version": AGENT_VERSION, "python": sys.executable},
-        "runtime": runtime.describe(),
-        "delegate": delegate,
-        "accelerator": accelerator(delegate, args),
-        "paired": paired,
-        "config": {"runs": args.runs, "warmup": args.warmup, "threads": args.threads,
-                   "max_seconds": args.max_seconds, "batch": batch_size(inputs), "numpy": np.__version__},
-        "runs_done": len(samples),
-        "warmup_done": len(warm),
-        "stopped_early": stopped_early,
-        "latency_ms": latency,
-        "samples_ms": samples_ms,
-        "accuracy": accuracy,
-        "agreement": agreement,
-        "outputs": outputs_block,
-        "memory": {"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
-                   "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
-        "device": device,
-        "model": model,
-        "warnings": warnings,
-        "wall_s": round(time.time() - started, 3),
-    }
+        lib = ctypes.CDLL(library)
+        lib.edgetpu_version.restype = ctypes.c_char_p
+        raw = lib.edgetpu_version()
+    except (OSError, AttributeError) as exc:
+        log("libedgetpu at %s cannot be loaded: %s" % (library, _one_line(exc)))
+        return None, []
+    devices = []
 
+    class Device(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("path", ctypes.c_char_p)]  # struct edgetpu_device
 
-def probe(args):
-    """What this device can run: Python, runtimes, Edge TPU / GPU delegate presence, disk, device facts."""
-    workdir = os.path.expanduser(args.workdir or "~")
-    while not os.path.isdir(workdir) and os.path.dirname(workdir) != workdir:
-        workdir = os.path.dirname(workdir)
     try:
-        st = os.statvfs(workdir)
-        free = int(st.f_bavail * st.f_frsize)
-    except (OSError, AttributeError):
-        free = None
-    device = device_facts()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "ok": True,
-        "agent": {"version": AGENT_VERSION, "python": sys.executable},
-        "probe": {
-            "python": platform.python_version(),
-            "executable": sys.executable,
-            "machine": platform.machine(),
-            "os": platform.system(),
-            "runtimes": runtime_versions(),
-            "numpy": dist_version(("numpy",)),
-            "edgetpu": edgetpu_facts(),
-            "gpu_delegate": find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))]),
-            "disk_free_bytes": free,
-            "workdir": workdir,
-            "device": device,
-        },
-    }
+        count = ctypes.c_size_t(0)
+        lib.edgetpu_list_devices.restype = ctypes.POINTER(Device)
+        lib.edgetpu_list_devices.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
+        found = lib.edgetpu_list_devices(ctypes.byref(count))
+        for i in range(count.value):
+            devices.append({"type": "usb" if found[i].type == 1 else "pci",
+                            "path": (found[i].path or b"").decode("utf-8", "replace")})
+        if found:
+            lib.edgetpu_free_devices(found)
+    except (OSError, AttributeError, ValueError) as exc:
+        log("libedgetpu cannot list Edge TPUs: %s" % _one_line(exc))
+    return (raw.decode("utf-8", "replace") if raw else None), devices
+
+def coral_usb_ids():
+    """Coral USB Accelerators on the bus, by vendor:product id (before and after firmware load)."""
+    found = []
+    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
+        vendor = (_read(vendor_file) or "").strip()
+        product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
+        ident = "%s:%s" % (vendor, product)
+        if ident in CORAL_USB_IDS and ident not in found:
+            found.append(ident)
+    return found
+
+def edgetpu_temperature_c():
+    """The Edge TPU's temperature where the board exposes it (PCIe/M.2 apex driver), else None."""
+    raw = _read(APEX_TEMP)
+    try:
+        return round(int(raw.strip()) / 1000.0, 1)
+    except (AttributeError, ValueError):
+        return None
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- small helpers
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise AgentFailure("bad_args", "%s: %s" % (self.prog, message))
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, IOError, UnicodeDecodeError):
+        return None
 
-
-def parse_args(argv):
-    p = _Parser(prog="agent.py", description=__doc__.splitlines()[0])
-    p.add_argument("--probe", action="store_true", help="describe this device and exit")
-    p.add_argument("--workdir", help="directory whose free space --probe reports")
-    p.add_argument("--model", help="the .tflite model")
-    p.add_argument("--data", help="eval .npz: one array per model input by TFLite tensor name (x for a single "
-                                   "input); optional y (labels) and ref (float outputs) for on-device scores")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--delegate", default="cpu", help="cpu | edgetpu | gpu | /path/to/delegate.so")
-    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--edgetpu-device", default=None, help="e.g. usb:0, pci:0")
-    p.add_argument("--allow-fallback", action="store_true", help="run on CPU when the delegate cannot load")
-    p.add_argument("--fallback-model", help="plain int8 model the CPU runs when the Edge TPU cannot (--allow-fallback)")
-    p.add_argument("--baseline-model", help="also time this (the baseline's) model, interleaved with --model")
-    p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
-    p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
-    p.add_argument("--out", help="also write the JSON document here (atomically)")
-    p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
-    p.add_argument("--reduce", action="append", default=[], metavar="NAME=argmax",
-                   help="store the argmax over the last axis of output NAME instead of its values (repeatable)")
-    args = p.parse_args(argv)
-    if not args.probe:
-        if not args.model or not args.data:
-            raise AgentFailure("bad_args", "agent.py: --model and --data are required (or --probe)")
-        if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-            raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
-    return args
-
-
-def parse_reduce(pairs, outputs):
-    """{output tensor name: 'argmax'} from --reduce NAME=argmax items; unknown names or ops are bad_args."""
-    names = [d["name"] for d in outputs]
-    reduce = {}
-    for pair in pairs or []:
-        name, _, op = pair.rpartition("=")
-        if op != "argmax" or name not in names:
-            raise AgentFailure("bad_args", "--reduce %r must be NAME=argmax with NAME one of the model's outputs %s"
-                               % (pair, names))
-        reduce[name] = op
-    return reduce
-
+def _one_line(exc):
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 def _finite(obj):
     """NaN/inf (e.g. a model emitting NaN) become null so the document stays strict JSON."""
@@ -1189,7 +1181,6 @@ def _finite(obj):
         return [_finite(v) for v in obj]
     return obj
 
-
 def write_atomic(path, text):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -1200,37 +1191,6 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def main(argv=None):
-    out_path = None
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        out_path = args.out
-        doc = probe(args) if args.probe else run(args)
-        rc = 0
-    except AgentFailure as exc:
-        log("error %s: %s" % (exc.code, exc.message))
-        doc = {"schema_version": SCHEMA_VERSION, "ok": False,
-               "error": dict({"code": exc.code, "message": exc.message}, **exc.extra)}
-        rc = 2 if exc.code == "bad_args" else 1
-    except Exception as exc:  # a bug or an unforeseen runtime failure: still one JSON document
-        traceback.print_exc()
-        doc = {"schema_version": SCHEMA_VERSION, "ok": False,
-               "error": {"code": "internal", "message": "%s: %s" % (type(exc).__name__, _one_line(exc))}}
-        rc = 3
-    text = json.dumps(_finite(doc), allow_nan=False) + "\n"
-    if out_path:
-        try:
-            write_atomic(out_path, text)
-        except OSError as exc:
-            log("cannot write --out %s: %s" % (out_path, exc))
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass  # the host went away; it fetches the --out copy on reconnect
-    return rc
 
 
 if __name__ == "__main__":

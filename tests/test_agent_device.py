@@ -12,6 +12,7 @@ from pipeline.results import validate_agent_result
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "device_agents" / "agent.py"
+DEVICE_FILES = [AGENT, ROOT / "device_agents" / "helper.py"]   # both run with the device's own Python
 
 PI4_ARM64 = """processor\t: 0
 BogoMIPS\t: 108.00
@@ -149,17 +150,21 @@ def test_quantize_roundtrip_matches_tensor_parameters(agent):
     assert agent.quantize(x, {"dtype": np.float32, "quantization": (0.0, 0)}) is x  # float models: untouched
 
 
-def test_agent_source_needs_nothing_newer_than_python_37():
+@pytest.mark.parametrize("path", DEVICE_FILES, ids=lambda p: p.name)
+def test_device_source_needs_nothing_newer_than_python_37(path):
     vermin = ROOT / ".venv" / "bin" / "vermin"
-    proc = subprocess.run([str(vermin), "-t=3.7-", "--no-tips", "--violations", str(AGENT)],
+    proc = subprocess.run([str(vermin), "-t=3.7-", "--no-tips", "--violations", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_agent_imports_nothing_from_pipeline():
-    source = AGENT.read_text()
-    assert "pipeline" not in {line.split()[1].split(".")[0] for line in source.splitlines()
-                              if line.startswith(("import ", "from "))}
+@pytest.mark.parametrize("path", DEVICE_FILES, ids=lambda p: p.name)
+def test_device_source_imports_only_stdlib_and_numpy(path):
+    import sys
+
+    source = path.read_text()
+    top = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    assert top <= set(sys.stdlib_module_names) | {"numpy"}, top - set(sys.stdlib_module_names)
 
 
 def test_agent_runs_on_python_37_when_available(digits_artifacts, tmp_path):
@@ -172,12 +177,15 @@ def test_agent_runs_on_python_37_when_available(digits_artifacts, tmp_path):
     data = tmp_path / "eval.npz"
     np.savez(data, x=np.random.default_rng(0).random((20, 8, 8, 1), dtype=np.float32),
              y=np.zeros(20, np.int64))
-    for argv in (["--probe"], ["--model", str(digits_artifacts["int8"].path), "--data", str(data), "--runs", "3"]):
+    outputs = tmp_path / "outputs.npz"
+    for argv in (["--probe"], ["--model", str(digits_artifacts["int8"].path), "--data", str(data), "--runs", "3",
+                               "--outputs-out", str(outputs)]):
         proc = subprocess.run([str(py37), str(AGENT), *argv], capture_output=True, text=True, timeout=120)
         doc = json.loads(proc.stdout)
         validate_agent_result(doc)
         assert doc["ok"], (doc, proc.stderr)
-    assert doc["device"]["python"].startswith("3.7.") and doc["accuracy"]["n"] == 20
+    assert doc["device"]["python"].startswith("3.7.") and doc["outputs"]["tensors"][0]["shape"][0] == 20
+    assert np.load(outputs)[doc["outputs"]["tensors"][0]["name"]].shape[0] == 20
 
 
 def test_schema_rejects_incomplete_or_mistyped_documents():

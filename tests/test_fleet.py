@@ -59,7 +59,7 @@ def test_mixed_fleet_measures_everywhere_and_resends_nothing(fleet, tiny_artifac
     results = runner("mixed-1", on_event=lambda *e: events.append(e)).run(jobs_for(inv, tiny_artifact, tiny_eval))
     assert [r.ok for r in results] == [True] * 4, [r.error for r in results]
     assert {r.result["runtime"]["name"] for r in results} == {"ai-edge-litert", "tflite-runtime"}
-    assert all(r.result["accuracy"]["n"] == 60 for r in results)
+    assert all(r.result["latency_ms"]["n"] == r.result["runs_done"] == len(r.result["samples_ms"]) for r in results)
     assert {s for _, s, _ in events} >= {"connect", "push", "run", "collect", "done"}
     # the agent's own copy of the result sits in the run folder on each device
     for d in fleet:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from device_agents.helper import EXEC_MISSING
 from pipeline.errors import AgentError, TransportError
 from pipeline.files import agent_file, sha256_path
 from pipeline.devices.transport.base import CommandResult, Transport
@@ -31,77 +32,9 @@ AGENT_SOURCE = agent_file("agent.py")
 HELPER_TIMEOUT = 120.0
 WORKDIR_MARK = "@@EDGEPIPE_WORKDIR@@"  # replaced on the device by its absolute work directory
 
-# Runs on the device with its own Python (3.7+, stdlib only): prepare the layout and report which files are
-# there (verified by hash) / verify+install uploads / exec the agent right away when everything is there.
-DEVICE_HELPER = r"""
-import errno, hashlib, json, os, sys, time
-def h(p):
-    d = hashlib.sha256()
-    with open(p, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''):
-            d.update(b)
-    return d.hexdigest()
-def owner_alive(part):
-    # <sha16>.<owner pid>.<random>.part; older names carry no owner
-    bits = part.split('.')
-    if len(bits) != 4 or not bits[1].isdigit():
-        return False
-    try:
-        os.kill(int(bits[1]), 0)
-    except OSError as e:
-        return e.errno != errno.ESRCH  # EPERM: alive, only not ours to signal
-    return True
-def free(w):
-    st = os.statvfs(w)
-    return st.f_bavail * st.f_frsize
-op, arg = sys.argv[1], json.loads(sys.argv[2])
-if op in ('prepare', 'exec'):
-    w = os.path.abspath(os.path.expanduser(arg['workdir']))
-    for sub in ['agent', 'blobs', 'runs', 'tmp'] + arg.get('dirs', []):
-        os.makedirs(os.path.join(w, sub), exist_ok=True)
-    tmp = os.path.join(w, 'tmp')
-    for n in os.listdir(tmp):  # uploads abandoned by a killed transfer: their owner process is gone
-        p = os.path.join(tmp, n)
-        try:
-            if not owner_alive(n) or time.time() - os.path.getmtime(p) > 3600:
-                os.remove(p)
-        except OSError:
-            pass
-    present = {}
-    for rel, sha in arg.get('files', {}).items():
-        p = os.path.join(w, rel)
-        present[rel] = os.path.isfile(p) and h(p) == sha
-    if op == 'exec' and all(present.values()):
-        argv = [a.replace(arg['mark'], w) for a in arg['argv']]
-        try:
-            os.execvp(argv[0], argv)  # the agent takes over this process: same pid, same pipes
-        except OSError as e:
-            sys.stderr.write('%s: %s\n' % (argv[0], e.strerror))
-            sys.exit(127)
-    print(json.dumps({'workdir': w, 'present': present, 'free_bytes': free(w), 'owner': os.getppid()}))
-    if op == 'exec':
-        sys.exit(75)
-elif op == 'free':
-    for p in arg['remove']:
-        if os.path.exists(p):
-            os.remove(p)
-    print(json.dumps({'free_bytes': free(arg['workdir'])}))
-elif op == 'install':
-    done, bad = [], []
-    for tmp, final, sha in arg['items']:
-        got = h(tmp) if os.path.isfile(tmp) else None
-        if got == sha:
-            d = os.path.dirname(final)
-            if not os.path.isdir(d):
-                os.makedirs(d)
-            os.rename(tmp, final)
-            done.append(final)
-        else:
-            bad.append([final, sha, got])
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    print(json.dumps({'installed': done, 'bad': bad}))
-"""
+# Runs on the device with its own Python (3.7+, stdlib only) as `python -c SOURCE OP JSON`: device_agents/helper.py.
+DEVICE_HELPER = agent_file("helper.py").read_text(encoding="utf-8")
+
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -265,7 +198,7 @@ class Deployer:
         res = self.t.run([self.python, "-c", DEVICE_HELPER, "exec", json.dumps({
             "workdir": self.workdir, "dirs": list(dirs), "files": {i.rel: i.sha256 for i in items},
             "argv": list(argv), "mark": WORKDIR_MARK})], timeout=timeout)
-        if res.rc == 75 and not res.timed_out:
+        if res.rc == EXEC_MISSING and not res.timed_out:
             try:
                 info = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
             except (ValueError, IndexError):
