@@ -38,6 +38,13 @@ def accelerator_use(result: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+def conditions_of(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The agent's `conditions` block (throttled, flags, governor, freq_mhz, temps_c, remeasured), or {} (older
+    agents)."""
+    cond = (result or {}).get("conditions")
+    return cond if isinstance(cond, dict) else {}
+
+
 @dataclass
 class ErrorInfo:
     code: str
@@ -97,6 +104,11 @@ class DeviceResult:
         self.fallback_reason = f"not compiled: {not_compiled}; {why}" if not_compiled else why
     # the device lease it measured under: {"acquired", "released"} epoch seconds on the database's clock, "device"
     lease: dict[str, Any] | None = None
+
+    @property
+    def throttled(self) -> bool:
+        """Throttled or frequency-capped during its timed runs (after any re-measure): never a baseline."""
+        return bool(self.ok and conditions_of(self.result).get("throttled"))
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":
