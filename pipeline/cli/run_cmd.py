@@ -14,7 +14,7 @@ from pipeline.release.report import human_bytes
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.model_options import model_options
-from pipeline.cli.tables import Col, fitted_table
+from pipeline.cli.tables import Col, fitted_table, memory_cell, throttle_mark
 from pipeline.results import accelerator_use
 
 
@@ -35,10 +35,12 @@ def _row(d: Any) -> list[str]:
     acc = r.get("accuracy") or {}
     agr = r.get("agreement") or {}
     status = ("[bold yellow]ok, FALLBACK[/]" if d.fallback else "[green]ok[/]") if d.ok else f"[red]{d.error.code}[/]"
+    status += throttle_mark(d)
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
-            fmt(agr.get("top1"), "%.3f"), (r.get("runtime") or {}).get("name", "-"), _delegate(r), human_bytes(d.bytes_sent)]
+            fmt(agr.get("top1"), "%.3f"), memory_cell(r), (r.get("runtime") or {}).get("name", "-"), _delegate(r),
+            human_bytes(d.bytes_sent)]
 
 
 def _delegate(r: dict) -> str:
@@ -50,7 +52,8 @@ def _delegate(r: dict) -> str:
 
 RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
                Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
-               Col("runtime", 3), Col("accelerator", 5, wrap=True), Col("sent", 6, justify="right"))
+               Col("mem MB (model/proc)", 3, justify="right"), Col("runtime", 3), Col("accelerator", 5, wrap=True),
+               Col("sent", 6, justify="right"))
 
 
 def device_table(result: Any, width: int | None = None) -> Table:

@@ -64,3 +64,24 @@ def fitted_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[str]],
         return t
     names = ", ".join(cols[i].header for i in sorted(hidden))
     return Group(t, Text(f"not shown at {width} columns: {names} (see --json)", style="dim"))
+
+
+def memory_cell(result: dict | None) -> str:
+    """`7.5 / 52` MB: what the model adds at its peak, and the whole process's peak (MB of 2^20 bytes)."""
+    mem = (result or {}).get("memory") or {}
+    model, process = mem.get("model_peak_mb"), mem.get("process_peak_mb")
+    if model is None and process is None:
+        return "-"
+    return f"{'-' if model is None else f'{model:.1f}'} / {'-' if process is None else f'{process:.0f}'}"
+
+
+def throttle_mark(device: object) -> str:
+    """` [bold yellow]⚠ throttled[/]` for a device throttled during its timed runs (`⚠ re-measured` when the second
+    measurement was clean), else ''."""
+    result = getattr(device, "result", None) or {}
+    cond = result.get("conditions") if getattr(device, "ok", False) else None
+    if not isinstance(cond, dict):
+        return ""
+    if cond.get("throttled"):
+        return " [bold yellow]⚠ throttled[/]"
+    return " [yellow]re-measured[/]" if cond.get("remeasured") else ""

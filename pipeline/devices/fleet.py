@@ -226,6 +226,7 @@ class FleetRunner:
             return res
         t = job.target
         first = {"flags": cond.get("flags"), "p50_ms": ((res.result or {}).get("latency_ms") or {}).get("p50"),
+                 "started": ((res.result or {}).get("timestamps") or {}).get("started"),
                  "cooldown_s": policy.cooldown_s}
         self.on_event(t.name, "cooldown", f"throttled ({', '.join(cond.get('flags') or [])}): measuring again "
                                           f"after {policy.cooldown_s:g}s")

@@ -295,8 +295,7 @@ def conditions_checks(device: DeviceResult, policy: Any) -> list[Check]:
         warn = policy.throttled == "warn"
         note = throttle_text(cond) + ("; kept with a warning (throttled: warn)" if throttled and warn else "")
         checks.append(Check(device.name, "conditions.throttled", throttled, policy.throttled,
-                            policy.source("throttled"), not throttled or warn, note=note,
-                            metric=", ".join(cond.get("flags") or []) or None))
+                            policy.source("throttled"), not throttled or warn, note=note))
     if policy.governor == "performance":
         governor = cond.get("governor") if cond else (device.result or {}).get("device", {}).get("governor")
         checks.append(Check(device.name, "conditions.governor", governor, "performance", policy.source("governor"),
