@@ -403,6 +403,8 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
     """The pydantic model that owns the container at `loc` (for listing accepted keys)."""
     if not loc:
         return InventorySpec
+    if "conditions" in loc:
+        return ConditionsSpec
     head = loc[0]
     if head == "targets":
         if len(loc) >= 3 and loc[2] == "gates":
@@ -414,8 +416,6 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
         return GroupSpec
     if head == "artifact_store":
         return ArtifactStoreSpec
-    if "conditions" in loc:
-        return ConditionsSpec
     if head == "gates":
         if len(loc) >= 3 and loc[1] in ("kinds", "groups"):
             return GateThresholds

@@ -158,7 +158,12 @@ def test_a_throttled_result_is_never_a_baseline_nor_in_the_history_spread(thrott
     with Store(tmp / "results.db") as store:
         spread = store.latency_history(c.name, c.artifact["sha256"], runtime_label(c),
                                        before=rel_c.run.started)
+        points = {p.run_id: p for p in store.history(target=c.name, model_name="tiny").points}
     assert spread == [a.result["latency_ms"]["p50"]]   # A's median only: B's throttled one is left out
+    run_a, run_b = out["A"][0].run.run_id, out["B"][0].run.run_id
+    assert points[run_b].throttled and not points[run_a].throttled   # the trends know which points to leave out
+    assert points[run_a].model_peak_mb == a.result["memory"]["model_peak_mb"]
+    assert points[run_a].init_ms == a.result["latency_ms"]["init"]
 
 
 def test_warn_keeps_a_throttled_result_and_fail_does_not_remeasure(throttle_runs, boards, tiny_artifact, tiny_eval,
