@@ -46,7 +46,8 @@ class Board:
         """What the device's sshd sets in every session: the sysfs root, and PATH with the stub first."""
         return {"EDGEPIPE_SYSFS_ROOT": str(self.sys), "PATH": f"{self.bin}:{path}"}
 
-    def set_cpus(self, n: int = 4, *, governor: str = "performance", cur_mhz: float = 1500, max_mhz: float = 1500) -> None:
+    def set_cpus(self, n: int = 4, *, governor: str = "performance", cur_mhz: float = 1500,
+                 max_mhz: float = 1500) -> None:
         for i in range(n):
             freq = self.sys / "devices" / "system" / "cpu" / f"cpu{i}" / "cpufreq"
             freq.mkdir(parents=True, exist_ok=True)
