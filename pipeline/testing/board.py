@@ -42,9 +42,11 @@ class Board:
     def bin(self) -> Path:
         return self.root / "bin"
 
-    def env(self, path: str = "/usr/local/bin:/usr/bin:/bin") -> dict[str, str]:
-        """What the device's sshd sets in every session: the sysfs root, and PATH with the stub first."""
-        return {"EDGEPIPE_SYSFS_ROOT": str(self.sys), "PATH": f"{self.bin}:{path}"}
+    def env(self, path: str = "/usr/local/bin:/usr/bin:/bin", on_device: str | None = None) -> dict[str, str]:
+        """What the device's sshd sets in every session: the sysfs root, and PATH with the stub first. `on_device`
+        is where the device sees `root` (inside an emulated Pi's chroot), when that differs."""
+        root = Path(on_device) if on_device else self.root
+        return {"EDGEPIPE_SYSFS_ROOT": str(root / "sys"), "PATH": f"{root / 'bin'}:{path}"}
 
     def set_cpus(self, n: int = 4, *, governor: str = "performance", cur_mhz: float = 1500,
                  max_mhz: float = 1500) -> None:
