@@ -236,7 +236,7 @@ def test_min_duration_is_honoured_by_the_agents_own_clock(fleet, boards, tiny_ar
     shown = cli("show", doc["run_id"], "--db", str(tmp_path / "r.db"), "--json")
     assert json.loads(shown.stdout)["devices"][0]["result"]["conditions"] == cond
     table = cli("show", doc["run_id"], "--db", str(tmp_path / "r.db"))
-    assert "mem MB" in table.stdout, table.stdout
+    assert "model/proc MB" in table.stdout, table.stdout
 
 
 def test_fleet_check_shows_frequencies_temperatures_and_flags(fleet, boards, tmp_path):

@@ -24,7 +24,7 @@ TREND_COLUMNS = (Col("run"), Col("started (UTC)", 3), Col("model", 5, wrap=True)
 SHOW_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("ok"), Col("runtime", 2, wrap=True),
                 Col("accelerator", wrap=True),
                 Col("p50 ms", justify="right"), Col("p90 ms", 4, justify="right"), Col("top-1", 1, justify="right"),
-                Col("agreement", 1, justify="right"), Col("mem MB (model/proc)", 3, justify="right"))
+                Col("agreement", 1, justify="right"), Col("model/proc MB", 3, justify="right"))
 DB_OPT = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db (default: "
                       "targets.yaml `db:`, else .edgepipe/results.db beside it).")
 MODEL_OPT = typer.Option(None, "--model-name", help="Only runs of this model (the name `edgepipe run` recorded).")

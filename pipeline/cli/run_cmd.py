@@ -52,7 +52,7 @@ def _delegate(r: dict) -> str:
 
 RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
                Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
-               Col("mem MB (model/proc)", 3, justify="right"), Col("runtime", 3), Col("accelerator", 5, wrap=True),
+               Col("model/proc MB", 3, justify="right"), Col("runtime", 3), Col("accelerator", 5, wrap=True),
                Col("sent", 6, justify="right"))
 
 
