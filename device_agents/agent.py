@@ -196,7 +196,7 @@ def measure(args):
     import numpy as np
     rss = [memory_reading()]  # after every import: the mark the model's memory is counted from
     peak_reset = rss[0]["source"] == "proc_status" and reset_peak_rss()
-    rss_before = peak_rss_bytes()
+    ru_peak_before = peak_rss_bytes()
     interp, delegate, init_ms = load(runtime, args, model, options, warnings)
     rss.append(memory_reading())
     inputs, outputs = interp.get_input_details(), interp.get_output_details()
@@ -223,7 +223,7 @@ def measure(args):
         accuracy=None,   # scored on the host from the outputs file (pipeline.metrics)
         agreement=None,
         outputs=outputs_block,
-        memory=memory_block(rss, peak_reset, rss_before, peak_rss_bytes()),
+        memory=memory_block(rss, peak_reset, ru_peak_before, peak_rss_bytes()),
         conditions=conditions,
         device=device,
         model=model,
