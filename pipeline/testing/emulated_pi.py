@@ -185,16 +185,16 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
         pub = Path(f"{host_key}.pub").read_text().strip()
         config = merged / "etc" / "ssh" / "edgepipe_sshd_config"
         log = base / "sshd.log"
-        env = {"PATH": SESSION_PATH}
+        sshd_env = {"PATH": SESSION_PATH}
         if qemu_cpu:
-            env["QEMU_CPU"] = qemu_cpu
+            sshd_env["QEMU_CPU"] = qemu_cpu
         for attempt in range(5):  # a free port can be taken between probe and bind: retry with another
             port = free_port()
             config.write_text(_sshd_config(qemu_cpu, env))
             argv = [CHROOT, str(merged), "/usr/sbin/sshd", "-D", "-e", "-p", str(port),
                     "-f", "/etc/ssh/edgepipe_sshd_config"]
             with open(log, "ab") as err:
-                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                proc = subprocess.Popen(argv, env=sshd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=err, start_new_session=True)
             try:
                 wait_ready("127.0.0.1", port, proc, timeout=60.0)
