@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -1208,9 +1206,10 @@ def conditions_block(before, after, warnings):
 
 def throttled_state():
     """`vcgencmd get_throttled` (the first vcgencmd on PATH, else /usr/bin/vcgencmd) decoded; None without it."""
-    exe = shutil.which("vcgencmd") or (VCGENCMD if os.path.isfile(VCGENCMD) else None)
+    exe = vcgencmd_path()
     if exe is None:
         return None
+    import subprocess  # here, not at the top: boards without vcgencmd never pay for importing it
     try:
         out = subprocess.run([exe, "get_throttled"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL, timeout=10).stdout
@@ -1218,6 +1217,14 @@ def throttled_state():
         log("%s get_throttled failed: %s" % (exe, _one_line(exc)))
         return None
     return parse_throttled(out.decode("ascii", "replace"))
+
+def vcgencmd_path():
+    """The first executable `vcgencmd` on PATH, else /usr/bin/vcgencmd if it exists, else None."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(directory, "vcgencmd")
+        if directory and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return VCGENCMD if os.path.isfile(VCGENCMD) else None
 
 def parse_throttled(text):
     """{"raw": "0x50005", "now": [flags], "since_boot": [flags]} from `throttled=0x50005`; None if unreadable."""
