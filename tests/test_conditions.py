@@ -148,19 +148,25 @@ def test_throttling_again_marks_the_result_and_fails_it(throttle_runs):
 
 
 def test_a_throttled_result_is_never_a_baseline_nor_in_the_history_spread(throttle_runs):
-    tmp, _, out = throttle_runs
+    from pipeline.inventory import load_inventory
+    from pipeline.release.gate import evaluate
+
+    tmp, inv, out = throttle_runs
     (a,), (b,), (c,) = (out[k][0].run.devices for k in "ABC")
     rel_c, calls = out["C"]
     assert calls == 1 + 2 and not c.throttled and c.result["conditions"]["remeasured"] is False
-    assert rel_c.verdict.baseline_run_id == out["B"][0].run.run_id        # the last complete run of the model
-    reg = check(rel_c.verdict, "max_latency_regression", c.name)
+    run_a, run_b = out["A"][0].run.run_id, out["B"][0].run.run_id
+    assert rel_c.verdict.baseline_run_id == run_b        # the last complete run of the model
+    stand_in = check(rel_c.verdict, "baseline", c.name)  # B's result on c0 was throttled: A's stands in for it
+    assert stand_in.measured == run_a and f"throttled in baseline {run_b}" in stand_in.note
+    alone = evaluate(rel_c.run, load_inventory(inv), out["B"][0].run)   # with no earlier clean result: not compared
+    reg = check(alone, "max_latency_regression", c.name)
     assert reg.skipped and "was throttled" in reg.note and "never used as a baseline" in reg.note
     with Store(tmp / "results.db") as store:
         spread = store.latency_history(c.name, c.artifact["sha256"], runtime_label(c),
                                        before=rel_c.run.started)
         points = {p.run_id: p for p in store.history(target=c.name, model_name="tiny").points}
     assert spread == [a.result["latency_ms"]["p50"]]   # A's median only: B's throttled one is left out
-    run_a, run_b = out["A"][0].run.run_id, out["B"][0].run.run_id
     assert points[run_b].throttled and not points[run_a].throttled   # the trends know which points to leave out
     assert points[run_a].model_peak_mb == a.result["memory"]["model_peak_mb"]
     assert points[run_a].init_ms == a.result["latency_ms"]["init"]

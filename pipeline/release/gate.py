@@ -25,6 +25,8 @@ EMULATED_NOTE = "emulated device: its latency says nothing about real hardware, 
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 # (device, artifact sha256) -> medians (ms) of that artifact on that device in earlier complete runs
 LatencyHistory = Callable[[DeviceResult, str], list]
+# a throttled baseline device -> (run id, its latest unthrottled result before the baseline run), or None
+UnthrottledBaseline = Callable[[DeviceResult], "tuple[str, DeviceResult] | None"]
 
 EXIT_PASSED, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
@@ -415,11 +417,13 @@ def _describe(cmp: LatencyComparison, floor_ms: float, baseline_id: str) -> str:
 
 
 def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
-                      history: LatencyHistory | None = None) -> list[Check]:
+                      history: LatencyHistory | None = None,
+                      unthrottled: UnthrottledBaseline | None = None) -> list[Check]:
     """Latency and top-1 regression of each device against the same target and mode in the baseline run.
 
     The latency gate applies only when `gates.max_latency_regression` is set; otherwise the comparison is shown as
-    a skipped check. `history` gives earlier medians of an artifact on a device (the run-to-run spread).
+    a skipped check. `history` gives earlier medians of an artifact on a device (the run-to-run spread). A baseline
+    result that was throttled is never compared with: `unthrottled` finds that device's latest clean one instead.
     """
     gates = inventory.gates
     lat_thr = gates.max_latency_regression
@@ -445,6 +449,10 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
         if b is None:
             checks.append(skip(d.name, f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
             continue
+        stand_in = unthrottled(b) if b.throttled and unthrottled is not None else None
+        if stand_in is not None:
+            checks += _stand_in_note(d.name, baseline.run_id, stand_in[0])
+            b = stand_in[1]
         used_new = (accelerator_use(d.result) or {}).get("used")
         used_base = (accelerator_use(b.result) or {}).get("used")
         if d.emulated or b.emulated:
@@ -480,6 +488,12 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
             checks.append(Check(d.name, "max_top1_regression", round(a.drop_points, 3), acc_thr, acc_src,
                                 not a.regressed, note=prefix + note, family="regression"))
     return checks
+
+
+def _stand_in_note(name: str, baseline_id: str, stand_in_id: str) -> list[Check]:
+    return [Check(name, "baseline", stand_in_id, "an unthrottled result", "gates.conditions", True, skipped=True,
+                  family="regression", note=f"{name} was throttled in baseline {baseline_id}: compared with its "
+                                            f"latest unthrottled result, from run {stand_in_id}")]
 
 
 def _cross_model(run: RunResult, baseline: RunResult | None) -> dict[str, Any] | None:
@@ -559,7 +573,8 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
 
 
 def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
-             select: Iterable[str] | None = None, history: LatencyHistory | None = None) -> Verdict:
+             select: Iterable[str] | None = None, history: LatencyHistory | None = None,
+             unthrottled: UnthrottledBaseline | None = None) -> Verdict:
     """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run).
 
     Without an inventory (None) only the defaults apply: every device must be measured, an accelerator target
@@ -586,7 +601,7 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
         state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
     checks.extend(_fleet_checks(gated, inventory, state))
     if baseline is not None:
-        regression = regression_checks(gated, baseline, inventory, history)
+        regression = regression_checks(gated, baseline, inventory, history, unthrottled)
         checks.extend(regression)
         for c in regression:
             if not c.passed and not c.skipped and state.get(c.target) == "passed":
@@ -615,7 +630,11 @@ def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | Non
     def history(device: DeviceResult, sha: str) -> list:
         return store.latency_history(device.name, sha, runtime_label(device), before=run.started)
 
-    verdict = evaluate(run, inventory, base, select=select, history=history)
+    def unthrottled(device: DeviceResult) -> Any:
+        return store.last_unthrottled(device.name, device.mode, base.model_name, before=base.started)
+
+    verdict = evaluate(run, inventory, base, select=select, history=history,
+                       unthrottled=unthrottled if base is not None else None)
     if save:
         store.save_verdict(run.run_id, verdict)
     return run, base, verdict

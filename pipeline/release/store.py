@@ -384,6 +384,21 @@ class Store:
             (target, artifact_sha256) + rt + (before, int(limit) * THROTTLE_SCAN))
         return [float(r["p50"]) for r in rows if not _resource_fields(r["raw"])["throttled"]][: int(limit)]
 
+    def last_unthrottled(self, target: str, mode: str, model_name: str | None, *, before: float,
+                         scan: int = 20) -> tuple[str, DeviceResult] | None:
+        """(run id, result) of the latest measured, unthrottled result of `target` in `mode` in a complete run of
+        `model_name` started before `before`: what stands in for a throttled baseline result."""
+        same, params = _same("r.model_name", model_name)
+        rows = self._rows(
+            "SELECT d.run_id, d.raw FROM device_results d JOIN runs r ON r.id = d.run_id WHERE d.target=? AND "
+            f"d.mode=? AND d.ok=1 AND r.complete=1 AND r.interrupted IS NULL AND {same} AND r.started < ? "
+            "ORDER BY r.started DESC, r.rowid DESC LIMIT ?", (target, mode) + params + (before, int(scan)))
+        for r in rows:
+            device = DeviceResult.from_dict(json.loads(r["raw"]))
+            if not device.throttled:
+                return r["run_id"], device
+        return None
+
     def verdicts(self, run_id: str) -> list[dict[str, Any]]:
         return [json.loads(r["verdict"]) for r in
                 self._rows("SELECT verdict FROM gate_verdicts WHERE run_id=? ORDER BY id", (run_id,))]
