@@ -4,8 +4,8 @@ what the agent's conditions and memory probes (issue 22) add to a whole MobileNe
 Prints the ratio of mean invoke latency (agent / bare; target <= 1.03) and the agent's cold start (runtime import +
 model load), as medians over alternating rounds; then the agent with its probes against the same agent with them
 replaced by no-ops (a board's sysfs tree and a vcgencmd stub in place, as on a Pi), alternating, at the same
-runs/warmup: the probes' own time as a share of the agent's wall (target < 1 %) and the ratio of median
-whole-process wall times (target <= 1.01). `--json` prints the figures as one JSON object.
+runs/warmup: the probes' own time as a share of the whole agent process's wall time (target < 1 %) and the
+ratio of median whole-process wall times (target <= 1.01). `--json` prints the figures as one JSON object.
 
     .venv/bin/python bench/agent_overhead.py [--rounds 15] [--runs 100] [--venvs litert,tflite-runtime] [--json]
 """
@@ -102,7 +102,7 @@ def measure_probes(venv: str, model: Path, data: Path, rounds: int, runs: int, w
     walls: dict[str, list[float]] = {"on": [], "off": []}
     agent_walls: dict[str, list[float]] = {"on": [], "off": []}
     means: dict[str, list[float]] = {"on": [], "off": []}
-    ratios, probe_ms, probe_share = [], [], []
+    ratios, probe_ms, probe_share, probe_share_process = [], [], [], []
     for i in range(rounds):
         for side in (("on", "off") if i % 2 == 0 else ("off", "on")):
             argv = [str(python), "-c", WRAPPED, str(AGENT.parent), side, "--model", str(model), "--data", str(data),
@@ -122,6 +122,7 @@ def measure_probes(venv: str, model: Path, data: Path, rounds: int, runs: int, w
                 spent = cond["before"]["read_ms"] + cond["after"]["read_ms"]
                 probe_ms.append(spent)
                 probe_share.append(spent / 1e3 / doc["wall_s"])
+                probe_share_process.append(spent / 1e3 / walls[side][-1])
         ratios.append(walls["on"][-1] / walls["off"][-1])
     med = statistics.median
     ratio = med(walls["on"]) / med(walls["off"])
@@ -133,6 +134,7 @@ def measure_probes(venv: str, model: Path, data: Path, rounds: int, runs: int, w
             "ratio_of_agent_walls": round(med(agent_walls["on"]) / med(agent_walls["off"]), 4),
             "ratio_of_mean_invoke": round(med(means["on"]) / med(means["off"]), 4),
             "probe_ms": round(med(probe_ms), 3), "probe_share_of_agent_wall": round(med(probe_share), 5),
+            "probe_share_of_process_wall": round(med(probe_share_process), 5),
             "target_ratio": 1.01, "meets_target": ratio <= 1.01}
 
 
@@ -225,9 +227,9 @@ def main() -> int:
            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "targets": [{"name": f"agent/bare ratio of mean invoke ({r['runtime']})", "value": r["ratio_of_means"],
                         "target": "<= 1.03", "met": r["meets_target"]} for r in results]
-                      + [{"name": f"conditions and memory probes' own time / the agent's wall, MobileNetV2 run "
-                                  f"({p['venv']})", "value": p["probe_share_of_agent_wall"], "target": "< 0.01",
-                          "met": p["probe_share_of_agent_wall"] < 0.01} for p in probes]
+                      + [{"name": f"conditions and memory probes' own time / the whole agent process, MobileNetV2 "
+                                  f"run ({p['venv']})", "value": p["probe_share_of_process_wall"], "target": "< 0.01",
+                          "met": p["probe_share_of_process_wall"] < 0.01} for p in probes]
                       + [{"name": f"agent with/without its probes, whole-process wall, ratio of medians "
                                   f"({p['venv']})", "value": p["ratio_of_process_walls"], "target": "<= 1.01",
                           "met": p["meets_target"]} for p in probes],
@@ -254,8 +256,8 @@ def main() -> int:
         print(f"  probes on/off ({pr['venv']}, runs {pr['runs']}, {pr['rounds']} rounds): whole process "
               f"{pr['process_wall_on_s']:.3f} s / {pr['process_wall_off_s']:.3f} s = "
               f"{pr['ratio_of_process_walls']:.4f} (target <= 1.01: {'ok' if pr['meets_target'] else 'MISSED'}); "
-              f"the probes' own time {pr['probe_ms']:.2f} ms = {100 * pr['probe_share_of_agent_wall']:.2f} % of the "
-              "agent's wall")
+              f"the probes' own time {pr['probe_ms']:.2f} ms = {100 * pr['probe_share_of_process_wall']:.2f} % of the "
+              f"whole process, {100 * pr['probe_share_of_agent_wall']:.2f} % of the agent's wall_s")
     for r in results:
         print(f"  {r['runtime']:<22} bare {r['bare_mean_ms']:.3f} ms  agent {r['agent_mean_ms']:.3f} ms  "
               f"ratio of means {r['ratio_of_means']:.4f} (target <= 1.03: {'ok' if r['meets_target'] else 'MISSED'}), "
