@@ -115,8 +115,12 @@ def test_every_readme_command_runs(demo):
             bound += f" --db {state / 'results.db'}"
         res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=900)
-        # A README release command may legitimately end in "gate failed" (1); never in usage/infra errors.
-        assert res.returncode in (0, 1), f"{cmd}\n-> {bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        # Every command here passes on the demo fleet: the demo's own release passed its gates (asserted above);
+        # `run --model-name digits` has no earlier run of that name to regress against; `gate RUN_ID --baseline
+        # TAG` compares the same artifacts with the demo's run (no top-1 change, no latency history to gate on);
+        # `optimize` finds a format within the budget for every class (the digits CNN keeps its accuracy in every
+        # mode).
+        assert res.returncode == 0, f"{cmd}\n-> {bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         ran += 1
     assert ran >= 8
 
