@@ -78,7 +78,8 @@ def expected(doc: dict) -> dict[str, list[str]]:
             f"{round(reg['false_alarm_rate_same_work_other_artifact'] * n)}/{n} retrained",
             f"**{round(reg['detection_rate'] * n)}/{n}**", f"{reg['whole_runs']} whole runs in {reg['seconds']:.0f} s"],
         "| `edgepipe optimize` vs one `edgepipe run`": [
-            f"**{opt['demo_time']['ratio']:.2f}×**", f"(target ≤ {float(opt['demo_time']['target'].lstrip('<= ')):g}×)",
+            f"**{opt['demo_time']['ratio']:.2f}×**",
+            f"(target ≤ {float(opt['demo_time']['target'].lstrip('<= ')):g}×)",
             f"empty conversion caches {opt['demo_time']['cold_ratio']:.2f}×"],
         "| int8 recovery: MobileNetV2": [
             f"MobileNetV2 {alpha}/{px}", f"full int8 {rec['int8_top1']:.3f}", f"**{rec['recovered']['top1']:.3f}**",

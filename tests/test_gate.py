@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,14 @@ def test_each_target_gate_fails_with_measured_threshold_and_source(tmp_path, gat
     v = evaluate(run, _inv(tmp_path, TWO[1:], {gate: threshold}), None)
     assert v.exit_code == 1 and not v.passed
     [check] = _failed(v, gate, "pi-i8")
-    assert check.measured is not None and check.threshold == threshold
+    # the value the gate read, computed here from the outputs the agent wrote, the eval file and the artifact
+    dev, data = run.devices[0], np.load(gate_models.eval_path)
+    (out,) = np.load(dev.outputs_path).values()
+    out, ref = out.reshape(len(data["y"]), -1).astype(np.float64), data["ref"].astype(np.float64)
+    want = {"min_top1": (out.argmax(1) == data["y"]).mean(), "min_agreement": (out.argmax(1) == ref.argmax(1)).mean(),
+            "min_snr_db": 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum()),
+            "max_bytes": Path(dev.artifact["path"]).stat().st_size}[gate]
+    assert check.measured == pytest.approx(want, rel=1e-4) and check.threshold == threshold   # float32 sums
     assert check.source == f"gates.{gate}"
     text = check.message()
     assert gate in text and "gates." + gate in text and "measured" in text
