@@ -150,7 +150,7 @@ def test_agent_outputs_match_host_in_every_mode(venv, device_python, digits_arti
 def test_incompatible_op_version_names_operator_and_runtime(device_python, digits_artifacts, eval_with_ref):
     rc, doc, stderr = run_agent(device_python["tflite-runtime"], "--model", digits_artifacts["dynamic"].path,
                                 "--data", eval_with_ref)
-    assert rc != 0 and doc["error"]["code"] == "model_incompatible"
+    assert rc == 1 and doc["error"]["code"] == "model_incompatible"
     msg = doc["error"]["message"]
     assert "FULLY_CONNECTED" in msg and "version 12" in msg and "tflite-runtime 2.14" in msg
     assert doc["error"]["operator"] == "FULLY_CONNECTED" and doc["error"]["operator_version"] == 12
@@ -174,7 +174,7 @@ def test_missing_and_corrupt_models(venv, device_python, digits_artifacts, eval_
         truncated = tmp_path / f"cut{cut}.tflite"
         truncated.write_bytes(good[:cut])
         rc, doc, _ = run_agent(py, "--model", truncated, "--data", eval_with_ref)
-        assert rc != 0 and doc["error"]["code"] == "model_corrupt", (cut, doc)
+        assert rc == 1 and doc["error"]["code"] == "model_corrupt", (cut, doc)
         assert "truncated" in doc["error"]["message"]
 
 
@@ -183,7 +183,7 @@ def test_missing_edgetpu_delegate_with_and_without_fallback(venv, device_python,
     py, model = device_python[venv], digits_artifacts["int8"].path
     rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
                                 "--edgetpu-device", "usb:0")
-    assert rc != 0 and doc["error"]["code"] == "edgetpu_unavailable"
+    assert rc == 1 and doc["error"]["code"] == "edgetpu_unavailable"
     assert "libedgetpu.so.1" in doc["error"]["message"] and "not compiled for the Edge TPU" in doc["error"]["message"]
     assert "Traceback" not in stderr and "Delegate.__del__" not in stderr
 
@@ -238,7 +238,7 @@ def test_bad_and_missing_data(device_python, digits_artifacts, tmp_path):
 def test_no_runtime_at_all(device_python, digits_artifacts, eval_with_ref):
     rc, doc, _ = run_agent(device_python["numpy-only"], "--model", digits_artifacts["int8"].path,
                            "--data", eval_with_ref)
-    assert rc != 0 and doc["error"]["code"] == "no_runtime"
+    assert rc == 1 and doc["error"]["code"] == "no_runtime"
     assert "ai-edge-litert" in doc["error"]["message"] and "tflite-runtime" in doc["error"]["message"]
     # asking for a runtime the device lacks is the same error, naming it
     rc, doc, _ = run_agent(device_python["litert"], "--model", digits_artifacts["int8"].path,
@@ -255,7 +255,7 @@ def test_tflite_runtime_next_to_numpy2_is_no_runtime(device_python, digits_artif
                           text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     doc = json.loads(proc.stdout)
     validate_agent_result(doc)
-    assert proc.returncode != 0 and doc["error"]["code"] == "no_runtime"
+    assert proc.returncode == 1 and doc["error"]["code"] == "no_runtime"
     assert "numpy 2." in doc["error"]["message"] and "numpy<2" in doc["error"]["message"]
 
 
