@@ -181,12 +181,15 @@ def parse_args(argv):
 # ---------------------------------------------------------------- the two commands
 
 def measure(args):
-    """One measurement, phase by phase: the device and the model file; the eval data; the resident-set mark; the
-    runtime and the interpreter (timed as `init`); the conditions before, the timed invokes, the conditions and
-    the resident set after; every output over the eval set; the baseline side by side."""
+    """One measurement, phase by phase: the device and its conditions; the model file; the eval data; the
+    resident-set mark; the runtime and the interpreter (timed as `init`); the timed invokes, then the resident set
+    and the conditions again; every output over the eval set; the baseline side by side."""
     started = time.time()
     device = device_facts()
     warnings = device_warnings(device)
+    # read first, not just before the timed runs: the vcgencmd process would disturb `init` and `first`; a throttle
+    # between here and the second reading counts, a stricter window around the timed runs
+    before = read_conditions()
     model = read_model(args.model, args.expect_sha256)
     arrays = read_eval(args.data)  # read before the mark below: the eval data is not the model's memory
     options = parse_delegate_options(args.delegate_option)
@@ -202,7 +205,6 @@ def measure(args):
     model["outputs"] = [_tensor_info(d) for d in outputs]
     xs = load_data(args.data, inputs, arrays)
     reduce = parse_reduce(args.reduce, outputs)
-    before = read_conditions()
     timing = time_model(interp, inputs, xs, init_ms, args, warnings, started)
     rss.append(memory_reading())
     conditions = conditions_block(before, read_conditions(), warnings)
