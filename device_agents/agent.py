@@ -48,6 +48,7 @@ APEX_TEMPS = "/sys/class/apex/apex_*/temp"  # every PCIe/M.2 Edge TPU
 # board's tree in for /sys with this variable (set by its sshd); the code paths stay the real ones.
 SYSFS_ROOT_ENV = "EDGEPIPE_SYSFS_ROOT"
 VCGENCMD = "/usr/bin/vcgencmd"  # used when no vcgencmd is on PATH (Raspberry Pi OS puts it here)
+VCGENCMD_TIMEOUT_S = 10.0
 # `vcgencmd get_throttled` bits: 0-3 hold now, 16-19 the same events since boot.
 THROTTLED_BITS = (("under_voltage", 0), ("freq_capped", 1), ("throttled", 2), ("soft_temp_limit", 3))
 SINCE_BOOT_SHIFT = 16
@@ -1211,14 +1212,52 @@ def throttled_state():
     exe = vcgencmd_path()
     if exe is None:
         return None
-    import subprocess  # here, not at the top: boards without vcgencmd never pay for importing it
     try:
-        out = subprocess.run([exe, "get_throttled"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             stdin=subprocess.DEVNULL, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
+        out = command_output([exe, "get_throttled"], VCGENCMD_TIMEOUT_S)
+    except (OSError, ValueError) as exc:
         log("%s get_throttled failed: %s" % (exe, _one_line(exc)))
         return None
     return parse_throttled(out.decode("ascii", "replace"))
+
+def command_output(argv, timeout):
+    """stdout of a short command (stdin and stderr /dev/null), killed after `timeout` seconds (ValueError).
+    posix_spawn where Python has it (3.8+): importing subprocess would cost more than the command itself."""
+    if not hasattr(os, "posix_spawn"):
+        import subprocess
+        try:
+            return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                  timeout=timeout).stdout
+        except subprocess.SubprocessError as exc:
+            raise ValueError(_one_line(exc))
+    import select
+    read_end, write_end = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[  # novermin (guarded by hasattr above)
+            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),  # novermin
+            (os.POSIX_SPAWN_DUP2, null, 2)])  # novermin
+    except OSError:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+        os.close(null)
+    chunks, chunk, deadline = [], b"", time.time() + timeout
+    try:
+        while True:
+            ready = select.select([read_end], [], [], max(0.0, deadline - time.time()))[0]
+            chunk = os.read(read_end, 65536) if ready else None
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if chunk is None:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    if chunk is None:
+        raise ValueError("no answer within %gs" % timeout)
+    return b"".join(chunks)
 
 def vcgencmd_path():
     """The first executable `vcgencmd` on PATH, else /usr/bin/vcgencmd if it exists, else None."""
