@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import metrics as scoring
+from device_agents.agent import EDGETPU_CUSTOM_OP, RUNTIME_ORDER
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.data import Dataset, Preprocess, load_dataset, write_device_eval
 from pipeline.convert.edgetpu_files import EdgeTPUFiles, plain_info, precompiled_artifact
@@ -22,7 +23,6 @@ from pipeline.devices.cancel import CancelToken
 from pipeline.devices.fleet import DeviceJob, FleetRunner, LeaseHook, OnEvent, TransportFactory, _noop
 from pipeline.devices.probe import ProbeResult, probe_fleet
 from pipeline.errors import AgentError, CompatibilityError, ConfigError, ConversionError, EdgepipeError, Interrupted
-from pipeline.inventory import AUTO_ORDER
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
 
 CALIBRATED_MODES = ("int8", "int16x8")
@@ -38,7 +38,7 @@ def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
     have = probe.runtimes if probe is not None and probe.ok else {}
     if target.runtime and target.runtime != "auto":
         return {"runtime": target.runtime, "version": have.get(target.runtime) or target.runtime_version}
-    for name in AUTO_ORDER:
+    for name in RUNTIME_ORDER:
         if name == "pycoral" and target.delegate != "edgetpu":
             continue
         if name in have:
@@ -165,7 +165,7 @@ def refusal(t: Any, src: ModelSource) -> DeviceResult | None:
     """A target that cannot run this .tflite at all, decided before its device is touched."""
     if src.variant == "edgetpu_compiled" and t.accelerator != "edgetpu":
         return DeviceResult.failed_for(t, "needs_edgetpu", f"{src.path.name} is compiled for the Edge TPU "
-                                       "(edgetpu-custom-op) and runs only on Edge TPU targets, not on a "
+                                       f"({EDGETPU_CUSTOM_OP}) and runs only on Edge TPU targets, not on a "
                                        f"{t.accelerator} target")
     if src.kind == "tflite" and src.variant == "float" and t.accelerator == "edgetpu":
         return DeviceResult.failed_for(t, "conversion_failed", f"{src.path.name} is a float .tflite; the Edge TPU "

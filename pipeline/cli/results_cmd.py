@@ -105,12 +105,10 @@ def show(
              else "INCOMPLETE (stopped before the end)")
     rows = []
     for d in result.devices:
-        r = d.result or {}
-        rt = r.get("runtime") or {}
+        m = d.measured
         rows.append([escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
-                     escape(f"{rt.get('name', '-')} {rt.get('version', '')}".strip()), _delegate(r),
-                     _f((r.get("latency_ms") or {}).get("p50")), _f((r.get("latency_ms") or {}).get("p90")),
-                     _f((r.get("accuracy") or {}).get("top1"), 4), _f((r.get("agreement") or {}).get("top1"), 4)])
+                     escape(m.runtime_label or "-"), _delegate(m), _f(m.latency.p50), _f(m.latency.p90),
+                     _f(m.top1, 4), _f(m.agreement_top1, 4)])
     console = out_console()
     model = f" · model {escape(result.model_name)}" if result.model_name else ""
     console.print(fitted_table(f"run {escape(result.run_id)}{model} · {_when(result.started)} UTC · {state}",

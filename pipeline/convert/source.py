@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
 from pipeline.files import sha256_path, write_atomic
 from pipeline.inventory import MODES
 
 KINDS = ("saved_model", "keras", "h5", "tflite")
 VARIANTS = ("float", "quantized", "edgetpu_compiled")   # what a .tflite source already is
-EDGETPU_OP = "edgetpu-custom-op"
 POSTPROCESS_OP = b"TFLite_Detection_PostProcess"   # a composite the converter turns into this custom op
 DEFAULT_SIGNATURE = "serving_default"
 DESCRIBE_VERSION = 3

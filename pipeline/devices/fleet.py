@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from pipeline.devices.cancel import CancelToken
-from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
+from pipeline.devices.push import WORKDIR_MARK, Pusher, PushItem, result_rel, safe_name
 from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
 from pipeline.files import sha256_path
 from pipeline.results import DeviceResult, parse_agent_output
@@ -226,7 +226,7 @@ class FleetRunner:
 
     def _with_outputs(self, tr: Transport, job: DeviceJob, res: DeviceResult) -> DeviceResult:
         """Fetch the outputs .npz a successful agent wrote into the run's out dir; check it against its sha256."""
-        block = (res.result or {}).get("outputs") if res.ok else None
+        block = res.measured.outputs if res.ok else None
         if not block or job.outputs_dir is None:
             return res
         t = job.target
@@ -249,7 +249,7 @@ class FleetRunner:
         res.outputs_path = str(local)
         return res
 
-    def _earlier_result(self, tr: Transport, dep: Deployer, t: Any, pid: int | None) -> DeviceResult | None:
+    def _earlier_result(self, tr: Transport, dep: Pusher, t: Any, pid: int | None) -> DeviceResult | None:
         """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
         if pid:
             with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
@@ -279,7 +279,7 @@ class FleetRunner:
                 tr.connect()
             tr.cancel = self.cancel
             timings["connect"] = time.monotonic() - s
-            dep = Deployer(tr, t.python, t.workdir, timeout=t.timeout)
+            dep = Pusher(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
             extras = job.extras()
             items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]

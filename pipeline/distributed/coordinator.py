@@ -254,7 +254,7 @@ def _with_outputs(res: DeviceResult, blobs: ArtifactStore) -> DeviceResult:
 
     Outputs are content-addressed like artifacts, so two runs (or two devices) whose outputs are identical share
     one blob: it is never removed here, another coordinator may still need it (retention: docs/scaling.md)."""
-    stored = ((res.result or {}).get("outputs") or {}).get("stored") if res.ok else None
+    stored = (res.measured.outputs or {}).get("stored") if res.ok else None
     if not stored:
         return res
     try:

@@ -205,7 +205,7 @@ class Worker:
 
     def _share_outputs(self, res: DeviceResult) -> DeviceResult:
         """The fetched outputs go to the artifact store; the result names where (`result.outputs.stored`)."""
-        block = (res.result or {}).get("outputs") if res.ok else None
+        block = res.measured.outputs if res.ok else None
         if res.outputs_path and block is not None:
             local = Path(res.outputs_path)
             try:

@@ -86,22 +86,18 @@ class History:
 
 def runtime_label(d: DeviceResult) -> str | None:
     """'ai-edge-litert 2.3.0': the runtime a device result was measured with (the `runtime` column)."""
-    rt = (d.result or {}).get("runtime") or {}
-    return f"{rt.get('name')} {rt.get('version') or ''}".strip() if rt.get("name") else None
+    return d.measured.runtime_label
 
 
 def _query_columns(d: DeviceResult) -> dict[str, Any]:
-    r = d.result or {}
-    lat = r.get("latency_ms") or {}
-    acc = r.get("accuracy") or {}
-    agr = r.get("agreement") or {}
+    m = d.measured
+    lat = m.latency
     art = d.artifact or {}
-    runtime = runtime_label(d)
     return {
         "kind": d.kind, "mode": d.mode, "ok": int(bool(d.ok)), "error_code": d.error.code if d.error else None,
-        "p50": lat.get("p50"), "p90": lat.get("p90"), "p99": lat.get("p99"), "top1": acc.get("top1"),
-        "agreement": agr.get("top1"), "snr_db": agr.get("snr_db"), "bytes": art.get("bytes"),
-        "emulated": int(bool(d.emulated)), "runtime": runtime, "artifact_sha256": art.get("sha256"),
+        "p50": lat.p50, "p90": lat.p90, "p99": lat.p99, "top1": m.top1,
+        "agreement": m.agreement_top1, "snr_db": m.snr_db, "bytes": art.get("bytes"),
+        "emulated": int(bool(d.emulated)), "runtime": m.runtime_label, "artifact_sha256": art.get("sha256"),
         "fallback": int(bool(d.fallback)),
         "lease_acquired": (d.lease or {}).get("acquired"), "lease_released": (d.lease or {}).get("released"),
     }
