@@ -9,7 +9,7 @@ the threshold came from, so a failed release explains itself; every fallback is 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from pipeline.metrics.gates import readings
@@ -511,10 +511,7 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
         inventory = _NoInventory()
     wanted = set(select) if select else None
     devices = [d for d in run.devices if wanted is None or d.name in wanted]
-    gated = RunResult(run_id=run.run_id, devices=devices, started=run.started, finished=run.finished,
-                      model_sha256=run.model_sha256, artifacts=run.artifacts, complete=run.complete,
-                      float_top1=run.float_top1, label=run.label, inventory_sha256=run.inventory_sha256,
-                      model_name=run.model_name)
+    gated = replace(run, devices=devices)   # the run itself (task, float metrics, interruption), these devices
     checks: list[Check] = []
     state: dict[str, str] = {}
     for d in devices:
