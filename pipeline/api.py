@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -75,6 +75,50 @@ def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str
             for r in reqs]
 
 
+@dataclass(frozen=True)
+class HistoryOptions:
+    """Where the run is recorded and what it is compared with."""
+
+    db: str | Path | None = None       # SQLite path or PostgreSQL URL (default: targets.yaml db:, else beside it)
+    baseline: str | None = "last"      # last | RUN_ID | TAG | none
+    label: str | None = None           # a tag for this run (usable as a baseline)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Files a run or a gate writes besides the history."""
+
+    report_dir: str | Path | None = None
+    junit: str | Path | None = None
+    summary: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """How the caller follows a run and stops it (the CLI's live board, signals)."""
+
+    on_event: Callable[[str, str, str], None] | None = None
+    on_result: Callable[[DeviceResult], None] | None = None
+    on_notice: Callable[[str], None] | None = None
+    cancel: CancelToken | None = None
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything `run` is asked, grouped: what to measure, on which devices, how they are reached, where it goes."""
+
+    model: str | Path
+    data: str | Path
+    calibration: Any = None
+    options: Any = None                # pipeline.run.ModelOptions
+    settings: Any = None               # pipeline.run.RunSettings (select, out_dir, cache_dir, run_id, model_name)
+    history: HistoryOptions = HistoryOptions()
+    outputs: OutputOptions = OutputOptions()
+    hooks: RunHooks = RunHooks()
+    lease_timeout: float | None = None
+    distributed: Any = None            # pipeline.distributed.coordinator.DistributedOptions, or None: local
+
+
 def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any = None,
         select: Iterable[str] = (), out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
         db: str | Path | None = None, baseline: str | None = "last", label: str | None = None,
@@ -99,94 +143,116 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
-    queue (pipeline.distributed.coordinator); gating and reporting are the same.
+    queue (pipeline.distributed.coordinator); gating and reporting are the same. The keywords are grouped into a
+    RunRequest (`run_request` takes one directly).
     """
+    from pipeline.distributed.coordinator import DistributedOptions
+    from pipeline.distributed.queue import WORKER_TIMEOUT_S
+    from pipeline.run import ModelOptions, RunSettings
+
+    dist = DistributedOptions(worker_timeout or WORKER_TIMEOUT_S, worker_retries, queue_timeout, lease_timeout) \
+        if distributed else None
+    return run_request(targets, RunRequest(
+        model, data, calibration,
+        ModelOptions(signature, input_shapes, _preprocess(preprocess), task, output, reference),
+        RunSettings(out_dir=Path(out_dir), cache_dir=Path(cache_dir) if cache_dir else None,
+                    select=tuple(select), run_id=run_id, model_name=model_name),
+        HistoryOptions(db, baseline, label), OutputOptions(report_dir, junit, summary),
+        RunHooks(on_event, on_result, on_notice, cancel), lease_timeout, dist))
+
+
+def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
+    """`run` with its arguments grouped: host checks -> record the run -> drive it (local or distributed
+    executor, the history as the result sink) -> store what the run adds -> gate -> report."""
     from pipeline.release.gate import gate_stored_run
-    from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
-    from pipeline.run import execute, new_run_id, prepare
+    from pipeline.run import RunDriver, prepare
 
     inv = _inventory(targets)
-    selected = inv.select(list(select))
-    prepared = prepare(model, data, targets=selected, calibration=calibration, signature=signature,
-                       input_shapes=input_shapes, reference=reference, preprocess=_preprocess(preprocess), task=task,
-                       output=output, cache_dir=cache_dir, on_notice=on_notice)
-    model_name = model_name or prepared.src.name
-    run_id = run_id or new_run_id()
-    cancel = cancel or CancelToken()
+    selected = inv.select(list(req.settings.select))
+    prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration,
+                       cache_dir=req.settings.cache_dir, on_notice=req.hooks.on_notice, **req.options.kwargs())
+    settings = replace(req.settings, select=tuple(t.name for t in selected),
+                       run_id=req.settings.run_id or _new_run_id(), model_name=req.settings.model_name or prepared.src.name)
+    cancel = req.hooks.cancel or CancelToken()
     cancel.check("stopped before the run started; nothing recorded")
-    store = open_store(db, inv, must_exist=False)
-    leases = None
+    store = open_store(req.history.db, inv, must_exist=False)
+    executor, close = None, (lambda: None)
     try:
-        if distributed:  # a missing site: or a SQLite history is bad input: exit 2 before a run is recorded
-            from pipeline.distributed.coordinator import preflight
-
-            preflight(inv, selected, store)
-        if not distributed:   # a distributed run's devices are leased by the workers that measure them
-            leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=lease_timeout)
-        store.begin_run(run_id, prepared.src.sha256, inv.sha256, label, model_name=model_name)
-        # the baseline's model is re-measured beside the new one only where a latency regression gate applies
-        remeasure = (store.resolve_baseline(baseline, exclude=run_id, model_name=model_name)
-                     if inv.gates.max_latency_regression is not None and not distributed else None)
-        record = store.recorder(run_id)
-
-        def _on_result(device: DeviceResult) -> None:
-            record(device)
-            if on_result is not None:
-                on_result(device)
-
+        executor, close = _executor(inv, selected, store, settings.run_id, req)  # bad input: exit 2, nothing recorded
+        store.begin_run(settings.run_id, prepared.src.sha256, inv.sha256, req.history.label,
+                        model_name=settings.model_name)
+        if executor.remeasures_baseline and inv.gates.max_latency_regression is not None:
+            settings = replace(settings, baseline=store.resolve_baseline(req.history.baseline, exclude=settings.run_id,
+                                                                         model_name=settings.model_name))
+        driver = RunDriver(executor, sink=store.recorder(settings.run_id), on_result=req.hooks.on_result,
+                           on_event=req.hooks.on_event)
         try:
-            if distributed:
-                result = _distributed(inv, prepared, store, select=[t.name for t in selected], out_dir=out_dir,
-                                      cache_dir=cache_dir, on_event=on_event, on_result=on_result, run_id=run_id,
-                                      lease_timeout=lease_timeout, worker_timeout=worker_timeout,
-                                      worker_retries=worker_retries, queue_timeout=queue_timeout,
-                                      model_name=model_name, cancel=cancel)
-            else:
-                result = execute(inv, select=[t.name for t in selected], out_dir=out_dir, cache_dir=cache_dir,
-                                 on_event=on_event, on_result=_on_result, run_id=run_id, cancel=cancel,
-                                 baseline=remeasure, model_name=model_name, prepared=prepared, lease=leases)
+            result = driver.run(inv, prepared, settings, cancel)
         except Interrupted as exc:
-            store.mark_interrupted(run_id, exc.reason)
-            exc.run = store.load_run(run_id)
-            exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
-                           f"{len(selected)} device result(s) kept, marked interrupted in {store.path}")
-            exc.data["db"] = str(store.path)
+            _mark_interrupted(store, exc, settings.run_id, len(selected))
             raise
-        for art in result.artifacts:
-            store.add_artifact(run_id, art)
-        store.set_float_top1(run_id, result.float_top1)
-        store.set_task(run_id, result.task, result.float_metrics)
-        store.finish_run(run_id)
-        stored, base, verdict = gate_stored_run(store, run_id, inv, baseline, select=[t.name for t in selected])
+        _store_run(store, settings.run_id, result)
+        stored, base, verdict = gate_stored_run(store, settings.run_id, inv, req.history.baseline,
+                                                select=list(settings.select))
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
-        _write_outputs(rel, store, report_dir, junit, summary)
+        _write_outputs(rel, store, req.outputs)
         return rel
     finally:
-        if leases is not None:
-            leases.close()
+        close()
         store.close()
 
 
-def _distributed(inv: Inventory, prepared: Any, store: Any, *, worker_timeout: float | None, **kw: Any) -> RunResult:
-    """The measuring half of a distributed run (workers store their devices' results; the host scores them)."""
-    from pipeline.distributed.coordinator import execute_distributed
-    from pipeline.distributed.queue import WORKER_TIMEOUT_S
+def _store_run(store: Any, run_id: str, result: RunResult) -> None:
+    """What the run adds to its record once the devices are in: artifacts, float figures, task; then complete."""
+    for art in result.artifacts:
+        store.add_artifact(run_id, art)
+    store.set_float_top1(run_id, result.float_top1)
+    store.set_task(run_id, result.task, result.float_metrics)
+    store.finish_run(run_id)
 
-    return execute_distributed(inv, prepared, store=store, worker_timeout=worker_timeout or WORKER_TIMEOUT_S, **kw)
+
+def _new_run_id() -> str:
+    from pipeline.run import new_run_id
+
+    return new_run_id()
 
 
-def _write_outputs(rel: Release, store: Any, report_dir: Any, junit: Any, summary: Any) -> None:
+def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str, req: RunRequest) -> tuple[Any, Callable[[], None]]:
+    """How this run reaches its devices, and what to close after it: the local fan-out with device leases, or the
+    sites' workers (which lease the devices they measure themselves)."""
+    if req.distributed is not None:
+        from pipeline.distributed.coordinator import DistributedExecutor, preflight
+
+        preflight(inv, selected, store)   # a missing site: or a SQLite history is bad input
+        return DistributedExecutor(store, req.distributed), (lambda: None)
+    from pipeline.release.leases import Leases
+    from pipeline.run import LocalExecutor
+
+    leases = Leases(store.db, owner=run_id, run_id=run_id, timeout=req.lease_timeout)
+    return LocalExecutor(lease=leases), leases.close
+
+
+def _mark_interrupted(store: Any, exc: Interrupted, run_id: str, selected: int) -> None:
+    """The stored run is marked interrupted (never a baseline); the exception carries it as stored."""
+    store.mark_interrupted(run_id, exc.reason)
+    exc.run = store.load_run(run_id)
+    exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
+                   f"{selected} device result(s) kept, marked interrupted in {store.path}")
+    exc.data["db"] = str(store.path)
+
+
+def _write_outputs(rel: Release, store: Any, outputs: OutputOptions) -> None:
     from pipeline.release.ci_outputs import write_junit, write_summary
 
-    if report_dir is not None:
+    if outputs.report_dir is not None:
         from pipeline.release.report import write_report
 
-        rel.report_path = write_report(rel.run, rel.verdict, _history(store, rel.run), report_dir)
-    if junit is not None:
-        rel.junit_path = write_junit(rel.verdict, junit)
-    if summary is not None:
-        rel.summary_path = write_summary(rel.verdict, summary)
+        rel.report_path = write_report(rel.run, rel.verdict, _history(store, rel.run), outputs.report_dir)
+    if outputs.junit is not None:
+        rel.junit_path = write_junit(rel.verdict, outputs.junit)
+    if outputs.summary is not None:
+        rel.summary_path = write_summary(rel.verdict, outputs.summary)
 
 
 def _history(store: Any, run: RunResult) -> Any:
@@ -206,7 +272,7 @@ def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str
     with open_store(db, inv) as store:
         stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None)
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
-        _write_outputs(rel, store, report_dir, junit, summary)
+        _write_outputs(rel, store, OutputOptions(report_dir, junit, summary))
     return rel
 
 

@@ -160,8 +160,11 @@ class FleetRunner:
     def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                  on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
                  backoff: float = BACKOFF, connections: dict[str, Transport] | None = None,
-                 lease: LeaseHook | None = None, cancel: CancelToken | None = None) -> None:
+                 lease: LeaseHook | None = None, cancel: CancelToken | None = None,
+                 announce_done: bool = True) -> None:
+        """`announce_done`: emit each device's "done" event here (False when the caller announces it, after scoring)."""
         self.run_id = run_id
+        self.announce_done = announce_done
         self.lease = lease
         self.cancel = cancel or CancelToken()
         self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
@@ -205,7 +208,8 @@ class FleetRunner:
         res.artifact = job.artifact_info
         res.lease = held
         res.mark_fallback()
-        self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
+        if self.announce_done:
+            self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         with self._result_lock:
             self.on_result(res)
         return res

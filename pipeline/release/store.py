@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pipeline.errors import GateError, StoreError
 from pipeline.inventory import is_db_url
 from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
+from pipeline.release.exchange import Exchange
 from pipeline.release.schema import latest, migrate, migrations
 from pipeline.results import DeviceResult, RunResult
 
@@ -125,6 +126,11 @@ class Store:
     def schema_version(self) -> int:
         return self.db.schema_version()
 
+    @property
+    def exchange(self) -> Exchange:
+        """The tables distributed runs share besides results: artifact blobs, probes, progress."""
+        return Exchange(self.db)
+
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
             with self.db.write():
@@ -232,10 +238,14 @@ class Store:
         except self.db.errors as exc:
             raise StoreError(f"cannot read results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
-    def device_result(self, run_id: str, target: str) -> DeviceResult | None:
-        """One committed device result of a run, or None while it has not arrived."""
-        row = self._row("SELECT raw FROM device_results WHERE run_id=? AND target=?", (run_id, target))
-        return DeviceResult.from_dict(json.loads(row["raw"])) if row else None
+    def device_results(self, run_id: str, targets: list[str]) -> dict[str, DeviceResult]:
+        """The committed results of these targets of a run (a target whose result has not arrived is left out)."""
+        names = sorted(set(targets))
+        if not names:
+            return {}
+        rows = self._rows(f"SELECT target, raw FROM device_results WHERE run_id=? AND target IN "
+                          f"({', '.join('?' * len(names))})", (run_id, *names))
+        return {r["target"]: DeviceResult.from_dict(json.loads(r["raw"])) for r in rows}
 
     def run_info(self, run_id: str) -> RunInfo:
         row = self._row(_RUNINFO_SQL + " WHERE r.id=? GROUP BY r.id", (run_id,))
