@@ -9,8 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.release.report import human_bytes
+from pipeline.api.inputs import DEFAULT_CACHE_DIR
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.model_options import model_options
@@ -34,7 +33,13 @@ def _row(d: Any) -> list[str]:
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(m.latency.p50, "%.3f"), fmt(m.latency.p90, "%.3f"), fmt(m.top1, "%.3f"),
-            fmt(m.agreement_top1, "%.3f"), m.runtime or "-", _delegate(m), human_bytes(d.bytes_sent)]
+            fmt(m.agreement_top1, "%.3f"), m.runtime or "-", _delegate(m), _human_bytes(d.bytes_sent)]
+
+
+def _human_bytes(n: Any) -> str:
+    from pipeline import api
+
+    return api.human_bytes(n)
 
 
 def _delegate(m: Any) -> str:

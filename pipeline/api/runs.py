@@ -1,22 +1,17 @@
-"""The Python API that mirrors the CLI: convert, run, gate, report, as plain functions returning dataclasses.
-
-    from pipeline import api
-    rel = api.run("targets.yaml", model="model.keras", data="eval.npz", calibration="cal.npz", report_dir="out")
-    print(rel.verdict.headline(), rel.report_path)
-"""
+"""The release job and its stored runs: `run` (convert, measure, store, gate, report), `gate` and `report` of a
+stored run, `history` and `show`. `run`'s keyword arguments are grouped into a RunRequest (`run_request`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
-from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.api.inputs import DEFAULT_CACHE_DIR, DEFAULT_OUT, inventory_of as _inventory, preprocess_of as _preprocess
 from pipeline.devices.cancel import CancelToken
 from pipeline.errors import Interrupted
-from pipeline.inventory import Inventory, load_inventory
+from pipeline.inventory import Inventory
 from pipeline.results import DeviceResult, RunResult
 
-DEFAULT_OUT = Path(".edgepipe") / "artifacts"
 HISTORY_IN_REPORT = 50  # runs shown in the report's trend
 
 
@@ -36,43 +31,6 @@ class Release:
     def exit_code(self) -> int:
         return self.verdict.exit_code
 
-
-def _inventory(targets: str | Path | Inventory) -> Inventory:
-    return targets if isinstance(targets, Inventory) else load_inventory(targets)
-
-
-def _preprocess(preprocess: Any) -> Any:
-    """A Preprocess, or one read from a YAML/JSON file path."""
-    if preprocess is None or not isinstance(preprocess, (str, Path)):
-        return preprocess
-    from pipeline.convert.data import Preprocess
-
-    return Preprocess.from_file(preprocess)
-
-
-def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str] = (),
-            targets: str | Path | Inventory | None = None, calibration: Any = None, compat: str | None = None,
-            io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-            progress: Callable[[str, str], None] | None = None, signature: str | None = None,
-            input_shapes: Any = None, preprocess: Any = None) -> list[Any]:
-    """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts.
-
-    The model is identified once; `signature` picks a SavedModel signature, `input_shapes` (NAME=1x224x224x3 items
-    or a mapping) fixes dynamic dimensions, `preprocess` (a Preprocess or a YAML/JSON file) reads an image folder.
-    """
-    from pipeline.convert.converter import convert as convert_one
-    from pipeline.convert.recipes import requested_formats
-    from pipeline.convert.source import describe, identify
-
-    fleets = [_inventory(targets)] if targets is not None else []
-    reqs = requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)
-    src = identify(model, signature=signature)
-    if src.kind != "tflite":
-        src = describe(src, cache_dir=cache_dir, progress=progress)
-    return [convert_one(src, r.mode, calibration=calibration, out_dir=out_dir, cache_dir=cache_dir, compat=r.compat,
-                        io_type=r.io_type, progress=progress, input_shapes=input_shapes,
-                        preprocess=_preprocess(preprocess))
-            for r in reqs]
 
 
 @dataclass(frozen=True)
@@ -299,49 +257,44 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
         return write_report(run, verdict, _history(store, run), out_dir)
 
 
-def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any,
-             select: Iterable[str] = (), objective: str = "latency", max_drop: float | None = None,
-             each: bool = False, out_dir: str | Path = DEFAULT_OUT,
-             cache_dir: str | Path | None = DEFAULT_CACHE_DIR, report_dir: str | Path | None = None,
-             write_modes: bool = False, on_event: Callable[[str, str, str], None] | None = None,
-             on_notice: Callable[[str], None] | None = None, cancel: CancelToken | None = None,
-             signature: str | None = None, input_shapes: Any = None, preprocess: Any = None,
-             task: str | None = None, output: str | None = None, db: str | Path | None = None,
-             lease_timeout: float | None = None) -> Any:
-    """Measure every candidate format per device class, recover int8 when it misses the accuracy budget, choose per
-    class by `objective`; optionally write the HTML report and patch targets.yaml (`write_modes`). Stores no run;
-    each device is leased in the results database while a candidate is measured on it, as `run` does.
-
-    Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
-    """
-    from pipeline.optimize import check_options, optimize as run_optimize
-    from pipeline.release.leases import Leases
+def history(*, db: str | Path | None = None, targets: str | Path | Inventory | None = None,
+            target: str | None = None, limit: int = 20, model_name: str | None = None) -> Any:
+    """The latest runs with their verdicts (and every target's figures), or one target's trend: a
+    pipeline.release.store.History. Reading never creates a history."""
     from pipeline.release.store import open_store
-    from pipeline.run import new_run_id, prepare
 
-    check_options(objective, max_drop)
-    inv = _inventory(targets)
-    inv.select(list(select))   # an unknown --select is one line before the model is even read
-    prepared = prepare(model, data, calibration=calibration, signature=signature, input_shapes=input_shapes,
-                       preprocess=_preprocess(preprocess), task=task, output=output, cache_dir=cache_dir,
-                       on_notice=on_notice)
-    with open_store(db, inv, must_exist=False) as store:
-        leases = Leases(store.db, owner=f"optimize-{new_run_id()}", timeout=lease_timeout)
-        try:
-            res = run_optimize(inv, prepared, select=list(select), objective=objective, max_drop=max_drop, each=each,
-                               out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_notice=on_notice,
-                               cancel=cancel or CancelToken(), lease=leases)
-        finally:
-            leases.close()
-    if report_dir is not None:
-        from pipeline.release.optimize_report import write_optimize_report
+    with open_store(db, _inventory(targets) if targets is not None else None) as store:
+        return store.history(target=target, limit=limit, model_name=model_name)
 
-        res.report_path = write_optimize_report(res.to_dict(), report_dir)
-    if write_modes:
-        from pipeline.targets_file import write_modes as patch
 
-        choices = {name: (cls.chosen.mode, list(cls.chosen.keep_float))
-                   for cls in res.classes if cls.chosen is not None for name in cls.targets}
-        res.changes = patch(inv.path, choices) if choices else []
-        res.written = inv.path
-    return res
+@dataclass
+class StoredRun:
+    """A run as the history holds it, with its last stored verdict (None when it was never gated)."""
+
+    run: RunResult
+    verdict_doc: dict[str, Any] | None       # the verdict's JSON as stored
+
+    @property
+    def verdict(self) -> Any:
+        """The last verdict as a pipeline.release.gate.Verdict (headline, notes, checks), or None."""
+        from pipeline.release.gate import Verdict
+
+        return Verdict.from_dict(self.verdict_doc) if self.verdict_doc is not None else None
+
+
+def show(run_ref: str, *, db: str | Path | None = None, targets: str | Path | Inventory | None = None,
+         model_name: str | None = None) -> StoredRun:
+    """A stored run: an id, a tag, a unique id prefix or 'last' (of `model_name` when given)."""
+    from pipeline.release.store import open_store
+
+    with open_store(db, _inventory(targets) if targets is not None else None) as store:
+        run = store.load_run(store.resolve_run(run_ref, model_name=model_name))
+        verdicts = store.verdicts(run.run_id)
+    return StoredRun(run, verdicts[-1] if verdicts else None)
+
+
+def human_bytes(n: Any) -> str:
+    """12.3 KiB: sizes as the report prints them."""
+    from pipeline.release.report import human_bytes as text
+
+    return text(n)
