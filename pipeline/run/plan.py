@@ -144,7 +144,7 @@ def _precompiled(ctx: RunContext, live: list[Any], work: _Planning) -> None:
 def _artifact_note(art: Any) -> str:
     """What happened to the model for this artifact, in the words the user reads."""
     if (art.manifest.get("recipe") or {}).get("passthrough"):
-        return f"{art.path.name}: a {art.mode} .tflite, shipped as it is, {art.bytes} bytes"
+        return f"{art.path.name}: the {art.mode} .tflite as given, shipped as it is, {art.bytes} bytes"
     return f"{art.path.name}: {'cache hit' if art.cached else 'converted'}, {art.bytes} bytes"
 
 
