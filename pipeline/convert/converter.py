@@ -22,9 +22,8 @@ from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
                                       quantize_selective)
-from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
-                                     open_signature, parse_input_shapes, signature_specs, static_converter,
-                                     with_shapes)
+from pipeline.convert.source import (ModelSource, first_line, describe, identify, open_signature, parse_input_shapes,
+                                     signature_specs, static_converter, with_shapes)
 from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.files import write_atomic

@@ -14,7 +14,7 @@ import numpy as np
 from device_agents.agent import RUNTIME_ORDER
 from pipeline import metrics as scoring
 from pipeline.convert.data import write_device_eval
-from pipeline.convert.edgetpu_files import EdgeTPUFiles, plain_info, precompiled_artifact
+from pipeline.convert.edgetpu_files import EdgeTPUFiles, Shipped, plain_info, precompiled_artifact
 from pipeline.convert.source import match_specs, specs_from_manifest
 from pipeline.devices.fleet import DeviceJob
 from pipeline.devices.probe import ProbeResult
@@ -22,9 +22,6 @@ from pipeline.errors import AgentError, CompatibilityError, ConversionError, Edg
 from pipeline.results import DeviceResult, ErrorInfo, RunResult
 from pipeline.run.driver import RunContext
 from pipeline.run.host import RunInputs, compute_reference, output_specs
-
-Shipped = tuple[Path, dict[str, Any], "Path | None"]   # (file to run, its artifact info, CPU fallback file)
-
 
 def effective_runtime(target: Any, probe: ProbeResult | None) -> dict[str, Any]:
     """The runtime (and version) the agent will really use on this device, as far as the probe tells."""
@@ -103,7 +100,8 @@ class JobPlan:
     io_of: dict[str, ArtifactIO] = field(default_factory=dict)
 
     def scored(self, res: DeviceResult) -> DeviceResult:
-        mode = (self.shipped.get(res.name, (None, {}, None))[1] or {}).get("mode")
+        shipped = self.shipped.get(res.name)
+        mode = shipped.info.get("mode") if shipped is not None else None
         if self.prepared.src.kind == "tflite" and mode and mode != res.mode:  # shipped as it is: say what ran
             res.mode = mode
         return score(res, self.io_of.get(res.name), self.prepared)
@@ -137,7 +135,7 @@ def _precompiled(ctx: RunContext, live: list[Any], work: _Planning) -> None:
     path, info, manifest = precompiled_artifact(src.path, src.record(), ctx.out_dir / "artifacts")
     work.manifests.append(manifest)
     for t in live:
-        work.shipped[t.name], work.io_manifest[t.name] = (path, info, None), manifest
+        work.shipped[t.name], work.io_manifest[t.name] = Shipped(path, info, None), manifest
         ctx.on_event(t.name, "artifact", f"{path.name}: compiled before edgepipe, shipped as is")
 
 
@@ -184,12 +182,12 @@ def _edgetpu_files(ctx: RunContext, live: list[Any], probes: dict[str, ProbeResu
             continue
         art = work.artifacts[t.name]
         if t.accelerator != "edgetpu":
-            work.shipped[t.name] = (art.path, plain_info(art), None)
+            work.shipped[t.name] = Shipped(art.path, plain_info(art), None)
             continue
         p = probes.get(t.name)
         facts = ((p.probe or {}).get("edgetpu") or {}) if p and p.ok else {}
         work.shipped[t.name] = tpu.select(art, facts, allow_fallback=t.allow_fallback)
-        info = work.shipped[t.name][1]
+        info = work.shipped[t.name].info
         ctx.on_event(t.name, "artifact", f"{Path(info['path']).name}: " + (
             "compiled for the Edge TPU" if info.get("compiled") else f"not compiled: {info['not_compiled']}"))
     work.manifests.extend(tpu.manifests)
@@ -224,10 +222,11 @@ def plan_jobs(ctx: RunContext, targets: list[Any], probes: dict[str, ProbeResult
     ready = [t for t in live if t.name in work.shipped]
     io_of = _eval_files(ctx, ready, work)
     outputs_dir = ctx.out_dir / "outputs" / ctx.run_id
-    jobs = [DeviceJob(t, work.shipped[t.name][0], io_of[t.name].eval_file, artifact_info=work.shipped[t.name][1],
-                      fallback_artifact=work.shipped[t.name][2],
-                      baseline_artifact=_baseline_model(t, work.shipped[t.name][1], ctx.settings.baseline),
-                      outputs_dir=outputs_dir, reduce=io_of[t.name].reduce)
-            for t in ready]
+    jobs = []
+    for t in ready:
+        ship = work.shipped[t.name]
+        jobs.append(DeviceJob(t, ship.model, io_of[t.name].eval_file, artifact_info=ship.info,
+                              fallback_artifact=ship.fallback, outputs_dir=outputs_dir, reduce=io_of[t.name].reduce,
+                              baseline_artifact=_baseline_model(t, ship.info, ctx.settings.baseline)))
     ctx.add_artifacts(work.manifests)
     return JobPlan(jobs, work.manifests, ctx.prepared, work.shipped, io_of)
