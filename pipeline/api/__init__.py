@@ -16,6 +16,6 @@ from pipeline.devices.cancel import CancelToken
 from pipeline.results import DeviceResult, RunResult
 
 __all__ = ["CancelToken", "Conversion", "DEFAULT_CACHE_DIR", "DEFAULT_OUT", "DeviceResult", "HISTORY_IN_REPORT",
-           "HistoryOptions", "OutputOptions", "Release", "RunHooks", "RunRequest", "RunResult", "StoredRun", "conversions", "convert",
-           "fleet_check", "fleet_enroll", "gate", "history", "human_bytes", "inventory_of", "optimize",
-           "preprocess_options", "report", "run", "run_request", "serve_worker", "show"]
+           "HistoryOptions", "OutputOptions", "Release", "RunHooks", "RunRequest", "RunResult", "StoredRun",
+           "conversions", "convert", "fleet_check", "fleet_enroll", "gate", "history", "human_bytes", "inventory_of",
+           "optimize", "preprocess_options", "report", "run", "run_request", "serve_worker", "show"]

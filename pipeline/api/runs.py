@@ -68,8 +68,8 @@ class RunRequest:
     model: str | Path
     data: str | Path
     calibration: Any = None
-    options: Any = None                # pipeline.run.ModelOptions
-    settings: Any = None               # pipeline.run.RunSettings (select, out_dir, cache_dir, run_id, model_name)
+    options: Any = None                # pipeline.run.ModelOptions (None: the defaults)
+    settings: Any = None               # pipeline.run.RunSettings: select, out_dir, cache_dir, run_id, model_name
     history: HistoryOptions = HistoryOptions()
     outputs: OutputOptions = OutputOptions()
     hooks: RunHooks = RunHooks()
@@ -124,18 +124,19 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     executor, the history as the result sink) -> store what the run adds -> gate -> report."""
     from pipeline.release.gate import gate_stored_run
     from pipeline.release.store import open_store
-    from pipeline.run import RunDriver, prepare
+    from pipeline.run import ModelOptions, RunDriver, RunSettings, new_run_id, prepare
 
     inv = _inventory(targets)
-    selected = inv.select(list(req.settings.select))
-    prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration,
-                       cache_dir=req.settings.cache_dir, on_notice=req.hooks.on_notice, **req.options.kwargs())
-    settings = replace(req.settings, select=tuple(t.name for t in selected),
-                       run_id=req.settings.run_id or _new_run_id(), model_name=req.settings.model_name or prepared.src.name)
+    settings = req.settings or RunSettings(out_dir=Path(DEFAULT_OUT))
+    selected = inv.select(list(settings.select))
+    prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration, cache_dir=settings.cache_dir,
+                       on_notice=req.hooks.on_notice, **(req.options or ModelOptions()).kwargs())
+    settings = replace(settings, select=tuple(t.name for t in selected), run_id=settings.run_id or new_run_id(),
+                       model_name=settings.model_name or prepared.src.name)
     cancel = req.hooks.cancel or CancelToken()
     cancel.check("stopped before the run started; nothing recorded")
     store = open_store(req.history.db, inv, must_exist=False)
-    executor, close = None, (lambda: None)
+    close: Callable[[], None] = lambda: None  # noqa: E731
     try:
         executor, close = _executor(inv, selected, store, settings.run_id, req)  # bad input: exit 2, nothing recorded
         store.begin_run(settings.run_id, prepared.src.sha256, inv.sha256, req.history.label,
@@ -170,13 +171,8 @@ def _store_run(store: Any, run_id: str, result: RunResult) -> None:
     store.finish_run(run_id)
 
 
-def _new_run_id() -> str:
-    from pipeline.run import new_run_id
-
-    return new_run_id()
-
-
-def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str, req: RunRequest) -> tuple[Any, Callable[[], None]]:
+def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str,
+              req: RunRequest) -> tuple[Any, Callable[[], None]]:
     """How this run reaches its devices, and what to close after it: the local fan-out with device leases, or the
     sites' workers (which lease the devices they measure themselves)."""
     if req.distributed is not None:

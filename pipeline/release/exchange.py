@@ -52,8 +52,8 @@ class Exchange:
     def put_blob(self, sha256: str, data: bytes) -> None:
         """Store a blob once; a second put of the same content is a no-op."""
         with self._errors("write the artifact store"), self.db.write():
-            self.db.execute(f"INSERT INTO artifact_blobs(sha256, size, data, stored) VALUES (?, ?, ?, {self.db.now_sql}) "
-                            "ON CONFLICT (sha256) DO NOTHING", (sha256, len(data), data))
+            self.db.execute(f"INSERT INTO artifact_blobs(sha256, size, data, stored) VALUES (?, ?, ?, "
+                            f"{self.db.now_sql}) ON CONFLICT (sha256) DO NOTHING", (sha256, len(data), data))
 
     def blob(self, sha256: str) -> bytes | None:
         with self._errors("read the artifact store"):

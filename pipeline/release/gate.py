@@ -275,7 +275,8 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
         return [Check(device.name, "measured", err.code if err else "error", "a valid result", "run", False,
                       note=err.message if err else "")]
     checks = []
-    cpu_note = (f"measured on the CPU after a fallback from {device.measured.accelerator.requested}: these are CPU timings"
+    asked = device.measured.accelerator.requested
+    cpu_note = (f"measured on the CPU after a fallback from {asked}: these are CPU timings"
                 if device.fallback else "")
     for gate, (threshold, source) in thresholds.items():
         if gate == "min_edgetpu_mapped" and device.kind != "edgetpu":
