@@ -11,7 +11,7 @@ from pathlib import Path
 
 from device_agents import agent, helper
 from pipeline import inventory, results
-from pipeline.convert import source
+from pipeline.convert import edgetpu, source
 from pipeline.devices import probe, push
 from pipeline.run import plan
 
@@ -22,6 +22,7 @@ def test_the_hosts_protocol_constants_are_the_agents_own():
     assert plan.RUNTIME_ORDER is agent.RUNTIME_ORDER                      # run.effective_runtime's auto order
     assert inventory.RUNTIMES == ("auto",) + agent.RUNTIME_ORDER                # targets.yaml `runtime:` values
     assert source.EDGETPU_OP is agent.EDGETPU_CUSTOM_OP                   # identify: an Edge-TPU-compiled .tflite
+    assert edgetpu.CUSTOM_OP is agent.EDGETPU_CUSTOM_OP                   # the compiled graph's mapped segments
     assert results.accelerator_of is agent.accelerator_of                 # edgetpu | gpu | cpu of a delegate
     assert push.EXEC_MISSING is helper.EXEC_MISSING                        # the helper's "push first" exit code
     assert probe.RUNTIME_KEYS == {m: n for n, m in agent.RUNTIME_MODULES.items()}
