@@ -74,8 +74,8 @@ class Lab:
 
     def progress(self, run_id: str) -> dict[str, dict]:
         with Store(self.url) as store:
-            rows = store.db.all("SELECT target, stage, worker FROM dist_progress WHERE run_id=?", (run_id,))
-        return {r["target"]: {"stage": r["stage"], "worker": r["worker"]} for r in rows}
+            rows = store.exchange.progress_since(run_id, 0.0)
+        return {r.target: {"stage": r.stage, "worker": r.worker} for r in rows}
 
 
 def _host_top1(artifact: str, x: np.ndarray, y: np.ndarray) -> float:

@@ -79,6 +79,11 @@ def test_make_demo_runs_the_whole_job(demo):
     # No accelerator here and the demo fleet allows fallback: the report says so, honestly, for both.
     assert "fell back from edgetpu" in html and "fell back from gpu" in html
     assert "fleet enroll" in proc.stderr and "added" in proc.stdout  # host keys enrolled explicitly
+    # the newcomer's first minute: the model trains in the quiet worker, TensorFlow's start-up lines go to its log
+    noise = [line for line in proc.stderr.splitlines() if re.match(r"(WARNING: All log messages|[IWEF]\d{4} |"
+                                                                 r"To enable the following instructions)", line)]
+    assert not noise, noise
+    assert (state / "digits" / "train.log").is_file()
 
 
 def _bindings(state: Path) -> dict[str, str]:

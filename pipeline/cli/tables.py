@@ -6,7 +6,7 @@ column has a priority instead, and a value is shown whole (or wrapped, where a c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -66,22 +66,20 @@ def fitted_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[str]],
     return Group(t, Text(f"not shown at {width} columns: {names} (see --json)", style="dim"))
 
 
-def memory_cell(result: dict | None) -> str:
-    """`7.5 / 52` MB: what the model adds at its peak, and the whole process's peak (MB of 2^20 bytes)."""
-    mem = (result or {}).get("memory") or {}
+def memory_cell(measured: Any) -> str:
+    """`7.5 / 52` MB: what the model adds at its peak, and the whole process's peak (MB of 2^20 bytes), from a
+    pipeline.results.Measurement."""
+    mem = measured.memory
     model, process = mem.get("model_peak_mb"), mem.get("process_peak_mb")
     if model is None and process is None:
         return "-"
     return f"{'-' if model is None else f'{model:.1f}'} / {'-' if process is None else f'{process:.0f}'}"
 
 
-def throttle_mark(device: object) -> str:
-    """` [bold yellow]⚠ throttled[/]` for a device throttled during its timed runs (`⚠ re-measured` when the second
+def throttle_mark(device: Any) -> str:
+    """` [bold yellow]⚠ throttled[/]` for a device throttled during its timed runs (` re-measured` when the second
     measurement was clean), else ''."""
-    result = getattr(device, "result", None) or {}
-    cond = result.get("conditions") if getattr(device, "ok", False) else None
-    if not isinstance(cond, dict):
-        return ""
+    cond = device.measured.conditions if device.ok else {}
     if cond.get("throttled"):
         return " [bold yellow]⚠ throttled[/]"
     return " [yellow]re-measured[/]" if cond.get("remeasured") else ""

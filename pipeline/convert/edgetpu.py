@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_agents.agent import EDGETPU_CUSTOM_OP as CUSTOM_OP   # what edgetpu_compiler makes of the mapped ops
 from pipeline.convert.cache import ConversionCache
 from pipeline.convert.manifest import MANIFEST_VERSION, ModelInfo, OpInfo, manifest_hash, read_model, write_manifest
 from pipeline.errors import ConversionError
 from pipeline.files import sha256_path
 
-CUSTOM_OP = "edgetpu-custom-op"
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 COMPILE_CACHE_VERSION = 1
 
@@ -293,17 +293,6 @@ def runtime_number(runtime_version: str | None) -> int | None:
         return None
     m = re.search(r"RuntimeVersion\((\d+)\)", runtime_version) or re.fullmatch(r"\s*(\d+)\s*", runtime_version)
     return int(m.group(1)) if m else None
-
-
-def is_compiled(path: Path | str) -> bool:
-    """True for a model `edgetpu_compiler` produced: its graph holds the `edgetpu-custom-op` libedgetpu runs."""
-    if Path(path).suffix.lower() != ".tflite" or not Path(path).is_file():
-        return False
-    try:
-        info = read_model(path)
-    except Exception:  # not a model at all: the caller's own loading reports that
-        return False
-    return any(name == f"CUSTOM:{CUSTOM_OP}" for name, _ in info.operator_codes)
 
 
 def compiler_version(compiler: str = "edgetpu_compiler") -> str | None:

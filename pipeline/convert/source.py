@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
 from pipeline.files import sha256_path, write_atomic
 from pipeline.inventory import MODES
 
 KINDS = ("saved_model", "keras", "h5", "tflite")
 VARIANTS = ("float", "quantized", "edgetpu_compiled")   # what a .tflite source already is
-EDGETPU_OP = "edgetpu-custom-op"
 POSTPROCESS_OP = b"TFLite_Detection_PostProcess"   # a composite the converter turns into this custom op
 DEFAULT_SIGNATURE = "serving_default"
 DESCRIBE_VERSION = 3
@@ -317,13 +317,23 @@ def ends_in_postprocess(src: ModelSource) -> bool:
     return src.kind == "saved_model" and POSTPROCESS_OP in (src.path / "saved_model.pb").read_bytes()
 
 
+def static_converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
+    """A TFLiteConverter for the signature with every input shape fixed (static shapes: what edge runtimes and the
+    Edge TPU want; a fixed batch also drops the SHAPE/STRIDED_SLICE/PACK ops a dynamic batch adds)."""
+    import tensorflow as tf
+
+    args = sig.fn.structured_input_signature[1]
+    names = [s.name for s in inputs]
+    fixed = [tf.TensorSpec(list(s.shape), args[s.name].dtype, name=s.name) for s in inputs]
+    fn = tf.function(lambda *a: sig.fn(**dict(zip(names, a))), input_signature=fixed)
+    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], sig.loaded)
+
+
 def float_tflite(sig: LoadedSignature, inputs: Sequence[TensorSpec], path: Path) -> Path:
     """The signature converted to a float32 .tflite at `path` (batch 1 where the batch is dynamic)."""
-    from pipeline.convert.converter import _converter
-
     fixed = [replace(s, shape=tuple(1 if d is None and i == 0 else d for i, d in enumerate(s.shape or ())))
              for s in inputs]
-    path.write_bytes(_converter(sig, fixed).convert())
+    path.write_bytes(static_converter(sig, fixed).convert())
     return path
 
 

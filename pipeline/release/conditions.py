@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.results import DeviceResult, conditions_of
+from pipeline.results import DeviceResult
 
 
 def throttle_text(cond: dict[str, Any]) -> str:
@@ -28,10 +28,10 @@ def throttle_text(cond: dict[str, Any]) -> str:
 
 def resource_figures(device: DeviceResult) -> dict[str, Any]:
     """Memory, start-up and conditions figures of a measured device, flat, as JUnit and Markdown show them."""
-    r = device.result or {}
     if not device.ok:
         return {}
-    mem, lat, cond = r.get("memory") or {}, r.get("latency_ms") or {}, conditions_of(r)
+    m = device.measured
+    mem, lat, cond = m.memory, m.block("latency_ms"), m.conditions
     out = {k: mem.get(k) for k in ("process_peak_mb", "model_load_mb", "model_peak_mb") if mem.get(k) is not None}
     if mem.get("source"):
         out["memory_source"] = mem["source"]
