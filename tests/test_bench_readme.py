@@ -29,14 +29,25 @@ def x2(v: float) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.0f}"
 
 
+def probe_row(agent_overhead: dict) -> list[str]:
+    """The strings of the README row on the agent's conditions and memory probes (issue 22)."""
+    probes = {p["venv"]: p for p in agent_overhead["probes"]}
+    lit, tfr = probes["litert"], probes["tflite-runtime"]
+    target = next(t["target"] for t in agent_overhead["targets"] if "probes" in t["name"])
+    return [f"({lit['runs']} runs, {lit['rounds']} rounds)",
+            f"**{100 * lit['probe_share_of_process_wall']:.2f} %** (LiteRT)",
+            f"**{100 * tfr['probe_share_of_process_wall']:.2f} %** (tflite-runtime)",
+            f"(target < {100 * float(target.lstrip('< ')):g} %)",
+            f"CPU {lit['ratio_of_process_cpu']:.3f}× / {tfr['ratio_of_process_cpu']:.3f}×",
+            f"wall {lit['ratio_of_process_walls']:.3f}× / {tfr['ratio_of_process_walls']:.3f}×",
+            f"{100 * lit['cpu_ratio_sd_per_round']:.1f} %–{100 * tfr['cpu_ratio_sd_per_round']:.1f} %"]
+
+
 def expected(doc: dict) -> dict[str, list[str]]:
     """README anchor (a row's start, or a sentence's words) -> the strings formatted from RESULTS.json it holds."""
     b = doc["benches"]
     conv, lat = b["convert"]["figures"], b["latency"]["figures"]
     agent = {r["venv"]: r for r in b["agent_overhead"]["figures"]["results"]}
-    probes = {p["venv"]: p for p in b["agent_overhead"]["figures"]["probes"]}
-    plit, ptfr = probes["litert"], probes["tflite-runtime"]
-    share_target = next(t["target"] for t in b["agent_overhead"]["figures"]["targets"] if "probes" in t["name"])
     fan, push, cpu = b["fanout"]["figures"], b["push"]["figures"], b["host_cpu"]["figures"]
     reg, opt = b["regression"]["figures"], b["optimize"]["figures"]
     size = {m: conv["modes"][m]["size_ratio"] for m in conv["modes"]}
@@ -65,14 +76,7 @@ def expected(doc: dict) -> dict[str, list[str]]:
         "| agent vs a bare `invoke()` loop": [
             f"({agent['litert']['rounds']} rounds)", f"**{agent['litert']['ratio_of_means']:.2f}×** (LiteRT)",
             f"**{agent['tflite-runtime']['ratio_of_means']:.2f}×** (tflite-runtime)"],
-        "| the agent's conditions and memory probes": [
-            f"({plit['runs']} runs, {plit['rounds']} rounds)",
-            f"**{100 * plit['probe_share_of_process_wall']:.2f} %** (LiteRT)",
-            f"**{100 * ptfr['probe_share_of_process_wall']:.2f} %** (tflite-runtime)",
-            f"(target < {100 * float(share_target.lstrip('< ')):g} %)",
-            f"CPU {plit['ratio_of_process_cpu']:.3f}× / {ptfr['ratio_of_process_cpu']:.3f}×",
-            f"wall {plit['ratio_of_process_walls']:.3f}× / {ptfr['ratio_of_process_walls']:.3f}×",
-            f"{100 * plit['cpu_ratio_sd_per_round']:.1f} %–{100 * ptfr['cpu_ratio_sd_per_round']:.1f} %"],
+        "| the agent's conditions and memory probes": probe_row(b["agent_overhead"]["figures"]),
         "| identical second `edgepipe run`": [f"**{fan['rerun_cli']['again_bytes_sent']} bytes**",
                                              f"**{fan['rerun_cli']['again_over_cold']:.2f}×**"],
         "| push of 200 MB vs OpenSSH `scp`, both on an open": [
