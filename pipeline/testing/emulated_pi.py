@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.testing.sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive, wait_ready
+from pipeline.testing.sshd import (SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive,
+                                   setenv_word, wait_ready)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "pi_rootfs.sh"
@@ -240,7 +241,7 @@ def _sshd_config(qemu_cpu: str | None, env: dict[str, str] | None = None) -> str
     if session:
         # sshd clears each session's environment: without QEMU_CPU, sessions run on qemu's `max` CPU (SME on).
         # One SetEnv line only: sshd keeps the first SetEnv it reads and ignores later ones.
-        lines.append("SetEnv " + " ".join(f'"{k}={v}"' for k, v in session.items()))
+        lines.append("SetEnv " + " ".join(setenv_word(k, v) for k, v in session.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -99,10 +99,16 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen | None = None, timeo
     raise RuntimeError(f"sshd on {host}:{port} not ready after {timeout}s ({last})")
 
 
+def setenv_word(name: str, value: str) -> str:
+    """One NAME=VALUE of an sshd_config SetEnv line, quoted only when the value holds whitespace."""
+    word = f"{name}={value}"
+    return f'"{word}"' if any(c.isspace() for c in word) else word
+
+
 def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Path,
             sftp: str = "internal-sftp", env: dict[str, str] | None = None) -> str:
     # one SetEnv line: sshd keeps the first SetEnv it reads and ignores later ones
-    setenv = " ".join(f'"{k}={v}"' for k, v in {"SHLVL": "1", **(env or {})}.items())
+    setenv = " ".join(setenv_word(k, v) for k, v in {"SHLVL": "1", **(env or {})}.items())
     return "\n".join([
         f"ListenAddress 127.0.0.1:{port}",
         f"HostKey {host_key}",
