@@ -349,9 +349,11 @@ def _describe_key(src: ModelSource) -> str:
 
 def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The TensorFlow part of `describe`; runs in the quiet worker process (see pipeline.convert.worker)."""
+    from pipeline.convert.loaded import loaded_signature
+
     with tempfile.TemporaryDirectory(prefix="edgepipe-describe-") as tmp:
         try:
-            sig = open_signature(src, Path(tmp))
+            sig = loaded_signature(src)   # kept loaded for the conversions that follow
             inputs, outputs = signature_specs(sig)
             if ends_in_postprocess(src):
                 outputs = _postprocess_outputs(sig, inputs, outputs, Path(tmp))
