@@ -348,7 +348,8 @@ def plan_jobs(prepared: RunInputs, targets: list[Any], probes: dict[str, ProbeRe
             ev(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
             art = convert(src, mode, calibration=prepared.calibration, out_dir=out_dir / "artifacts",
-                          cache_dir=cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float)
+                          cache_dir=cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float,
+                          int16_layers=req.int16_layers)
         except CompatibilityError as exc:
             cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             for n in req.targets:
