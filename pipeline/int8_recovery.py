@@ -8,9 +8,9 @@ function passed in, so it never imports optimize back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipeline.errors import ConversionError
 
@@ -46,29 +46,27 @@ class Step:
 
     keep: list[str]
     added: Any                       # recovery.LayerError
-    notes: list[str] = field(default_factory=list)
 
 
-def steps(ranking: Any, cap: int, notice: Notice) -> list[Step]:
+def steps(ranking: Any, cap: int, notice: Notice) -> Iterator[Step]:
     """Measured fixes in order of benefit, each step adding the next to the layers already kept in float; stops at
-    a fix that measured no gain on the host, or where the cap would be passed (saying so)."""
-    out: list[Step] = []
+    a fix that measured no gain on the host, or where the cap would be passed (saying so when it gets there)."""
     keep: list[str] = []
     for layer in ranking.measured():
         if layer.effect["benefit"] <= 0:
-            if not out:
-                notice("no layer kept in float measurably helped on the host; int8 cannot be recovered this way")
-            break
+            notice("no further layer kept in float measurably helped on the host (held-out calibration samples)"
+                   if keep else "no layer kept in float measurably helped on the host; int8 cannot be recovered "
+                   "this way")
+            return
         new = sorted(set(keep) | set(layer.keep_float))
         if new == keep:
             continue
         if len(new) > cap:
-            notice(f"next layer ({short(layer.name)}) would keep {len(new)} layers in float, over the cap of {cap} "
-                   "(--max-float-layers): stopping there")
-            break
+            notice(f"the next layer ({short(layer.name)}) would keep {len(new)} layers in float, over the cap of "
+                   f"{cap} (--max-float-layers): recovery stops there")
+            return
         keep = new
-        out.append(Step(keep, layer))
-    return out
+        yield Step(keep, layer)
 
 
 def _compute_ops(classes: list[Any]) -> int | None:
@@ -94,7 +92,14 @@ def greedy(classes: list[Any], measure: Callable[[list[tuple[Any, Any]]], None],
     class stops at a step that brought it nothing on its device (said in a notice and in its notes)."""
     pending = [c for c in classes if needs_recovery(c)]
     last = {id(c): next(x for x in c.candidates if x.mode == "int8").drop for c in pending}
-    for step in steps(ranking, cap, notice):
+
+    def tell(msg: str) -> None:   # a stop that concerns every class still missing its budget
+        notice(msg)
+        for c in pending:
+            if needs_recovery(c):
+                c.notes.append(msg)
+
+    for step in steps(ranking, cap, tell):
         pending = [c for c in pending if needs_recovery(c)]
         if not pending:
             return

@@ -331,8 +331,11 @@ def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = 
     measurer = Measurer(inventory, prepared, metric, float_value, out_dir=out, cache_dir=cache_dir,
                         on_event=on_event, cancel=cancel, lease=lease)
     measurer.measure([(cls, Candidate(m, m)) for cls in classes for m in CANDIDATES[cls.kind]])
+    float32 = next((c.path for cls in classes for c in cls.candidates if c.mode == "float32" and c.path
+                    and Path(c.path).exists()), None)   # the ranking's float reference, already converted
     ranked = recover(classes, measurer.measure, make=Candidate, max_float_layers=max_float_layers, notice=notice,
-                     rank=lambda: rank_layers(prepared.src, prepared.calibration, cache_dir=cache_dir, log_dir=out))
+                     rank=lambda: rank_layers(prepared.src, prepared.calibration, cache_dir=cache_dir, log_dir=out,
+                                              float_model=float32))
     layers = layers_json(ranked) if ranked is not None else []
     about = None if ranked is None else {"int8": ranked.int8, "metric": ranked.metric, "holdout": ranked.holdout,
                                          "seconds": ranked.seconds, "cached": ranked.cached}

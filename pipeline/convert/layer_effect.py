@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 Progress = Callable[[str, str], None]
-MEASURE_ALL_UP_TO = 12   # a model with this few quantized ops has every op measured
-PRESELECT = 4            # otherwise: this many ops by each cheap signal
+MEASURE_ALL_UP_TO = 16   # a model with this few quantized ops has every op measured
+PRESELECT = 6            # otherwise: this many ops by each cheap signal (measuring one costs ~0.1 s)
+SUSPECT_REL_ERROR = 0.5  # error at half the float tensor's own magnitude: its values are mostly gone
 
 
 def rel_error(f: np.ndarray, q: np.ndarray, scale: float, zero_point: int) -> float:
@@ -117,31 +118,54 @@ def score(ref: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray | Non
     return {"snr_db": round(float(min(snr, 99.0)), 3), "agreement": agree, "top1": top1}
 
 
+def readers(graph: Any, name: str, limit: int = 8) -> list[str]:
+    """The ops that take the tensor op `name` writes (in the full int8 model `graph`), followed through the ops
+    that keep its quantization scale (pooling, reshape, padding: int8 gives their input and output one scale)
+    up to the first op that computes something new from it: those must take it in float when it must stay float."""
+    producer = {graph.tensors[o].name: op for op in graph.ops for o in op.outputs}
+    op = producer.get(name)
+    if op is None:
+        return []
+    frontier, found = list(op.outputs), []
+    while frontier and len(found) < limit:
+        t = frontier.pop(0)
+        scale = graph.tensors[t].scale
+        for c in graph.ops:
+            if t in c.inputs and c.outputs and c.name not in ("QUANTIZE", "DEQUANTIZE"):
+                out = graph.tensors[c.outputs[0]]
+                if out.name not in found:
+                    found.append(out.name)
+                    if scale and out.scale == scale:   # scale kept: the outlier goes on through it
+                        frontier.append(c.outputs[0])
+    return found
+
+
 def fixes(rows: list[dict[str, Any]], graph: Any) -> list[tuple[str, list[str]]]:
-    """(op, op set) pairs to measure: each preselected op alone, and with the quantized ops reading its output."""
+    """(op, op set) pairs to measure: each preselected op alone, and with the ops reading its output (`readers`)."""
     names = [r["name"] for r in rows]
     if len(rows) > MEASURE_ALL_UP_TO:
-        by_rel = sorted(rows, key=lambda r: -r["rel_error"])[:PRESELECT]
+        # damage shows downstream of where it starts too: of the ops whose values are mostly gone, the first
+        # ones in the graph (rows are in graph order), then the largest relative errors
+        bad = [r for r in rows if r["rel_error"] > SUSPECT_REL_ERROR]
+        by_rel = (bad + sorted((r for r in rows if r not in bad), key=lambda r: -r["rel_error"]))[:PRESELECT]
         by_rmse = sorted(rows, key=lambda r: -r["rmse_scale"])[:PRESELECT]
         chosen = {r["name"] for r in by_rel + by_rmse}
         names = [n for n in names if n in chosen]
     quantized = {r["name"] for r in rows}
-    producer = {graph.tensors[o].name: op for op in graph.ops for o in op.outputs}
     pairs: list[tuple[str, list[str]]] = []
     for name in names:
-        op = producer.get(name)
-        readers = {graph.tensors[o].name for c in graph.ops if op is not None and set(op.outputs) & set(c.inputs)
-                   for o in c.outputs} & quantized
         pairs.append((name, [name]))
-        if readers - {name}:
-            pairs.append((name, sorted({name, *readers})))
+        more = set(readers(graph, name)) & quantized
+        if more - {name}:
+            pairs.append((name, sorted({name, *more})))
     return pairs
 
 
 def measure_effects(src: Any, r: Any, calib: Any, holdout: int, labels: np.ndarray | None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, float_model: bytes | None = None) -> dict[str, Any]:
     """The worker's job (see the module doc): returns {"rows": per-op cheap signals, "int8": full int8's score,
-    "measured": [{"layer", "keep_float", **score}], "holdout", "seconds"}."""
+    "measured": [{"layer", "keep_float", **score}], "holdout", "seconds"}. `float_model`: the float32 .tflite of
+    `src` when the caller has it already (else it is converted here)."""
     from dataclasses import replace
 
     from tensorflow.lite.python.convert import mlir_quantize
@@ -157,8 +181,9 @@ def measure_effects(src: Any, r: Any, calib: Any, holdout: int, labels: np.ndarr
     fit = replace(calib, inputs={k: v[: n - holdout] for k, v in calib.inputs.items()}) if holdout < n else calib
     held = {k: v[n - holdout:] for k, v in calib.inputs.items()}
     converter = prepared_converter(src, r, fit, report)
-    report("rank", "converting to float and calibrating once")
-    float_model = bytes(_converter(converter._edgepipe_keepalive, src.inputs).convert())   # the same loaded model
+    report("rank", "calibrating once" if float_model else "converting to float and calibrating once")
+    if float_model is None:
+        float_model = bytes(_converter(converter._edgepipe_keepalive, src.inputs).convert())   # the loaded model
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
     calibrated = bytes(converter.convert())
@@ -171,9 +196,13 @@ def measure_effects(src: Any, r: Any, calib: Any, holdout: int, labels: np.ndarr
     rows = _stats(debug_model, lambda: ([*b.values()] if isinstance(b, dict) else b for b in batches))
     run = Runner(held)
     ref = run(float_model)
-    base = score(ref, run(quantize_selective(_keeping(r, ()), converter, calibrated)), labels)
+    int8 = quantize_selective(_keeping(r, ()), converter, calibrated)
+    base = score(ref, run(int8), labels)
+    graph = read_model(int8)
+    order = {graph.tensors[o].name: op.index for op in graph.ops for o in op.outputs}
+    rows.sort(key=lambda row: order.get(row["name"], len(order)))   # graph order
     measured, done = [], {}
-    pairs = fixes(rows, read_model(calibrated))
+    pairs = fixes(rows, graph)
     for i, (name, keep) in enumerate(pairs, 1):
         report("rank", f"measuring {i}/{len(pairs)}: {len(keep)} layer(s) in float")
         if tuple(keep) not in done:

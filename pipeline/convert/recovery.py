@@ -22,6 +22,7 @@ from pipeline.convert.cache import tf_version
 from pipeline.convert.calibration import Calibration
 from pipeline.convert.converter import with_source_options
 from pipeline.convert.data import bind_inputs
+from pipeline.convert.layer_effect import SUSPECT_REL_ERROR, measure_effects
 from pipeline.convert.manifest import ModelInfo, activation_dtypes, canonical_json
 from pipeline.convert.recipes import make_recipe
 from pipeline.convert.source import ModelSource
@@ -30,7 +31,6 @@ from pipeline.files import write_atomic
 
 IDEAL_RMSE_SCALE = 0.29
 SUSPECT_RMSE_SCALE = 0.7
-SUSPECT_REL_ERROR = 0.5    # error at half the float tensor's own magnitude: its values are mostly gone
 RANKING_VERSION = 2
 HOLDOUT = 0.25             # share of the calibration samples held out to measure the effect on ...
 HOLDOUT_MAX = 64           # ... at most this many
@@ -116,11 +116,10 @@ def build_ranking(doc: dict[str, Any]) -> Ranking:
 
 
 def rank_layers(src: ModelSource, calibration: Calibration, *, cache_dir: str | Path | None, log_dir: str | Path,
-                io_type: str = "int8", progress: Progress | None = None) -> Ranking:
+                io_type: str = "int8", progress: Progress | None = None,
+                float_model: str | Path | None = None) -> Ranking:
     """The int8 model's layers by the measured benefit of keeping them in float (cached by model, recipe,
-    calibration and TF version, like a conversion)."""
-    from pipeline.convert.layer_effect import measure_effects
-
+    calibration and TF version, like a conversion). `float_model`: its float32 .tflite, when already converted."""
     r = with_source_options(make_recipe("int8", io_type=io_type, qat=src.qat), src)
     calibration = calibration.bind(src.inputs) if src.inputs else calibration
     key = hashlib.sha256(canonical_json({"v": RANKING_VERSION, "model": src.sha256, "recipe": r.key(),
@@ -135,7 +134,8 @@ def rank_layers(src: ModelSource, calibration: Calibration, *, cache_dir: str | 
     labels = _labels(calibration, src)
     doc = run_quiet(measure_effects, src, r, calibration, holdout, labels[n - holdout:] if labels is not None
                     else None, progress=progress, log=Path(log_dir) / "logs" / f"{src.name}.recovery.log",
-                    what="ranking int8 layers by measured effect", file=str(src.path))
+                    what="ranking int8 layers by measured effect", file=str(src.path),
+                    float_model=Path(float_model).read_bytes() if float_model else None)
     if where is not None:
         where.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(where, json.dumps(doc, indent=1))
