@@ -85,7 +85,9 @@ def compile_main(argv: list[str]) -> int:
     except Exception:
         print(f"Invalid model: {model}\nModel not quantized")
         return 1
-    if any(t.dtype == "float32" for t in info.tensors if not t.is_constant):
+    # float activations mean "not quantized"; an int8 LSTM's zero-size float "intermediate" tensors only carry
+    # quantization parameters for its gates, so they do not count
+    if any(t.dtype == "float32" and 0 not in t.shape for t in info.tensors if not t.is_constant):
         print(f"Invalid model: {model}\nModel not quantized")
         return 1
     stem = Path(model).name[: -len(".tflite")]
