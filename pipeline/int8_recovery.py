@@ -164,8 +164,11 @@ def recover(classes: list[Any], measure: Callable[[list[tuple[Any, Any]]], None]
             rank: Callable[[], Any], max_float_layers: int | None, notice: Notice) -> Any:
     """Recover int8 where it misses a class's budget (see the module doc); returns the ranking (None when nothing
     needed it or the model cannot be ranked)."""
-    if not any(needs_recovery(c) for c in classes):
+    missing = [c for c in classes if needs_recovery(c)]
+    if not missing:
         return None
+    notice(f"int8 misses the budget on {', '.join(c.label for c in missing)}: ranking its layers by what keeping "
+           "each in float does (on the host, held-out calibration samples; cached after the first time)")
     try:
         ranking = rank()
     except ConversionError as exc:   # the model cannot be ranked: no recovery, the tables still stand

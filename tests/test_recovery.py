@@ -262,3 +262,26 @@ def test_ranking_json_is_cached_and_rebuilt_the_same(stuck, conversion_cache):
     names = [x["name"] for x in stuck[1]["layers"]]
     assert any([x["name"] for x in layers_json(build_ranking(d))] == names for d in docs)
     assert all(np.isfinite(x["rel_error"]) for x in stuck[1]["layers"])
+
+
+def test_int16_layers_in_targets_yaml_are_validated_and_written(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.inventory import load_inventory
+    from pipeline.targets_file import write_modes
+
+    path = tmp_path / "targets.yaml"
+    path.write_text("# keep me\ntargets:\n  - {name: pi, kind: cpu, transport: local}\n"
+                    "  - {name: coral, kind: edgetpu, transport: local}\n")
+    changes = write_modes(path, {"pi": ("int8", [], ["b", "a"])})
+    assert load_inventory(path).target("pi").int16_layers == ("a", "b") and "# keep me" in path.read_text()
+    assert any("int16_layers 2 layer(s) at 16-bit activations" in c for c in changes)
+    write_modes(path, {"pi": ("int8", ["a"], [])})   # recovered in float now: the 16-bit list is cleared
+    pi = load_inventory(path).target("pi")
+    assert (pi.keep_float, pi.int16_layers) == (("a",), ())
+    for entry, why in (("{name: coral, kind: edgetpu, mode: int8, int16_layers: [x]}", "kind edgetpu"),
+                       ("{name: pi, kind: cpu, mode: float16, int16_layers: [x]}", "applies to mode int8"),
+                       ("{name: pi, kind: cpu, mode: int8, int16_layers: [x], keep_float: [y]}", "keep_float")):
+        (tmp_path / "bad.yaml").write_text(f"targets:\n  - {entry}\n".replace("}", ", transport: local}"))
+        with pytest.raises(ConfigError) as exc:
+            load_inventory(tmp_path / "bad.yaml")
+        assert why in exc.value.one_line() and exc.value.field.endswith("int16_layers")
