@@ -285,3 +285,33 @@ def test_int16_layers_in_targets_yaml_are_validated_and_written(tmp_path):
         with pytest.raises(ConfigError) as exc:
             load_inventory(tmp_path / "bad.yaml")
         assert why in exc.value.one_line() and exc.value.field.endswith("int16_layers")
+
+
+def test_effects_are_scored_against_float_and_against_labels_when_the_calibration_has_them(tmp_path):
+    from pipeline.convert.calibration import load_calibration
+    from pipeline.convert.layer_effect import rel_error, score
+    from pipeline.convert.recovery import _labels, primary
+    from pipeline.convert.source import ModelSource, TensorSpec
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 10))
+    got = ref.copy()
+    got[:4] = -got[:4]                     # 4 of 40 samples negated: their argmax moves
+    labels = ref.argmax(-1)
+    s = score([ref], [got], labels)
+    flipped = (ref.argmax(-1) != got.argmax(-1)).mean()
+    assert s["agreement"] == pytest.approx(1 - flipped) and s["top1"] == pytest.approx(1 - flipped)
+    noise = ((got - ref) ** 2).sum()
+    assert s["snr_db"] == pytest.approx(10 * np.log10((ref ** 2).sum() / noise), abs=1e-3)
+    assert primary(s)[0] == "top1" and primary({"snr_db": 3.0, "agreement": None, "top1": None}) == ("snr_db", 3.0)
+    # relative error: a tensor whose values int8 rounded away reads ~1 whatever the scale; a fine one reads ~0
+    f = np.concatenate([rng.uniform(0, 5, size=(1, 63)), [[20000.0]]], axis=1)
+    scale = 20000.0 / 255
+    q = np.round(f / scale) - 128
+    assert rel_error(f, q, scale, -128) > 0.9 and rel_error(f[:, :63], np.round(f[:, :63] / 0.02), 0.02, 0) < 0.01
+    np.savez(tmp_path / "cal.npz", x=rng.normal(size=(20, 4)).astype(np.float32), y=rng.integers(0, 3, 20))
+
+    model = ModelSource(tmp_path / "m.keras", "keras", "m", "0" * 64, inputs=[TensorSpec("x", (1, 4), "float32")],
+                        outputs=[TensorSpec("p", (1, 3), "float32")])
+    cal = load_calibration(tmp_path / "cal.npz", inputs=model.inputs)
+    assert list(_labels(cal, model)) == list(np.load(tmp_path / "cal.npz")["y"])
