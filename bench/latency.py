@@ -2,12 +2,13 @@
 
 Each runtime runs in its own device venv (no TensorFlow), every mode side by side in one run, repeated; the figure
 is the median over repeats of the agent's p50, divided by float32's on the same runtime. Usage:
-    python bench/latency.py [--repeats 3] [--runs 20] [--json]
+    python bench/latency.py [--repeats 5] [--runs 20] [--threads 1] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,13 +41,15 @@ def agent_p50(python: Path, model: Path, data: Path, runs: int, threads: int) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="interpreter threads (1: a pool's speed depends on the cores other jobs leave free)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from pipeline.convert.converter import convert
 
+    load = [round(os.getloadavg()[0], 2)]
     model, cal, ev = mobilenet_v2()
     out = CACHE / "latency_artifacts"
     arts: dict[tuple[str, str], Path] = {}
@@ -78,7 +81,9 @@ def main() -> int:
                         f"{'-' if ratio is None else f'{ratio:.2f}x'} | {verdict or errors.get((rt, mode), '')} |")
     table = "\n".join(["| runtime | mode | p50 ms (median) | ratio to float32 | int8 helps? |",
                        "|---|---|---|---|---|"] + rows)
-    doc = {"repeats": args.repeats, "runs": args.runs, "threads": args.threads, "figures": figures, "table_md": table,
+    load.append(round(os.getloadavg()[0], 2))
+    doc = {"repeats": args.repeats, "runs": args.runs, "threads": args.threads, "load_average_1m": load,
+           "figures": figures, "table_md": table,
            "notes": ["Ratios < 1 mean faster than float32 on the same runtime; absolute ms depend on this noisy 2-core x86 host."]}
     print(json.dumps(doc) if args.json else table)
     return 0

@@ -17,17 +17,16 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from device_agents.agent import RUNTIME_ORDER
 from pipeline.errors import ConfigError
 from pipeline.results import accelerator_of
 
 Kind = Literal["cpu", "gpu", "edgetpu"]
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
-Runtime = Literal["auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow"]
 # The one vocabulary of targets.yaml: kinds, modes, runtimes (every other module imports these).
 KINDS = ("cpu", "gpu", "edgetpu")
 MODES = ("float32", "dynamic", "float16", "int8", "int16x8")
-RUNTIMES = ("auto", "ai-edge-litert", "tflite-runtime", "pycoral", "tensorflow")
-AUTO_ORDER = ("pycoral", "ai-edge-litert", "tflite-runtime", "tensorflow")  # the agent's `--runtime auto` order
+RUNTIMES = ("auto",) + RUNTIME_ORDER   # the agent's own names, `auto` first (then its `--runtime auto` order)
 KIND_DEFAULT_MODE = {"edgetpu": "int8", "gpu": "float16", "cpu": "dynamic"}
 KIND_DEFAULT_DELEGATE = {"edgetpu": "edgetpu", "gpu": "gpu", "cpu": "cpu"}
 SECRET_KEYS = ("password", "passphrase", "secret")

@@ -200,7 +200,7 @@ def _fill(c: Candidate, results: list[Any], metric: str, float_value: float | No
     if bad or not results:
         c.error = f"{bad[0].name}: {bad[0].error.code}: {bad[0].error.message}" if bad else "not measured"
         return
-    p50s = [((r.result or {}).get("latency_ms") or {}).get("p50") for r in results]
+    p50s = [r.measured.latency.p50 for r in results]
     values = [(r.metrics or {}).get(metric) for r in results]
     art = results[0].artifact or {}
     c.bytes, c.sha256, c.path, c.edgetpu = art.get("bytes"), art.get("sha256"), art.get("path"), art.get("edgetpu")

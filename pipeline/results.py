@@ -11,17 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from device_agents.agent import accelerator_of  # noqa: F401  (edgetpu | gpu | cpu for a delegate: one definition)
 from pipeline.errors import AgentError
 from pipeline.files import agent_file
 
 SCHEMA_PATH = agent_file("result.schema.json")
-
-
-def accelerator_of(delegate: str | None) -> str:
-    """edgetpu | gpu | cpu for a `delegate:` value (a library path is an external, GPU-class delegate)."""
-    if delegate in (None, "", "cpu"):
-        return "cpu"
-    return "edgetpu" if delegate == "edgetpu" else "gpu"
 
 
 def accelerator_use(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -36,6 +30,106 @@ def accelerator_use(result: dict[str, Any] | None) -> dict[str, Any] | None:
         return {"requested": asked, "used": "cpu" if dl.get("fallback") else asked,
                 "fallback": bool(dl.get("fallback")), "reason": dl.get("reason")}
     return None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """The agent's `latency_ms` percentiles (milliseconds; None where a result has none)."""
+
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+    n: int | None = None          # samples behind the percentiles (agent 1.1 on)
+
+    def at(self, percentile: str) -> float | None:
+        """'p50' | 'p90' | 'p99' -> that percentile."""
+        return getattr(self, percentile)
+
+
+@dataclass(frozen=True)
+class AcceleratorUse:
+    """What the target asked for (edgetpu | gpu | cpu) and what ran; all None when the result does not say."""
+
+    requested: str | None = None
+    used: str | None = None
+    fallback: bool = False
+    reason: str | None = None
+    allow_fallback: bool | None = None   # as the agent was told (None: an older agent did not say)
+
+
+class Measurement:
+    """Typed reading of the agent's measurement document (device_agents/result.schema.json), so the host names a
+    figure once here instead of walking its keys in every module. Absent keys (older agents, failures) read None."""
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: dict[str, Any] | None) -> None:
+        self.doc = doc if isinstance(doc, dict) else {}
+
+    def block(self, key: str) -> dict[str, Any]:
+        """One object of the document (`device`, `memory`, `agreement`...), {} when absent."""
+        value = self.doc.get(key)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def latency(self) -> Latency:
+        lat = self.block("latency_ms")
+        return Latency(lat.get("p50"), lat.get("p90"), lat.get("p99"), lat.get("mean"), lat.get("n"))
+
+    @property
+    def samples_ms(self) -> list[float]:
+        return list(self.doc.get("samples_ms") or [])
+
+    @property
+    def runtime(self) -> str | None:
+        return self.block("runtime").get("name")
+
+    @property
+    def runtime_version(self) -> str | None:
+        return self.block("runtime").get("version")
+
+    @property
+    def runtime_label(self) -> str | None:
+        """'ai-edge-litert 2.3.0': the runtime the device measured with."""
+        return f"{self.runtime} {self.runtime_version or ''}".strip() if self.runtime else None
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.block("model").get("sha256")
+
+    @property
+    def model_bytes(self) -> int | None:
+        return self.block("model").get("bytes")
+
+    @property
+    def accelerator(self) -> AcceleratorUse:
+        use = accelerator_use(self.doc) or {}
+        return AcceleratorUse(use.get("requested"), use.get("used"), bool(use.get("fallback")), use.get("reason"),
+                              use.get("allow_fallback"))
+
+    @property
+    def top1(self) -> float | None:
+        """Top-1 accuracy against the labels (the host fills `accuracy` from its own scoring)."""
+        return self.block("accuracy").get("top1")
+
+    @property
+    def agreement_top1(self) -> float | None:
+        return self.block("agreement").get("top1")
+
+    @property
+    def snr_db(self) -> float | None:
+        return self.block("agreement").get("snr_db")
+
+    @property
+    def outputs(self) -> dict[str, Any] | None:
+        """The `--outputs-out` block: {file, path, sha256, tensors} (+ `stored` once a worker shared it)."""
+        return self.doc.get("outputs") if isinstance(self.doc.get("outputs"), dict) else None
+
+    @property
+    def paired(self) -> dict[str, Any]:
+        """The baseline model timed interleaved (`--baseline-model`), {} when it was not."""
+        return self.block("paired")
 
 
 @dataclass
@@ -80,6 +174,11 @@ class DeviceResult:
     # additive (issue 12): measured on the CPU although the target asked for an accelerator, and why
     fallback: bool = False
     fallback_reason: str | None = None
+
+    @property
+    def measured(self) -> Measurement:
+        """The agent's document, read through typed accessors."""
+        return Measurement(self.result)
 
     def mark_fallback(self) -> None:
         """Set `fallback`/`fallback_reason` from the agent's result and the artifact (e.g. an uncompiled Edge TPU

@@ -1,5 +1,6 @@
 """Real agent results for the gate/store/report tests: the digits CNN converted for real, measured by the real
-agent in the device venvs, wrapped in DeviceResults as the fan-out would. Import the fixture into a test module."""
+agent in the device venvs, its outputs scored on the host and wrapped in DeviceResults as the fan-out would. Import
+the fixture into a test module."""
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ class GateModels:
         if key not in self._cache:
             art = self.artifact(variant)
             model = art.path if art is not None else Path(variant)
+            outputs = self.root / "outputs" / f"{len(self._cache)}.npz"
             argv = [str(PYTHONS[python]), str(AGENT), "--model", str(model), "--data", str(self.eval_path),
-                    "--runs", str(runs), "--warmup", "5", "--threads", str(threads)]
+                    "--runs", str(runs), "--warmup", "5", "--threads", str(threads), "--outputs-out", str(outputs)]
             for k, v in agent_args.items():
                 argv += [f"--{k.replace('_', '-')}", str(v)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -64,10 +66,23 @@ class GateModels:
         artifact = ({"sha256": art.sha256, "bytes": art.bytes, "mode": art.mode, "edgetpu": art.edgetpu,
                      "path": str(art.path)} if art is not None else None)
         if doc.get("ok"):
-            return DeviceResult(name=name, kind=kind, mode=mode, ok=True, result=doc, artifact=artifact,
-                                emulated=emulated, host="127.0.0.1")
+            dev = DeviceResult(name=name, kind=kind, mode=mode, ok=True, result=doc, artifact=artifact,
+                               emulated=emulated, host="127.0.0.1", outputs_path=(doc["outputs"] or {}).get("path"))
+            return self.score(dev)
         return DeviceResult.failure(name, kind, mode, doc["error"]["code"], doc["error"]["message"],
                                     artifact=artifact, emulated=emulated)
+
+    def score(self, device: DeviceResult) -> DeviceResult:
+        """Score the outputs the agent wrote on the host, as `run` does: top-1 against `y`, agreement against the
+        float model's outputs (`ref`) in the eval file."""
+        from pipeline.metrics import resolve_task, score_result
+
+        (tensor,) = device.result["outputs"]["tensors"]
+        specs = [{"name": tensor["name"], "shape": [1, *tensor["shape"][1:]]}]
+        data = np.load(self.eval_path)
+        labels = {"y": data["y"]}
+        return score_result(device, resolve_task(None, None, specs, labels), {tensor["name"]: data["ref"]}, labels,
+                            specs)
 
     def run(self, run_id: str, devices: list[DeviceResult], started: float = 0.0) -> RunResult:
         arts = [{"sha256": a.sha256, "mode": a.mode, "bytes": a.bytes, "manifest": a.manifest}

@@ -114,10 +114,14 @@ def _batch1(model: Any, shape: tuple[int, ...], out: Path) -> tuple[Any, Any]:
 
 
 def _quiet(builder: Callable[..., TaskModel]) -> Callable[..., TaskModel]:
+    """The builder with seeded, deterministic training (the tests' accuracy thresholds depend on the weights it
+    learns) and TensorFlow's console output captured."""
     def wrapped(out: Path) -> TaskModel:
         import keras
+        import tensorflow as tf
 
         keras.utils.set_random_seed(0)
+        tf.config.experimental.enable_op_determinism()
         from pipeline.convert.converter import capture_stdout
 
         with capture_stdout():

@@ -81,6 +81,19 @@ def device_outputs(doc: dict, path: Path) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+def assert_latency_summarises_the_samples(doc: dict) -> None:
+    """latency_ms is numpy's summary of the very samples_ms the agent reported (both rounded to the nanosecond),
+    and p50 < p90 < p99 in them by more than that rounding, so a percentile reported for another cannot pass."""
+    samples = np.asarray(doc["samples_ms"], dtype=np.float64)
+    lat = doc["latency_ms"]
+    want = dict(zip(("p50", "p90", "p99"), np.percentile(samples, [50, 90, 99])))
+    want.update(min=samples.min(), max=samples.max(), mean=samples.mean(), std=samples.std())
+    assert lat["n"] == samples.size == doc["runs_done"]
+    for key, value in want.items():
+        assert lat[key] == pytest.approx(value, abs=1e-6), (key, lat, value)
+    assert want["p90"] - want["p50"] > 1e-5 and want["p99"] - want["p90"] > 1e-5, want
+
+
 @pytest.fixture(scope="session")
 def eval_with_ref(digits, tmp_path_factory) -> Path:
     """The digits eval split plus `ref`: the float Keras model's outputs on the same x."""
@@ -118,10 +131,8 @@ def test_agent_outputs_match_host_in_every_mode(venv, device_python, digits_arti
         assert doc["delegate"] == {"requested": "cpu", "used": "cpu", "fallback": False, "reason": None,
                                    "library": None}
         assert doc["model"]["sha256"] == artifact.sha256
-        lat = doc["latency_ms"]
         assert len(doc["samples_ms"]) == doc["runs_done"] == 20 and not doc["stopped_early"]
-        assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
-        assert lat["min"] == pytest.approx(min(doc["samples_ms"]), abs=1e-6)
+        assert_latency_summarises_the_samples(doc)
         assert doc["memory"]["peak_rss_bytes"] > 0
         assert doc["accuracy"] is None and doc["agreement"] is None   # the host scores the outputs file
         want, got = host_expected[mode], device_outputs(doc, out)
@@ -139,7 +150,7 @@ def test_agent_outputs_match_host_in_every_mode(venv, device_python, digits_arti
 def test_incompatible_op_version_names_operator_and_runtime(device_python, digits_artifacts, eval_with_ref):
     rc, doc, stderr = run_agent(device_python["tflite-runtime"], "--model", digits_artifacts["dynamic"].path,
                                 "--data", eval_with_ref)
-    assert rc != 0 and doc["error"]["code"] == "model_incompatible"
+    assert rc == 1 and doc["error"]["code"] == "model_incompatible"
     msg = doc["error"]["message"]
     assert "FULLY_CONNECTED" in msg and "version 12" in msg and "tflite-runtime 2.14" in msg
     assert doc["error"]["operator"] == "FULLY_CONNECTED" and doc["error"]["operator_version"] == 12
@@ -163,7 +174,7 @@ def test_missing_and_corrupt_models(venv, device_python, digits_artifacts, eval_
         truncated = tmp_path / f"cut{cut}.tflite"
         truncated.write_bytes(good[:cut])
         rc, doc, _ = run_agent(py, "--model", truncated, "--data", eval_with_ref)
-        assert rc != 0 and doc["error"]["code"] == "model_corrupt", (cut, doc)
+        assert rc == 1 and doc["error"]["code"] == "model_corrupt", (cut, doc)
         assert "truncated" in doc["error"]["message"]
 
 
@@ -172,7 +183,7 @@ def test_missing_edgetpu_delegate_with_and_without_fallback(venv, device_python,
     py, model = device_python[venv], digits_artifacts["int8"].path
     rc, doc, stderr = run_agent(py, "--model", model, "--data", eval_with_ref, "--delegate", "edgetpu",
                                 "--edgetpu-device", "usb:0")
-    assert rc != 0 and doc["error"]["code"] == "edgetpu_unavailable"
+    assert rc == 1 and doc["error"]["code"] == "edgetpu_unavailable"
     assert "libedgetpu.so.1" in doc["error"]["message"] and "not compiled for the Edge TPU" in doc["error"]["message"]
     assert "Traceback" not in stderr and "Delegate.__del__" not in stderr
 
@@ -227,7 +238,7 @@ def test_bad_and_missing_data(device_python, digits_artifacts, tmp_path):
 def test_no_runtime_at_all(device_python, digits_artifacts, eval_with_ref):
     rc, doc, _ = run_agent(device_python["numpy-only"], "--model", digits_artifacts["int8"].path,
                            "--data", eval_with_ref)
-    assert rc != 0 and doc["error"]["code"] == "no_runtime"
+    assert rc == 1 and doc["error"]["code"] == "no_runtime"
     assert "ai-edge-litert" in doc["error"]["message"] and "tflite-runtime" in doc["error"]["message"]
     # asking for a runtime the device lacks is the same error, naming it
     rc, doc, _ = run_agent(device_python["litert"], "--model", digits_artifacts["int8"].path,
@@ -244,7 +255,7 @@ def test_tflite_runtime_next_to_numpy2_is_no_runtime(device_python, digits_artif
                           text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     doc = json.loads(proc.stdout)
     validate_agent_result(doc)
-    assert proc.returncode != 0 and doc["error"]["code"] == "no_runtime"
+    assert proc.returncode == 1 and doc["error"]["code"] == "no_runtime"
     assert "numpy 2." in doc["error"]["message"] and "numpy<2" in doc["error"]["message"]
 
 
@@ -262,7 +273,7 @@ def test_out_file_and_max_seconds(device_python, digits_artifacts, eval_with_ref
     assert rc == 0 and json.loads(out.read_text()) == doc
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.json", "run.outputs.npz"]  # no temp file left
     assert doc["stopped_early"] and 1 <= doc["runs_done"] < 10_000_000 == doc["config"]["runs"]
-    assert len(doc["samples_ms"]) == doc["runs_done"]
+    assert len(doc["samples_ms"]) == doc["runs_done"] == doc["latency_ms"]["n"]
     assert any("stopped after" in w for w in doc["warnings"])
     assert len(device_outputs(doc, outputs)) == len(np.load(eval_with_ref)["y"])  # outputs cover the whole set
 

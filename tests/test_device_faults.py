@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devices import deploy
-from pipeline.devices.deploy import Deployer, PushItem
+from pipeline.devices import push
+from pipeline.devices.push import Pusher, PushItem
 from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.devices.transport.local import LocalTransport
 from pipeline.devices.transport.ssh import SSHTransport
@@ -154,7 +154,7 @@ def test_a_failed_sftp_write_is_never_dropped(fleet, tmpfs, tiny_artifact, tmp_p
     with SSHTransport(target) as ssh:
         with pytest.raises(TransportError) as err:
             ssh.put(Path(tiny_artifact.path), str(wd / "too-big.part"))
-    assert err.value.code == "push_failed"  # SFTP only says "Failure"; the Deployer names it disk_full
+    assert err.value.code == "push_failed"  # SFTP only says "Failure"; the Pusher names it disk_full
 
 
 def test_helper_steps_honour_the_targets_timeout(fleet, tiny_artifact, tiny_eval, tmp_path):
@@ -209,7 +209,7 @@ def test_a_part_a_concurrent_push_is_writing_is_left_alone(fleet, tiny_artifact,
 
     def other_push() -> None:  # a second run pushes to the same device while the first is mid-upload
         with SSHTransport(target) as other:
-            Deployer(other, target.python, target.workdir).push([PushItem.blob(Path(tiny_eval))])
+            Pusher(other, target.python, target.workdir).push([PushItem.blob(Path(tiny_eval))])
         seen["after_other_push"] = parts(wd)
 
     class Pausing(SSHTransport):
@@ -222,7 +222,7 @@ def test_a_part_a_concurrent_push_is_writing_is_left_alone(fleet, tiny_artifact,
             return super().put(local, remote, mid)
 
     with Pausing(target) as first:
-        rep = Deployer(first, target.python, target.workdir).push([PushItem.blob(Path(tiny_artifact.path))])
+        rep = Pusher(first, target.python, target.workdir).push([PushItem.blob(Path(tiny_artifact.path))])
     assert len(seen["after_other_push"]) == 1  # the first push's .part survived the second push's cleanup
-    assert rep.uploaded and deploy.sha256_file(wd / "blobs" / tiny_artifact.sha256) == tiny_artifact.sha256
+    assert rep.uploaded and push.sha256_file(wd / "blobs" / tiny_artifact.sha256) == tiny_artifact.sha256
     assert parts(wd) == []

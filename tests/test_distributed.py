@@ -74,8 +74,8 @@ class Lab:
 
     def progress(self, run_id: str) -> dict[str, dict]:
         with Store(self.url) as store:
-            rows = store.db.all("SELECT target, stage, worker FROM dist_progress WHERE run_id=?", (run_id,))
-        return {r["target"]: {"stage": r["stage"], "worker": r["worker"]} for r in rows}
+            rows = store.exchange.progress_since(run_id, 0.0)
+        return {r.target: {"stage": r.stage, "worker": r.worker} for r in rows}
 
 
 def _host_top1(artifact: str, x: np.ndarray, y: np.ndarray) -> float:
@@ -247,8 +247,8 @@ def test_the_readme_two_site_setup_runs_as_written(lab, conversion_cache, tmp_pa
                PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
     log = tmp_path / "readme.log"  # a file, not a pipe: the background workers keep their output open
     with open(log, "w") as sink:
-        # no `bash -e`: the run may end in "gate failed" (1) against the lab's earlier runs, as the README's
-        # release commands may; the block must still show the run that was measured
+        # no `bash -e`, as a user types it: the block's last command (`show`) decides its exit status, so the
+        # release's own verdict is read from its output below
         proc = subprocess.Popen(["bash", "-c", bound], cwd=tmp_path, env=env, stdout=sink, stderr=sink,
                                 start_new_session=True)
     try:
@@ -259,7 +259,11 @@ def test_the_readme_two_site_setup_runs_as_written(lab, conversion_cache, tmp_pa
         except ProcessLookupError:
             pass
     assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
-    assert "PASSED" in log.read_text() or "FAILED" in log.read_text()   # gated, as usual
+    # The lab's targets.yaml sets no gate, so only the defaults apply: every device must be measured
+    # (max_fail_percent 0) and top-1 must not regress against `--baseline last` (1 point), which any earlier run of
+    # this lab cannot break: every run here ships the same float32 artifact, whose outputs do not change.
+    text = log.read_text()
+    assert "PASSED: all 4 devices passed" in text and "FAILED" not in text, text[-3000:]
     shown = json.loads((tmp_path / "last-run.json").read_text())
     assert {d["name"] for d in shown["devices"] if d["ok"]} == set(SITES)
     assert all(d["lease"]["released"] >= d["lease"]["acquired"] for d in shown["devices"])

@@ -24,6 +24,7 @@ from pipeline.testing.sshd import write_targets_yaml
 from tests.fake_edgetpu import (COMPILER_VERSION, compiler_calls, google_pycoral, install_compiler,
                                 python_with_pycoral)
 from tests.fixtures.fleet import FLEET_PYTHONS
+from tests.fixtures.models import tflite_op_names
 
 FAST = {"runs": 3, "warmup": 1, "timeout": 120, "retries": 0, "connect_timeout": 5}
 
@@ -127,7 +128,12 @@ def test_edgetpu_targets_receive_the_compiled_file_and_its_manifest(compiled_rel
         man = manifests[dev.artifact["sha256"]]
         src = man["source_artifact"]
         assert man["compiler"]["version"] == COMPILER_VERSION and "Mapped to Edge TPU" in man["compiler"]["log"]
-        assert man["edgetpu"]["status"] == "compiled" and man["edgetpu"]["mapped_share"] == 1.0
+        # every op of the digits CNN is one the Edge TPU supports: all of them, counted here, in one segment
+        plain_ops = tflite_op_names(Path(dev.artifact["path"]).parent / man["source_artifact"]["file"])
+        tpu = man["edgetpu"]
+        assert tpu["status"] == "compiled" and tpu["total_ops"] == tpu["mapped_ops"] == len(plain_ops)
+        assert tpu["mapped_share"] == 1.0 and tpu["first_fallback"] is None and tpu["subgraphs"] == 1
+        assert tflite_op_names(dev.artifact["path"]) == ["CUSTOM:edgetpu-custom-op"]
         assert src["sha256"] == dev.artifact["plain_int8_sha256"] == sha(Path(dev.artifact["path"]).parent /
                                                                          src["file"])
         assert man["sha256"] == dev.artifact["sha256"]

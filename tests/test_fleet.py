@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devices import deploy
+from pipeline.devices import push
 from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.inventory import load_inventory
 from pipeline.testing.faults import Faults
@@ -50,7 +50,7 @@ def script_python(tmp_path: Path, name: str, real: str, body: str) -> str:
 
 
 def blob_path(dev, local: Path) -> Path:
-    return dev.workdir / "blobs" / deploy.sha256_file(local)
+    return dev.workdir / "blobs" / push.sha256_file(local)
 
 
 def test_mixed_fleet_measures_everywhere_and_resends_nothing(fleet, tiny_artifact, tiny_eval, tmp_path):
@@ -84,7 +84,7 @@ def test_dropped_mid_push_leaves_no_partial_file_and_rerun_completes(fleet, tiny
     assert not final.exists()  # no partial file under the final name
     (res,) = runner("drop-2").run(jobs_for(inv, tiny_artifact, tiny_eval))
     assert res.ok
-    assert deploy.sha256_file(final) == tiny_artifact.sha256
+    assert push.sha256_file(final) == tiny_artifact.sha256
 
 
 class FlippingTransport(SSHTransport):

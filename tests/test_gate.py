@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -10,6 +12,7 @@ from pipeline.release.ci_outputs import summary_markdown, write_junit
 from pipeline.release.gate import evaluate
 from pipeline.inventory import load_inventory
 from pipeline.release.store import Store
+from pipeline.results import validate_agent_result
 from tests.gate_support import gate_models, heavy_models, write_targets  # noqa: F401  (fixtures)
 
 
@@ -41,8 +44,7 @@ def test_generous_gates_pass_with_exit_0(tmp_path, two_cpu):
 
 
 @pytest.mark.parametrize("gate,threshold", [
-    ("max_p50_ms", 1e-6), ("max_p90_ms", 1e-6), ("max_p99_ms", 1e-6), ("min_top1", 0.9),
-    ("min_agreement", 0.9), ("min_snr_db", 20.0), ("max_bytes", 1000),
+    ("min_top1", 0.9), ("min_agreement", 0.9), ("min_snr_db", 20.0), ("max_bytes", 1000),
 ])
 def test_each_target_gate_fails_with_measured_threshold_and_source(tmp_path, gate_models, gate, threshold):
     """A badly calibrated int8 model (top-1 ~0.7, SNR ~4 dB) measured for real, against sensible thresholds."""
@@ -50,10 +52,64 @@ def test_each_target_gate_fails_with_measured_threshold_and_source(tmp_path, gat
     v = evaluate(run, _inv(tmp_path, TWO[1:], {gate: threshold}), None)
     assert v.exit_code == 1 and not v.passed
     [check] = _failed(v, gate, "pi-i8")
-    assert check.measured is not None and check.threshold == threshold
+    # the value the gate read, computed here from the outputs the agent wrote, the eval file and the artifact
+    dev, data = run.devices[0], np.load(gate_models.eval_path)
+    (out,) = np.load(dev.outputs_path).values()
+    out, ref = out.reshape(len(data["y"]), -1).astype(np.float64), data["ref"].astype(np.float64)
+    want = {"min_top1": (out.argmax(1) == data["y"]).mean(), "min_agreement": (out.argmax(1) == ref.argmax(1)).mean(),
+            "min_snr_db": 10 * np.log10((ref ** 2).sum() / ((out - ref) ** 2).sum()),
+            "max_bytes": Path(dev.artifact["path"]).stat().st_size}[gate]
+    assert check.measured == pytest.approx(want, rel=1e-4) and check.threshold == threshold   # float32 sums
     assert check.source == f"gates.{gate}"
     text = check.message()
     assert gate in text and "gates." + gate in text and "measured" in text
+
+
+PERCENTILE = {"max_p50_ms": 50, "max_p90_ms": 90, "max_p99_ms": 99}   # written here, not read from the gate
+
+
+def _chosen_samples(doc: dict) -> dict:
+    """The real agent's result with samples_ms replaced by 100 chosen ones (50 at 1 ms, 40 at 2, 9 at 3, one at 4:
+    p50 1.5, p90 2.1, p99 3.01) and latency_ms summarised from them as the agent does, so the three percentiles
+    differ by construction, whatever the machine's speed."""
+    samples = [1.0] * 50 + [2.0] * 40 + [3.0] * 9 + [4.0]
+    ms = np.asarray(samples)
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    doc = dict(doc, samples_ms=samples, runs_done=len(samples))
+    doc["config"] = dict(doc["config"], runs=len(samples))
+    doc["latency_ms"] = dict(doc["latency_ms"], p50=p50, p90=p90, p99=p99, n=ms.size, min=ms.min(), max=ms.max(),
+                             mean=ms.mean(), std=ms.std())
+    validate_agent_result(doc)
+    return doc
+
+
+@pytest.mark.parametrize("samples", ["measured", "chosen"])
+def test_each_latency_gate_reads_its_own_percentile(tmp_path, gate_models, samples):
+    """All three latency gates at one threshold, placed between p50 and p90 and then between p90 and p99 of the
+    samples (numpy here): exactly the percentiles above it fail, so a gate that read another percentile would pass
+    or fail where it must not. `measured`: the agent's 60 real samples; `chosen`: a stored result whose samples give
+    p50 < p90 < p99 by construction, gated as read back from the history."""
+    run = gate_models.run("r-lat", [gate_models.device("pi-i8", "int8")])
+    if samples == "chosen":
+        run.devices[0].result = _chosen_samples(run.devices[0].result)
+        with Store(tmp_path / "history.db") as store:
+            store.record_run(run)
+            run = store.load_run("r-lat")
+    ms = np.asarray(run.devices[0].result["samples_ms"], dtype=np.float64)
+    p = {gate: float(np.percentile(ms, q)) for gate, q in PERCENTILE.items()}
+    assert p["max_p90_ms"] - p["max_p50_ms"] > 1e-5 and p["max_p99_ms"] - p["max_p90_ms"] > 1e-5, p
+    for low, high, failing in (("max_p50_ms", "max_p90_ms", {"max_p90_ms", "max_p99_ms"}),
+                               ("max_p90_ms", "max_p99_ms", {"max_p99_ms"})):
+        threshold = (p[low] + p[high]) / 2
+        v = evaluate(run, _inv(tmp_path, TWO[1:], {gate: threshold for gate in PERCENTILE}), None)
+        checks = {c.gate: c for c in v.checks_for("pi-i8") if c.gate in PERCENTILE}
+        assert {g for g, c in checks.items() if not c.passed} == failing, (threshold, p)
+        for gate, check in checks.items():
+            assert check.measured == pytest.approx(p[gate], abs=1e-6) and check.threshold == threshold
+            assert check.source == f"gates.{gate}"
+        assert v.exit_code == 1
+        text = _failed(v, high, "pi-i8")[0].message()
+        assert high in text and "measured" in text and f"gates.{high}" in text
 
 
 def test_accuracy_drop_against_host_float(tmp_path, gate_models):

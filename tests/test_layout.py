@@ -21,3 +21,16 @@ def test_every_stage_is_a_folder():
         assert (pkg / stage / "__init__.py").is_file(), stage
     top = sorted(p.stem for p in pkg.glob("*.py"))
     assert len(top) <= 10, f"pipeline/ holds {len(top)} modules side by side: {top}"
+
+
+def test_the_cli_contract_names_every_other_module_of_the_library():
+    """The CLI may import only api, inventory, errors and cli.*: its forbidden contract must list all the rest, so a
+    new module of pipeline/ cannot slip past it."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (cli,) = [c for c in contracts if c.get("source_modules") == ["pipeline.cli"] and c["type"] == "forbidden"]
+    pkg = ROOT / "pipeline"
+    modules = {p.stem for p in pkg.glob("*.py")} | {p.parent.name for p in pkg.glob("*/__init__.py")}
+    others = {f"pipeline.{m}" for m in modules - {"__init__", "api", "inventory", "errors", "cli"}}
+    assert others <= set(cli["forbidden_modules"]), sorted(others - set(cli["forbidden_modules"]))

@@ -5,6 +5,8 @@ its outputs by tensor name are what a device's agent returns. The float32 artifa
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -331,6 +333,18 @@ def test_detection_padding_past_count_is_never_read(detector_model):
     a = score_device(task, outs, m.outputs["float32"], m.labels, specs)
     b = score_device(task, poisoned, m.outputs["float32"], m.labels, specs)
     assert a == b
+    # signalling NaNs (bit pattern 0x7fa00000) in float32 padding, as a device's uninitialized memory may hold:
+    # casting one to float64 is NumPy's "invalid value encountered in cast"; scoring never reads them
+    snan = np.array([0x7FA00000], dtype=np.uint32).view(np.float32)[0]
+    signalling = {k: v.astype(np.float32) for k, v in outs.items()}
+    for role in ("boxes", "classes", "scores"):
+        for i, k in enumerate(count):
+            signalling[task.roles[role]][i, k:] = snan
+    assert np.isnan(signalling[task.roles["scores"]]).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = score_device(task, signalling, m.outputs["float32"], m.labels, specs)
+    assert c == a
 
 
 # -- agreement, storage precision, missing reference ----------------------------------------------------------

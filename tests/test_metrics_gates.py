@@ -160,8 +160,9 @@ def test_task_metrics_survive_the_store_and_show_in_report_junit_and_markdown(tm
     assert 'id="task-metrics"' in html and "mAP@0.5" in html and f"{det['map50']:.4g}" in html
     assert "task-outputs" in html and det_base(detector_model) in html and "regression" in html
     root = ET.fromstring(junit_xml(verdict))
-    props = {p.get("name"): p.get("value") for p in root.iter("property")}
-    assert props["edgepipe.task"] in ("detection", "regression") and "edgepipe.map50" in props
+    props = {s.get("name"): {p.get("name"): p.get("value") for p in s.findall("properties/property")} for s in root}
+    assert props["edgepipe.det-i8"]["edgepipe.task"] == "detection" and "edgepipe.map50" in props["edgepipe.det-i8"]
+    assert props["edgepipe.reg-f16"]["edgepipe.task"] == "regression" and "edgepipe.mae" in props["edgepipe.reg-f16"]
     names = {c.get("name") for c in root.iter("testcase")}
     assert f"min_map50[{det_base(detector_model)} map50]" in names and "max_mae[" + devices[1].metrics["scored"][0] + " mae]" in names
     md = summary_markdown(verdict)

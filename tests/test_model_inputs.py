@@ -195,9 +195,12 @@ def test_edgetpu_compiled_model_is_refused_on_cpu_while_the_edgetpu_target_runs(
     cpu, tpu = doc["devices"]
     assert cpu["error"]["code"] == "needs_edgetpu" and "edgetpu-custom-op" in cpu["error"]["message"]
     assert cpu["bytes_sent"] == 0 and cpu["result"] is None          # refused before anything was pushed
-    assert tpu["error"] is None or tpu["error"]["code"] != "needs_edgetpu"
-    assert tpu["artifact"]["sha256"] == _manifests(doc)[0]["sha256"]   # pushed and run on its device
-    assert tpu["result"] is not None                                  # the agent answered for the Edge TPU target
+    assert tpu["artifact"]["sha256"] == _manifests(doc)[0]["sha256"]   # pushed to its device as it is
+    # The Coral's agent tried the Edge TPU and found no libedgetpu (none exists here); without allow_fallback
+    # (and no plain int8 for a model compiled elsewhere) that is its answer, so nothing was measured: exit 3.
+    assert tpu["error"]["code"] == tpu["result"]["error"]["code"] == "edgetpu_unavailable"
+    assert "libedgetpu.so.1" in tpu["error"]["message"] and tpu["fallback"] is False
+    assert r.exit_code == 3 and doc["verdict"]["headline"] == "NOTHING MEASURED: none of 2 devices returned a result"
     assert _manifests(doc)[0]["source"]["variant"] == "edgetpu_compiled"
     assert "never runs on the host" in r.stderr
 

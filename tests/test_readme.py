@@ -79,6 +79,11 @@ def test_make_demo_runs_the_whole_job(demo):
     # No accelerator here and the demo fleet allows fallback: the report says so, honestly, for both.
     assert "fell back from edgetpu" in html and "fell back from gpu" in html
     assert "fleet enroll" in proc.stderr and "added" in proc.stdout  # host keys enrolled explicitly
+    # the newcomer's first minute: the model trains in the quiet worker, TensorFlow's start-up lines go to its log
+    noise = [line for line in proc.stderr.splitlines() if re.match(r"(WARNING: All log messages|[IWEF]\d{4} |"
+                                                                 r"To enable the following instructions)", line)]
+    assert not noise, noise
+    assert (state / "digits" / "train.log").is_file()
 
 
 def _bindings(state: Path) -> dict[str, str]:
@@ -113,10 +118,15 @@ def test_every_readme_command_runs(demo):
         bound = _bind(cmd, _bindings(state))  # RUN_ID is the newest run so far; TAG is the demo's labelled run
         if "--db" not in bound and bound.split()[1:2] in (["history"], ["show"], ["gate"], ["report"]):
             bound += f" --db {state / 'results.db'}"
-        res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=900)
-        # A README release command may legitimately end in "gate failed" (1); never in usage/infra errors.
-        assert res.returncode in (0, 1), f"{cmd}\n-> {bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        # run where a user runs them: beside their targets.yaml (a command without --targets reads ./targets.yaml)
+        res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=state, env=env, capture_output=True,
+                             text=True, timeout=900)
+        # Every command here passes on the demo fleet: the demo's own release passed its gates (asserted above);
+        # `run --model-name digits` has no earlier run of that name to regress against; `gate RUN_ID --baseline
+        # TAG` re-gates it with the demo's targets.yaml against the demo's run, the same artifacts (no top-1
+        # change, no latency history to gate on); `optimize` finds a format within the budget for every class (the
+        # digits CNN keeps its accuracy in every mode). Anything else (1 included) is a broken command.
+        assert res.returncode == 0, f"{cmd}\n-> {bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         ran += 1
     assert ran >= 8
 
@@ -152,10 +162,13 @@ def test_readme_detection_example_runs_as_written(demo, tmp_path):
                         "detector_float.tflite": str(tm.paths["float32"]), DETECTION: str(tmp_path / DETECTION),
                         "out/": str(tmp_path / "out") + "/"})
     env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
-    res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode in (0, 1), f"{bound}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", bound], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=900)
     doc = json.loads(res.stdout.strip().splitlines()[-1])
+    # The detector keeps its mAP in int8 (about 0.9 mAP@0.5, no drop against float, its scores' SNR far above 20 dB:
+    # tests/task_models.py trains it deterministically), and the demo fleet's classification gates are skipped for
+    # a detection task: the release passes.
+    assert res.returncode == 0, ([c for c in doc["verdict"]["checks"] if not c["passed"]], res.stderr[-2000:])
     assert len(doc["devices"]) == 3 and (tmp_path / "out" / "report.html").is_file()
     for d in doc["devices"]:   # what the README says each row carries
         m = d["metrics"]

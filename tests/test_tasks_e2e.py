@@ -301,6 +301,9 @@ def test_prequantized_uint8_classifier_on_both_runtimes_against_its_float_refere
     r, doc = run_cli(cli, tmp_path, targets, digits_uint8, tmp_path / "eval.npz", "--reference", digits.model_path,
                      cache=conversion_cache)
     assert r.exit_code == 0, r.output
+    shipped = [line for line in r.stderr.splitlines() if ": artifact: " in line]
+    assert len(shipped) == 2 and all("int8 .tflite as given, shipped as it is" in line and "converted" not in line
+                                     for line in shipped), shipped   # what happened, in words: nothing converted
     float_probs = keras.models.load_model(digits.model_path, compile=False).predict(x, verbose=0)
     (host,) = run_tflite(digits_uint8, x)[0].values()
     names = _names(doc)

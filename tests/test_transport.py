@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.devices import knownhosts
 from pipeline.devices.transport.ssh import fetch_host_key
-from pipeline.devices.deploy import Deployer, PushItem
+from pipeline.devices.push import Pusher, PushItem
 from pipeline.errors import TransportError
 from pipeline.testing.sshd import generate_key, pid_alive
 from pipeline.devices.transport import open_transport
@@ -278,10 +278,10 @@ def test_local_transport_same_shape(tmp_path):
     assert tr.put(src, str(tmp_path / "b")) == 3 and (tmp_path / "b").read_bytes() == b"abc"
 
 
-def test_deploy_skips_what_the_device_holds(ssh, fleet, tmp_path):
+def test_push_skips_what_the_device_holds(ssh, fleet, tmp_path):
     blob = tmp_path / "model.bin"
     blob.write_bytes(os.urandom(1 << 20))
-    dep = Deployer(ssh, fleet[0].python, str(fleet[0].workdir))
+    dep = Pusher(ssh, fleet[0].python, str(fleet[0].workdir))
     first = dep.push([PushItem.blob(blob), PushItem.agent()])
     assert first.bytes_sent >= 1 << 20
     final = Path(dep.path(PushItem.blob(blob).rel))
@@ -293,10 +293,10 @@ def test_deploy_skips_what_the_device_holds(ssh, fleet, tmp_path):
     assert third.bytes_sent == 1 << 20 and final.read_bytes() == blob.read_bytes()
 
 
-def test_local_deploy(tmp_path):
+def test_local_push(tmp_path):
     blob = tmp_path / "m.bin"
     blob.write_bytes(b"x" * 1000)
-    dep = Deployer(LocalTransport(), sys.executable, str(tmp_path / "wd"))
+    dep = Pusher(LocalTransport(), sys.executable, str(tmp_path / "wd"))
     assert dep.push([PushItem.blob(blob)]).bytes_sent == 1000
     assert dep.push([PushItem.blob(blob)]).bytes_sent == 0
 

@@ -6,13 +6,15 @@ import functools
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import typer
 from rich.console import Console
 
-from pipeline.devices.cancel import CancelToken
 from pipeline.errors import EdgepipeError, Interrupted
+
+if TYPE_CHECKING:
+    from pipeline.api import CancelToken
 
 app = typer.Typer(
     name="edgepipe",
@@ -93,13 +95,15 @@ def exit_now_if_interrupted() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[CancelToken]:
+def stop_on_signals() -> Iterator["CancelToken"]:
     """While inside, SIGINT and SIGTERM cancel the yielded token instead of killing us mid-way.
 
     The library then kills the agents still running on the devices, keeps what was stored and raises Interrupted.
     A repeated signal changes nothing: stopping is bounded (a few SSH round trips), and leaving early is what
     used to leave agents running.
     """
+    from pipeline.api import CancelToken
+
     token = CancelToken()
 
     def handler(signum: int, _frame: Any) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.convert.cache import DEFAULT_CACHE_DIR
+from pipeline.api.inputs import DEFAULT_CACHE_DIR
 from pipeline.cli.app import app, emit_json, handle_errors, out_console
 from pipeline.cli.stages import Stages
 from pipeline.cli.tables import Col, fitted_table
@@ -34,9 +34,9 @@ def preprocess_options(file: Path | None, resize: str | None, crop: str | None, 
                        mean: str | None, std: str | None, channels: str | None, layout: str | None,
                        image_dtype: str | None, labels: Path | None) -> Any:
     """The declared image preprocessing from --preprocess FILE and the individual flags (flags win)."""
-    from pipeline.convert.data import preprocess_from
+    from pipeline.api import preprocess_options as declared
 
-    return preprocess_from(file, resize=_numbers(resize, "--resize"), crop=_numbers(crop, "--crop"), scale=scale,
+    return declared(file, resize=_numbers(resize, "--resize"), crop=_numbers(crop, "--crop"), scale=scale,
                            mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), channels=channels,
                            layout=layout, dtype=image_dtype, labels=str(labels) if labels else None)
 
@@ -125,30 +125,20 @@ def convert_command(
     image_dtype: Optional[str] = PRE_DTYPE,
 ) -> None:
     """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
-    from pipeline.convert.calibration import load_calibration
-    from pipeline.convert.converter import convert
-    from pipeline.convert.source import describe, identify
+    from pipeline import api
 
-    from pipeline.inventory import load_inventory
-    from pipeline.convert.recipes import requested_formats
-
-    reqs = requested_formats(mode, kind, [load_inventory(p) for p in targets], compat=compat, io_type=io_type)
     pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
-    src = identify(model, signature=signature)
-    calib = load_calibration(calibration, count=calibration_count, seed=calibration_seed,
-                             preprocess=pre) if calibration else None
+    todo = api.conversions(model, modes=mode, kinds=kind, targets=list(targets), calibration=calibration,
+                           calibration_count=calibration_count, calibration_seed=calibration_seed, compat=compat,
+                           io_type=io_type, out_dir=out, cache_dir=None if no_cache else cache_dir,
+                           signature=signature, input_shapes=input_shape, preprocess=pre)
     rows = []
-    if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
-        src = describe(src, cache_dir=None if no_cache else cache_dir)
     with Stages("convert") as stages:
-        for r in reqs:
-            label = r.mode + (f" [{r.compat}]" if r.compat else "")
-            with stages.stage(label) as progress:
-                art = convert(src, r.mode, calibration=calib, out_dir=out, cache_dir=None if no_cache else cache_dir,
-                              compat=r.compat, io_type=r.io_type, input_shapes=input_shape, preprocess=pre,
-                              progress=_keep_warnings(stages, label, progress))
+        for c in todo:
+            with stages.stage(c.label) as progress:
+                art = c.convert(_keep_warnings(stages, c.label, progress))
                 progress.finish(f"{art.path} ({art.bytes} bytes)", cached=art.cached)
-            rows.append(artifact_json(art, r.targets))
+            rows.append(artifact_json(art, c.targets))
     if as_json:
         emit_json(json.dumps({"artifacts": rows}))
     else:

@@ -1,4 +1,4 @@
-"""`edgepipe fleet check` and `edgepipe fleet enroll` (thin over pipeline.devices.probe and pipeline.devices.knownhosts)."""
+"""`edgepipe fleet check` and `edgepipe fleet enroll` (thin over pipeline.api.fleet_check and fleet_enroll)."""
 from __future__ import annotations
 
 import json
@@ -79,13 +79,13 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk."""
+    from pipeline import api
     from pipeline.inventory import load_inventory
-    from pipeline.devices.probe import check_fleet
 
     inv = load_inventory(targets)
     chosen = inv.select(select)
     with DeviceBoard([t.name for t in chosen], "fleet check", enabled=not as_json) as board:
-        results = check_fleet(inv, select, on_event=board)
+        results = api.fleet_check(inv, select, on_event=board)
     if as_json:
         emit_json(json.dumps({"devices": [r.to_dict() for r in results]}))
     else:
@@ -119,10 +119,8 @@ def enroll(
     known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="Record here instead of each target's known_hosts."),
 ) -> None:
     """Record the host key of every target not yet known (accept-new, explicitly); never replace a changed key."""
-    from pipeline.inventory import load_inventory
-    from pipeline.devices.knownhosts import enroll as enroll_keys
+    from pipeline import api
 
-    inv = load_inventory(targets)
     out = out_console()
 
     def show(r: Any) -> None:
@@ -130,8 +128,6 @@ def enroll(
         fp = f"{r.keytype} {r.fingerprint}" if r.fingerprint else ""
         out.print(f"[{colour}]{r.status:7}[/] {r.name} {r.host} {fp} — {r.message}", soft_wrap=True)
 
-    from pipeline.devices.transport.ssh import fetch_host_key
-
-    results = enroll_keys(inv.select(select), known_hosts, on_result=show, fetch=fetch_host_key)
+    results = api.fleet_enroll(targets, select, known_hosts, on_result=show)
     if any(r.status in ("changed", "error") for r in results):
         raise typer.Exit(3)

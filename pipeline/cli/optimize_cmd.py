@@ -13,8 +13,8 @@ from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_con
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.model_options import model_options
 from pipeline.cli.tables import Col, fitted_table
-from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.release.report import human_bytes
+from pipeline.api import human_bytes
+from pipeline.api.inputs import DEFAULT_CACHE_DIR
 
 COLUMNS = (Col("variant"), Col("size", 1, justify="right"), Col("p50 ms", 0, justify="right"),
            Col("metric", 0, justify="right"), Col("drop", 2, justify="right"), Col("agree", 3, justify="right"),

@@ -1,4 +1,4 @@
-"""`edgepipe history`, `show`, `gate` and `report`: thin commands over store, gate, ci_outputs and report."""
+"""`edgepipe history`, `show`, `gate` and `report`: thin commands over pipeline.api (history, show, gate, report)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from pipeline.release.store import open_store
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
 from pipeline.cli.tables import Col, fitted_table
 from pipeline.cli.run_cmd import _delegate, print_verdict_notes
@@ -57,8 +56,10 @@ def history(
     model_name: Optional[str] = MODEL_OPT,
 ) -> None:
     """List recent runs with their verdicts, or one target's trend with --target."""
-    with open_store(db, _inventory(targets, required=False)) as store:
-        hist = store.history(target=target, limit=limit, model_name=model_name)
+    from pipeline import api
+
+    hist = api.history(db=db, targets=_inventory(targets, required=False), target=target, limit=limit,
+                       model_name=model_name)
     if as_json:
         emit_json(json.dumps(hist.to_dict()))
         return
@@ -93,24 +94,23 @@ def show(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="With 'last': the last run of this model."),
 ) -> None:
     """Show one stored run: its devices, figures and last gate verdict."""
-    with open_store(db, _inventory(targets, required=False)) as store:
-        result = store.load_run(store.resolve_run(run, model_name=model_name))
-        verdicts = store.verdicts(result.run_id)
+    from pipeline import api
+
+    stored = api.show(run, db=db, targets=_inventory(targets, required=False), model_name=model_name)
+    result, verdict = stored.run, stored.verdict
     if as_json:
         doc = result.to_dict()
-        doc["verdict"] = verdicts[-1] if verdicts else None
+        doc["verdict"] = stored.verdict_doc
         emit_json(json.dumps(doc))
         return
     state = ("complete" if result.complete else f"INTERRUPTED by {result.interrupted}" if result.interrupted
              else "INCOMPLETE (stopped before the end)")
     rows = []
     for d in result.devices:
-        r = d.result or {}
-        rt = r.get("runtime") or {}
+        m = d.measured
         rows.append([escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
-                     escape(f"{rt.get('name', '-')} {rt.get('version', '')}".strip()), _delegate(r),
-                     _f((r.get("latency_ms") or {}).get("p50")), _f((r.get("latency_ms") or {}).get("p90")),
-                     _f((r.get("accuracy") or {}).get("top1"), 4), _f((r.get("agreement") or {}).get("top1"), 4)])
+                     escape(m.runtime_label or "-"), _delegate(m), _f(m.latency.p50), _f(m.latency.p90),
+                     _f(m.top1, 4), _f(m.agreement_top1, 4)])
     console = out_console()
     model = f" · model {escape(result.model_name)}" if result.model_name else ""
     console.print(fitted_table(f"run {escape(result.run_id)}{model} · {_when(result.started)} UTC · {state}",
@@ -119,10 +119,7 @@ def show(
         if d.fallback:
             console.print(f"[bold yellow]FALLBACK[/] {escape(d.name)}: {escape(d.fallback_reason or 'ran on the CPU')}",
                           soft_wrap=True)
-    if verdicts:
-        from pipeline.release.gate import Verdict
-
-        verdict = Verdict.from_dict(verdicts[-1])
+    if verdict is not None:
         for note in verdict.notes:
             console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
         console.print(escape(verdict.headline()))

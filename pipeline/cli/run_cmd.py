@@ -9,13 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.convert.cache import DEFAULT_CACHE_DIR
-from pipeline.release.report import human_bytes
+from pipeline.api.inputs import DEFAULT_CACHE_DIR
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.model_options import model_options
 from pipeline.cli.tables import Col, fitted_table
-from pipeline.results import accelerator_use
 
 
 def print_verdict_notes(console: Any, verdict: Any) -> None:
@@ -30,22 +28,25 @@ def print_verdict_notes(console: Any, verdict: Any) -> None:
 
 
 def _row(d: Any) -> list[str]:
-    r = d.result or {}
-    lat = r.get("latency_ms") or {}
-    acc = r.get("accuracy") or {}
-    agr = r.get("agreement") or {}
+    m = d.measured
     status = ("[bold yellow]ok, FALLBACK[/]" if d.fallback else "[green]ok[/]") if d.ok else f"[red]{d.error.code}[/]"
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
-            fmt(lat.get("p50"), "%.3f"), fmt(lat.get("p90"), "%.3f"), fmt(acc.get("top1"), "%.3f"),
-            fmt(agr.get("top1"), "%.3f"), (r.get("runtime") or {}).get("name", "-"), _delegate(r), human_bytes(d.bytes_sent)]
+            fmt(m.latency.p50, "%.3f"), fmt(m.latency.p90, "%.3f"), fmt(m.top1, "%.3f"),
+            fmt(m.agreement_top1, "%.3f"), m.runtime or "-", _delegate(m), _human_bytes(d.bytes_sent)]
 
 
-def _delegate(r: dict) -> str:
-    dl = r.get("delegate") or {}
-    use = accelerator_use(r) or {}
-    used = use.get("used") or dl.get("used") or "-"
-    return f"[bold red]{used} (FALLBACK from {use.get('requested')})[/]" if use.get("fallback") else used
+def _human_bytes(n: Any) -> str:
+    from pipeline import api
+
+    return api.human_bytes(n)
+
+
+def _delegate(m: Any) -> str:
+    """The accelerator a device measured on (a pipeline.results.Measurement), in red when it fell back."""
+    use = m.accelerator
+    used = use.used or m.block("delegate").get("used") or "-"
+    return f"[bold red]{used} (FALLBACK from {use.requested})[/]" if use.fallback else used
 
 
 RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),

@@ -1,4 +1,4 @@
-"""`edgepipe worker --site NAME`: serve a site's devices to distributed runs (thin over pipeline.distributed.worker)."""
+"""`edgepipe worker --site NAME`: serve a site's devices to distributed runs (thin over pipeline.api.serve_worker)."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +24,7 @@ def worker_command(
 
     Exit codes: 0 stopped, 2 usage or configuration error.
     """
-    from pipeline.distributed.worker import Worker
+    from pipeline import api
     from pipeline.inventory import load_inventory
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -32,5 +32,5 @@ def worker_command(
     def line(text: str) -> None:
         err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    Worker(load_inventory(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir, heartbeat=heartbeat,
-           on_line=line).serve()
+    api.serve_worker(load_inventory(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir,
+                     heartbeat=heartbeat, on_line=line)

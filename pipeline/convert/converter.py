@@ -22,8 +22,8 @@ from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
                                       quantize_selective)
-from pipeline.convert.source import (LoadedSignature, ModelSource, TensorSpec, first_line, describe, identify,
-                                     parse_input_shapes, signature_specs, with_shapes)
+from pipeline.convert.source import (ModelSource, first_line, describe, identify, parse_input_shapes, signature_specs,
+                                     static_converter, with_shapes)
 from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.files import write_atomic
@@ -98,18 +98,6 @@ def capture_stdout() -> Iterator[list[str]]:
                 log.debug("captured TF stdout: %s", captured[-1])
 
 
-def _converter(sig: LoadedSignature, inputs: list[TensorSpec]) -> Any:
-    """A TFLiteConverter for the signature with every input shape fixed (static shapes: what edge runtimes and the
-    Edge TPU want; a fixed batch also drops the SHAPE/STRIDED_SLICE/PACK ops a dynamic batch adds)."""
-    import tensorflow as tf
-
-    args = sig.fn.structured_input_signature[1]
-    names = [s.name for s in inputs]
-    fixed = [tf.TensorSpec(list(s.shape), args[s.name].dtype, name=s.name) for s in inputs]
-    fn = tf.function(lambda *a: sig.fn(**dict(zip(names, a))), input_signature=fixed)
-    return tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], sig.loaded)
-
-
 def with_source_options(r: Recipe, src: ModelSource) -> Recipe:
     """The source's fixed input shapes and chosen signature as recipe options, so the cache key sees them."""
     if src.overrides:
@@ -130,7 +118,7 @@ def prepared_converter(src: ModelSource, r: Recipe, calib: Calibration | None, p
         ins, outs = signature_specs(sig)
         src = with_shapes(replace(src, inputs=ins, outputs=outs), r.options.get("input_shapes"))
     try:
-        converter = _converter(sig, src.inputs)
+        converter = static_converter(sig, src.inputs)
     except EdgepipeError:
         raise
     except Exception as exc:

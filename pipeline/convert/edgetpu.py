@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_agents.agent import EDGETPU_CUSTOM_OP as CUSTOM_OP   # what edgetpu_compiler makes of the mapped ops
 from pipeline.convert.cache import ConversionCache
 from pipeline.convert.manifest import MANIFEST_VERSION, ModelInfo, OpInfo, manifest_hash, read_model, write_manifest
+from pipeline.errors import ConversionError
 from pipeline.files import sha256_path
 
-CUSTOM_OP = "edgetpu-custom-op"
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 COMPILE_CACHE_VERSION = 1
 
 MAPPED = "Mapped to Edge TPU"
+CONSEQUENCE = "More than one subgraph is not supported"
 SUPPORTED = {
     "ADD", "EXPAND_DIMS", "L2_NORMALIZATION", "LOGISTIC", "MAXIMUM", "MINIMUM", "MUL", "QUANTIZE", "RELU", "RELU6",
     "RELU_N1_TO_1", "SUB", "TANH", "SLICE", "SPACE_TO_DEPTH", "RSQRT", "SQUARED_DIFFERENCE", "TRANSPOSE", "SQUEEZE",
@@ -70,24 +72,53 @@ def parse_table(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _first_fallback(rows: list[dict[str, Any]], info: ModelInfo | None) -> dict[str, Any] | None:
-    """The first op in execution order that is not mapped (the table itself is unordered)."""
-    unmapped = {}
+def _cpu_reasons(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Op name -> why it runs on the CPU, from the table; a cause wins over the consequence "More than one
+    subgraph is not supported" (what every op after the first unmapped one reports)."""
+    reasons: dict[str, str] = {}
     for row in rows:
-        if row["status"] != MAPPED:
-            unmapped.setdefault(row["op"], row["status"])
-    if not unmapped:
+        if row["status"] != MAPPED and reasons.get(row["op"], CONSEQUENCE) == CONSEQUENCE:
+            reasons[row["op"]] = row["status"]
+    return reasons
+
+
+def _first_fallback(rows: list[dict[str, Any]], info: ModelInfo | None, compiled: ModelInfo | None = None,
+                    mapped: int | None = None) -> dict[str, Any] | None:
+    """The first op in execution order that runs on the CPU, with its index in the source model and why.
+
+    From the compiled model when there is one (its graph holds the CPU ops as they are, around the
+    edgetpu-custom-op segments); else from the source model, giving each op name as many TPU slots as the table
+    maps (the table itself is unordered); else the table's first cause, without an index."""
+    reasons = _cpu_reasons(rows)
+    if compiled is not None:
+        segments = [op.index for op in compiled.ops if op.name == f"CUSTOM:{CUSTOM_OP}"]
+        cpu = next((op for op in compiled.ops if op.name != f"CUSTOM:{CUSTOM_OP}"), None)
+        if cpu is None:
+            return None
+        before = sum(1 for i in segments if i < cpu.index)
+        index = cpu.index if before == 0 else (cpu.index - 1 + mapped if len(segments) == 1 and mapped else None)
+        return {"op": cpu.name, "index": index, "reason": reasons.get(cpu.name, "runs on the CPU")}
+    if not reasons:
         return None
     if info is not None:
+        slots: dict[str, int] = {}
+        for row in rows:
+            slots[row["op"]] = slots.get(row["op"], 0) + (row["count"] if row["status"] == MAPPED else 0)
         for op in info.ops:
-            if op.name in unmapped:
-                return {"op": op.name, "index": op.index, "reason": unmapped[op.name]}
-    op, reason = next(iter(unmapped.items()))
-    return {"op": op, "index": None, "reason": reason}
+            if op.name not in slots:
+                continue   # not in the table at all
+            if slots[op.name] > 0:
+                slots[op.name] -= 1
+                continue
+            return {"op": op.name, "index": op.index, "reason": reasons.get(op.name, "runs on the CPU")}
+    causes = [(o, r) for o, r in reasons.items() if r != CONSEQUENCE] or list(reasons.items())
+    return {"op": causes[0][0], "index": None, "reason": causes[0][1]}
 
 
-def parse_compiler_output(console: str, log_text: str | None = None, info: ModelInfo | None = None) -> dict[str, Any]:
-    """Turn `edgetpu_compiler` console output (+ its .log) into mapped/cpu counts, memory and the first fallback."""
+def parse_compiler_output(console: str, log_text: str | None = None, info: ModelInfo | None = None,
+                          compiled: ModelInfo | None = None) -> dict[str, Any]:
+    """Turn `edgetpu_compiler` console output (+ its .log) into mapped/cpu counts, memory and the first fallback;
+    with the compiled model (`compiled`), the Edge TPU segments and the first CPU op are read from its graph."""
     text = console + "\n" + (log_text or "")
     kv: dict[str, str] = {}
     for line in console.splitlines():
@@ -126,8 +157,9 @@ def parse_compiler_output(console: str, log_text: str | None = None, info: Model
         "status": "compiled",
         "total_ops": total, "mapped_ops": mapped, "cpu_ops": cpu,
         "mapped_share": round(mapped / total, 4) if total else 0.0,
-        "first_fallback": _first_fallback(rows, info),
-        "subgraphs": int(kv["Number of Edge TPU subgraphs"]) if "Number of Edge TPU subgraphs" in kv else None,
+        "first_fallback": _first_fallback(rows, info, compiled, mapped),
+        "subgraphs": (sum(1 for op in compiled.ops if op.name == f"CUSTOM:{CUSTOM_OP}") if compiled is not None
+                      else int(kv["Number of Edge TPU subgraphs"]) if "Number of Edge TPU subgraphs" in kv else None),
         "on_chip_memory_bytes": parse_size(kv.get("On-chip memory used for caching model parameters", "")),
         "on_chip_memory_remaining_bytes": parse_size(
             kv.get("On-chip memory remaining for caching model parameters", "")),
@@ -227,8 +259,12 @@ def compile_model(path: Path, info: ModelInfo | None = None, *, compiler: str = 
     log_path = out / (path.stem + "_edgetpu.log")
     log_text = log_path.read_text(errors="replace") if log_path.exists() else None
     console = proc.stdout + "\n" + proc.stderr
-    result = parse_compiler_output(console, log_text, info)
     compiled = out / (path.stem + "_edgetpu.tflite")
+    try:
+        compiled_info = read_model(compiled) if compiled.exists() else None
+    except ConversionError:   # not a model: the report stands on the console and the log alone
+        compiled_info = None
+    result = parse_compiler_output(console, log_text, info, compiled_info)
     result["compiled_file"] = compiled.name if compiled.exists() and result["status"] == "compiled" else None
     result["min_runtime_version"] = min_runtime_version
     result["console"] = console.strip()
@@ -257,17 +293,6 @@ def runtime_number(runtime_version: str | None) -> int | None:
         return None
     m = re.search(r"RuntimeVersion\((\d+)\)", runtime_version) or re.fullmatch(r"\s*(\d+)\s*", runtime_version)
     return int(m.group(1)) if m else None
-
-
-def is_compiled(path: Path | str) -> bool:
-    """True for a model `edgetpu_compiler` produced: its graph holds the `edgetpu-custom-op` libedgetpu runs."""
-    if Path(path).suffix.lower() != ".tflite" or not Path(path).is_file():
-        return False
-    try:
-        info = read_model(path)
-    except Exception:  # not a model at all: the caller's own loading reports that
-        return False
-    return any(name == f"CUSTOM:{CUSTOM_OP}" for name, _ in info.operator_codes)
 
 
 def compiler_version(compiler: str = "edgetpu_compiler") -> str | None:

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple
 
 from pipeline.convert.edgetpu import compiled_artifact, runtime_number
 from pipeline.convert.manifest import build_manifest, read_model
 
 ArtifactInfo = dict[str, Any]     # what a DeviceResult's `artifact` says about the file a device ran
-Shipped = tuple[Path, ArtifactInfo, Optional[Path]]   # (model to push, its info, CPU fallback to push or None)
+
+
+class Shipped(NamedTuple):
+    """What one target runs: the model to push, its artifact info, and the CPU fallback to push (or None)."""
+
+    model: Path
+    info: ArtifactInfo
+    fallback: Path | None
 
 
 def plain_info(art: Any) -> ArtifactInfo:
@@ -35,7 +42,7 @@ class EdgeTPUFiles:
         info = plain_info(art)
         if art.mode != "int8":
             info["not_compiled"] = f"mode {art.mode}: the Edge TPU runs int8 models only"
-            return art.path, info, None
+            return Shipped(art.path, info, None)
         version = runtime_number(tpu.get("runtime_version"))
         key = (art.sha256, version)
         if key not in self._compiled:
@@ -47,11 +54,11 @@ class EdgeTPUFiles:
         comp = self._compiled[key]
         if not comp.compiled:
             info["not_compiled"] = comp.reason
-            return art.path, info, None
+            return Shipped(art.path, info, None)
         info = {"sha256": comp.sha256, "bytes": comp.bytes, "path": str(comp.path), "mode": art.mode,
                 "variant": "edgetpu", "edgetpu": comp.manifest["edgetpu"], "compiled": True,
                 "min_runtime_version": version, "plain_int8_sha256": art.sha256}
-        return comp.path, info, (art.path if allow_fallback else None)
+        return Shipped(comp.path, info, art.path if allow_fallback else None)
 
 
 def precompiled_artifact(source: Path, source_record: dict[str, Any],

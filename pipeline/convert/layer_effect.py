@@ -170,9 +170,10 @@ def measure_effects(src: Any, r: Any, calib: Any, holdout: int, labels: np.ndarr
 
     from tensorflow.lite.python.convert import mlir_quantize
 
-    from pipeline.convert.converter import _converter, prepared_converter
+    from pipeline.convert.converter import prepared_converter
     from pipeline.convert.manifest import read_model
     from pipeline.convert.recipes import quantize_selective
+    from pipeline.convert.source import static_converter
 
     report = progress or (lambda stage, detail: None)
     t0 = time.perf_counter()
@@ -183,7 +184,7 @@ def measure_effects(src: Any, r: Any, calib: Any, holdout: int, labels: np.ndarr
     converter = prepared_converter(src, r, fit, report)
     report("rank", "calibrating once" if float_model else "converting to float and calibrating once")
     if float_model is None:
-        float_model = bytes(_converter(converter._edgepipe_keepalive, src.inputs).convert())   # the loaded model
+        float_model = bytes(static_converter(converter._edgepipe_keepalive, src.inputs).convert())   # the loaded model
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
     calibrated = bytes(converter.convert())

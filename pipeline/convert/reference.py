@@ -74,7 +74,8 @@ def _tflite_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str
 def _postprocess_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A SavedModel ending in the detection postprocess composite runs as its float32 .tflite (TF would run only
     the composite's placeholders)."""
-    from pipeline.convert.source import float_tflite, open_signature, signature_specs
+    from pipeline.convert.loaded import open_signature
+    from pipeline.convert.source import float_tflite, signature_specs
 
     with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
         sig = open_signature(src, Path(tmp))

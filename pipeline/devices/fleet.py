@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from pipeline.devices.cancel import CancelToken
-from pipeline.devices.deploy import WORKDIR_MARK, Deployer, PushItem, result_rel, safe_name
+from pipeline.devices.push import WORKDIR_MARK, Pusher, PushItem, result_rel, safe_name
 from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
 from pipeline.files import sha256_path
 from pipeline.results import DeviceResult, parse_agent_output
@@ -160,8 +160,11 @@ class FleetRunner:
     def __init__(self, *, run_id: str, max_parallel: int = 8, transport_factory: TransportFactory | None = None,
                  on_event: OnEvent | None = None, on_result: Callable[[DeviceResult], None] | None = None,
                  backoff: float = BACKOFF, connections: dict[str, Transport] | None = None,
-                 lease: LeaseHook | None = None, cancel: CancelToken | None = None) -> None:
+                 lease: LeaseHook | None = None, cancel: CancelToken | None = None,
+                 announce_done: bool = True) -> None:
+        """`announce_done`: emit each device's "done" event here (False when the caller announces it, after scoring)."""
         self.run_id = run_id
+        self.announce_done = announce_done
         self.lease = lease
         self.cancel = cancel or CancelToken()
         self.connections = dict(connections or {})  # open transports (from the probe) to reuse on attempt 1
@@ -205,7 +208,8 @@ class FleetRunner:
         res.artifact = job.artifact_info
         res.lease = held
         res.mark_fallback()
-        self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
+        if self.announce_done:
+            self.on_event(t.name, "done", "ok" if res.ok else f"{res.error.code}: {res.error.message}")
         with self._result_lock:
             self.on_result(res)
         return res
@@ -226,7 +230,7 @@ class FleetRunner:
 
     def _with_outputs(self, tr: Transport, job: DeviceJob, res: DeviceResult) -> DeviceResult:
         """Fetch the outputs .npz a successful agent wrote into the run's out dir; check it against its sha256."""
-        block = (res.result or {}).get("outputs") if res.ok else None
+        block = res.measured.outputs if res.ok else None
         if not block or job.outputs_dir is None:
             return res
         t = job.target
@@ -249,7 +253,7 @@ class FleetRunner:
         res.outputs_path = str(local)
         return res
 
-    def _earlier_result(self, tr: Transport, dep: Deployer, t: Any, pid: int | None) -> DeviceResult | None:
+    def _earlier_result(self, tr: Transport, dep: Pusher, t: Any, pid: int | None) -> DeviceResult | None:
         """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
         if pid:
             with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
@@ -279,7 +283,7 @@ class FleetRunner:
                 tr.connect()
             tr.cancel = self.cancel
             timings["connect"] = time.monotonic() - s
-            dep = Deployer(tr, t.python, t.workdir, timeout=t.timeout)
+            dep = Pusher(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
             extras = job.extras()
             items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]

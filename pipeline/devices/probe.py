@@ -9,16 +9,16 @@ import posixpath
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from device_agents.agent import RUNTIME_MODULES
 from pipeline.devices.cancel import CancelToken
-from pipeline.devices.deploy import Deployer, PushItem
+from pipeline.devices.push import Pusher, PushItem
 from pipeline.errors import AgentError, EdgepipeError
 from pipeline.devices.fleet import BACKOFF, OnEvent, TransportFactory, _noop, fan_out, retrying
 from pipeline.results import ErrorInfo, parse_agent_output
 from pipeline.devices.transport import open_transport
 
 PROBE_TIMEOUT = 60.0
-RUNTIME_KEYS = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime", "pycoral": "pycoral",
-                "tensorflow": "tensorflow"}
+RUNTIME_KEYS = {module: name for name, module in RUNTIME_MODULES.items()}  # the probe names runtimes by module
 
 
 @dataclass
@@ -87,7 +87,7 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
             argv = [target.python, posixpath.join(target.workdir, agent.rel), "--probe", "--workdir", target.workdir]
             res = tr.run(argv, timeout=timeout)
             if _agent_missing(res):
-                dep = Deployer(tr, target.python, target.workdir, timeout=timeout)
+                dep = Pusher(tr, target.python, target.workdir, timeout=timeout)
                 dep.push([agent])
                 argv[1], argv[4] = dep.path(agent.rel), dep.abs_workdir
                 res = tr.run(argv, timeout=timeout)

@@ -26,9 +26,10 @@ class ArtifactUnavailable(EdgepipeError):
 class ArtifactStore:
     """put() on the coordinator returns a location (JSON) for the job; fetch() on a worker returns a local path."""
 
-    def __init__(self, db: Any, *, inline_max_bytes: int, shared_dir: str | Path | None = None,
+    def __init__(self, exchange: Any, *, inline_max_bytes: int, shared_dir: str | Path | None = None,
                  cache_dir: str | Path | None = None, file: Any = None) -> None:
-        self.db = db
+        """`exchange`: the history's pipeline.release.exchange.Exchange (`Store.exchange`), where blobs live."""
+        self.exchange = exchange
         self.inline_max_bytes = int(inline_max_bytes)
         self.shared_dir = Path(shared_dir) if shared_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -40,10 +41,8 @@ class ArtifactStore:
         path = Path(path)
         sha, size = sha256_path(path), path.stat().st_size
         if size <= self.inline_max_bytes:
-            if self.db.one("SELECT 1 FROM artifact_blobs WHERE sha256=?", (sha,)) is None:
-                with self.db.write():
-                    self.db.execute(f"INSERT INTO artifact_blobs(sha256, size, data, stored) VALUES (?, ?, ?, "
-                                    f"{self.db.now_sql}) ON CONFLICT (sha256) DO NOTHING", (sha, size, path.read_bytes()))
+            if not self.exchange.has_blob(sha):
+                self.exchange.put_blob(sha, path.read_bytes())
             return {"sha256": sha, "bytes": size, "where": "db", "name": path.name}
         if self.shared_dir is None:
             raise ConfigError(f"{path.name} is {size} bytes, more than artifact_store.inline_max_bytes "
@@ -84,10 +83,10 @@ class ArtifactStore:
 
     def _copy_to(self, loc: dict[str, Any], dest: Path) -> None:
         if loc["where"] == "db":
-            row = self.db.one("SELECT data FROM artifact_blobs WHERE sha256=?", (loc["sha256"],))
-            if row is None:
+            data = self.exchange.blob(loc["sha256"])
+            if data is None:
                 raise ArtifactUnavailable(f"{loc['name']} ({loc['sha256'][:12]}) is not in the database's artifact store")
-            dest.write_bytes(bytes(row["data"]))
+            dest.write_bytes(data)
             return
         src = Path(loc["path"])
         if not src.is_file():

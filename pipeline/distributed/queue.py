@@ -1,15 +1,19 @@
 """The job queue of distributed runs: procrastinate on the same PostgreSQL database as the results history.
 
-One queue per site (`edgepipe-site-NAME`) and two tasks, each for one device of one run: `edgepipe.probe` and
-`edgepipe.measure`. Workers pull from their site's queue and heartbeat (procrastinate's `procrastinate_workers`);
-the coordinator defers, reads job states, and when a worker stops heartbeating hands its jobs back to the queue
-for another worker of the site (procrastinate's own stalled-job query and retry), or fails them as worker_lost.
+The only module that imports procrastinate (an import-linter contract), and it uses only procrastinate's public
+API: `App`, `JobManager` and `SchemaManager`, never its SQL. One queue per site (`edgepipe-site-NAME`) and two
+tasks, each for one device of one run: `edgepipe.probe` and `edgepipe.measure`. Workers pull from their site's
+queue and heartbeat (procrastinate's `procrastinate_workers`); the coordinator defers, reads which of its jobs
+are still waiting or running, and when a worker stops heartbeating hands its jobs back to the queue for another
+worker of the site (procrastinate's stalled-job lookup and retry), or fails them as worker_lost.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Iterable, TypeVar
 
 from pipeline.errors import ConfigError
 from pipeline.release.database import connect_kwargs
@@ -18,7 +22,9 @@ PROBE_TASK = "edgepipe.probe"
 MEASURE_TASK = "edgepipe.measure"
 HEARTBEAT_S = 10.0       # how often a worker says it is alive (procrastinate's update_heartbeat_interval)
 WORKER_TIMEOUT_S = 30.0  # silence after which its running jobs count as stalled (procrastinate's default)
-TERMINAL = ("succeeded", "failed", "cancelled", "aborted")
+WAITING, RUNNING, ENDED = "todo", "doing", "ended"   # a job no longer waiting or running has ended, one way or another
+SCHEMA_LOCK = "edgepipe.queue-schema"
+T = TypeVar("T")
 
 
 def queue_name(site: str) -> str:
@@ -40,56 +46,93 @@ def make_app(url: str, password_env: str | None = None, *, file: Any = None) -> 
 
 
 def ensure_schema(db: Any) -> None:
-    """Install procrastinate's tables and functions once per database (serialised by an advisory lock)."""
+    """Install procrastinate's tables and functions once per database (pipeline.release.database serialises it)."""
     from procrastinate.schema import SchemaManager
 
-    with db.write():
-        db.execute("SELECT pg_advisory_xact_lock(hashtext('edgepipe.queue-schema'))")
-        if db.one("SELECT to_regclass('procrastinate_jobs')")[0] is None:
-            db.execute(SchemaManager.get_schema())
+    db.install_once(SCHEMA_LOCK, "procrastinate_jobs", SchemaManager.get_schema())
 
 
-@dataclass
-class JobState:
+@dataclass(frozen=True)
+class StalledJob:
     id: int
-    status: str
     attempts: int
-    worker_id: int | None
 
 
-def job_states(db: Any, ids: list[int]) -> dict[int, JobState]:
-    if not ids:
-        return {}
-    rows = db.all("SELECT id, status, attempts, worker_id FROM procrastinate_jobs WHERE id = ANY(?)", (list(ids),))
-    return {int(r["id"]): JobState(int(r["id"]), str(r["status"]), int(r["attempts"]), r["worker_id"]) for r in rows}
+class JobQueue:
+    """The coordinator's side of the queue. procrastinate's JobManager is asynchronous and the coordinator is not:
+    the App runs on an event loop of its own thread, and each method waits for its one call there."""
 
+    def __init__(self, url: str, password_env: str | None = None, *, file: Any = None) -> None:
+        self.app = make_app(url, password_env, file=file)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="edgepipe-queue", daemon=True)
 
-def stalled_jobs(app: Any, queues: set[str], ids: set[int], seconds_since_heartbeat: float) -> list[dict[str, Any]]:
-    """Our running jobs whose worker stopped heartbeating: procrastinate's own stalled-job query, per site queue."""
-    from procrastinate import sql
+    def _call(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    conn = app.connector.get_sync_connector()
-    out = []
-    for q in sorted(queues):
-        rows = conn.execute_query_all(query=sql.queries["select_stalled_jobs_by_heartbeat"], queue=q, task_name=None,
-                                      seconds_since_heartbeat=seconds_since_heartbeat)
-        out.extend(dict(r) for r in rows if int(r["id"]) in ids)
-    return out
+    def open(self) -> "JobQueue":
+        self._thread.start()
 
+        async def opened() -> None:
+            await self.app.open_async()
 
-def retry_now(app: Any, job_id: int) -> None:
-    """Back to `todo` (attempts + 1): the next free worker of the same site queue takes it."""
-    app.job_manager.retry_job_by_id(job_id, retry_at=dt.datetime.now(dt.timezone.utc))
+        self._call(opened())
+        return self
 
+    def close(self) -> None:
+        try:
+            self._call(self.app.connector.close_async())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
 
-def fail(app: Any, job_id: int) -> None:
-    """Finish a stalled job as failed (its device is reported worker_lost)."""
-    from procrastinate import sql
+    def defer(self, task: str, site: str, kwargs: list[dict[str, Any]]) -> list[int]:
+        """One job per kwargs on the site's queue; their ids, in order."""
+        deferrer = self.app.configure_task(task, queue=queue_name(site))
+        return [int(i) for i in self._call(deferrer.batch_defer_async(*kwargs))]
 
-    app.connector.get_sync_connector().execute_query(query=sql.queries["finish_job"], job_id=job_id, status="failed",
-                                                     delete_job=False)
+    def states(self, sites: Iterable[str], ids: Iterable[int]) -> dict[int, str]:
+        """WAITING, RUNNING or ENDED for each of these job ids (waiting is read first, so a job a worker takes
+        between the two reads is seen waiting, never ended)."""
+        wanted = set(ids)
 
+        async def read() -> dict[int, str]:
+            seen: dict[int, str] = {}
+            for status in (WAITING, RUNNING):
+                for site in sorted(set(sites)):
+                    for job in await self.app.job_manager.list_jobs_async(queue=queue_name(site), status=status):
+                        if job.id in wanted:
+                            seen.setdefault(int(job.id), status)
+            return seen
 
-def cancel(app: Any, job_id: int) -> bool:
-    """Withdraw a job no worker took (`todo` only)."""
-    return bool(app.job_manager.cancel_job_by_id(job_id))
+        seen = self._call(read())
+        return {i: seen.get(i, ENDED) for i in wanted}
+
+    def stalled(self, sites: Iterable[str], ids: Iterable[int], seconds_since_heartbeat: float) -> list[StalledJob]:
+        """Our running jobs whose worker stopped heartbeating (procrastinate's stalled-job lookup, per site queue)."""
+        wanted = set(ids)
+
+        async def read() -> list[StalledJob]:
+            out = []
+            for site in sorted(set(sites)):
+                jobs = await self.app.job_manager.get_stalled_jobs(queue=queue_name(site),
+                                                                   seconds_since_heartbeat=seconds_since_heartbeat)
+                out += [StalledJob(int(j.id), int(j.attempts)) for j in jobs if j.id in wanted]
+            return out
+
+        return self._call(read())
+
+    def retry_now(self, job_id: int) -> None:
+        """Back to the queue (attempts + 1): the next free worker of the same site takes it."""
+        self._call(self.app.job_manager.retry_job_by_id_async(job_id, retry_at=dt.datetime.now(dt.timezone.utc)))
+
+    def fail(self, job_id: int) -> None:
+        """Finish a stalled job as failed (its device is reported worker_lost)."""
+        from procrastinate.jobs import Status
+
+        self._call(self.app.job_manager.finish_job_by_id_async(job_id, status=Status.FAILED, delete_job=False))
+
+    def cancel(self, job_id: int) -> bool:
+        """Withdraw a job no worker took yet (a waiting one only)."""
+        return bool(self._call(self.app.job_manager.cancel_job_by_id_async(job_id)))

@@ -7,7 +7,6 @@ The worker reads its own targets.yaml: connection details (keys, known_hosts, ju
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import threading
@@ -20,7 +19,7 @@ from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.devices.probe import probe_target
 from pipeline.distributed.artifacts import ArtifactStore
 from pipeline.distributed.queue import HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app, queue_name
-from pipeline.errors import ConfigError, EdgepipeError
+from pipeline.errors import ConfigError, EdgepipeError, StoreError
 from pipeline.release.leases import Leases
 from pipeline.inventory import is_db_url
 from pipeline.release.store import db_path, open_store
@@ -29,16 +28,6 @@ from pipeline.results import DeviceResult, ErrorInfo
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
 KEEP_S = 300.0  # a probe's open connection waits this long for the same device's measure job on this worker
 OnLine = Callable[[str], None]
-
-
-def report_progress(db: Any, run_id: str, target: str, worker: str, stage: str, detail: str) -> None:
-    """The device's latest stage for the coordinator's progress view (one row per device, seq counts events)."""
-    with db.write():
-        db.execute(f"INSERT INTO dist_progress(run_id, target, seq, stage, detail, worker, updated) "
-                   f"VALUES (?, ?, 1, ?, ?, ?, {db.now_sql}) ON CONFLICT (run_id, target) DO UPDATE SET "
-                   f"seq = dist_progress.seq + 1, stage = excluded.stage, detail = excluded.detail, "
-                   f"worker = excluded.worker, updated = excluded.updated",
-                   (run_id, target, stage, str(detail)[:500], worker))
 
 
 class Worker:
@@ -69,7 +58,7 @@ class Worker:
             raise
         self.leases = Leases(self.store.db, owner=f"worker-{self.name}")
         cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE / site
-        self.blobs = ArtifactStore(self.store.db, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
+        self.blobs = ArtifactStore(self.store.exchange, inline_max_bytes=inventory.artifact_store.inline_max_bytes,
                                    shared_dir=inventory.artifact_store.shared_dir, cache_dir=cache)
         self.outputs_dir = cache / "outputs"
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="edgepipe-job")
@@ -120,8 +109,8 @@ class Worker:
     def _events(self, run_id: str) -> Callable[[str, str, str], None]:
         def on_event(target: str, stage: str, detail: str) -> None:
             try:
-                report_progress(self.store.db, run_id, target, self.name, stage, detail)
-            except self.store.db.errors:  # progress is for the live view; the result itself is what must land
+                self.store.exchange.report_progress(run_id, target, self.name, stage, detail)
+            except StoreError:  # progress is for the live view; the result itself is what must land
                 pass
             if stage in ("lease", "done"):
                 self.on_line(f"{run_id} {target}: {stage}: {detail}")
@@ -167,10 +156,7 @@ class Worker:
         except Exception as exc:  # a worker-side bug is still this device's answer, not a failed job
             doc = {"name": target, "host": "?", "kind": "?", "ok": False,
                    "error": {"code": "internal", "message": f"worker {self.name}: {type(exc).__name__}: {exc}"}}
-        with self.store.db.write():
-            self.store.db.execute("INSERT INTO dist_probes(run_id, target, probe) VALUES (?, ?, ?) "
-                                  "ON CONFLICT (run_id, target) DO UPDATE SET probe = excluded.probe",
-                                  (run_id, target, json.dumps(doc, default=str)))
+        self.store.exchange.put_probe(run_id, target, doc)
 
     def measure(self, run_id: str, target: str, artifact: dict, eval: dict, artifact_info: dict,
                 lease_timeout: float | None, reduce: dict | None = None, fallback: dict | None = None) -> None:
@@ -205,7 +191,7 @@ class Worker:
 
     def _share_outputs(self, res: DeviceResult) -> DeviceResult:
         """The fetched outputs go to the artifact store; the result names where (`result.outputs.stored`)."""
-        block = (res.result or {}).get("outputs") if res.ok else None
+        block = res.measured.outputs if res.ok else None
         if res.outputs_path and block is not None:
             local = Path(res.outputs_path)
             try:

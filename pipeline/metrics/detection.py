@@ -83,14 +83,18 @@ def detections(arrays: Mapping[str, np.ndarray], roles: Mapping[str, str]) -> De
 
 
 def without_padding(arrays: Mapping[str, np.ndarray], roles: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """Copies of the outputs with entries past `count` set to 0, so agreement compares real detections only."""
+    """Copies of the outputs with entries past `count` set to 0, so agreement compares real detections only.
+
+    The padding is never read, not even to be cast: it is whatever memory the op left there, signalling NaNs
+    included (casting one to float64 is NumPy's "invalid value encountered in cast")."""
     out = dict(arrays)
     count = arrays[roles["count"]].reshape(len(arrays[roles["boxes"]]), -1)[:, 0]
-    k = np.clip(np.nan_to_num(np.round(count.astype(np.float64)), nan=0.0), 0, None)
+    keep = np.clip(np.nan_to_num(np.round(count.astype(np.float64)), nan=0.0), 0, None).astype(np.int64)
     for role in ("boxes", "classes", "scores"):
-        a = np.array(arrays[roles[role]], dtype=np.float64)
-        pad = np.arange(a.shape[1])[None, :] >= k[:, None]
-        a[pad] = 0.0
+        src = arrays[roles[role]]
+        a = np.zeros(src.shape, dtype=np.float64)
+        for i, k in enumerate(keep):
+            a[i, :k] = src[i, :k]
         out[roles[role]] = a
     return out
 

@@ -136,6 +136,16 @@ class Database:
         self.execute("DELETE FROM edgepipe_schema")
         self.execute("INSERT INTO edgepipe_schema(version) VALUES (?)", (int(version),))
 
+    def install_once(self, name: str, table: str, script: str) -> bool:
+        """Run `script` (another library's schema, e.g. the job queue's) unless `table` already exists; installers
+        on several hosts are serialised by the advisory lock `name` (PostgreSQL only). True when it ran."""
+        with self.write():
+            self.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
+            if self.one("SELECT to_regclass(?)", (table,))[0] is not None:
+                return False
+            self.execute(script)
+            return True
+
     def lock_schema(self) -> None:
         """Serialise concurrent migrations (inside a write transaction); SQLite's BEGIN IMMEDIATE already does."""
         if self.is_postgres:

@@ -9,14 +9,14 @@ the threshold came from, so a failed release explains itself; every fallback is 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from pipeline.metrics.gates import readings
 from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.regression import (CONFIDENCE, LatencyComparison, compare_accuracy, compare_across_runs,
                                          compare_paired)
-from pipeline.results import DeviceResult, RunResult, accelerator_use
+from pipeline.results import DeviceResult, RunResult
 
 LATENCY_GATES = {"max_p50_ms": "p50", "max_p90_ms": "p90", "max_p99_ms": "p99"}
 DEFAULT_MAX_TOP1_REGRESSION = 1.0       # points; a z-test on counts, exact for identical artifacts
@@ -213,30 +213,28 @@ def edgetpu_predicted(tpu: dict[str, Any]) -> bool:
 
 def _measure(device: DeviceResult, gate: str, run: RunResult) -> tuple[Any, str]:
     """(measured value or None, note) for a per-target gate."""
-    r = device.result or {}
-    lat = r.get("latency_ms") or {}
-    acc = r.get("accuracy") or {}
-    agr = r.get("agreement") or {}
+    m = device.measured
+    acc, agr = m.block("accuracy"), m.block("agreement")
     if gate in LATENCY_GATES:
-        return lat.get(LATENCY_GATES[gate]), ""
+        return m.latency.at(LATENCY_GATES[gate]), ""
     if gate == "min_top1":
-        return acc.get("top1"), "" if acc else "no accuracy: the evaluation data has no labels (y)"
+        return m.top1, "" if acc else "no accuracy: the evaluation data has no labels (y)"
     if gate == "max_top1_drop":
         ref = float_top1(run)
-        if acc.get("top1") is None:
+        if m.top1 is None:
             return None, "no accuracy: the evaluation data has no labels (y)"
         if ref is None:
             return None, "the run carries no host float top-1 to compare with"
-        return (ref - acc["top1"]) * 100.0, f"float top-1 {ref:.4f}, device {acc['top1']:.4f}"
+        return (ref - m.top1) * 100.0, f"float top-1 {ref:.4f}, device {m.top1:.4f}"
     if gate == "min_agreement":
-        return agr.get("top1"), "" if agr else "no agreement: the evaluation data has no float reference (ref)"
+        return m.agreement_top1, "" if agr else "no agreement: the evaluation data has no float reference (ref)"
     if gate == "min_snr_db":
-        if agr and agr.get("snr_db") is None and agr.get("max_abs") == 0:
+        if agr and m.snr_db is None and agr.get("max_abs") == 0:
             return float("inf"), "outputs identical to the float reference"
-        return agr.get("snr_db"), "" if agr else "no agreement: the evaluation data has no float reference (ref)"
+        return m.snr_db, "" if agr else "no agreement: the evaluation data has no float reference (ref)"
     if gate == "max_bytes":
         art = device.artifact or {}
-        return art.get("bytes", (r.get("model") or {}).get("bytes")), ""
+        return art.get("bytes", m.model_bytes), ""
     if gate == "min_edgetpu_mapped":
         tpu = edgetpu_info(device, run)
         share = tpu.get("mapped_share")
@@ -250,8 +248,8 @@ def _measure(device: DeviceResult, gate: str, run: RunResult) -> tuple[Any, str]
 
 def _accelerator_check(device: DeviceResult, inventory: Any) -> Check | None:
     """require_accelerator: the device ran on the accelerator its target asks for (edgetpu or gpu)."""
-    use = accelerator_use(device.result)
-    if not use or use.get("requested") in (None, "cpu"):
+    use = device.measured.accelerator
+    if use.requested in (None, "cpu"):
         return None
     t = _target(inventory, device.name)
     if t is not None:
@@ -259,14 +257,14 @@ def _accelerator_check(device: DeviceResult, inventory: Any) -> Check | None:
         source = (f"targets[{t.name}].require_accelerator (default: true for an accelerator target unless "
                   "allow_fallback: true)")
     else:  # no inventory entry: the agent says whether falling back was allowed
-        required = not use.get("allow_fallback", use.get("fallback", False))
+        required = not (use.fallback if use.allow_fallback is None else use.allow_fallback)
         source = "default (an accelerator target requires it unless allow_fallback: true)"
     fell_back = bool(device.fallback)
-    note = (f"ran on {use.get('used')} instead of {use.get('requested')}: {device.fallback_reason}" if fell_back
-            else f"ran on {use.get('used')}")
+    note = (f"ran on {use.used} instead of {use.requested}: {device.fallback_reason}" if fell_back
+            else f"ran on {use.used}")
     if fell_back and not required:
         note += "; allowed (allow_fallback: true): its figures are CPU figures"
-    return Check(device.name, "require_accelerator", use.get("used"), use.get("requested") if required else "any",
+    return Check(device.name, "require_accelerator", use.used, use.requested if required else "any",
                  source, not (fell_back and required), note=note)
 
 
@@ -277,8 +275,8 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
         return [Check(device.name, "measured", err.code if err else "error", "a valid result", "run", False,
                       note=err.message if err else "")]
     checks = []
-    use = accelerator_use(device.result) or {}
-    cpu_note = (f"measured on the CPU after a fallback from {use.get('requested')}: these are CPU timings"
+    asked = device.measured.accelerator.requested
+    cpu_note = (f"measured on the CPU after a fallback from {asked}: these are CPU timings"
                 if device.fallback else "")
     for gate, (threshold, source) in thresholds.items():
         if gate == "min_edgetpu_mapped" and device.kind != "edgetpu":
@@ -301,8 +299,7 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
 
 
 def _median(device: DeviceResult) -> float | None:
-    lat = (device.result or {}).get("latency_ms") or {}
-    return lat.get("p50")
+    return device.measured.latency.p50
 
 
 def task_checks(device: DeviceResult, gate: str, threshold: Any, source: str, extra_note: str) -> list[Check] | None:
@@ -346,7 +343,7 @@ def _latency_comparison(d: DeviceResult, b: DeviceResult, thr: float, floor_ms: 
                         history: LatencyHistory | None) -> tuple[LatencyComparison | None, str]:
     """Paired when the device re-measured the baseline's model in this run, else across runs against the history's
     spread of that artifact on that device; (None, why) when neither can be trusted."""
-    paired = (d.result or {}).get("paired") or {}
+    paired = d.measured.paired
     base_sha = (b.artifact or {}).get("sha256")
     new_sha = (d.artifact or {}).get("sha256")
     why_not_paired = ("same artifact as the baseline" if base_sha and base_sha == new_sha
@@ -407,8 +404,7 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
         if b is None:
             checks.append(skip(d.name, f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
             continue
-        used_new = (accelerator_use(d.result) or {}).get("used")
-        used_base = (accelerator_use(b.result) or {}).get("used")
+        used_new, used_base = d.measured.accelerator.used, b.measured.accelerator.used
         if d.emulated or b.emulated:
             checks.append(skip(d.name, EMULATED_NOTE))
         elif used_new != used_base:
@@ -427,8 +423,7 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
                 checks.append(Check(d.name, "max_latency_regression", round(cmp.slowdown, 4), lat_thr, lat_src,
                                     not cmp.regressed, note=prefix + _describe(cmp, floor_ms, baseline.run_id),
                                     family="regression"))
-        acc_new = (d.result or {}).get("accuracy") or {}
-        acc_base = (b.result or {}).get("accuracy") or {}
+        acc_new, acc_base = d.measured.block("accuracy"), b.measured.block("accuracy")
         if acc_new.get("top1") is not None and acc_base.get("top1") is not None and acc_new.get("n") and acc_base.get("n"):
             a = compare_accuracy(acc_base["top1"], acc_base["n"], acc_new["top1"], acc_new["n"], acc_thr)
             note = (f"top-1 {a.base_top1:.4f} -> {a.new_top1:.4f} (p={a.p_value:.3g}, "
@@ -450,9 +445,8 @@ def fallbacks(devices: Iterable[DeviceResult]) -> dict[str, dict[str, Any]]:
     out = {}
     for d in devices:
         if d.ok and d.fallback:
-            use = accelerator_use(d.result) or {}
-            out[d.name] = {"requested": use.get("requested"), "used": use.get("used", "cpu"),
-                           "reason": d.fallback_reason}
+            use = d.measured.accelerator
+            out[d.name] = {"requested": use.requested, "used": use.used or "cpu", "reason": d.fallback_reason}
     return out
 
 
@@ -486,8 +480,7 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
     checks = [Check(None, "max_fail_percent", round(share, 2), thr, src, share <= thr, family="fleet",
                     note=f"{bad} of {n} device(s) failed or unmeasured" + (f": {names}" if names else ""))]
     if gates.max_fallback_percent is not None:
-        asked = [d for d in run.devices if d.ok and (accelerator_use(d.result) or {}).get("requested") not in
-                 (None, "cpu")]
+        asked = [d for d in run.devices if d.ok and d.measured.accelerator.requested not in (None, "cpu")]
         fell = [d.name for d in asked if d.fallback]
         if not asked:
             checks.append(Check(None, "max_fallback_percent", None, gates.max_fallback_percent,
@@ -519,10 +512,7 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
         inventory = _NoInventory()
     wanted = set(select) if select else None
     devices = [d for d in run.devices if wanted is None or d.name in wanted]
-    gated = RunResult(run_id=run.run_id, devices=devices, started=run.started, finished=run.finished,
-                      model_sha256=run.model_sha256, artifacts=run.artifacts, complete=run.complete,
-                      float_top1=run.float_top1, label=run.label, inventory_sha256=run.inventory_sha256,
-                      model_name=run.model_name)
+    gated = replace(run, devices=devices)   # the run itself (task, float metrics, interruption), these devices
     checks: list[Check] = []
     state: dict[str, str] = {}
     for d in devices:

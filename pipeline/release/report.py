@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from pipeline.files import write_atomic
 from pipeline.metrics.score import TASK_METRICS
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
-from pipeline.results import DeviceResult, RunResult, accelerator_use
+from pipeline.results import DeviceResult, RunResult
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 CSS = """
@@ -74,17 +74,8 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]
 
 
-def _r(d: DeviceResult, *keys: str) -> Any:
-    node: Any = d.result or {}
-    for k in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(k)
-    return node
-
-
 def latency_plot(devices: list[DeviceResult]) -> str | None:
-    rows = [(d, _r(d, "samples_ms")) for d in devices if d.ok and _r(d, "samples_ms")]
+    rows = [(d, d.measured.samples_ms) for d in devices if d.ok and d.measured.samples_ms]
     if not rows:
         return None
     plt = _pyplot()
@@ -106,8 +97,8 @@ def quality_plot(devices: list[DeviceResult]) -> str | None:
     pts = []
     for d in devices:
         size = (d.artifact or {}).get("bytes")
-        top1 = _r(d, "accuracy", "top1")
-        agr = _r(d, "agreement", "top1")
+        top1 = d.measured.top1
+        agr = d.measured.agreement_top1
         if d.ok and size and (top1 is not None or agr is not None):
             pts.append((d, size / 1024.0, top1, agr))
     if not pts:
@@ -169,11 +160,11 @@ def _badge(c: Check) -> str:
 
 
 def _delegate(d: DeviceResult) -> str:
-    dl = _r(d, "delegate") or {}
+    dl = d.measured.block("delegate")
     used = dl.get("used") or dl.get("requested")
     text = e(used) if used else "–"
     if d.fallback or dl.get("fallback"):
-        asked = (accelerator_use(d.result) or {}).get("requested") or dl.get("requested")
+        asked = d.measured.accelerator.requested or dl.get("requested")
         text += (f' <span class="bad" title="{e(d.fallback_reason)}">FALLBACK: fell back from {e(asked)}, '
                  "CPU timings</span>")
     return text
@@ -199,18 +190,18 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
             "agreement", "SNR dB", "size", "verdict", "gates")
     out = ["<table id=\"devices\"><thead><tr>", "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for d in run.devices:
-        rt = _r(d, "runtime") or {}
+        m = d.measured
         state = verdict.devices.get(d.name, "not gated")
-        top1 = _r(d, "accuracy", "top1")
+        top1 = m.top1
         drop = (ref_top1 - top1) * 100 if (top1 is not None and ref_top1 is not None) else None
         emu = ' <span class="skip" title="emulated: latency not meaningful">(emu)</span>' if d.emulated else ""
         err = f'<br><span class="bad">{e(d.error.code)}: {e(d.error.message)}</span>' if d.error else ""
         cells = [
             _td(f"{e(d.name)}{err}"), _td(e(d.kind)), _td(e(d.mode)),
-            _td(e(f"{rt.get('name', '')} {rt.get('version', '')}".strip()) or "–"), _td(_delegate(d)),
-            _td(_num(_r(d, "latency_ms", "p50")) + emu, num=True), _td(_num(_r(d, "latency_ms", "p90")), num=True),
+            _td(e(m.runtime_label or "") or "–"), _td(_delegate(d)),
+            _td(_num(m.latency.p50) + emu, num=True), _td(_num(m.latency.p90), num=True),
             _td(_num(top1, 4), num=True), _td(_num(drop, 3), num=True),
-            _td(_num(_r(d, "agreement", "top1"), 4), num=True), _td(_num(_r(d, "agreement", "snr_db"), 3), num=True),
+            _td(_num(m.agreement_top1, 4), num=True), _td(_num(m.snr_db, 3), num=True),
             _td(human_bytes((d.artifact or {}).get("bytes")), num=True),
             _td(f'<span class="{"ok" if state == "passed" else "bad"}">{e(state)}</span>'),
             _td("".join(_badge(c) for c in verdict.checks_for(d.name))),
@@ -323,15 +314,13 @@ def facts_table(run: RunResult) -> str:
     out = ['<table id="facts"><thead><tr><th>device</th><th>runtime</th><th>governor</th><th>temp before/after</th>'
            "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS (MB)</th></tr></thead><tbody>"]
     for d in run.devices:
-        dev = _r(d, "device") or {}
-        rt = _r(d, "runtime") or {}
-        mem = _r(d, "memory") or {}
+        dev, mem = d.measured.block("device"), d.measured.block("memory")
         t_before, t_after = dev.get("soc_temp_c_before"), dev.get("soc_temp_c_after")
         gov = dev.get("governor")
         gov_html = e(gov) if gov in (None, "performance") else f'<span class="bad">{e(gov)}</span>'
         rss = mem.get("peak_rss_mb")
         out.append(
-            f"<tr><td>{e(d.name)}</td><td>{e(rt.get('name'))} {e(rt.get('version'))}</td><td>{gov_html if gov else '–'}</td>"
+            f"<tr><td>{e(d.name)}</td><td>{e(d.measured.runtime)} {e(d.measured.runtime_version)}</td><td>{gov_html if gov else '–'}</td>"
             f"<td>{_num(t_before)} / {_num(t_after)}</td><td>{e(dev.get('cpu_model') or dev.get('cpu'))}</td>"
             f"<td class=\"num\">{_num(dev.get('cpu_cores') or dev.get('cpu_count'))}</td>"
             f"<td>{e(dev.get('machine'))} {e(dev.get('os_release') or dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pipeline.errors import GateError, StoreError
 from pipeline.inventory import is_db_url
 from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
+from pipeline.release.exchange import Exchange
 from pipeline.release.schema import latest, migrate, migrations
 from pipeline.results import DeviceResult, RunResult
 
@@ -86,22 +87,18 @@ class History:
 
 def runtime_label(d: DeviceResult) -> str | None:
     """'ai-edge-litert 2.3.0': the runtime a device result was measured with (the `runtime` column)."""
-    rt = (d.result or {}).get("runtime") or {}
-    return f"{rt.get('name')} {rt.get('version') or ''}".strip() if rt.get("name") else None
+    return d.measured.runtime_label
 
 
 def _query_columns(d: DeviceResult) -> dict[str, Any]:
-    r = d.result or {}
-    lat = r.get("latency_ms") or {}
-    acc = r.get("accuracy") or {}
-    agr = r.get("agreement") or {}
+    m = d.measured
+    lat = m.latency
     art = d.artifact or {}
-    runtime = runtime_label(d)
     return {
         "kind": d.kind, "mode": d.mode, "ok": int(bool(d.ok)), "error_code": d.error.code if d.error else None,
-        "p50": lat.get("p50"), "p90": lat.get("p90"), "p99": lat.get("p99"), "top1": acc.get("top1"),
-        "agreement": agr.get("top1"), "snr_db": agr.get("snr_db"), "bytes": art.get("bytes"),
-        "emulated": int(bool(d.emulated)), "runtime": runtime, "artifact_sha256": art.get("sha256"),
+        "p50": lat.p50, "p90": lat.p90, "p99": lat.p99, "top1": m.top1,
+        "agreement": m.agreement_top1, "snr_db": m.snr_db, "bytes": art.get("bytes"),
+        "emulated": int(bool(d.emulated)), "runtime": m.runtime_label, "artifact_sha256": art.get("sha256"),
         "fallback": int(bool(d.fallback)),
         "lease_acquired": (d.lease or {}).get("acquired"), "lease_released": (d.lease or {}).get("released"),
     }
@@ -128,6 +125,11 @@ class Store:
     @property
     def schema_version(self) -> int:
         return self.db.schema_version()
+
+    @property
+    def exchange(self) -> Exchange:
+        """The tables distributed runs share besides results: artifact blobs, probes, progress."""
+        return Exchange(self.db)
 
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
@@ -236,10 +238,14 @@ class Store:
         except self.db.errors as exc:
             raise StoreError(f"cannot read results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
-    def device_result(self, run_id: str, target: str) -> DeviceResult | None:
-        """One committed device result of a run, or None while it has not arrived."""
-        row = self._row("SELECT raw FROM device_results WHERE run_id=? AND target=?", (run_id, target))
-        return DeviceResult.from_dict(json.loads(row["raw"])) if row else None
+    def device_results(self, run_id: str, targets: list[str]) -> dict[str, DeviceResult]:
+        """The committed results of these targets of a run (a target whose result has not arrived is left out)."""
+        names = sorted(set(targets))
+        if not names:
+            return {}
+        rows = self._rows(f"SELECT target, raw FROM device_results WHERE run_id=? AND target IN "
+                          f"({', '.join('?' * len(names))})", (run_id, *names))
+        return {r["target"]: DeviceResult.from_dict(json.loads(r["raw"])) for r in rows}
 
     def run_info(self, run_id: str) -> RunInfo:
         row = self._row(_RUNINFO_SQL + " WHERE r.id=? GROUP BY r.id", (run_id,))

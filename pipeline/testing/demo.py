@@ -141,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         return down(state)
     down(state)  # a previous demo interrupted hard
 
+    from pipeline.convert.worker import run_quiet, stop_worker
     from pipeline.examples.digits import train_digits
 
     _say("training (or reusing) the digits CNN and its calibration/evaluation data")
-    bundle = train_digits(state / "digits")
+    # in the quiet worker, like a conversion: TensorFlow's start-up lines go to the log, not the newcomer's terminal
+    log = state / "digits" / "train.log"
+    bundle = run_quiet(train_digits, state / "digits", log=log, what=f"training the digits CNN (log: {log})")
+    stop_worker()
     _say(f"float model top-1 on the evaluation split: {bundle.float_top1:.3f}")
 
     use_ssh = not args.local and bool(shutil.which("sshd") or Path("/usr/sbin/sshd").exists())

@@ -95,6 +95,19 @@ def _quietly(fn: Any) -> None:
         pass
 
 
+# ---- paramiko internals this module relies on: each behind one function here, each listed in PARAMIKO_PRIVATE
+# (tests/test_paramiko_private.py fails naming the attribute when a paramiko release drops one; pyproject.toml
+# bounds paramiko below its next major version).
+PARAMIKO_PRIVATE = {
+    "Transport": ("_active_check_timeout",),            # _Transport: how often the reader thread looks up
+    "SFTPClient": ("_request", "_read_response"),       # _sftp_extended, _write_acks
+    "SFTPFile": ("_reqs", "MAX_REQUEST_SIZE"),          # _write_acks, _set_write_size
+    "Channel": ("eof_received", "status_event"),        # _eof_received, _wait_exit_status
+    "sftp": ("CMD_EXTENDED", "CMD_EXTENDED_REPLY"),     # _sftp_extended (message types paramiko does not export)
+}
+FENCES = ("_Transport", "_write_acks", "_set_write_size", "_sftp_extended", "_eof_received", "_wait_exit_status")
+
+
 def _write_acks(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
     """Read the status of every pipelined write still unanswered; raises IOError for the first failed one.
 
@@ -103,6 +116,27 @@ def _write_acks(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
     """
     while f._reqs:
         sftp._read_response(f._reqs.popleft())
+
+
+def _set_write_size(f: paramiko.SFTPFile, size: int) -> None:
+    """Bytes per pipelined SFTP write request (paramiko's class default is 32 KiB)."""
+    f.MAX_REQUEST_SIZE = size
+
+
+def _sftp_extended(sftp: paramiko.SFTPClient, name: str) -> Any:
+    """One SFTP extended request (e.g. limits@openssh.com): its reply message, or None when the server says no."""
+    kind, msg = sftp._request(paramiko.sftp.CMD_EXTENDED, name)
+    return msg if kind == paramiko.sftp.CMD_EXTENDED_REPLY else None
+
+
+def _eof_received(chan: paramiko.Channel) -> bool:
+    """The remote side closed its output (its fd stays readable after EOF)."""
+    return bool(chan.eof_received)
+
+
+def _wait_exit_status(chan: paramiko.Channel, seconds: float) -> None:
+    """Sleep until the channel's exit status arrives, at most `seconds`."""
+    chan.status_event.wait(seconds)
 
 
 _KEYS: dict[tuple[str, int, int, bytes | None], Any] = {}
@@ -304,7 +338,7 @@ class SSHTransport(Transport):
                     pid, out = _take_pid(out)
                 drained = not chan.recv_ready() and not chan.recv_stderr_ready()
                 # sshd may report the exit status before it has sent all output: wait for EOF too
-                if drained and chan.exit_status_ready() and (chan.eof_received or chan.closed) and \
+                if drained and chan.exit_status_ready() and (_eof_received(chan) or chan.closed) and \
                         (chan.exit_status != -1 or self._t.is_active()):
                     break
                 if chan.closed and drained or not self._t.is_active():
@@ -321,8 +355,8 @@ class SSHTransport(Transport):
                 if left <= 0:
                     self._kill(pid)
                     return CommandResult(None, bytes(out), bytes(err), True, time.monotonic() - t0)
-                if chan.eof_received:  # the fd stays readable after EOF: wait for the exit status instead
-                    chan.status_event.wait(min(left, WAIT))
+                if _eof_received(chan):  # the fd stays readable after EOF: wait for the exit status instead
+                    _wait_exit_status(chan, min(left, WAIT))
                 else:  # paramiko makes the fd readable on data, EOF and close (a lost connection closes it)
                     select.select([fd], [], [], min(left, WAIT))
             rc = chan.recv_exit_status()
@@ -372,7 +406,7 @@ class SSHTransport(Transport):
             if self._sftp_write is None:  # asked once per connection
                 self._sftp_write = _sftp_write_size(sftp)
             with sftp.open(remote, "wb", bufsize=0) as dst:  # unbuffered: each 1 MiB read goes out as slices
-                dst.MAX_REQUEST_SIZE = self._sftp_write
+                _set_write_size(dst, self._sftp_write)
                 dst.set_pipelined(True)
                 done = copy_chunks(local, dst.write, progress, self._count_sent)
                 _write_acks(sftp, dst)
@@ -437,8 +471,8 @@ def _sftp_write_size(sftp: paramiko.SFTPClient) -> int:
     Bigger requests mean fewer SFTP headers and status replies for paramiko's Python code to handle per MiB.
     """
     try:
-        kind, msg = sftp._request(paramiko.sftp.CMD_EXTENDED, LIMITS)
-        if kind != paramiko.sftp.CMD_EXTENDED_REPLY:
+        msg = _sftp_extended(sftp, LIMITS)
+        if msg is None:
             return SFTP_WRITE_MIN
         _max_packet, _max_read, max_write = msg.get_int64(), msg.get_int64(), msg.get_int64()
     except (OSError, EOFError, paramiko.SSHException):  # a server without the extension: SSH_FX_OP_UNSUPPORTED

@@ -89,7 +89,7 @@ class PushReport:
     seconds: float = 0.0
 
 
-class Deployer:
+class Pusher:
     """Talks to one device's work directory through a connected transport and the device's Python."""
 
     def __init__(self, transport: Transport, python: str, workdir: str = "~/.edgepipe",
@@ -121,7 +121,7 @@ class Deployer:
 
     def path(self, rel: str) -> str:
         if self.abs_workdir is None:
-            raise RuntimeError("Deployer.prepare() first")
+            raise RuntimeError("Pusher.prepare() first")
         return posixpath.join(self.abs_workdir, rel)
 
     def prepare(self, items: list[PushItem] = (), dirs: list[str] = ()) -> dict[str, Any]:
