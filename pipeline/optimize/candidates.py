@@ -44,11 +44,7 @@ class Candidate:
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)   # device -> timed invokes (ms)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in INTERNAL}
-
-
-def _plain(v: Any) -> Any:
-    return asdict(v) if hasattr(v, "__dataclass_fields__") else v
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in INTERNAL}
 
 
 @dataclass

@@ -35,6 +35,11 @@ def preference(c: Candidate) -> tuple[Any, ...]:
     return (c.bytes or 0, *integer_rank(c), c.variant)
 
 
+def among(c: Candidate, cands: list[Candidate]) -> bool:
+    """Membership by identity (a dataclass's == would compare every field, samples included)."""
+    return any(c is x for x in cands)
+
+
 def _thin(samples: list[float]) -> np.ndarray:
     a = np.asarray(samples, dtype=float)
     return a if len(a) <= MAX_SAMPLES else a[np.linspace(0, len(a) - 1, MAX_SAMPLES).astype(int)]
@@ -134,7 +139,7 @@ def decide(cands: list[Candidate], objective: str, evidence: Evidence | None = N
         return Decision(None)
     fastest = min(ok, key=lambda c: (c.p50_ms, preference(c)))
     tied = [c for c in ok if not ev.counts(fastest, c)]
-    eff = _effective(ok, ev)
+    eff = _effective(ok, ev) if objective == "balanced" else {id(c): c.p50_ms for c in ok}
     if objective == "size":
         chosen = min(ok, key=lambda c: (c.bytes, integer_rank(c), c.p50_ms))
     elif objective == "latency":
@@ -184,7 +189,7 @@ def why_chosen(d: Decision, objective: str, ev: Evidence) -> str:
     gain = f"--min-gain {ev.min_gain * 100:g} %"
     if c is not f:
         cmp = ev.compare(f, c)
-        if c not in d.tied:   # balanced: slower beyond noise, but smaller by more
+        if not among(c, d.tied):   # balanced: slower beyond noise, but smaller by more
             return (f"{c.variant}: the best balance of latency and size ({f.variant} is faster, {ratio_text(cmp)}; "
                     f"{c.variant} is {times(f.bytes / c.bytes)} smaller)")
         lead = "within noise" if not cmp.get("significant") else f"within {gain}"

@@ -17,7 +17,7 @@ from pipeline.int8_recovery import recover, short
 from pipeline.metrics.score import TASK_METRICS
 from pipeline.optimize.candidates import (CANDIDATES, DEFAULT_MIN_GAIN, OBJECTIVES, Candidate, DeviceClass,
                                           OptimizeResult, fill)
-from pipeline.optimize.choice import Decision, Evidence, decide, layer_text, why_chosen
+from pipeline.optimize.choice import Decision, Evidence, among, decide, layer_text, why_chosen
 from pipeline.optimize.classes import device_classes, settle
 from pipeline.run import RunInputs, execute, new_run_id
 
@@ -132,6 +132,8 @@ def choose_all(classes: list[DeviceClass], objective: str, measurer: Measurer | 
                notice: Callable[[str], None]) -> dict[int, Decision]:
     """Decide per class; re-time interleaved the advantages that decide against a smaller candidate (at most
     MAX_ROUNDS rounds, each pair once), then decide again."""
+    for cls in classes:
+        cls.evidence = cls.evidence or Evidence()
     for _ in range(MAX_ROUNDS if measurer is not None else 0):
         pairs = [(cls, a, b) for cls in classes for a, b in decide(cls.candidates, objective, cls.evidence).pending]
         if not pairs:
@@ -144,9 +146,9 @@ def choose_all(classes: list[DeviceClass], objective: str, measurer: Measurer | 
         d = out[id(cls)] = decide(cls.candidates, objective, cls.evidence)
         cls.chosen = d.chosen
         for c in cls.candidates:
-            c.tie = d.fastest is not None and c is not d.fastest and c in d.tied
-            c.vs_fastest = cls.evidence.compare(d.fastest, c) if d.fastest is not None and c in d.ok \
-                and c is not d.fastest else None
+            rival = d.fastest is not None and c is not d.fastest and among(c, d.ok)
+            c.tie = rival and among(c, d.tied)
+            c.vs_fastest = cls.evidence.compare(d.fastest, c) if rival else None
         cls.comparisons = [cls.evidence.compare(a, b) for a in d.ok for b in d.ok
                            if a is not b and a.p50_ms <= b.p50_ms and cls.evidence.interleaved(a, b)]
     return out

@@ -158,7 +158,8 @@ def _class_head(cls: dict[str, Any], min_gain: Any) -> str:
                  "them</div>")
     head += f"<p>{e(cls['advice'])}</p>" + "".join(f"<p>note: {e(n)}</p>" for n in cls.get("notes") or [])
     if any(c.get("tie") for c in cls["candidates"]):
-        head += (f"<p class=note>≈: as fast as the fastest within noise, or by less than --min-gain {e(min_gain)} %"
+        gain = f"{min_gain:g}" if isinstance(min_gain, (int, float)) else e(min_gain)
+        head += (f"<p class=note>≈: as fast as the fastest within noise, or by less than --min-gain {gain} %"
                  "; a tie goes to the smaller artifact, then the more integer one</p>")
     return head
 
