@@ -186,3 +186,30 @@ def test_coinciding_points_get_stacked_labels_and_ties_are_drawn():
     for m in ("float32", "≈ dynamic", "≈ float16", "≈ int8"):
         assert svg.count(f">{m}<") == 1, m          # labels are text, each once
     assert "as fast as the fastest" in svg          # the tie band's legend
+
+
+def test_a_group_that_spans_classes_gets_each_class_choice_per_target(tmp_path):
+    """--write-modes writes one choice per class on each of its targets: the group `pis` holds a LiteRT and a
+    tflite-runtime board whose classes chose differently, so each target gets its own, and optimize says why."""
+    from pipeline.api.models import write_choices
+    from pipeline.optimize import Budget, DeviceClass, OptimizeResult
+
+    path = tmp_path / "lab.yaml"
+    text = ("# lab\ndefaults: {transport: local}\ngroups:\n  pis: {mode: float16}   # the group's old choice\n"
+            "targets:\n  - name: pi-a\n    kind: cpu\n    groups: [pis]\n  - name: pi-b\n    kind: cpu\n"
+            "    groups: [pis]\n")
+    path.write_text(text)
+    inv = load_inventory(path)
+    budget = Budget(1.0, None, "default")
+
+    def cls(name: str, runtime: str, mode: str) -> DeviceClass:
+        return DeviceClass("cpu", runtime, "cpu", [name], [name], budget, chosen=Candidate(mode, mode))
+
+    res = OptimizeResult([cls("pi-a", "ai-edge-litert==2.3.0", "int8"), cls("pi-b", "tflite-runtime==2.14.0",
+                                                                              "float16")], "latency", "top1", 0.98)
+    write_choices(inv, res)
+    after = load_inventory(path)
+    assert (after.target("pi-a").mode, after.target("pi-b").mode) == ("int8", "float16")
+    assert res.written == path and any("group pis spans 2 classes" in c and "per target" in c for c in res.changes)
+    assert "# the group's old choice" in path.read_text() and _without_set_keys(path.read_text()) == \
+        _without_set_keys(text)

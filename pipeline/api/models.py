@@ -126,11 +126,11 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
 
         res.report_path = write_optimize_report(res.to_dict(), report_dir)
     if write_modes:
-        _write_modes(inv, res)
+        write_choices(inv, res)
     return res
 
 
-def _write_modes(inv: Inventory, res: Any) -> None:
+def write_choices(inv: Inventory, res: Any) -> None:
     """One choice per class, written on each of its targets (so a group whose boards fall into classes with
     different choices gets them per target, and says so); `res.written` is the file written."""
     from pipeline.targets_file import write_modes as patch
@@ -146,6 +146,6 @@ def _write_modes(inv: Inventory, res: Any) -> None:
     for group in inv.groups:
         members = [t.name for t in inv.targets if group in t.groups and t.name in class_of]
         labels = sorted({class_of[n].label for n in members})
-        if len({choices.get(n) for n in members}) > 1:
+        if len({repr(choices.get(n)) for n in members}) > 1:
             res.changes.append(f"group {group} spans {len(labels)} classes ({'; '.join(labels)}) with different "
                                "choices: written per target")
