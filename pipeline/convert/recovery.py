@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.convert.cache import tf_version
+from pipeline.convert.cache import require_tensorflow, tf_version
 from pipeline.convert.calibration import Calibration
 from pipeline.convert.converter import with_source_options
 from pipeline.convert.manifest import ModelInfo, canonical_json
@@ -80,6 +80,7 @@ def rank_layers(src: ModelSource, calibration: Calibration, *, cache_dir: str | 
     if where is not None and where.exists():
         rows = json.loads(where.read_text())
     else:
+        require_tensorflow("ranking the int8 model's layers", file=str(src.path))
         rows = run_quiet(_debug_layers, src, r, calibration, progress=progress,
                          log=Path(log_dir) / "logs" / f"{src.name}.recovery.log",
                          what="per-layer quantization debugging", file=str(src.path))
