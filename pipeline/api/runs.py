@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.api.inputs import DEFAULT_CACHE_DIR, DEFAULT_OUT, inventory_of as _inventory, preprocess_of as _preprocess
+from pipeline.api.inputs import (DEFAULT_CACHE_DIR, DEFAULT_OUT, QUEUE_TIMEOUT_S, inventory_of as _inventory,
+                                 preprocess_of as _preprocess)
 from pipeline.devices.cancel import CancelToken
 from pipeline.errors import Interrupted
 from pipeline.inventory import Inventory
@@ -88,7 +89,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         preprocess: Any = None, task: str | None = None, output: str | None = None,
         on_notice: Callable[[str], None] | None = None,
         lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
-        worker_retries: int = 1, queue_timeout: float | None = None) -> Release:
+        worker_retries: int = 1, queue_timeout: float | None = QUEUE_TIMEOUT_S) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     The model, eval data, calibration data and reference are checked on the host first: a problem there is one
@@ -101,7 +102,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
-    queue (pipeline.distributed.coordinator); gating and reporting are the same. The keywords are grouped into a
+    queue (pipeline.distributed.coordinator); gating and reporting are the same. A device no worker of its site
+    takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords are grouped into a
     RunRequest (`run_request` takes one directly).
     """
     from pipeline.distributed.coordinator import DistributedOptions

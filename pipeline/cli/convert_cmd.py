@@ -99,8 +99,11 @@ def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
 @app.command("convert")
 @handle_errors
 def convert_command(
-    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras, .h5 or .tflite"),
-    mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
+    model_arg: Optional[Path] = typer.Argument(None, metavar="MODEL", show_default=False,
+                                               help="SavedModel directory, .keras, .h5 or .tflite (or --model)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="The model, as an option: the same as MODEL."),
+    mode: List[str] = typer.Option([], "--mode", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
+    mode_m: List[str] = typer.Option([], "-m", hidden=True),   # before --mode was the consistent form
     kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
     targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help=".npz with array x, or image folder"),
@@ -126,9 +129,11 @@ def convert_command(
 ) -> None:
     """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
     from pipeline import api
+    from pipeline.cli.model_options import one_model
 
+    model = one_model(model_arg, model)
     pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
-    todo = api.conversions(model, modes=mode, kinds=kind, targets=list(targets), calibration=calibration,
+    todo = api.conversions(model, modes=list(mode) + list(mode_m), kinds=kind, targets=list(targets), calibration=calibration,
                            calibration_count=calibration_count, calibration_seed=calibration_seed, compat=compat,
                            io_type=io_type, out_dir=out, cache_dir=None if no_cache else cache_dir,
                            signature=signature, input_shapes=input_shape, preprocess=pre)

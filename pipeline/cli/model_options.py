@@ -1,7 +1,10 @@
 """The model and data options every measuring command takes (--signature, --input-shape, --task, --output and the
-image preprocessing flags), added to a command by one decorator instead of a third copy of the list."""
+image preprocessing flags), added to a command by one decorator instead of a third copy of the list; and the model
+itself, which every command takes the same ways: as its first argument, or as `--model`.
+"""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from pathlib import Path
@@ -24,18 +27,50 @@ _PARAMS = [  # (name, annotation, typer option)
     ("std", Optional[str], PRE_STD), ("channels", Optional[str], PRE_CHANNELS), ("layout", Optional[str], PRE_LAYOUT),
     ("image_dtype", Optional[str], PRE_DTYPE), ("labels", Optional[Path], PRE_LABELS),
 ]
+# Shown once, in the epilog, instead of 20 lines of each measuring command's -h (`convert -h` lists them in full).
+PREPROCESS_EPILOG = ("Image folders (--data/--calibration): --preprocess FILE, or --resize HxW|N, --crop HxW|N, "
+                     "--scale F, --mean A[,B,C], --std A[,B,C], --channels rgb|bgr|gray, --layout nhwc|nchw, "
+                     "--image-dtype float32|uint8|int8, --labels FILE (`edgepipe convert -h` explains each).")
+
+MODEL_HELP = "SavedModel directory, .keras, .h5 or .tflite"
+MODEL_ARG = typer.Argument(None, metavar="MODEL", show_default=False, help=MODEL_HELP + " (or --model)")
+MODEL_OPT = typer.Option(None, "--model", help="The model, as an option: the same as MODEL.")
 
 
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def one_model(*given: Path | None) -> Path:
+    """The model a command was given, as its argument or as --model (or an older spelling): exactly one of them."""
+    from pipeline.errors import ConfigError
+
+    named = {Path(g) for g in given if g is not None}
+    if not named:
+        raise ConfigError("no model given", field="MODEL",
+                          hint="pass it as the first argument (edgepipe run model.keras ...) or with --model")
+    if len(named) > 1:
+        raise ConfigError(f"two models given: {', '.join(sorted(map(str, named)))}", field="MODEL",
+                          hint="give the model once: as the first argument or with --model")
+    return named.pop()
+
+
+def _hidden(option: Any) -> Any:
+    shown = copy.copy(option)
+    shown.hidden = True
+    return shown
+
+
+def model_options(fn: Callable[..., Any] | None = None, *, brief: bool = False) -> Any:
     """Add the shared options to a typer command; it receives `model_kw`: the keyword arguments of
-    `api.run`/`api.optimize` (signature, input_shapes, task, output, preprocess)."""
+    `api.run`/`api.optimize` (signature, input_shapes, task, output, preprocess). With `brief`, the image
+    preprocessing flags work but are left out of -h (PREPROCESS_EPILOG names them)."""
+    if fn is None:
+        return lambda f: model_options(f, brief=brief)
     import typing
 
     sig = inspect.signature(fn)
     hints = typing.get_type_hints(fn)
     own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
            if p.name != "model_kw"]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                               default=_hidden(opt) if brief and name in PREPROCESS_FLAGS else opt)
              for name, ann, opt in _PARAMS]
 
     @functools.wraps(fn)

@@ -33,7 +33,7 @@ class DistributedOptions:
 
     worker_timeout: float = q.WORKER_TIMEOUT_S   # silence after which a worker's devices go to another worker
     worker_retries: int = 1                      # how often a lost worker's device is queued again
-    queue_timeout: float | None = None           # how long a job may wait for a worker (None: wait)
+    queue_timeout: float | None = q.QUEUE_TIMEOUT_S   # how long a job may wait for a worker (None: for ever)
     lease_timeout: float | None = None           # how long a worker waits for a device another run holds
 
 
