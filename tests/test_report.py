@@ -106,8 +106,12 @@ def test_report_cli_writes_from_the_stored_verdict(tmp_path, results_db, gate_mo
     runner = CliRunner()
     r = runner.invoke(app, ["report", "run-x", "--out", str(tmp_path / "o"), "--db", str(db)])
     assert r.exit_code == 2 and "--targets" in r.output   # nothing gated yet: say how
-    r = runner.invoke(app, ["gate", "run-x", "--db", str(db), "--targets", str(targets), "--baseline", "none"])
-    assert r.exit_code == 0, r.output
+    gate = ["gate", "run-x", "--db", str(db), "--targets", str(targets), "--baseline", "none"]
+    r = runner.invoke(app, gate)
+    assert r.exit_code == 0 and "not recorded" in r.output, r.output   # a what-if stores nothing
+    assert runner.invoke(app, ["report", "run-x", "--out", str(tmp_path / "o"), "--db", str(db)]).exit_code == 2
+    r = runner.invoke(app, gate + ["--record"])
+    assert r.exit_code == 0 and "recorded beside" in r.output, r.output
     r = runner.invoke(app, ["report", "run-x", "--out", str(tmp_path / "o"), "--db", str(db)])
     assert r.exit_code == 0, r.output
     html = (tmp_path / "o" / "report.html").read_text()

@@ -12,8 +12,47 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from pipeline.cli.convert_cmd import (INPUT_SHAPE, PRE_CHANNELS, PRE_CROP, PRE_DTYPE, PRE_FILE, PRE_LABELS, PRE_LAYOUT,
-                                      PRE_MEAN, PRE_RESIZE, PRE_SCALE, PRE_STD, SIGNATURE, preprocess_options)
+
+def _numbers(text: str | None, flag: str) -> Any:
+    """'0.5' -> 0.5, '0.485,0.456,0.406' -> [0.485, 0.456, 0.406], '224x224' -> [224, 224] (for --mean/--std/...)."""
+    if text is None:
+        return None
+    from pipeline.errors import ConfigError
+
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"cannot read {flag} {text!r}", field=flag, hint="numbers separated by commas") from None
+    values = [int(v) if v.is_integer() and flag in ("--resize", "--crop") else v for v in values]
+    return values[0] if len(values) == 1 else values
+
+
+def preprocess_options(file: Path | None, resize: str | None, crop: str | None, scale: float | None,
+                       mean: str | None, std: str | None, channels: str | None, layout: str | None,
+                       image_dtype: str | None, labels: Path | None) -> Any:
+    """The declared image preprocessing from --preprocess FILE and the individual flags (flags win)."""
+    from pipeline.api import preprocess_options as declared
+
+    return declared(file, resize=_numbers(resize, "--resize"), crop=_numbers(crop, "--crop"), scale=scale,
+                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), channels=channels,
+                           layout=layout, dtype=image_dtype, labels=str(labels) if labels else None)
+
+
+# Image preprocessing flags shared by `convert` and `run` (an image-folder calibration or eval set).
+PRE_FILE = typer.Option(None, "--preprocess", help="YAML/JSON file: resize, crop, scale, mean, std, channels, layout, dtype, labels")
+PRE_RESIZE = typer.Option(None, "--resize", help="image resize: HxW, or one number for the shorter side")
+PRE_CROP = typer.Option(None, "--crop", help="center crop after resizing: HxW or one number")
+PRE_SCALE = typer.Option(None, "--scale", help="multiply pixel values (0..255) by this, e.g. 0.00392")
+PRE_MEAN = typer.Option(None, "--mean", help="subtract after scaling: one value or one per channel (a,b,c)")
+PRE_STD = typer.Option(None, "--std", help="divide after subtracting the mean: one value or one per channel")
+PRE_CHANNELS = typer.Option(None, "--channels", help="rgb | bgr | gray (default: from the model input)")
+PRE_LAYOUT = typer.Option(None, "--layout", help="nhwc | nchw")
+PRE_DTYPE = typer.Option(None, "--image-dtype", help="float32 | uint8 | int8: the dtype images are fed as")
+PRE_LABELS = typer.Option(None, "--labels", help="class names, one per line, in label-id order (image folders)")
+SIGNATURE = typer.Option(None, "--signature", help="SavedModel signature to use (default: serving_default)")
+INPUT_SHAPE = typer.Option([], "--input-shape", help="fix dynamic dimensions: NAME=1x224x224x3 (repeatable)")
+
 
 TASK = typer.Option(None, "--task", help="classification | binary | regression | detection | segmentation | "
                                           "keypoints | raw (default: inferred)")

@@ -543,8 +543,10 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
 
 
 def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | None = "last",
-                    select: Iterable[str] | None = None, save: bool = True) -> tuple[RunResult, RunResult | None, Verdict]:
-    """Load a stored run, resolve its baseline, evaluate, and (by default) save the verdict. For `run` and `gate`."""
+                    select: Iterable[str] | None = None, save: bool = True,
+                    origin: str = "run") -> tuple[RunResult, RunResult | None, Verdict]:
+    """Load a stored run, resolve its baseline, evaluate, and (with `save`) store the verdict beside the run's
+    others with its `origin`: 'run' (the run's own, by `run`) or 'gate' (`gate --record`)."""
     from pipeline.release.store import runtime_label
 
     run = store.load_run(run_id)
@@ -555,5 +557,5 @@ def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | Non
 
     verdict = evaluate(run, inventory, base, select=select, history=history)
     if save:
-        store.save_verdict(run.run_id, verdict)
+        store.save_verdict(run.run_id, verdict, origin=origin, targets=getattr(inventory, "path", None))
     return run, base, verdict
