@@ -185,7 +185,7 @@ class DistributedExecutor:
         for name, got in co.wait(jobs, arrived).items():
             t = ctx.inventory.target(name)
             probes[name] = got if isinstance(got, ProbeResult) else ProbeResult(
-                name, f"{t.host}:{t.port}", t.kind, False, error=got, emulated=bool(t.emulated))
+                name, t.address, t.kind, False, error=got, emulated=bool(t.emulated))
         return probes
 
     def _place(self, ctx: RunContext, plan: JobPlan, blobs: ArtifactStore) -> tuple[list[DeviceJob], dict[str, Any]]:

@@ -175,7 +175,7 @@ class Worker:
                 ("internal", f"worker {self.name}: {type(exc).__name__}: {exc}")
             t = self.targets.get(target)
             res = DeviceResult.failure(target, getattr(t, "kind", "?"), getattr(t, "mode", "?"), code, message,
-                                       host=f"{t.host}:{t.port}" if t else None)
+                                       host=t.address if t else None)
             res.artifact, res.timings = artifact_info, {"total": time.monotonic() - t0}
             self.store.add_device_result(run_id, res)
             ev(target, "done", f"{code}: {message}")
