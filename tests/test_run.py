@@ -177,3 +177,21 @@ def test_a_device_that_cannot_run_the_agent_is_ok_no_and_run_refuses_it_before_p
     assert all(d["bytes_sent"] == 0 and d["artifact"] is None for d in run.values())
     for wd in (fleet[0].workdir, local_wd):
         assert not [p for p in wd.rglob("*") if p.is_file() and p.suffix in (".tflite", ".npz")]
+
+
+def test_what_a_probe_finds_decides_whether_a_device_can_run_the_agent(tmp_path):
+    """The rules behind `ok: no` beyond no Python and no runtime: the declared runtime must be the one installed, and
+    the work directory must hold the agent, a model and the results."""
+    from pipeline.devices.probe import MIN_FREE_BYTES, agent_health
+
+    (tmp_path / "t.yaml").write_text("targets:\n  - {name: pi, host: 10.0.0.7, kind: cpu}\n"
+                                     "  - {name: pinned, host: 10.0.0.8, kind: cpu, runtime: tflite-runtime}\n")
+    pi, pinned = load_inventory(tmp_path / "t.yaml").targets
+    probe = {"runtimes": {"ai_edge_litert": "2.3.0", "tflite_runtime": None}, "disk_free_bytes": MIN_FREE_BYTES,
+             "workdir": "/home/pi/.edgepipe", "executable": "/usr/bin/python3"}
+    assert agent_health(pi, probe) is None
+    full = agent_health(pi, dict(probe, disk_free_bytes=MIN_FREE_BYTES - 1))
+    assert full.code == "disk_full" and "`workdir:`" in full.message and full.details["needed_bytes"] == MIN_FREE_BYTES
+    declared = agent_health(pinned, probe)
+    assert declared.code == "no_runtime" and "tflite-runtime" in declared.message and "ai-edge-litert 2.3.0" in \
+        declared.message
