@@ -133,7 +133,8 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     settings = req.settings or RunSettings(out_dir=Path(DEFAULT_OUT))
     selected = inv.select(list(settings.select))
     prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration, cache_dir=settings.cache_dir,
-                       on_notice=req.hooks.on_notice, **(req.options or ModelOptions()).kwargs())
+                       on_notice=req.hooks.on_notice, gates={t.name: inv.gates_for(t) for t in selected},
+                       **(req.options or ModelOptions()).kwargs())
     settings = replace(settings, select=tuple(t.name for t in selected), run_id=settings.run_id or new_run_id(),
                        model_name=settings.model_name or prepared.src.name)
     cancel = req.hooks.cancel or CancelToken()

@@ -312,10 +312,20 @@ class Store:
                     raise GateError(f"run {ref!r} is ambiguous: {', '.join(h['id'] for h in hits[:5])}",
                                     file=str(self.path), hint="give more of the run id")
                 row = hits[0] if hits else None
+        if row is None and ref == "last":
+            if model_name is not None:
+                raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
+                                hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
+            raise GateError("no runs in the results database yet", file=str(self.path),
+                            hint="`edgepipe run` records one")
         if row is None:
             raise GateError(f"no run {ref!r} (not a run id, tag or 'last') in the results database",
                             file=str(self.path), hint="list runs with `edgepipe history`")
         return row["id"]
+
+    def _model_names(self) -> list[str]:
+        return [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name IS NOT NULL "
+                                                    "ORDER BY model_name LIMIT 10")]
 
     def resolve_baseline(self, spec: str | None, exclude: str | None = None,
                          model_name: str | None = None) -> RunResult | None:
@@ -352,10 +362,8 @@ class Store:
         target's figures (or only `target`'s)."""
         where, params0 = (" WHERE r.model_name=?", (model_name,)) if model_name is not None else ("", ())
         if model_name is not None and self._row("SELECT 1 FROM runs WHERE model_name=? LIMIT 1", (model_name,)) is None:
-            names = [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name "
-                                                         "IS NOT NULL ORDER BY model_name LIMIT 10")]
             raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
-                            hint=f"known model names: {', '.join(names) or 'none'}")
+                            hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
         runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + where + " GROUP BY r.id ORDER BY r.started DESC, "
                                                  "r.rowid DESC LIMIT ?", params0 + (int(limit),))]
         if target is not None:
