@@ -467,7 +467,8 @@ def _notes(devices: Iterable[DeviceResult], run: RunResult) -> list[str]:
     return notes
 
 
-def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) -> list[Check]:
+def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str],
+                  selected_kinds: set[str] | None = None) -> list[Check]:
     gates = inventory.gates
     n = len(device_state)
     bad = sum(1 for s in device_state.values() if s != "passed")
@@ -494,6 +495,11 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
                                      + (f": {', '.join(fell)}" if fell else "")))
     measured_kinds = {d.kind for d in run.devices if d.ok}
     for kind in gates.require_all_kinds or []:
+        if selected_kinds is not None and kind not in selected_kinds:   # `--select` left this kind out
+            checks.append(Check(None, "require_all_kinds", None, f">= 1 measured {kind} device",
+                                "gates.require_all_kinds", True, family="fleet", skipped=True,
+                                note=f"kind {kind}: no {kind} target selected"))
+            continue
         count = sum(1 for d in run.devices if d.ok and d.kind == kind)
         checks.append(Check(None, "require_all_kinds", count, f">= 1 measured {kind} device",
                             "gates.require_all_kinds", kind in measured_kinds, family="fleet",
@@ -503,7 +509,8 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
 
 def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
              select: Iterable[str] | None = None, history: LatencyHistory | None = None) -> Verdict:
-    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run).
+    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run), and
+    `require_all_kinds` to the kinds of the selected targets.
 
     Without an inventory (None) only the defaults apply: every device must be measured, an accelerator target
     must have used it unless its agent was allowed to fall back, top-1 regression vs baseline.
@@ -523,7 +530,9 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
             mine.append(acc)
         checks.extend(mine)
         state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
-    checks.extend(_fleet_checks(gated, inventory, state))
+    selected_kinds = None if wanted is None else (
+        {t.kind for t in inventory.targets if t.name in wanted} | {d.kind for d in devices})
+    checks.extend(_fleet_checks(gated, inventory, state, selected_kinds))
     if baseline is not None:
         regression = regression_checks(gated, baseline, inventory, history)
         checks.extend(regression)
