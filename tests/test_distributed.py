@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,43 @@ def test_bad_distributed_input_is_one_line_before_anything_is_recorded(lab, tmp_
     assert r.exit_code == 2 and "PostgreSQL" in r.output
     with Store(lab.url) as store:
         assert len(store.history(limit=1000).runs) == before
+
+
+def test_a_site_without_a_worker_fails_after_the_queue_timeout_whose_default_is_finite(lab, conversion_cache, tmp_path):
+    """No worker serves lab-c: its device is no_worker after --queue-timeout, never a run that waits for ever (the
+    default is 10 minutes); nothing was measured, so exit 3, with the reason in the JSON."""
+    from pipeline.cli import _load_commands, app
+    from pipeline.distributed.coordinator import DistributedOptions
+
+    _load_commands()
+    doc = yaml.safe_load(lab.targets.read_text())
+    doc["targets"][2]["site"] = "lab-c"
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text(yaml.safe_dump(doc, sort_keys=False))
+    name = doc["targets"][2]["name"]
+    r = CliRunner().invoke(app, ["run", "--distributed", "--targets", str(orphan), "--select", name, "--model",
+                                 str(lab.digits.model_path), "--data", str(lab.data), "--out", str(tmp_path / "out"),
+                                 "--cache-dir", str(conversion_cache), "--baseline", "none", "--queue-timeout", "1",
+                                 "--json"])
+    assert r.exit_code == 3, r.output[-2000:]
+    (dev,) = json.loads(r.stdout)["devices"]
+    assert dev["error"]["code"] == "no_worker" and "edgepipe worker --site lab-c" in dev["error"]["message"]
+    assert DistributedOptions().queue_timeout == 600.0
+    assert re.search(r"--queue-timeout\s+FLOAT RANGE.*?\[default: 600\.0", CliRunner().invoke(
+        app, ["run", "-h"], env={"COLUMNS": "200"}).output, flags=re.S)
+
+
+def test_a_worker_stopped_by_sigterm_says_so_and_exits_143(lab):
+    log = lab.tmp / f"worker-lab-b-{len(lab.workers)}.log"
+    proc = lab.start_worker("lab-b")
+    deadline = time.monotonic() + 120
+    while "queue edgepipe-site-lab-b" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    said = [line for line in log.read_text().splitlines() if "SIGTERM" in line]
+    assert said and said[-1].endswith("stopped by SIGTERM; its running jobs finished and were stored"), said
 
 
 def test_two_concurrent_distributed_runs_share_a_device_without_overlap(lab, conversion_cache):
