@@ -59,6 +59,17 @@ class EdgepipeGroup(TyperGroup):
             sys.exit(code)
         return code
 
+    def invoke(self, ctx: Any) -> Any:
+        """A command's EdgepipeError or Ctrl-C, even without @handle_errors, exits the documented way."""
+        try:
+            return super().invoke(ctx)
+        except EdgepipeError as exc:
+            raise_for(exc)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            emit_error({"code": "interrupted", "message": "interrupted", "hint": None, "exit_code": 130})
+            raise typer.Exit(130) from None
+
 
 
 def _invoke(main: Callable[..., Any], argv: list[str], prog_name: str | None, complete_var: str | None,
@@ -74,13 +85,11 @@ def _invoke(main: Callable[..., Any], argv: list[str], prog_name: str | None, co
         emit_error({"code": "usage", "message": exc.format_message(), "hint": f"`{where} -h` lists the options",
                     "file": None, "field": None, "exit_code": exc.exit_code})
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("interrupted", markup=False)
         emit_error({"code": "interrupted", "message": "interrupted", "hint": None, "exit_code": 130})
         return 130
-    except EdgepipeError as exc:   # a command without @handle_errors still exits the documented way
-        raise_for(exc)
-    except typer.Exit as exc:
+    except typer.Exit as exc:   # raised outside a command's invoke (raise_for)
         return exc.exit_code
     except Exception as exc:   # a bug: the traceback for the report, and still one JSON object
         traceback.print_exc()
