@@ -231,6 +231,12 @@ def test_a_what_if_gate_never_changes_the_history_and_record_keeps_both_verdicts
     assert (after["gate_verdicts"], after["gate_passed"], after["gate_exit_code"]) == (1, False, 1)
     table = runner.invoke(app, ["history", "--db", str(fleet.db)], env={"COLUMNS": "200"}).output
     assert "passed; gate: failed (exit 1)" in table and "gate --record" in table
+    # the run's latency column says what it is: the median over its devices' p50 (3 devices + an unreachable one)
+    assert "median p50 ms" in table and "the median of the devices' p50" in table
+    with Store(fleet.db) as store:
+        p50s = [d.result["latency_ms"]["p50"] for d in store.load_run("again").devices if d.ok]
+    row = next(line for line in table.splitlines() if line.startswith("again "))
+    assert row.split()[-1] == f"{float(np.median(p50s)):.3g}" and " 3/4 " in row, row
     shown = json.loads(runner.invoke(app, ["show", "again", "--db", str(fleet.db), "--json"]).stdout)
     assert shown["verdict"]["passed"] is True and shown["verdict_origin"] == "run"
     assert [(v["origin"], v["verdict"]["passed"]) for v in shown["verdicts"]] == [("run", True), ("gate", False)]
