@@ -141,6 +141,7 @@ def test_a_new_command_gets_the_json_error_contract_without_doing_anything():
         r = runner.invoke(extra, args + ["--json"])
         err = one_object(r)["error"]
         assert (r.exit_code, err["code"], err["exit_code"]) == (exit_code, code, exit_code), r.output
+        check("error", one_object(r))
     assert one_object(runner.invoke(extra, ["deploy", "--json"]))["error"]["hint"] == "start PostgreSQL"
     late = runner.invoke(extra, ["rollback", "--how", "late", "--json"])
     assert late.exit_code == 4 and one_object(late) == {"done": True}      # never a second object

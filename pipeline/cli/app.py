@@ -67,9 +67,13 @@ class EdgepipeGroup(TyperGroup):
             raise_for(exc)
         except KeyboardInterrupt:
             err_console.print("interrupted")
-            emit_error({"code": "interrupted", "message": "interrupted", "hint": None, "exit_code": 130})
+            emit_error(error_object("interrupted", "interrupted", None, 130))
             raise typer.Exit(130) from None
 
+
+def error_object(code: str, message: str, hint: str | None, exit_code: int) -> dict[str, Any]:
+    """The `error` object of docs/json.md for a failure that is no EdgepipeError (usage, interrupt, crash)."""
+    return {"code": code, "message": message, "hint": hint, "file": None, "field": None, "exit_code": exit_code}
 
 
 def _invoke(main: Callable[..., Any], argv: list[str], prog_name: str | None, complete_var: str | None,
@@ -82,22 +86,19 @@ def _invoke(main: Callable[..., Any], argv: list[str], prog_name: str | None, co
         exc.show()
         ctx = getattr(exc, "ctx", None)
         where = f"edgepipe {' '.join(ctx.command_path.split()[1:])}".strip() if ctx is not None else "edgepipe"
-        emit_error({"code": "usage", "message": exc.format_message(), "hint": f"`{where} -h` lists the options",
-                    "file": None, "field": None, "exit_code": exc.exit_code})
+        emit_error(error_object("usage", exc.format_message(), f"`{where} -h` lists the options", exc.exit_code))
         return exc.exit_code
     except typer.Abort:
         err_console.print("interrupted", markup=False)
-        emit_error({"code": "interrupted", "message": "interrupted", "hint": None, "exit_code": 130})
+        emit_error(error_object("interrupted", "interrupted", None, 130))
         return 130
     except typer.Exit as exc:   # raised outside a command's invoke (raise_for)
         return exc.exit_code
     except Exception as exc:   # a bug: the traceback for the report, and still one JSON object
         traceback.print_exc()
-        emit_error({"code": "internal", "message": f"{type(exc).__name__}: {exc}",
-                    "hint": "this is a bug in edgepipe: please report it with the traceback on stderr",
-                    "exit_code": 1})
+        emit_error(error_object("internal", f"{type(exc).__name__}: {exc}",
+                                "this is a bug in edgepipe: please report it with the traceback on stderr", 1))
         return 1
-    return 1   # pragma: no cover - raise_for always raises
 
 
 class PipeSafe:
@@ -106,15 +107,13 @@ class PipeSafe:
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
-        self.closed_by_reader = False
 
     def _guard(self, fn: Callable[[], Any], default: Any) -> Any:
         try:
             return fn()
         except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.EINVAL) and not isinstance(exc, BrokenPipeError):
+            if exc.errno != errno.EPIPE:
                 raise
-            self.closed_by_reader = True
             with contextlib.suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, self._inner.fileno())
@@ -199,7 +198,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise_for(exc)
         except KeyboardInterrupt:
             err_console.print("interrupted")
-            emit_error({"code": "interrupted", "message": "interrupted", "hint": None, "exit_code": 130})
+            emit_error(error_object("interrupted", "interrupted", None, 130))
             raise typer.Exit(130) from None
 
     return wrapper
