@@ -109,7 +109,8 @@ def _only_feat(tmp, two_heads):
     return tmp / "only_feat.npz"
 
 
-CASES = ["mean for three channels on a gray model", "rgb on a gray model", "missing eval file", "empty eval set", "NaN in eval", "inf in calibration", "wrong shape", "wrong dtype",
+CASES = ["mean for three channels on a gray model", "rgb on a gray model",
+         "missing eval file", "empty eval set", "NaN in eval", "inf in calibration", "wrong shape", "wrong dtype",
          "label count", "label range", "no calibration for int8", "empty calibration folder", "missing model input",
          "unknown preprocessing key", "unknown output"]
 

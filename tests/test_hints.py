@@ -21,14 +21,16 @@ from pipeline.cli import _load_commands, app
 from pipeline.inventory import InventorySpec
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_LIBRARY = (ROOT / "pipeline" / "testing", ROOT / "pipeline" / "examples")   # test fleets, the demo model
 SOURCES = sorted(p for p in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "device_agents").glob("*.py")]
-                 if not p.is_relative_to(ROOT / "pipeline" / "testing") and not p.is_relative_to(ROOT / "pipeline" / "examples"))
+                 if not any(p.is_relative_to(d) for d in NOT_LIBRARY))
 ERROR_CALLS = re.compile(r"(Error|Failure|ErrorInfo|Interrupted|failed_for|failure)$")
 ADVICE_NAMES = re.compile(r"(HINT|ADVICE|EPILOG|NOTES)$|^(advise|advice|hint)", re.I)
 VERB = r"\b(?:pass|use|add|drop|give|raise|try|set|rerun|run|with|or|needs?)\b"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 COMMAND = re.compile(r"`edgepipe ((?:[a-z]+ ?)+)([^`]*)`")
-FIELD = re.compile(r"(?:`([a-z_][a-z0-9_.]*):(?: [^`]*)?`|(?:\bset|\badd|\bdeclare it under top-level)\s+([a-z_][a-z0-9_.]*):)")
+FIELD = re.compile(r"(?:`([a-z_][a-z0-9_.]*):(?: [^`]*)?`"                                  # `field:`, `field: value`
+                   r"|(?:\bset|\badd|\bdeclare it under top-level)\s+([a-z_][a-z0-9_.]*):)")   # set field: value
 # flags that are not edgepipe's, named on purpose in advice (another tool's command line)
 FOREIGN = {"--no-deps"}
 

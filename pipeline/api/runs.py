@@ -104,8 +104,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
     queue (pipeline.distributed.coordinator); gating and reporting are the same. A device no worker of its site
-    takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords are grouped into a
-    RunRequest (`run_request` takes one directly).
+    takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords
+    are grouped into a RunRequest (`run_request` takes one directly).
     """
     from pipeline.distributed.coordinator import DistributedOptions
     from pipeline.distributed.queue import WORKER_TIMEOUT_S

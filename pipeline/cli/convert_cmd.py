@@ -94,7 +94,8 @@ def convert_command(
 
     model = one_model(model_arg, model)
     pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
-    todo = api.conversions(model, modes=list(mode) + list(mode_m), kinds=kind, targets=list(targets), calibration=calibration,
+    todo = api.conversions(model, modes=list(mode) + list(mode_m), kinds=kind, targets=list(targets),
+                           calibration=calibration,
                            calibration_count=calibration_count, calibration_seed=calibration_seed, compat=compat,
                            io_type=io_type, out_dir=out, cache_dir=None if no_cache else cache_dir,
                            signature=signature, input_shapes=input_shape, preprocess=pre)

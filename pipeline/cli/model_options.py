@@ -40,7 +40,8 @@ def preprocess_options(file: Path | None, resize: str | None, crop: str | None, 
 
 
 # Image preprocessing flags shared by `convert` and `run` (an image-folder calibration or eval set).
-PRE_FILE = typer.Option(None, "--preprocess", help="YAML/JSON file: resize, crop, scale, mean, std, channels, layout, dtype, labels")
+PRE_FILE = typer.Option(None, "--preprocess", help="YAML/JSON file: resize, crop, scale, mean, std, channels, layout, "
+                                                    "dtype, labels")
 PRE_RESIZE = typer.Option(None, "--resize", help="image resize: HxW, or one number for the shorter side")
 PRE_CROP = typer.Option(None, "--crop", help="center crop after resizing: HxW or one number")
 PRE_SCALE = typer.Option(None, "--scale", help="multiply pixel values (0..255) by this, e.g. 0.00392")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -71,28 +71,29 @@ def history(
         emit_json(json.dumps(hist.to_dict()))
         return
     console = out_console()
-    if target is None:
-        rows = []
-        for r in hist.runs:
-            p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
-            fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
-            verdict = _verdict_word(r.passed, r.exit_code) + (
-                f"; gate: {_verdict_word(r.gate_passed, r.gate_exit_code)}" if r.gate_verdicts else "")
-            complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
-            rows.append([escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"),
-                         complete, f"{r.ok}/{max(r.planned or 0, r.devices)}", str(fell) if fell else "-", verdict,
-                         _f(p50s[len(p50s) // 2] if p50s else None)])
-        table = fitted_table(f"last {len(hist.runs)} run(s)", HISTORY_COLUMNS, rows, console.width)
-        console.print(table)
-        console.print(HISTORY_NOTES, style="dim", soft_wrap=True)
-        return
-    else:
+    if target is not None:
         rows = [[escape(p.run_id), _when(p.started), escape(p.model_name or "-"), escape(p.label or "-"),
                  escape(p.mode or "-"),
                  ("yes" + (" (FALLBACK: CPU)" if p.fallback else "")) if p.ok else escape(p.error_code or "no"),
                  _f(p.p50), _f(p.p90), _f(p.top1, 4), _f(p.agreement, 4), _f(p.bytes)] for p in hist.points]
-        table = fitted_table(f"trend of {escape(target)}", TREND_COLUMNS, rows, console.width)
-    console.print(table)
+        console.print(fitted_table(f"trend of {escape(target)}", TREND_COLUMNS, rows, console.width))
+        return
+    console.print(fitted_table(f"last {len(hist.runs)} run(s)", HISTORY_COLUMNS, [_run_row(r, hist) for r in hist.runs],
+                               console.width))
+    console.print(HISTORY_NOTES, style="dim", soft_wrap=True)
+
+
+def _run_row(r: Any, hist: Any) -> list[str]:
+    """One run of `history`: its own verdict (and the newest recorded by `gate --record`), devices measured of the
+    targets it set out to measure, the median of its devices' p50."""
+    p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
+    fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
+    verdict = _verdict_word(r.passed, r.exit_code) + (
+        f"; gate: {_verdict_word(r.gate_passed, r.gate_exit_code)}" if r.gate_verdicts else "")
+    complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
+    return [escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"), complete,
+            f"{r.ok}/{max(r.planned or 0, r.devices)}", str(fell) if fell else "-", verdict,
+            _f(p50s[len(p50s) // 2] if p50s else None)]
 
 
 @app.command("show")
