@@ -1,2 +1,2 @@
--- Placeholder for issue 22's migration 0010 (numbers must be contiguous): no statement. Dropped when issue 22's
--- 0010 lands on main (see docs/architecture.md, Migrations); it changes nothing in a database.
+-- Placeholder for the migration number 0010, assigned to issue 22, which merged without one (numbers must be
+-- contiguous): no statement; it changes nothing in a database. The lead renumbers at merge.
