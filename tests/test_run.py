@@ -168,6 +168,10 @@ def test_a_device_that_cannot_run_the_agent_is_ok_no_and_run_refuses_it_before_p
     assert rows["here"].split()[1] == "local" and "localhost" not in table.stdout
     assert " no: no_python " in rows[fleet[1].name]
     # run refuses all three before pushing: no artifact, nothing sent, exit 3 (nothing measured)
+    def files() -> set:
+        return {p for wd in (fleet[0].workdir, local_wd) for p in wd.rglob("*") if p.is_file()}
+
+    before = files()   # this module's earlier runs left results on dev0
     r = cli.invoke(app, ["run", str(tiny_artifact.path), "--targets", str(y), "--data", str(tiny_eval),
                          "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--json"])
     assert r.exit_code == 3, r.output
@@ -175,8 +179,7 @@ def test_a_device_that_cannot_run_the_agent_is_ok_no_and_run_refuses_it_before_p
     assert {n: d["error"]["code"] for n, d in run.items()} == {fleet[0].name: "no_runtime",
                                                               fleet[1].name: "no_python", "here": "no_runtime"}
     assert all(d["bytes_sent"] == 0 and d["artifact"] is None for d in run.values())
-    for wd in (fleet[0].workdir, local_wd):
-        assert not [p for p in wd.rglob("*") if p.is_file() and p.suffix in (".tflite", ".npz")]
+    assert not [p for p in files() - before if p.suffix in (".tflite", ".npz")]   # no model, no data went there
 
 
 def test_what_a_probe_finds_decides_whether_a_device_can_run_the_agent(tmp_path):

@@ -54,6 +54,7 @@ class EdgepipeGroup(TyperGroup):
         try:
             code = _invoke(super().main, argv, prog_name, complete_var, extra)
         finally:
+            sys.stdout.flush()   # what is still buffered goes now, through PipeSafe, not at interpreter exit
             sys.stdout = real_stdout
         if standalone_mode:
             sys.exit(code)

@@ -92,8 +92,6 @@ class Worker:
     def serve(self) -> int | None:
         """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once); returns the signal
         that stopped it (None when the worker ended without one)."""
-        self.on_line(f"worker {self.name}: queue {self.queue}, {len(self.targets)} device(s) "
-                     f"({', '.join(self.targets)}), up to {self.concurrency} at once, db {self.store.db.display}")
         try:
             return asyncio.run(self._serve())
         finally:
@@ -120,6 +118,9 @@ class Worker:
 
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, on_signal, sig)
+            # said once a signal stops it gracefully (a script may wait for this line, then signal it)
+            self.on_line(f"worker {self.name}: queue {self.queue}, {len(self.targets)} device(s) "
+                         f"({', '.join(self.targets)}), up to {self.concurrency} at once, db {self.store.db.display}")
             try:
                 await task
             except asyncio.CancelledError:
