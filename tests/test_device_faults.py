@@ -110,10 +110,10 @@ class FillsDiskBeforeArtifact:
     artifact: Path
     workdir: Path
 
-    def put(self, local, remote, progress=None):
+    def put(self, local, remote, progress=None, **kw):
         if Path(local) == self.artifact:
             _fill(self.workdir)
-        return super().put(local, remote, progress)
+        return super().put(local, remote, progress, **kw)
 
 
 class FillingSSH(FillsDiskBeforeArtifact, SSHTransport):
@@ -173,14 +173,14 @@ def test_helper_steps_honour_the_targets_timeout(fleet, tiny_artifact, tiny_eval
 class DroppingSSH(SSHTransport):
     """Cuts the connection half-way through an upload, as a killed run does."""
 
-    def put(self, local, remote, progress=None):
+    def put(self, local, remote, progress=None, **kw):
         size = Path(local).stat().st_size
 
         def cut(done, total):
             if done >= size // 2:
                 self._t.sock.shutdown(2)
 
-        return super().put(local, remote, cut)
+        return super().put(local, remote, cut, **kw)
 
 
 def test_stale_part_of_a_killed_upload_is_removed_at_the_next_push(fleet, tiny_artifact, tiny_eval, tmp_path,
@@ -213,13 +213,13 @@ def test_a_part_a_concurrent_push_is_writing_is_left_alone(fleet, tiny_artifact,
         seen["after_other_push"] = parts(wd)
 
     class Pausing(SSHTransport):
-        def put(self, local, remote, progress=None):
+        def put(self, local, remote, progress=None, **kw):
             def mid(done, total):
                 if done >= total // 2 and "after_other_push" not in seen:
                     other_push()
                 if progress:
                     progress(done, total)
-            return super().put(local, remote, mid)
+            return super().put(local, remote, mid, **kw)
 
     with Pausing(target) as first:
         rep = Pusher(first, target.python, target.workdir).push([PushItem.blob(Path(tiny_artifact.path))])

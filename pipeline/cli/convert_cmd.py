@@ -88,7 +88,7 @@ def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
     """A progress callback that prints warnings and notices as lines of their own (not just in the spinner)."""
 
     def call(stage: str, detail: str) -> None:
-        if stage in ("warning", "notice"):
+        if stage in ("warning", "notice", "integrity"):
             stages.line(f"{label}: {stage}: {detail}")
         else:
             progress(stage, detail)

@@ -1,4 +1,8 @@
-"""Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow."""
+"""Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow.
+
+A hit is used only once its bytes hash to the sha256 its manifest recorded, checked while it is published into the
+run's output folder (one read: the copy and the hash); an entry that fails the check is removed, so it is rebuilt.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import write_atomic
+from pipeline.files import ChecksumMismatch, copy_atomic, temp_beside, write_atomic
 
 CACHE_VERSION = 1
 
@@ -41,6 +45,10 @@ class CacheEntry:
     manifest: dict[str, Any]
 
 
+class CorruptEntry(Exception):
+    """A cache entry whose bytes do not hash to its manifest's sha256 (removed; the caller rebuilds it)."""
+
+
 class ConversionCache:
     """A directory of `<key>/model.tflite` + `<key>/manifest.json`, written atomically."""
 
@@ -60,10 +68,30 @@ class ConversionCache:
             return None   # a torn or tampered entry is a miss, never a wrong artifact
         return CacheEntry(tfl, manifest)
 
+    def publish(self, key: str, dest: Path) -> CacheEntry | None:
+        """The entry copied to `dest` (temp file + rename) once its bytes hashed to the manifest's sha256; None
+        when there is no entry; CorruptEntry (the entry removed) when the bytes differ."""
+        hit = self.get(key)
+        if hit is None:
+            return None
+        try:
+            copy_atomic(hit.tflite, dest, expect_sha256=hit.manifest.get("sha256"))
+        except ChecksumMismatch as bad:
+            self.evict(key)
+            raise CorruptEntry(f"its .tflite hashes to {bad.got[:12]}…, its manifest says {bad.expected[:12]}…") \
+                from None
+        return hit
+
+    def evict(self, key: str) -> None:
+        shutil.rmtree(self.root / key[:2] / key, ignore_errors=True)
+
     def put(self, key: str, tflite: Path, manifest: dict[str, Any]) -> None:
         d = self.root / key[:2] / key
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".model.{os.getpid()}.tmp"
-        shutil.copyfile(tflite, tmp)
-        tmp.replace(d / "model.tflite")
+        tmp = temp_beside(d / "model.tflite")
+        try:
+            shutil.copyfile(tflite, tmp)
+            tmp.replace(d / "model.tflite")
+        finally:
+            tmp.unlink(missing_ok=True)
         write_atomic(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))

@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -16,9 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.convert.cache import ConversionCache, cache_key, tf_version
+from pipeline.convert.cache import ConversionCache, CorruptEntry, cache_key, tf_version
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
+from pipeline.convert.loadable import check_host_load
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
                                       quantize_selective)
@@ -26,7 +26,7 @@ from pipeline.convert.source import (ModelSource, first_line, describe, identify
                                      signature_specs, static_converter, with_shapes)
 from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
-from pipeline.files import write_atomic
+from pipeline.files import copy_atomic, remember_sha256, write_atomic
 
 __all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "identify", "load_source", "plan_formats"]
 
@@ -147,18 +147,6 @@ def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, prog
             raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
 
-def _validate_tflite(path: Path) -> None:
-    """A pass-through .tflite must load in a real interpreter, not just parse."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - host without ai-edge-litert
-        return
-    try:
-        Interpreter(model_path=str(path)).allocate_tensors()
-    except Exception as exc:
-        raise ConversionError(f"the .tflite does not load: {str(exc).splitlines()[0][:300]}", file=str(path)) from None
-
-
 def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
     manifest_path = out_path.with_name(out_path.name[: -len(".tflite")] + ".manifest.json")
     write_manifest(manifest, manifest_path)
@@ -166,8 +154,10 @@ def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
                     cached, manifest.get("edgetpu"))
 
 
-def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str | None, progress: Progress) -> Artifact:
-    """A .tflite source ships as it is (TFLiteConverter cannot re-quantize a .tflite); its manifest says what it is."""
+def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str | None, progress: Progress,
+                 allow_custom_ops: tuple[str, ...] = (), cache_dir: str | Path | None = None) -> Artifact:
+    """A .tflite source ships as it is (TFLiteConverter cannot re-quantize a .tflite); its manifest says what it is.
+    It must load on the host (LiteRT), but for the custom ops the user allowed; it is published atomically."""
     info = read_model(src.path)
     detected = detect_mode(info)
     if mode not in (None, "auto", detected):
@@ -175,12 +165,12 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
                               "(TFLiteConverter converts TensorFlow models, never a .tflite)", file=str(src.path),
                               hint=f"pass the original SavedModel/.keras model, or use mode {detected}")
     compiled = src.variant == "edgetpu_compiled"
-    if not compiled:   # an Edge TPU model never runs on the host: its custom op exists only in libedgetpu
-        run_quiet(_validate_tflite, src.path, log=log_path(out_dir / src.path.name), what="loading the .tflite",
-                  file=str(src.path))
+    # an Edge TPU model never runs on the host (its custom op exists only in libedgetpu): check_host_load skips it
+    check_host_load(src, allow_custom_ops=tuple(allow_custom_ops) + src.host_unresolved, cache_dir=cache_dir,
+                    log=log_path(out_dir / src.path.name))
     out_path = out_dir / (src.path.name if compiled else f"{src.name}.{detected}.tflite")
     if out_path.resolve() != src.path.resolve():
-        shutil.copyfile(src.path, out_path)
+        copy_atomic(src.path, out_path, expect_sha256=src.sha256)
     edgetpu = None if compiled else _edgetpu(out_path, info, detected, progress)
     compat_rec = None
     if compat:
@@ -206,20 +196,23 @@ def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | P
 def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, compat: str | None = None, io_type: str = "int8",
             progress: Progress | None = None, signature: str | None = None, input_shapes: Any = None,
-            preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = ()) -> Artifact:
+            preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = (),
+            allow_custom_ops: tuple[str, ...] | list[str] = ()) -> Artifact:
     """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match.
 
     `model` may be a path or the ModelSource identified once by the caller; a .tflite passes through as it is
     (`mode` None accepts whatever it is). `input_shapes` ({name: shape} or NAME=1x..x.. items) fixes dynamic
     dimensions; `preprocess` applies to an image-folder calibration; `keep_float` (int8) names op output tensors
     kept in float (selective quantization, recorded in the recipe, so cached and reproducible).
+    A cache hit is published into `out_dir` only once its bytes hash to its manifest's sha256; a corrupted entry
+    is rebuilt (reported as progress stage "integrity"). `allow_custom_ops`: custom ops of a .tflite the host cannot resolve.
     """
     report: Progress = progress or (lambda stage, detail: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = identify(model, signature=signature)
     if src.kind == "tflite":
-        return _passthrough(src, mode, out, compat, report)
+        return _passthrough(src, mode, out, compat, report, tuple(allow_custom_ops), cache_dir)
     if mode is None:
         raise ConversionError("no mode given for converting a TensorFlow model", field="mode")
     overrides = {**src.overrides, **parse_input_shapes(input_shapes)}
@@ -242,10 +235,13 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     out_path = out / name
     key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, tf_ver)
     cache = ConversionCache(cache_dir) if cache_dir else None
-    hit = cache.get(key) if cache else None
+    try:
+        hit = cache.publish(key, out_path) if cache else None
+    except CorruptEntry as bad:
+        report("integrity", f"the conversion cache entry for {name} is corrupted ({bad}); converting it again")
+        hit = None
     if hit is not None:
         report("cached", name)
-        shutil.copyfile(hit.tflite, out_path)
         manifest = dict(hit.manifest, file=name)
         if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
             manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
@@ -265,6 +261,7 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     manifest = build_manifest(info, mode=mode, file_name=name, recipe=dict(r.options, input_batch=batch),
                               tf_version=tf_ver, source=src.record(), calibration=calib.summary() if calib else None,
                               compat=r.compat, edgetpu=edgetpu)
+    remember_sha256(out_path, manifest["sha256"])
     if r.compat:
         check_compat(manifest, r.compat["runtime"], r.compat["version"])
     if cache:

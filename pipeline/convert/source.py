@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
+from pipeline.convert.loadable import check_format
 from pipeline.files import sha256_path, write_atomic
 from pipeline.inventory import MODES
 
@@ -82,6 +83,7 @@ class ModelSource:
     outputs: list[TensorSpec] | None = None
     overrides: dict[str, list[int]] = field(default_factory=dict)   # --input-shape, by input name
     notes: list[str] = field(default_factory=list)   # what the shape resolution decided (e.g. a batch kept)
+    host_unresolved: tuple[str, ...] = ()   # custom ops the host cannot run, allowed by --allow-custom-op
 
     @property
     def described(self) -> bool:
@@ -90,7 +92,7 @@ class ModelSource:
     @property
     def runs_on_host(self) -> bool:
         """Whether the host can compute float outputs of this model itself."""
-        return self.kind != "tflite" or self.variant == "float"
+        return (self.kind != "tflite" or self.variant == "float") and not self.host_unresolved
 
     def record(self) -> dict[str, Any]:
         """The manifest's source record."""
@@ -197,6 +199,8 @@ def identify(model: str | Path | ModelSource, *, signature: str | None = None) -
         if not kind:
             raise ConversionError(f"unsupported model file type '{path.suffix or path.name}'", file=str(path),
                                   hint="use a SavedModel directory, .keras, .h5 or .tflite")
+    if kind != "saved_model":
+        check_format(path, kind)   # a text file named model.keras: say what it is
     if signature and kind != "saved_model":
         raise ConfigError(f"--signature {signature} applies to a SavedModel directory, not a {kind} file",
                           file=str(path), field="--signature", hint="drop --signature")

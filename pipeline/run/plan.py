@@ -160,7 +160,8 @@ def _convert(ctx: RunContext, live: list[Any], probes: dict[str, ProbeResult], w
             ctx.on_event(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
             art = convert(src, mode, calibration=ctx.prepared.calibration, out_dir=ctx.out_dir / "artifacts",
-                          cache_dir=ctx.cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float)
+                          cache_dir=ctx.cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float,
+                          progress=lambda stage, detail: ctx.on_notice(detail) if stage == "integrity" else None)
         except (CompatibilityError, ConversionError) as exc:
             ctx.cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             code = "incompatible" if isinstance(exc, CompatibilityError) else "conversion_failed"
