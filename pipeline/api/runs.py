@@ -352,6 +352,25 @@ def show(run_ref: str, *, db: str | Path | None = None, targets: str | Path | In
     return StoredRun(run, verdicts[-1] if verdicts else None)
 
 
+def replay(*, out_dir: str | Path = DEFAULT_OUT, db: str | Path | None = None,
+           targets: str | Path | Inventory | None = None, run: str | None = None,
+           retry_s: float | None = None) -> list[Any]:
+    """Store what runs left in their spool under `out_dir` (their results database was unreachable beyond
+    db_retry_s, or their process died before storing): each into the database it was meant for (`db` or `targets`'
+    db: override it); the spool is gone once stored. Returns pipeline.release.spool.Replayed per run."""
+    from pipeline.release.spool import replay_all
+    from pipeline.release.store import Store, open_store
+
+    inv = _inventory(targets) if targets is not None else None
+
+    def open_for(meta: dict[str, Any]) -> Any:
+        if db is not None or inv is not None or not meta.get("db"):
+            return open_store(db, inv, must_exist=False, retry_s=retry_s)
+        return Store(meta["db"], password_env=meta.get("db_password_env"), retry_s=retry_s)
+
+    return replay_all(out_dir, open_for, run=run)
+
+
 def human_bytes(n: Any) -> str:
     """12.3 KiB: sizes as the report prints them."""
     from pipeline.release.report import human_bytes as text

@@ -94,11 +94,17 @@ def run_command(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name of the model for baselines and history (default: the model file's stem); --baseline last is the last run of this name."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Float model to measure agreement against "
                                              "(for a pre-quantized or Edge-TPU-compiled .tflite)."),
+    allow_custom_op: List[str] = typer.Option([], "--allow-custom-op", metavar="NAME", help="A custom op of the "
+                                              ".tflite the host cannot resolve but the boards have (repeatable)."),
+    db_retry_s: Optional[float] = typer.Option(None, "--db-retry-s", min=0, help="Seconds to retry a results "
+                                               "database that went away (default: targets.yaml db_retry_s, else "
+                                               "60); then exit 4, results kept for `edgepipe store --replay`."),
     model_kw: Any = None,
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
 
     Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured,
+    4 the results database stayed unreachable beyond --db-retry-s (results kept on disk, replayed later),
     130 / 143 interrupted by Ctrl-C / SIGTERM (agents stopped, finished devices kept, run marked interrupted).
     """
     from pipeline import api
@@ -114,7 +120,8 @@ def run_command(
                       on_notice=lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False,
                                                               soft_wrap=True),
                       lease_timeout=lease_timeout, distributed=distributed, worker_timeout=worker_timeout,
-                      worker_retries=worker_retries, queue_timeout=queue_timeout)
+                      worker_retries=worker_retries, queue_timeout=queue_timeout, db_retry_s=db_retry_s,
+                      allow_custom_ops=allow_custom_op)
     if as_json:
         doc = rel.run.to_dict()
         doc["verdict"] = rel.verdict.to_dict()

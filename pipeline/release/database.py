@@ -96,6 +96,7 @@ class Database:
         self.retry_s = DB_RETRY_S if retry_s is None else max(0.0, float(retry_s))
         self.retries = self.reconnects = 0
         self._depth = 0   # > 0 inside write(): statements there are retried with their whole transaction
+        self._down_since: float | None = None   # when the current outage began (monotonic), None while it answers
         self._conn: Any = None
         if is_db_url(str(location)):
             self.dialect = "postgresql"
@@ -147,22 +148,26 @@ class Database:
             self._conn = None
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
-        """`attempt()` until it succeeds, fails for good, or transient errors have lasted `retry_s`."""
+        """`attempt()` until it succeeds, fails for good, or the outage has lasted `retry_s` (counted from its first
+        failure, across calls: a second caller does not wait a second window for the same outage)."""
         with self.lock:
             if self._depth:          # inside a transaction: the caller's transaction() retries it whole
                 return attempt()
-            deadline: float | None = None
             delay = RETRY_FIRST_S
             while True:
                 try:
                     self._ensure_connected()
-                    return attempt()
+                    result = attempt()
+                    self._down_since = None
+                    return result
                 except Exception as exc:
                     if not transient(exc):
                         raise
                     self._drop_if_broken()
                     now = time.monotonic()
-                    deadline = deadline if deadline is not None else now + self.retry_s
+                    if self._down_since is None:
+                        self._down_since = now
+                    deadline = self._down_since + self.retry_s
                     if now >= deadline:
                         raise self.unavailable(exc) from None
                     self.retries += 1
@@ -180,6 +185,7 @@ class Database:
             try:
                 self._ensure_connected()
                 self._conn.execute("SELECT 1").fetchone()
+                self._down_since = None
                 return True
             except Exception as exc:  # noqa: BLE001 - any failure means "not now"
                 if not transient(exc) and not isinstance(exc, StoreError):
@@ -207,14 +213,24 @@ class Database:
         """The database's clock (epoch seconds): one clock for every host that shares the database."""
         return float(self.one(f"SELECT {self.now_sql}")[0])
 
-    def transaction(self, body: Callable[[], T]) -> T:
+    def transaction(self, body: Callable[[], T], *, retry: bool = True) -> T:
         """`body()` in one write transaction, retried whole on a transient error (so it must only touch the
-        database, or be safe to repeat)."""
+        database, or be safe to repeat). `retry=False`: one attempt; a transient error is DatabaseUnavailable at
+        once (for work that can wait, such as giving a lease back)."""
         def attempt() -> T:
             with self.write():
                 return body()
 
-        return self._retrying(attempt)
+        if retry:
+            return self._retrying(attempt)
+        with self.lock:
+            try:
+                return attempt()
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                self._drop_if_broken()
+                raise self.unavailable(exc) from None
 
     @contextmanager
     def write(self) -> Iterator["Database"]:

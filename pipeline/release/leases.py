@@ -76,6 +76,7 @@ class Leases:
         self.timeout = timeout
         self.ttl = float(ttl)
         self._held: dict[str, Lease] = {}
+        self._deferred: list[Lease] = []   # given back while the database was away: the heartbeat retries
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -156,23 +157,37 @@ class Leases:
         return None, row, None
 
     def release(self, lease: Lease) -> None:
-        """Give the device back; the release time is the database's clock when the row goes. Never raises: when
-        the database stays away (beyond its retry window) the lease simply lapses after its ttl."""
+        """Give the device back; the release time is the database's clock when the row goes. Never raises, never
+        waits out an outage: when the database does not answer, the heartbeat thread gives it back later (or the
+        lease lapses after its ttl), and `release_error` says so."""
         with self._guard:
             self._held.pop(lease.holder, None)
+        if not self._give_back(lease, retry=False):
+            with self._guard:
+                self._deferred.append(lease)
+            self._ensure_heartbeat()
 
-        def give_back() -> tuple[float, int]:
+    def _give_back(self, lease: Lease, *, retry: bool) -> bool:
+        def body() -> tuple[float, int]:
             at = self.db.now()
             gone = self.db.execute("DELETE FROM device_leases WHERE device=? AND holder=?", (lease.device, lease.holder))
             return at, gone.rowcount
 
         try:
-            lease.released, count = self.db.transaction(give_back)
+            lease.released, count = self.db.transaction(body, retry=retry)
         except (StoreError, *self.db.errors) as exc:   # DatabaseUnavailable is a StoreError
             lease.release_error = " ".join(str(exc).split())[:300]
-            return
-        if count == 0:
-            lease.lost = True
+            return False
+        lease.release_error = None
+        lease.lost = lease.lost or count == 0
+        return True
+
+    def _release_deferred(self, *, retry: bool) -> None:
+        with self._guard:
+            waiting, self._deferred = self._deferred, []
+        left = [lease for lease in waiting if not self._give_back(lease, retry=retry)]
+        with self._guard:
+            self._deferred.extend(left)
 
     def renew(self) -> None:
         """Push every held lease's expiry forward in one statement; one that vanished (taken after it lapsed) is
@@ -201,15 +216,17 @@ class Leases:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
+                self._release_deferred(retry=False)
                 self.renew()
             except Exception:  # a database hiccup: the next beat tries again, the lease lasts a full ttl
                 pass
 
     def close(self) -> None:
-        """Stop renewing (leases still held lapse after the ttl; normally none are)."""
+        """Stop renewing (leases still held lapse after the ttl; normally none are); give back what waits."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
+        self._release_deferred(retry=False)   # one last try; else the lease lapses after its ttl
 
 
 def _plain(row: Any) -> dict[str, Any] | None:
