@@ -99,10 +99,12 @@ def test_postgres_restarting_mid_run_loses_nothing(pg, device, digits, eval_file
     run = Run(tmp_path, device, db, digits, eval_file, conversion_cache)
     run.wait_for(lambda: any(run.gate.glob("measuring-*")), "the agent measuring")
     pg.halt()                                  # the server goes away while the device measures
-    (run.gate / "go").touch()
-    run.wait_for(run.spooled, "the collected result kept on disk")   # measured, collected, the database away
-    time.sleep(0.5)                            # an outage of some length: the run keeps retrying meanwhile
-    pg.resume()
+    try:
+        (run.gate / "go").touch()
+        run.wait_for(run.spooled, "the collected result kept on disk")   # measured, collected, the database away
+        time.sleep(0.5)                        # an outage of some length: the run keeps retrying meanwhile
+    finally:
+        pg.resume()
     rc = run.finish()
     stderr = run.err.read_text()
     assert rc == 0, stderr[-2000:]

@@ -57,6 +57,7 @@ class Faults:
     match: Callable[[Sequence[str]], bool] = runs_agent
     put_fraction: float = 0.5
     on_drop: Callable[[], None] | None = None
+    on_pid: Callable[[int], None] | None = None   # "run"/"before_pid": called with the remote pid just before the cut
     matched_runs: int = 0   # matching commands started
     drops: int = 0          # connections actually cut
     _claimed: int = field(default=0, repr=False)
@@ -90,8 +91,9 @@ class _PidTap:
     """A channel proxy that cuts the link once the remote process id line has been read from it (`hide`: and
     swallows that line, so the host never learns the pid)."""
 
-    def __init__(self, chan: Any, cut: Callable[[], None], hide: bool = False) -> None:
-        self._chan, self._cut, self._head, self._hide = chan, cut, b"", hide
+    def __init__(self, chan: Any, cut: Callable[[], None], hide: bool = False,
+                 on_pid: Callable[[int], None] | None = None) -> None:
+        self._chan, self._cut, self._head, self._hide, self._on_pid = chan, cut, b"", hide, on_pid
 
     def recv(self, n: int) -> bytes:
         data = self._chan.recv(n)
@@ -101,6 +103,8 @@ class _PidTap:
             end = self._head.find(b"\n", at) if at >= 0 else -1
             if end >= 0:
                 cut, self._cut = self._cut, None
+                if self._on_pid is not None:
+                    self._on_pid(int(self._head[at + len(PID_MARK):end] or 0))
                 cut()  # the run loop parses the pid from `data` before it notices the link is gone
                 if self._hide:   # everything up to the pid line's end goes (the agent prints nothing before it)
                     data = self._head[end + 1:]
@@ -180,7 +184,7 @@ class FaultyTransport(Transport):
         if open_session is None:
             raise TypeError(f"{type(inner).__name__} cannot drop a running command (drops need SSH)")
         inner._session = lambda: _PidTap(open_session(), lambda: self.faults._dropped(inner),  # type: ignore
-                                         hide=hide_pid)
+                                         hide=hide_pid, on_pid=self.faults.on_pid)
         try:
             return inner.run(argv, stdin=stdin, timeout=timeout, hold_stdin=hold_stdin)
         finally:
