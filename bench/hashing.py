@@ -37,14 +37,15 @@ def log(msg: str) -> None:
 
 
 class TimedHashes:
-    """Stands in for `hashlib` in pipeline.files: every sha256 update is timed (all host hashing goes through it)."""
+    """Stands in for `hashlib.sha256` in this process: every sha256 update is timed, wherever it is called from."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.bytes = 0
+        self.real = hashlib.sha256
 
     def sha256(self, data: bytes = b"") -> object:
-        outer, h = self, hashlib.sha256()
+        outer, h = self, self.real()
 
         class Timed:
             def update(self, chunk: bytes) -> None:
@@ -77,7 +78,7 @@ def build_model(where: Path) -> tuple[Path, Path]:
 
 
 def run(rounds: int, tmp: Path) -> dict:
-    from pipeline import api, files
+    from pipeline import api
     from pipeline.testing.sshd import start_fleet, stop, write_targets_yaml
 
     model, data = build_model(tmp)
@@ -91,9 +92,13 @@ def run(rounds: int, tmp: Path) -> dict:
         log("first run (converts, pushes 100 MB)...")
         first = api.run(targets, **kw)
         artifact = Path(first.run.devices[0].artifact["path"])
-        files.hashlib = timed   # every host sha256 from here on is timed where it runs
+        real = hashlib.sha256
+        hashlib.sha256 = timed.sha256   # every sha256 of this process from here on is timed where it runs
         wall, hashed, plain = [], [], []
-        for r in range(rounds):
+        for r in range(rounds + 1):
+            if r == rounds:   # one more run after the cached artifact was touched: hashed in full once again
+                cache_file = next((tmp / "cache").glob("*/*/model.tflite"))
+                os.utime(cache_file)
             timed.seconds = timed.bytes = 0
             t0 = time.perf_counter()
             rel = api.run(targets, **kw)
@@ -103,14 +108,15 @@ def run(rounds: int, tmp: Path) -> dict:
             if not d.ok or d.bytes_sent:
                 raise SystemExit(f"warm run {r} was not warm or failed: {d.error} ({d.bytes_sent} bytes sent)")
             t0 = time.perf_counter()   # side by side: one plain pass over the artifact, for its throughput
-            hashlib.sha256(artifact.read_bytes()).hexdigest()
+            real(artifact.read_bytes()).hexdigest()
             plain.append(time.perf_counter() - t0)
             log(f"  round {r}: run {wall[-1]:.2f} s, host hashing {hashed[-1] * 1e3:.0f} ms "
                 f"({timed.bytes / 1e6:.0f} MB) = {hashed[-1] / wall[-1]:.2%} (load {os.getloadavg()[0]:.1f})")
         hashed_mb = timed.bytes / 1e6
     finally:
-        files.hashlib = hashlib
+        hashlib.sha256 = timed.real
         stop([dev])
+    touched = {"wall_s": wall.pop(), "hash_s": hashed.pop()}
     share = statistics.median(hashed) / statistics.median(wall)
     mb = artifact.stat().st_size / 1e6
     return {"bench": "hashing", "model_mb": round(mb, 1), "rounds": rounds, "cpus": os.cpu_count(),
@@ -120,11 +126,16 @@ def run(rounds: int, tmp: Path) -> dict:
             "hash_share_of_warm_run": round(share, 4),
             "per_round_share": [round(h / w, 4) for h, w in zip(hashed, wall)],
             "sha256_mb_per_s": round(mb / statistics.median(plain), 1),
+            "after_a_touch": {"run_wall_s": round(touched["wall_s"], 3), "host_hash_s": round(touched["hash_s"], 4),
+                              "hash_share": round(touched["hash_s"] / touched["wall_s"], 4)},
             "targets": [{"name": f"host sha256 work per warm run / warm run wall time ({mb:.0f} MB model)",
                          "value": round(share, 4), "target": f"< {TARGET_SHARE}", "met": share < TARGET_SHARE}],
-            "notes": ["Host hashing per warm run: the model identified by content and the conversion-cache hit "
-                      "verified against its manifest while it is published into --out (one read, copy and hash "
-                      "together); the push reuses that hash. Timed inside the same runs as the wall time."]}
+            "notes": ["Host hashing per warm run: every sha256 the run's process computes (the model identified by "
+                      "content, the conversion-cache hit verified against its manifest as it is published into --out, "
+                      "the push, the eval data), timed inside the same runs as the wall time.",
+                      "A file is hashed in full the first time and after any change to it (its fingerprint: size, "
+                      "mtime, ctime, inode); untouched since, its verified hash is reused. after_a_touch: the run "
+                      "after the cached artifact's metadata changed (os.utime), which re-verifies it in full."]}
 
 
 def main(argv: list[str] | None = None) -> int:

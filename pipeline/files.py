@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -54,6 +56,39 @@ def remember_sha256(path: str | Path, sha256: str) -> None:
     _SHA_CACHE[_stat_key(path)] = sha256
 
 
+def fingerprint(path: str | Path) -> list:
+    """What changes whenever a file's (or a directory's files') content can have changed: size, mtime, ctime, inode
+    and device of each file. ctime cannot be set back by any user-space call, so a file written since differs."""
+    path = Path(path)
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([f.relative_to(path).as_posix() if f != path else "", st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                    st.st_ino, st.st_dev])
+    return out
+
+
+def sha256_remembered(path: str | Path, memo_dir: str | Path | None) -> str:
+    """sha256 of a file or directory, remembered in `memo_dir` by its `fingerprint`: hashed in full the first time
+    and after any change, not again while it is untouched (the model a warm run identifies). No memo_dir: hashed."""
+    if memo_dir is None:
+        return sha256_path(path)
+    where = Path(path).resolve()
+    memo = Path(memo_dir) / f"{hashlib.sha1(str(where).encode()).hexdigest()}.json"
+    fp = fingerprint(where)
+    try:
+        doc = json.loads(memo.read_text())
+        if doc.get("path") == str(where) and doc.get("fingerprint") == fp:
+            return doc["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    sha = sha256_path(where)
+    if fingerprint(where) == fp:   # unchanged while it was read: what was hashed is what the fingerprint names
+        write_atomic(memo, json.dumps({"path": str(where), "fingerprint": fp, "sha256": sha}))
+    return sha
+
+
 def temp_beside(path: str | Path) -> Path:
     """A temporary name next to `path`, unique per process and call (two threads or processes never share one)."""
     path = Path(path)
@@ -76,20 +111,25 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def copy_atomic(src: str | Path, dest: str | Path, *, expect_sha256: str | None = None) -> str:
+def copy_atomic(src: str | Path, dest: str | Path, *, expect_sha256: str | None = None,
+                known_sha256: str | None = None) -> str:
     """Publish a copy of `src` at `dest` through a temporary file and a rename (a reader sees the old file or the
     whole new one, never a part), hashing the bytes on the way; returns their sha256. With `expect_sha256`, bytes
-    that hash otherwise never reach `dest`: ChecksumMismatch."""
+    that hash otherwise never reach `dest`: ChecksumMismatch. With `known_sha256` (the caller verified `src` and it
+    is untouched since), the bytes are copied without hashing them again."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(dest)
-    h = hashlib.sha256()
+    h = hashlib.sha256() if known_sha256 is None else None
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            for chunk in iter(lambda: fin.read(CHUNK), b""):
-                h.update(chunk)
-                fout.write(chunk)
-        got = h.hexdigest()
+            if h is None:
+                shutil.copyfileobj(fin, fout, CHUNK)
+            else:
+                for chunk in iter(lambda: fin.read(CHUNK), b""):
+                    h.update(chunk)
+                    fout.write(chunk)
+        got = known_sha256 if h is None else h.hexdigest()
         if expect_sha256 is not None and got != expect_sha256:
             raise ChecksumMismatch(src, expect_sha256, got)
         os.replace(tmp, dest)

@@ -52,7 +52,7 @@ def conversions(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence
                                          (targets if isinstance(targets, (list, tuple)) else [targets])]
     reqs = requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)
     pre = _preprocess(preprocess)
-    src = identify(model, signature=signature)
+    src = identify(model, signature=signature, cache_dir=cache_dir)
     if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
         src = describe(src, cache_dir=cache_dir, progress=progress)
     calib = None if calibration is None else load_calibration(calibration, count=calibration_count,

@@ -1,7 +1,8 @@
 """Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow.
 
-A hit is used only once its bytes hash to the sha256 its manifest recorded, checked while it is published into the
-run's output folder (one read: the copy and the hash); an entry that fails the check is removed, so it is rebuilt.
+A hit is used only once its bytes hashed to the sha256 its manifest recorded, checked while it is published into the
+run's output folder (one read: the copy and the hash) and remembered with the file's fingerprint, so an untouched
+entry is not read again; an entry that fails the check is removed, so it is rebuilt.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import ChecksumMismatch, copy_atomic, temp_beside, write_atomic
+from pipeline.files import ChecksumMismatch, copy_atomic, fingerprint, temp_beside, write_atomic
 
 CACHE_VERSION = 1
 
@@ -69,17 +70,31 @@ class ConversionCache:
         return CacheEntry(tfl, manifest)
 
     def publish(self, key: str, dest: Path) -> CacheEntry | None:
-        """The entry copied to `dest` (temp file + rename) once its bytes hashed to the manifest's sha256; None
-        when there is no entry; CorruptEntry (the entry removed) when the bytes differ."""
+        """The entry published at `dest` (atomically) once verified: its bytes hashed to the manifest's sha256. A
+        verification is remembered with the file's fingerprint (size, mtime, ctime, inode), so an entry untouched
+        since is copied without hashing it again; after any change it is hashed in full (while copied). None when
+        there is no entry; CorruptEntry (the entry removed) when the bytes differ."""
         hit = self.get(key)
         if hit is None:
             return None
+        want = hit.manifest.get("sha256")
+        stamp = hit.tflite.with_name("verified.json")
         try:
-            copy_atomic(hit.tflite, dest, expect_sha256=hit.manifest.get("sha256"))
+            trusted = json.loads(stamp.read_text()) == {"sha256": want, "fingerprint": fingerprint(hit.tflite)}
+        except (OSError, ValueError):
+            trusted = False
+        if trusted:
+            copy_atomic(hit.tflite, dest, known_sha256=want)
+            return hit
+        fp = fingerprint(hit.tflite)
+        try:
+            copy_atomic(hit.tflite, dest, expect_sha256=want)
         except ChecksumMismatch as bad:
             self.evict(key)
             raise CorruptEntry(f"its .tflite hashes to {bad.got[:12]}…, its manifest says {bad.expected[:12]}…") \
                 from None
+        if fingerprint(hit.tflite) == fp:   # unchanged while it was read
+            write_atomic(stamp, json.dumps({"sha256": want, "fingerprint": fp}))
         return hit
 
     def evict(self, key: str) -> None:

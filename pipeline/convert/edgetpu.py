@@ -23,7 +23,7 @@ from device_agents.agent import EDGETPU_CUSTOM_OP as CUSTOM_OP   # what edgetpu_
 from pipeline.convert.cache import ConversionCache, CorruptEntry
 from pipeline.convert.manifest import MANIFEST_VERSION, ModelInfo, OpInfo, manifest_hash, read_model, write_manifest
 from pipeline.errors import ConversionError
-from pipeline.files import copy_atomic, sha256_path
+from pipeline.files import copy_atomic, sha256_cached
 
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 COMPILE_CACHE_VERSION = 1
@@ -340,7 +340,7 @@ def compiled_artifact(source: Path | str, *, out_dir: Path | str, cache_dir: Pat
     Without the compiler, or when it fails, `path` is None and `reason` says so ("not compiled: ...").
     """
     source = Path(source)
-    src_sha = sha256_path(source)
+    src_sha = sha256_cached(source)   # published (and hashed) by this process moments ago
     version = compiler_version()
     if version is None:
         return CompiledArtifact(source, src_sha, None, None, None, None, reason=NOT_ON_PATH)

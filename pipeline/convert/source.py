@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
 from pipeline.convert.loadable import check_format
-from pipeline.files import sha256_path, write_atomic
+from pipeline.files import sha256_remembered, write_atomic
 from pipeline.inventory import MODES
 
 KINDS = ("saved_model", "keras", "h5", "tflite")
@@ -181,8 +181,10 @@ def tflite_variant(info: Any) -> str:
     return "float" if detect_mode(info) == "float32" else "quantized"
 
 
-def identify(model: str | Path | ModelSource, *, signature: str | None = None) -> ModelSource:
-    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable."""
+def identify(model: str | Path | ModelSource, *, signature: str | None = None,
+             cache_dir: str | Path | None = None) -> ModelSource:
+    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable.
+    With `cache_dir`, the content hash is remembered there by the file's fingerprint (pipeline.files)."""
     if isinstance(model, ModelSource):
         return model
     path = Path(model).expanduser()
@@ -205,7 +207,8 @@ def identify(model: str | Path | ModelSource, *, signature: str | None = None) -
         raise ConfigError(f"--signature {signature} applies to a SavedModel directory, not a {kind} file",
                           file=str(path), field="--signature", hint="drop --signature")
     src = ModelSource(path, kind, _strip_suffixes(path.name if kind == "saved_model" else path.stem),
-                      sha256_path(path), _detect_qat(path, kind), signature=signature)
+                      sha256_remembered(path, Path(cache_dir) / "models" / "hashes" if cache_dir else None),
+                      _detect_qat(path, kind), signature=signature)
     if kind == "tflite":
         from pipeline.convert.manifest import read_model
 

@@ -85,7 +85,7 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
     reference does), check the eval and calibration data against it, resolve the task. Every problem is one
     ConfigError/ConversionError, before any device is touched and before a run is recorded."""
     notice = on_notice or (lambda msg: None)
-    src = check_host_load(identify(model, signature=signature), allow_custom_ops=allow_custom_ops,
+    src = check_host_load(identify(model, signature=signature, cache_dir=cache_dir), allow_custom_ops=allow_custom_ops,
                           cache_dir=cache_dir)
     ref_src = describe(check_host_load(identify(reference), cache_dir=cache_dir), cache_dir=cache_dir) \
         if reference is not None else None
