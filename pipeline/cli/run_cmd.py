@@ -60,6 +60,28 @@ def device_table(result: Any, width: int | None = None) -> Table:
                         RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
+def show_release(rel: Any, as_json: bool) -> None:
+    """The run's table, failures, verdict and report path; or one JSON object."""
+    if as_json:
+        doc = rel.run.to_dict()
+        doc["verdict"] = rel.verdict.to_dict()
+        doc["report"] = str(rel.report_path) if rel.report_path else None
+        doc["db"] = str(rel.db_path)
+        emit_json(json.dumps(doc))
+        return
+    console = out_console()
+    console.print(device_table(rel.run, console.width))
+    for d in rel.run.failed:
+        console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
+    for c in rel.verdict.failures:
+        console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
+    print_verdict_notes(console, rel.verdict)
+    style = "green" if rel.verdict.passed else "red"
+    console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
+    if rel.report_path:
+        console.print(f"report: {rel.report_path}")
+
+
 @app.command("run")
 @handle_errors
 @model_options
@@ -122,24 +144,7 @@ def run_command(
                       lease_timeout=lease_timeout, distributed=distributed, worker_timeout=worker_timeout,
                       worker_retries=worker_retries, queue_timeout=queue_timeout, db_retry_s=db_retry_s,
                       allow_custom_ops=allow_custom_op)
-    if as_json:
-        doc = rel.run.to_dict()
-        doc["verdict"] = rel.verdict.to_dict()
-        doc["report"] = str(rel.report_path) if rel.report_path else None
-        doc["db"] = str(rel.db_path)
-        emit_json(json.dumps(doc))
-    else:
-        console = out_console()
-        console.print(device_table(rel.run, console.width))
-        for d in rel.run.failed:
-            console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
-        for c in rel.verdict.failures:
-            console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
-        print_verdict_notes(console, rel.verdict)
-        style = "green" if rel.verdict.passed else "red"
-        console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
-        if rel.report_path:
-            console.print(f"report: {rel.report_path}")
+    show_release(rel, as_json)
     if cancel.cancelled:  # the signal came after every device was stored and gated: nothing left to stop
         late = cancel.error(f"interrupted after run {rel.run.run_id} was complete and gated")
         err_console.print(late.message, markup=False, highlight=False, soft_wrap=True)
