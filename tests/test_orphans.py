@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import _load_commands, app
 from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.devices.transport.ssh import SSHTransport
 from pipeline.inventory import load_inventory
@@ -120,15 +122,14 @@ def test_kill_9_of_edgepipe_ends_its_agent_and_the_next_run_measures_alone(fleet
     stamps = doc["devices"][0]["result"]["timestamps"]
     assert a_end <= stamps["timed_from"] <= stamps["timed_to"]   # no overlap, on the agents' own clocks
     assert agents_on(dev, target) == []                          # nothing left running on the device
-    history = subprocess.run([sys.executable, "-m", "pipeline.cli", "history", "--db", str(db), "--json"],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    _load_commands()
+    history = CliRunner().invoke(app, ["history", "--db", str(db), "--json"])
     runs = {r["run_id"]: r for r in json.loads(history.stdout)["runs"]}
     (killed,) = [r for r in runs.values() if r["run_id"] != doc["run_id"]]
     assert killed["incomplete_reason"] == "abandoned" and not killed["complete"]
     assert runs[doc["run_id"]]["complete"]
-    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "show", killed["run_id"], "--db", str(db)],
-                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
-    assert "ABANDONED" in shown.stdout
+    assert "abandoned" in CliRunner().invoke(app, ["history", "--db", str(db)]).stdout
+    assert "ABANDONED" in CliRunner().invoke(app, ["show", killed["run_id"], "--db", str(db)]).stdout
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
@@ -162,7 +163,7 @@ def test_an_ssh_drop_before_the_pid_arrives_never_starts_a_second_agent(outlasts
     dev = fleet[1]
     gate = tmp_path / "gate"
     py = gated_python(tmp_path / "gated-python", dev.python, gate)
-    timeout = 8 if outlasts else SAFETY
+    timeout = 5 if outlasts else SAFETY
     inv = load_inventory(write_targets_yaml([dev], tmp_path / "targets.yaml", per_device={dev.name: {
         "python": py, "workdir": str(tmp_path / "wd"), "timeout": timeout, "retries": 1}}))
     frozen: list[int] = []

@@ -212,6 +212,10 @@ def _replay_leftovers(store: Any, out_dir: Path, notice: Callable[[str], None] |
 
 def _outage(exc: DatabaseUnavailable, spool: Any, out_dir: Path) -> DatabaseUnavailable:
     """The one line for exit 4: what stays incomplete and where its results wait."""
+    if not spool.began:
+        exc.message += "; nothing was measured or recorded"
+        exc.hint = "run again when the database is back (or raise db_retry_s / --db-retry-s)"
+        return exc
     if spool.empty():
         exc.message += f"; run {spool.run_id} is stored, its verdict and report were not written"
         exc.hint = f"gate it later with `edgepipe gate {spool.run_id}`"

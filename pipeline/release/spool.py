@@ -51,11 +51,13 @@ class Spool:
         self.root = Path(root)
         self.run_id = run_id
         self.dir = self.root / _safe(run_id)
+        self.began = False   # the run's row was written (begin)
 
     # -- writing ------------------------------------------------------------------------------------------
     def begin(self, row: dict[str, Any], *, db: str, password_env: str | None) -> None:
         """The run's row as `Store.insert_run` takes it, and the database it belongs to (no secret in it)."""
         write_atomic(self.dir / "run.json", json.dumps(dict(row, run_id=self.run_id, db=db, db_password_env=password_env)))
+        self.began = True
 
     def put(self, device: DeviceResult) -> Path:
         """Keep one device result on disk; returns its file (remove it with `drop` once stored)."""
