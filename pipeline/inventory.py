@@ -89,6 +89,35 @@ def _snr_gate(value: Any) -> Any:
 SnrGate = Annotated[Optional[Union[float, dict[str, float]]], BeforeValidator(_snr_gate)]
 
 
+class ConditionsSpec(_Strict):
+    """`gates: conditions:` what a run does about the board's conditions (overridable per kind, group, target).
+
+    throttled: a device throttled or frequency-capped during its timed runs is failed at once (`fail`), measured
+    once more after `cooldown_s` and failed if it throttles again (`remeasure`, the default), or kept with a
+    warning (`warn`). governor: `performance` fails a device whose CPU governor is anything else.
+    """
+
+    throttled: Optional[Literal["fail", "remeasure", "warn"]] = None
+    governor: Optional[Literal["performance", "any"]] = None
+    cooldown_s: Optional[float] = Field(None, ge=0, le=3600)
+
+
+CONDITION_DEFAULTS: dict[str, Any] = {"throttled": "remeasure", "governor": "any", "cooldown_s": 30.0}
+
+
+@dataclass(frozen=True)
+class ConditionsPolicy:
+    """A target's resolved `conditions` gates, each with where it came from (`sources`)."""
+
+    throttled: str = CONDITION_DEFAULTS["throttled"]
+    governor: str = CONDITION_DEFAULTS["governor"]
+    cooldown_s: float = CONDITION_DEFAULTS["cooldown_s"]
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def source(self, key: str) -> str:
+        return dict(self.sources).get(key, f"default (gates.conditions.{key} unset: {getattr(self, key)})")
+
+
 class GateThresholds(_Strict):
     """Per-target gates; None means not gated."""
 
@@ -109,9 +138,15 @@ class GateThresholds(_Strict):
     max_rmse: Optional[float] = Field(None, ge=0)
     min_miou: Optional[float] = Field(None, ge=0, le=1)
     min_auc: Optional[float] = Field(None, ge=0, le=1)
+    # memory (MB of 2^20 bytes, from the agent's marks) and start-up (ms: interpreter load + allocation, first invoke)
+    max_model_peak_mb: Optional[float] = Field(None, gt=0)
+    max_process_peak_mb: Optional[float] = Field(None, gt=0)
+    max_init_ms: Optional[float] = Field(None, gt=0)
+    max_first_inference_ms: Optional[float] = Field(None, gt=0)
+    conditions: Optional[ConditionsSpec] = None
 
 
-THRESHOLD_KEYS = tuple(GateThresholds.model_fields)
+THRESHOLD_KEYS = tuple(k for k in GateThresholds.model_fields if k != "conditions")
 
 
 class GatesSpec(GateThresholds):
@@ -145,6 +180,20 @@ class GatesSpec(GateThresholds):
                     out[key] = (value, f"{source}.{key}")
         return out
 
+    def conditions_for(self, kind: str, groups: list[str] | tuple[str, ...] = (),
+                       target: GateThresholds | None = None, target_name: str | None = None) -> ConditionsPolicy:
+        """The `conditions` policy of one target, resolved like every threshold: target > group > kind > fleet."""
+        layers: list[tuple[GateThresholds, str]] = [(self, "gates")]
+        layers += [(self.kinds[kind], f"gates.kinds.{kind}")] if kind in self.kinds else []
+        layers += [(self.groups[g], f"gates.groups.{g}") for g in groups if g in self.groups]
+        layers += [(target, f"targets[{target_name}].gates")] if target is not None else []
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for spec, where in layers:
+            for key, value in (spec.conditions.model_dump(exclude_none=True) if spec.conditions else {}).items():
+                values[key], sources[key] = value, f"{where}.conditions.{key}"
+        return ConditionsPolicy(**values, sources=tuple(sorted(sources.items())))
+
 
 class _TargetFields(_Strict):
     """Fields shared by `defaults:` and each target (all optional here; resolved later)."""
@@ -157,6 +206,7 @@ class _TargetFields(_Strict):
     kind: Optional[Kind] = None
     mode: Optional[Mode] = None
     keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None   # int8: op output tensors kept float
+    int16_layers: Optional[list[Annotated[str, Field(min_length=1)]]] = None   # int8: ops with int16 activations
     io_type: Optional[Literal["int8", "uint8"]] = None
     python: Optional[str] = Field(None, min_length=1)
     runtime: Optional[str] = None
@@ -176,6 +226,7 @@ class _TargetFields(_Strict):
     runs: Optional[int] = Field(None, ge=1)
     warmup: Optional[int] = Field(None, ge=0)
     max_seconds: Optional[float] = Field(None, gt=0)
+    min_duration_s: Optional[float] = Field(None, ge=0)  # timed runs last at least this long (and `runs` runs)
     emulated: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)  # which site's workers reach it (edgepipe worker --site)
 
@@ -198,9 +249,11 @@ class GroupSpec(_Strict):
     description: Optional[str] = None
     mode: Optional[Mode] = None
     keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None
+    int16_layers: Optional[list[Annotated[str, Field(min_length=1)]]] = None
     threads: Optional[int] = Field(None, ge=1, le=256)
     allow_fallback: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)
+    min_duration_s: Optional[float] = Field(None, ge=0)
 
 
 class ArtifactStoreSpec(_Strict):
@@ -270,6 +323,9 @@ class Target:
     site: str | None = None
     require_accelerator: bool = False
     keep_float: tuple[str, ...] = ()   # int8 selective quantization (`edgepipe optimize --write-modes` sets it)
+    min_duration_s: float | None = None   # the agent's --min-duration-s
+    conditions: ConditionsPolicy = field(default_factory=ConditionsPolicy)   # gates.conditions, resolved
+    int16_layers: tuple[str, ...] = ()   # int8 with these ops at 16-bit activations (16x8 mixed precision)
 
     @property
     def accelerator(self) -> str:
@@ -352,6 +408,8 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
     """The pydantic model that owns the container at `loc` (for listing accepted keys)."""
     if not loc:
         return InventorySpec
+    if "conditions" in loc:
+        return ConditionsSpec
     head = loc[0]
     if head == "targets":
         if len(loc) >= 3 and loc[2] == "gates":
@@ -486,8 +544,15 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
                 merged["threads"] = gs.threads
             if gs.allow_fallback is not None and spec.allow_fallback is None:
                 merged["allow_fallback"] = gs.allow_fallback
+            if gs.min_duration_s is not None and spec.min_duration_s is None:
+                merged["min_duration_s"] = gs.min_duration_s
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
-    keep_float = _keep_float(spec, inv, mode, file, fpath)
+    keep_float = _int8_layers("keep_float", spec, inv, mode, file, fpath)
+    int16_layers = _int8_layers("int16_layers", spec, inv, mode, file, fpath)
+    if int16_layers and (keep_float or merged["kind"] == "edgetpu"):
+        raise ConfigError(f"int16_layers cannot go with {'keep_float' if keep_float else 'kind edgetpu'} on target "
+                          f"{spec.name!r}", file=file, field=f"{fpath}.int16_layers",
+                          hint="the Edge TPU runs int8 or float ops only; choose keep_float or int16_layers")
     delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
     require = merged.get("require_accelerator")
     if require is None:  # an accelerator target must use it, unless falling back to the CPU is explicitly allowed
@@ -507,21 +572,38 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
         gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"), keep_float=keep_float,
+        min_duration_s=_min_duration(merged, file, fpath),
+        conditions=inv.gates.conditions_for(merged["kind"], spec.groups, spec.gates, spec.name),
+        int16_layers=int16_layers,
     )
 
 
-def _keep_float(spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str) -> tuple[str, ...]:
-    """The target's keep_float (target > its groups > defaults); int8 only, since it is an int8 recipe option."""
-    if spec.keep_float is not None:
-        value, where = spec.keep_float, f"{fpath}.keep_float"
+def _min_duration(merged: dict[str, Any], file: Path, fpath: str) -> float | None:
+    """min_duration_s must fit inside max_seconds (the agent's cap) and the agent's timeout."""
+    value = merged.get("min_duration_s")
+    if not value:
+        return None
+    for cap in ("max_seconds", "timeout"):
+        if merged.get(cap) is not None and value >= float(merged[cap]):
+            raise ConfigError(f"min_duration_s {value:g} does not fit inside {cap} {float(merged[cap]):g}: the timed "
+                              "runs would be cut short", file=file, field=f"{fpath}.min_duration_s",
+                              hint=f"lower min_duration_s or raise {cap}")
+    return float(value)
+
+
+def _int8_layers(key: str, spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str
+                 ) -> tuple[str, ...]:
+    """The target's keep_float or int16_layers (target > its groups > defaults); int8 only (int8 recipe options)."""
+    if getattr(spec, key) is not None:
+        value, where = getattr(spec, key), f"{fpath}.{key}"
     else:
-        from_groups = [(g, inv.groups[g].keep_float) for g in spec.groups
-                       if g in inv.groups and inv.groups[g].keep_float is not None]
-        value, where = (from_groups[0][1], f"groups.{from_groups[0][0]}.keep_float") if from_groups else \
-            (inv.defaults.keep_float, "defaults.keep_float")
+        from_groups = [(g, getattr(inv.groups[g], key)) for g in spec.groups
+                       if g in inv.groups and getattr(inv.groups[g], key) is not None]
+        value, where = (from_groups[0][1], f"groups.{from_groups[0][0]}.{key}") if from_groups else \
+            (getattr(inv.defaults, key), f"defaults.{key}")
     if value and mode != "int8":
-        raise ConfigError(f"keep_float applies to mode int8, but target {spec.name!r} resolves to mode {mode}",
-                          file=file, field=where, hint="set mode: int8 next to it, or remove keep_float")
+        raise ConfigError(f"{key} applies to mode int8, but target {spec.name!r} resolves to mode {mode}",
+                          file=file, field=where, hint=f"set mode: int8 next to it, or remove {key}")
     return tuple(sorted(set(value or ())))
 
 

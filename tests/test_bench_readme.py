@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.examples.outliers import STUCK
+
 REPO = Path(__file__).resolve().parent.parent
 # A number on its own: not part of a name such as int8, float32, x86, aes128-ctr, hmac-sha2-256 or 16x8.
 NUMBER = re.compile(r"(?<![\w.@-])\d+(?:\.\d+)?(?![\w@]|\.\d)")
@@ -29,6 +31,20 @@ def x2(v: float) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.0f}"
 
 
+def probe_row(agent_overhead: dict) -> list[str]:
+    """The strings of the README row on the agent's conditions and memory probes (issue 22)."""
+    probes = {p["venv"]: p for p in agent_overhead["probes"]}
+    lit, tfr = probes["litert"], probes["tflite-runtime"]
+    target = next(t["target"] for t in agent_overhead["targets"] if "probes" in t["name"])
+    return [f"({lit['runs']} runs, {lit['rounds']} rounds)",
+            f"**{100 * lit['probe_share_of_process_wall']:.2f} %** (LiteRT)",
+            f"**{100 * tfr['probe_share_of_process_wall']:.2f} %** (tflite-runtime)",
+            f"(target < {100 * float(target.lstrip('< ')):g} %)",
+            f"CPU {lit['ratio_of_process_cpu']:.3f}× / {tfr['ratio_of_process_cpu']:.3f}×",
+            f"wall {lit['ratio_of_process_walls']:.3f}× / {tfr['ratio_of_process_walls']:.3f}×",
+            f"{100 * lit['cpu_ratio_sd_per_round']:.1f} %–{100 * tfr['cpu_ratio_sd_per_round']:.1f} %"]
+
+
 def expected(doc: dict) -> dict[str, list[str]]:
     """README anchor (a row's start, or a sentence's words) -> the strings formatted from RESULTS.json it holds."""
     b = doc["benches"]
@@ -42,6 +58,7 @@ def expected(doc: dict) -> dict[str, list[str]]:
     (tfr_name,) = {k.rsplit(".", 1)[0] for k in lat["figures"] if k.startswith("tflite")}
     n = reg["cycles"]
     rec = opt["recovery"]["ai-edge-litert"]
+    stuck, stuck_rank = opt["recovery_stuck"]["ai-edge-litert"], opt["ranking_stuck"]
     alpha, px = re.search(r"alpha=([\d.]+), (\d+)x\d+", opt["model"]).groups()
     kept = int(re.fullmatch(r"int8\+float(\d+)", rec["recovered"]["variant"]).group(1))
     push_target = float(push["targets"][0]["target"].lstrip(">= "))
@@ -62,12 +79,14 @@ def expected(doc: dict) -> dict[str, list[str]]:
         "| agent vs a bare `invoke()` loop": [
             f"({agent['litert']['rounds']} rounds)", f"**{agent['litert']['ratio_of_means']:.2f}×** (LiteRT)",
             f"**{agent['tflite-runtime']['ratio_of_means']:.2f}×** (tflite-runtime)"],
+        "| the agent's conditions and memory probes": probe_row(b["agent_overhead"]["figures"]),
         "| identical second `edgepipe run`": [f"**{fan['rerun_cli']['again_bytes_sent']} bytes**",
                                              f"**{fan['rerun_cli']['again_over_cold']:.2f}×**"],
         "| push of 200 MB vs OpenSSH `scp`, both on an open": [
             f"push of {push['file_mb']} MB", f"**{push['put_over_scp_open']:.2f}×**", f"(target ≥ {push_target}×)",
             f"CPU {push['client_cpu_s']['put_open']:.2f} s vs {push['client_cpu_s']['scp_controlmaster']:.2f} s"],
         "| push of 200 MB cold": [f"push of {push['file_mb']} MB", f"**{push['put_over_scp_cold']:.2f}×**"],
+        **resumed_and_hashing(push, b["hashing"]["figures"]),
         "| orchestrator CPU per extra device": [
             f"1 vs {cpu['devices']} loopback", f"**{cpu['marginal_ms_per_device']:.1f} ms**",
             f"(target ≤ {cpu_target})"],
@@ -87,6 +106,14 @@ def expected(doc: dict) -> dict[str, list[str]]:
             f"**{100 * rec['recovered']['int8_share']:.1f} %**",
             f"{rec['recovered']['bytes_vs_int8']:.3f}× the size of full int8",
             f"{rec['recovered']['bytes_vs_float32']:.2f}× float32"],
+        "| int8 recovery, activation outlier": [
+            f"stuck at {STUCK:,.0f} at its first op", f"(RMSE / scale {opt['worst_layers_stuck'][0]['rmse_scale']:.3f}",
+            f"full int8 {stuck['int8_top1']:.3f}", f"**{stuck['recovered']['top1']:.3f}**",
+            f"with {len(stuck['recovered']['layers_kept'])} layers kept", f"(float32 {stuck['float32_top1']:.3f})",
+            f"**{100 * stuck['recovered']['int8_share']:.1f} %**", f"host ranking **{stuck_rank['seconds']:.1f} s**",
+            f"{stuck['recovered']['bytes_vs_int8']:.3f}× the size and {stuck['recovered']['p50_vs_int8']:.2f}× the p50 "
+            "of full int8", f"{stuck['recovered']['bytes_vs_float32']:.2f}× the size and "
+            f"{stuck['recovered']['p50_vs_float32']:.2f}× the p50 of float32"],
         "| fan-out, 8 loopback devices vs 1": [
             f"fan-out, {max(fan['fanout']['ratio_to_1'], key=int)} loopback devices vs 1",
             f"{fan['fanout']['ratio_to_1']['8']:.2f}×", f"(target {fan_target}×"],
@@ -102,6 +129,22 @@ def expected(doc: dict) -> dict[str, list[str]]:
             f"({push['client_cpu_s']['put_open_old_settings']:.2f} s per file)"],
         "on an exec\nchannel was faster still": [f"({push['cat_over_scp_open']:.2f}×)"],
         "the recorded runs' sum": [f"about {minutes} minutes"],
+    }
+
+
+def resumed_and_hashing(push: dict, hashing: dict) -> dict[str, list[str]]:
+    """Issue 19's rows: a cut push resumed (bench/push.py) and the host's hashing per warm run (bench/hashing.py)."""
+    r, touched = push["resume"], hashing["after_a_touch"]
+    exact = "exactly the missing bytes" if r["resumed_sent_bytes"] == r["missing_bytes"] else "MORE than the missing"
+    return {
+        "| push of 200 MB cut at about half": [f"push of {push['file_mb']} MB", f"({r['rounds']} rounds)", exact,
+                                              f"**{r['resumed_sent_share']:.3f}×**",
+                                              f"**{r['resume_over_whole_time']:.2f}×**"],
+        "| host sha256 work per warm run": [f"of a {round(hashing['model_mb'])} MB model",
+                                            f"({hashing['rounds']} runs)",
+                                            f"**{100 * hashing['hash_share_of_warm_run']:.2f} %**",
+                                            f"(target < {100 * float(hashing['targets'][0]['target'].lstrip('< ')):g} %)",
+                                            f"{100 * touched['hash_share']:.2f} %"],
     }
 
 
@@ -138,6 +181,17 @@ def test_optimize_claims_row_follows_the_recorded_bench():
     [line] = [ln for ln in readme.splitlines() if ln.startswith('| dynamic range "2–3× faster, 4× smaller"')]
     dyn = fig["claims"]["ai-edge-litert"]["dynamic"]
     assert f"| {dyn['smaller_measured']:.2f}× smaller" in line
+
+
+def test_optimize_recovery_paragraph_follows_the_recorded_bench():
+    """The activation outlier's figures in the optimize section (outside Performance) are the bench's too."""
+    fig = json.loads((REPO / "bench" / "RESULTS.json").read_text())["benches"]["optimize"]["figures"]
+    text = " ".join((REPO / "README.md").read_text().split())
+    first, ranking = fig["worst_layers_stuck"][0], fig["ranking_stuck"]
+    assert (f"that layer's RMSE / scale is {first['rmse_scale']:.3f} and its relative error {first['rel_error']:.2f}; "
+            f"keeping it and its reader in float brings top-1 agreement with float on the held-out samples from "
+            f"{ranking['int8']['agreement']:.2f} to {first['effect']['agreement']:.2f} (SNR "
+            f"{ranking['int8']['snr_db']:.1f} to {first['effect']['snr_db']:.1f} dB)") in text
 
 
 def test_numbers_are_told_from_names():

@@ -111,6 +111,8 @@ def agent_argv(target: Any, agent: str, model: str, data: str, out: str,
         argv += ["--allow-fallback"]
     if target.max_seconds:
         argv += ["--max-seconds", str(target.max_seconds)]
+    if getattr(target, "min_duration_s", None):
+        argv += ["--min-duration-s", str(target.min_duration_s)]
     return argv
 
 
@@ -206,6 +208,7 @@ class FleetRunner:
                 if self.lease else nullcontext()
             with hold as held:  # the device is ours (pushes included) until its result is in; giving it back never fails
                 res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+                res = self._unthrottled(job, res, stats)
         except Interrupted as exc:  # stopped on request: a row for the caller, never reported as measured
             stopped = DeviceResult.failed_for(t, exc.code, exc.one_line(), artifact=job.artifact_info,
                                               bytes_sent=stats["bytes_sent"], attempts=max(1, stats["attempts"]))
@@ -226,6 +229,41 @@ class FleetRunner:
         with self._result_lock:
             self.on_result(res)
         return res
+
+    def _unthrottled(self, job: DeviceJob, res: DeviceResult, stats: dict[str, Any]) -> DeviceResult:
+        """A device that throttled during its timed runs, under `gates.conditions.throttled: remeasure` (its
+        target's `conditions`), is measured once more after the cooldown, still under this lease; the second result
+        stands, marked `conditions.remeasured` (and `throttled` again if it was). `remeasured` is always set."""
+        cond = (res.result or {}).get("conditions") if res.ok else None
+        if not isinstance(cond, dict):
+            return res
+        cond["remeasured"] = False
+        policy = getattr(job.target, "conditions", None)
+        if not cond.get("throttled") or getattr(policy, "throttled", None) != "remeasure":
+            return res
+        t = job.target
+        first = {"flags": cond.get("flags"), "p50_ms": ((res.result or {}).get("latency_ms") or {}).get("p50"),
+                 "started": ((res.result or {}).get("timestamps") or {}).get("started"),
+                 "cooldown_s": policy.cooldown_s}
+        self.on_event(t.name, "cooldown", f"throttled ({', '.join(cond.get('flags') or [])}): measuring again "
+                                          f"after {policy.cooldown_s:g}s")
+        if self.cancel.wait(policy.cooldown_s):
+            self.cancel.check(f"{t.name}: stopped while cooling down")
+        stats["result_name"] = f"{t.name}.remeasured"   # its own result file: a retry never fetches the first
+        try:
+            again = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+        except Interrupted:
+            raise
+        except EdgepipeError as exc:
+            again = DeviceResult.failed_for(t, exc.code, exc.one_line())
+        except Exception as exc:  # a host-side bug in the second measurement must not lose the first
+            again = DeviceResult.failed_for(t, "internal", f"{type(exc).__name__}: {exc}")
+        again_cond = (again.result or {}).get("conditions") if again.ok else None
+        if not isinstance(again_cond, dict):   # the second measurement failed: the first one stays, marked
+            cond.update(remeasured=True, remeasure_error=again.error.message if again.error else "no conditions")
+            return res
+        again_cond.update(remeasured=True, first=first)
+        return again
 
     def _pusher_for(self, t: Any) -> tuple[Pusher, Callable[[], None]]:
         """A pusher on the probe's connection to this target (kept open), else on a new one (closed after)."""
@@ -281,7 +319,8 @@ class FleetRunner:
         res.outputs_path = str(local)
         return res
 
-    def _earlier_result(self, dep: Pusher, t: Any, pid: int | None) -> DeviceResult | None:
+    def _earlier_result(self, dep: Pusher, t: Any, pid: int | None,
+                        result_name: str | None = None) -> DeviceResult | None:
         """A retry after a dropped connection: the earlier attempt's agent may still be measuring, whether or not
         its pid reached us. Wait for it on the board's lock (never start a second agent beside it), end it by the
         lock file's pid if it outlasts the target's timeout, then fetch the successful result it wrote (--out)."""
@@ -296,7 +335,7 @@ class FleetRunner:
                     return DeviceResult.failed_for(t, "timeout", f"the earlier attempt's agent did not finish within "
                                                                  f"{t.timeout:g}s; killed it on the device (pid "
                                                                  f"{state.killed}, from the board's lock file)")
-        text = dep.fetch_result(self.run_id, t.name)
+        text = dep.fetch_result(self.run_id, result_name or t.name)
         if text is None:
             return None
         res = result_from_output(t, text.encode(), 0, "")
@@ -305,10 +344,11 @@ class FleetRunner:
         self.on_event(t.name, "collect", "fetched the result an earlier attempt left on the device")
         return res
 
-    def _argv(self, job: DeviceJob, w: str, items: tuple[PushItem, PushItem, PushItem], extras: list) -> list[str]:
+    def _argv(self, job: DeviceJob, w: str, items: tuple[PushItem, PushItem, PushItem], extras: list,
+              result_name: str) -> list[str]:
         """The agent's argv with paths under `w` (the work directory, or WORKDIR_MARK for the device to fill in)."""
         t, (agent, model, data) = job.target, items
-        res_rel = w + "/" + result_rel(self.run_id, t.name)
+        res_rel = w + "/" + result_rel(self.run_id, result_name)
         return agent_argv(t, f"{w}/{agent.rel}", f"{w}/{model.rel}", f"{w}/{data.rel}", res_rel,
                           [(flag, f"{w}/{rel}") for flag, rel, _ in extras] + self._outputs_flags(job, res_rel),
                           guard=board.guard_argv(t, self.run_id, w), expect_sha256=model.sha256)
@@ -342,7 +382,7 @@ class FleetRunner:
             extras = job.extras()
             items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
-                argv = self._argv(job, WORKDIR_MARK, (agent, model, data), extras)
+                argv = self._argv(job, WORKDIR_MARK, (agent, model, data), extras, stats.get("result_name", t.name))
                 with self.locks(t.physical_host):
                     ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
                     s = time.monotonic()
@@ -366,10 +406,10 @@ class FleetRunner:
             ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device" +
                (f", resumed {len(rep.resumed)} upload(s)" if rep.resumed else ""))
             if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
-                earlier = self._earlier_result(dep, t, stats.pop("remote_pid", None))
+                earlier = self._earlier_result(dep, t, stats.pop("remote_pid", None), stats.get("result_name"))
                 if earlier is not None:
                     return self._with_outputs(tr, job, earlier)
-            argv = self._argv(job, dep.abs_workdir, (agent, model, data), extras)
+            argv = self._argv(job, dep.abs_workdir, (agent, model, data), extras, stats.get("result_name", t.name))
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()
