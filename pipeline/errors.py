@@ -92,6 +92,14 @@ class StoreError(EdgepipeError):
     code = "store"
 
 
+class DatabaseUnavailable(StoreError):
+    """The results database stayed unreachable for longer than `db_retry_s`: what was measured is kept on disk
+    (the run's spool) for `edgepipe store --replay`; exit 4, never the bad-input 2."""
+
+    exit_code = 4
+    code = "db_unavailable"
+
+
 class GateError(EdgepipeError):
     """A gate cannot be evaluated (e.g. an unknown run or baseline)."""
 

@@ -272,14 +272,15 @@ def test_dynamic_height_and_width_need_input_shape(cli, fleet, shape_models, tmp
 
 
 def test_the_model_is_identified_once_per_run(digits, tmp_path, conversion_cache, monkeypatch):
-    """api -> run -> convert -> reference share one ModelSource: the model's bytes are hashed once per run."""
+    """api -> run -> convert -> reference share one ModelSource: the model is identified (hashed, or its remembered
+    hash looked up) once per run."""
     import pipeline.convert.source as source
     from pipeline import api
     from tests.fixtures.devices import venv_python
 
     calls = []
-    real = source.sha256_path
-    monkeypatch.setattr(source, "sha256_path", lambda p: calls.append(str(p)) or real(p))
+    real = source.sha256_remembered
+    monkeypatch.setattr(source, "sha256_remembered", lambda p, memo: calls.append(str(p)) or real(p, memo))
     targets = tmp_path / "t.yaml"
     targets.write_text(f"defaults: {{runs: 2, warmup: 0, timeout: 120}}\ntargets:\n"
                        f"  - {{name: here, host: localhost, transport: local, python: {venv_python('litert')}, "

@@ -2,6 +2,7 @@
 stored run, `history` and `show`. `run`'s keyword arguments are grouped into a RunRequest (`run_request`)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -9,7 +10,7 @@ from typing import Any, Callable, Iterable
 from pipeline.api.inputs import (DEFAULT_CACHE_DIR, DEFAULT_OUT, QUEUE_TIMEOUT_S, inventory_of as _inventory,
                                  preprocess_of as _preprocess)
 from pipeline.devices.cancel import CancelToken
-from pipeline.errors import Interrupted
+from pipeline.errors import DatabaseUnavailable, Interrupted
 from pipeline.inventory import Inventory
 from pipeline.results import DeviceResult, RunResult
 
@@ -42,6 +43,7 @@ class HistoryOptions:
     db: str | Path | None = None       # SQLite path or PostgreSQL URL (default: targets.yaml db:, else beside it)
     baseline: str | None = "last"      # last | RUN_ID | TAG | none
     label: str | None = None           # a tag for this run (usable as a baseline)
+    retry_s: float | None = None       # transient database errors retried this long (default: db_retry_s, 60)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         preprocess: Any = None, task: str | None = None, output: str | None = None,
         on_notice: Callable[[str], None] | None = None,
         lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
-        worker_retries: int = 1, queue_timeout: float | None = QUEUE_TIMEOUT_S) -> Release:
+        worker_retries: int = 1, queue_timeout: float | None = QUEUE_TIMEOUT_S, db_retry_s: float | None = None,
+        allow_custom_ops: Iterable[str] = ()) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     The model, eval data, calibration data and reference are checked on the host first: a problem there is one
@@ -106,6 +109,12 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     queue (pipeline.distributed.coordinator); gating and reporting are the same. A device no worker of its site
     takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords
     are grouped into a RunRequest (`run_request` takes one directly).
+
+    Transient database errors are retried for `db_retry_s` (default: targets.yaml `db_retry_s`, else 60 s); each
+    device result waits in the run's spool (`out_dir/spool/`) until the history has it. An outage that outlasts
+    the retry raises DatabaseUnavailable (exit 4) with the run left incomplete and nothing measured lost: the next
+    `run` with the same `out_dir`, or `replay`, stores it. `allow_custom_ops` names custom operators the host
+    cannot resolve but the boards have (the host then measures no float reference of the model itself).
     """
     from pipeline.distributed.coordinator import DistributedOptions
     from pipeline.distributed.queue import WORKER_TIMEOUT_S
@@ -115,17 +124,20 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         if distributed else None
     return run_request(targets, RunRequest(
         model, data, calibration,
-        ModelOptions(signature, input_shapes, _preprocess(preprocess), task, output, reference),
+        ModelOptions(signature, input_shapes, _preprocess(preprocess), task, output, reference,
+                     tuple(allow_custom_ops)),
         RunSettings(out_dir=Path(out_dir), cache_dir=Path(cache_dir) if cache_dir else None,
                     select=tuple(select), run_id=run_id, model_name=model_name),
-        HistoryOptions(db, baseline, label), OutputOptions(report_dir, junit, summary),
+        HistoryOptions(db, baseline, label, db_retry_s), OutputOptions(report_dir, junit, summary),
         RunHooks(on_event, on_result, on_notice, cancel), lease_timeout, dist))
 
 
 def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     """`run` with its arguments grouped: host checks -> record the run -> drive it (local or distributed
-    executor, the history as the result sink) -> store what the run adds -> gate -> report."""
+    executor; each result through the run's spool into the history) -> store what the run adds -> gate -> report."""
     from pipeline.release.gate import gate_stored_run
+    from pipeline.release.holder import RunHolder
+    from pipeline.release.spool import SPOOL_DIR, Spool, SpooledRecorder
     from pipeline.release.store import open_store
     from pipeline.run import ModelOptions, RunDriver, RunSettings, new_run_id, prepare
 
@@ -139,40 +151,86 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
                        model_name=settings.model_name or prepared.src.name)
     cancel = req.hooks.cancel or CancelToken()
     cancel.check("stopped before the run started; nothing recorded")
-    store = open_store(req.history.db, inv, must_exist=False)
+    store = open_store(req.history.db, inv, must_exist=False, retry_s=req.history.retry_s)
+    spool = Spool(Path(settings.out_dir) / SPOOL_DIR, settings.run_id)
     close: Callable[[], None] = lambda: None  # noqa: E731
+    holder = None
     try:
+        _replay_leftovers(store, settings.out_dir, req.hooks.on_notice)
         executor, close = _executor(inv, selected, store, settings.run_id, req)  # bad input: exit 2, nothing recorded
-        store.begin_run(settings.run_id, prepared.src.sha256, inv.sha256, req.history.label,
-                        model_name=settings.model_name, planned=len(selected))
+        row = {"model_sha256": prepared.src.sha256, "inventory_sha256": inv.sha256, "label": req.history.label,
+               "model_name": settings.model_name, "planned": len(selected)}
+        store.begin_run(settings.run_id, **row)
+        spool.begin(dict(row, started=time.time()), db=str(store.db.location), password_env=inv.db_password_env)
+        holder = RunHolder(store.db, settings.run_id).start()
         if executor.remeasures_baseline and inv.gates.max_latency_regression is not None:
             settings = replace(settings, baseline=store.resolve_baseline(req.history.baseline, exclude=settings.run_id,
                                                                          model_name=settings.model_name))
-        driver = RunDriver(executor, sink=store.recorder(settings.run_id), on_result=req.hooks.on_result,
-                           on_event=req.hooks.on_event)
+        driver = RunDriver(executor, sink=SpooledRecorder(store, spool), on_result=req.hooks.on_result,
+                           on_event=req.hooks.on_event, on_notice=req.hooks.on_notice)
         try:
             result = driver.run(inv, prepared, settings, cancel)
         except Interrupted as exc:
-            _mark_interrupted(store, exc, settings.run_id, len(selected))
+            _mark_interrupted(store, spool, exc, settings.run_id, len(selected))
             raise
-        _store_run(store, settings.run_id, result)
+        _store_run(store, spool, result)
         stored, base, verdict = gate_stored_run(store, settings.run_id, inv, req.history.baseline,
                                                 select=list(settings.select))
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
         _write_outputs(rel, store, req.outputs)
         return rel
+    except DatabaseUnavailable as exc:
+        raise _outage(exc, spool, settings.out_dir) from None
     finally:
+        if holder is not None:
+            holder.stop()
         close()
         store.close()
 
 
-def _store_run(store: Any, run_id: str, result: RunResult) -> None:
-    """What the run adds to its record once the devices are in: artifacts, float figures, task; then complete."""
-    for art in result.artifacts:
-        store.add_artifact(run_id, art)
-    store.set_float_top1(run_id, result.float_top1)
-    store.set_task(run_id, result.task, result.float_metrics)
-    store.finish_run(run_id)
+def _store_run(store: Any, spool: Any, result: RunResult) -> None:
+    """What the run adds to its record once the devices are in (artifacts, float figures, task; then complete),
+    through the spool like every result: if the database stays away, the run is replayed later as incomplete."""
+    from pipeline.release.spool import end_record
+
+    spool.finish(end_record(result, complete=True))
+    try:
+        spool.replay(store)
+    except DatabaseUnavailable as exc:
+        spool.finish(end_record(result, incomplete_reason=f"db_unavailable: {exc.data.get('reason', '')}"))
+        raise
+
+
+def _replay_leftovers(store: Any, out_dir: Path, notice: Callable[[str], None] | None) -> None:
+    """Spools an earlier run left under the same --out for this database (its outage outlasted db_retry_s)."""
+    from pipeline.release.spool import spools
+
+    for spool in spools(out_dir):
+        if str(spool.meta().get("db")) != str(store.db.location):
+            continue
+        done = spool.replay(store)
+        if notice is not None:
+            notice(f"stored {done.devices} device result(s) of run {done.run_id} kept from an earlier database "
+                   f"outage" + ("" if done.finished else " (that run is still going or was killed)"))
+
+
+def _outage(exc: DatabaseUnavailable, spool: Any, out_dir: Path) -> DatabaseUnavailable:
+    """The one line for exit 4: what stays incomplete and where its results wait."""
+    if not spool.began:
+        exc.message += "; nothing was measured or recorded"
+        exc.hint = "run again when the database is back (or raise db_retry_s / --db-retry-s)"
+        return exc
+    if spool.empty():
+        exc.message += f"; run {spool.run_id} is stored, its verdict and report were not written"
+        exc.hint = f"gate it later with `edgepipe gate {spool.run_id}`"
+        return exc
+    n = len(spool.devices())
+    exc.message += (f"; run {spool.run_id} stays incomplete, nothing measured is lost: {n} device result(s) and the "
+                    f"run's record wait in {spool.dir}")
+    exc.hint = f"when the database is back: `edgepipe store --replay --out {out_dir}`, or the next `edgepipe run` " \
+               f"with this --out"
+    exc.data["spool"] = str(spool.dir)
+    return exc
 
 
 def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str,
@@ -191,9 +249,18 @@ def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str,
     return LocalExecutor(lease=leases), leases.close
 
 
-def _mark_interrupted(store: Any, exc: Interrupted, run_id: str, selected: int) -> None:
+def _mark_interrupted(store: Any, spool: Any, exc: Interrupted, run_id: str, selected: int) -> None:
     """The stored run is marked interrupted (never a baseline); the exception carries it as stored."""
-    store.mark_interrupted(run_id, exc.reason)
+    from pipeline.release.spool import end_record
+
+    spool.finish(end_record(exc.run, interrupted=exc.reason) if exc.run is not None else {"interrupted": exc.reason})
+    try:
+        spool.replay(store)
+    except DatabaseUnavailable as down:
+        exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped; the results database is unreachable "
+                       f"({down.data.get('reason', '')}), {len(spool.devices())} device result(s) kept in {spool.dir}")
+        exc.data["spool"] = str(spool.dir)
+        return
     exc.run = store.load_run(run_id)
     exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
                    f"{selected} device result(s) kept, marked interrupted in {store.path}")
@@ -305,6 +372,25 @@ def show(run_ref: str, *, db: str | Path | None = None, targets: str | Path | In
         records = store.verdict_records(run.run_id)
     shown = shown_verdict(records)
     return StoredRun(run, shown.verdict if shown else None, shown.origin if shown else None, records)
+
+
+def replay(*, out_dir: str | Path = DEFAULT_OUT, db: str | Path | None = None,
+           targets: str | Path | Inventory | None = None, run: str | None = None,
+           retry_s: float | None = None) -> list[Any]:
+    """Store what runs left in their spool under `out_dir` (their results database was unreachable beyond
+    db_retry_s, or their process died before storing): each into the database it was meant for (`db` or `targets`'
+    db: override it); the spool is gone once stored. Returns pipeline.release.spool.Replayed per run."""
+    from pipeline.release.spool import replay_all
+    from pipeline.release.store import Store, open_store
+
+    inv = _inventory(targets) if targets is not None else None
+
+    def open_for(meta: dict[str, Any]) -> Any:
+        if db is not None or inv is not None or not meta.get("db"):
+            return open_store(db, inv, must_exist=False, retry_s=retry_s)
+        return Store(meta["db"], password_env=meta.get("db_password_env"), retry_s=retry_s)
+
+    return replay_all(out_dir, open_for, run=run)
 
 
 def human_bytes(n: Any) -> str:

@@ -50,7 +50,7 @@ def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
     """A progress callback that prints warnings and notices as lines of their own (not just in the spinner)."""
 
     def call(stage: str, detail: str) -> None:
-        if stage in ("warning", "notice"):
+        if stage in ("warning", "notice", "integrity"):
             stages.line(f"{label}: {stage}: {detail}")
         else:
             progress(stage, detail)
@@ -77,6 +77,8 @@ def convert_command(
     cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="conversion cache directory ($EDGEPIPE_CACHE_DIR)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="always convert"),
     as_json: bool = typer.Option(False, "--json", help="print only a JSON object on stdout"),
+    allow_custom_op: List[str] = typer.Option([], "--allow-custom-op", metavar="NAME", help="a custom op of a "
+                                              ".tflite the host cannot resolve but the boards have (repeatable)"),
     signature: Optional[str] = SIGNATURE,
     input_shape: List[str] = INPUT_SHAPE,
     preprocess: Optional[Path] = PRE_FILE,
@@ -98,7 +100,8 @@ def convert_command(
                            calibration=calibration,
                            calibration_count=calibration_count, calibration_seed=calibration_seed, compat=compat,
                            io_type=io_type, out_dir=out, cache_dir=None if no_cache else cache_dir,
-                           signature=signature, input_shapes=input_shape, preprocess=pre)
+                           signature=signature, input_shapes=input_shape, preprocess=pre,
+                           allow_custom_ops=allow_custom_op)
     rows = []
     with Stages("convert") as stages:
         for c in todo:

@@ -1,4 +1,5 @@
-"""`edgepipe history`, `show`, `gate` and `report`: thin commands over pipeline.api (history, show, gate, report)."""
+"""`edgepipe history`, `show`, `gate`, `report` and `store --replay`: thin commands over pipeline.api (history, show,
+gate, report, replay)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -90,7 +91,9 @@ def _run_row(r: Any, hist: Any) -> list[str]:
     fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
     verdict = _verdict_word(r.passed, r.exit_code) + (
         f"; gate: {_verdict_word(r.gate_passed, r.gate_exit_code)}" if r.gate_verdicts else "")
-    complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
+    complete = "yes" if r.complete else ("interrupted" if r.interrupted else "abandoned" if r.abandoned
+                                         else f"NO ({r.incomplete_reason.split(':')[0]})" if r.incomplete_reason
+                                         else "NO")
     return [escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"), complete,
             f"{r.ok}/{max(r.planned or 0, r.devices)}", str(fell) if fell else "-", verdict,
             _f(p50s[len(p50s) // 2] if p50s else None)]
@@ -118,7 +121,9 @@ def show(
         emit_json(json.dumps(doc))
         return
     state = ("complete" if result.complete else f"INTERRUPTED by {result.interrupted}" if result.interrupted
-             else "INCOMPLETE (stopped before the end)")
+             else "ABANDONED (its edgepipe process died; its leases lapsed)"
+             if result.incomplete_reason == "abandoned" else f"INCOMPLETE ({result.incomplete_reason})"
+             if result.incomplete_reason else "INCOMPLETE (stopped before the end)")
     rows = []
     for d in result.devices:
         m = d.measured
@@ -203,3 +208,35 @@ def report_cmd(
     path = api.report(run, out_dir=out, db=db, targets=_inventory(targets, required=False),
                       baseline=baseline, regate=targets is not None)
     typer.echo(str(path))
+
+
+@app.command("store")
+@handle_errors
+def store_cmd(
+    replay: bool = typer.Option(False, "--replay", help="Store the results runs kept on disk under --out (their "
+                                "database was unreachable beyond db_retry_s, or their process died)."),
+    out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="The --out of those runs."),
+    run: Optional[str] = typer.Option(None, "--run", help="Only this run's spool."),
+    db: Optional[str] = typer.Option(None, "--db", help="Into this database instead of the one each run named."),
+    targets: Optional[Path] = typer.Option(None, "--targets", "-t", help="Into this inventory's db: instead."),
+    db_retry_s: Optional[float] = typer.Option(None, "--db-retry-s", min=0, help="Seconds to retry a database "
+                                               "that is away (default 60); then exit 4, the spool kept."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was stored as JSON."),
+) -> None:
+    """Store results kept on disk: with --replay, every run spool under --out goes into its history."""
+    from pipeline import api
+    from pipeline.errors import ConfigError
+    from pipeline.inventory import load_inventory
+
+    if not replay:
+        raise ConfigError("nothing to do", field="store", hint="pass --replay to store the results kept under --out")
+    done = api.replay(out_dir=out, db=db, targets=load_inventory(targets) if targets else None, run=run,
+                      retry_s=db_retry_s)
+    if as_json:
+        emit_json(json.dumps({"replayed": [vars(d) for d in done]}))
+        return
+    if not done:
+        typer.echo(f"nothing to replay under {out}")
+    for d in done:
+        state = "and its end (the run's record is whole)" if d.finished else "(its run has not ended)"
+        typer.echo(f"run {d.run_id}: stored {d.devices} device result(s) {state} in {d.db}")

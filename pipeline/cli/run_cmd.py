@@ -63,6 +63,28 @@ def device_table(result: Any, width: int | None = None) -> Table:
                         RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
+def show_release(rel: Any, as_json: bool) -> None:
+    """The run's table, failures, verdict and report path; or one JSON object."""
+    if as_json:
+        doc = rel.run.to_dict()
+        doc["verdict"] = rel.verdict.to_dict()
+        doc["report"] = str(rel.report_path) if rel.report_path else None
+        doc["db"] = str(rel.db_path)
+        emit_json(json.dumps(doc))
+        return
+    console = out_console()
+    console.print(device_table(rel.run, console.width))
+    for d in rel.run.failed:
+        console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
+    for c in rel.verdict.failures:
+        console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
+    print_verdict_notes(console, rel.verdict)
+    style = "green" if rel.verdict.passed else "red"
+    console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
+    if rel.report_path:
+        console.print(f"report: {rel.report_path}")
+
+
 @app.command("run", epilog=PREPROCESS_EPILOG)
 @handle_errors
 @model_options(brief=True)
@@ -84,7 +106,7 @@ def run_command(
     baseline: str = typer.Option("last", "--baseline", help="last | RUN_ID | TAG | none."),
     label: Optional[str] = typer.Option(None, "--label", "--tag", help="A tag for this run (usable as a baseline)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (a testcase per device x check)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (device x check)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment)."),
     lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0, help="Seconds to wait for a device "
                                                   "another run holds (default: wait)."),
@@ -98,12 +120,15 @@ def run_command(
                                              "the file's stem)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="The float model, to measure agreement of a "
                                              "quantized .tflite."),
+    allow_custom_op: List[str] = typer.Option([], "--allow-custom-op", metavar="NAME", help="A custom op only the "
+                                              "boards have."),
+    db_retry_s: Optional[float] = typer.Option(None, "--db-retry-s", min=0, help="Retry a lost database (60 s)."),
     model_kw: Any = None,
 ) -> None:
     """Convert once per format, push to every target, measure, store, gate, report.
 
-    Exit codes: 0 passed, 1 a gate failed, 2 bad input, 3 no device could be measured, 130 / 143 interrupted
-    (agents stopped, finished devices kept, run marked interrupted).
+    Exit codes: 0 passed, 1 a gate failed, 2 bad input, 3 nothing measured, 4 results
+    database unreachable (results kept), 130 / 143 interrupted.
     """
     from pipeline import api
     from pipeline.inventory import load_inventory
@@ -119,25 +144,9 @@ def run_command(
                       on_notice=lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False,
                                                               soft_wrap=True),
                       lease_timeout=lease_timeout, distributed=distributed, worker_timeout=worker_timeout,
-                      worker_retries=worker_retries, queue_timeout=queue_timeout)
-    if as_json:
-        doc = rel.run.to_dict()
-        doc["verdict"] = rel.verdict.to_dict()
-        doc["report"] = str(rel.report_path) if rel.report_path else None
-        doc["db"] = str(rel.db_path)
-        emit_json(json.dumps(doc))
-    else:
-        console = out_console()
-        console.print(device_table(rel.run, console.width))
-        for d in rel.run.failed:
-            console.print(f"[red]{escape(d.name)}[/]: {d.error.code}: {escape(d.error.message)}", soft_wrap=True)
-        for c in rel.verdict.failures:
-            console.print(f"[red]FAILED[/] {escape(c.message())}", soft_wrap=True)
-        print_verdict_notes(console, rel.verdict)
-        style = "green" if rel.verdict.passed else "red"
-        console.print(f"[bold {style}]{escape(rel.verdict.headline())}[/]  run {rel.run.run_id} · db {rel.db_path}")
-        if rel.report_path:
-            console.print(f"report: {rel.report_path}")
+                      worker_retries=worker_retries, queue_timeout=queue_timeout, db_retry_s=db_retry_s,
+                      allow_custom_ops=allow_custom_op)
+    show_release(rel, as_json)
     if cancel.cancelled:  # the signal came after every device was stored and gated: nothing left to stop
         late = cancel.error(f"interrupted after run {rel.run.run_id} was complete and gated")
         err_console.print(late.message, markup=False, highlight=False, soft_wrap=True)

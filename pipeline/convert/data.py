@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.files import temp_beside
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".webp")
 PREPROCESS_FILE = "preprocess.json"
@@ -456,8 +457,11 @@ def write_device_eval(ds: Dataset, names: dict[str, str], where: Path) -> Path:
     path = where / f"eval-{key}.npz"
     if not path.exists():
         where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".eval-{key}.tmp.npz"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        tmp.replace(path)
+        tmp = temp_beside(path)   # unique per process and call: concurrent runs sharing --out never collide
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path

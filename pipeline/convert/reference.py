@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.convert.source import (ModelSource, TensorSpec, describe, ends_in_postprocess, identify,
                                      match_specs)
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
+from pipeline.files import temp_beside
 
 REFERENCE_VERSION = 3
 
@@ -176,10 +177,13 @@ def cached_reference(src: ModelSource, inputs: dict[str, np.ndarray], data_sha25
     if outs is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **outs)
-    tmp.replace(path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **outs)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return outs
 
 

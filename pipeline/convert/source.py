@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.convert.loaded import DEFAULT_SIGNATURE, LoadedSignature, first_line, loaded_signature
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
-from pipeline.files import sha256_path, write_atomic
+from pipeline.convert.loadable import check_format
+from pipeline.files import sha256_remembered, write_atomic
 from pipeline.inventory import MODES
 
 KINDS = ("saved_model", "keras", "h5", "tflite")
@@ -80,6 +81,7 @@ class ModelSource:
     outputs: list[TensorSpec] | None = None
     overrides: dict[str, list[int]] = field(default_factory=dict)   # --input-shape, by input name
     notes: list[str] = field(default_factory=list)   # what the shape resolution decided (e.g. a batch kept)
+    host_unresolved: tuple[str, ...] = ()   # custom ops the host cannot run, allowed by --allow-custom-op
 
     @property
     def described(self) -> bool:
@@ -88,7 +90,7 @@ class ModelSource:
     @property
     def runs_on_host(self) -> bool:
         """Whether the host can compute float outputs of this model itself."""
-        return self.kind != "tflite" or self.variant == "float"
+        return (self.kind != "tflite" or self.variant == "float") and not self.host_unresolved
 
     def record(self) -> dict[str, Any]:
         """The manifest's source record."""
@@ -177,8 +179,10 @@ def tflite_variant(info: Any) -> str:
     return "float" if detect_mode(info) == "float32" else "quantized"
 
 
-def identify(model: str | Path | ModelSource, *, signature: str | None = None) -> ModelSource:
-    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable."""
+def identify(model: str | Path | ModelSource, *, signature: str | None = None,
+             cache_dir: str | Path | None = None) -> ModelSource:
+    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable.
+    With `cache_dir`, the content hash is remembered there by the file's fingerprint (pipeline.files)."""
     if isinstance(model, ModelSource):
         return model
     path = Path(model).expanduser()
@@ -195,11 +199,14 @@ def identify(model: str | Path | ModelSource, *, signature: str | None = None) -
         if not kind:
             raise ConversionError(f"unsupported model file type '{path.suffix or path.name}'", file=str(path),
                                   hint="use a SavedModel directory, .keras, .h5 or .tflite")
+    if kind != "saved_model":
+        check_format(path, kind)   # a text file named model.keras: say what it is
     if signature and kind != "saved_model":
         raise ConfigError(f"--signature {signature} applies to a SavedModel directory, not a {kind} file",
                           file=str(path), field="--signature", hint="drop --signature")
     src = ModelSource(path, kind, _strip_suffixes(path.name if kind == "saved_model" else path.stem),
-                      sha256_path(path), _detect_qat(path, kind), signature=signature)
+                      sha256_remembered(path, Path(cache_dir) / "models" / "hashes" if cache_dir else None),
+                      _detect_qat(path, kind), signature=signature)
     if kind == "tflite":
         from pipeline.convert.manifest import read_model
 

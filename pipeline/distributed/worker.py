@@ -214,8 +214,8 @@ class Worker:
             ev(target, "done", f"{code}: {message}")
             return
 
-        def lease(target_: Any, on_wait: Callable[[str], None]) -> Any:
-            return self.leases(target_, on_wait, run_id=run_id, timeout=lease_timeout)
+        def lease(target_: Any, on_wait: Callable[[str], None], **kw: Any) -> Any:
+            return self.leases(target_, on_wait, run_id=run_id, timeout=lease_timeout, **kw)
 
         runner = FleetRunner(run_id=run_id, max_parallel=1, on_event=ev, lease=lease,
                              connections=self._kept_transport(run_id, target))

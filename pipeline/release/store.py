@@ -1,7 +1,9 @@
 """The results history: runs, artifacts, device results and gate verdicts, in SQLite or PostgreSQL.
 
 Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
-marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, and is never a baseline).
+marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, one whose process died is marked
+abandoned by the next process that opens the history, and neither is ever a baseline). Transient database errors
+are retried in `Database` (for `db_retry_s`); what could not be stored waits in the run's spool (release.spool).
 One SQL text serves both databases (pipeline.release.database isolates the differences; SQLite runs in WAL with a
 busy timeout so two runs can write one file at once); the schema is versioned by the numbered files of
 pipeline.release.migrations (pipeline.release.schema).
@@ -18,6 +20,7 @@ from pipeline.errors import GateError, StoreError
 from pipeline.inventory import is_db_url
 from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
 from pipeline.release.exchange import Exchange
+from pipeline.release.holder import ABANDONED, sweep_abandoned
 from pipeline.release.schema import latest, migrate, migrations
 from pipeline.results import DeviceResult, RunResult
 
@@ -50,6 +53,11 @@ class RunInfo:
     gate_verdicts: int = 0              # verdicts `edgepipe gate --record` stored beside it
     gate_passed: bool | None = None     # the newest of those
     gate_exit_code: int | None = None
+    incomplete_reason: str | None = None   # 'abandoned' (its process died), 'db_unavailable: ...' (replayed)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.incomplete_reason == ABANDONED
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,15 +157,25 @@ class Store:
     """The results store over a SQLite path or a PostgreSQL URL. Safe to share between fan-out threads."""
 
     def __init__(self, path: str | Path, *, password_env: str | None = None, create: bool = True,
-                 file: str | None = None) -> None:
-        """`file` names the targets.yaml that chose this database (for error messages)."""
-        self.db = Database(path, password_env=password_env, file=file)
+                 file: str | None = None, retry_s: float | None = None) -> None:
+        """`file` names the targets.yaml that chose this database (for error messages); `retry_s` how long
+        transient database errors are retried (targets.yaml `db_retry_s`, default 60)."""
+        self.db = Database(path, password_env=password_env, file=file, retry_s=retry_s)
         self.path: Path | str = self.db.display if self.db.is_postgres else Path(path)
         try:
             migrate(self.db, create=create)
+            self.abandoned = self._sweep()
         except StoreError:
             self.db.close()
             raise
+
+    def _sweep(self) -> list[str]:
+        """Runs whose holder died and whose leases lapsed become `abandoned` (see release.holder)."""
+        try:
+            return sweep_abandoned(self.db)
+        except self.db.errors as exc:
+            raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}",
+                             file=str(self.path)) from None
 
     @property
     def dialect(self) -> str:
@@ -174,8 +192,7 @@ class Store:
 
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
-            with self.db.write():
-                self.db.execute(sql, params)
+            self.db.transaction(lambda: self.db.execute(sql, params))
         except self.db.errors as exc:
             raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
@@ -196,8 +213,15 @@ class Store:
         it complete."""
         if self._row("SELECT id FROM runs WHERE id=?", (run_id,)):
             raise StoreError(f"run {run_id!r} already exists", file=str(self.path), hint="use a new run id")
+        self.insert_run(run_id, model_sha256, inventory_sha256, label, started=started, float_top1=float_top1,
+                        model_name=model_name, planned=planned)
+
+    def insert_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None,
+                   label: str | None = None, *, started: float | None = None, float_top1: float | None = None,
+                   model_name: str | None = None, planned: int | None = None) -> None:
+        """The run's row, unless it is there already (a replay of a spooled run may find it)."""
         self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1, "
-                    "model_name, planned) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                    "model_name, planned) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                     (run_id, started if started is not None else time.time(), model_sha256, label, inventory_sha256,
                      float_top1, model_name, planned))
 
@@ -235,8 +259,13 @@ class Store:
         return lambda device: self.add_device_result(run_id, device)
 
     def finish_run(self, run_id: str, *, finished: float | None = None) -> None:
-        self._write("UPDATE runs SET complete=1, finished=? WHERE id=?",
+        self._write("UPDATE runs SET complete=1, finished=?, incomplete_reason=NULL WHERE id=?",
                     (finished if finished is not None else time.time(), run_id))
+
+    def mark_incomplete(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
+        """The run ended without completing for `reason` (e.g. 'db_unavailable: ...'): never a baseline."""
+        self._write("UPDATE runs SET complete=0, incomplete_reason=?, finished=COALESCE(?, finished) WHERE id=?",
+                    (reason, finished, run_id))
 
     def mark_interrupted(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
         """The run was stopped on request (`reason`: 'SIGINT', 'SIGTERM', ...): it stays incomplete, never a baseline."""
@@ -313,6 +342,7 @@ class Store:
                          model_sha256=info.model_sha256, artifacts=artifacts, complete=info.complete,
                          float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256,
                          interrupted=info.interrupted, model_name=info.model_name,
+                         incomplete_reason=info.incomplete_reason,
                          task=json.loads(row["task"]) if row["task"] else None,
                          float_metrics=json.loads(row["float_metrics"]) if row["float_metrics"] else None)
 
@@ -361,7 +391,7 @@ class Store:
                 own = self._row("SELECT model_name FROM runs WHERE id=?", (exclude,))
                 model_name = own["model_name"] if own is not None else None
             same, params = _same("model_name", model_name)
-            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL AND " + same
+            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL AND incomplete_reason IS NULL AND " + same
             if exclude is not None:
                 ex = self._row("SELECT started FROM runs WHERE id=?", (exclude,))
                 sql += " AND id != ?"
@@ -472,7 +502,8 @@ def _runinfo(row: Any) -> RunInfo:
                    passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"],
                    interrupted=row["interrupted"], model_name=row["model_name"], planned=row["planned"],
                    verdict_origin=None if row["v_passed"] is None else "run", gate_verdicts=int(row["g_count"] or 0),
-                   gate_passed=None if row["g_passed"] is None else bool(row["g_passed"]), gate_exit_code=row["g_exit"])
+                   gate_passed=None if row["g_passed"] is None else bool(row["g_passed"]), gate_exit_code=row["g_exit"],
+                   incomplete_reason=row["incomplete_reason"])
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -504,12 +535,16 @@ def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path | str:
     return DEFAULT_DB
 
 
-def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True) -> Store:
-    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing history."""
+def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True,
+               retry_s: float | None = None) -> Store:
+    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing history.
+    `retry_s` (default: targets.yaml `db_retry_s`, else 60 s) bounds the retrying of transient database errors."""
     where = db_path(cli_db, inventory)
+    if retry_s is None and inventory is not None:
+        retry_s = getattr(inventory, "db_retry_s", None)
     password_env = getattr(inventory, "db_password_env", None) if inventory is not None else None
     file = str(inventory.path) if inventory is not None and getattr(inventory, "path", None) and not cli_db else None
     if must_exist and isinstance(where, Path) and not where.exists():
         raise StoreError("no results database here", file=str(where),
                          hint="run `edgepipe run` first, or pass --db PATH")
-    return Store(where, password_env=password_env, create=not must_exist, file=file)
+    return Store(where, password_env=password_env, create=not must_exist, file=file, retry_s=retry_s)
