@@ -8,8 +8,11 @@ Both sides verify the host key against the same known_hosts file and log in with
 negotiates its own defaults (chacha20-poly1305). `--variants` also times the alternatives that were measured
 while choosing the transport's settings: the old settings (paramiko's aes128-ctr + hmac-sha2-256 and 32 KiB
 SFTP writes) and `cat > file` on an exec channel.
+Resume (issue 19): a push of the same file cut at about half (the connection severed mid-upload, as a dropped link
+does), then the next push, which finds the cut upload on the device, compares the hash of its prefix on both sides
+and sends only the rest; side by side with a whole push of the file, --resume-rounds times.
 
-    .venv/bin/python bench/push.py [--rounds 7] [--mb 200] [--no-variants] [--json]
+    .venv/bin/python bench/push.py [--rounds 7] [--mb 200] [--resume-rounds 3] [--no-variants] [--json]
 """
 from __future__ import annotations
 
@@ -73,7 +76,55 @@ def control_master(base: list[str], port: int, dest: str, sock: Path) -> subproc
     return master
 
 
-def run(rounds: int, mb: int, tmp: Path, variants: bool) -> dict:
+def resumed(target: object, src: Path, tmp: Path, rounds: int) -> dict:
+    """Cut a push at half, resume it with the next push, and push the whole file fresh: bytes and seconds each."""
+    from pipeline.devices.push import Pusher, PushItem
+    from pipeline.testing.faults import Faults
+    from pipeline.testing.sshd import pid_alive
+
+    item = PushItem.blob(src)
+    rows = []
+    for r in range(rounds):
+        cut_wd, whole_wd = tmp / f"resume{r}", tmp / f"whole{r}"
+        faults = Faults(drop="put", put_fraction=0.5)
+        with faults.factory()(target) as cut:
+            try:
+                Pusher(cut, target.python, str(cut_wd)).push([item])
+                raise SystemExit("the cut push went through")
+            except Exception as exc:  # noqa: BLE001 - the TransportError of the cut link
+                if "unreachable" not in getattr(exc, "code", ""):
+                    raise
+            sent_before_cut = cut.bytes_sent
+        (part,) = (cut_wd / "tmp").iterdir()
+        while pid_alive(int(part.name.split(".")[1])):   # the cut connection's sshd session winds down
+            time.sleep(0.02)
+        with open_transport(target) as tr:
+            t0 = time.perf_counter()
+            rep = Pusher(tr, target.python, str(cut_wd)).push([item])
+            resume_s = time.perf_counter() - t0
+        with open_transport(target) as tr:
+            t0 = time.perf_counter()
+            whole = Pusher(tr, target.python, str(whole_wd)).push([item])
+            whole_s = time.perf_counter() - t0
+        offset = rep.resumed.get(item.rel, 0)
+        if rep.bytes_sent != item.size - offset or whole.bytes_sent != item.size:
+            raise SystemExit(f"round {r}: resumed push sent {rep.bytes_sent} bytes from offset {offset} of {item.size}")
+        rows.append({"sent_before_cut": sent_before_cut, "resumed_from": offset, "resumed_sent": rep.bytes_sent,
+                     "resume_s": resume_s, "whole_s": whole_s})
+        shutil.rmtree(cut_wd, ignore_errors=True)
+        shutil.rmtree(whole_wd, ignore_errors=True)
+        log(f"  resume round {r}: cut after {sent_before_cut / 1e6:.0f} MB, resumed from {offset / 1e6:.0f} MB, sent "
+            f"{rep.bytes_sent / 1e6:.0f} MB in {resume_s:.2f} s; whole push {whole_s:.2f} s")
+    ratio = statistics.median(r["resume_s"] for r in rows) / statistics.median(r["whole_s"] for r in rows)
+    return {"rounds": rounds, "file_bytes": item.size,
+            "resumed_sent_bytes": [r["resumed_sent"] for r in rows],
+            "missing_bytes": [item.size - r["resumed_from"] for r in rows],
+            "sent_before_cut_bytes": [r["sent_before_cut"] for r in rows],
+            "resumed_sent_share": round(statistics.median(r["resumed_sent"] for r in rows) / item.size, 3),
+            "resume_over_whole_time": round(ratio, 2)}
+
+
+def run(rounds: int, mb: int, tmp: Path, variants: bool, resume_rounds: int = 3) -> dict:
     (dev,) = start_fleet(1, [sys.executable], tmp / "dev")
     master = None
     try:
@@ -144,6 +195,7 @@ def run(rounds: int, mb: int, tmp: Path, variants: bool) -> dict:
         cipher = f"{warm._t.local_cipher} / {old._t.local_cipher} + {old._t.local_mac}"
         warm.close()
         old.close()
+        resume = resumed(target, src, tmp, resume_rounds) if resume_rounds else None
     finally:
         if master is not None:
             master.terminate()
@@ -168,6 +220,12 @@ def run(rounds: int, mb: int, tmp: Path, variants: bool) -> dict:
                      "alternate order each round. sshd and both clients share this machine's cores.",
                      "client_cpu_s: CPU seconds of the sending side per file (this process with paramiko's threads; "
                      "scp, ssh and the ControlMaster for OpenSSH), the machine's load does not inflate it much."]}
+    if resume is not None:
+        doc["resume"] = resume
+        doc["targets"].append({"name": "a push cut at about half, resumed: bytes sent / bytes missing",
+                               "value": round(sum(resume["resumed_sent_bytes"]) / sum(resume["missing_bytes"]), 3),
+                               "target": "1.0 (only the missing bytes)",
+                               "met": resume["resumed_sent_bytes"] == resume["missing_bytes"]})
     if variants:
         doc["old_settings_over_scp_open"] = round(med["put_open_old_settings"] / med["scp_controlmaster"], 2)
         doc["cat_over_scp_open"] = round(med["cat_exec_open"] / med["scp_controlmaster"], 2)
@@ -180,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="time only the four methods the ratios need")
+    ap.add_argument("--resume-rounds", type=int, default=3, help="cut-and-resumed pushes (0: none)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
     if not shutil.which("scp"):
         raise SystemExit("scp not found: apt-get install -y openssh-client")
     tmp = Path(tempfile.mkdtemp(prefix="edgepipe-push-"))
     try:
-        doc = run(args.rounds, args.mb, tmp, args.variants)
+        doc = run(args.rounds, args.mb, tmp, args.variants, args.resume_rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
@@ -204,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({doc['old_settings_over_scp_open']}x), cat on an exec channel {m['cat_exec_open']} MB/s "
               f"({doc['cat_over_scp_open']}x)")
     print(f"  client CPU seconds per file: {doc['client_cpu_s']}")
+    if "resume" in doc:
+        r = doc["resume"]
+        print(f"  cut at about half and resumed: sent {r['resumed_sent_bytes']} of the missing {r['missing_bytes']} "
+              f"bytes ({r['resumed_sent_share']:.0%} of the file), in {r['resume_over_whole_time']}x a whole push")
     print(f"  ciphers: {doc['ciphers']}")
     return 0
 

@@ -23,7 +23,9 @@ SUITE = [
     ("latency.py", "Latency per mode per runtime (MobileNetV2, measured by the agent), as a ratio to float32"),
     ("agent_overhead.py", "Agent overhead against a bare invoke() loop"),
     ("fanout.py", "Fan-out wall time (1/4/8 loopback sshd devices), re-run ratio"),
-    ("push.py", "Push throughput of a 200 MB file against OpenSSH scp, on an open connection and cold"),
+    ("push.py", "Push throughput of a 200 MB file against OpenSSH scp, on an open connection and cold; a push cut "
+                "at half, resumed"),
+    ("hashing.py", "Integrity: the host's sha256 work per warm run of a 100 MB model, against the run's wall time"),
     ("host_cpu.py", "Orchestrator host CPU per device, warm run, 1 vs 24 loopback sshd devices"),
     ("regression.py", "Regression detector: A/A false-alarm rate, detection rate of a 20% slowdown"),
     ("optimize.py", "edgepipe optimize: int8 recovery on MobileNetV2 with an outlier, format claims vs measured, "

@@ -10,6 +10,7 @@ measurement meets them: runtime and delegate, model file and interpreter, eval d
 device facts.
 """
 import argparse
+import errno
 import gc
 import glob
 import hashlib
@@ -70,6 +71,9 @@ RUNTIME_DISTS = {
 }
 RUNTIME_MODULES = {"pycoral": "pycoral", "ai-edge-litert": "ai_edge_litert",
                    "tflite-runtime": "tflite_runtime", "tensorflow": "tensorflow"}
+LOCK_FILE = "agent.lock"   # the board's measurement lock, in the work directory (--lock); it holds the pid file
+STOP_GRACE_S = 5.0         # after asking the measurement to stop, seconds before the process is ended outright
+WATCH_POLL_S = 0.5         # how often the watch looks at the parent and the deadline
 
 
 # ---------------------------------------------------------------- the result envelope
@@ -105,8 +109,11 @@ def emit(doc, out_path):
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except (OSError, ValueError):
-        pass  # the host went away; it fetches the --out copy on reconnect
+    except (OSError, ValueError):  # the host went away; it fetches the --out copy on reconnect
+        try:  # what stays buffered goes nowhere at exit, instead of failing the exit (Python's status 120)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        except OSError:
+            pass
 
 
 def log(msg):
@@ -123,11 +130,21 @@ def log(msg):
 
 def main(argv=None):
     out_path = None
+    started = time.time()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         out_path = args.out
+        if args.watch_parent or args.deadline:
+            watch_host(args.watch_parent, args.deadline, started)
         doc = probe(args) if args.probe else measure(args)
         rc = 0
+    except KeyboardInterrupt:
+        if not STOPPED:   # a Ctrl-C at a terminal, not the watch: behave as Python does
+            raise
+        code, message = STOPPED[0]
+        log("stopped: %s" % message)
+        doc, rc = envelope(False, error={"code": code, "message": message, "started": started,
+                                         "stopped": time.time()}), 1
     except AgentFailure as exc:
         log("error %s: %s" % (exc.code, exc.message))
         doc, rc = envelope(False, error=exc.error()), (2 if exc.code == "bad_args" else 1)
@@ -168,6 +185,13 @@ def parse_args(argv):
     p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
     p.add_argument("--reduce", action="append", default=[], metavar="NAME=argmax",
                    help="store the argmax over the last axis of output NAME instead of its values (repeatable)")
+    p.add_argument("--lock", help="hold an exclusive flock on this file for the whole measurement (it then holds "
+                                  "this agent's pid, start and owner as JSON)")
+    p.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for --lock, then device_busy")
+    p.add_argument("--owner", default=None, help="who started this agent (run id + target), written into --lock")
+    p.add_argument("--watch-parent", action="store_true",
+                   help="stop (host_gone) when stdin reaches end of file or the parent process dies")
+    p.add_argument("--deadline", type=float, default=None, help="stop (deadline) after this many seconds")
     args = p.parse_args(argv)
     if not args.probe:
         if not args.model or not args.data:
@@ -186,6 +210,7 @@ def measure(args):
     resident-set mark; the runtime and the interpreter (timed as `init`); the timed invokes, then the resident set
     and the conditions again; every output over the eval set; the baseline side by side."""
     started = time.time()
+    lock = take_lock(args.lock, args.lock_wait, args.owner) if args.lock else None
     device = device_facts()
     warnings = device_warnings(device)
     # read first, not just before the timed runs: the vcgencmd process would disturb `init` and `first`; a throttle
@@ -219,6 +244,7 @@ def measure(args):
         delegate=delegate,
         accelerator=accelerator(delegate, args),
         paired=paired,
+        lock=lock,
         config={"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "max_seconds": args.max_seconds,
                 "min_duration_s": args.min_duration_s, "batch": batch_size(inputs), "numpy": np.__version__},
         accuracy=None,   # scored on the host from the outputs file (pipeline.metrics)
@@ -257,6 +283,91 @@ def probe(args):
         "device": device_facts(),
         "conditions": read_conditions(),
     })
+
+
+# ---------------------------------------------------------------- bound to the host, alone on the board
+
+STOPPED = []   # (code, message): why the watch stopped this agent; main reports it
+
+
+def watch_host(watch_parent, deadline_s, started):
+    """--watch-parent / --deadline: a daemon thread stops the agent when its stdin reaches end of file or its parent
+    process dies (the host that started it is gone: host_gone), or when the deadline passes (deadline). The main
+    thread gets KeyboardInterrupt and reports; stuck in native code, the process ends STOP_GRACE_S later."""
+    import select
+    import threading
+    parent = os.getppid()
+    end = started + deadline_s if deadline_s else None
+
+    def stop(code, message):
+        import _thread
+        STOPPED.append((code, message))
+        _thread.interrupt_main()
+        time.sleep(STOP_GRACE_S)
+        log("stopped outright: %s" % message)
+        os._exit(1)
+
+    def watch():
+        stdin_open = watch_parent
+        while True:
+            if end is not None and time.time() >= end:
+                return stop("deadline", "stopped at the deadline of %gs (the target's timeout)" % deadline_s)
+            if watch_parent and os.getppid() != parent:
+                return stop("host_gone", "the process that started this agent is gone (parent %d died)" % parent)
+            if not stdin_open:
+                time.sleep(WATCH_POLL_S)
+                continue
+            ready = select.select([0], [], [], WATCH_POLL_S)[0]
+            if ready and not os.read(0, 4096):
+                return stop("host_gone", "stdin closed: the host's connection is gone")
+
+    thread = threading.Thread(target=watch, name="agent-watch")
+    thread.daemon = True
+    thread.start()
+
+
+def take_lock(path, wait_s, owner):
+    """--lock: an exclusive flock on `path` for the whole measurement (released when this process ends, however).
+    The file then holds {"pid", "started", "owner"}: the pid file a host reads to wait for or kill this agent.
+    Still busy after `wait_s`: device_busy, naming the holder. The result's `lock` block."""
+    import fcntl
+    path = os.path.abspath(os.path.expanduser(path))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    t0 = time.time()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except (IOError, OSError) as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+        if time.time() - t0 >= (wait_s or 0):
+            os.close(fd)
+            holder = read_lock_holder(path)
+            raise AgentFailure("device_busy", "another agent (pid %s, %s) is measuring on this board (%s held "
+                               "for %gs)" % (holder.get("pid"), holder.get("owner"), path, wait_s or 0), holder=holder)
+        time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(), "owner": owner}).encode())
+    os.fsync(fd)
+    HELD_LOCKS.append(fd)   # kept open (and locked) until the process exits
+    return {"path": path, "waited_s": round(time.time() - t0, 3)}
+
+
+HELD_LOCKS = []
+
+
+def read_lock_holder(path):
+    try:
+        with open(path) as f:
+            doc = json.loads(f.read() or "{}")
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, IOError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------- the measurement's phases
@@ -629,8 +740,9 @@ def cpu_fallback_model(args, model, failure):
     if args.fallback_model:
         return read_model(args.fallback_model)
     if EDGETPU_CUSTOM_OP in model.get("custom_ops", []):
-        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU and "
-                           "no --fallback-model (the plain int8 artifact) was given" % failure.message)
+        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU, and "
+                           "no plain int8 model came with it to fall back to (`allow_fallback: true` in targets.yaml "
+                           "ships one)" % failure.message)
     return model
 
 def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_device):
@@ -683,7 +795,8 @@ def _delegate_library(kind):
         found = find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))])
         if not found:
             raise AgentFailure("delegate_unavailable", "no GPU delegate library (%s) found on this device; "
-                               "pass --delegate /path/to/delegate.so" % ", ".join(GPU_DELEGATE_LIBS))
+                               "set `delegate: /path/to/delegate.so` on the target in targets.yaml"
+                               % ", ".join(GPU_DELEGATE_LIBS))
         return found
     return kind  # a path to an external delegate
 
@@ -727,7 +840,7 @@ def classify_load_error(exc, runtime, path):
     elif op:
         lead += ": custom operator %s is not registered" % op
         if "edgetpu" in op:
-            lead += " (an Edge TPU model needs --delegate edgetpu)"
+            lead += " (an Edge TPU model runs only on a target with `kind: edgetpu` or `delegate: edgetpu`)"
     return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op, operator_version=version,
                         runtime=runtime.name, runtime_version=runtime.version)
 

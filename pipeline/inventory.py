@@ -270,6 +270,8 @@ class InventorySpec(_Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     db: Optional[str] = None
     db_password_env: Optional[str] = Field(None, pattern=ENV_NAME)
+    # seconds transient results-database errors are retried before a run gives up with exit 4 (default 60)
+    db_retry_s: Optional[float] = Field(None, ge=0, le=86400)
     artifact_store: ArtifactStoreSpec = Field(default_factory=ArtifactStoreSpec)
 
 
@@ -331,6 +333,11 @@ class Target:
         return accelerator_of(self.delegate)
 
     @property
+    def address(self) -> str:
+        """Where the target is, as people read it: `host:port`, or `local` for a `transport: local` target."""
+        return "local" if self.transport == "local" else f"{self.host}:{self.port}"
+
+    @property
     def physical_host(self) -> tuple[str, int]:
         """Targets sharing this key are one board: they never measure at the same time."""
         if self.transport == "local":
@@ -354,6 +361,7 @@ class Inventory:
     spec: InventorySpec
     db_password_env: str | None = None
     artifact_store: ArtifactStoreSpec = field(default_factory=ArtifactStoreSpec)
+    db_retry_s: float | None = None   # None: the database layer's default (60 s)
 
     @property
     def defaults(self) -> DefaultsSpec:
@@ -632,7 +640,7 @@ def load_inventory(path: str | Path) -> Inventory:
         path=file, sha256=hashlib.sha256(text.encode()).hexdigest(), targets=targets, groups=dict(spec.groups),
         gates=spec.gates, max_parallel=spec.defaults.max_parallel or BUILTIN_DEFAULTS["max_parallel"],
         db=_resolve_db(spec.db, file), spec=spec, db_password_env=spec.db_password_env,
-        artifact_store=spec.artifact_store,
+        artifact_store=spec.artifact_store, db_retry_s=spec.db_retry_s,
     )
 
 

@@ -163,7 +163,7 @@ class ErrorInfo:
 
 def target_fields(target: Any) -> dict[str, Any]:
     """The DeviceResult fields that come from the inventory target itself."""
-    return dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
+    return dict(name=target.name, kind=target.kind, mode=target.mode, host=target.address,
                 groups=list(target.groups), emulated=bool(target.emulated))
 
 
@@ -268,6 +268,8 @@ class RunResult:
     # additive (issue 11): the task the host scored (pipeline.metrics task spec) and the float model's own scores
     task: dict[str, Any] | None = None
     float_metrics: dict[str, Any] | None = None
+    # additive (issue 19): why a stored run is incomplete besides an interrupt ('abandoned', 'db_unavailable: ...')
+    incomplete_reason: str | None = None
 
     @property
     def succeeded(self) -> list[DeviceResult]:
@@ -293,6 +295,7 @@ class RunResult:
             "model_name": self.model_name,
             "task": self.task,
             "float_metrics": self.float_metrics,
+            "incomplete_reason": self.incomplete_reason,
         }
 
     def to_json(self, **kw: Any) -> str:

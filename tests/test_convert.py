@@ -187,7 +187,8 @@ def test_tflite_input_passes_through_unchanged(digits_artifacts, tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("missing.keras", None, "model not found"),
     ("model.onnx", b"\x08\x01", "unsupported model file type '.onnx'"),
-    ("broken.keras", b"not a zip at all", "cannot load Keras model"),
+    ("broken.keras", b"not a zip at all", "is not a Keras .keras archive (a ZIP file): it is a text file (it starts "
+                                          "with 'not a zip at all')"),
     ("broken.tflite", b"\x1c\x00\x00\x00TFL3" + b"\xff" * 40, "TFLite"),
     ("random.tflite", b"garbage" * 10, "not a TFLite flatbuffer"),
 ])

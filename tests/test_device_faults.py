@@ -110,10 +110,10 @@ class FillsDiskBeforeArtifact:
     artifact: Path
     workdir: Path
 
-    def put(self, local, remote, progress=None):
+    def put(self, local, remote, progress=None, **kw):
         if Path(local) == self.artifact:
             _fill(self.workdir)
-        return super().put(local, remote, progress)
+        return super().put(local, remote, progress, **kw)
 
 
 class FillingSSH(FillsDiskBeforeArtifact, SSHTransport):
@@ -173,14 +173,14 @@ def test_helper_steps_honour_the_targets_timeout(fleet, tiny_artifact, tiny_eval
 class DroppingSSH(SSHTransport):
     """Cuts the connection half-way through an upload, as a killed run does."""
 
-    def put(self, local, remote, progress=None):
+    def put(self, local, remote, progress=None, **kw):
         size = Path(local).stat().st_size
 
         def cut(done, total):
             if done >= size // 2:
                 self._t.sock.shutdown(2)
 
-        return super().put(local, remote, cut)
+        return super().put(local, remote, cut, **kw)
 
 
 def test_stale_part_of_a_killed_upload_is_removed_at_the_next_push(fleet, tiny_artifact, tiny_eval, tmp_path,
@@ -213,16 +213,42 @@ def test_a_part_a_concurrent_push_is_writing_is_left_alone(fleet, tiny_artifact,
         seen["after_other_push"] = parts(wd)
 
     class Pausing(SSHTransport):
-        def put(self, local, remote, progress=None):
+        def put(self, local, remote, progress=None, **kw):
             def mid(done, total):
                 if done >= total // 2 and "after_other_push" not in seen:
                     other_push()
                 if progress:
                     progress(done, total)
-            return super().put(local, remote, mid)
+            return super().put(local, remote, mid, **kw)
 
     with Pausing(target) as first:
         rep = Pusher(first, target.python, target.workdir).push([PushItem.blob(Path(tiny_artifact.path))])
     assert len(seen["after_other_push"]) == 1  # the first push's .part survived the second push's cleanup
     assert rep.uploaded and push.sha256_file(wd / "blobs" / tiny_artifact.sha256) == tiny_artifact.sha256
     assert parts(wd) == []
+
+
+def test_a_push_cut_at_about_half_is_resumed_from_the_verified_offset(fleet, tmp_path):
+    """Issue 19: the next push hashes the cut upload's prefix on both sides and sends only the rest."""
+    from pipeline.testing.faults import Faults
+
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(os.urandom(6 << 20) + b"tail")   # 6 MiB and a bit: cut at half, mid-file
+    item = PushItem.blob(blob)
+    dev = fleet[0]
+    wd = tmp_path / "wd"
+    target = inventory([dev], tmp_path, per_device={dev.name: {"workdir": str(wd)}}).targets[0]
+    faults = Faults(drop="put", put_fraction=0.5)
+    with faults.factory()(target) as cut:
+        with pytest.raises(TransportError) as exc:
+            Pusher(cut, target.python, target.workdir).push([item])
+        sent_before = cut.bytes_sent
+    assert exc.value.code == "unreachable" and faults.drops == 1
+    (part,) = parts(wd)
+    wait_until(lambda: not pid_alive(int(part.split(".")[1])))   # the dropped connection's sshd session ends
+    with SSHTransport(target) as ssh:
+        rep = Pusher(ssh, target.python, target.workdir).push([item])
+    offset = rep.resumed.get(item.rel, 0)
+    assert 0 < rep.bytes_sent < item.size and rep.bytes_sent == item.size - offset   # only the missing bytes
+    assert 0 < offset <= sent_before and offset % (1 << 20) == 0    # from a whole MiB both sides hashed alike
+    assert push.sha256_file(wd / item.rel) == item.sha256 and parts(wd) == []

@@ -90,8 +90,8 @@ def test_dropped_mid_push_leaves_no_partial_file_and_rerun_completes(fleet, tiny
 class FlippingTransport(SSHTransport):
     """Flips one byte of every uploaded file after it landed (the device's disk or the wire went bad)."""
 
-    def put(self, local, remote, progress=None):
-        n = super().put(local, remote, progress)
+    def put(self, local, remote, progress=None, **kw):
+        n = super().put(local, remote, progress, **kw)
         p = Path(remote)  # loopback: the device's filesystem is ours
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -253,21 +253,24 @@ def test_local_transport_target_runs_the_agent_as_a_subprocess(fleet, tiny_artif
     assert (tmp_path / "local-wd" / "runs" / "local" / "here.json").exists()
 
 
-def test_agent_still_running_after_a_drop_is_awaited_and_collected_once(fleet, tiny_artifact, tiny_eval, tmp_path):
+def test_an_agent_whose_connection_drops_stops_and_the_retry_measures_alone(fleet, tiny_artifact, tiny_eval,
+                                                                            tmp_path):
+    """The agent never outlives the one who started it: its connection gone (stdin closed), it stops (host_gone)
+    instead of measuring unseen; the retry measures after it ended, never beside it (agents' own clocks)."""
     dev = fleet[3]
-    count, go = tmp_path / "agent-starts", tmp_path / "go"
-    # The agent cannot measure before the link is gone: it waits for `go`, which the drop creates. Its logs do
-    # not go to the (dead) channel.
+    log, go = tmp_path / "agents", tmp_path / "go"
+    # The agent cannot start before the link is gone: it waits for `go`, which the drop creates. It runs as the
+    # wrapper's child, so the wrapper logs when it ended and how.
     slow = script_python(tmp_path, "slow-python", dev.python,
-                         f'echo start >> {count}; while [ ! -e {go} ]; do sleep 0.05; done; '
-                         f'exec {dev.python} "$@" 2>/dev/null')
+                         f'case "$*" in *--model*) ;; *) exec {dev.python} "$@";; esac; '
+                         f'while [ ! -e {go} ]; do sleep 0.05; done; {dev.python} "$@" 2>/dev/null; '
+                         f'echo "$? $(date +%s.%N)" >> {log}')
     inv = inventory([dev], tmp_path, per_device={dev.name: {"python": slow, "workdir": str(tmp_path / "wd")}},
                     defaults={"retries": 1})
     faults = Faults(drop="run", on_drop=go.touch)  # cut once the host knows the agent's pid on the device
-    events = []
-    (res,) = runner("slow", transport_factory=faults.factory(),
-                    on_event=lambda *e: events.append(e)).run(jobs_for(inv, tiny_artifact, tiny_eval))
+    (res,) = runner("slow", transport_factory=faults.factory()).run(jobs_for(inv, tiny_artifact, tiny_eval))
     assert res.ok, res.error
     assert faults.drops == 1 and res.attempts == 2
-    assert count.read_text().count("start") == 1  # measured once, collected from the device
-    assert any("earlier attempt" in d for _, s, d in events if s == "collect")
+    ended = [line.split() for line in log.read_text().splitlines()]
+    assert len(ended) == 2 and ended[0][0] == "1"        # the first agent stopped: its host was gone
+    assert float(ended[0][1]) <= res.result["timestamps"]["timed_from"]   # ... before the second one measured

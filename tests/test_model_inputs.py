@@ -258,7 +258,7 @@ def test_dynamic_height_and_width_need_input_shape(cli, fleet, shape_models, tmp
     targets = _targets(fleet[:1], tmp_path / "t.yaml", mode="float32")
     model, data = shape_models / "dynamic_hw.keras", shape_models / "img16_eval.npz"
     r, doc = _run(cli, tmp_path / "a", targets, model, data, cache=conversion_cache)
-    assert r.exit_code == 2 and doc is None and "Traceback" not in r.output
+    assert r.exit_code == 2 and doc["error"]["field"] == "--input-shape" and "Traceback" not in r.output
     (line,) = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert "input 'img'" in line and "--input-shape img=1xHxWx1" in line
     r, doc = _run(cli, tmp_path / "b", targets, model, data, "--input-shape", "img=1x16x16x1", cache=conversion_cache)
@@ -272,14 +272,15 @@ def test_dynamic_height_and_width_need_input_shape(cli, fleet, shape_models, tmp
 
 
 def test_the_model_is_identified_once_per_run(digits, tmp_path, conversion_cache, monkeypatch):
-    """api -> run -> convert -> reference share one ModelSource: the model's bytes are hashed once per run."""
+    """api -> run -> convert -> reference share one ModelSource: the model is identified (hashed, or its remembered
+    hash looked up) once per run."""
     import pipeline.convert.source as source
     from pipeline import api
     from tests.fixtures.devices import venv_python
 
     calls = []
-    real = source.sha256_path
-    monkeypatch.setattr(source, "sha256_path", lambda p: calls.append(str(p)) or real(p))
+    real = source.sha256_remembered
+    monkeypatch.setattr(source, "sha256_remembered", lambda p, memo: calls.append(str(p)) or real(p, memo))
     targets = tmp_path / "t.yaml"
     targets.write_text(f"defaults: {{runs: 2, warmup: 0, timeout: 120}}\ntargets:\n"
                        f"  - {{name: here, host: localhost, transport: local, python: {venv_python('litert')}, "

@@ -76,6 +76,12 @@ def _cls(doc: dict, board: str) -> dict:
     return cls
 
 
+def test_the_json_is_the_shape_docs_json_md_writes_down(result):
+    from tests.json_shapes import check
+
+    check("optimize", result)
+
+
 def test_two_cpu_classes_each_measured_on_its_own_runtime_and_their_choices_differ(result):
     litert, tflite = _cls(result, "pi-litert"), _cls(result, "pi-tflite")
     assert sorted(c["kind"] for c in result["classes"]) == ["cpu", "cpu", "edgetpu"]

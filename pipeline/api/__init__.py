@@ -4,18 +4,18 @@
     rel = api.run("targets.yaml", model="model.keras", data="eval.npz", calibration="cal.npz", report_dir="out")
     print(rel.verdict.headline(), rel.report_path)
 
-By noun: `runs` (the release job, gate, report, history, show), `models` (convert, optimize), `fleet` (check,
+By noun: `runs` (the release job, gate, report, history, show, replay), `models` (convert, optimize), `fleet` (check,
 enroll, the site worker), `inputs` (what they all read). The CLI reaches the library only through this package.
 """
 from pipeline.api.fleet import fleet_check, fleet_enroll, serve_worker
 from pipeline.api.inputs import DEFAULT_CACHE_DIR, DEFAULT_OUT, inventory_of, preprocess_options
 from pipeline.api.models import Conversion, conversions, convert, optimize
 from pipeline.api.runs import (HISTORY_IN_REPORT, HistoryOptions, OutputOptions, Release, RunHooks, RunRequest,
-                               StoredRun, gate, history, human_bytes, report, run, run_request, show)
+                               StoredRun, gate, history, human_bytes, replay, report, run, run_request, show)
 from pipeline.devices.cancel import CancelToken
 from pipeline.results import DeviceResult, RunResult
 
 __all__ = ["CancelToken", "Conversion", "DEFAULT_CACHE_DIR", "DEFAULT_OUT", "DeviceResult", "HISTORY_IN_REPORT",
            "HistoryOptions", "OutputOptions", "Release", "RunHooks", "RunRequest", "RunResult", "StoredRun",
            "conversions", "convert", "fleet_check", "fleet_enroll", "gate", "history", "human_bytes", "inventory_of",
-           "optimize", "preprocess_options", "report", "run", "run_request", "serve_worker", "show"]
+           "optimize", "preprocess_options", "replay", "report", "run", "run_request", "serve_worker", "show"]

@@ -39,9 +39,10 @@ def conversions(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence
                 compat: str | None = None, io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT,
                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR, signature: str | None = None,
                 input_shapes: Any = None, preprocess: Any = None,
-                progress: Progress | None = None) -> list[Conversion]:
+                progress: Progress | None = None, allow_custom_ops: Iterable[str] = ()) -> list[Conversion]:
     """The formats `convert` would produce, each ready to convert. The model is identified (and described, once
-    per content) and the calibration data read here, before any conversion; `targets` is one fleet or several."""
+    per content) and the calibration data read here, before any conversion; `targets` is one fleet or several.
+    `allow_custom_ops`: custom ops of a .tflite the host cannot resolve, which the boards have."""
     from pipeline.convert.calibration import load_calibration
     from pipeline.convert.converter import convert as convert_one
     from pipeline.convert.recipes import requested_formats
@@ -51,7 +52,7 @@ def conversions(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence
                                          (targets if isinstance(targets, (list, tuple)) else [targets])]
     reqs = requested_formats(modes, kinds, fleets, compat=compat, io_type=io_type)
     pre = _preprocess(preprocess)
-    src = identify(model, signature=signature)
+    src = identify(model, signature=signature, cache_dir=cache_dir)
     if src.kind != "tflite":   # read the model's inputs and outputs once (cached), before the formats
         src = describe(src, cache_dir=cache_dir, progress=progress)
     calib = None if calibration is None else load_calibration(calibration, count=calibration_count,
@@ -60,7 +61,7 @@ def conversions(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence
     def one(r: Any) -> Callable[[Progress | None], Any]:
         return lambda p: convert_one(src, r.mode, calibration=calib, out_dir=out_dir, cache_dir=cache_dir,
                                      compat=r.compat, io_type=r.io_type, progress=p or progress,
-                                     input_shapes=input_shapes, preprocess=pre)
+                                     input_shapes=input_shapes, preprocess=pre, allow_custom_ops=tuple(allow_custom_ops))
 
     return [Conversion(r.mode, r.compat, r.io_type, list(r.targets), one(r)) for r in reqs]
 
@@ -69,7 +70,7 @@ def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str
             targets: str | Path | Inventory | None = None, calibration: Any = None, compat: str | None = None,
             io_type: str = "int8", out_dir: str | Path = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
             progress: Progress | None = None, signature: str | None = None,
-            input_shapes: Any = None, preprocess: Any = None) -> list[Any]:
+            input_shapes: Any = None, preprocess: Any = None, allow_custom_ops: Iterable[str] = ()) -> list[Any]:
     """Convert `model` once per distinct format asked for (modes, kinds, or a fleet); returns Artifacts.
 
     The model is identified once; `signature` picks a SavedModel signature, `input_shapes` (NAME=1x224x224x3 items
@@ -78,7 +79,8 @@ def convert(model: str | Path, *, modes: Sequence[str] = (), kinds: Sequence[str
     return [c.convert() for c in conversions(model, modes=modes, kinds=kinds, targets=targets,
                                              calibration=calibration, compat=compat, io_type=io_type,
                                              out_dir=out_dir, cache_dir=cache_dir, signature=signature,
-                                             input_shapes=input_shapes, preprocess=preprocess, progress=progress)]
+                                             input_shapes=input_shapes, preprocess=preprocess, progress=progress,
+                                             allow_custom_ops=allow_custom_ops)]
 
 
 def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | Path, calibration: Any,

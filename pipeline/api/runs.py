@@ -2,13 +2,15 @@
 stored run, `history` and `show`. `run`'s keyword arguments are grouped into a RunRequest (`run_request`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.api.inputs import DEFAULT_CACHE_DIR, DEFAULT_OUT, inventory_of as _inventory, preprocess_of as _preprocess
+from pipeline.api.inputs import (DEFAULT_CACHE_DIR, DEFAULT_OUT, QUEUE_TIMEOUT_S, inventory_of as _inventory,
+                                 preprocess_of as _preprocess)
 from pipeline.devices.cancel import CancelToken
-from pipeline.errors import Interrupted
+from pipeline.errors import DatabaseUnavailable, Interrupted
 from pipeline.inventory import Inventory
 from pipeline.results import DeviceResult, RunResult
 
@@ -26,6 +28,7 @@ class Release:
     report_path: Path | None = None
     junit_path: Path | None = None
     summary_path: Path | None = None
+    recorded: bool = True   # the verdict was stored in the history (`gate` stores one only when asked to record)
 
     @property
     def exit_code(self) -> int:
@@ -40,6 +43,7 @@ class HistoryOptions:
     db: str | Path | None = None       # SQLite path or PostgreSQL URL (default: targets.yaml db:, else beside it)
     baseline: str | None = "last"      # last | RUN_ID | TAG | none
     label: str | None = None           # a tag for this run (usable as a baseline)
+    retry_s: float | None = None       # transient database errors retried this long (default: db_retry_s, 60)
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         preprocess: Any = None, task: str | None = None, output: str | None = None,
         on_notice: Callable[[str], None] | None = None,
         lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
-        worker_retries: int = 1, queue_timeout: float | None = None) -> Release:
+        worker_retries: int = 1, queue_timeout: float | None = QUEUE_TIMEOUT_S, db_retry_s: float | None = None,
+        allow_custom_ops: Iterable[str] = ()) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     The model, eval data, calibration data and reference are checked on the host first: a problem there is one
@@ -101,8 +106,15 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
-    queue (pipeline.distributed.coordinator); gating and reporting are the same. The keywords are grouped into a
-    RunRequest (`run_request` takes one directly).
+    queue (pipeline.distributed.coordinator); gating and reporting are the same. A device no worker of its site
+    takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords
+    are grouped into a RunRequest (`run_request` takes one directly).
+
+    Transient database errors are retried for `db_retry_s` (default: targets.yaml `db_retry_s`, else 60 s); each
+    device result waits in the run's spool (`out_dir/spool/`) until the history has it. An outage that outlasts
+    the retry raises DatabaseUnavailable (exit 4) with the run left incomplete and nothing measured lost: the next
+    `run` with the same `out_dir`, or `replay`, stores it. `allow_custom_ops` names custom operators the host
+    cannot resolve but the boards have (the host then measures no float reference of the model itself).
     """
     from pipeline.distributed.coordinator import DistributedOptions
     from pipeline.distributed.queue import WORKER_TIMEOUT_S
@@ -112,17 +124,20 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         if distributed else None
     return run_request(targets, RunRequest(
         model, data, calibration,
-        ModelOptions(signature, input_shapes, _preprocess(preprocess), task, output, reference),
+        ModelOptions(signature, input_shapes, _preprocess(preprocess), task, output, reference,
+                     tuple(allow_custom_ops)),
         RunSettings(out_dir=Path(out_dir), cache_dir=Path(cache_dir) if cache_dir else None,
                     select=tuple(select), run_id=run_id, model_name=model_name),
-        HistoryOptions(db, baseline, label), OutputOptions(report_dir, junit, summary),
+        HistoryOptions(db, baseline, label, db_retry_s), OutputOptions(report_dir, junit, summary),
         RunHooks(on_event, on_result, on_notice, cancel), lease_timeout, dist))
 
 
 def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     """`run` with its arguments grouped: host checks -> record the run -> drive it (local or distributed
-    executor, the history as the result sink) -> store what the run adds -> gate -> report."""
+    executor; each result through the run's spool into the history) -> store what the run adds -> gate -> report."""
     from pipeline.release.gate import gate_stored_run
+    from pipeline.release.holder import RunHolder
+    from pipeline.release.spool import SPOOL_DIR, Spool, SpooledRecorder
     from pipeline.release.store import open_store
     from pipeline.run import ModelOptions, RunDriver, RunSettings, new_run_id, prepare
 
@@ -130,45 +145,92 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     settings = req.settings or RunSettings(out_dir=Path(DEFAULT_OUT))
     selected = inv.select(list(settings.select))
     prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration, cache_dir=settings.cache_dir,
-                       on_notice=req.hooks.on_notice, **(req.options or ModelOptions()).kwargs())
+                       on_notice=req.hooks.on_notice, gates={t.name: inv.gates_for(t) for t in selected},
+                       **(req.options or ModelOptions()).kwargs())
     settings = replace(settings, select=tuple(t.name for t in selected), run_id=settings.run_id or new_run_id(),
                        model_name=settings.model_name or prepared.src.name)
     cancel = req.hooks.cancel or CancelToken()
     cancel.check("stopped before the run started; nothing recorded")
-    store = open_store(req.history.db, inv, must_exist=False)
+    store = open_store(req.history.db, inv, must_exist=False, retry_s=req.history.retry_s)
+    spool = Spool(Path(settings.out_dir) / SPOOL_DIR, settings.run_id)
     close: Callable[[], None] = lambda: None  # noqa: E731
+    holder = None
     try:
+        _replay_leftovers(store, settings.out_dir, req.hooks.on_notice)
         executor, close = _executor(inv, selected, store, settings.run_id, req)  # bad input: exit 2, nothing recorded
-        store.begin_run(settings.run_id, prepared.src.sha256, inv.sha256, req.history.label,
-                        model_name=settings.model_name)
+        row = {"model_sha256": prepared.src.sha256, "inventory_sha256": inv.sha256, "label": req.history.label,
+               "model_name": settings.model_name, "planned": len(selected)}
+        store.begin_run(settings.run_id, **row)
+        spool.begin(dict(row, started=time.time()), db=str(store.db.location), password_env=inv.db_password_env)
+        holder = RunHolder(store.db, settings.run_id).start()
         if executor.remeasures_baseline and inv.gates.max_latency_regression is not None:
             settings = replace(settings, baseline=store.resolve_baseline(req.history.baseline, exclude=settings.run_id,
                                                                          model_name=settings.model_name))
-        driver = RunDriver(executor, sink=store.recorder(settings.run_id), on_result=req.hooks.on_result,
-                           on_event=req.hooks.on_event)
+        driver = RunDriver(executor, sink=SpooledRecorder(store, spool), on_result=req.hooks.on_result,
+                           on_event=req.hooks.on_event, on_notice=req.hooks.on_notice)
         try:
             result = driver.run(inv, prepared, settings, cancel)
         except Interrupted as exc:
-            _mark_interrupted(store, exc, settings.run_id, len(selected))
+            _mark_interrupted(store, spool, exc, settings.run_id, len(selected))
             raise
-        _store_run(store, settings.run_id, result)
+        _store_run(store, spool, result)
         stored, base, verdict = gate_stored_run(store, settings.run_id, inv, req.history.baseline,
                                                 select=list(settings.select))
         rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
         _write_outputs(rel, store, req.outputs)
         return rel
+    except DatabaseUnavailable as exc:
+        raise _outage(exc, spool, settings.out_dir) from None
     finally:
+        if holder is not None:
+            holder.stop()
         close()
         store.close()
 
 
-def _store_run(store: Any, run_id: str, result: RunResult) -> None:
-    """What the run adds to its record once the devices are in: artifacts, float figures, task; then complete."""
-    for art in result.artifacts:
-        store.add_artifact(run_id, art)
-    store.set_float_top1(run_id, result.float_top1)
-    store.set_task(run_id, result.task, result.float_metrics)
-    store.finish_run(run_id)
+def _store_run(store: Any, spool: Any, result: RunResult) -> None:
+    """What the run adds to its record once the devices are in (artifacts, float figures, task; then complete),
+    through the spool like every result: if the database stays away, the run is replayed later as incomplete."""
+    from pipeline.release.spool import end_record
+
+    spool.finish(end_record(result, complete=True))
+    try:
+        spool.replay(store)
+    except DatabaseUnavailable as exc:
+        spool.finish(end_record(result, incomplete_reason=f"db_unavailable: {exc.data.get('reason', '')}"))
+        raise
+
+
+def _replay_leftovers(store: Any, out_dir: Path, notice: Callable[[str], None] | None) -> None:
+    """Spools an earlier run left under the same --out for this database (its outage outlasted db_retry_s)."""
+    from pipeline.release.spool import spools
+
+    for spool in spools(out_dir):
+        if str(spool.meta().get("db")) != str(store.db.location):
+            continue
+        done = spool.replay(store)
+        if notice is not None:
+            notice(f"stored {done.devices} device result(s) of run {done.run_id} kept from an earlier database "
+                   f"outage" + ("" if done.finished else " (that run is still going or was killed)"))
+
+
+def _outage(exc: DatabaseUnavailable, spool: Any, out_dir: Path) -> DatabaseUnavailable:
+    """The one line for exit 4: what stays incomplete and where its results wait."""
+    if not spool.began:
+        exc.message += "; nothing was measured or recorded"
+        exc.hint = "run again when the database is back (or raise db_retry_s / --db-retry-s)"
+        return exc
+    if spool.empty():
+        exc.message += f"; run {spool.run_id} is stored, its verdict and report were not written"
+        exc.hint = f"gate it later with `edgepipe gate {spool.run_id}`"
+        return exc
+    n = len(spool.devices())
+    exc.message += (f"; run {spool.run_id} stays incomplete, nothing measured is lost: {n} device result(s) and the "
+                    f"run's record wait in {spool.dir}")
+    exc.hint = f"when the database is back: `edgepipe store --replay --out {out_dir}`, or the next `edgepipe run` " \
+               f"with this --out"
+    exc.data["spool"] = str(spool.dir)
+    return exc
 
 
 def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str,
@@ -187,9 +249,18 @@ def _executor(inv: Inventory, selected: list[Any], store: Any, run_id: str,
     return LocalExecutor(lease=leases), leases.close
 
 
-def _mark_interrupted(store: Any, exc: Interrupted, run_id: str, selected: int) -> None:
+def _mark_interrupted(store: Any, spool: Any, exc: Interrupted, run_id: str, selected: int) -> None:
     """The stored run is marked interrupted (never a baseline); the exception carries it as stored."""
-    store.mark_interrupted(run_id, exc.reason)
+    from pipeline.release.spool import end_record
+
+    spool.finish(end_record(exc.run, interrupted=exc.reason) if exc.run is not None else {"interrupted": exc.reason})
+    try:
+        spool.replay(store)
+    except DatabaseUnavailable as down:
+        exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped; the results database is unreachable "
+                       f"({down.data.get('reason', '')}), {len(spool.devices())} device result(s) kept in {spool.dir}")
+        exc.data["spool"] = str(spool.dir)
+        return
     exc.run = store.load_run(run_id)
     exc.message = (f"interrupted by {exc.reason}: run {run_id} stopped with {len(exc.run.devices)} of "
                    f"{selected} device result(s) kept, marked interrupted in {store.path}")
@@ -206,7 +277,7 @@ def _write_outputs(rel: Release, store: Any, outputs: OutputOptions) -> None:
     if outputs.junit is not None:
         rel.junit_path = write_junit(rel.verdict, outputs.junit)
     if outputs.summary is not None:
-        rel.summary_path = write_summary(rel.verdict, outputs.summary)
+        rel.summary_path = write_summary(rel.verdict, outputs.summary, rel.run)
 
 
 def _history(store: Any, run: RunResult) -> Any:
@@ -217,15 +288,18 @@ def _history(store: Any, run: RunResult) -> Any:
 
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
          baseline: str | None = "last", select: Iterable[str] = (), junit: str | Path | None = None,
-         summary: str | Path | None = None, report_dir: str | Path | None = None) -> Release:
-    """Re-evaluate and save the gates of a stored run (e.g. with other thresholds or another baseline)."""
+         summary: str | Path | None = None, report_dir: str | Path | None = None, record: bool = False) -> Release:
+    """Re-evaluate the gates of a stored run (e.g. with other thresholds or another baseline): a what-if that
+    changes nothing in the history, unless `record`, which stores the verdict beside the run's own (never replacing
+    it: `history` and `show` keep showing the run's own, and say that others were recorded)."""
     from pipeline.release.gate import gate_stored_run
     from pipeline.release.store import open_store
 
     inv = _inventory(targets if targets is not None else "targets.yaml")
     with open_store(db, inv) as store:
-        stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None)
-        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
+        stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None,
+                                                save=record, origin="gate")
+        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path, recorded=record)
         _write_outputs(rel, store, OutputOptions(report_dir, junit, summary))
     return rel
 
@@ -242,15 +316,22 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
     inv = _inventory(targets) if targets is not None else None
     with open_store(db, inv) as store:
         run = store.load_run(run_ref)
-        verdicts = store.verdicts(run.run_id)
-        if regate or not verdicts:
+        shown = shown_verdict(store.verdict_records(run.run_id))
+        if regate or shown is None:
             if inv is None:
                 raise StoreError(f"run {run.run_id} has no stored verdict", file=str(store.path),
-                                 hint="pass --targets targets.yaml to gate it, or run `edgepipe gate` first")
+                                 hint="pass --targets targets.yaml to gate it, or `edgepipe gate RUN --record` first")
             run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
         else:
-            verdict = Verdict.from_dict(verdicts[-1])
+            verdict = Verdict.from_dict(shown.verdict)
         return write_report(run, verdict, _history(store, run), out_dir)
+
+
+def shown_verdict(records: list[Any]) -> Any:
+    """The verdict `show` and `report` show: the run's own (stored by `edgepipe run`), else the newest one
+    `edgepipe gate --record` stored; None when the run was never gated. A pipeline.release.store.StoredVerdict."""
+    own = [r for r in records if r.origin == "run"]
+    return own[0] if own else (records[-1] if records else None)
 
 
 def history(*, db: str | Path | None = None, targets: str | Path | Inventory | None = None,
@@ -265,14 +346,17 @@ def history(*, db: str | Path | None = None, targets: str | Path | Inventory | N
 
 @dataclass
 class StoredRun:
-    """A run as the history holds it, with its last stored verdict (None when it was never gated)."""
+    """A run as the history holds it, with the verdict shown for it (`shown_verdict`: its own, else the newest
+    recorded by `gate --record`; None when it was never gated) and every verdict stored for it."""
 
     run: RunResult
-    verdict_doc: dict[str, Any] | None       # the verdict's JSON as stored
+    verdict_doc: dict[str, Any] | None       # the shown verdict's JSON as stored
+    verdict_origin: str | None = None        # who stored it: 'run' (the run's own) or 'gate' (`gate --record`)
+    records: list[Any] = field(default_factory=list)   # every StoredVerdict, oldest first
 
     @property
     def verdict(self) -> Any:
-        """The last verdict as a pipeline.release.gate.Verdict (headline, notes, checks), or None."""
+        """The shown verdict as a pipeline.release.gate.Verdict (headline, notes, checks), or None."""
         from pipeline.release.gate import Verdict
 
         return Verdict.from_dict(self.verdict_doc) if self.verdict_doc is not None else None
@@ -285,8 +369,28 @@ def show(run_ref: str, *, db: str | Path | None = None, targets: str | Path | In
 
     with open_store(db, _inventory(targets) if targets is not None else None) as store:
         run = store.load_run(store.resolve_run(run_ref, model_name=model_name))
-        verdicts = store.verdicts(run.run_id)
-    return StoredRun(run, verdicts[-1] if verdicts else None)
+        records = store.verdict_records(run.run_id)
+    shown = shown_verdict(records)
+    return StoredRun(run, shown.verdict if shown else None, shown.origin if shown else None, records)
+
+
+def replay(*, out_dir: str | Path = DEFAULT_OUT, db: str | Path | None = None,
+           targets: str | Path | Inventory | None = None, run: str | None = None,
+           retry_s: float | None = None) -> list[Any]:
+    """Store what runs left in their spool under `out_dir` (their results database was unreachable beyond
+    db_retry_s, or their process died before storing): each into the database it was meant for (`db` or `targets`'
+    db: override it); the spool is gone once stored. Returns pipeline.release.spool.Replayed per run."""
+    from pipeline.release.spool import replay_all
+    from pipeline.release.store import Store, open_store
+
+    inv = _inventory(targets) if targets is not None else None
+
+    def open_for(meta: dict[str, Any]) -> Any:
+        if db is not None or inv is not None or not meta.get("db"):
+            return open_store(db, inv, must_exist=False, retry_s=retry_s)
+        return Store(meta["db"], password_env=meta.get("db_password_env"), retry_s=retry_s)
+
+    return replay_all(out_dir, open_for, run=run)
 
 
 def human_bytes(n: Any) -> str:

@@ -1,7 +1,16 @@
-"""Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow."""
+"""Conversion cache keyed by (model hash, recipe, calibration hash, TF version); a hit never imports TensorFlow.
+
+A host without TensorFlow (`pip install edgepipe` without the `tensorflow` extra) cannot convert, but it reuses what
+the cache holds for the same model, recipe and calibration, whichever TensorFlow made it (its manifest says which):
+each entry is also reachable under the key made with `ANY_TF` instead of a version.
+A hit is used only once its bytes hashed to the sha256 its manifest recorded, checked while it is published into the
+run's output folder (one read: the copy and the hash) and remembered with the file's fingerprint, so an untouched
+entry is not read again; an entry that fails the check is removed, so it is rebuilt.
+"""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -10,9 +19,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import write_atomic
+from pipeline.errors import ConversionError
+from pipeline.files import ChecksumMismatch, copy_atomic, fingerprint, temp_beside, write_atomic
 
 CACHE_VERSION = 1
+ANY_TF = "any"   # the TF "version" of the keys a host without TensorFlow looks up
+TENSORFLOW_HINT = ("pip install 'edgepipe[tensorflow]' (only converting needs it; measuring, gating and reports "
+                   "do not, and a conversion already in the cache is reused without it)")
 
 
 # Shared by `edgepipe convert`, `edgepipe run` and the Python API, so a convert then a run converts once.
@@ -28,6 +41,18 @@ def tf_version() -> str | None:
     return None
 
 
+def has_tensorflow() -> bool:
+    """TensorFlow is importable here (found without importing it)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def require_tensorflow(what: str, file: str | None = None) -> None:
+    """One line naming the extra to install, instead of a crash in the quiet worker, when TensorFlow is missing."""
+    if not has_tensorflow():
+        raise ConversionError(f"{what} needs TensorFlow, which is not installed here", file=file,
+                              code="tensorflow_missing", hint=TENSORFLOW_HINT)
+
+
 def cache_key(model_sha256: str, recipe_key: dict[str, Any], calibration_sha256: str | None,
               tf: str | None) -> str:
     blob = json.dumps({"v": CACHE_VERSION, "model": model_sha256, "recipe": recipe_key,
@@ -39,6 +64,10 @@ def cache_key(model_sha256: str, recipe_key: dict[str, Any], calibration_sha256:
 class CacheEntry:
     tflite: Path
     manifest: dict[str, Any]
+
+
+class CorruptEntry(Exception):
+    """A cache entry whose bytes do not hash to its manifest's sha256 (removed; the caller rebuilds it)."""
 
 
 class ConversionCache:
@@ -60,10 +89,53 @@ class ConversionCache:
             return None   # a torn or tampered entry is a miss, never a wrong artifact
         return CacheEntry(tfl, manifest)
 
-    def put(self, key: str, tflite: Path, manifest: dict[str, Any]) -> None:
+    def key_for_any(self, any_key: str) -> str | None:
+        """The key last stored under `any_key` (a key made with ANY_TF): for a host without TensorFlow."""
+        try:
+            return str(json.loads((self.root / ANY_TF / f"{any_key}.json").read_text())["key"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def publish(self, key: str, dest: Path) -> CacheEntry | None:
+        """The entry published at `dest` (atomically) once verified: its bytes hashed to the manifest's sha256. A
+        verification is remembered with the file's fingerprint (size, mtime, ctime, inode), so an entry untouched
+        since is copied without hashing it again; after any change it is hashed in full (while copied). None when
+        there is no entry; CorruptEntry (the entry removed) when the bytes differ."""
+        hit = self.get(key)
+        if hit is None:
+            return None
+        want = hit.manifest.get("sha256")
+        stamp = hit.tflite.with_name("verified.json")
+        try:
+            trusted = json.loads(stamp.read_text()) == {"sha256": want, "fingerprint": fingerprint(hit.tflite)}
+        except (OSError, ValueError):
+            trusted = False
+        if trusted:
+            copy_atomic(hit.tflite, dest, known_sha256=want)
+            return hit
+        fp = fingerprint(hit.tflite)
+        try:
+            copy_atomic(hit.tflite, dest, expect_sha256=want)
+        except ChecksumMismatch as bad:
+            self.evict(key)
+            raise CorruptEntry(f"its .tflite hashes to {bad.got[:12]}…, its manifest says {bad.expected[:12]}…") \
+                from None
+        if fingerprint(hit.tflite) == fp:   # unchanged while it was read
+            write_atomic(stamp, json.dumps({"sha256": want, "fingerprint": fp}))
+        return hit
+
+    def evict(self, key: str) -> None:
+        shutil.rmtree(self.root / key[:2] / key, ignore_errors=True)
+
+    def put(self, key: str, tflite: Path, manifest: dict[str, Any], *, any_key: str | None = None) -> None:
         d = self.root / key[:2] / key
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".model.{os.getpid()}.tmp"
-        shutil.copyfile(tflite, tmp)
-        tmp.replace(d / "model.tflite")
+        tmp = temp_beside(d / "model.tflite")
+        try:
+            shutil.copyfile(tflite, tmp)
+            tmp.replace(d / "model.tflite")
+        finally:
+            tmp.unlink(missing_ok=True)
         write_atomic(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        if any_key is not None:
+            write_atomic(self.root / ANY_TF / f"{any_key}.json", json.dumps({"key": key}))

@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -16,9 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.convert.cache import ConversionCache, cache_key, tf_version
+from pipeline.convert.cache import ANY_TF, ConversionCache, CorruptEntry, cache_key, require_tensorflow, tf_version
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
+from pipeline.convert.loadable import check_host_load
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
                                       quantize_selective)
@@ -26,7 +26,7 @@ from pipeline.convert.source import (ModelSource, first_line, describe, identify
                                      static_converter, with_shapes)
 from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
-from pipeline.files import write_atomic
+from pipeline.files import copy_atomic, remember_sha256, write_atomic
 
 __all__ = ["Artifact", "FormatRequest", "ModelSource", "convert", "identify", "load_source", "plan_formats"]
 
@@ -158,18 +158,6 @@ def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, prog
         raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
 
-def _validate_tflite(path: Path) -> None:
-    """A pass-through .tflite must load in a real interpreter, not just parse."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - host without ai-edge-litert
-        return
-    try:
-        Interpreter(model_path=str(path)).allocate_tensors()
-    except Exception as exc:
-        raise ConversionError(f"the .tflite does not load: {str(exc).splitlines()[0][:300]}", file=str(path)) from None
-
-
 def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
     manifest_path = out_path.with_name(out_path.name[: -len(".tflite")] + ".manifest.json")
     write_manifest(manifest, manifest_path)
@@ -177,8 +165,10 @@ def _finish(out_path: Path, manifest: dict[str, Any], cached: bool) -> Artifact:
                     cached, manifest.get("edgetpu"))
 
 
-def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str | None, progress: Progress) -> Artifact:
-    """A .tflite source ships as it is (TFLiteConverter cannot re-quantize a .tflite); its manifest says what it is."""
+def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str | None, progress: Progress,
+                 allow_custom_ops: tuple[str, ...] = (), cache_dir: str | Path | None = None) -> Artifact:
+    """A .tflite source ships as it is (TFLiteConverter cannot re-quantize a .tflite); its manifest says what it is.
+    It must load on the host (LiteRT), but for the custom ops the user allowed; it is published atomically."""
     info = read_model(src.path)
     detected = detect_mode(info)
     if mode not in (None, "auto", detected):
@@ -186,12 +176,12 @@ def _passthrough(src: ModelSource, mode: str | None, out_dir: Path, compat: str 
                               "(TFLiteConverter converts TensorFlow models, never a .tflite)", file=str(src.path),
                               hint=f"pass the original SavedModel/.keras model, or use mode {detected}")
     compiled = src.variant == "edgetpu_compiled"
-    if not compiled:   # an Edge TPU model never runs on the host: its custom op exists only in libedgetpu
-        run_quiet(_validate_tflite, src.path, log=log_path(out_dir / src.path.name), what="loading the .tflite",
-                  file=str(src.path))
+    # an Edge TPU model never runs on the host (its custom op exists only in libedgetpu): check_host_load skips it
+    check_host_load(src, allow_custom_ops=tuple(allow_custom_ops) + src.host_unresolved, cache_dir=cache_dir,
+                    log=log_path(out_dir / src.path.name))
     out_path = out_dir / (src.path.name if compiled else f"{src.name}.{detected}.tflite")
     if out_path.resolve() != src.path.resolve():
-        shutil.copyfile(src.path, out_path)
+        copy_atomic(src.path, out_path, expect_sha256=src.sha256)
     edgetpu = None if compiled else _edgetpu(out_path, info, detected, progress)
     compat_rec = None
     if compat:
@@ -214,11 +204,31 @@ def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | P
     return analyze(path, info, cache_dir=cache_dir)
 
 
+def _from_cache(cache: ConversionCache, key: str, out_path: Path, mode: str, report: Progress,
+                cache_dir: str | Path | None) -> Artifact | None:
+    """A cache hit, verified and published at `out_path`; None on a miss, or (with a notice) a corrupted entry."""
+    name = out_path.name
+    try:
+        hit = cache.publish(key, out_path)
+    except CorruptEntry as bad:
+        report("integrity", f"the conversion cache entry for {name} is corrupted ({bad}); converting it again")
+        return None
+    if hit is None:
+        return None
+    report("cached", name)
+    manifest = dict(hit.manifest, file=name)
+    if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
+        manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
+    manifest["manifest_sha256"] = manifest_hash(manifest)
+    return _finish(out_path, manifest, cached=True)
+
+
 def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, compat: str | None = None, io_type: str = "int8",
             progress: Progress | None = None, signature: str | None = None, input_shapes: Any = None,
             preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = (),
-            int16_layers: tuple[str, ...] | list[str] = ()) -> Artifact:
+            int16_layers: tuple[str, ...] | list[str] = (),
+            allow_custom_ops: tuple[str, ...] | list[str] = ()) -> Artifact:
     """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match.
 
     `model` may be a path or the ModelSource identified once by the caller; a .tflite passes through as it is
@@ -226,13 +236,16 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     dimensions; `preprocess` applies to an image-folder calibration; `keep_float` (int8) names op output tensors
     kept in float (selective quantization, recorded in the recipe, so cached and reproducible); `int16_layers` (int8)
     names ops computed with int16 activations (16x8 mixed precision through ai-edge-quantizer, recorded alike).
+    A cache hit is published into `out_dir` only once its bytes hash to its manifest's sha256; a corrupted entry
+    is rebuilt (reported as progress stage "integrity"). `allow_custom_ops`: custom ops of a .tflite the host
+    cannot resolve, which the boards have.
     """
     report: Progress = progress or (lambda stage, detail: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = identify(model, signature=signature)
     if src.kind == "tflite":
-        return _passthrough(src, mode, out, compat, report)
+        return _passthrough(src, mode, out, compat, report, tuple(allow_custom_ops), cache_dir)
     if mode is None:
         raise ConversionError("no mode given for converting a TensorFlow model", field="mode")
     overrides = {**src.overrides, **parse_input_shapes(input_shapes)}
@@ -259,17 +272,14 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
                          r.options.get("int16_layers") or ())
     out_path = out / name
     key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, tf_ver)
+    any_key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, ANY_TF)
     cache = ConversionCache(cache_dir) if cache_dir else None
-    hit = cache.get(key) if cache else None
+    lookup = (key if tf_ver is not None else cache.key_for_any(any_key)) if cache else None
+    hit = _from_cache(cache, lookup, out_path, mode, report, cache_dir) if lookup else None
     if hit is not None:
-        report("cached", name)
-        shutil.copyfile(hit.tflite, out_path)
-        manifest = dict(hit.manifest, file=name)
-        if mode == "int8":  # the compiler may have appeared or gone since: report what holds now
-            manifest["edgetpu"] = _edgetpu(out_path, None, mode, report, cache_dir)
-        manifest["manifest_sha256"] = manifest_hash(manifest)
-        return _finish(out_path, manifest, cached=True)
+        return hit
 
+    require_tensorflow(f"converting {src.path.name} to {mode}", file=str(src.path))
     data = run_quiet(_run_conversion, src, r, calib, progress=report, log=log_path(out_path),
                      what=f"conversion to {mode}", file=str(src.path))
     if r.options.get("share_vectors"):
@@ -283,9 +293,10 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     manifest = build_manifest(info, mode=mode, file_name=name, recipe=dict(r.options, input_batch=batch),
                               tf_version=tf_ver, source=src.record(), calibration=calib.summary() if calib else None,
                               compat=r.compat, edgetpu=edgetpu)
+    remember_sha256(out_path, manifest["sha256"])
     if r.compat:
         check_compat(manifest, r.compat["runtime"], r.compat["version"])
     if cache:
-        cache.put(key, out_path, manifest)
+        cache.put(key, out_path, manifest, any_key=any_key)
     report("done", name)
     return _finish(out_path, manifest, cached=False)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.agent import EDGETPU_CUSTOM_OP as CUSTOM_OP   # what edgetpu_compiler makes of the mapped ops
-from pipeline.convert.cache import ConversionCache
+from pipeline.convert.cache import ConversionCache, CorruptEntry
 from pipeline.convert.manifest import MANIFEST_VERSION, ModelInfo, OpInfo, manifest_hash, read_model, write_manifest
 from pipeline.errors import ConversionError
-from pipeline.files import sha256_path
+from pipeline.files import copy_atomic, sha256_cached
 
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 COMPILE_CACHE_VERSION = 1
@@ -340,7 +340,7 @@ def compiled_artifact(source: Path | str, *, out_dir: Path | str, cache_dir: Pat
     Without the compiler, or when it fails, `path` is None and `reason` says so ("not compiled: ...").
     """
     source = Path(source)
-    src_sha = sha256_path(source)
+    src_sha = sha256_cached(source)   # published (and hashed) by this process moments ago
     version = compiler_version()
     if version is None:
         return CompiledArtifact(source, src_sha, None, None, None, None, reason=NOT_ON_PATH)
@@ -350,10 +350,12 @@ def compiled_artifact(source: Path | str, *, out_dir: Path | str, cache_dir: Pat
     key = hashlib.sha256(json.dumps({"v": COMPILE_CACHE_VERSION, "edgetpu_compile": src_sha, "compiler": version,
                                      "m": min_runtime_version}, sort_keys=True).encode()).hexdigest()
     cache = ConversionCache(cache_dir) if cache_dir else None
-    hit = cache.get(key) if cache else None
+    try:   # published only once its bytes match the manifest; a corrupted entry is compiled again
+        hit = cache.publish(key, out / name) if cache else None
+    except CorruptEntry:
+        hit = None
     if hit is not None:
         target = out / name
-        shutil.copyfile(hit.tflite, target)
         manifest = dict(hit.manifest, file=name)
         _write_compiled_manifest(target, manifest)
         return CompiledArtifact(source, src_sha, target, manifest["sha256"], manifest["bytes"], manifest, cached=True)
@@ -369,8 +371,8 @@ def compiled_artifact(source: Path | str, *, out_dir: Path | str, cache_dir: Pat
             return CompiledArtifact(source, src_sha, None, None, None, None,
                                     reason=f"edgetpu_compiler {version} failed: {error}")
         target = out / name
-        shutil.copyfile(produced, target)
-    sha, size = sha256_path(target), target.stat().st_size
+        sha = copy_atomic(produced, target)
+    size = target.stat().st_size
     tpu = {k: v for k, v in report.items() if k not in ("console", "log", "compiled_file")}
     tpu["compiled_file"] = name
     src_man = source_manifest or {}

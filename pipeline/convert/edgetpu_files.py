@@ -4,12 +4,12 @@ user gave already compiled, shipped as it is. Compiled files are cached like con
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline.convert.edgetpu import compiled_artifact, runtime_number
 from pipeline.convert.manifest import build_manifest, read_model
+from pipeline.files import copy_atomic
 
 ArtifactInfo = dict[str, Any]     # what a DeviceResult's `artifact` says about the file a device ran
 
@@ -68,7 +68,7 @@ def precompiled_artifact(source: Path, source_record: dict[str, Any],
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / source.name
     if path.resolve() != source.resolve():
-        shutil.copyfile(source, path)
+        copy_atomic(source, path)   # published whole: a concurrent run never reads half of it
     tpu = {"status": "compiled", "precompiled": True, "compiler_available": None, "compiler_version": None,
            "mapped_share": None, "note": "compiled before edgepipe saw it: no compiler report to read the "
                                          "mapped share from"}

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.convert.source import (ModelSource, TensorSpec, describe, ends_in_postprocess, identify,
                                      match_specs)
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
+from pipeline.files import temp_beside
 
 REFERENCE_VERSION = 3
 
@@ -93,8 +94,11 @@ def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size
     `inputs` is keyed by the model's input names. Results equal batch-1 runs (the host batches only for speed).
     TensorFlow/LiteRT run in the quiet worker process; their output goes to `log` (default: a file in the temp dir).
     """
+    from pipeline.convert.cache import require_tensorflow
     from pipeline.convert.worker import run_quiet
 
+    if src.kind != "tflite":
+        require_tensorflow(f"the float reference of {src.path.name}", file=str(src.path))
     log = log or Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"reference-{src.name}.log"
     return run_quiet(compute_float_outputs, src, inputs, batch_size, log=log, what="the float reference",
                      file=str(src.path))
@@ -173,10 +177,13 @@ def cached_reference(src: ModelSource, inputs: dict[str, np.ndarray], data_sha25
     if outs is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **outs)
-    tmp.replace(path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **outs)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return outs
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
 from pipeline.convert.loaded import DEFAULT_SIGNATURE, LoadedSignature, first_line, loaded_signature
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
-from pipeline.files import sha256_path, write_atomic
+from pipeline.convert.loadable import check_format
+from pipeline.files import sha256_remembered, write_atomic
 from pipeline.inventory import MODES
 
 KINDS = ("saved_model", "keras", "h5", "tflite")
@@ -80,6 +81,7 @@ class ModelSource:
     outputs: list[TensorSpec] | None = None
     overrides: dict[str, list[int]] = field(default_factory=dict)   # --input-shape, by input name
     notes: list[str] = field(default_factory=list)   # what the shape resolution decided (e.g. a batch kept)
+    host_unresolved: tuple[str, ...] = ()   # custom ops the host cannot run, allowed by --allow-custom-op
 
     @property
     def described(self) -> bool:
@@ -88,7 +90,7 @@ class ModelSource:
     @property
     def runs_on_host(self) -> bool:
         """Whether the host can compute float outputs of this model itself."""
-        return self.kind != "tflite" or self.variant == "float"
+        return (self.kind != "tflite" or self.variant == "float") and not self.host_unresolved
 
     def record(self) -> dict[str, Any]:
         """The manifest's source record."""
@@ -177,8 +179,10 @@ def tflite_variant(info: Any) -> str:
     return "float" if detect_mode(info) == "float32" else "quantized"
 
 
-def identify(model: str | Path | ModelSource, *, signature: str | None = None) -> ModelSource:
-    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable."""
+def identify(model: str | Path | ModelSource, *, signature: str | None = None,
+             cache_dir: str | Path | None = None) -> ModelSource:
+    """Identify a model path once (kind, content hash; a .tflite's variant and tensors); one clear error if unusable.
+    With `cache_dir`, the content hash is remembered there by the file's fingerprint (pipeline.files)."""
     if isinstance(model, ModelSource):
         return model
     path = Path(model).expanduser()
@@ -195,11 +199,14 @@ def identify(model: str | Path | ModelSource, *, signature: str | None = None) -
         if not kind:
             raise ConversionError(f"unsupported model file type '{path.suffix or path.name}'", file=str(path),
                                   hint="use a SavedModel directory, .keras, .h5 or .tflite")
+    if kind != "saved_model":
+        check_format(path, kind)   # a text file named model.keras: say what it is
     if signature and kind != "saved_model":
         raise ConfigError(f"--signature {signature} applies to a SavedModel directory, not a {kind} file",
                           file=str(path), field="--signature", hint="drop --signature")
     src = ModelSource(path, kind, _strip_suffixes(path.name if kind == "saved_model" else path.stem),
-                      sha256_path(path), _detect_qat(path, kind), signature=signature)
+                      sha256_remembered(path, Path(cache_dir) / "models" / "hashes" if cache_dir else None),
+                      _detect_qat(path, kind), signature=signature)
     if kind == "tflite":
         from pipeline.convert.manifest import read_model
 
@@ -264,11 +271,9 @@ def _postprocess_outputs(sig: LoadedSignature, inputs: list[TensorSpec], outputs
             for o in outputs]
 
 
-def _describe_key(src: ModelSource) -> str:
-    from pipeline.convert.cache import tf_version
-
+def _describe_key(src: ModelSource, tf: str | None) -> str:
     blob = json.dumps({"v": DESCRIBE_VERSION, "sha256": src.sha256, "kind": src.kind, "qat": src.qat,
-                       "signature": src.signature or DEFAULT_SIGNATURE, "tf": tf_version()}, sort_keys=True)
+                       "signature": src.signature or DEFAULT_SIGNATURE, "tf": tf}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -288,10 +293,15 @@ def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress: Progress | None = None) -> ModelSource:
-    """`src` with its inputs and outputs (TensorFlow reads a SavedModel/Keras signature once; cached by content)."""
+    """`src` with its inputs and outputs (TensorFlow reads a SavedModel/Keras signature once; cached by content,
+    and reused without TensorFlow on a host that has none: see pipeline.convert.cache)."""
+    from pipeline.convert.cache import ANY_TF, require_tensorflow, tf_version
+
     if src.described:
         return src
-    cached = Path(cache_dir).expanduser() / "models" / f"{_describe_key(src)}.json" if cache_dir else None
+    tf = tf_version()
+    models = Path(cache_dir).expanduser() / "models" if cache_dir else None
+    cached = models / f"{_describe_key(src, tf if tf is not None else ANY_TF)}.json" if models else None
     if cached is not None and cached.exists():
         try:
             doc = json.loads(cached.read_text())
@@ -301,12 +311,15 @@ def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress:
             pass   # a torn cache entry is a miss
     from pipeline.convert.worker import run_quiet
 
+    require_tensorflow(f"reading the {src.kind} model's signature", file=str(src.path))
     (progress or (lambda s, d: None))("load", f"reading the {src.kind} model's signature (TensorFlow)")
     log = Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"describe-{src.name}.log"
     inputs, outputs = run_quiet(_describe_tf, src, log=log, what="reading the model's signature", file=str(src.path))
-    if cached is not None:
-        write_atomic(cached, json.dumps({"inputs": [s.to_dict() for s in inputs],
-                                         "outputs": [s.to_dict() for s in outputs]}, indent=1))
+    if models is not None:
+        doc = json.dumps({"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+                         indent=1)
+        write_atomic(models / f"{_describe_key(src, tf)}.json", doc)
+        write_atomic(models / f"{_describe_key(src, ANY_TF)}.json", doc)
     return replace(src, inputs=inputs, outputs=outputs)
 
 

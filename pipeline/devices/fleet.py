@@ -1,9 +1,13 @@
 """Fan-out over the fleet: connect, push, run the agent, collect, for every target in parallel.
 
-Bounded by `max_parallel`; targets on one physical board never measure at the same time; connection errors are
-retried with backoff; a result the agent already wrote on the device is fetched instead of measuring again; every
-failure becomes that device's DeviceResult with a code, and the others carry on. A cancel token stops everything:
-agents still running are killed on their devices and their targets come back as `interrupted`, never reported.
+Bounded by `max_parallel`; targets on one physical board never measure at the same time (the host's locks, the
+leases across processes, and on the board the agent's own flock: pipeline.devices.board); connection errors are
+retried with backoff; a retry first waits for the earlier attempt's agent and fetches the result it wrote instead of
+measuring again; every agent runs with its stdin held open by this process (--watch-parent: it stops when this
+process or its connection dies) and a deadline from the target's timeout. The artifact's sha256 recorded is the one
+of the bytes pushed, and the agent verifies it (--expect-sha256). Every failure becomes that device's DeviceResult
+with a code, and the others carry on. A cancel token stops everything: agents still running are killed on their
+devices and their targets come back as `interrupted`, never reported.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from pipeline.devices import board
 from pipeline.devices.cancel import CancelToken
 from pipeline.devices.push import WORKDIR_MARK, Pusher, PushItem, result_rel, safe_name
 from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
@@ -25,8 +30,9 @@ from pipeline.devices.transport import Transport, open_transport
 OnEvent = Callable[[str, str, str], None]
 TransportFactory = Callable[[Any], Transport]
 # Holds a device for one run across processes (the release layer's leases, injected by run/api): called with the
-# target and a "still waiting" callback, entered around the device's whole work; yields the record to keep
-# ({"acquired", "released", ...}, filled on exit). Raising EdgepipeError (e.g. lease_timeout) fails that device.
+# target, a "still waiting" callback and `board_holder=` (who holds the board's lock now: a lapsed lease is taken
+# over only when it is free), entered around the device's whole work; yields the record to keep ({"acquired",
+# "released", ...}, filled on exit). Raising EdgepipeError (e.g. lease_timeout) fails that device.
 LeaseHook = Callable[[Any, Callable[[str], None]], AbstractContextManager]
 RETRY_CODES = ("unreachable",)
 BACKOFF = 0.5  # seconds; doubles per attempt
@@ -79,13 +85,18 @@ def retrying(target: Any, attempt: Callable[[int], R], on_event: OnEvent = _noop
 
 
 def agent_argv(target: Any, agent: str, model: str, data: str, out: str,
-               extra: Iterable[tuple[str, str]] = ()) -> list[str]:
+               extra: Iterable[tuple[str, str]] = (), *, guard: Iterable[str] = (),
+               expect_sha256: str | None = None) -> list[str]:
     """The agent's command line for a target: every value one argv element, never a shell string.
 
-    `extra` holds (flag, device path) pairs such as ("--fallback-model", ...) and ("--baseline-model", ...).
+    `extra` holds (flag, device path) pairs such as ("--fallback-model", ...) and ("--baseline-model", ...);
+    `guard` the lock and watch flags (pipeline.devices.board.guard_argv); `expect_sha256` the sha256 of the bytes
+    pushed, which the agent verifies before loading the model.
     """
     argv = [target.python, agent, "--model", model, "--data", data, "--runs", str(target.runs),
-            "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out]
+            "--warmup", str(target.warmup), "--runtime", target.runtime, "--out", out, *guard]
+    if expect_sha256:
+        argv += ["--expect-sha256", expect_sha256]
     for flag, value in extra:
         argv += [flag, value]
     if target.delegate:
@@ -192,8 +203,10 @@ class FleetRunner:
         t0 = time.monotonic()
         held: dict[str, Any] | None = None
         try:
-            hold = self.lease(t, lambda detail: self.on_event(t.name, "lease", detail)) if self.lease else nullcontext()
-            with hold as held:  # the device is ours (pushes included) until its result is in
+            hold = self.lease(t, lambda detail: self.on_event(t.name, "lease", detail),
+                              board_holder=board.holder_check(lambda: self._pusher_for(t))) \
+                if self.lease else nullcontext()
+            with hold as held:  # the device is ours (pushes included) until its result is in; giving it back never fails
                 res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
                 res = self._unthrottled(job, res, stats)
         except Interrupted as exc:  # stopped on request: a row for the caller, never reported as measured
@@ -252,9 +265,24 @@ class FleetRunner:
         again_cond.update(remeasured=True, first=first)
         return again
 
-    def _finish_run(self, t: Any, cr: Any) -> DeviceResult:
-        if cr.timed_out:
-            return DeviceResult.failed_for(t, "timeout", f"agent did not finish within {t.timeout:g}s; killed it on the device")
+    def _pusher_for(self, t: Any) -> tuple[Pusher, Callable[[], None]]:
+        """A pusher on the probe's connection to this target (kept open), else on a new one (closed after)."""
+        tr = self.connections.get(t.name)
+        if tr is not None and tr.alive():
+            return Pusher(tr, t.python, t.workdir, timeout=board.ASK_TIMEOUT), lambda: None
+        tr = self.factory(t)
+        tr.connect()
+        return Pusher(tr, t.python, t.workdir, timeout=board.ASK_TIMEOUT), tr.close
+
+    def _finish_run(self, t: Any, cr: Any, dep: Pusher) -> DeviceResult:
+        if cr.timed_out:   # killed by its pid when that reached us; by the board's lock file's pid in any case
+            try:
+                ended = board.end_own_agent(dep, board.owner_of(self.run_id, t.name)).killed
+            except EdgepipeError:
+                ended = None
+            how = f" (pid {ended}, from the board's lock file)" if ended else ""
+            return DeviceResult.failed_for(t, "timeout", f"agent did not finish within {t.timeout:g}s; killed it on "
+                                                         f"the device{how}")
         self.on_event(t.name, "collect", f"{len(cr.stdout)} bytes of JSON")
         return result_from_output(t, cr.stdout, cr.rc, cr.stderr_tail())
 
@@ -291,26 +319,52 @@ class FleetRunner:
         res.outputs_path = str(local)
         return res
 
-    def _earlier_result(self, tr: Transport, dep: Pusher, t: Any, pid: int | None,
+    def _earlier_result(self, dep: Pusher, t: Any, pid: int | None,
                         result_name: str | None = None) -> DeviceResult | None:
-        """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
-        if pid:
-            with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
-                tr.run(["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 0.2; done', "sh", str(pid)],
-                       timeout=t.timeout)
+        """A retry after a dropped connection: the earlier attempt's agent may still be measuring, whether or not
+        its pid reached us. Wait for it on the board's lock (never start a second agent beside it), end it by the
+        lock file's pid if it outlasts the target's timeout, then fetch the successful result it wrote (--out)."""
+        owner = board.owner_of(self.run_id, t.name)
+        with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
+            state = board.ask(dep)
+            if state.owned_by(owner):
+                holder = (state.holder or {}).get("pid") or pid
+                self.on_event(t.name, "run", f"waiting for the earlier attempt's agent (pid {holder}) to finish")
+                state = board.wait_for_own_agent(dep, owner, t.timeout)
+                if state.killed:
+                    return DeviceResult.failed_for(t, "timeout", f"the earlier attempt's agent did not finish within "
+                                                                 f"{t.timeout:g}s; killed it on the device (pid "
+                                                                 f"{state.killed}, from the board's lock file)")
         text = dep.fetch_result(self.run_id, result_name or t.name)
         if text is None:
             return None
         res = result_from_output(t, text.encode(), 0, "")
-        if not res.ok:  # the failure may be the dropped connection's doing (e.g. EPIPE): measure again
+        if not res.ok:  # the failure may be the dropped connection's doing (host_gone, EPIPE): measure again
             return None
         self.on_event(t.name, "collect", "fetched the result an earlier attempt left on the device")
         return res
 
+    def _argv(self, job: DeviceJob, w: str, items: tuple[PushItem, PushItem, PushItem], extras: list,
+              result_name: str) -> list[str]:
+        """The agent's argv with paths under `w` (the work directory, or WORKDIR_MARK for the device to fill in)."""
+        t, (agent, model, data) = job.target, items
+        res_rel = w + "/" + result_rel(self.run_id, result_name)
+        return agent_argv(t, f"{w}/{agent.rel}", f"{w}/{model.rel}", f"{w}/{data.rel}", res_rel,
+                          [(flag, f"{w}/{rel}") for flag, rel, _ in extras] + self._outputs_flags(job, res_rel),
+                          guard=board.guard_argv(t, self.run_id, w), expect_sha256=model.sha256)
+
+    def _check_shipped(self, job: DeviceJob, model: PushItem) -> None:
+        """The history records the sha256 of the bytes sent: the artifact must still be the file that was planned."""
+        want = (job.artifact_info or {}).get("sha256")
+        if want and want != model.sha256:
+            raise AgentError(f"{model.local.name} changed on the host after it was converted (sha256 "
+                             f"{model.sha256[:12]}…, planned {want[:12]}…); not sent", code="artifact_mismatch",
+                             hint="another process rewrote the output folder: run again")
+
     def _attempt(self, job: DeviceJob, n: int, stats: dict[str, Any]) -> DeviceResult:
         t, ev, timings = job.target, self.on_event, stats["timings"]
         stats["attempts"] = n
-        ev(t.name, "connect", f"{t.host}:{t.port}" + (f" (attempt {n})" if n > 1 else ""))
+        ev(t.name, "connect", t.address + (f" (attempt {n})" if n > 1 else ""))
         tr = self.connections.pop(t.name, None)
         if tr is not None and not tr.alive():
             tr.close()
@@ -324,25 +378,23 @@ class FleetRunner:
             timings["connect"] = time.monotonic() - s
             dep = Pusher(tr, t.python, t.workdir, timeout=t.timeout)
             agent, model, data = job.items()
+            self._check_shipped(job, model)
             extras = job.extras()
             items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
-                w = WORKDIR_MARK + "/"
-                res_rel = result_rel(self.run_id, stats.get("result_name", t.name))
-                argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + res_rel,
-                                  [(flag, w + rel) for flag, rel, _ in extras] + self._outputs_flags(job, w + res_rel))
+                argv = self._argv(job, WORKDIR_MARK, (agent, model, data), extras, stats.get("result_name", t.name))
                 with self.locks(t.physical_host):
                     ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs) if the device holds every file")
                     s = time.monotonic()
                     try:
-                        cr = dep.exec_if_present(items, argv, timeout=t.timeout, dirs=dirs)
+                        cr = dep.exec_if_present(items, argv, timeout=t.timeout, dirs=dirs, hold_stdin=True)
                     except TransportError as exc:
                         stats["remote_pid"] = exc.data.get("remote_pid")
                         raise
                     if cr is not None:
                         timings["run"] = time.monotonic() - s
                 if cr is not None:
-                    return self._with_outputs(tr, job, self._finish_run(t, cr))
+                    return self._with_outputs(tr, job, self._finish_run(t, cr, dep))
             ev(t.name, "push", f"{sum(i.size for i in items)} bytes needed")
             s = time.monotonic()
             before = tr.bytes_sent
@@ -351,24 +403,23 @@ class FleetRunner:
             finally:
                 stats["bytes_sent"] += tr.bytes_sent - before
             timings["push"] = time.monotonic() - s
-            ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device")
-            out = dep.result_path(self.run_id, stats.get("result_name", t.name))
+            ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device" +
+               (f", resumed {len(rep.resumed)} upload(s)" if rep.resumed else ""))
             if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
-                earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None), stats.get("result_name"))
+                earlier = self._earlier_result(dep, t, stats.pop("remote_pid", None), stats.get("result_name"))
                 if earlier is not None:
                     return self._with_outputs(tr, job, earlier)
-            argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out,
-                              [(flag, dep.path(rel)) for flag, rel, _ in extras] + self._outputs_flags(job, out))
+            argv = self._argv(job, dep.abs_workdir, (agent, model, data), extras, stats.get("result_name", t.name))
             with self.locks(t.physical_host):
                 ev(t.name, "run", f"{t.python} agent.py ({t.runs} runs)")
                 s = time.monotonic()
                 try:
-                    cr = tr.run(argv, timeout=t.timeout)
+                    cr = tr.run(argv, timeout=t.timeout, hold_stdin=True)
                 except TransportError as exc:
                     stats["remote_pid"] = exc.data.get("remote_pid")
                     raise
                 timings["run"] = time.monotonic() - s
-            return self._with_outputs(tr, job, self._finish_run(t, cr))
+            return self._with_outputs(tr, job, self._finish_run(t, cr, dep))
         finally:
             if tr is not None:
                 tr.close()

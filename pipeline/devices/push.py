@@ -5,6 +5,10 @@ Layout: `agent/<hash>/agent.py`, `blobs/<sha256>` (artifacts, eval files), `runs
 uploaded under a temp name, its sha256 checked on the device, then renamed into place, so a killed transfer
 never leaves a partial file under the final name. All device-side steps are argv for the device's Python.
 
+A cut upload is resumed: the device keeps the `.part` a dead connection left (for a day), the next push of the
+same file claims it, both sides hash its prefix (whole MiB: a torn tail is sent again) and, when they agree, only
+the rest is sent. `PushReport.resumed` names what was resumed and from which offset.
+
 An upload's temp name carries its owner: the pid of the device-side process that holds our connection (sshd's
 session process; the orchestrator itself for a local target). Every push first removes the `.part` files whose
 owner is gone (a killed run's), never one a live concurrent push is still writing. What is missing must fit in
@@ -25,7 +29,7 @@ from typing import Any, Callable
 
 from device_agents.helper import EXEC_MISSING
 from pipeline.errors import AgentError, TransportError
-from pipeline.files import agent_file, sha256_path
+from pipeline.files import agent_file, sha256_cached
 from pipeline.devices.transport.base import CommandResult, Transport
 
 AGENT_SOURCE = agent_file("agent.py")
@@ -36,16 +40,23 @@ WORKDIR_MARK = "@@EDGEPIPE_WORKDIR@@"  # replaced on the device by its absolute 
 DEVICE_HELPER = agent_file("helper.py").read_text(encoding="utf-8")
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def sha256_file(path: Path) -> str:
-    """sha256 of a local file, cached by (path, size, mtime)."""
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_path(path)
-    return _SHA_CACHE[key]
+    """sha256 of a local file, hashed once per process per (path, size, mtime, inode) (pipeline.files)."""
+    return sha256_cached(path)
+
+
+def prefix_sha256(path: Path, n: int) -> str:
+    """sha256 of the first `n` bytes of a local file (to compare with a cut upload's prefix on the device)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = n
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def safe_name(name: str) -> str:
@@ -87,6 +98,7 @@ class PushReport:
     skipped: list[str] = field(default_factory=list)
     free_bytes: int | None = None
     seconds: float = 0.0
+    resumed: dict[str, int] = field(default_factory=dict)   # rel -> bytes already on the device from a cut upload
 
 
 class Pusher:
@@ -101,10 +113,12 @@ class Pusher:
         self.abs_workdir: str | None = None
         self.owner: int | None = None
 
-    def _helper(self, op: str, arg: dict[str, Any]) -> dict[str, Any]:
-        res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=self.timeout)
+    def helper(self, op: str, arg: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Run one step of device_agents/helper.py on the device; its JSON answer."""
+        timeout = self.timeout if timeout is None else timeout
+        res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=timeout)
         if res.timed_out:
-            raise TransportError(f"device helper '{op}' timed out after {self.timeout:g}s", code="timeout",
+            raise TransportError(f"device helper '{op}' timed out after {timeout:g}s", code="timeout",
                                  hint="raise the target's `timeout:` if the device is just slow")
         if res.rc in (126, 127):
             raise AgentError(f"device python {self.python!r} cannot be run: {res.stderr_tail()}",
@@ -125,7 +139,7 @@ class Pusher:
         return posixpath.join(self.abs_workdir, rel)
 
     def prepare(self, items: list[PushItem] = (), dirs: list[str] = ()) -> dict[str, Any]:
-        info = self._helper("prepare", {"workdir": self.workdir, "dirs": list(dirs),
+        info = self.helper("prepare", {"workdir": self.workdir, "dirs": list(dirs),
                                         "files": {i.rel: i.sha256 for i in items}})
         self.abs_workdir = info["workdir"]
         self.owner = info.get("owner")
@@ -145,12 +159,13 @@ class Pusher:
         report = PushReport(workdir=info["workdir"], free_bytes=info.get("free_bytes"))
         missing = [i for i in items if not info["present"].get(i.rel)]
         report.skipped = [i.rel for i in items if info["present"].get(i.rel)]
-        needed = sum(i.size for i in missing)
+        starts = {i.rel: self._start(i, (info.get("resume") or {}).get(i.rel), report) for i in missing}
+        needed = sum(i.size - starts[i.rel][1] for i in missing)
         if report.free_bytes is not None and needed > report.free_bytes:
             raise self._disk_full(report.free_bytes, needed, "the upload")
         pending = []
         for item in missing:
-            tmp = self.path(f"tmp/{item.sha256[:16]}.{self.owner or 0}.{uuid.uuid4().hex[:8]}.part")
+            tmp, offset = starts[item.rel]
 
             def cb(done: int, total: int, _r: str = item.rel, _s: int = item.size) -> None:
                 self.t.check_cancel(f"stopped uploading {posixpath.basename(_r)}")
@@ -159,7 +174,7 @@ class Pusher:
 
             before = self.t.bytes_sent
             try:
-                self.t.put(item.local, tmp, cb)
+                self.t.put(item.local, tmp, cb, offset=offset)
             except TransportError as exc:
                 if exc.code in ("push_failed", "disk_full"):
                     self._explain_write_error(exc, [tmp] + [p[0] for p in pending], needed)
@@ -168,7 +183,7 @@ class Pusher:
                 report.bytes_sent += self.t.bytes_sent - before
             pending.append([tmp, self.path(item.rel), item.sha256])
         if pending:
-            out = self._helper("install", {"items": pending})
+            out = self.helper("install", {"items": pending})
             if out["bad"]:
                 final, sha, got = out["bad"][0]
                 raise TransportError(f"upload of {posixpath.basename(final)} arrived corrupted "
@@ -178,18 +193,29 @@ class Pusher:
         report.seconds = time.monotonic() - t0
         return report
 
+    def _start(self, item: PushItem, part: dict[str, Any] | None, report: PushReport) -> tuple[str, int]:
+        """Where an upload goes and from which byte: the cut upload the device claimed for us when the hash of its
+        prefix is the hash of ours, else a fresh temp file (the claimed one, rewritten from the start)."""
+        if part is None:
+            return self.path(f"tmp/{item.sha256[:16]}.{self.owner or 0}.{uuid.uuid4().hex[:8]}.part"), 0
+        offset = int(part.get("offset") or 0)
+        if 0 < offset < item.size and prefix_sha256(item.local, offset) == part.get("prefix_sha256"):
+            report.resumed[item.rel] = offset
+            return part["part"], offset
+        return part["part"], 0
+
     def _explain_write_error(self, exc: TransportError, parts: list[str], needed: int) -> None:
         """A failed upload on a disk too small for it is `disk_full` (SFTP only says "Failure"); this push's
         uploads are removed first, so the free space is what the device really has for it."""
         try:
-            free = int(self._helper("free", {"workdir": self.abs_workdir, "remove": parts})["free_bytes"])
+            free = int(self.helper("free", {"workdir": self.abs_workdir, "remove": parts})["free_bytes"])
         except (TransportError, AgentError, KeyError, ValueError):
             return  # the original error stands
         if exc.code == "disk_full" or needed > free:
             raise self._disk_full(free, needed, "the upload") from None
 
     def exec_if_present(self, items: list[PushItem], argv: list[str], *, timeout: float,
-                        dirs: list[str] = ()) -> CommandResult | None:
+                        dirs: list[str] = (), hold_stdin: bool = False) -> CommandResult | None:
         """If every item is already on the device (hash-checked), run `argv` there at once, in the same process.
 
         `argv` may contain WORKDIR_MARK for the device's work directory. Returns None when something is missing
@@ -197,7 +223,7 @@ class Pusher:
         """
         res = self.t.run([self.python, "-c", DEVICE_HELPER, "exec", json.dumps({
             "workdir": self.workdir, "dirs": list(dirs), "files": {i.rel: i.sha256 for i in items},
-            "argv": list(argv), "mark": WORKDIR_MARK})], timeout=timeout)
+            "argv": list(argv), "mark": WORKDIR_MARK})], timeout=timeout, hold_stdin=hold_stdin)
         if res.rc == EXEC_MISSING and not res.timed_out:
             try:
                 info = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])

@@ -22,6 +22,7 @@ PROBE_TASK = "edgepipe.probe"
 MEASURE_TASK = "edgepipe.measure"
 HEARTBEAT_S = 10.0       # how often a worker says it is alive (procrastinate's update_heartbeat_interval)
 WORKER_TIMEOUT_S = 30.0  # silence after which its running jobs count as stalled (procrastinate's default)
+QUEUE_TIMEOUT_S = 600.0  # how long a job waits for a worker of its site before its device is no_worker
 WAITING, RUNNING, ENDED = "todo", "doing", "ended"   # a job no longer waiting or running has ended, one way or another
 SCHEMA_LOCK = "edgepipe.queue-schema"
 T = TypeVar("T")

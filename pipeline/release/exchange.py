@@ -3,8 +3,8 @@ the device results (those are the store's): artifact blobs, each device's probe 
 
 This module owns the three tables of migration 0006 (`artifact_blobs`, `dist_probes`, `dist_progress`); the
 distributed package calls these methods and writes no SQL of its own. Every statement goes through the
-`Database` methods (execute / one / all / write), the one place where outage handling lives; a database error
-comes out as one StoreError line.
+`Database` methods (execute / one / all: one statement each, in autocommit), the one place where outage handling
+lives; a database error comes out as one StoreError line.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Exchange:
 
     def put_blob(self, sha256: str, data: bytes) -> None:
         """Store a blob once; a second put of the same content is a no-op."""
-        with self._errors("write the artifact store"), self.db.write():
+        with self._errors("write the artifact store"):
             self.db.execute(f"INSERT INTO artifact_blobs(sha256, size, data, stored) VALUES (?, ?, ?, "
                             f"{self.db.now_sql}) ON CONFLICT (sha256) DO NOTHING", (sha256, len(data), data))
 
@@ -62,7 +62,7 @@ class Exchange:
 
     # -- probe answers ------------------------------------------------------------------------------------
     def put_probe(self, run_id: str, target: str, doc: dict[str, Any]) -> None:
-        with self._errors("record a probe"), self.db.write():
+        with self._errors("record a probe"):
             self.db.execute("INSERT INTO dist_probes(run_id, target, probe) VALUES (?, ?, ?) "
                             "ON CONFLICT (run_id, target) DO UPDATE SET probe = excluded.probe",
                             (run_id, target, json.dumps(doc, default=str)))
@@ -80,7 +80,7 @@ class Exchange:
     # -- progress -----------------------------------------------------------------------------------------
     def report_progress(self, run_id: str, target: str, worker: str, stage: str, detail: str) -> None:
         """The device's latest stage for the coordinator's live view (one row per device; seq counts reports)."""
-        with self._errors("record progress"), self.db.write():
+        with self._errors("record progress"):
             self.db.execute(f"INSERT INTO dist_progress(run_id, target, seq, stage, detail, worker, updated) "
                             f"VALUES (?, ?, 1, ?, ?, ?, {self.db.now_sql}) ON CONFLICT (run_id, target) DO UPDATE SET "
                             f"seq = dist_progress.seq + 1, stage = excluded.stage, detail = excluded.detail, "

@@ -65,20 +65,23 @@ def migrate(db: Any, *, create: bool = True) -> int:
     With create=False a database without any edgepipe schema is refused (reading commands never create one).
     """
     target = latest()
+
+    def upgrade() -> int:
+        db.lock_schema()
+        current = db.schema_version()
+        if current > target:
+            raise StoreError(f"database schema version {current} is newer than this edgepipe ({target})",
+                             file=db.display, hint="upgrade edgepipe, or use another --db")
+        if current == 0 and not create:
+            raise StoreError("no edgepipe history in this database", file=db.display,
+                             hint="run `edgepipe run` first, or pass --db")
+        for m in migrations()[current:]:
+            db.script(m.sql(db.dialect))
+            db.set_schema_version(m.version)
+        return current
+
     try:
-        with db.write():
-            db.lock_schema()
-            current = db.schema_version()
-            if current > target:
-                raise StoreError(f"database schema version {current} is newer than this edgepipe ({target})",
-                                 file=db.display, hint="upgrade edgepipe, or use another --db")
-            if current == 0 and not create:
-                raise StoreError("no edgepipe history in this database", file=db.display,
-                                 hint="run `edgepipe run` first, or pass --db")
-            for m in migrations()[current:]:
-                db.script(m.sql(db.dialect))
-                db.set_schema_version(m.version)
-            return current
+        return db.transaction(upgrade)
     except db.errors as exc:
         reason = " ".join(str(exc).split())
         raise StoreError(f"cannot migrate results database: {reason}", file=db.display,

@@ -1,7 +1,9 @@
 """The results history: runs, artifacts, device results and gate verdicts, in SQLite or PostgreSQL.
 
 Each device result is committed as it arrives, so a run killed halfway keeps what was measured (and stays
-marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, and is never a baseline).
+marked incomplete; one stopped by Ctrl-C or SIGTERM is also marked interrupted, one whose process died is marked
+abandoned by the next process that opens the history, and neither is ever a baseline). Transient database errors
+are retried in `Database` (for `db_retry_s`); what could not be stored waits in the run's spool (release.spool).
 One SQL text serves both databases (pipeline.release.database isolates the differences; SQLite runs in WAL with a
 busy timeout so two runs can write one file at once); the schema is versioned by the numbered files of
 pipeline.release.migrations (pipeline.release.schema).
@@ -18,6 +20,7 @@ from pipeline.errors import GateError, StoreError
 from pipeline.inventory import is_db_url
 from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
 from pipeline.release.exchange import Exchange
+from pipeline.release.holder import ABANDONED, sweep_abandoned
 from pipeline.release.schema import latest, migrate, migrations
 from pipeline.results import DeviceResult, RunResult
 
@@ -44,9 +47,35 @@ class RunInfo:
     exit_code: int | None = None
     interrupted: str | None = None
     model_name: str | None = None
+    # issue 25: `passed`/`exit_code` are the run's own verdict (what `edgepipe run` stored), never a later what-if
+    planned: int | None = None          # targets the run set out to measure (None: recorded before it was kept)
+    verdict_origin: str | None = None   # 'run' when passed/exit_code come from the run's own verdict, else None
+    gate_verdicts: int = 0              # verdicts `edgepipe gate --record` stored beside it
+    gate_passed: bool | None = None     # the newest of those
+    gate_exit_code: int | None = None
+    incomplete_reason: str | None = None   # 'abandoned' (its process died), 'db_unavailable: ...' (replayed)
+
+    @property
+    def abandoned(self) -> bool:
+        return self.incomplete_reason == ABANDONED
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class StoredVerdict:
+    """One verdict as the history keeps it: who stored it ('run': the run's own; 'gate': `edgepipe gate --record`),
+    when, with which inventory, and the verdict's JSON."""
+
+    id: int
+    created: float
+    origin: str
+    targets: str | None
+    verdict: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"origin": self.origin, "created": self.created, "targets": self.targets, "verdict": self.verdict}
 
 
 @dataclass
@@ -128,15 +157,25 @@ class Store:
     """The results store over a SQLite path or a PostgreSQL URL. Safe to share between fan-out threads."""
 
     def __init__(self, path: str | Path, *, password_env: str | None = None, create: bool = True,
-                 file: str | None = None) -> None:
-        """`file` names the targets.yaml that chose this database (for error messages)."""
-        self.db = Database(path, password_env=password_env, file=file)
+                 file: str | None = None, retry_s: float | None = None) -> None:
+        """`file` names the targets.yaml that chose this database (for error messages); `retry_s` how long
+        transient database errors are retried (targets.yaml `db_retry_s`, default 60)."""
+        self.db = Database(path, password_env=password_env, file=file, retry_s=retry_s)
         self.path: Path | str = self.db.display if self.db.is_postgres else Path(path)
         try:
             migrate(self.db, create=create)
+            self.abandoned = self._sweep()
         except StoreError:
             self.db.close()
             raise
+
+    def _sweep(self) -> list[str]:
+        """Runs whose holder died and whose leases lapsed become `abandoned` (see release.holder)."""
+        try:
+            return sweep_abandoned(self.db)
+        except self.db.errors as exc:
+            raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}",
+                             file=str(self.path)) from None
 
     @property
     def dialect(self) -> str:
@@ -153,8 +192,7 @@ class Store:
 
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
-            with self.db.write():
-                self.db.execute(sql, params)
+            self.db.transaction(lambda: self.db.execute(sql, params))
         except self.db.errors as exc:
             raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
@@ -170,14 +208,22 @@ class Store:
     # -- writing ------------------------------------------------------------------------------------------
     def begin_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None, label: str | None = None,
                   *, started: float | None = None, float_top1: float | None = None,
-                  model_name: str | None = None) -> None:
-        """Record a run as started and incomplete; `finish_run` marks it complete."""
+                  model_name: str | None = None, planned: int | None = None) -> None:
+        """Record a run as started and incomplete (`planned`: how many targets it will measure); `finish_run` marks
+        it complete."""
         if self._row("SELECT id FROM runs WHERE id=?", (run_id,)):
             raise StoreError(f"run {run_id!r} already exists", file=str(self.path), hint="use a new run id")
+        self.insert_run(run_id, model_sha256, inventory_sha256, label, started=started, float_top1=float_top1,
+                        model_name=model_name, planned=planned)
+
+    def insert_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None,
+                   label: str | None = None, *, started: float | None = None, float_top1: float | None = None,
+                   model_name: str | None = None, planned: int | None = None) -> None:
+        """The run's row, unless it is there already (a replay of a spooled run may find it)."""
         self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1, "
-                    "model_name) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                    "model_name, planned) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                     (run_id, started if started is not None else time.time(), model_sha256, label, inventory_sha256,
-                     float_top1, model_name))
+                     float_top1, model_name, planned))
 
     def set_float_top1(self, run_id: str, value: float | None) -> None:
         self._write("UPDATE runs SET float_top1=? WHERE id=?", (value, run_id))
@@ -213,8 +259,13 @@ class Store:
         return lambda device: self.add_device_result(run_id, device)
 
     def finish_run(self, run_id: str, *, finished: float | None = None) -> None:
-        self._write("UPDATE runs SET complete=1, finished=? WHERE id=?",
+        self._write("UPDATE runs SET complete=1, finished=?, incomplete_reason=NULL WHERE id=?",
                     (finished if finished is not None else time.time(), run_id))
+
+    def mark_incomplete(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
+        """The run ended without completing for `reason` (e.g. 'db_unavailable: ...'): never a baseline."""
+        self._write("UPDATE runs SET complete=0, incomplete_reason=?, finished=COALESCE(?, finished) WHERE id=?",
+                    (reason, finished, run_id))
 
     def mark_interrupted(self, run_id: str, reason: str, *, finished: float | None = None) -> None:
         """The run was stopped on request (`reason`: 'SIGINT', 'SIGTERM', ...): it stays incomplete, never a baseline."""
@@ -237,12 +288,17 @@ class Store:
         elif run.interrupted:
             self.mark_interrupted(run.run_id, run.interrupted, finished=run.finished or None)
 
-    def save_verdict(self, run_id: str, verdict: Any) -> None:
-        """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict())."""
-        self._write("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+    def save_verdict(self, run_id: str, verdict: Any, *, origin: str = "run", targets: str | None = None) -> None:
+        """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict()) beside the run's
+        others, never replacing one: `origin` 'run' for the run's own verdict, 'gate' for `edgepipe gate --record`;
+        `targets` names the inventory it was gated with."""
+        if origin not in ("run", "gate"):
+            raise ValueError(f"verdict origin {origin!r}")
+        self._write("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict, origin, "
+                    "targets) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, time.time(), int(bool(verdict.passed)), int(verdict.exit_code),
-                     getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str)))
+                     getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str), origin,
+                     None if targets is None else str(targets)))
 
     # -- reading ------------------------------------------------------------------------------------------
     def _row(self, sql: str, params: tuple = ()) -> Any:
@@ -286,6 +342,7 @@ class Store:
                          model_sha256=info.model_sha256, artifacts=artifacts, complete=info.complete,
                          float_top1=row["float_top1"], label=info.label, inventory_sha256=info.inventory_sha256,
                          interrupted=info.interrupted, model_name=info.model_name,
+                         incomplete_reason=info.incomplete_reason,
                          task=json.loads(row["task"]) if row["task"] else None,
                          float_metrics=json.loads(row["float_metrics"]) if row["float_metrics"] else None)
 
@@ -305,10 +362,20 @@ class Store:
                     raise GateError(f"run {ref!r} is ambiguous: {', '.join(h['id'] for h in hits[:5])}",
                                     file=str(self.path), hint="give more of the run id")
                 row = hits[0] if hits else None
+        if row is None and ref == "last":
+            if model_name is not None:
+                raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
+                                hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
+            raise GateError("no runs in the results database yet", file=str(self.path),
+                            hint="`edgepipe run` records one")
         if row is None:
             raise GateError(f"no run {ref!r} (not a run id, tag or 'last') in the results database",
                             file=str(self.path), hint="list runs with `edgepipe history`")
         return row["id"]
+
+    def _model_names(self) -> list[str]:
+        return [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name IS NOT NULL "
+                                                    "ORDER BY model_name LIMIT 10")]
 
     def resolve_baseline(self, spec: str | None, exclude: str | None = None,
                          model_name: str | None = None) -> RunResult | None:
@@ -324,7 +391,7 @@ class Store:
                 own = self._row("SELECT model_name FROM runs WHERE id=?", (exclude,))
                 model_name = own["model_name"] if own is not None else None
             same, params = _same("model_name", model_name)
-            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL AND " + same
+            sql = "SELECT id FROM runs WHERE complete=1 AND interrupted IS NULL AND incomplete_reason IS NULL AND " + same
             if exclude is not None:
                 ex = self._row("SELECT started FROM runs WHERE id=?", (exclude,))
                 sql += " AND id != ?"
@@ -345,10 +412,8 @@ class Store:
         target's figures (or only `target`'s)."""
         where, params0 = (" WHERE r.model_name=?", (model_name,)) if model_name is not None else ("", ())
         if model_name is not None and self._row("SELECT 1 FROM runs WHERE model_name=? LIMIT 1", (model_name,)) is None:
-            names = [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name "
-                                                         "IS NOT NULL ORDER BY model_name LIMIT 10")]
             raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
-                            hint=f"known model names: {', '.join(names) or 'none'}")
+                            hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
         runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + where + " GROUP BY r.id ORDER BY r.started DESC, "
                                                  "r.rowid DESC LIMIT ?", params0 + (int(limit),))]
         if target is not None:
@@ -406,14 +471,26 @@ class Store:
         return None
 
     def verdicts(self, run_id: str) -> list[dict[str, Any]]:
-        return [json.loads(r["verdict"]) for r in
-                self._rows("SELECT verdict FROM gate_verdicts WHERE run_id=? ORDER BY id", (run_id,))]
+        """Every verdict of a run (JSON), oldest first; `verdict_records` says who stored each."""
+        return [v.verdict for v in self.verdict_records(run_id)]
+
+    def verdict_records(self, run_id: str) -> list[StoredVerdict]:
+        """Every verdict of a run, oldest first: its own ('run') and those `edgepipe gate --record` added ('gate')."""
+        return [StoredVerdict(int(r["id"]), float(r["created"]), r["origin"] or "run", r["targets"],
+                              json.loads(r["verdict"]))
+                for r in self._rows("SELECT id, created, origin, targets, verdict FROM gate_verdicts WHERE run_id=? "
+                                    "ORDER BY id", (run_id,))]
 
 
+# A run's own verdict (what `edgepipe run` stored), and the newest of those `edgepipe gate --record` added beside it.
+_OWN = "FROM gate_verdicts v WHERE v.run_id = r.id AND v.origin = 'run' ORDER BY v.id LIMIT 1"
+_REGATED = "FROM gate_verdicts v WHERE v.run_id = r.id AND v.origin = 'gate'"
 _RUNINFO_SQL = (
     "SELECT r.*, COUNT(d.target) AS n_devices, COALESCE(SUM(d.ok), 0) AS n_ok, "
-    "(SELECT passed FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_passed, "
-    "(SELECT exit_code FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_exit "
+    f"(SELECT passed {_OWN}) AS v_passed, (SELECT exit_code {_OWN}) AS v_exit, "
+    f"(SELECT COUNT(*) {_REGATED}) AS g_count, "
+    f"(SELECT passed {_REGATED} ORDER BY v.id DESC LIMIT 1) AS g_passed, "
+    f"(SELECT exit_code {_REGATED} ORDER BY v.id DESC LIMIT 1) AS g_exit "
     "FROM runs r LEFT JOIN device_results d ON d.run_id = r.id"
 )
 
@@ -423,8 +500,10 @@ def _runinfo(row: Any) -> RunInfo:
                    label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
                    devices=int(row["n_devices"]), ok=int(row["n_ok"]),
                    passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"],
-                   interrupted=row["interrupted"],
-                   model_name=row["model_name"])
+                   interrupted=row["interrupted"], model_name=row["model_name"], planned=row["planned"],
+                   verdict_origin=None if row["v_passed"] is None else "run", gate_verdicts=int(row["g_count"] or 0),
+                   gate_passed=None if row["g_passed"] is None else bool(row["g_passed"]), gate_exit_code=row["g_exit"],
+                   incomplete_reason=row["incomplete_reason"])
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -456,12 +535,16 @@ def db_path(cli_db: str | Path | None, inventory: Any = None) -> Path | str:
     return DEFAULT_DB
 
 
-def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True) -> Store:
-    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing history."""
+def open_store(cli_db: str | Path | None, inventory: Any = None, *, must_exist: bool = True,
+               retry_s: float | None = None) -> Store:
+    """The store for --db / targets.yaml db: / the default; reading commands refuse a missing history.
+    `retry_s` (default: targets.yaml `db_retry_s`, else 60 s) bounds the retrying of transient database errors."""
     where = db_path(cli_db, inventory)
+    if retry_s is None and inventory is not None:
+        retry_s = getattr(inventory, "db_retry_s", None)
     password_env = getattr(inventory, "db_password_env", None) if inventory is not None else None
     file = str(inventory.path) if inventory is not None and getattr(inventory, "path", None) and not cli_db else None
     if must_exist and isinstance(where, Path) and not where.exists():
         raise StoreError("no results database here", file=str(where),
                          hint="run `edgepipe run` first, or pass --db PATH")
-    return Store(where, password_env=password_env, create=not must_exist, file=file)
+    return Store(where, password_env=password_env, create=not must_exist, file=file, retry_s=retry_s)

@@ -53,6 +53,7 @@ class RunContext:
     on_event: OnEvent
     sink: ResultSink
     on_result: Callable[[DeviceResult], None]
+    on_notice: Callable[[str], None] = _noop    # a warning for the user (e.g. a corrupted cache entry rebuilt)
     started: float = field(default_factory=time.time)
     artifacts: list[dict[str, Any]] = field(default_factory=list)   # manifests of what was shipped
     done: dict[str, DeviceResult] = field(default_factory=dict)
@@ -125,11 +126,13 @@ class RunDriver:
     """Runs one fleet run with an executor; see the module's docstring."""
 
     def __init__(self, executor: Executor, *, sink: ResultSink | None = None,
-                 on_result: Callable[[DeviceResult], None] | None = None, on_event: OnEvent | None = None) -> None:
+                 on_result: Callable[[DeviceResult], None] | None = None, on_event: OnEvent | None = None,
+                 on_notice: Callable[[str], None] | None = None) -> None:
         self.executor = executor
         self.sink = sink or _noop
         self.on_result = on_result or _noop
         self.on_event = on_event or _noop
+        self.on_notice = on_notice or _noop
 
     def context(self, inventory: Any, prepared: RunInputs, settings: RunSettings,
                 cancel: CancelToken | None = None) -> RunContext:
@@ -137,7 +140,7 @@ class RunDriver:
         return RunContext(run_id=settings.run_id or new_run_id(), inventory=inventory,
                           targets=inventory.select(list(settings.select)), prepared=prepared, settings=settings,
                           cancel=cancel or CancelToken(), on_event=self.on_event, sink=self.sink,
-                          on_result=self.on_result)
+                          on_result=self.on_result, on_notice=self.on_notice)
 
     def run(self, inventory: Any, prepared: RunInputs, settings: RunSettings,
             cancel: CancelToken | None = None) -> RunResult:

@@ -7,13 +7,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from pipeline import metrics as scoring
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.data import Dataset, Preprocess, load_dataset
+from pipeline.convert.loadable import check_host_load
 from pipeline.convert.source import ModelSource, describe, identify, parse_input_shapes, with_shapes
 from pipeline.errors import ConfigError
 
@@ -63,6 +64,7 @@ class ModelOptions:
     task: str | None = None                   # classification | detection | ... (default: inferred)
     output: str | None = None                 # the output the task scores
     reference: str | Path | ModelSource | None = None   # the float model agreement is measured against
+    allow_custom_ops: tuple[str, ...] = ()    # custom ops the host cannot resolve but the boards have
 
     def kwargs(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -78,12 +80,17 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
             calibration: Any = None, signature: str | None = None, input_shapes: Any = None,
             reference: str | Path | ModelSource | None = None, preprocess: Preprocess | None = None,
             task: str | None = None, output: str | None = None, cache_dir: str | Path | None = None,
-            on_notice: Notice | None = None) -> RunInputs:
-    """Identify the model once, check the eval and calibration data against it, resolve the task and compute the
-    float reference (cached). Every problem is one ConfigError/ConversionError, before any device is touched."""
+            on_notice: Notice | None = None, gates: dict[str, dict[str, tuple[Any, str]]] | None = None,
+            allow_custom_ops: Iterable[str] = ()) -> RunInputs:
+    """Identify the model once and load it on the host (LiteRT for a .tflite, TensorFlow otherwise, as the float
+    reference does), check the eval and calibration data against it, resolve the task. Every problem is one
+    ConfigError/ConversionError, before any device is touched and before a run is recorded; `gates` (target name ->
+    Inventory.gates_for) lets a gate that reads labels refuse data that has none."""
     notice = on_notice or (lambda msg: None)
-    src = identify(model, signature=signature)
-    ref_src = describe(identify(reference), cache_dir=cache_dir) if reference is not None else None
+    src = check_host_load(identify(model, signature=signature, cache_dir=cache_dir), allow_custom_ops=allow_custom_ops,
+                          cache_dir=cache_dir)
+    ref_src = describe(check_host_load(identify(reference), cache_dir=cache_dir), cache_dir=cache_dir) \
+        if reference is not None else None
     src = with_shapes(describe(src, cache_dir=cache_dir), {**src.overrides, **parse_input_shapes(input_shapes)})
     ds = load_dataset(data, src.inputs, preprocess=preprocess)
     calib = None
@@ -104,6 +111,7 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
         exc.file = exc.file or ds.source   # name the user's data file the labels came from
         raise
     scoring.check_class_labels(dict(ds.labels), task_spec, output_specs(src), ds.source)
+    _check_label_gates(task_spec, gates or {}, ds.source)
     prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
     for msg in list(src.notes) + (calib.warnings if calib else []):
         prepared.notices.append(msg)
@@ -111,10 +119,30 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
     if src.variant == "edgetpu_compiled" and ref_src is None:
         notice("an Edge-TPU-compiled model never runs on the host: agreement with float is not measured "
                "(pass --reference FLOAT_MODEL to measure it)")
+    elif src.host_unresolved and ref_src is None:
+        notice(f"the host cannot run custom op {', '.join(src.host_unresolved)} (allowed with --allow-custom-op): "
+               "agreement with float is not measured (pass --reference FLOAT_MODEL to measure it)")
     elif not src.runs_on_host and ref_src is None:
         notice(f"a {src.variant} .tflite is not a float model: agreement with float is not measured "
                "(pass --reference FLOAT_MODEL to measure it)")
     return prepared
+
+
+def _check_label_gates(task: Any, gates: dict[str, dict[str, tuple[Any, str]]], data: str) -> None:
+    """A gate that reads the labels (min_top1, min_map50, max_mae...) on data without them is bad input (exit 2),
+    not a run that measures every device and then fails with "measured None"."""
+    from pipeline.metrics.gates import LABEL_GATES
+
+    if task is None or task.labels or task.task not in LABEL_GATES:
+        return
+    needs, labels = LABEL_GATES[task.task]
+    for target, found in gates.items():
+        for gate, (value, source) in found.items():
+            if gate in needs and value is not None:
+                raise ConfigError(f"no labels for the {task.task} task, but gate {gate} ({source}, target "
+                                  f"{target}) reads them", file=data,
+                                  hint=f"add the labels to the eval data: {labels}; or remove {gate} from "
+                                       "targets.yaml")
 
 
 def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path) -> None:

@@ -67,5 +67,6 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
     settings = RunSettings(out_dir=Path(out_dir), cache_dir=Path(cache_dir) if cache_dir else None,
                            select=tuple(select or ()), run_id=run_id, model_name=model_name, baseline=baseline,
                            interleave=interleave)
-    driver = RunDriver(LocalExecutor(transport_factory, lease), on_result=on_result, on_event=on_event)
+    driver = RunDriver(LocalExecutor(transport_factory, lease), on_result=on_result, on_event=on_event,
+                       on_notice=on_notice)
     return driver.run(inventory, prepared, settings, cancel)

@@ -161,7 +161,8 @@ def _convert(ctx: RunContext, live: list[Any], probes: dict[str, ProbeResult], w
         try:
             art = convert(src, mode, calibration=ctx.prepared.calibration, out_dir=ctx.out_dir / "artifacts",
                           cache_dir=ctx.cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float,
-                          int16_layers=req.int16_layers)
+                          int16_layers=req.int16_layers,
+                          progress=lambda stage, detail: ctx.on_notice(detail) if stage == "integrity" else None)
         except (CompatibilityError, ConversionError) as exc:
             ctx.cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             code = "incompatible" if isinstance(exc, CompatibilityError) else "conversion_failed"

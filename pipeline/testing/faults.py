@@ -21,7 +21,7 @@ from pipeline.devices.transport.base import CommandResult, Progress
 from pipeline.devices.transport.ssh import PID_MARK
 from pipeline.errors import TransportError
 
-DROPS = ("put", "run", "after_run")
+DROPS = ("put", "run", "before_pid", "after_run")
 
 
 def runs_agent(argv: Sequence[str]) -> bool:
@@ -46,7 +46,8 @@ class Faults:
     """What to inject, and a tally of what was injected; one instance is shared by every transport it opens.
 
     drop: "put" cuts the link once `put_fraction` of an upload went out; "run" cuts it while a matching command
-    runs, as soon as the host knows the remote process id (so the host can find that process again); "after_run"
+    runs, as soon as the host knows the remote process id (so the host can find that process again); "before_pid"
+    cuts it as the command starts, before its process id reaches the host (the agent runs on, unknown); "after_run"
     cuts it once a matching command finished, before its output is handed back. `times` matching operations are
     hit, later ones pass. `on_drop` is called right after each cut (e.g. to let a gated device script proceed).
     """
@@ -56,6 +57,7 @@ class Faults:
     match: Callable[[Sequence[str]], bool] = runs_agent
     put_fraction: float = 0.5
     on_drop: Callable[[], None] | None = None
+    on_pid: Callable[[int], None] | None = None   # "run"/"before_pid": called with the remote pid just before the cut
     matched_runs: int = 0   # matching commands started
     drops: int = 0          # connections actually cut
     _claimed: int = field(default=0, repr=False)
@@ -86,19 +88,28 @@ class Faults:
 
 
 class _PidTap:
-    """A channel proxy that cuts the link once the remote process id line has been read from it."""
+    """A channel proxy that cuts the link once the remote process id line has been read from it (`hide`: and
+    swallows that line, so the host never learns the pid)."""
 
-    def __init__(self, chan: Any, cut: Callable[[], None]) -> None:
-        self._chan, self._cut, self._head = chan, cut, b""
+    def __init__(self, chan: Any, cut: Callable[[], None], hide: bool = False,
+                 on_pid: Callable[[int], None] | None = None) -> None:
+        self._chan, self._cut, self._head, self._hide, self._on_pid = chan, cut, b"", hide, on_pid
 
     def recv(self, n: int) -> bytes:
         data = self._chan.recv(n)
         if self._cut is not None:
             self._head = (self._head + data)[:4096]
             at = self._head.find(PID_MARK)
-            if at >= 0 and b"\n" in self._head[at:]:
+            end = self._head.find(b"\n", at) if at >= 0 else -1
+            if end >= 0:
                 cut, self._cut = self._cut, None
+                if self._on_pid is not None:
+                    self._on_pid(int(self._head[at + len(PID_MARK):end] or 0))
                 cut()  # the run loop parses the pid from `data` before it notices the link is gone
+                if self._hide:   # everything up to the pid line's end goes (the agent prints nothing before it)
+                    data = self._head[end + 1:]
+            elif self._hide:
+                return b""
         return data
 
     def __getattr__(self, name: str) -> Any:
@@ -132,9 +143,9 @@ class FaultyTransport(Transport):
     def get(self, remote: str, local: Path) -> None:
         self.inner.get(remote, local)
 
-    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
+    def put(self, local: Path, remote: str, progress: Progress | None = None, *, offset: int = 0) -> int:
         if not self.faults._claim_drop("put"):
-            return self.inner.put(local, remote, progress)
+            return self.inner.put(local, remote, progress, offset=offset)
         size = Path(local).stat().st_size
         state = {"cut": False}
 
@@ -145,31 +156,36 @@ class FaultyTransport(Transport):
             if progress:
                 progress(done, total)
 
-        return self.inner.put(local, remote, watch)
+        return self.inner.put(local, remote, watch, offset=offset)
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float,
+            hold_stdin: bool = False) -> CommandResult:
         f = self.faults
         if not f.match(argv):
-            return self.inner.run(argv, stdin=stdin, timeout=timeout)
+            return self.inner.run(argv, stdin=stdin, timeout=timeout, hold_stdin=hold_stdin)
         with f._lock:
             f.matched_runs += 1
-        if f._claim_drop("run"):
-            return self._run_and_cut(argv, stdin, timeout)
-        res = self.inner.run(argv, stdin=stdin, timeout=timeout)
+        for kind in ("run", "before_pid"):
+            if f._claim_drop(kind):
+                return self._run_and_cut(argv, stdin, timeout, hold_stdin, hide_pid=kind == "before_pid")
+        res = self.inner.run(argv, stdin=stdin, timeout=timeout, hold_stdin=hold_stdin)
         if f._claim_drop("after_run"):
             f._dropped(self.inner)
             raise TransportError("connection reset after the command finished, before its output arrived",
                                  code="unreachable")
         return res
 
-    def _run_and_cut(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> CommandResult:
-        """Run with the link cut as soon as the remote pid is known (SSH: the transport's sessions are tapped)."""
+    def _run_and_cut(self, argv: Sequence[str], stdin: bytes | None, timeout: float, hold_stdin: bool,
+                     hide_pid: bool = False) -> CommandResult:
+        """Run with the link cut as soon as the remote pid line arrives (SSH: the transport's sessions are tapped);
+        `hide_pid`: that line never reaches the transport, as when the link dies just before it would have."""
         inner = self.inner
         open_session = getattr(inner, "_session", None)
         if open_session is None:
             raise TypeError(f"{type(inner).__name__} cannot drop a running command (drops need SSH)")
-        inner._session = lambda: _PidTap(open_session(), lambda: self.faults._dropped(inner))  # type: ignore[attr-defined]
+        inner._session = lambda: _PidTap(open_session(), lambda: self.faults._dropped(inner),  # type: ignore
+                                         hide=hide_pid, on_pid=self.faults.on_pid)
         try:
-            return inner.run(argv, stdin=stdin, timeout=timeout)
+            return inner.run(argv, stdin=stdin, timeout=timeout, hold_stdin=hold_stdin)
         finally:
             del inner._session  # type: ignore[attr-defined]

@@ -47,6 +47,8 @@ class PgServer:
     bin: Path
     running: bool = True
     databases: list[str] = field(default_factory=list)
+    opts: str = ""      # the server's options (port, socket dir, ...), to start it again as it was
+    down: bool = False  # halted (halt()), data kept for resume()
 
     def url(self, dbname: str = "postgres", user: str = SUPERUSER) -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
@@ -65,8 +67,21 @@ class PgServer:
         self.databases.append(name)
         return self.url(name)
 
+    def halt(self) -> None:
+        """Stop the server as an outage does (`pg_ctl stop -m fast`: sessions are cut), keeping its data."""
+        subprocess.run(_as_server_user() + [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
+                                            "-w", "stop"], check=True, capture_output=True, timeout=60)
+        self.down = True
+
+    def resume(self) -> None:
+        """Start a halted server again on the same port with the same data."""
+        subprocess.run(_as_server_user() + [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-o", self.opts,
+                                            "-l", str(self.root / "log"), "-w", "-t", "60", "start"],
+                       check=True, capture_output=True, timeout=90)
+        self.down = False
+
     def stop(self) -> None:
-        if self.running:
+        if self.running and not self.down:
             subprocess.run(_as_server_user() + [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast",
                                                 "-w", "stop"], capture_output=True, timeout=60)
             self.running = False
@@ -100,7 +115,7 @@ def start_postgres(password: str = "s3cret-test-only") -> PgServer:
             log = (root / "log").read_text()[-800:] if (root / "log").exists() else proc.stderr
             shutil.rmtree(root, ignore_errors=True)
             raise RuntimeError(f"PostgreSQL did not start: {log}")
-    server = PgServer(root=root, port=port, bin=bindir)
+    server = PgServer(root=root, port=port, bin=bindir, opts=opts)
     atexit.register(server.stop)
     server.sql(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{password}'")
     return server

@@ -38,11 +38,13 @@ def quote_argv(argv: Sequence[str]) -> str:
 
 
 def copy_chunks(local: Path, write: Callable[[bytes], Any], progress: Progress | None = None,
-                count: Callable[[int], None] | None = None) -> int:
-    """Stream `local` into `write` in CHUNK pieces, counting bytes and reporting progress; returns bytes written."""
+                count: Callable[[int], None] | None = None, start: int = 0) -> int:
+    """Stream `local` from byte `start` into `write` in CHUNK pieces, counting bytes and reporting progress (done
+    counts from the file's start); returns bytes written."""
     total = Path(local).stat().st_size
-    done = 0
+    done = start
     with open(local, "rb") as src:
+        src.seek(start)
         while chunk := src.read(CHUNK):
             write(chunk)
             done += len(chunk)
@@ -50,7 +52,7 @@ def copy_chunks(local: Path, write: Callable[[bytes], Any], progress: Progress |
                 count(len(chunk))
             if progress:
                 progress(done, total)
-    return done
+    return done - start
 
 
 class Transport(ABC):
@@ -75,10 +77,15 @@ class Transport(ABC):
     def connect(self) -> None: ...
 
     @abstractmethod
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult: ...
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float,
+            hold_stdin: bool = False) -> CommandResult:
+        """Run argv under a deadline. `hold_stdin`: keep the command's stdin open until it ends (an agent run with
+        --watch-parent stops when it closes: when this process or its connection dies)."""
 
     @abstractmethod
-    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int: ...
+    def put(self, local: Path, remote: str, progress: Progress | None = None, *, offset: int = 0) -> int:
+        """Upload `local` to `remote`; with `offset`, `remote` already holds that many of its first bytes and only
+        the rest is sent. Returns the bytes sent."""
 
     @abstractmethod
     def get(self, remote: str, local: Path) -> None: ...

@@ -30,19 +30,35 @@ class LocalTransport(Transport):
     def connect(self) -> None:
         self.connect_seconds = 0.0
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float,
+            hold_stdin: bool = False) -> CommandResult:
         # like the SSH transport's remote shell: a leading `~/` means the home directory, nothing else is expanded
         argv = [os.path.expanduser(str(a)) if str(a).startswith("~/") or i == 0 else str(a)
                 for i, a in enumerate(argv)]
         self.check_cancel(f"did not start {os.path.basename(argv[0])}")
         t0 = time.monotonic()
         deadline = t0 + timeout
+        held = os.pipe() if hold_stdin and stdin is None else None   # our end closes when we end, however
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, stdin=held[0] if held else
+                                    (subprocess.PIPE if stdin is not None else subprocess.DEVNULL),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
+            if held:
+                os.close(held[1])
             # what a remote shell would answer: command not found / not executable
             return CommandResult(127, b"", f"{argv[0]}: {exc.strerror}".encode(), False, time.monotonic() - t0)
+        finally:
+            if held:
+                os.close(held[0])
+        try:
+            return self._wait(proc, argv, stdin, deadline, t0)
+        finally:
+            if held:
+                os.close(held[1])
+
+    def _wait(self, proc: subprocess.Popen, argv: list[str], stdin: bytes | None, deadline: float,
+              t0: float) -> CommandResult:
         while True:
             try:  # communicate() may be called again after a timeout without losing output
                 out, err = proc.communicate(stdin, timeout=max(0.0, min(POLL, deadline - time.monotonic())))
@@ -60,11 +76,13 @@ class LocalTransport(Transport):
                     raise self.cancel.error(f"killed {os.path.basename(argv[0])} (pid {proc.pid})") from None
                 return CommandResult(None, out or b"", err or b"", True, time.monotonic() - t0)
 
-    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
+    def put(self, local: Path, remote: str, progress: Progress | None = None, *, offset: int = 0) -> int:
         dest = Path(os.path.expanduser(remote))
         try:
-            with open(dest, "wb") as dst:
-                done = copy_chunks(local, dst.write, progress, self._count_sent)
+            with open(dest, "r+b" if offset else "wb") as dst:
+                dst.seek(offset)
+                dst.truncate()
+                done = copy_chunks(local, dst.write, progress, self._count_sent, start=offset)
         except OSError as exc:
             raise TransportError(f"local copy to {dest} failed: {exc.strerror}",
                                  code="disk_full" if exc.errno in DISK_ERRNOS else "push_failed") from None

@@ -313,7 +313,8 @@ class SSHTransport(Transport):
             raise _unreachable(f"{self.host}:{self.port}", exc) from None
 
     # -- commands ---------------------------------------------------------------------------------------------
-    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float) -> CommandResult:
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float,
+            hold_stdin: bool = False) -> CommandResult:
         prog = os.path.basename(str(argv[0]))
         self.check_cancel(f"did not start {prog} on {self.host}:{self.port}")
         t0 = time.monotonic()
@@ -325,8 +326,8 @@ class SSHTransport(Transport):
         try:
             chan.exec_command(remote_command(argv))
             if stdin:
-                threading.Thread(target=self._feed, args=(chan, stdin), daemon=True).start()
-            else:
+                threading.Thread(target=self._feed, args=(chan, stdin, hold_stdin), daemon=True).start()
+            elif not hold_stdin:   # held: the channel's stdin stays open while the command runs
                 chan.shutdown_write()
             fd = chan.fileno()
             while True:
@@ -368,13 +369,14 @@ class SSHTransport(Transport):
         finally:
             _quietly(chan.close)
 
-    def _feed(self, chan: paramiko.Channel, data: bytes) -> None:
+    def _feed(self, chan: paramiko.Channel, data: bytes, hold: bool = False) -> None:
         try:
             view = memoryview(data)
             for i in range(0, len(view), CHUNK):
                 chan.sendall(view[i:i + CHUNK])
                 self.bytes_sent += len(view[i:i + CHUNK])
-            chan.shutdown_write()
+            if not hold:
+                chan.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException):
             pass  # the reader sees the channel die and reports it
 
@@ -393,22 +395,26 @@ class SSHTransport(Transport):
             pass
 
     # -- files ------------------------------------------------------------------------------------------------
-    def put(self, local: Path, remote: str, progress: Progress | None = None) -> int:
-        """Upload with pipelined SFTP writes (bench/push.py times them against scp); `cat` if SFTP is absent."""
+    def put(self, local: Path, remote: str, progress: Progress | None = None, *, offset: int = 0) -> int:
+        """Upload with pipelined SFTP writes (bench/push.py times them against scp); `cat` if SFTP is absent.
+        With `offset`, the remote file keeps its first `offset` bytes and the rest is written after them."""
         try:
             sftp = paramiko.SFTPClient.from_transport(self._transport(), window_size=WINDOW,
                                                       max_packet_size=MAX_PACKET)
         except (paramiko.SSHException, EOFError):
             if self._t is not None and self._t.is_active():
-                return self.put_cat(local, remote, progress)
+                return self.put_cat(local, remote, progress, offset=offset)
             raise TransportError(f"connection to {self.host}:{self.port} lost", code="unreachable") from None
         try:
             if self._sftp_write is None:  # asked once per connection
                 self._sftp_write = _sftp_write_size(sftp)
-            with sftp.open(remote, "wb", bufsize=0) as dst:  # unbuffered: each 1 MiB read goes out as slices
+            with sftp.open(remote, "r+b" if offset else "wb", bufsize=0) as dst:  # unbuffered: 1 MiB reads as slices
+                if offset:
+                    dst.truncate(offset)
+                    dst.seek(offset)
                 _set_write_size(dst, self._sftp_write)
                 dst.set_pipelined(True)
-                done = copy_chunks(local, dst.write, progress, self._count_sent)
+                done = copy_chunks(local, dst.write, progress, self._count_sent, start=offset)
                 _write_acks(sftp, dst)
                 return done
         except OSError as exc:
@@ -421,13 +427,15 @@ class SSHTransport(Transport):
         finally:
             _quietly(sftp.close)
 
-    def put_cat(self, local: Path, remote: str, progress: Progress | None = None) -> int:
-        """Stream `local` into `cat > remote` on one exec channel with 1 MiB writes; returns bytes sent."""
+    def put_cat(self, local: Path, remote: str, progress: Progress | None = None, *, offset: int = 0) -> int:
+        """Stream `local` into `cat > remote` (`>>` after `offset` bytes already there) on one exec channel with
+        1 MiB writes; returns bytes sent."""
         chan = self._session()
         try:
-            chan.exec_command("cat > " + remote_word(remote))
+            chan.exec_command(("cat >> " if offset else "cat > ") + remote_word(remote))
             try:  # a memoryview: Channel.sendall re-slices what is left after each packet (bytes would copy it)
-                done = copy_chunks(local, lambda b: chan.sendall(memoryview(b)), progress, self._count_sent)
+                done = copy_chunks(local, lambda b: chan.sendall(memoryview(b)), progress, self._count_sent,
+                                   start=offset)
                 chan.shutdown_write()
             except OSError:  # sshd closed the channel: `cat` failed (disk full...) and said why on stderr
                 if chan.exit_status in (-1, 0) or not self._alive():
