@@ -1,0 +1,2 @@
+-- Placeholder for issue 19's migration 0008 (numbers must be contiguous): no statement. Dropped when issue 19's
+-- 0008 lands on main (see docs/architecture.md, Migrations); it changes nothing in a database.
