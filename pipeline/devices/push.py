@@ -119,6 +119,10 @@ class Pusher:
             raise TransportError(f"device helper '{op}' printed no JSON: {res.stdout[:120]!r}",
                                  code="push_failed") from None
 
+    def helper(self, op: str, arg: dict[str, Any]) -> dict[str, Any]:
+        """Run one step of device_agents/helper.py on the device (e.g. the release steps of a deploy)."""
+        return self._helper(op, arg)
+
     def path(self, rel: str) -> str:
         if self.abs_workdir is None:
             raise RuntimeError("Pusher.prepare() first")
