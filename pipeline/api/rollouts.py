@@ -217,7 +217,7 @@ def _installer(store: Any, inv: Inventory, release: Any, name: str, dep_id: str,
     from pipeline.rollout import Installer, step_hook
 
     smoke = {sha: refs.smoke_file(release, sha) for sha in release.smoke_inputs}
-    info = dict(release.info(), deployment=dep_id, by=_who())
+    info = dict(release.info(), model_name=name, deployment=dep_id, by=_who())
     return Installer(model_name=name, work=f"deploy-{dep_id}", thresholds=inv.deploy.health,
                      on_step=step_hook(store.deployments, dep_id, name, on_event), references=refs,
                      run_id=release.run_id, info=info, manifests=release.manifests, smoke_files=smoke,

@@ -59,8 +59,17 @@ def _threshold(value: Any, name: str) -> float | None:
     return value.get(name) if isinstance(value, dict) else value
 
 
+def probabilities(a: np.ndarray) -> bool:
+    """Rows of class probabilities (a softmax): [N, C>1], values in [0, 1], each row summing to 1."""
+    if a.ndim != 2 or a.shape[1] < 2 or a.dtype.kind != "f":
+        return False
+    x = a.astype(np.float64)
+    return bool(np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1 and np.allclose(x.sum(axis=1), 1, atol=0.02))
+
+
 def compare_outputs(dev: dict[str, np.ndarray], ref: dict[str, np.ndarray], thresholds: Any) -> list[Check]:
-    """One check per gated output: integer (argmax-reduced) and class outputs by agreement, the rest by SNR."""
+    """Checks per gated output: integer (argmax-reduced) outputs by agreement; float outputs by SNR against the
+    gated ones, and class probabilities also by top-1 agreement."""
     checks = []
     for name, want in sorted(ref.items()):
         got = dev.get(name)
@@ -73,20 +82,19 @@ def compare_outputs(dev: dict[str, np.ndarray], ref: dict[str, np.ndarray], thre
             checks.append(Check(f"output {name} agreement", value >= thresholds.min_agreement, round(value, 4),
                                 thresholds.min_agreement))
             continue
-        is_class = want.ndim == 2 and want.shape[1] > 1
+        is_class = probabilities(want)
         try:
             figures = compare(got, want, class_output=is_class)
         except ValueError as exc:
             checks.append(Check(f"output {name}", False, note=str(exc)))
             continue
+        limit = _threshold(thresholds.min_snr_db, name)
+        checks.append(Check(f"output {name} snr_db", limit is None or figures["snr_db"] >= limit,
+                            round(figures["snr_db"], 2), limit))
         if is_class:
             value = figures["top1_agreement"]
             checks.append(Check(f"output {name} agreement", value >= thresholds.min_agreement, round(value, 4),
-                                thresholds.min_agreement, note=f"snr {figures['snr_db']:.1f} dB"))
-        else:
-            limit = _threshold(thresholds.min_snr_db, name)
-            value = figures["snr_db"]
-            checks.append(Check(f"output {name} snr_db", limit is None or value >= limit, round(value, 2), limit))
+                                thresholds.min_agreement))
     return checks
 
 

@@ -215,7 +215,8 @@ class Installer:
             self.on_event(target.name, "prune", exc.one_line())
             return []
 
-    def _back(self, board: Board, target: Any, o: Outcome, before: BoardStatus, cls: DeviceClass, why: str) -> None:
+    def _back(self, board: Board, target: Any, o: Outcome, before: BoardStatus, cls: DeviceClass, why: str,
+              error: ErrorInfo | None = None) -> None:
         """Switch back to the release `current` had before, activate it again and check it again."""
         back, sha = before.current, before.sha256
         self.on_event(target.name, "rollback", f"current -> {back or '(none)'}: {why}")
@@ -223,7 +224,7 @@ class Installer:
             board.switch(back)
             o.changed, o.board_release, o.board_sha = False, back, sha
             if back is None:
-                self._step(o, "rolled_back", detail={"rollback": why, "note": "no earlier release: current removed"})
+                self._step(o, "rolled_back", error, {"rollback": why, "note": "no earlier release: current removed"})
                 return
             ref, smoke = self.references(before.run_id or "", target.name, None)   # its own gated figures
             if ref is None:
@@ -237,7 +238,7 @@ class Installer:
             return
         detail = {"rollback": why, "health_after": h.to_dict()}
         if h.ok:
-            self._step(o, "rolled_back", detail=detail)
+            self._step(o, "rolled_back", error, detail)
         else:
             self._step(o, "failed", ErrorInfo("rollback_unhealthy", f"{why}; the earlier release {back} fails its "
                                               f"check too: {h.error.message}"), detail)
@@ -257,7 +258,7 @@ class Installer:
                         return o
                     before = BoardStatus(now.deploy_dir, o.from_release, None, {"run_id": run_of(o.from_release)},
                                          o.from_sha)
-                    self._back(board, target, o, before, cls, why)
+                    self._back(board, target, o, before, cls, why, ErrorInfo("stage_aborted", why))
                 finally:
                     tr.close()
         except EdgepipeError as exc:

@@ -117,8 +117,9 @@ class Release:
                 "verdict": self.verdict, "forced": self.forced}
 
 
-def read_release(store: Any, run_id: str) -> Release:
-    """A stored run's gated devices and smoke sample, whatever its verdict (the artifacts are not looked for)."""
+def read_release(store: Any, run_id: str, *, unpassed: bool = False) -> Release:
+    """A stored run's gated devices (with `unpassed`, every device measured, passed its checks or not) and smoke
+    sample, whatever the run's verdict (the artifacts are not looked for)."""
     run = store.load_run(run_id)
     verdicts = store.verdicts(run.run_id)
     last = verdicts[-1] if verdicts else None
@@ -128,7 +129,7 @@ def read_release(store: Any, run_id: str) -> Release:
     gated: dict[str, Gated] = {}
     for d in run.devices:
         art = d.artifact or {}
-        if not d.ok or not art.get("sha256") or (states and states.get(d.name) != "passed"):
+        if not d.ok or not art.get("sha256") or (states and states.get(d.name) != "passed" and not unpassed):
             continue
         gated[d.name] = Gated(d.name, DeviceClass.measured(d), art["sha256"], art, d.measured.latency.p50,
                               smoke.get(d.name))
@@ -148,7 +149,7 @@ def load_release(store: Any, run_ref: str, *, model_name: str | None = None, for
     """The run `run_ref` (id, tag, prefix, `last`) from the history, refused unless it passed its gate (`force`
     ships it anyway, with the reason recorded). Every artifact a class measured must be found on this host (the
     run's output folder, the conversion cache, the distributed artifact store) with its sha256, or nothing ships."""
-    rel = read_release(store, store.resolve_run(run_ref, model_name=model_name))
+    rel = read_release(store, store.resolve_run(run_ref, model_name=model_name), unpassed=bool(force))
     if not rel.passed and not force:
         why = "was never gated" if rel.verdict == "never gated" else "did not pass its gate"
         raise GateError(f"run {rel.run_id} {why}: only a passed release ships ({rel.headline})",
