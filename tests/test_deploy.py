@@ -380,3 +380,32 @@ def test_dry_run_plans_a_new_board_of_a_measured_class_and_refuses_an_unmeasured
     text = lab.cli("deploy", lab.run_a, "--targets", str(targets), "--select", "bare", "--select", "d1",
                    "--dry-run", "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache))
     assert "stage 1: d1 <- " in text.stdout and "refused bare: not_validated" in text.stdout
+
+
+def test_ctrl_c_lets_a_switched_board_finish_then_exits_130_and_starts_no_new_stage(lab):
+    d1 = lab.devices["d1"].root
+    for f in ("waiting", "go"):
+        (d1 / f).unlink(missing_ok=True)
+    (d1 / "pause").touch()
+    args = ["deploy", lab.run_a, "--targets", str(lab.targets), "--model-name", "ctrlc", "--stages", "2,100%",
+            "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache), "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=lab.tmp,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_until(lambda: (d1 / "waiting").exists() or proc.poll() is not None, "d1 activating", 120)
+        proc.send_signal(signal.SIGINT)
+        assert proc.poll() is None   # d1 switched: it is not abandoned half-way
+        (d1 / "go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        (d1 / "pause").unlink()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    doc = json.loads(out)
+    assert states(doc) == {"d0": "healthy", "d1": "healthy", "d2": "pending", "d3": "pending"}
+    assert lab.on_board("d1", "ctrlc")[1] == lab.sha_a["d1"]
+    assert lab.on_board("d2", "ctrlc") == (None, None) and lab.on_board("d3", "ctrlc") == (None, None)
+    with Store(lab.db) as store:
+        assert store.deployments.load(doc["deployment"]).state == "interrupted"
