@@ -136,7 +136,10 @@ def run(rounds: int, n: int, tmp: Path) -> dict:
                 if name == "edgepipe":
                     wall, cpu, proc = timed(deploy, cwd=tmp, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                     if proc.returncode != 0:
-                        raise SystemExit(f"deploy failed ({proc.returncode}): {proc.stderr[-2000:]}")
+                        bad = [(d["name"], d["state"], d["error"]) for s in json.loads(proc.stdout)["stages"]
+                               for d in s["devices"] if (d["error"] or {}).get("code") != "stage_aborted"
+                               and d["state"] != "healthy"] if proc.stdout.strip() else proc.stderr[-2000:]
+                        raise SystemExit(f"deploy failed ({proc.returncode}): {json.dumps(bad)[:4000]}")
                     doc = json.loads(proc.stdout)
                     states = {d["state"] for s in doc["stages"] for d in s["devices"]}
                     if states != {"healthy"}:

@@ -165,6 +165,10 @@ def deploy(targets: str | Path | Inventory, run: str = "last", *, select: Iterab
         if dry_run:
             return Deployment(plan, None, store.path, dry_run=True)
         _deployable(plan)
+        if distributed:   # every board needs a site, the history PostgreSQL: bad input before anything is recorded
+            from pipeline.distributed.coordinator import preflight
+
+            preflight(inv, [d.target for d in plan.devices], store)
         dep_id, resumed = _begin(store, plan, name, max_fail_percent=max_fail_percent, rollback_all=rollback_all,
                                  resume=True)
         for d, back in ((d, _resume_points(store, dep_id).get(d.name)) for d in plan.devices if resumed):
@@ -198,9 +202,12 @@ def _roll_out(store: Any, inv: Inventory, plan: Any, name: str, dep_id: str, *, 
             installer = _installer(store, inv, release, name, dep_id, refs, on_event=on_event, cancel=cancel,
                                    lease=leases, transport_factory=transport_factory)
             if distributed:
+                from pipeline.distributed.coordinator import DistributedOptions
                 from pipeline.distributed.rollout import SiteStages
 
-                executor: Any = SiteStages(store, inv, dep_id, installer)
+                executor: Any = SiteStages(store, inv, dep_id, installer,
+                                           options=DistributedOptions(lease_timeout=lease_timeout),
+                                           unpassed=bool(release.forced))
             else:
                 executor = LocalStages(installer, inv.max_parallel)
             result = RolloutResult(dep_id, "deploy", release.run_id, name, refused=list(plan.refused),

@@ -1,11 +1,11 @@
 """The fleet's releases in the history: what a deploy's health check needs from the gated run (the smoke sample),
 the deployments with every device's steps, and what each board is supposed to run.
 
-This module owns the tables of migration 0009 (`run_smoke`, `deployments`, `deployment_steps`, `device_releases`);
-the rollout package writes through these methods and holds no SQL. The smoke sample is recorded with the run, by
-the run's result sink (`Store.recorder`): the first rows of the eval inputs a device ran (content-addressed in
-`artifact_blobs`, one copy per eval file) and that device's outputs on them, so `deploy` finds the gated figures of
-every device class in the history alone, from any machine that shares it.
+This module owns the tables of migration 0009 (`run_smoke`, `deployments`, `deployment_steps`, `device_releases`,
+`deployment_outcomes`); the rollout package writes through these methods and holds no SQL. The smoke sample is
+recorded with the run, by the run's result sink (`Store.recorder`): the first rows of the eval inputs a device ran
+(content-addressed in `artifact_blobs`, one copy per eval file) and that device's outputs on them, so `deploy` finds
+the gated figures of every device class in the history alone, from any machine that shares it.
 """
 from __future__ import annotations
 
@@ -245,6 +245,29 @@ class Deployments:
             r["forced"], r["by_whom"], json.loads(r["spec"]), json.loads(r["plan"]),
             [Step(s["target"], int(s["seq"]), int(s["stage"]), s["state"], s["at"], s["from_sha256"], s["to_sha256"],
                   s["release"], s["error_code"], s["error_message"], json.loads(s["detail"] or "{}")) for s in steps])
+
+    # -- outcomes handed from site workers to the coordinator (deploy --distributed) ----------------------
+    def put_outcome(self, dep_id: str, target: str, outcome: dict[str, Any]) -> None:
+        with self._errors("record a board's outcome"), self.db.write():
+            self.db.execute("INSERT INTO deployment_outcomes(deployment_id, target, outcome, updated) VALUES (?, ?, ?, "
+                            "?) ON CONFLICT (deployment_id, target) DO UPDATE SET outcome=excluded.outcome, "
+                            "updated=excluded.updated", (dep_id, target, json.dumps(outcome, default=str), time.time()))
+
+    def clear_outcomes(self, dep_id: str, targets: list[str]) -> None:
+        if not targets:
+            return
+        with self._errors("record a board's outcome"), self.db.write():
+            self.db.execute(f"DELETE FROM deployment_outcomes WHERE deployment_id=? AND target IN "
+                            f"({', '.join('?' * len(targets))})", (dep_id, *targets))
+
+    def outcomes(self, dep_id: str, targets: set[str] | list[str]) -> dict[str, dict[str, Any]]:
+        names = sorted(set(targets))
+        if not names:
+            return {}
+        with self._errors("read outcomes"):
+            rows = self.db.all(f"SELECT target, outcome FROM deployment_outcomes WHERE deployment_id=? AND target IN "
+                               f"({', '.join('?' * len(names))})", (dep_id, *names))
+        return {r["target"]: json.loads(r["outcome"]) for r in rows}
 
     # -- what each board is supposed to run ---------------------------------------------------------------
     def set_device_release(self, target: str, model_name: str, *, run_id: str | None, release: str | None,

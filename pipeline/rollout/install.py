@@ -51,6 +51,20 @@ class Outcome:
         return {"name": self.name, "state": self.state, "from": self.from_sha, "to": self.to_sha,
                 "health": self.health, "error": self.error.to_dict() if self.error else None}
 
+    def record(self) -> dict[str, Any]:
+        """Every field, as JSON (a site worker hands it to the coordinator through the history)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["error"] = self.error.to_dict() if self.error else None
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> "Outcome":
+        d = dict(d)
+        err = d.get("error")
+        d["error"] = ErrorInfo(err["code"], err["message"], err.get("details")) if err else None
+        d["timeline"] = [tuple(x) for x in d.get("timeline") or []]
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 # (outcome, state, error, detail): record a step (the driver writes it to the history and reports it)
 StepHook = Callable[[Outcome, str, "ErrorInfo | None", "dict[str, Any] | None"], None]

@@ -55,3 +55,11 @@ CREATE TABLE device_releases (
     deployment_id TEXT,
     PRIMARY KEY (target, model_name)
 );
+-- deploy --distributed: the outcome a site worker reached for a board (the coordinator waits for it).
+CREATE TABLE deployment_outcomes (
+    deployment_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (deployment_id, target)
+);
