@@ -98,19 +98,18 @@ def clear(devices: list) -> None:
 
 
 def phases(db: Path, dep_id: str) -> dict[str, float]:
-    """Median seconds per board from its first step to `installed` (upload, stage, switch) and from `installed`
-    to `healthy` (activate, probe, the agent's check), from the deployment's record."""
+    """Median seconds per board from its start (connected, leased) to `installed` (status, upload, stage, switch)
+    and from `installed` to `healthy` (the agent's check, prune), from the deployment's record."""
     from pipeline.release.store import Store
 
     with Store(db) as store:
         rec = store.deployments.load(dep_id)
-    start = rec.started
     up, check = [], []
     for name in {s.target for s in rec.steps}:
-        at = {s.state: s.at for s in rec.steps if s.target == name}
-        up.append(at["installed"] - start)
-        check.append(at["healthy"] - at["installed"])
-    return {"to_installed_s": round(statistics.median(up), 3), "health_check_s": round(statistics.median(check), 3)}
+        steps = {s.state: s for s in rec.steps if s.target == name}
+        up.append(steps["installed"].at - steps["installed"].detail["started"])
+        check.append(steps["healthy"].at - steps["installed"].at)
+    return {"upload_stage_switch_s": round(statistics.median(up), 3), "health_check_s": round(statistics.median(check), 3)}
 
 
 def run(rounds: int, n: int, tmp: Path) -> dict:

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline import api
+from pipeline.release.leases import held_now
 from pipeline.release.store import Store
 from pipeline.testing.faults import Faults
 from pipeline.testing.sshd import restart, stop, write_targets_yaml
@@ -137,9 +139,20 @@ class Lab:
             return {d.name: d.artifact["sha256"] for d in store.load_run(run).devices}
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The real CLI in its own process, as a user runs it."""
         full = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
         return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=self.tmp, env=full,
                               capture_output=True, text=True, timeout=timeout)
+
+    @staticmethod
+    def invoke(*args: str) -> Any:
+        """The same CLI in this process (typer's CliRunner): exit code, stdout, stderr."""
+        from typer.testing import CliRunner
+
+        from pipeline.cli import _load_commands, app
+
+        _load_commands()
+        return CliRunner().invoke(app, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -260,13 +273,15 @@ def test_kill_9_mid_rollout_then_the_same_command_finishes_it(lab):
     assert [r["state"] for r in killed] == ["running"]
     (d2 / "pause").unlink()
     (d2 / "go").touch()
-    res = lab.cli(*args, env={"EDGEPIPE_LEASE_TTL": "2"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = lab.invoke(*args)   # waits for the killed process's leases to lapse (its ttl: 2 s)
+    assert res.exit_code == 0, res.output[-3000:]
     doc = json.loads(res.stdout)
     assert doc["deployment"] == killed[0]["id"] and states(doc) == {n: "healthy" for n in lab.devices}
     assert all(lab.on_board(n, "kill")[1] == lab.sha_a[n] for n in lab.devices)
     rec = steps(lab, doc["deployment"])
     assert rec["d0"][-1] == "healthy" and rec["d2"].count("installed") == 2 and rec["d2"][-1] == "healthy"
+    for f in ("go", "waiting"):
+        (d2 / f).unlink()
 
 
 def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
@@ -277,8 +292,8 @@ def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
                                str(stop_file), str(log)])
     try:
         assert lab.deploy(lab.run_b, "rb", stages="100%").exit_code == 0
-        res = lab.cli("rollback", "--targets", str(lab.targets), "--model-name", "rb", "--json")
-        assert res.returncode == 0, res.stderr[-2000:]
+        res = lab.invoke("rollback", "--targets", str(lab.targets), "--model-name", "rb", "--json")
+        assert res.exit_code == 0, res.output[-2000:]
         doc = json.loads(res.stdout)
         assert set(doc) == JSON_KEYS and states(doc) == {n: "rolled_back" for n in lab.devices}
         assert all(lab.on_board(n, "rb")[1] == lab.sha_a[n] for n in lab.devices)
@@ -290,8 +305,8 @@ def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
     reads, bad, seen = log.read_text().split(" ")
     assert int(reads) > 0 and int(bad) == 0 and set(seen.split(",")) == {lab.sha_a["d1"], lab.sha_b["d1"]}
 
-    res = lab.cli("fleet", "status", "--targets", str(lab.targets), "--model-name", "rb", "--json")
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = lab.invoke("fleet", "status", "--targets", str(lab.targets), "--model-name", "rb", "--json")
+    assert res.exit_code == 0, res.output[-2000:]
     rows = json.loads(res.stdout)["devices"]
     assert [set(r) for r in rows] == [STATUS_KEYS] * 4
     assert {r["name"]: (r["release"], r["sha256"], r["drift"]) for r in rows} == \
@@ -300,8 +315,8 @@ def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
     model.chmod(0o644)
     with open(model, "ab") as f:   # changed by hand on the board
         f.write(b"\0")
-    res = lab.cli("fleet", "status", "--targets", str(lab.targets), "--model-name", "rb", "--json")
-    assert res.returncode == 1
+    res = lab.invoke("fleet", "status", "--targets", str(lab.targets), "--model-name", "rb", "--json")
+    assert res.exit_code == 1
     rows = {r["name"]: r for r in json.loads(res.stdout)["devices"]}
     assert rows["d2"]["drift"] is True and rows["d2"]["sha256"] == sha_of(model) != lab.sha_b["d2"]
     assert [n for n, r in rows.items() if r["drift"]] == ["d2"]
@@ -317,11 +332,11 @@ def test_an_unpassed_run_is_refused_and_force_ships_it_with_the_reason(lab, tmp_
     assert not rel.verdict.passed
     base = ["deploy", rel.run.run_id, "--targets", str(lab.targets), "--select", "d1", "--model-name", "forced",
             "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache)]
-    res = lab.cli(*base)
-    assert res.returncode == 2 and "did not pass its gate" in res.stderr and "--force" in res.stderr
+    res = lab.invoke(*base)
+    assert res.exit_code == 2 and "did not pass its gate" in res.stderr and "--force" in res.stderr
     assert lab.on_board("d1", "forced") == (None, None)
-    res = lab.cli(*base, "--force", "hotfix approved by QA", "--json")
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = lab.invoke(*base, "--force", "hotfix approved by QA", "--json")
+    assert res.exit_code == 0, res.output[-2000:]
     dep_id = json.loads(res.stdout)["deployment"]
     with Store(lab.db) as store:
         assert store.deployments.load(dep_id).forced == "hotfix approved by QA"
@@ -357,6 +372,12 @@ def test_boards_down_full_or_cut_keep_their_current_and_the_others_carry_on(lab,
     for name in ("d1", "d2", "d3"):
         assert lab.on_board(name, "faults")[1] == lab.sha_a[name], name
     assert not doc["aborted"]
+    # a connection lost during the check (after the switch): the board is reached again and goes back
+    lost = Faults(drop="run")   # cut while the agent checks `current`
+    doc = lab.deploy(lab.run_a, "faults", select=["d0"], transport_factory=lost.factory()).to_dict()
+    (d0,) = doc["stages"][0]["devices"]
+    assert (d0["state"], d0["error"]["code"], lost.drops) == ("rolled_back", "unreachable", 1)
+    assert lab.on_board("d0", "faults")[1] == lab.sha_b["d0"]
 
 
 def test_dry_run_plans_a_new_board_of_a_measured_class_and_refuses_an_unmeasured_one(lab):
@@ -366,10 +387,10 @@ def test_dry_run_plans_a_new_board_of_a_measured_class_and_refuses_an_unmeasured
              {"name": "bare", "host": d0.host, "port": d0.port, "user": d0.user, "identity_file": str(d0.identity_file),
               "python": NUMPY_ONLY, "workdir": str(d0.root / "bare"), "kind": "cpu", "mode": "float32"}]
     targets = lab.write("new.yaml", {"mode": "float32"}, extra=extra)
-    res = lab.cli("deploy", lab.run_a, "--targets", str(targets), "--select", "spare", "--select", "bare",
-                  "--select", "d1", "--stages", "1,100%", "--dry-run", "--json", "--out", str(lab.tmp / "out"),
-                  "--cache-dir", str(lab.cache))
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "spare", "--select", "bare",
+                     "--select", "d1", "--stages", "1,100%", "--dry-run", "--json", "--out", str(lab.tmp / "out"),
+                     "--cache-dir", str(lab.cache))
+    assert res.exit_code == 0, res.output[-2000:]
     doc = json.loads(res.stdout)
     assert doc["deployment"] is None and doc["release"] == lab.run_a
     rows = {d["name"]: d for s in doc["stages"] for d in s["devices"]}
@@ -377,8 +398,8 @@ def test_dry_run_plans_a_new_board_of_a_measured_class_and_refuses_an_unmeasured
     assert rows["bare"]["error"]["code"] == "not_validated" and "cpu/unknown runtime/cpu/float32" in \
         rows["bare"]["error"]["message"]
     assert not (d2.root / "spare" / "deploy").exists()   # a dry run changes nothing
-    text = lab.cli("deploy", lab.run_a, "--targets", str(targets), "--select", "bare", "--select", "d1",
-                   "--dry-run", "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache))
+    text = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "bare", "--select", "d1",
+                      "--dry-run", "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache))
     assert "stage 1: d1 <- " in text.stdout and "refused bare: not_validated" in text.stdout
 
 
@@ -394,6 +415,9 @@ def test_ctrl_c_lets_a_switched_board_finish_then_exits_130_and_starts_no_new_st
                             text=True)
     try:
         wait_until(lambda: (d1 / "waiting").exists() or proc.poll() is not None, "d1 activating", 120)
+        with Store(lab.db) as store:   # the board is leased for the deploy, as for a run: nothing measures on it
+            held = {h["device"]: h["run_id"] for h in held_now(store.db)}
+        assert held.get(f"127.0.0.1:{lab.devices['d1'].port}", "").startswith("dep-"), held
         proc.send_signal(signal.SIGINT)
         assert proc.poll() is None   # d1 switched: it is not abandoned half-way
         (d1 / "go").touch()

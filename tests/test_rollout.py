@@ -77,6 +77,8 @@ def test_p50_regression_needs_both_the_fraction_and_the_absolute_floor():
     assert not latency_check(4.0, 2.0, THRESHOLDS).ok          # 100 % and 2 ms slower
     assert latency_check(2.9, 2.0, THRESHOLDS).ok              # 45 %: within 50 %
     assert latency_check(None, 2.0, THRESHOLDS) is None
+    shown = latency_check(9.0, 2.0, SimpleNamespace(max_latency_regression=None, min_latency_regression_ms=1.0))
+    assert shown.ok and shown.measured == 3.5 and shown.threshold is None   # no threshold: shown, not gated
 
 
 def helper(python: Path, op: str, **arg) -> dict:

@@ -221,14 +221,18 @@ def _roll_out(store: Any, inv: Inventory, plan: Any, name: str, dep_id: str, *, 
 
 def _installer(store: Any, inv: Inventory, release: Any, name: str, dep_id: str, refs: Any, *, on_event: Any,
                cancel: CancelToken, lease: Any, transport_factory: Any) -> Any:
+    """The per-board sequences of one deployment (`release` None: a rollback, which ships nothing)."""
     from pipeline.rollout import Installer, step_hook
 
-    smoke = {sha: refs.smoke_file(release, sha) for sha in release.smoke_inputs}
-    info = dict(release.info(), model_name=name, deployment=dep_id, by=_who())
+    extra: dict[str, Any] = {}
+    if release is not None:
+        extra = {"run_id": release.run_id, "manifests": release.manifests,
+                 "info": dict(release.info(), model_name=name, deployment=dep_id, by=_who()),
+                 "smoke_files": {sha: refs.smoke_file(release, sha) for sha in release.smoke_inputs}}
     return Installer(model_name=name, work=f"deploy-{dep_id}", thresholds=inv.deploy.health,
                      on_step=step_hook(store.deployments, dep_id, name, on_event), references=refs,
-                     run_id=release.run_id, info=info, manifests=release.manifests, smoke_files=smoke,
-                     transport_factory=transport_factory, lease=lease, cancel=cancel, on_event=on_event or _quiet)
+                     transport_factory=transport_factory, lease=lease, cancel=cancel, on_event=on_event or _quiet,
+                     **extra)
 
 
 def _quiet(*_: Any) -> None:
@@ -289,23 +293,14 @@ def rollback(targets: str | Path | Inventory, *, select: Iterable[str] = (), to:
         leases = Leases(store.db, owner=dep_id, run_id=dep_id, timeout=lease_timeout)
         try:
             with tempfile.TemporaryDirectory(prefix="edgepipe-rollback-") as tmp:
-                installer = _installer_for_rollback(store, inv, names[0], dep_id, References(store, Path(tmp)),
-                                                    on_event=on_event, cancel=cancel, lease=leases,
-                                                    transport_factory=transport_factory)
+                installer = _installer(store, inv, None, names[0], dep_id, References(store, Path(tmp)),
+                                       on_event=on_event, cancel=cancel, lease=leases,
+                                       transport_factory=transport_factory)
                 result = roll_back(installer, chosen, to_run, RolloutResult(dep_id, "rollback", to_run, names[0]),
                                    inv.max_parallel)
         finally:
             leases.close()
         return _finish(store, Deployment(None, result, store.path), report_dir, junit, summary)
-
-
-def _installer_for_rollback(store: Any, inv: Inventory, name: str, dep_id: str, refs: Any, **kw: Any) -> Any:
-    from pipeline.rollout import Installer, step_hook
-
-    return Installer(model_name=name, work=f"deploy-{dep_id}", thresholds=inv.deploy.health,
-                     on_step=step_hook(store.deployments, dep_id, name, kw["on_event"]), references=refs,
-                     transport_factory=kw["transport_factory"], lease=kw["lease"], cancel=kw["cancel"],
-                     on_event=kw["on_event"] or _quiet)
 
 
 def fleet_status(targets: str | Path | Inventory, *, select: Iterable[str] = (), model_name: str | None = None,

@@ -102,7 +102,7 @@ class Installer:
     def _hold(self, target: Any) -> Any:
         return self.lease(target, lambda d: self.on_event(target.name, "lease", d)) if self.lease else nullcontext()
 
-    def _connect(self, target: Any) -> Transport:
+    def _connect(self, target: Any, cancel: CancelToken | None = None) -> Transport:
         factory = self.transport_factory or open_transport
 
         def attempt(n: int) -> Transport:
@@ -111,7 +111,7 @@ class Installer:
             tr.connect()
             return tr
 
-        return retrying(target, attempt, self.on_event, cancel=self.cancel)
+        return retrying(target, attempt, self.on_event, cancel=cancel or self.cancel)
 
     def _items(self, artifact: Path | None, smoke: Path | None) -> dict[str, PushItem]:
         items = {"agent": PushItem.agent()}
@@ -126,7 +126,7 @@ class Installer:
         during the check), the board stays on what it was switched to and says so."""
         err = ErrorInfo(exc.code, exc.one_line(), exc.data.get("details"))
         if o.changed:
-            err.message += "; the board stays on the new release, unchecked (rerun deploy or rollback)"
+            err.message += "; the board was switched to the new release before this"
         self._step(o, "failed", err)
         return o
 
@@ -175,13 +175,16 @@ class Installer:
                 raise
             o.error = ErrorInfo(exc.code, exc.one_line())
             return o
-        except EdgepipeError as exc:
-            return self._failed(o, exc)
-        except Exception as exc:   # a host-side bug is this board's row, not a crashed rollout
-            return self._failed(o, DeployError(f"{type(exc).__name__}: {exc}", code="internal"))
+        except Exception as exc:   # a host-side bug is this board's row too, not a crashed rollout
+            err = exc if isinstance(exc, EdgepipeError) else DeployError(f"{type(exc).__name__}: {exc}",
+                                                                         code="internal")
+            self._failed(o, err)
+            if o.changed:   # lost after the switch (the connection dropped during the check): go back if we can
+                self.revert(o, t, plan.cls, f"the check did not finish: {err.one_line()}", code=err.code)
+            return o
 
     def _deploy(self, tr: Transport, plan: Any, o: Outcome, already_healthy: bool) -> Outcome:
-        t = plan.target
+        t, started = plan.target, time.time()
         tr.cancel = self.cancel          # until the switch, Ctrl-C stops this board at once: nothing changed yet
         board = Board(tr, t, self.model_name)
         st = board.status()
@@ -211,7 +214,7 @@ class Installer:
         self.on_event(t.name, "switch", f"current -> releases/{name}")
         board.switch(name)
         o.release, o.changed, o.board_release, o.board_sha = name, True, name, plan.sha256
-        self._step(o, "installed", detail={"from_release": o.from_release})
+        self._step(o, "installed", detail={"from_release": o.from_release, "started": started})
         h = self.check(board, t, plan.reference, plan.cls, items, plan.sha256, name)
         o.health = h.to_dict()
         if h.ok:
@@ -258,8 +261,9 @@ class Installer:
                                               f"check too: {h.error.message}"), detail)
 
     # -- revert a healthy board (abort), roll back on request ------------------------------------------------
-    def revert(self, o: Outcome, target: Any, cls: DeviceClass, why: str) -> Outcome:
-        """Take a board this rollout made healthy back to the release it had before (abort criteria)."""
+    def revert(self, o: Outcome, target: Any, cls: DeviceClass, why: str, code: str = "stage_aborted") -> Outcome:
+        """Take a board this rollout switched back to the release it had before (abort criteria, or a check that
+        could not finish); `code` is the error its rolled_back step carries."""
         try:
             with self._hold(target):
                 tr = self._connect_now(target)
@@ -272,7 +276,7 @@ class Installer:
                         return o
                     before = BoardStatus(now.deploy_dir, o.from_release, None, {"run_id": run_of(o.from_release)},
                                          o.from_sha)
-                    self._back(board, target, o, before, cls, why, ErrorInfo("stage_aborted", why))
+                    self._back(board, target, o, before, cls, why, ErrorInfo(code, why))
                 finally:
                     tr.close()
         except EdgepipeError as exc:
@@ -281,11 +285,7 @@ class Installer:
 
     def _connect_now(self, target: Any) -> Transport:
         """Connect even once cancelled: a revert is never left half done."""
-        saved, self.cancel = self.cancel, CancelToken()
-        try:
-            return self._connect(target)
-        finally:
-            self.cancel = saved
+        return self._connect(target, CancelToken())
 
     def rollback(self, target: Any, cls: DeviceClass | None, to_run: str | None, stage: int = 0) -> Outcome:
         """`edgepipe rollback`: switch the board to its previous release (or the newest one of `to_run`), activate
