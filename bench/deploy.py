@@ -12,7 +12,7 @@ started (getrusage of the children), over 32. The devices' side (sshd, the helpe
 machine, as the boards' CPUs would not: the figure says how the two compare here, and the phases (from the
 deployment's recorded steps) say where edgepipe's time goes.
 
-    .venv/bin/python bench/deploy.py [--rounds 3] [--devices 32] [--json]
+    .venv/bin/python bench/deploy.py [--rounds 5] [--devices 32] [--json]
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def run(rounds: int, n: int, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--devices", type=int, default=32)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
