@@ -73,8 +73,9 @@ def step_hook(recorder: StepRecorder, dep_id: str, model_name: str,
             recorder.set_device_release(o.name, model_name, run_id=run_of(o.board_release), release=o.board_release,
                                         sha256=o.board_sha, health=state, deployment_id=dep_id)
         if on_event is not None:
-            on_event(o.name, "done" if state in ("healthy", "rolled_back", "failed") else state,
-                     state + (f": {error.code}" if error is not None else ""))
+            final = state in ("healthy", "rolled_back", "failed")
+            on_event(o.name, "done" if final else state, (state + (f": {error.code}" if error is not None else ""))
+                     if final else f"current -> {o.board_release}" if state == "installed" else state)
 
     return hook
 
