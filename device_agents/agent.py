@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -42,6 +43,17 @@ CORAL_USB_IDS = ("1a6e:089a", "18d1:9302")  # before and after the Edge TPU firm
 EDGETPU_LIB = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
 EDGETPU_CUSTOM_OP = "edgetpu-custom-op"  # what edgetpu_compiler turns the mapped part of a graph into
 APEX_TEMP = "/sys/class/apex/apex_0/temp"  # PCIe/M.2 Edge TPU temperature, millidegrees Celsius
+APEX_TEMPS = "/sys/class/apex/apex_*/temp"  # every PCIe/M.2 Edge TPU
+# Conditions of a measurement (device facts read before and after the timed runs). A test fleet stands a fake
+# board's tree in for /sys with this variable (set by its sshd); the code paths stay the real ones.
+SYSFS_ROOT_ENV = "EDGEPIPE_SYSFS_ROOT"
+VCGENCMD = "/usr/bin/vcgencmd"  # used when no vcgencmd is on PATH (Raspberry Pi OS puts it here)
+VCGENCMD_TIMEOUT_S = 10.0
+# `vcgencmd get_throttled` bits: 0-3 hold now, 16-19 the same events since boot.
+THROTTLED_BITS = (("under_voltage", 0), ("freq_capped", 1), ("throttled", 2), ("soft_temp_limit", 3))
+SINCE_BOOT_SHIFT = 16
+CLEAR_REFS_PEAK = "5"  # written to /proc/self/clear_refs: VmHWM is reset to the current VmRSS (Linux >= 4.0)
+MB = 1048576.0  # memory figures are MB of 2^20 bytes
 # Flatbuffer field ids (tflite schema.fbs) the agent reads.
 MODEL_OPERATOR_CODES, MODEL_SUBGRAPHS, MODEL_BUFFERS = 1, 2, 4
 SUBGRAPH_TENSORS, SUBGRAPH_OPERATORS = 0, 3
@@ -149,6 +161,8 @@ def parse_args(argv):
     p.add_argument("--fallback-model", help="plain int8 model the CPU runs when the Edge TPU cannot (--allow-fallback)")
     p.add_argument("--baseline-model", help="also time this (the baseline's) model, interleaved with --model")
     p.add_argument("--max-seconds", type=float, default=None, help="stop warmup/timed runs after this long")
+    p.add_argument("--min-duration-s", type=float, default=None,
+                   help="time invokes until both --runs and this many seconds of timed runs are reached")
     p.add_argument("--runtime", default="auto", choices=("auto",) + RUNTIME_ORDER)
     p.add_argument("--out", help="also write the JSON document here (atomically)")
     p.add_argument("--outputs-out", help="write every model output over the eval set to this .npz (by tensor name)")
@@ -160,35 +174,44 @@ def parse_args(argv):
             raise AgentFailure("bad_args", "agent.py: --model and --data are required (or --probe)")
         if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
             raise AgentFailure("bad_args", "agent.py: need --runs >= 1, --warmup >= 0, --threads >= 1")
+        if args.min_duration_s is not None and args.min_duration_s < 0:
+            raise AgentFailure("bad_args", "agent.py: need --min-duration-s >= 0")
     return args
 
 
 # ---------------------------------------------------------------- the two commands
 
 def measure(args):
-    """One measurement, phase by phase: the device and the model file; the runtime and the interpreter (timed as
-    `init`); the eval data; the timed invokes; every output over the eval set; the baseline side by side."""
+    """One measurement, phase by phase: the device and its conditions; the model file; the eval data; the
+    resident-set mark; the runtime and the interpreter (timed as `init`); the timed invokes, then the resident set
+    and the conditions again; every output over the eval set; the baseline side by side."""
     started = time.time()
     device = device_facts()
     warnings = device_warnings(device)
+    # read first, not just before the timed runs: the vcgencmd process would disturb `init` and `first`; a throttle
+    # between here and the second reading counts, a stricter window around the timed runs
+    before = read_conditions()
     model = read_model(args.model, args.expect_sha256)
-    if not os.path.isfile(args.data):
-        raise AgentFailure("data_not_found", "evaluation file not found: %s" % args.data)
+    arrays = read_eval(args.data)  # read before the mark below: the eval data is not the model's memory
     options = parse_delegate_options(args.delegate_option)
     runtime = select_runtime(args.runtime, args.delegate)
     import numpy as np
-    rss_before = peak_rss_bytes()
+    rss = [memory_reading()]  # after every import: the mark the model's memory is counted from
+    peak_reset = rss[0]["source"] == "proc_status" and reset_peak_rss()
+    ru_peak_before = peak_rss_bytes()
     interp, delegate, init_ms = load(runtime, args, model, options, warnings)
+    rss.append(memory_reading())
     inputs, outputs = interp.get_input_details(), interp.get_output_details()
     model["inputs"] = [_tensor_info(d) for d in inputs]
     model["outputs"] = [_tensor_info(d) for d in outputs]
-    xs = load_data(args.data, inputs)
+    xs = load_data(args.data, inputs, arrays)
     reduce = parse_reduce(args.reduce, outputs)
     timing = time_model(interp, inputs, xs, init_ms, args, warnings, started)
+    rss.append(memory_reading())
+    conditions = conditions_block(before, read_conditions(), warnings)
     outputs_block = record_outputs(args.outputs_out, interp, inputs, outputs, xs, reduce)
     paired = time_paired(runtime, args, delegate, interp, inputs, xs, options) if args.baseline_model else None
     device["soc_temp_c_after"] = _soc_temp_c()
-    peak = peak_rss_bytes()
     timing["timestamps"]["finished"] = time.time()
     return envelope(
         True,
@@ -197,12 +220,12 @@ def measure(args):
         accelerator=accelerator(delegate, args),
         paired=paired,
         config={"runs": args.runs, "warmup": args.warmup, "threads": args.threads, "max_seconds": args.max_seconds,
-                "batch": batch_size(inputs), "numpy": np.__version__},
+                "min_duration_s": args.min_duration_s, "batch": batch_size(inputs), "numpy": np.__version__},
         accuracy=None,   # scored on the host from the outputs file (pipeline.metrics)
         agreement=None,
         outputs=outputs_block,
-        memory={"peak_rss_bytes": peak, "peak_rss_before_load_bytes": rss_before,
-                "peak_rss_mb": round(peak / 1048576.0, 2) if peak else None},
+        memory=memory_block(rss, peak_reset, ru_peak_before, peak_rss_bytes()),
+        conditions=conditions,
         device=device,
         model=model,
         warnings=warnings,
@@ -232,29 +255,35 @@ def probe(args):
         "disk_free_bytes": free,
         "workdir": workdir,
         "device": device_facts(),
+        "conditions": read_conditions(),
     })
 
 
 # ---------------------------------------------------------------- the measurement's phases
 
 def time_model(interp, inputs, xs, init_ms, args, warnings, started):
-    """The timed phase on the first eval sample(s): first invoke, warmup, timed runs (no collector pauses inside);
-    the result's latency_ms (p50/p90/p99 over `n` samples), samples_ms, runs_done, warmup_done, stopped_early and
-    timestamps (this device's clock, epoch seconds: started, timed_from/timed_to around the timed invokes, finished)."""
+    """The timed phase on the first eval sample(s): first invoke, warmup, timed runs (no collector pauses inside),
+    until both --runs and --min-duration-s are reached; the result's latency_ms (p50/p90/p99 over `n` samples),
+    samples_ms, runs_done, warmup_done, stopped_early and timestamps (this device's clock, epoch seconds: started,
+    timed_from/timed_to around the timed invokes, runs_from where the timed runs after warmup began, finished)."""
     set_inputs(interp, inputs, xs, 0)
-    log("timing: 1 first + %d warmup + %d runs" % (args.warmup, args.runs))
+    log("timing: 1 first + %d warmup + %d runs%s" % (args.warmup, args.runs, " and at least %gs" % args.min_duration_s
+                                                    if args.min_duration_s else ""))
     gc.collect()
     gc.disable()
     timed_from = time.time()
     try:
-        first_ns, warm, samples = time_invokes(interp, args.runs, args.warmup, args.max_seconds)
+        first_ns, warm, samples, runs_from = time_invokes(interp, args.runs, args.warmup, args.max_seconds,
+                                                          args.min_duration_s)
     finally:
         gc.enable()
     timed_to = time.time()
     stats, samples_ms = _stats(samples)
-    stopped_early = len(samples) < args.runs or len(warm) < args.warmup
+    short = bool(args.min_duration_s) and timed_to - runs_from < args.min_duration_s
+    stopped_early = len(samples) < args.runs or len(warm) < args.warmup or short
     if stopped_early:
-        warnings.append("stopped after %d of %d runs (--max-seconds %s)" % (len(samples), args.runs, args.max_seconds))
+        warnings.append("stopped after %d of %d runs, %.3gs of timed runs (--max-seconds %s, --min-duration-s %s)"
+                        % (len(samples), args.runs, timed_to - runs_from, args.max_seconds, args.min_duration_s))
     latency = {"init": init_ms, "first": first_ns / 1e6,
                "warmup_mean": (sum(warm) / len(warm) / 1e6) if warm else None}
     latency.update(stats)
@@ -262,7 +291,8 @@ def time_model(interp, inputs, xs, init_ms, args, warnings, started):
     return {"latency_ms": dict((k, None if v is None else round(v, 6)) for k, v in latency.items()),
             "samples_ms": samples_ms, "runs_done": len(samples), "warmup_done": len(warm),
             "stopped_early": stopped_early,
-            "timestamps": {"started": started, "timed_from": timed_from, "timed_to": timed_to, "finished": None}}
+            "timestamps": {"started": started, "timed_from": timed_from, "runs_from": runs_from,
+                           "timed_to": timed_to, "finished": None}}
 
 
 def record_outputs(path, interp, inputs, outputs, xs, reduce):
@@ -749,16 +779,22 @@ def _tensor_info(detail):
             "dtype": detail["dtype"].__name__ if hasattr(detail["dtype"], "__name__") else str(detail["dtype"]),
             "scale": float(scale), "zero_point": int(zero)}
 
-def load_data(path, inputs):
-    """One array per model input from the eval .npz, checked against the model (other arrays are ignored)."""
+def read_eval(path):
+    """Every array of the eval .npz, read into memory; data_not_found or bad_data."""
     import numpy as np
     if not os.path.isfile(path):
         raise AgentFailure("data_not_found", "evaluation file not found: %s" % path)
     try:
         npz = np.load(path, allow_pickle=False)
-        arrays = dict((k, npz[k]) for k in npz.files)
+        return dict((k, npz[k]) for k in npz.files)
     except Exception as exc:
         raise AgentFailure("bad_data", "%s is not a readable .npz file: %s" % (path, _one_line(exc)))
+
+def load_data(path, inputs, arrays=None):
+    """One array per model input from the eval .npz (or its `arrays`, already read), checked against the model
+    (other arrays are ignored)."""
+    if arrays is None:
+        arrays = read_eval(path)
     xs = []
     for detail in inputs:  # by TFLite input tensor name; `x` also names the input of a single-input model
         key = detail["name"] if detail["name"] in arrays else ("x" if len(inputs) == 1 else None)
@@ -840,8 +876,10 @@ def dequantize(q, detail, dtype=None):
 
 # ---------------------------------------------------------------- timing
 
-def time_invokes(interp, runs, warmup, max_seconds):
-    """first, warmup and timed invokes (benchmark_model's phases); a deadline stops warmup/runs early."""
+def time_invokes(interp, runs, warmup, max_seconds, min_duration_s=None):
+    """first, warmup and timed invokes (benchmark_model's phases); the timed runs go on until both `runs` and
+    `min_duration_s` are reached; a deadline stops warmup/runs early. Returns the three and when (epoch seconds)
+    the timed runs began."""
     pc = time.perf_counter_ns
     invoke = interp.invoke
     deadline = pc() + int(max_seconds * 1e9) if max_seconds else None
@@ -858,14 +896,17 @@ def time_invokes(interp, runs, warmup, max_seconds):
             break
     samples = []
     append = samples.append
-    for _ in range(runs):
+    runs_from = time.time()
+    t1 = pc()
+    until = t1 + int(min_duration_s * 1e9) if min_duration_s else t1
+    while len(samples) < runs or t1 < until:
         t0 = pc()
         invoke()
         t1 = pc()
         append(t1 - t0)
         if deadline is not None and t1 > deadline:
             break
-    return first_ns, warm, samples
+    return first_ns, warm, samples, runs_from
 
 def _stats(samples_ns):
     """Summary of the timed invokes, computed from the very samples_ms reported (ms, rounded to the nanosecond)."""
@@ -1002,9 +1043,9 @@ def device_facts():
     if facts["cpu_cores"] is None:
         facts["cpu_cores"] = os.cpu_count()
     if facts["board"] is None:
-        board = _read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
+        board = _read("/proc/device-tree/model") or _read(sys_path("/sys/firmware/devicetree/base/model"))
         facts["board"] = board.strip("\x00\n ") if board else None
-    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    governor = _read(sys_path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"))
     facts.update({
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "machine": platform.machine(),
@@ -1066,11 +1107,7 @@ def parse_cpuinfo(text):
     return facts
 
 def _soc_temp_c():
-    raw = _read("/sys/class/thermal/thermal_zone0/temp")
-    try:
-        return round(int(raw.strip()) / 1000.0, 1)
-    except (AttributeError, ValueError):
-        return None
+    return _read_number(sys_path("/sys/class/thermal/thermal_zone0/temp"), 1000.0)
 
 def _os_release():
     text = _read("/etc/os-release") or ""
@@ -1086,6 +1123,182 @@ def peak_rss_bytes():
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+def memory_reading():
+    """The resident set now and its peak, bytes: VmRSS and VmHWM from /proc/self/status; where there is no /proc,
+    only the process peak from getrusage (`rss` None)."""
+    fields = parse_status(_read("/proc/self/status"))
+    if "VmRSS" in fields and "VmHWM" in fields:
+        return {"rss": fields["VmRSS"], "hwm": fields["VmHWM"], "source": "proc_status"}
+    return {"rss": None, "hwm": peak_rss_bytes(), "source": "ru_maxrss"}
+
+def parse_status(text):
+    """{"VmRSS": bytes, "VmHWM": bytes, ...} from /proc/self/status text (values in kB there)."""
+    out = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if key.startswith("Vm") and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            out[key] = int(parts[0]) * 1024
+    return out
+
+def reset_peak_rss():
+    """Reset VmHWM to the current VmRSS (write 5 to /proc/self/clear_refs); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write(CLEAR_REFS_PEAK)
+        return True
+    except (OSError, IOError):
+        return False
+
+def memory_block(rss, peak_reset, peak_before_load, peak_after):
+    """The result's `memory`: readings before load, after load and allocation, after the timed runs (`rss`), and
+    what the model adds to the process, in MB from the mark before load. With /proc: model_load_mb is VmRSS after
+    load minus VmRSS before, model_peak_mb VmHWM after the runs minus VmRSS before (VmHWM was reset at the mark;
+    where that is not allowed, the larger of the later readings: a lower bound). With ru_maxrss only: growth of the
+    process peak, also a lower bound."""
+    before, loaded, after = rss
+    source = before["source"]
+    mb = lambda v: None if v is None else round(v / MB, 2)  # noqa: E731
+    if source == "proc_status":
+        base = before["rss"]
+        peak = after["hwm"] if peak_reset else max(loaded["rss"], after["rss"],
+                                                     after["hwm"] if after["hwm"] > before["hwm"] else 0)
+        process_peak, load, model_peak = max(before["hwm"], after["hwm"]), loaded["rss"] - base, peak - base
+    else:
+        base = before["hwm"]
+        process_peak = after["hwm"]
+        load = None if base is None or loaded["hwm"] is None else loaded["hwm"] - base
+        model_peak = None if base is None or after["hwm"] is None else after["hwm"] - base
+    return {"process_peak_mb": mb(process_peak), "model_load_mb": mb(load), "model_peak_mb": mb(model_peak),
+            "rss_before_load_mb": mb(before["rss"]), "rss_after_load_mb": mb(loaded["rss"]),
+            "rss_after_runs_mb": mb(after["rss"]), "hwm_before_load_mb": mb(before["hwm"]),
+            "hwm_after_load_mb": mb(loaded["hwm"]), "hwm_after_runs_mb": mb(after["hwm"]),
+            "source": source, "peak_reset": bool(peak_reset),
+            "peak_rss_bytes": peak_after, "peak_rss_before_load_bytes": peak_before_load,
+            "peak_rss_mb": mb(peak_after) if peak_after else None}
+
+def read_conditions():
+    """One reading of what sets a board's speed: `vcgencmd get_throttled` decoded, each core's frequency and
+    governor, every temperature (thermal zones, PCIe Edge TPUs); a source that is missing is null."""
+    t0 = time.perf_counter_ns()
+    cores = cpu_policies()
+    reading = {"throttled": throttled_state(),
+               "freq_mhz": dict((c, {"cur": v["cur"], "max": v["max"]}) for c, v in cores.items()) or None,
+               "governor": dict((c, v["governor"]) for c, v in cores.items() if v["governor"]) or None,
+               "temps_c": temperatures()}
+    reading["read_ms"] = round((time.perf_counter_ns() - t0) / 1e6, 3)
+    return reading
+
+def conditions_block(before, after, warnings):
+    """The result's `conditions`: the two readings, and what the timed runs met: `flags` set at either reading or
+    raised between them (`throttled` null without vcgencmd), the governor(s), frequencies and temperatures after."""
+    b, a = before["throttled"], after["throttled"]
+    flags = None
+    if b is not None or a is not None:
+        seen = set(b["now"] if b else []) | set(a["now"] if a else [])
+        if a is not None and b is not None:  # since-boot events not set before happened during the runs
+            seen |= set(a["since_boot"]) - set(b["since_boot"])
+        flags = [name for name, _ in THROTTLED_BITS if name in seen]
+        if flags:
+            warnings.append("throttled during the timed runs (%s, vcgencmd get_throttled %s then %s): the board "
+                            "ran below its speed" % (", ".join(flags), b and b["raw"], a and a["raw"]))
+    governors = sorted(set((before["governor"] or after["governor"] or {}).values()))
+    return {"before": before, "after": after, "throttled": None if flags is None else bool(flags), "flags": flags,
+            "governor": ",".join(governors) or None, "freq_mhz": after["freq_mhz"], "temps_c": after["temps_c"]}
+
+def throttled_state():
+    """`vcgencmd get_throttled` (the first vcgencmd on PATH, else /usr/bin/vcgencmd) decoded; None without it."""
+    exe = vcgencmd_path()
+    if exe is None:
+        return None
+    try:
+        out = command_output([exe, "get_throttled"], VCGENCMD_TIMEOUT_S)
+    except (OSError, ValueError) as exc:
+        log("%s get_throttled failed: %s" % (exe, _one_line(exc)))
+        return None
+    return parse_throttled(out.decode("ascii", "replace"))
+
+def command_output(argv, timeout):
+    """stdout of a short command (stdin and stderr /dev/null), killed after `timeout` seconds (ValueError).
+    posix_spawn where Python has it (3.8+): importing subprocess would cost more than the command itself."""
+    if not hasattr(os, "posix_spawn"):
+        import subprocess
+        try:
+            return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                  timeout=timeout).stdout
+        except subprocess.SubprocessError as exc:
+            raise ValueError(_one_line(exc))
+    import select
+    read_end, write_end = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[  # novermin (guarded by hasattr above)
+            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, write_end, 1),  # novermin
+            (os.POSIX_SPAWN_DUP2, null, 2)])  # novermin
+    except OSError:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+        os.close(null)
+    chunks, chunk, deadline = [], b"", time.time() + timeout
+    try:
+        while True:
+            ready = select.select([read_end], [], [], max(0.0, deadline - time.time()))[0]
+            chunk = os.read(read_end, 65536) if ready else None
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if chunk is None:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    if chunk is None:
+        raise ValueError("no answer within %gs" % timeout)
+    return b"".join(chunks)
+
+def vcgencmd_path():
+    """The first executable `vcgencmd` on PATH, else /usr/bin/vcgencmd if it exists, else None."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(directory, "vcgencmd")
+        if directory and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return VCGENCMD if os.path.isfile(VCGENCMD) else None
+
+def parse_throttled(text):
+    """{"raw": "0x50005", "now": [flags], "since_boot": [flags]} from `throttled=0x50005`; None if unreadable."""
+    m = re.search(r"throttled=(0x[0-9a-fA-F]+|[0-9]+)", text or "")
+    if m is None:
+        return None
+    value = int(m.group(1), 0)
+    return {"raw": hex(value), "now": [name for name, bit in THROTTLED_BITS if value >> bit & 1],
+            "since_boot": [name for name, bit in THROTTLED_BITS if value >> (bit + SINCE_BOOT_SHIFT) & 1]}
+
+def cpu_policies():
+    """{"cpu0": {"cur", "max" (MHz), "governor"}} for every core that has cpufreq; {} where the kernel has none."""
+    found = {}
+    cpus = glob.glob(sys_path("/sys/devices/system/cpu/cpu[0-9]*"))
+    for path in sorted(cpus, key=lambda p: int(re.sub(r"[^0-9]", "", os.path.basename(p)) or 0)):
+        freq = os.path.join(path, "cpufreq")
+        governor = _read(os.path.join(freq, "scaling_governor"))
+        core = {"cur": _read_number(os.path.join(freq, "scaling_cur_freq"), 1000.0),
+                "max": _read_number(os.path.join(freq, "scaling_max_freq"), 1000.0),
+                "governor": governor.strip() if governor else None}
+        if core["cur"] is not None or core["max"] is not None or core["governor"]:
+            found[os.path.basename(path)] = core
+    return found
+
+def temperatures():
+    """{"thermal_zone0": C, ..., "apex_0": C}: every thermal zone and PCIe Edge TPU; None where there is none."""
+    found = {}
+    for pattern in ("/sys/class/thermal/thermal_zone*/temp", APEX_TEMPS):
+        for path in sorted(glob.glob(sys_path(pattern))):
+            value = _read_number(path, 1000.0)
+            if value is not None:
+                found[os.path.basename(os.path.dirname(path))] = value
+    return found or None
 
 def edgetpu_facts():
     """libedgetpu (path, runtime version), the Edge TPUs found and the TPU temperature; absent facts are None/[]."""
@@ -1141,7 +1354,7 @@ def libedgetpu_facts(library):
 def coral_usb_ids():
     """Coral USB Accelerators on the bus, by vendor:product id (before and after firmware load)."""
     found = []
-    for vendor_file in sorted(glob.glob("/sys/bus/usb/devices/*/idVendor")):
+    for vendor_file in sorted(glob.glob(sys_path("/sys/bus/usb/devices/*/idVendor"))):
         vendor = (_read(vendor_file) or "").strip()
         product = (_read(os.path.join(os.path.dirname(vendor_file), "idProduct")) or "").strip()
         ident = "%s:%s" % (vendor, product)
@@ -1151,11 +1364,7 @@ def coral_usb_ids():
 
 def edgetpu_temperature_c():
     """The Edge TPU's temperature where the board exposes it (PCIe/M.2 apex driver), else None."""
-    raw = _read(APEX_TEMP)
-    try:
-        return round(int(raw.strip()) / 1000.0, 1)
-    except (AttributeError, ValueError):
-        return None
+    return _read_number(sys_path(APEX_TEMP), 1000.0)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -1166,6 +1375,21 @@ def _read(path):
             return f.read()
     except (OSError, IOError, UnicodeDecodeError):
         return None
+
+def _read_number(path, scale):
+    """A sysfs integer file divided by `scale` (millidegrees, kHz), one decimal; None when absent or unreadable."""
+    raw = _read(path)
+    try:
+        return round(int(raw.strip()) / scale, 1)
+    except (AttributeError, ValueError):
+        return None
+
+def sys_path(path):
+    """A /sys path, under EDGEPIPE_SYSFS_ROOT instead when a test fleet stands a board's tree in for /sys."""
+    root = os.environ.get(SYSFS_ROOT_ENV)
+    if root and path.startswith("/sys/"):
+        return os.path.join(root, path[len("/sys/"):])
+    return path
 
 def _one_line(exc):
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

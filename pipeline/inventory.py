@@ -89,6 +89,35 @@ def _snr_gate(value: Any) -> Any:
 SnrGate = Annotated[Optional[Union[float, dict[str, float]]], BeforeValidator(_snr_gate)]
 
 
+class ConditionsSpec(_Strict):
+    """`gates: conditions:` what a run does about the board's conditions (overridable per kind, group, target).
+
+    throttled: a device throttled or frequency-capped during its timed runs is failed at once (`fail`), measured
+    once more after `cooldown_s` and failed if it throttles again (`remeasure`, the default), or kept with a
+    warning (`warn`). governor: `performance` fails a device whose CPU governor is anything else.
+    """
+
+    throttled: Optional[Literal["fail", "remeasure", "warn"]] = None
+    governor: Optional[Literal["performance", "any"]] = None
+    cooldown_s: Optional[float] = Field(None, ge=0, le=3600)
+
+
+CONDITION_DEFAULTS: dict[str, Any] = {"throttled": "remeasure", "governor": "any", "cooldown_s": 30.0}
+
+
+@dataclass(frozen=True)
+class ConditionsPolicy:
+    """A target's resolved `conditions` gates, each with where it came from (`sources`)."""
+
+    throttled: str = CONDITION_DEFAULTS["throttled"]
+    governor: str = CONDITION_DEFAULTS["governor"]
+    cooldown_s: float = CONDITION_DEFAULTS["cooldown_s"]
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def source(self, key: str) -> str:
+        return dict(self.sources).get(key, f"default (gates.conditions.{key} unset: {getattr(self, key)})")
+
+
 class GateThresholds(_Strict):
     """Per-target gates; None means not gated."""
 
@@ -109,9 +138,15 @@ class GateThresholds(_Strict):
     max_rmse: Optional[float] = Field(None, ge=0)
     min_miou: Optional[float] = Field(None, ge=0, le=1)
     min_auc: Optional[float] = Field(None, ge=0, le=1)
+    # memory (MB of 2^20 bytes, from the agent's marks) and start-up (ms: interpreter load + allocation, first invoke)
+    max_model_peak_mb: Optional[float] = Field(None, gt=0)
+    max_process_peak_mb: Optional[float] = Field(None, gt=0)
+    max_init_ms: Optional[float] = Field(None, gt=0)
+    max_first_inference_ms: Optional[float] = Field(None, gt=0)
+    conditions: Optional[ConditionsSpec] = None
 
 
-THRESHOLD_KEYS = tuple(GateThresholds.model_fields)
+THRESHOLD_KEYS = tuple(k for k in GateThresholds.model_fields if k != "conditions")
 
 
 class GatesSpec(GateThresholds):
@@ -144,6 +179,20 @@ class GatesSpec(GateThresholds):
                 if value is not None:
                     out[key] = (value, f"{source}.{key}")
         return out
+
+    def conditions_for(self, kind: str, groups: list[str] | tuple[str, ...] = (),
+                       target: GateThresholds | None = None, target_name: str | None = None) -> ConditionsPolicy:
+        """The `conditions` policy of one target, resolved like every threshold: target > group > kind > fleet."""
+        layers: list[tuple[GateThresholds, str]] = [(self, "gates")]
+        layers += [(self.kinds[kind], f"gates.kinds.{kind}")] if kind in self.kinds else []
+        layers += [(self.groups[g], f"gates.groups.{g}") for g in groups if g in self.groups]
+        layers += [(target, f"targets[{target_name}].gates")] if target is not None else []
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for spec, where in layers:
+            for key, value in (spec.conditions.model_dump(exclude_none=True) if spec.conditions else {}).items():
+                values[key], sources[key] = value, f"{where}.conditions.{key}"
+        return ConditionsPolicy(**values, sources=tuple(sorted(sources.items())))
 
 
 Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]   # a command as argv, never a shell string
@@ -179,6 +228,7 @@ class _TargetFields(_Strict):
     runs: Optional[int] = Field(None, ge=1)
     warmup: Optional[int] = Field(None, ge=0)
     max_seconds: Optional[float] = Field(None, gt=0)
+    min_duration_s: Optional[float] = Field(None, ge=0)  # timed runs last at least this long (and `runs` runs)
     emulated: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)  # which site's workers reach it (edgepipe worker --site)
     # edgepipe deploy (issue 20): where releases live on the board, how many are kept, the product's own commands
@@ -209,6 +259,7 @@ class GroupSpec(_Strict):
     threads: Optional[int] = Field(None, ge=1, le=256)
     allow_fallback: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)
+    min_duration_s: Optional[float] = Field(None, ge=0)
     deploy_dir: Optional[str] = Field(None, min_length=1)
     keep_releases: Optional[int] = Field(None, ge=1, le=100)
     activate: Optional[Argv] = None
@@ -299,6 +350,8 @@ class Target:
     site: str | None = None
     require_accelerator: bool = False
     keep_float: tuple[str, ...] = ()   # int8 selective quantization (`edgepipe optimize --write-modes` sets it)
+    min_duration_s: float | None = None   # the agent's --min-duration-s
+    conditions: ConditionsPolicy = field(default_factory=ConditionsPolicy)   # gates.conditions, resolved
     deploy_dir: str | None = None      # None: <workdir>/deploy/<model name>; `{model_name}` is replaced
     keep_releases: int = 3
     activate: tuple[str, ...] = ()     # argv run after the switch (and after a rollback)
@@ -394,6 +447,8 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
     """The pydantic model that owns the container at `loc` (for listing accepted keys)."""
     if not loc:
         return InventorySpec
+    if "conditions" in loc:
+        return ConditionsSpec
     head = loc[0]
     if head == "targets":
         if len(loc) >= 3 and loc[2] == "gates":
@@ -533,6 +588,8 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
             for key in DEPLOY_GROUP_FIELDS:
                 if getattr(gs, key) is not None and getattr(spec, key) is None:
                     merged[key] = getattr(gs, key)
+            if gs.min_duration_s is not None and spec.min_duration_s is None:
+                merged["min_duration_s"] = gs.min_duration_s
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
     keep_float = _keep_float(spec, inv, mode, file, fpath)
     delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
@@ -556,7 +613,22 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"), keep_float=keep_float,
         deploy_dir=merged.get("deploy_dir"), keep_releases=int(merged["keep_releases"]),
         activate=tuple(merged.get("activate") or ()), health=tuple(merged.get("health") or ()),
+        min_duration_s=_min_duration(merged, file, fpath),
+        conditions=inv.gates.conditions_for(merged["kind"], spec.groups, spec.gates, spec.name),
     )
+
+
+def _min_duration(merged: dict[str, Any], file: Path, fpath: str) -> float | None:
+    """min_duration_s must fit inside max_seconds (the agent's cap) and the agent's timeout."""
+    value = merged.get("min_duration_s")
+    if not value:
+        return None
+    for cap in ("max_seconds", "timeout"):
+        if merged.get(cap) is not None and value >= float(merged[cap]):
+            raise ConfigError(f"min_duration_s {value:g} does not fit inside {cap} {float(merged[cap]):g}: the timed "
+                              "runs would be cut short", file=file, field=f"{fpath}.min_duration_s",
+                              hint=f"lower min_duration_s or raise {cap}")
+    return float(value)
 
 
 def _keep_float(spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str) -> tuple[str, ...]:

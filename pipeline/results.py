@@ -131,6 +131,22 @@ class Measurement:
         """The baseline model timed interleaved (`--baseline-model`), {} when it was not."""
         return self.block("paired")
 
+    @property
+    def memory(self) -> dict[str, Any]:
+        """`process_peak_mb`, `model_load_mb`, `model_peak_mb`, the raw readings and their `source` (issue 22)."""
+        return self.block("memory")
+
+    @property
+    def conditions(self) -> dict[str, Any]:
+        """`throttled`, `flags`, `governor`, `freq_mhz`, `temps_c`, `before`/`after` and the host's `remeasured`;
+        {} from older agents."""
+        return self.block("conditions")
+
+
+def conditions_of(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The agent's `conditions` block of a result document, or {} (older agents)."""
+    return Measurement(result).conditions
+
 
 @dataclass
 class ErrorInfo:
@@ -197,6 +213,11 @@ class DeviceResult:
         self.fallback_reason = f"not compiled: {not_compiled}; {why}" if not_compiled else why
     # the device lease it measured under: {"acquired", "released"} epoch seconds on the database's clock, "device"
     lease: dict[str, Any] | None = None
+
+    @property
+    def throttled(self) -> bool:
+        """Throttled or frequency-capped during its timed runs (after any re-measure): never a baseline."""
+        return bool(self.ok and self.measured.conditions.get("throttled"))
 
     @classmethod
     def failure(cls, name: str, kind: str, mode: str, code: str, message: str, **kw: Any) -> "DeviceResult":

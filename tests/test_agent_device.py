@@ -225,3 +225,104 @@ def test_pypi_pycoral_impostor_is_ignored(device_python, digits_artifacts, tmp_p
     doc = json.loads(proc.stdout)
     validate_agent_result(doc)
     assert doc["error"]["code"] == "edgetpu_unavailable" and "libedgetpu" in doc["error"]["message"]
+
+
+# ---------------------------------------------------------------- conditions and memory (issue 22)
+
+def test_get_throttled_bits_decode_into_named_flags(agent):
+    assert agent.parse_throttled("throttled=0x0\n") == {"raw": "0x0", "now": [], "since_boot": []}
+    assert agent.parse_throttled("throttled=0x50005") == {
+        "raw": "0x50005", "now": ["under_voltage", "throttled"], "since_boot": ["under_voltage", "throttled"]}
+    assert agent.parse_throttled("throttled=0xa0000")["since_boot"] == ["freq_capped", "soft_temp_limit"]
+    assert agent.parse_throttled("error=1 error_msg=\"Command not registered\"") is None
+
+
+def reading(agent, raw):
+    """One conditions reading whose vcgencmd printed `raw` (None: no vcgencmd)."""
+    throttled = None if raw is None else agent.parse_throttled(f"throttled={raw:#x}")
+    return {"throttled": throttled, "freq_mhz": None, "governor": None, "temps_c": None}
+
+
+@pytest.mark.parametrize("before, after, flags", [
+    (0x0, 0x0, []),
+    (0x50000, 0x50000, []),               # under-voltage and throttling long ago: not during these runs
+    (0x0, 0x20000, ["freq_capped"]),      # capped between the readings, over again at the second
+    (0x4, 0x40000, ["throttled"]),        # throttled as the runs began
+    (0x10000, 0x10008, ["soft_temp_limit"]),
+    (None, 0x40000, []),                  # no first reading: a since-boot event cannot be placed in time
+    (None, None, None),                   # no vcgencmd: unknown, never an error
+])
+def test_flags_are_what_the_timed_runs_met(agent, before, after, flags):
+    warnings = []
+    block = agent.conditions_block(reading(agent, before), reading(agent, after), warnings)
+    assert block["flags"] == flags and block["throttled"] == (None if flags is None else bool(flags))
+    assert bool(warnings) == bool(flags)
+
+
+def test_memory_attribution_from_proc_and_from_ru_maxrss(agent):
+    mb = 2 ** 20
+    proc = [{"rss": 40 * mb, "hwm": 90 * mb, "source": "proc_status"},   # imports peaked at 90, reset to 40
+            {"rss": 52 * mb, "hwm": 55 * mb, "source": "proc_status"},
+            {"rss": 60 * mb, "hwm": 71 * mb, "source": "proc_status"}]
+    m = agent.memory_block(proc, True, None, None)
+    assert (m["model_load_mb"], m["model_peak_mb"], m["process_peak_mb"]) == (12.0, 31.0, 90.0)
+    unreset = agent.memory_block(proc, False, None, None)   # VmHWM still holds the import peak: a lower bound
+    assert unreset["model_peak_mb"] == 20.0 and unreset["peak_reset"] is False
+    ru = [{"rss": None, "hwm": 90 * mb, "source": "ru_maxrss"}, {"rss": None, "hwm": 95 * mb, "source": "ru_maxrss"},
+          {"rss": None, "hwm": 120 * mb, "source": "ru_maxrss"}]
+    m = agent.memory_block(ru, False, None, None)
+    assert (m["model_load_mb"], m["model_peak_mb"], m["process_peak_mb"], m["rss_before_load_mb"]) == (5.0, 30.0,
+                                                                                                     120.0, None)
+    assert agent.parse_status("VmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nName:\tpython\n") == {
+        "VmHWM": 2 << 20, "VmRSS": 1 << 20}
+
+
+def test_without_proc_the_peak_comes_from_getrusage(agent, monkeypatch):
+    real = agent._read
+    monkeypatch.setattr(agent, "_read", lambda p: None if p == "/proc/self/status" else real(p))
+    got = agent.memory_reading()
+    assert got["source"] == "ru_maxrss" and got["rss"] is None and got["hwm"] == agent.peak_rss_bytes()
+
+
+def _empty_board(tmp_path) -> dict:
+    (tmp_path / "sys").mkdir()
+    return {"EDGEPIPE_SYSFS_ROOT": str(tmp_path / "sys"), "PATH": "/usr/bin:/bin"}   # no vcgencmd, no cpufreq
+
+
+def test_numpy_only_probe_gives_null_where_a_source_is_missing(device_python, tmp_path):
+    proc = subprocess.run([str(device_python["numpy-only"]), str(AGENT), "--probe"], capture_output=True, text=True,
+                          env=_empty_board(tmp_path), timeout=120)
+    doc = json.loads(proc.stdout)
+    validate_agent_result(doc)
+    assert doc["probe"]["conditions"] == {"throttled": None, "freq_mhz": None, "governor": None, "temps_c": None,
+                                          "read_ms": doc["probe"]["conditions"]["read_ms"]}
+    assert doc["probe"]["device"]["governor"] is None and doc["probe"]["device"]["soc_temp_c_before"] is None
+
+
+def test_python_37_agent_reads_a_board_and_nulls_what_is_missing(digits_artifacts, tmp_path):
+    """Coral's Mendel Python 3.7: the same probes (subprocess, glob, /proc) work there, with and without a board."""
+    py37 = ROOT / ".venv-devices" / "py37" / "bin" / "python"
+    if not py37.exists():
+        pytest.skip("no .venv-devices/py37 (pyenv 3.7 + numpy + tflite-runtime); vermin covers syntax")
+    import numpy as np
+
+    from pipeline.testing.board import make_board
+
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32))
+    board = make_board(tmp_path / "board", cpus=2, governor="ondemand", zones=(70.0,), throttled=[0, 0x50005])
+    argv = [str(py37), str(AGENT), "--model", str(digits_artifacts["int8"].path), "--data", str(data), "--runs", "3"]
+    docs = []
+    for env in (_empty_board(tmp_path), board.env("/usr/bin:/bin")):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        docs.append(json.loads(proc.stdout))
+        validate_agent_result(docs[-1])
+        assert docs[-1]["ok"], proc.stderr[-2000:]
+    bare, pi = (d["conditions"] for d in docs)
+    assert (bare["throttled"], bare["flags"], bare["governor"], bare["freq_mhz"], bare["temps_c"]) == (None,) * 5
+    assert pi["throttled"] is True and pi["flags"] == ["under_voltage", "throttled"] and pi["governor"] == "ondemand"
+    assert pi["freq_mhz"] == {"cpu0": {"cur": 1500.0, "max": 1500.0}, "cpu1": {"cur": 1500.0, "max": 1500.0}}
+    assert pi["temps_c"] == {"thermal_zone0": 70.0}
+    for d in docs:
+        assert d["device"]["python"].startswith("3.7.") and d["memory"]["source"] == "proc_status"
+        assert d["memory"]["model_peak_mb"] is not None and d["memory"]["peak_reset"] is True

@@ -29,6 +29,20 @@ def x2(v: float) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.0f}"
 
 
+def probe_row(agent_overhead: dict) -> list[str]:
+    """The strings of the README row on the agent's conditions and memory probes (issue 22)."""
+    probes = {p["venv"]: p for p in agent_overhead["probes"]}
+    lit, tfr = probes["litert"], probes["tflite-runtime"]
+    target = next(t["target"] for t in agent_overhead["targets"] if "probes" in t["name"])
+    return [f"({lit['runs']} runs, {lit['rounds']} rounds)",
+            f"**{100 * lit['probe_share_of_process_wall']:.2f} %** (LiteRT)",
+            f"**{100 * tfr['probe_share_of_process_wall']:.2f} %** (tflite-runtime)",
+            f"(target < {100 * float(target.lstrip('< ')):g} %)",
+            f"CPU {lit['ratio_of_process_cpu']:.3f}× / {tfr['ratio_of_process_cpu']:.3f}×",
+            f"wall {lit['ratio_of_process_walls']:.3f}× / {tfr['ratio_of_process_walls']:.3f}×",
+            f"{100 * lit['cpu_ratio_sd_per_round']:.1f} %–{100 * tfr['cpu_ratio_sd_per_round']:.1f} %"]
+
+
 def expected(doc: dict) -> dict[str, list[str]]:
     """README anchor (a row's start, or a sentence's words) -> the strings formatted from RESULTS.json it holds."""
     b = doc["benches"]
@@ -63,6 +77,7 @@ def expected(doc: dict) -> dict[str, list[str]]:
         "| agent vs a bare `invoke()` loop": [
             f"({agent['litert']['rounds']} rounds)", f"**{agent['litert']['ratio_of_means']:.2f}×** (LiteRT)",
             f"**{agent['tflite-runtime']['ratio_of_means']:.2f}×** (tflite-runtime)"],
+        "| the agent's conditions and memory probes": probe_row(b["agent_overhead"]["figures"]),
         "| identical second `edgepipe run`": [f"**{fan['rerun_cli']['again_bytes_sent']} bytes**",
                                              f"**{fan['rerun_cli']['again_over_cold']:.2f}×**"],
         "| push of 200 MB vs OpenSSH `scp`, both on an open": [

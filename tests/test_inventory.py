@@ -89,6 +89,15 @@ BAD_CASES = [
     ("gate_typo", "targets:\n  - {name: a, host: h, kind: cpu}\ngates:\n  max_p90: 10\n", "gates.max_p90", "max_p90_ms"),
     ("kind_gate_unknown_kind", "targets:\n  - {name: a, host: h, kind: cpu}\ngates:\n  kinds: {npu: {max_p90_ms: 1}}\n", "gates.kinds.npu", "edgetpu"),
     ("bad_runtime", "targets:\n  - {name: a, host: h, kind: cpu, runtime: onnx}\n", "targets[0].runtime", "tflite-runtime"),
+    ("bad_throttled_policy", "targets:\n  - {name: a, host: h, kind: cpu}\ngates:\n  conditions: {throttled: retry}\n",
+     "gates.conditions.throttled", "'fail', 'remeasure' or 'warn'"),
+    ("condition_typo", "targets:\n  - {name: a, host: h, kind: cpu, gates: {conditions: {governr: any}}}\n",
+     "targets[0].gates.conditions.governr", "did you mean 'governor'"),
+    ("min_duration_past_max_seconds",
+     "targets:\n  - {name: a, host: h, kind: cpu, max_seconds: 2, min_duration_s: 5}\n",
+     "targets[0].min_duration_s", "raise max_seconds"),
+    ("negative_memory_gate", "targets:\n  - {name: a, host: h, kind: cpu}\ngates:\n  max_model_peak_mb: -1\n",
+     "gates.max_model_peak_mb", "> 0"),
 ]
 
 
@@ -131,3 +140,38 @@ def test_cli_validate_json_lists_modes(tmp_path):
     doc = json.loads(res.stdout)
     assert [(t["name"], t["kind"], t["mode"]) for t in doc["targets"]][:3] == [
         ("a", "cpu", "dynamic"), ("b", "edgetpu", "int8"), ("c", "gpu", "float16")]
+
+
+CONDITIONS = """
+defaults: {min_duration_s: 2}
+groups:
+  pis: {min_duration_s: 3}
+gates:
+  max_model_peak_mb: 100
+  conditions: {throttled: warn, cooldown_s: 5}
+  kinds:
+    cpu: {max_init_ms: 900, conditions: {governor: performance}}
+  groups:
+    pis: {conditions: {throttled: fail}}
+targets:
+  - {name: a, host: h, kind: cpu}
+  - {name: b, host: h, kind: cpu, groups: [pis], gates: {max_first_inference_ms: 50, conditions: {cooldown_s: 1}}}
+  - {name: c, host: h, kind: edgetpu, min_duration_s: 1}
+"""
+
+
+def test_memory_startup_and_conditions_gates_resolve_at_every_level(tmp_path):
+    inv = load_inventory(write(tmp_path, CONDITIONS))
+    a, b, c = inv.targets
+    assert (a.min_duration_s, b.min_duration_s, c.min_duration_s) == (2.0, 3.0, 1.0)   # target > group > defaults
+    assert inv.gates_for(b) == {"max_model_peak_mb": (100, "gates.max_model_peak_mb"),
+                                "max_init_ms": (900, "gates.kinds.cpu.max_init_ms"),
+                                "max_first_inference_ms": (50, "targets[b].gates.max_first_inference_ms")}
+    assert (b.conditions.throttled, b.conditions.governor, b.conditions.cooldown_s) == ("fail", "performance", 1.0)
+    assert b.conditions.source("throttled") == "gates.groups.pis.conditions.throttled"
+    assert b.conditions.source("cooldown_s") == "targets[b].gates.conditions.cooldown_s"
+    assert (a.conditions.throttled, a.conditions.governor) == ("warn", "performance")
+    assert (c.conditions.throttled, c.conditions.governor, c.conditions.cooldown_s) == ("warn", "any", 5.0)
+    plain = load_inventory(write(tmp_path, "targets:\n  - {name: a, host: h, kind: cpu}\n")).targets[0]
+    assert (plain.conditions.throttled, plain.conditions.governor, plain.min_duration_s) == ("remeasure", "any", None)
+    assert plain.conditions.source("throttled").startswith("default")

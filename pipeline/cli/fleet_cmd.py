@@ -15,7 +15,7 @@ from pipeline.cli.app import emit_json, err_console, fleet_app, handle_errors, o
 from pipeline.cli.tables import Col, fitted_table
 
 STAGE_STYLE = {"probe": "cyan", "convert": "magenta", "artifact": "magenta", "connect": "cyan", "push": "blue", "run": "yellow",
-               "collect": "blue", "done": "bold", "lease": "red", "queue": "cyan"}
+               "collect": "blue", "done": "bold", "lease": "red", "queue": "cyan", "cooldown": "yellow"}
 
 
 class DeviceBoard:
@@ -64,11 +64,29 @@ class DeviceBoard:
 
 CHECK_COLUMNS = (Col("device"), Col("host", 3), Col("ok"), Col("connect", 4, justify="right"), Col("python", 2),
                  Col("runtimes", 1, wrap=True), Col("edge tpu", 5, wrap=True), Col("gpu", 5, wrap=True),
-                 Col("disk free", 3, justify="right"))
+                 Col("disk free", 3, justify="right"), Col("MHz", 4, wrap=True), Col("°C", 4, wrap=True),
+                 Col("throttling", 2, wrap=True))
 
 
 def _gib(n: Any) -> str:
     return f"{n / 2**30:.1f} GiB" if isinstance(n, (int, float)) else "?"
+
+
+def _conditions(s: dict[str, Any]) -> list[str]:
+    """Frequency (cur/max MHz, with the governor), temperatures and vcgencmd throttling flags of one probe."""
+    freq = s.get("freq_mhz") or {}
+    cur = sorted({v.get("cur") for v in freq.values() if v.get("cur") is not None})
+    top = sorted({v.get("max") for v in freq.values() if v.get("max") is not None})
+    mhz = (f"{'/'.join(f'{c:.0f}' for c in cur) or '?'} of {'/'.join(f'{m:.0f}' for m in top) or '?'}"
+           + (f" {', '.join(sorted(set(s['governor'].values())))}" if s.get("governor") else "")) if freq else "-"
+    temps = ", ".join(f"{k.replace('thermal_zone', 'zone')} {v:.0f}" for k, v in (s.get("temps_c") or {}).items())
+    now, boot = s.get("throttled_now"), s.get("throttled_since_boot")
+    if now is None:
+        flags = "-"
+    else:
+        flags = ", ".join([f"[red]{escape(f)} now[/]" for f in now]
+                          + [f"[yellow]{escape(f)} since boot[/]" for f in boot or []]) or "[green]none[/]"
+    return [escape(mhz), escape(temps or "-"), flags]
 
 
 @fleet_app.command("check")
@@ -78,7 +96,8 @@ def check(
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk."""
+    """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk, CPU
+    frequencies, temperatures and throttling flags."""
     from pipeline import api
     from pipeline.inventory import load_inventory
 
@@ -93,14 +112,14 @@ def check(
         for r in results:
             s = r.summary()
             if not r.ok:
-                rows.append([escape(r.name), escape(r.host), f"[red]{r.error.code}[/]", "", "", "", "", "", ""])
+                rows.append([escape(r.name), escape(r.host), f"[red]{r.error.code}[/]"] + [""] * 9)
                 continue
             rts = ", ".join(f"{k} {v}" for k, v in s["runtimes"].items()) or "[red]none[/]"
             tpu = [x for x in (s["libedgetpu"] and "libedgetpu", s["coral_usb"] and "usb " + ",".join(s["coral_usb"]),
                                s["coral_pcie"] and "pcie") if x]
             rows.append([escape(r.name), escape(r.host), "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?",
                          escape(rts), escape(", ".join(tpu) or "-"), escape(s["gpu_delegate"] or "-"),
-                         _gib(s["disk_free_bytes"])])
+                         _gib(s["disk_free_bytes"])] + _conditions(s))
         console = out_console()
         console.print(fitted_table(f"fleet check · {sum(r.ok for r in results)}/{len(results)} reachable",
                                    CHECK_COLUMNS, rows, console.width))

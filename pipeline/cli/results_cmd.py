@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console
-from pipeline.cli.tables import Col, fitted_table
+from pipeline.cli.tables import Col, fitted_table, memory_cell, throttle_mark
 from pipeline.cli.run_cmd import _delegate, print_verdict_notes
 
 HISTORY_COLUMNS = (Col("run"), Col("started (UTC)", 1), Col("model", 4, wrap=True), Col("tag", 3, wrap=True),
@@ -23,7 +23,7 @@ TREND_COLUMNS = (Col("run"), Col("started (UTC)", 3), Col("model", 5, wrap=True)
 SHOW_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("ok"), Col("runtime", 2, wrap=True),
                 Col("accelerator", wrap=True),
                 Col("p50 ms", justify="right"), Col("p90 ms", 4, justify="right"), Col("top-1", 1, justify="right"),
-                Col("agreement", 1, justify="right"))
+                Col("agreement", 1, justify="right"), Col("model/proc MB", 3, justify="right"))
 DB_OPT = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db (default: "
                       "targets.yaml `db:`, else .edgepipe/results.db beside it).")
 MODEL_OPT = typer.Option(None, "--model-name", help="Only runs of this model (the name `edgepipe run` recorded).")
@@ -108,9 +108,10 @@ def show(
     rows = []
     for d in result.devices:
         m = d.measured
-        rows.append([escape(d.name), d.kind, d.mode, "yes" if d.ok else escape(d.error.code if d.error else "no"),
+        rows.append([escape(d.name), d.kind, d.mode,
+                     ("yes" + throttle_mark(d)) if d.ok else escape(d.error.code if d.error else "no"),
                      escape(m.runtime_label or "-"), _delegate(m), _f(m.latency.p50), _f(m.latency.p90),
-                     _f(m.top1, 4), _f(m.agreement_top1, 4)])
+                     _f(m.top1, 4), _f(m.agreement_top1, 4), memory_cell(m)])
     console = out_console()
     model = f" · model {escape(result.model_name)}" if result.model_name else ""
     console.print(fitted_table(f"run {escape(result.run_id)}{model} · {_when(result.started)} UTC · {state}",

@@ -13,7 +13,7 @@ from pipeline.api.inputs import DEFAULT_CACHE_DIR
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
 from pipeline.cli.model_options import model_options
-from pipeline.cli.tables import Col, fitted_table
+from pipeline.cli.tables import Col, fitted_table, memory_cell, throttle_mark
 
 
 def print_verdict_notes(console: Any, verdict: Any) -> None:
@@ -30,10 +30,12 @@ def print_verdict_notes(console: Any, verdict: Any) -> None:
 def _row(d: Any) -> list[str]:
     m = d.measured
     status = ("[bold yellow]ok, FALLBACK[/]" if d.fallback else "[green]ok[/]") if d.ok else f"[red]{d.error.code}[/]"
+    status += throttle_mark(d)
     fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     return [escape(d.name) + (" (emulated)" if d.emulated else ""), d.kind, d.mode, status,
             fmt(m.latency.p50, "%.3f"), fmt(m.latency.p90, "%.3f"), fmt(m.top1, "%.3f"),
-            fmt(m.agreement_top1, "%.3f"), m.runtime or "-", _delegate(m), _human_bytes(d.bytes_sent)]
+            fmt(m.agreement_top1, "%.3f"), memory_cell(m), m.runtime or "-", _delegate(m),
+            _human_bytes(d.bytes_sent)]
 
 
 def _human_bytes(n: Any) -> str:
@@ -51,7 +53,8 @@ def _delegate(m: Any) -> str:
 
 RUN_COLUMNS = (Col("device"), Col("kind", 3), Col("mode", 1), Col("status"), Col("p50 ms", 0, justify="right"),
                Col("p90 ms", 4, justify="right"), Col("top1", 2, justify="right"), Col("agree", 2, justify="right"),
-               Col("runtime", 3), Col("accelerator", 5, wrap=True), Col("sent", 6, justify="right"))
+               Col("model/proc MB", 3, justify="right"), Col("runtime", 3), Col("accelerator", 5, wrap=True),
+               Col("sent", 6, justify="right"))
 
 
 def device_table(result: Any, width: int | None = None) -> Table:

@@ -6,7 +6,7 @@ column has a priority instead, and a value is shown whole (or wrapped, where a c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -64,3 +64,22 @@ def fitted_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[str]],
         return t
     names = ", ".join(cols[i].header for i in sorted(hidden))
     return Group(t, Text(f"not shown at {width} columns: {names} (see --json)", style="dim"))
+
+
+def memory_cell(measured: Any) -> str:
+    """`7.5 / 52` MB: what the model adds at its peak, and the whole process's peak (MB of 2^20 bytes), from a
+    pipeline.results.Measurement."""
+    mem = measured.memory
+    model, process = mem.get("model_peak_mb"), mem.get("process_peak_mb")
+    if model is None and process is None:
+        return "-"
+    return f"{'-' if model is None else f'{model:.1f}'} / {'-' if process is None else f'{process:.0f}'}"
+
+
+def throttle_mark(device: Any) -> str:
+    """` [bold yellow]⚠ throttled[/]` for a device throttled during its timed runs (` re-measured` when the second
+    measurement was clean), else ''."""
+    cond = device.measured.conditions if device.ok else {}
+    if cond.get("throttled"):
+        return " [bold yellow]⚠ throttled[/]"
+    return " [yellow]re-measured[/]" if cond.get("remeasured") else ""

@@ -100,6 +100,8 @@ def agent_argv(target: Any, agent: str, model: str, data: str, out: str,
         argv += ["--allow-fallback"]
     if target.max_seconds:
         argv += ["--max-seconds", str(target.max_seconds)]
+    if getattr(target, "min_duration_s", None):
+        argv += ["--min-duration-s", str(target.min_duration_s)]
     return argv
 
 
@@ -193,6 +195,7 @@ class FleetRunner:
             hold = self.lease(t, lambda detail: self.on_event(t.name, "lease", detail)) if self.lease else nullcontext()
             with hold as held:  # the device is ours (pushes included) until its result is in
                 res = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+                res = self._unthrottled(job, res, stats)
         except Interrupted as exc:  # stopped on request: a row for the caller, never reported as measured
             stopped = DeviceResult.failed_for(t, exc.code, exc.one_line(), artifact=job.artifact_info,
                                               bytes_sent=stats["bytes_sent"], attempts=max(1, stats["attempts"]))
@@ -213,6 +216,41 @@ class FleetRunner:
         with self._result_lock:
             self.on_result(res)
         return res
+
+    def _unthrottled(self, job: DeviceJob, res: DeviceResult, stats: dict[str, Any]) -> DeviceResult:
+        """A device that throttled during its timed runs, under `gates.conditions.throttled: remeasure` (its
+        target's `conditions`), is measured once more after the cooldown, still under this lease; the second result
+        stands, marked `conditions.remeasured` (and `throttled` again if it was). `remeasured` is always set."""
+        cond = (res.result or {}).get("conditions") if res.ok else None
+        if not isinstance(cond, dict):
+            return res
+        cond["remeasured"] = False
+        policy = getattr(job.target, "conditions", None)
+        if not cond.get("throttled") or getattr(policy, "throttled", None) != "remeasure":
+            return res
+        t = job.target
+        first = {"flags": cond.get("flags"), "p50_ms": ((res.result or {}).get("latency_ms") or {}).get("p50"),
+                 "started": ((res.result or {}).get("timestamps") or {}).get("started"),
+                 "cooldown_s": policy.cooldown_s}
+        self.on_event(t.name, "cooldown", f"throttled ({', '.join(cond.get('flags') or [])}): measuring again "
+                                          f"after {policy.cooldown_s:g}s")
+        if self.cancel.wait(policy.cooldown_s):
+            self.cancel.check(f"{t.name}: stopped while cooling down")
+        stats["result_name"] = f"{t.name}.remeasured"   # its own result file: a retry never fetches the first
+        try:
+            again = retrying(t, lambda n: self._attempt(job, n, stats), self.on_event, self.backoff, self.cancel)
+        except Interrupted:
+            raise
+        except EdgepipeError as exc:
+            again = DeviceResult.failed_for(t, exc.code, exc.one_line())
+        except Exception as exc:  # a host-side bug in the second measurement must not lose the first
+            again = DeviceResult.failed_for(t, "internal", f"{type(exc).__name__}: {exc}")
+        again_cond = (again.result or {}).get("conditions") if again.ok else None
+        if not isinstance(again_cond, dict):   # the second measurement failed: the first one stays, marked
+            cond.update(remeasured=True, remeasure_error=again.error.message if again.error else "no conditions")
+            return res
+        again_cond.update(remeasured=True, first=first)
+        return again
 
     def _finish_run(self, t: Any, cr: Any) -> DeviceResult:
         if cr.timed_out:
@@ -253,13 +291,14 @@ class FleetRunner:
         res.outputs_path = str(local)
         return res
 
-    def _earlier_result(self, tr: Transport, dep: Pusher, t: Any, pid: int | None) -> DeviceResult | None:
+    def _earlier_result(self, tr: Transport, dep: Pusher, t: Any, pid: int | None,
+                        result_name: str | None = None) -> DeviceResult | None:
         """A successful result an earlier attempt's agent wrote with --out; waits for that agent if still running."""
         if pid:
             with self.locks(t.physical_host):  # it is still measuring: nobody else on this board meanwhile
                 tr.run(["sh", "-c", 'while kill -0 "$1" 2>/dev/null; do sleep 0.2; done', "sh", str(pid)],
                        timeout=t.timeout)
-        text = dep.fetch_result(self.run_id, t.name)
+        text = dep.fetch_result(self.run_id, result_name or t.name)
         if text is None:
             return None
         res = result_from_output(t, text.encode(), 0, "")
@@ -289,7 +328,7 @@ class FleetRunner:
             items, dirs = [agent, model, data] + [i for _, _, i in extras if i], [f"runs/{safe_name(self.run_id)}"]
             if n == 1:  # warm device: verify and start the agent in one go
                 w = WORKDIR_MARK + "/"
-                res_rel = result_rel(self.run_id, t.name)
+                res_rel = result_rel(self.run_id, stats.get("result_name", t.name))
                 argv = agent_argv(t, w + agent.rel, w + model.rel, w + data.rel, w + res_rel,
                                   [(flag, w + rel) for flag, rel, _ in extras] + self._outputs_flags(job, w + res_rel))
                 with self.locks(t.physical_host):
@@ -313,9 +352,9 @@ class FleetRunner:
                 stats["bytes_sent"] += tr.bytes_sent - before
             timings["push"] = time.monotonic() - s
             ev(t.name, "push", f"sent {rep.bytes_sent} bytes, {len(rep.skipped)} already on device")
-            out = dep.result_path(self.run_id, t.name)
+            out = dep.result_path(self.run_id, stats.get("result_name", t.name))
             if n > 1:  # an earlier attempt may have measured (or still be measuring) before the connection dropped
-                earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None))
+                earlier = self._earlier_result(tr, dep, t, stats.pop("remote_pid", None), stats.get("result_name"))
                 if earlier is not None:
                     return self._with_outputs(tr, job, earlier)
             argv = agent_argv(t, dep.path(agent.rel), dep.path(model.rel), dep.path(data.rel), out,

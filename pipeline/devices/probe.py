@@ -46,10 +46,15 @@ class ProbeResult:
         """The flat facts `fleet check` shows per device."""
         p = self.probe or {}
         tpu = p.get("edgetpu") or {}
+        cond = p.get("conditions") or {}
+        throttled = cond.get("throttled")  # vcgencmd get_throttled decoded: flags now and since boot
         return {"python": p.get("python"), "machine": p.get("machine"), "runtimes": self.runtimes,
                 "libedgetpu": tpu.get("libedgetpu"), "coral_usb": tpu.get("usb") or [],
                 "coral_pcie": bool(tpu.get("pcie")), "gpu_delegate": p.get("gpu_delegate"),
-                "disk_free_bytes": p.get("disk_free_bytes")}
+                "disk_free_bytes": p.get("disk_free_bytes"), "freq_mhz": cond.get("freq_mhz"),
+                "governor": cond.get("governor"), "temps_c": cond.get("temps_c"),
+                "throttled_now": None if throttled is None else throttled.get("now"),
+                "throttled_since_boot": None if throttled is None else throttled.get("since_boot")}
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "transport"}

@@ -20,6 +20,14 @@ TASK_GATES: dict[str, tuple[str, tuple[str, ...]]] = {   # gate -> (metric, task
     "min_auc": ("auc", ("binary",)),
 }
 CLASS_GATES = {"min_top1": "accuracy", "max_top1_drop": "accuracy", "min_agreement": "top1_agreement"}
+# gate -> (block of the agent's result, key, what it is): memory in MB of 2^20 bytes, start-up in ms
+RESOURCE_GATES: dict[str, tuple[str, str, str]] = {
+    "max_model_peak_mb": ("memory", "model_peak_mb", "resident peak through the timed runs above the mark before load"),
+    "max_process_peak_mb": ("memory", "process_peak_mb", "the whole process's resident peak"),
+    "max_init_ms": ("latency_ms", "init", "interpreter creation and tensor allocation"),
+    "max_first_inference_ms": ("latency_ms", "first", "the first invoke"),
+}
+STARTUP_GATES = ("max_init_ms", "max_first_inference_ms")
 NO_LABELS = "no labels for this task in the evaluation data"
 
 
@@ -105,3 +113,24 @@ def readings(metrics: Mapping[str, Any] | None, gate: str, threshold: Any) -> li
         return [Reading(subject(metrics), "map drop", (ref - value) * 100.0, threshold,
                         f"float mAP@0.5:0.95 {ref:.4f}, device {value:.4f}")]
     return [Reading(subject(metrics), metric, value, threshold, "" if value is not None else NO_LABELS)]
+
+
+def resource_reading(result: Mapping[str, Any] | None, gate: str, threshold: Any) -> Reading | None:
+    """The memory or start-up figure a resource gate reads from the agent's result; None for any other gate."""
+    if gate not in RESOURCE_GATES:
+        return None
+    block, key, what = RESOURCE_GATES[gate]
+    found = (result or {}).get(block) or {}
+    value = found.get(key)
+    if block == "memory":
+        source = found.get("source")
+        if value is None:
+            note = ("not measured: the agent predates memory attribution" if source is None
+                    else f"not measured ({source})")
+        else:
+            note = f"{what}, from {source}"
+            if key == "model_peak_mb" and (source == "ru_maxrss" or found.get("peak_reset") is False):
+                note += " (the peak could not be reset after imports: a lower bound)"
+    else:
+        note = what if value is not None else "not measured"
+    return Reading(None, key, value, threshold, note)

@@ -27,7 +27,9 @@ def junit_xml(verdict: Verdict) -> str:
         suite = ET.SubElement(root, "testsuite", name=f"edgepipe.{subject}", tests=str(len(checks)),
                               failures=str(fails), errors="0", skipped=str(skips))
         fallback = _fallback_line(verdict, subject)
-        props = _metric_properties(suite, verdict.metrics.get(subject))
+        figures = dict(verdict.metrics.get(subject) or {})
+        figures.update(verdict.resources.get(subject) or {})
+        props = _metric_properties(suite, figures)
         if fallback:
             props = props if props is not None else ET.SubElement(suite, "properties")
             ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
@@ -94,6 +96,32 @@ def task_metrics_markdown(verdict: Verdict) -> list[str]:
     return lines + [""]
 
 
+RESOURCE_COLUMNS = (("model peak MB", "model_peak_mb"), ("model load MB", "model_load_mb"),
+                    ("process peak MB", "process_peak_mb"), ("init ms", "init_ms"),
+                    ("first invoke ms", "first_inference_ms"), ("p90 ms", "p90_ms"), ("p99 ms", "p99_ms"),
+                    ("n", "samples"))
+
+
+def resources_markdown(verdict: Verdict) -> list[str]:
+    """Memory, start-up and percentiles (with the samples behind them) per device, and its conditions."""
+    rows = {name: figs for name, figs in verdict.resources.items() if figs}
+    if not rows:
+        return []
+    lines = ["### Memory and start-up", "",
+             "| device | " + " | ".join(h for h, _ in RESOURCE_COLUMNS) + " | conditions |",
+             "|---|" + "---|" * (len(RESOURCE_COLUMNS) + 1)]
+    for name, figs in rows.items():
+        cells = [md_escape(fmt(figs[k])) if figs.get(k) is not None else "-" for _, k in RESOURCE_COLUMNS]
+        cond = (f":warning: throttled: {figs.get('flags')}" if figs.get("throttled") else
+                "re-measured, clean" if figs.get("remeasured") else
+                "not throttled" if figs.get("throttled") is False else "-")
+        if figs.get("governor"):
+            cond += f", governor {figs['governor']}"
+        lines.append(f"| {md_escape(name)} | " + " | ".join(cells) + f" | {md_escape(cond)} |")
+    return lines + ["", "Memory in MB of 2^20 bytes: the model's share is measured from a mark taken after every "
+                        "import (see docs/agent-protocol.md).", ""]
+
+
 def write_junit(verdict: Verdict, path: str | Path) -> Path:
     return write_atomic(Path(path), junit_xml(verdict))
 
@@ -127,6 +155,7 @@ def summary_markdown(verdict: Verdict) -> str:
             lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(acc)} | {md_escape(', '.join(bad)) or '-'} |")
         lines.append("")
     lines += task_metrics_markdown(verdict)
+    lines += resources_markdown(verdict)
     failures = verdict.failures
     if failures:
         lines += ["### Failed checks", "", "| subject | gate | measured | threshold | source | note |",

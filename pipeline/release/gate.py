@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
-from pipeline.metrics.gates import readings
+from pipeline.metrics.gates import STARTUP_GATES, readings, resource_reading
 from pipeline.metrics.score import TASK_METRICS
+from pipeline.release.conditions import resource_figures, throttle_text
 from pipeline.release.regression import (CONFIDENCE, LatencyComparison, compare_accuracy, compare_across_runs,
                                          compare_paired)
 from pipeline.results import DeviceResult, RunResult
@@ -24,6 +25,8 @@ EMULATED_NOTE = "emulated device: its latency says nothing about real hardware, 
 NOT_ON_PATH = "edgetpu_compiler not on PATH"
 # (device, artifact sha256) -> medians (ms) of that artifact on that device in earlier complete runs
 LatencyHistory = Callable[[DeviceResult, str], list]
+# a throttled baseline device -> (run id, its latest unthrottled result before the baseline run), or None
+UnthrottledBaseline = Callable[[DeviceResult], "tuple[str, DeviceResult] | None"]
 
 EXIT_PASSED, EXIT_FAILED, EXIT_NO_DEVICE = 0, 1, 3
 
@@ -80,6 +83,8 @@ class Verdict:
     notes: list[str] = field(default_factory=list)  # e.g. "coral: not compiled: edgetpu_compiler not on PATH"
     cross_model: dict[str, Any] | None = None  # {"model", "baseline_model"} when the baseline is another model
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> task figures (for JUnit/Markdown)
+    # name -> memory, start-up and conditions figures (resource_figures), for JUnit and Markdown
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[Check]:
@@ -132,7 +137,7 @@ class Verdict:
                 "baseline_run_id": self.baseline_run_id, "devices": dict(self.devices),
                 "headline": self.headline(), "checks": [c.to_dict() for c in self.checks],
                 "fallbacks": dict(self.fallbacks), "notes": list(self.notes), "cross_model": self.cross_model,
-                "metrics": dict(self.metrics)}
+                "metrics": dict(self.metrics), "resources": dict(self.resources)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Verdict":
@@ -140,7 +145,7 @@ class Verdict:
                    checks=[Check(**c) for c in d.get("checks", [])], baseline_run_id=d.get("baseline_run_id"),
                    devices=dict(d.get("devices", {})), fallbacks=dict(d.get("fallbacks") or {}),
                    notes=list(d.get("notes") or []), cross_model=d.get("cross_model"),
-                   metrics=dict(d.get("metrics") or {}))
+                   metrics=dict(d.get("metrics") or {}), resources=dict(d.get("resources") or {}))
 
 
 def _s(n: int) -> str:
@@ -217,6 +222,9 @@ def _measure(device: DeviceResult, gate: str, run: RunResult) -> tuple[Any, str]
     acc, agr = m.block("accuracy"), m.block("agreement")
     if gate in LATENCY_GATES:
         return m.latency.at(LATENCY_GATES[gate]), ""
+    found = resource_reading(m.doc, gate, None)
+    if found is not None:
+        return found.value, found.note
     if gate == "min_top1":
         return m.top1, "" if acc else "no accuracy: the evaluation data has no labels (y)"
     if gate == "max_top1_drop":
@@ -268,6 +276,34 @@ def _accelerator_check(device: DeviceResult, inventory: Any) -> Check | None:
                  source, not (fell_back and required), note=note)
 
 
+def conditions_policy(inventory: Any, device: DeviceResult) -> Any:
+    """The device's resolved `gates.conditions` (its target's; fleet, kind and group ones when it left the
+    inventory)."""
+    t = _target(inventory, device.name)
+    if t is not None and getattr(t, "conditions", None) is not None:
+        return t.conditions
+    return inventory.gates.conditions_for(device.kind, device.groups)
+
+
+def conditions_checks(device: DeviceResult, policy: Any) -> list[Check]:
+    """gates.conditions: a device throttled during its timed runs (after its re-measure) fails, unless the policy
+    is `warn`; a re-measured device passes with what happened; `governor: performance` is checked when set."""
+    cond = device.measured.conditions
+    checks = []
+    if cond.get("throttled") or cond.get("remeasured"):
+        throttled = bool(cond.get("throttled"))
+        warn = policy.throttled == "warn"
+        note = throttle_text(cond) + ("; kept with a warning (throttled: warn)" if throttled and warn else "")
+        checks.append(Check(device.name, "conditions.throttled", throttled, policy.throttled,
+                            policy.source("throttled"), not throttled or warn, note=note))
+    if policy.governor == "performance":
+        governor = cond.get("governor") if cond else (device.result or {}).get("device", {}).get("governor")
+        checks.append(Check(device.name, "conditions.governor", governor, "performance", policy.source("governor"),
+                            governor == "performance",
+                            note="" if governor else "the governor is not readable on this device (no cpufreq)"))
+    return checks
+
+
 def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]], extra_note: str,
                    run: RunResult) -> list[Check]:
     if not device.ok:
@@ -281,7 +317,7 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
     for gate, (threshold, source) in thresholds.items():
         if gate == "min_edgetpu_mapped" and device.kind != "edgetpu":
             continue  # a fleet-wide Edge TPU gate does not apply to CPU/GPU targets
-        if gate in LATENCY_GATES and device.emulated:
+        if (gate in LATENCY_GATES or gate in STARTUP_GATES) and device.emulated:
             checks.append(Check(device.name, gate, None, threshold, source, True, note=EMULATED_NOTE, skipped=True))
             continue
         task = task_checks(device, gate, threshold, source, extra_note)
@@ -289,7 +325,8 @@ def _target_checks(device: DeviceResult, thresholds: dict[str, tuple[Any, str]],
             checks.extend(task)
             continue
         measured, note = _measure(device, gate, run)
-        note = "; ".join(n for n in (note, extra_note, cpu_note if gate in LATENCY_GATES else "") if n)
+        timed = gate in LATENCY_GATES or gate in STARTUP_GATES
+        note = "; ".join(n for n in (note, extra_note, cpu_note if timed else "") if n)
         if measured is None:
             checks.append(Check(device.name, gate, None, threshold, source, False, note=note or "not measured"))
             continue
@@ -345,6 +382,9 @@ def _latency_comparison(d: DeviceResult, b: DeviceResult, thr: float, floor_ms: 
     spread of that artifact on that device; (None, why) when neither can be trusted."""
     paired = d.measured.paired
     base_sha = (b.artifact or {}).get("sha256")
+    if b.throttled and not (paired and not paired.get("error")):
+        return None, (f"the baseline's result on {b.name} was throttled ({throttle_text(b.measured.conditions)}): "
+                      "never used as a baseline, and the baseline's model was not re-measured in this run")
     new_sha = (d.artifact or {}).get("sha256")
     why_not_paired = ("same artifact as the baseline" if base_sha and base_sha == new_sha
                       else paired.get("error") or "the baseline's model was not re-measured in this run")
@@ -374,11 +414,13 @@ def _describe(cmp: LatencyComparison, floor_ms: float, baseline_id: str) -> str:
 
 
 def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
-                      history: LatencyHistory | None = None) -> list[Check]:
+                      history: LatencyHistory | None = None,
+                      unthrottled: UnthrottledBaseline | None = None) -> list[Check]:
     """Latency and top-1 regression of each device against the same target and mode in the baseline run.
 
     The latency gate applies only when `gates.max_latency_regression` is set; otherwise the comparison is shown as
-    a skipped check. `history` gives earlier medians of an artifact on a device (the run-to-run spread).
+    a skipped check. `history` gives earlier medians of an artifact on a device (the run-to-run spread). A baseline
+    result that was throttled is never compared with: `unthrottled` finds that device's latest clean one instead.
     """
     gates = inventory.gates
     lat_thr = gates.max_latency_regression
@@ -404,11 +446,21 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
         if b is None:
             checks.append(skip(d.name, f"no result for {d.name} in mode {d.mode} in baseline {baseline.run_id}"))
             continue
+        stand_in = unthrottled(b) if b.throttled and unthrottled is not None else None
+        if stand_in is not None:
+            checks += _stand_in_note(d.name, baseline.run_id, stand_in[0])
+            b = stand_in[1]
         used_new, used_base = d.measured.accelerator.used, b.measured.accelerator.used
         if d.emulated or b.emulated:
             checks.append(skip(d.name, EMULATED_NOTE))
+        elif d.throttled:
+            checks.append(skip(d.name, f"throttled in this run ({throttle_text(d.measured.conditions)}): its "
+                                       "latency is not compared"))
         elif used_new != used_base:
             checks.append(skip(d.name, f"not comparable: the baseline ran on {used_base}, this run on {used_new}"))
+        elif lat_thr is None and b.throttled:
+            checks.append(skip(d.name, f"not gated; the baseline's result on {b.name} was throttled: never used as "
+                                       "a baseline"))
         elif lat_thr is None:
             new_m, base_m = _median(d), _median(b)
             ratio = (new_m / base_m) if new_m and base_m else None
@@ -431,6 +483,12 @@ def regression_checks(run: RunResult, baseline: RunResult, inventory: Any,
             checks.append(Check(d.name, "max_top1_regression", round(a.drop_points, 3), acc_thr, acc_src,
                                 not a.regressed, note=prefix + note, family="regression"))
     return checks
+
+
+def _stand_in_note(name: str, baseline_id: str, stand_in_id: str) -> list[Check]:
+    return [Check(name, "baseline", stand_in_id, "an unthrottled result", "gates.conditions", True, skipped=True,
+                  family="regression", note=f"{name} was throttled in baseline {baseline_id}: compared with its "
+                                            f"latest unthrottled result, from run {stand_in_id}")]
 
 
 def _cross_model(run: RunResult, baseline: RunResult | None) -> dict[str, Any] | None:
@@ -464,6 +522,12 @@ def _notes(devices: Iterable[DeviceResult], run: RunResult) -> list[str]:
             continue
         notes.append(f"{d.name}: not compiled: {why}" + (
             "; its Edge TPU op mapping is predicted by the preflight" if edgetpu_predicted(tpu) else ""))
+    for d in devices:
+        cond = d.measured.conditions if d.ok else {}
+        if cond.get("throttled") or cond.get("remeasured"):
+            notes.append(f"{d.name}: {'THROTTLED' if cond.get('throttled') else 'throttled, then re-measured'}: "
+                         f"{throttle_text(cond)}" + ("; left out of regression baselines and history spreads"
+                                                     if cond.get("throttled") else ""))
     return notes
 
 
@@ -502,7 +566,8 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
 
 
 def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
-             select: Iterable[str] | None = None, history: LatencyHistory | None = None) -> Verdict:
+             select: Iterable[str] | None = None, history: LatencyHistory | None = None,
+             unthrottled: UnthrottledBaseline | None = None) -> Verdict:
     """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run).
 
     Without an inventory (None) only the defaults apply: every device must be measured, an accelerator target
@@ -518,6 +583,7 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
     for d in devices:
         thresholds, note = _thresholds(inventory, d)
         mine = _target_checks(d, thresholds, note, run)
+        mine += conditions_checks(d, conditions_policy(inventory, d)) if d.ok else []
         acc = _accelerator_check(d, inventory) if d.ok else None
         if acc is not None:
             mine.append(acc)
@@ -525,7 +591,7 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
         state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
     checks.extend(_fleet_checks(gated, inventory, state))
     if baseline is not None:
-        regression = regression_checks(gated, baseline, inventory, history)
+        regression = regression_checks(gated, baseline, inventory, history, unthrottled)
         checks.extend(regression)
         for c in regression:
             if not c.passed and not c.skipped and state.get(c.target) == "passed":
@@ -539,7 +605,8 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
     return Verdict(run_id=run.run_id, passed=passed, exit_code=exit_code, checks=checks,
                    baseline_run_id=baseline.run_id if baseline is not None else None, devices=state,
                    fallbacks=fallbacks(devices), notes=_notes(devices, run), cross_model=_cross_model(run, baseline),
-                   metrics={d.name: task_figures(d) for d in devices if d.metrics})
+                   metrics={d.name: task_figures(d) for d in devices if d.metrics},
+                   resources={d.name: resource_figures(d) for d in devices if d.ok})
 
 
 def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | None = "last",
@@ -553,7 +620,11 @@ def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | Non
     def history(device: DeviceResult, sha: str) -> list:
         return store.latency_history(device.name, sha, runtime_label(device), before=run.started)
 
-    verdict = evaluate(run, inventory, base, select=select, history=history)
+    def unthrottled(device: DeviceResult) -> Any:
+        return store.last_unthrottled(device.name, device.mode, base.model_name, before=base.started)
+
+    verdict = evaluate(run, inventory, base, select=select, history=history,
+                       unthrottled=unthrottled if base is not None else None)
     if save:
         store.save_verdict(run.run_id, verdict)
     return run, base, verdict

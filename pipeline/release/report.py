@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from pipeline.files import write_atomic
 from pipeline.metrics.score import TASK_METRICS
+from pipeline.release.conditions import throttle_text
 from pipeline.release.gate import Check, Verdict, edgetpu_info, edgetpu_predicted, fmt, float_top1
 from pipeline.results import DeviceResult, RunResult
 
@@ -186,8 +187,8 @@ def _td(inner_html: str, num: bool = False) -> str:
 
 
 def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> str:
-    head = ("device", "kind", "mode", "runtime", "accelerator", "p50 ms", "p90 ms", "top-1", "drop (pts)",
-            "agreement", "SNR dB", "size", "verdict", "gates")
+    head = ("device", "kind", "mode", "runtime", "accelerator", "p50 ms", "p90 ms", "p99 ms", "n", "top-1",
+            "drop (pts)", "agreement", "SNR dB", "size", "verdict", "gates")
     out = ["<table id=\"devices\"><thead><tr>", "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
     for d in run.devices:
         m = d.measured
@@ -199,7 +200,8 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
         cells = [
             _td(f"{e(d.name)}{err}"), _td(e(d.kind)), _td(e(d.mode)),
             _td(e(m.runtime_label or "") or "–"), _td(_delegate(d)),
-            _td(_num(m.latency.p50) + emu, num=True), _td(_num(m.latency.p90), num=True),
+            _td(_num(m.latency.p50) + emu + _throttled_mark(d), num=True), _td(_num(m.latency.p90), num=True),
+            _td(_num(m.latency.p99), num=True), _td(_num(m.latency.n), num=True),
             _td(_num(top1, 4), num=True), _td(_num(drop, 3), num=True),
             _td(_num(m.agreement_top1, 4), num=True), _td(_num(m.snr_db, 3), num=True),
             _td(human_bytes((d.artifact or {}).get("bytes")), num=True),
@@ -310,9 +312,94 @@ def edgetpu_table(run: RunResult) -> str:
     return "".join(out)
 
 
+def _throttled_mark(d: DeviceResult) -> str:
+    cond = d.measured.conditions if d.ok else {}
+    if not cond.get("throttled"):
+        return ""
+    return f' <span class="bad" title="{e(throttle_text(cond))}">⚠ throttled</span>'
+
+
+def _trend(points: list[Any], value: str, digits: int = 3) -> str:
+    """`41.2 → 41.3 → 45.0` of one figure over a target's runs of this model (oldest first, at most five)."""
+    vals = [getattr(p, value) for p in points if getattr(p, value) is not None][-5:]
+    return " → ".join(_num(float(v), digits) for v in vals) if len(vals) > 1 else ""
+
+
+def resources_table(run: RunResult, history: Any = None) -> str:
+    """Memory and start-up per device, with each figure's trend over this model's runs on that target."""
+    points = [p for p in getattr(history, "points", []) or [] if p.ok and not p.throttled
+              and (p.started <= run.started or p.run_id == run.run_id)]
+    head = ("device", "model peak MB", "model load MB", "process peak MB", "source", "init ms", "first invoke ms",
+            "trend: model peak MB", "trend: init ms", "conditions")
+    out = ['<table id="resources"><thead><tr>', "".join(f"<th>{h}</th>" for h in head), "</tr></thead><tbody>"]
+    for d in run.devices:
+        if not d.ok:
+            continue
+        mem, lat, cond = d.measured.memory, d.measured.block("latency_ms"), d.measured.conditions
+        mine = sorted((p for p in points if p.target == d.name), key=lambda p: p.started)
+        emu = ' <span class="skip">(emu)</span>' if d.emulated else ""
+        state = (f'<span class="bad">⚠ {e(throttle_text(cond))}</span>' if cond.get("throttled") else
+                 e(throttle_text(cond)) if cond.get("remeasured") else
+                 "no throttling" if cond.get("throttled") is False else "throttling not readable" if cond else "–")
+        out.append("<tr>" + "".join([
+            _td(e(d.name)), _td(_num(mem.get("model_peak_mb"), 4), num=True),
+            _td(_num(mem.get("model_load_mb"), 4), num=True), _td(_num(mem.get("process_peak_mb"), 4), num=True),
+            _td(e(mem.get("source") or "–")), _td(_num(lat.get("init"), 4) + emu, num=True),
+            _td(_num(lat.get("first"), 4) + emu, num=True), _td(e(_trend(mine, "model_peak_mb", 4)) or "–"),
+            _td(e(_trend(mine, "init_ms", 3)) or "–"), _td(state)]) + "</tr>")
+    out.append("</tbody></table>")
+    out.append('<p class="note">Memory in MB of 2<sup>20</sup> bytes. Model load: resident set after the interpreter '
+               "is created and its tensors allocated, minus the resident set before (taken after every import). "
+               "Model peak: the peak resident set through the timed runs (VmHWM, reset at that mark) minus the same "
+               "mark. Process peak: the whole agent process (Python, numpy, the runtime and the model). Trends leave "
+               "throttled results out.</p>")
+    return "".join(out)
+
+
+def resources_plot(history: Any, run: RunResult) -> str | None:
+    """Model peak memory and init time per target over this model's runs (throttled results left out)."""
+    points = [p for p in getattr(history, "points", []) or [] if p.ok and not p.throttled
+              and (p.started <= run.started or p.run_id == run.run_id)]
+    run_ids = list(dict.fromkeys(p.run_id for p in sorted(points, key=lambda p: p.started)))
+    if len(run_ids) < 2 or not any(p.model_peak_mb is not None or p.init_ms is not None for p in points):
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for t in sorted({p.target for p in points}):
+        mine = sorted((p for p in points if p.target == t), key=lambda p: p.started)
+        for ax, key in ((ax1, "model_peak_mb"), (ax2, "init_ms")):
+            xy = [(run_ids.index(p.run_id), getattr(p, key)) for p in mine if getattr(p, key) is not None
+                  and not (key == "init_ms" and p.emulated)]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=_mpl_label(t))
+    ticks = [_mpl_label(r if r != run.run_id else f"{r} (this)")[-18:] for r in run_ids]
+    for ax, title in ((ax1, "model peak memory (MB)"), (ax2, "init: load + allocate (ms)")):
+        ax.set_xticks(range(len(run_ids)), ticks, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7, loc="best")
+    return _svg(fig)
+
+
+def _conditions_cells(d: DeviceResult) -> str:
+    """Frequencies, temperatures and throttling flags after the timed runs, as the facts table shows them."""
+    cond = d.measured.conditions if d.ok else {}
+    freq = cond.get("freq_mhz") or {}
+    cur = sorted({v.get("cur") for v in freq.values() if v.get("cur") is not None})
+    top = sorted({v.get("max") for v in freq.values() if v.get("max") is not None})
+    freq_txt = (f"{'/'.join(_num(c, 5) for c in cur) or '?'} of {'/'.join(_num(m, 5) for m in top) or '?'}"
+                if freq else "–")
+    temps = ", ".join(f"{k} {_num(v, 3)}" for k, v in (cond.get("temps_c") or {}).items()) or "–"
+    flags = cond.get("flags")
+    flag_html = ("–" if flags is None else f'<span class="bad">{e(", ".join(flags))}</span>' if flags else "none")
+    return _td(e(freq_txt)) + _td(e(temps)) + _td(flag_html)
+
+
 def facts_table(run: RunResult) -> str:
     out = ['<table id="facts"><thead><tr><th>device</th><th>runtime</th><th>governor</th><th>temp before/after</th>'
-           "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS (MB)</th></tr></thead><tbody>"]
+           "<th>CPU</th><th>cores</th><th>machine / OS</th><th>python</th><th>peak RSS (MB)</th>"
+           "<th>MHz after runs (cur of max)</th><th>temperatures after (°C)</th><th>throttling flags</th>"
+           "</tr></thead><tbody>"]
     for d in run.devices:
         dev, mem = d.measured.block("device"), d.measured.block("memory")
         t_before, t_after = dev.get("soc_temp_c_before"), dev.get("soc_temp_c_after")
@@ -324,7 +411,7 @@ def facts_table(run: RunResult) -> str:
             f"<td>{_num(t_before)} / {_num(t_after)}</td><td>{e(dev.get('cpu_model') or dev.get('cpu'))}</td>"
             f"<td class=\"num\">{_num(dev.get('cpu_cores') or dev.get('cpu_count'))}</td>"
             f"<td>{e(dev.get('machine'))} {e(dev.get('os_release') or dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"
-            f"<td class=\"num\">{_num(rss)}</td></tr>")
+            f"<td class=\"num\">{_num(rss)}</td>{_conditions_cells(d)}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -361,6 +448,7 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
         f'<div class="meta">{" · ".join(meta)} · exit code {verdict.exit_code}</div>{fallback_banner(verdict)}</div>',
         "<h2>Devices</h2>", device_table(run, verdict, ref), emu_note,
         "<h2>Task metrics</h2>", task_tables(run),
+        "<h2>Memory and start-up</h2>", resources_table(run, history),
         "<h2>Failed checks</h2>", checks_table(failures, "failures"),
         "<h2>Fleet gates</h2>", checks_table([c for c in verdict.checks if c.family == "fleet"], "fleet"),
         "<h2>Regression against the baseline</h2>",
@@ -371,6 +459,8 @@ def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
                     "No accuracy or agreement measured.", "plot-quality"),
         _plot_block("Trend against history", trend_plot(history, run) if history is not None else None,
                     "Fewer than two runs in the history.", "plot-trend"),
+        _plot_block("Memory and start-up trend", resources_plot(history, run) if history is not None else None,
+                    "Fewer than two runs with memory figures in the history.", "plot-resources"),
         "<h2>Edge TPU op mapping</h2>", edgetpu_table(run),
         "<h2>Device facts</h2>", facts_table(run),
         "<h2>All checks</h2>", checks_table(verdict.checks, "checks"),

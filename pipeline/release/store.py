@@ -25,6 +25,7 @@ from pipeline.results import DeviceResult, RunResult
 DEFAULT_DB = Path(".edgepipe") / "results.db"
 MIGRATIONS = migrations()  # ordered; see pipeline/release/migrations/
 SCHEMA_VERSION = latest()
+THROTTLE_SCAN = 4  # latency_history reads up to this many times `limit` rows to find `limit` unthrottled ones
 
 
 @dataclass
@@ -72,9 +73,28 @@ class TargetPoint:
     fallback: bool = False
     artifact_sha256: str | None = None
     model_name: str | None = None
+    # additive (issue 22), read from the stored result: memory (MB), start-up (ms), throttled during the timed runs
+    model_peak_mb: float | None = None
+    process_peak_mb: float | None = None
+    init_ms: float | None = None
+    first_ms: float | None = None
+    throttled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _resource_fields(raw: str | None) -> dict[str, Any]:
+    """The TargetPoint fields that live only in a stored result's JSON (memory, start-up, conditions)."""
+    try:
+        device = DeviceResult.from_dict(json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        device = None
+    r = (device.result or {}) if device is not None else {}
+    mem, lat = r.get("memory") or {}, r.get("latency_ms") or {}
+    return {"model_peak_mb": mem.get("model_peak_mb"), "process_peak_mb": mem.get("process_peak_mb"),
+            "init_ms": lat.get("init"), "first_ms": lat.get("first"),
+            "throttled": bool(device is not None and device.throttled)}
 
 
 @dataclass
@@ -364,7 +384,7 @@ class Store:
                     mode=r["mode"], ok=bool(r["ok"]), error_code=r["error_code"], p50=r["p50"], p90=r["p90"],
                     p99=r["p99"], top1=r["top1"], agreement=r["agreement"], snr_db=r["snr_db"], bytes=r["bytes"],
                     emulated=bool(r["emulated"]), fallback=bool(r["fallback"]), artifact_sha256=r["artifact_sha256"],
-                    model_name=r["model_name"]))
+                    model_name=r["model_name"], **_resource_fields(r["raw"])))
         if target is not None:
             with_target = {p.run_id for p in points}
             runs = [r for r in runs if r.run_id in with_target]
@@ -373,14 +393,30 @@ class Store:
     def latency_history(self, target: str, artifact_sha256: str, runtime: str | None, *, before: float,
                         limit: int = 10) -> list[float]:
         """Median latency (ms) of one artifact on one target and runtime in the latest `limit` complete runs
-        started before `before`: the run-to-run spread the regression gate allows for."""
+        started before `before`: the run-to-run spread the regression gate allows for. A result throttled during
+        its timed runs is never part of it (looked at over at most THROTTLE_SCAN x `limit` runs)."""
         same_runtime, rt = _same("d.runtime", runtime)
         rows = self._rows(
-            "SELECT d.p50 FROM device_results d JOIN runs r ON r.id = d.run_id WHERE d.target=? AND "
+            "SELECT d.p50, d.raw FROM device_results d JOIN runs r ON r.id = d.run_id WHERE d.target=? AND "
             f"d.artifact_sha256=? AND {same_runtime} AND d.ok=1 AND d.emulated=0 AND d.fallback=0 AND d.p50 > 0 "
             "AND r.complete=1 AND r.started < ? ORDER BY r.started DESC, r.rowid DESC LIMIT ?",
-            (target, artifact_sha256) + rt + (before, int(limit)))
-        return [float(r["p50"]) for r in rows]
+            (target, artifact_sha256) + rt + (before, int(limit) * THROTTLE_SCAN))
+        return [float(r["p50"]) for r in rows if not _resource_fields(r["raw"])["throttled"]][: int(limit)]
+
+    def last_unthrottled(self, target: str, mode: str, model_name: str | None, *, before: float,
+                         scan: int = 20) -> tuple[str, DeviceResult] | None:
+        """(run id, result) of the latest measured, unthrottled result of `target` in `mode` in a complete run of
+        `model_name` started before `before`: what stands in for a throttled baseline result."""
+        same, params = _same("r.model_name", model_name)
+        rows = self._rows(
+            "SELECT d.run_id, d.raw FROM device_results d JOIN runs r ON r.id = d.run_id WHERE d.target=? AND "
+            f"d.mode=? AND d.ok=1 AND r.complete=1 AND r.interrupted IS NULL AND {same} AND r.started < ? "
+            "ORDER BY r.started DESC, r.rowid DESC LIMIT ?", (target, mode) + params + (before, int(scan)))
+        for r in rows:
+            device = DeviceResult.from_dict(json.loads(r["raw"]))
+            if not device.throttled:
+                return r["run_id"], device
+        return None
 
     def verdicts(self, run_id: str) -> list[dict[str, Any]]:
         return [json.loads(r["verdict"]) for r in

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.testing.sshd import SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive, wait_ready
+from pipeline.testing.sshd import (SimDevice, fingerprint_of_pub, free_port, generate_key, pid_alive,
+                                   setenv_word, wait_ready)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "pi_rootfs.sh"
@@ -146,11 +147,12 @@ class EmulatedPi(SimDevice):
 
 def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_cpu: str | None = "cortex-a72",
                       *, python: str = "litert", identity_file: Path | None = None,
-                      progress: Progress | None = None) -> EmulatedPi:
+                      progress: Progress | None = None, env: dict[str, str] | None = None) -> EmulatedPi:
     """Bring up one emulated Pi 4 on 127.0.0.1 (free port, fresh host key); returns once sshd answers.
 
     `authorized_key` is the client's public key (a `.pub` path or the key line). `qemu_cpu=None` leaves
-    QEMU_CPU unset (qemu's `max` CPU, SME advertised) for the guard test. On any failure everything already
+    QEMU_CPU unset (qemu's `max` CPU, SME advertised) for the guard test. `env` is set in every session too (paths
+    as the device sees them, e.g. a board's EDGEPIPE_SYSFS_ROOT and PATH). On any failure everything already
     mounted is unmounted before the error propagates.
     """
     lower = ensure_rootfs(progress)
@@ -184,16 +186,16 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
         pub = Path(f"{host_key}.pub").read_text().strip()
         config = merged / "etc" / "ssh" / "edgepipe_sshd_config"
         log = base / "sshd.log"
-        env = {"PATH": SESSION_PATH}
+        sshd_env = {"PATH": SESSION_PATH}
         if qemu_cpu:
-            env["QEMU_CPU"] = qemu_cpu
+            sshd_env["QEMU_CPU"] = qemu_cpu
         for attempt in range(5):  # a free port can be taken between probe and bind: retry with another
             port = free_port()
-            config.write_text(_sshd_config(qemu_cpu))
+            config.write_text(_sshd_config(qemu_cpu, env))
             argv = [CHROOT, str(merged), "/usr/sbin/sshd", "-D", "-e", "-p", str(port),
                     "-f", "/etc/ssh/edgepipe_sshd_config"]
             with open(log, "ab") as err:
-                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                proc = subprocess.Popen(argv, env=sshd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=err, start_new_session=True)
             try:
                 wait_ready("127.0.0.1", port, proc, timeout=60.0)
@@ -217,7 +219,7 @@ def start_emulated_pi(name: str, tmpdir: Path, authorized_key: Path | str, qemu_
         raise
 
 
-def _sshd_config(qemu_cpu: str | None) -> str:
+def _sshd_config(qemu_cpu: str | None, env: dict[str, str] | None = None) -> str:
     lines = [
         "ListenAddress 127.0.0.1",
         "HostKey /etc/ssh/ssh_host_ed25519_key",
@@ -235,10 +237,11 @@ def _sshd_config(qemu_cpu: str | None) -> str:
         "LogLevel ERROR",
         "Subsystem sftp internal-sftp",
     ]
-    if qemu_cpu:
-        # sshd clears each session's environment: without this, sessions run on qemu's `max` CPU (SME on).
+    session = dict({"QEMU_CPU": qemu_cpu} if qemu_cpu else {}, **(env or {}))
+    if session:
+        # sshd clears each session's environment: without QEMU_CPU, sessions run on qemu's `max` CPU (SME on).
         # One SetEnv line only: sshd keeps the first SetEnv it reads and ignores later ones.
-        lines.append(f"SetEnv QEMU_CPU={qemu_cpu}")
+        lines.append("SetEnv " + " ".join(setenv_word(k, v) for k, v in session.items()))
     return "\n".join(lines) + "\n"
 
 

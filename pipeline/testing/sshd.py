@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -37,6 +37,7 @@ class SimDevice:
     host_key_file: Path = field(default=Path())
     config_file: Path = field(default=Path())
     log_file: Path = field(default=Path())
+    env: dict[str, str] = field(default_factory=dict)   # what its sshd sets in every session (SetEnv)
 
     @property
     def workdir(self) -> Path:
@@ -98,8 +99,16 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen | None = None, timeo
     raise RuntimeError(f"sshd on {host}:{port} not ready after {timeout}s ({last})")
 
 
+def setenv_word(name: str, value: str) -> str:
+    """One NAME=VALUE of an sshd_config SetEnv line, quoted only when the value holds whitespace."""
+    word = f"{name}={value}"
+    return f'"{word}"' if any(c.isspace() for c in word) else word
+
+
 def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Path,
-            sftp: str = "internal-sftp") -> str:
+            sftp: str = "internal-sftp", env: dict[str, str] | None = None) -> str:
+    # one SetEnv line: sshd keeps the first SetEnv it reads and ignores later ones
+    setenv = " ".join(setenv_word(k, v) for k, v in {"SHLVL": "1", **(env or {})}.items())
     return "\n".join([
         f"ListenAddress 127.0.0.1:{port}",
         f"HostKey {host_key}",
@@ -117,16 +126,18 @@ def _config(root: Path, port: int, host_key: Path, authorized: Path, pidfile: Pa
         f"Subsystem sftp {sftp}",
         # bash sources ~/.bashrc for ssh commands only at SHLVL<2; this machine's root .bashrc runs `pyenv init`
         # (~0.25 s per command), which a real board does not: keep the simulated device's commands lean
-        "SetEnv SHLVL=1",
+        f"SetEnv {setenv}",
         "",
     ])
 
 
 def start_sshd(name: str, root: Path, *, client_key: Path, python: str, port: int | None = None,
-               user: str | None = None, host_key: Path | None = None, sftp: str = "internal-sftp") -> SimDevice:
+               user: str | None = None, host_key: Path | None = None, sftp: str = "internal-sftp",
+               env: dict[str, str] | None = None) -> SimDevice:
     """Start one `sshd -D -e -f CONFIG` on 127.0.0.1 that accepts `client_key`; returns once it answers.
 
-    `sftp` is the SFTP subsystem command (e.g. `internal-sftp -P limits` for a server without that extension).
+    `sftp` is the SFTP subsystem command (e.g. `internal-sftp -P limits` for a server without that extension);
+    `env` is set in every session (e.g. a board's EDGEPIPE_SYSFS_ROOT and a PATH with its vcgencmd stub first).
     """
     os.makedirs("/run/sshd", exist_ok=True)  # privilege-separation dir sshd insists on
     root = Path(root)
@@ -141,7 +152,7 @@ def start_sshd(name: str, root: Path, *, client_key: Path, python: str, port: in
     for attempt in range(5):  # the free port can be taken between probe and bind: retry with another
         p = port or free_port()
         cfg = etc / "sshd_config"
-        cfg.write_text(_config(root, p, host_key, authorized, etc / "sshd.pid", sftp))
+        cfg.write_text(_config(root, p, host_key, authorized, etc / "sshd.pid", sftp, env))
         log = root / "sshd.log"
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
@@ -160,7 +171,7 @@ def start_sshd(name: str, root: Path, *, client_key: Path, python: str, port: in
         return SimDevice(name=name, host="127.0.0.1", port=p, user=user, identity_file=Path(client_key),
                          known_hosts_line=f"{host_field} {keytype} {keyb64}",
                          host_key_fingerprint=fingerprint_of_pub(pub), python=str(python), pid=proc.pid,
-                         root=root, host_key_file=host_key, config_file=cfg, log_file=log)
+                         root=root, host_key_file=host_key, config_file=cfg, log_file=log, env=dict(env or {}))
     raise AssertionError("unreachable")
 
 
@@ -173,16 +184,19 @@ def _current_user() -> str:
 _PROCS: dict[int, subprocess.Popen] = {}
 
 
-def start_fleet(n: int, pythons: Iterable[str], tmpdir: Path, *, prefix: str = "dev") -> list[SimDevice]:
-    """`n` devices sharing one client key; device i runs pythons[i % len(pythons)]."""
+def start_fleet(n: int, pythons: Iterable[str], tmpdir: Path, *, prefix: str = "dev",
+                env: Callable[[str, Path], dict[str, str]] | None = None) -> list[SimDevice]:
+    """`n` devices sharing one client key; device i runs pythons[i % len(pythons)]; `env(name, root)` gives the
+    variables its sessions get (SetEnv)."""
     tmpdir = Path(tmpdir)
     pythons = [str(p) for p in pythons]
     client_key = generate_key(tmpdir / "client" / "id_ed25519", comment="edgepipe-client")
     devices = []
     try:
         for i in range(n):
-            devices.append(start_sshd(f"{prefix}{i}", tmpdir / f"{prefix}{i}", client_key=client_key,
-                                      python=pythons[i % len(pythons)]))
+            name, root = f"{prefix}{i}", tmpdir / f"{prefix}{i}"
+            devices.append(start_sshd(name, root, client_key=client_key, python=pythons[i % len(pythons)],
+                                      env=env(name, root) if env else None))
     except Exception:
         stop(devices)
         raise
@@ -193,7 +207,7 @@ def start_fleet(n: int, pythons: Iterable[str], tmpdir: Path, *, prefix: str = "
 def restart(device: SimDevice) -> SimDevice:
     """Start a stopped device again on the same port with the same host key."""
     new = start_sshd(device.name, device.root, client_key=device.identity_file, python=device.python,
-                     port=device.port, user=device.user, host_key=device.host_key_file)
+                     port=device.port, user=device.user, host_key=device.host_key_file, env=device.env)
     device.pid = new.pid
     return device
 

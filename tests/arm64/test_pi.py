@@ -276,3 +276,31 @@ def _gone(pid: int) -> bool:
 def _mounts_under(path: Path) -> list[str]:
     return [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()
             if ln.split()[4].startswith(str(path))]
+
+
+def test_pi_memory_and_a_throttle_remeasured_under_emulation(emulated_pi, digits, digits_artifacts, tmp_path):
+    """One small run on an emulated Pi 4 whose sessions see a Pi's sysfs tree and a vcgencmd stub (issue 22):
+    memory comes from the arm64 agent's /proc marks, a throttle between the readings is re-measured, the board's
+    frequencies and temperatures reach the result, and the memory and governor gates apply."""
+    from pipeline import api
+    from pipeline.testing.board import SINCE_BOOT, THROTTLED, Board, make_board
+    from pipeline.testing.emulated_pi import SESSION_PATH
+
+    pi = emulated_pi("piboard", env=Board(Path("/")).env(SESSION_PATH, on_device="/opt/board"))
+    board = make_board(pi.host_path("/opt/board"), cpus=4, cur_mhz=1500, max_mhz=1800, zones=(62.0,),
+                       throttled=[0, 0, THROTTLED | THROTTLED << SINCE_BOOT, THROTTLED << SINCE_BOOT])
+    inv = write_inventory(tmp_path / "targets.yaml", [pi], [pi_entry(pi, "pi-board", "litert", mode="float32")],
+                          gates={"max_model_peak_mb": 500, "conditions": {"cooldown_s": 0, "governor": "performance"}})
+    rel = api.run(inv, model=digits_artifacts["float32"].path, data=digits.eval_path, out_dir=tmp_path / "out",
+                  cache_dir=tmp_path / "cache", db=tmp_path / "results.db")
+    (dev,) = rel.run.devices
+    assert dev.ok, dev.error
+    mem, cond = dev.result["memory"], dev.result["conditions"]
+    assert dev.result["device"]["machine"] == "aarch64"
+    assert mem["source"] == "proc_status" and mem["peak_reset"] and 0 < mem["model_peak_mb"] < 500
+    assert board.vcgencmd_calls == 5 and cond["remeasured"] and cond["throttled"] is False
+    assert cond["first"]["flags"] == ["throttled"] and cond["governor"] == "performance"
+    assert cond["freq_mhz"]["cpu3"] == {"cur": 1500.0, "max": 1800.0} and cond["temps_c"] == {"thermal_zone0": 62.0}
+    gates = {c.gate: c for c in rel.verdict.checks if c.target == "pi-board"}
+    assert gates["max_model_peak_mb"].passed and gates["conditions.governor"].passed
+    assert gates["conditions.throttled"].passed and rel.exit_code == 0, [c.message() for c in rel.verdict.failures]
