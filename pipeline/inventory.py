@@ -209,6 +209,7 @@ class _TargetFields(_Strict):
     kind: Optional[Kind] = None
     mode: Optional[Mode] = None
     keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None   # int8: op output tensors kept float
+    int16_layers: Optional[list[Annotated[str, Field(min_length=1)]]] = None   # int8: ops with int16 activations
     io_type: Optional[Literal["int8", "uint8"]] = None
     python: Optional[str] = Field(None, min_length=1)
     runtime: Optional[str] = None
@@ -256,6 +257,7 @@ class GroupSpec(_Strict):
     description: Optional[str] = None
     mode: Optional[Mode] = None
     keep_float: Optional[list[Annotated[str, Field(min_length=1)]]] = None
+    int16_layers: Optional[list[Annotated[str, Field(min_length=1)]]] = None
     threads: Optional[int] = Field(None, ge=1, le=256)
     allow_fallback: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)
@@ -352,6 +354,7 @@ class Target:
     keep_float: tuple[str, ...] = ()   # int8 selective quantization (`edgepipe optimize --write-modes` sets it)
     min_duration_s: float | None = None   # the agent's --min-duration-s
     conditions: ConditionsPolicy = field(default_factory=ConditionsPolicy)   # gates.conditions, resolved
+    int16_layers: tuple[str, ...] = ()   # int8 with these ops at 16-bit activations (16x8 mixed precision)
     deploy_dir: str | None = None      # None: <workdir>/deploy/<model name>; `{model_name}` is replaced
     keep_releases: int = 3
     activate: tuple[str, ...] = ()     # argv run after the switch (and after a rollback)
@@ -591,7 +594,12 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
             if gs.min_duration_s is not None and spec.min_duration_s is None:
                 merged["min_duration_s"] = gs.min_duration_s
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
-    keep_float = _keep_float(spec, inv, mode, file, fpath)
+    keep_float = _int8_layers("keep_float", spec, inv, mode, file, fpath)
+    int16_layers = _int8_layers("int16_layers", spec, inv, mode, file, fpath)
+    if int16_layers and (keep_float or merged["kind"] == "edgetpu"):
+        raise ConfigError(f"int16_layers cannot go with {'keep_float' if keep_float else 'kind edgetpu'} on target "
+                          f"{spec.name!r}", file=file, field=f"{fpath}.int16_layers",
+                          hint="the Edge TPU runs int8 or float ops only; choose keep_float or int16_layers")
     delegate = merged.get("delegate") or KIND_DEFAULT_DELEGATE[merged["kind"]]
     require = merged.get("require_accelerator")
     if require is None:  # an accelerator target must use it, unless falling back to the CPU is explicitly allowed
@@ -615,6 +623,7 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         activate=tuple(merged.get("activate") or ()), health=tuple(merged.get("health") or ()),
         min_duration_s=_min_duration(merged, file, fpath),
         conditions=inv.gates.conditions_for(merged["kind"], spec.groups, spec.gates, spec.name),
+        int16_layers=int16_layers,
     )
 
 
@@ -631,18 +640,19 @@ def _min_duration(merged: dict[str, Any], file: Path, fpath: str) -> float | Non
     return float(value)
 
 
-def _keep_float(spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str) -> tuple[str, ...]:
-    """The target's keep_float (target > its groups > defaults); int8 only, since it is an int8 recipe option."""
-    if spec.keep_float is not None:
-        value, where = spec.keep_float, f"{fpath}.keep_float"
+def _int8_layers(key: str, spec: TargetSpec, inv: InventorySpec, mode: str, file: Path, fpath: str
+                 ) -> tuple[str, ...]:
+    """The target's keep_float or int16_layers (target > its groups > defaults); int8 only (int8 recipe options)."""
+    if getattr(spec, key) is not None:
+        value, where = getattr(spec, key), f"{fpath}.{key}"
     else:
-        from_groups = [(g, inv.groups[g].keep_float) for g in spec.groups
-                       if g in inv.groups and inv.groups[g].keep_float is not None]
-        value, where = (from_groups[0][1], f"groups.{from_groups[0][0]}.keep_float") if from_groups else \
-            (inv.defaults.keep_float, "defaults.keep_float")
+        from_groups = [(g, getattr(inv.groups[g], key)) for g in spec.groups
+                       if g in inv.groups and getattr(inv.groups[g], key) is not None]
+        value, where = (from_groups[0][1], f"groups.{from_groups[0][0]}.{key}") if from_groups else \
+            (getattr(inv.defaults, key), f"defaults.{key}")
     if value and mode != "int8":
-        raise ConfigError(f"keep_float applies to mode int8, but target {spec.name!r} resolves to mode {mode}",
-                          file=file, field=where, hint="set mode: int8 next to it, or remove keep_float")
+        raise ConfigError(f"{key} applies to mode int8, but target {spec.name!r} resolves to mode {mode}",
+                          file=file, field=where, hint=f"set mode: int8 next to it, or remove {key}")
     return tuple(sorted(set(value or ())))
 
 

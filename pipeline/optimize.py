@@ -1,5 +1,6 @@
-"""`edgepipe optimize`: measure every candidate format on one device per class, recover int8 by keeping its worst
-layers in float, and choose per class the best candidate within the accuracy budget.
+"""`edgepipe optimize`: measure every candidate format on one device per class, recover int8 by keeping the layers
+it hurts most in float (or at 16-bit activations on a CPU; `pipeline.int8_recovery`), and choose per class the best
+candidate within the accuracy budget.
 
 A device class is kind + runtime + accelerator. Candidates are measured with the run machinery (`run.execute`:
 same conversion cache, content-addressed push, agent, host scoring), so a second optimize converts nothing new.
@@ -11,19 +12,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import ConfigError, ConversionError
+from pipeline.errors import ConfigError
+from pipeline.int8_recovery import recover, short
+from pipeline.metrics.gates import budget_gates
 from pipeline.metrics.score import TASK_METRICS
 from pipeline.run import RunInputs, execute, new_run_id
 
 OBJECTIVES = ("latency", "size", "balanced")
 DEFAULT_MAX_DROP = 1.0          # points of the task's main metric below float, when neither flag nor gate says
-MIN_INT8_SHARE = 0.8            # recovery keeps at most this share of compute ops away from float
 CANDIDATES = {"edgetpu": ("int8",), "gpu": ("float16", "float32"),
               "cpu": ("float32", "dynamic", "float16", "int8", "int16x8")}
 LOWER_IS_BETTER = ("mae", "rmse")
-DROP_GATES = {"top1": "max_top1_drop", "accuracy": "max_top1_drop", "map": "max_map_drop"}
-MIN_GATES = {"top1": "min_top1", "accuracy": "min_top1", "map": "min_map", "map50": "min_map50", "miou": "min_miou",
-             "auc": "min_auc"}
 Event = Callable[[str, str, str], None]
 
 
@@ -40,6 +39,7 @@ class Candidate:
     drop: float | None = None
     within_budget: bool = False
     keep_float: list[str] = field(default_factory=list)
+    int16_layers: list[str] = field(default_factory=list)   # int8 with these ops at 16-bit activations (CPU)
     agreement: float | None = None
     int8_share: float | None = None
     sha256: str | None = None
@@ -84,6 +84,7 @@ class DeviceClass:
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
     advice: str = ""
+    notes: list[str] = field(default_factory=list)   # what recovery decided for this class (e.g. why it stopped)
 
     @property
     def label(self) -> str:
@@ -93,7 +94,7 @@ class DeviceClass:
         return {"targets": self.targets, "measured_on": self.measured_on, "kind": self.kind, "runtime": self.runtime,
                 "accelerator": self.accelerator, "budget": asdict(self.budget),
                 "candidates": [c.to_dict() for c in self.candidates],
-                "chosen": self.chosen.to_dict() if self.chosen else None, "advice": self.advice}
+                "chosen": self.chosen.to_dict() if self.chosen else None, "advice": self.advice, "notes": self.notes}
 
 
 @dataclass
@@ -102,7 +103,8 @@ class OptimizeResult:
     objective: str
     metric: str
     float_value: float | None
-    layers: list[dict[str, Any]] = field(default_factory=list)   # int8 layers ranked by quantization error
+    layers: list[dict[str, Any]] = field(default_factory=list)   # int8 layers ranked by measured effect
+    ranking: dict[str, Any] | None = None   # how the layers were ranked: full int8's host scores, samples, time
     run_ids: list[str] = field(default_factory=list)
     report_path: Path | None = None
     written: Path | None = None
@@ -114,20 +116,33 @@ class OptimizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"classes": [c.to_dict() for c in self.classes], "objective": self.objective, "metric": self.metric,
-                "float_value": self.float_value, "layers": self.layers, "runs": self.run_ids,
+                "float_value": self.float_value, "layers": self.layers, "ranking": self.ranking,
+                "runs": self.run_ids,
                 "report": str(self.report_path) if self.report_path else None,
                 "targets_written": str(self.written) if self.written else None, "changes": self.changes}
 
 
 # ---------------------------------------------------------------- host-side checks (no device touched)
 
-def check_options(objective: str, max_drop: float | None) -> None:
+def check_options(objective: str, max_drop: float | None, max_float_layers: int | None = None) -> None:
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}", field="--objective", hint=f"use one of: "
                                                                                       f"{', '.join(OBJECTIVES)}")
     if max_drop is not None and not (0 <= max_drop <= 100):
         raise ConfigError(f"--max-drop {max_drop:g} is out of range", field="--max-drop",
                           hint="points of the task's metric below float, 0..100 (e.g. 1 = one point of top-1)")
+    if max_float_layers is not None and max_float_layers < 1:
+        raise ConfigError(f"--max-float-layers {max_float_layers} is out of range", field="--max-float-layers",
+                          hint="how many layers int8 recovery may keep in float: 1 or more (default: 20 % of "
+                               "the ops, at least 3)")
+
+
+def check_model(model: Any) -> None:
+    """optimize converts the model itself: a .tflite is refused before any data is read or device touched."""
+    path = getattr(model, "path", model)
+    if str(path).lower().endswith(".tflite"):
+        raise ConfigError("optimize converts the model to each candidate format; a .tflite cannot be re-converted",
+                          file=str(path), field="MODEL", hint="pass the SavedModel/.keras model")
 
 
 def main_metric(prepared: RunInputs) -> tuple[str, float | None]:
@@ -145,8 +160,8 @@ def budget_for(inventory: Any, target: Any, metric: str, max_drop: float | None)
     if max_drop is not None:
         return Budget(float(max_drop), None, "--max-drop")
     gates = inventory.gates_for(target)
-    drop = gates.get(DROP_GATES.get(metric, ""))
-    floor = gates.get(MIN_GATES.get(metric, ""))
+    drop_gate, floor_gate = budget_gates(metric)
+    drop, floor = gates.get(drop_gate or ""), gates.get(floor_gate or "")
     if drop or floor:
         return Budget(float(drop[0]) if drop else None, float(floor[0]) if floor else None,
                       ", ".join(g[1] for g in (drop, floor) if g))
@@ -218,7 +233,8 @@ class Measurer:
         for cls, cand in jobs:
             for name in cls.measured_on:
                 t = self.inventory.target(name)
-                syn = replace(t, name=f"{name}[{cand.variant}]", mode=cand.mode, keep_float=tuple(cand.keep_float))
+                syn = replace(t, name=f"{name}[{cand.variant}]", mode=cand.mode, keep_float=tuple(cand.keep_float),
+                              int16_layers=tuple(cand.int16_layers))
                 targets.append(syn)
                 owner[syn.name] = (cls, cand)
         if not targets:
@@ -253,93 +269,41 @@ def choose(candidates: list[Candidate], objective: str) -> Candidate | None:
     return min(ok, key=lambda c: (c.p50_ms, c.bytes))
 
 
-def advise(cls: DeviceClass, layers: list[dict[str, Any]]) -> str:
-    """What was chosen, or what would pass: the best candidate and its gap, the worst layers, QAT as next step."""
+def layer_text(x: dict[str, Any], ranking: dict[str, Any] | None) -> str:
+    """One ranked layer with both figures: what keeping it in float measurably did on the host, and its per-tensor
+    error (RMSE in steps of its scale, and relative to the float tensor's own magnitude)."""
+    cheap = f"rmse/scale {x['rmse_scale']:.2f}, relative error {x.get('rel_error', 0.0):.2f}"
+    e, base = x.get("effect"), (ranking or {}).get("int8") or {}
+    if not e:
+        return f"{short(x['name'])} ({cheap}; not measured)"
+    metric = (ranking or {}).get("metric", "agreement")
+    with_readers = f" with {len(x['keep_float']) - 1} reader(s)" if len(x.get("keep_float") or []) > 1 else ""
+    return (f"{short(x['name'])} (in float{with_readers}: {metric} {base.get(metric) or 0:.2f} -> "
+            f"{e.get(metric) or 0:.2f}, SNR {base.get('snr_db', 0):.1f} -> {e['snr_db']:.1f} dB on "
+            f"{(ranking or {}).get('holdout')} held-out calibration samples; {cheap})")
+
+
+def advise(cls: DeviceClass, layers: list[dict[str, Any]], ranking: dict[str, Any] | None = None) -> str:
+    """What was chosen, or what would pass: the best candidate and its gap, the layers int8 hurts most by measured
+    effect (with their per-tensor error), QAT as next step."""
     if cls.chosen is not None:
         c = cls.chosen
+        kept = c.keep_float or c.int16_layers
+        how = " in float" if c.keep_float else " at 16-bit activations"
         return (f"{c.variant}: p50 {c.p50_ms:.3f} ms, {c.bytes} bytes, {c.metric} {c.value:.4f} "
-                f"(drop {c.drop:+.2f} within {cls.budget.text()})")
+                f"(drop {c.drop:+.2f} within {cls.budget.text()})"
+                + (f"; {len(kept)} layer(s){how}: {', '.join(short(n) for n in kept)}" if kept else ""))
     measured = [c for c in cls.candidates if c.drop is not None]
     if not measured:
         errors = "; ".join(c.error for c in cls.candidates if c.error) or "no candidate measured"
         return f"no candidate could be measured: {errors}"
     best = min(measured, key=lambda c: c.drop)
     gap = best.drop - (cls.budget.max_drop or 0.0) if cls.budget.max_drop is not None else None
-    worst = ", ".join(f"{x['name']} (rmse/scale {x['rmse_scale']:.2f})" for x in layers[:3]) or "not ranked"
+    hurt = [x for x in layers if x.get("effect") and x["effect"]["benefit"] > 0][:3] or layers[:3]
+    worst = "; ".join(layer_text(x, ranking) for x in hurt) or "not ranked"
     return (f"nothing within {cls.budget.text()}; closest is {best.variant} with drop {best.drop:.2f} points"
             + (f" ({gap:.2f} over)" if gap is not None else "") + f"; layers int8 hurts most: {worst}; "
             "quantization-aware training of those layers is the next step")
-
-
-# ---------------------------------------------------------------- recovery
-
-def _needs_recovery(cls: DeviceClass) -> bool:
-    """int8 was measured on this class and missed the budget (and no recovered int8 passed yet)."""
-    int8 = [c for c in cls.candidates if c.mode == "int8"]
-    return bool(int8) and int8[0].drop is not None and not any(c.within_budget for c in int8)
-
-
-def schedule(compute_ops: int, ranked: int) -> list[int]:
-    """How many layers to keep in float, fewest first (1, 2, 4, ...), never below MIN_INT8_SHARE of the ops."""
-    most = min(ranked, max(1, int(compute_ops * (1 - MIN_INT8_SHARE))))
-    ks, k = [], 1
-    while k < most:
-        ks.append(k)
-        k *= 2
-    return ks + [most] if most >= 1 else ks
-
-
-def edgetpu_cost(cand: Candidate, plain: Candidate | None) -> list[dict[str, Any]]:
-    """Per kept-float layer: where it sits and what it costs on the Edge TPU (a float op ends the TPU segment)."""
-    from pipeline.convert.manifest import read_model
-    from pipeline.convert.recovery import kept_ops
-
-    if not cand.path or not Path(cand.path).exists():
-        return []
-    info = read_model(cand.path)
-    total = len(info.ops)
-    tpu = cand.edgetpu or {}
-    out = []
-    for k in kept_ops(info, cand.keep_float):
-        note = ("a float op: the Edge TPU segment ends here, the ops from here on run on the CPU"
-                if k["index"] is not None else "not found by name in the artifact")
-        out.append({**k, "cpu_ops_from_here": total - k["index"] if k["index"] is not None else None,
-                    "mapped_share": tpu.get("mapped_share"),
-                    "plain_int8_mapped_share": (plain.edgetpu or {}).get("mapped_share") if plain else None,
-                    "status": tpu.get("status"), "note": note})
-    return out
-
-
-def recover(classes: list[DeviceClass], measurer: Measurer, *, rank: Callable[[], list[Any]],
-            on_notice: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Keep the worst-ranked layers in float, fewest first, re-measuring, until each class's budget holds."""
-    from pipeline.convert.manifest import read_model
-    from pipeline.convert.recovery import layers_json, quantized_share
-
-    pending = [c for c in classes if _needs_recovery(c)]
-    if not pending:
-        return []
-    try:
-        layers = rank()
-    except ConversionError as exc:   # the debugger cannot run on this model: no recovery, the tables still stand
-        on_notice(f"cannot rank int8 layers, so no int8 recovery: {exc.one_line()}")
-        return []
-    int8 = next(c for c in pending[0].candidates if c.mode == "int8")
-    compute = quantized_share(read_model(int8.path))[1] if int8.path and Path(int8.path).exists() else len(layers)
-    for k in schedule(compute, len(layers)):
-        pending = [c for c in pending if _needs_recovery(c)]
-        if not pending:
-            break
-        keep = sorted(x.name for x in layers[:k])
-        on_notice(f"recovering int8: keeping {k} layer(s) in float on {', '.join(c.label for c in pending)}")
-        measurer.measure([(c, Candidate("int8", f"int8+float{k}", keep_float=keep)) for c in pending])
-    for cls in classes:
-        if cls.accelerator == "edgetpu":
-            plain = next((c for c in cls.candidates if c.mode == "int8" and not c.keep_float), None)
-            for c in cls.candidates:
-                if c.keep_float:
-                    c.edgetpu_cost = edgetpu_cost(c, plain)
-    return layers_json(layers)
 
 
 # ---------------------------------------------------------------- the command
@@ -347,18 +311,17 @@ def recover(classes: list[DeviceClass], measurer: Measurer, *, rank: Callable[[]
 def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = None, objective: str = "latency",
              max_drop: float | None = None, each: bool = False, out_dir: str | Path, cache_dir: Any = None,
              on_event: Event | None = None, on_notice: Callable[[str], None] | None = None,
-             cancel: Any = None, lease: Any = None) -> OptimizeResult:
+             cancel: Any = None, lease: Any = None, max_float_layers: int | None = None) -> OptimizeResult:
     """Measure the candidates of every device class, recover int8 when it misses the budget, choose per class.
-    `lease` holds each device while a candidate is measured on it, as in `run`."""
-    from pipeline.convert.recovery import rank_layers
+    `lease` holds each device while a candidate is measured on it, as in `run`; `max_float_layers` caps how many
+    layers recovery keeps in float (default: 20 % of the compute ops, at least 3)."""
+    from pipeline.convert.recovery import layers_json, rank_layers
     from pipeline.run import compute_reference
 
-    check_options(objective, max_drop)
+    check_options(objective, max_drop, max_float_layers)
+    check_model(prepared.src)
     notice = on_notice or (lambda msg: None)
     out = Path(out_dir)
-    if prepared.src.kind == "tflite":
-        raise ConfigError("optimize converts the model to each candidate format; a .tflite cannot be re-converted",
-                          file=str(prepared.src.path), field="MODEL", hint="pass the SavedModel/.keras model")
     if prepared.calibration is None:
         raise ConfigError("optimize measures int8 candidates and needs calibration data", field="--calibration",
                           hint="pass --calibration DATA.npz (one array per model input, x for one) or an image folder")
@@ -368,10 +331,17 @@ def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = 
     measurer = Measurer(inventory, prepared, metric, float_value, out_dir=out, cache_dir=cache_dir,
                         on_event=on_event, cancel=cancel, lease=lease)
     measurer.measure([(cls, Candidate(m, m)) for cls in classes for m in CANDIDATES[cls.kind]])
-    layers = recover(classes, measurer, on_notice=notice,
+    float32 = next((c.path for cls in classes for c in cls.candidates if c.mode == "float32" and c.path
+                    and Path(c.path).exists()), None)   # the ranking's float reference, already converted
+    ranked = recover(classes, measurer.measure, make=Candidate, max_float_layers=max_float_layers, notice=notice,
                      rank=lambda: rank_layers(prepared.src, prepared.calibration, cache_dir=cache_dir, log_dir=out,
-                                              progress=None))
+                                              float_model=float32))
+    layers = layers_json(ranked) if ranked is not None else []
+    about = None if ranked is None else {"int8": ranked.int8, "metric": ranked.metric, "holdout": ranked.holdout,
+                                         "seconds": ranked.seconds, "cached": ranked.cached}
     for cls in classes:
         cls.chosen = choose(cls.candidates, objective)
-        cls.advice = advise(cls, layers)
-    return OptimizeResult(classes, objective, metric, float_value, layers, measurer.run_ids)
+        cls.advice = advise(cls, layers, about)
+    res = OptimizeResult(classes, objective, metric, float_value, layers, measurer.run_ids)
+    res.ranking = about
+    return res

@@ -24,20 +24,40 @@ def _yaml() -> Any:
     return y
 
 
-def _has_keep_float(doc: Any, entry: Any) -> bool:
-    """Whether a group or the defaults would hand this target a keep_float it must override."""
+LAYER_LISTS = {"keep_float": "in float", "int16_layers": "at 16-bit activations"}   # int8 recipe options
+
+
+def _inherits(doc: Any, entry: Any, key: str) -> bool:
+    """Whether a group or the defaults would hand this target a `key` list it must override."""
     groups = doc.get("groups") or {}
-    inherited = [(groups.get(g) or {}).get("keep_float") for g in (entry.get("groups") or [])]
-    return any(inherited) or bool((doc.get("defaults") or {}).get("keep_float"))
+    inherited = [(groups.get(g) or {}).get(key) for g in (entry.get("groups") or [])]
+    return any(inherited) or bool((doc.get("defaults") or {}).get(key))
 
 
-def write_modes(path: str | Path, choices: dict[str, tuple[str, list[str]]]) -> list[str]:
-    """Set `mode:` (and `keep_float:` for a selectively quantized int8) on each named target; returns what changed.
-
-    `choices` maps target name -> (mode, keep_float). Comments and the rest of the file stay as they were.
-    """
+def _set_layers(doc: Any, entry: Any, key: str, layers: list[str], changes: list[str]) -> None:
     from ruamel.yaml.comments import CommentedSeq
 
+    name, old = entry.get("name"), list(entry.get(key) or [])
+    if layers:
+        if old != list(layers):
+            seq = CommentedSeq(list(layers))
+            seq.fa.set_flow_style()
+            entry[key] = seq
+            changes.append(f"{name}: {key} {len(layers)} layer(s) {LAYER_LISTS[key]}")
+    elif key in entry or _inherits(doc, entry, key):
+        if old or key not in entry:
+            changes.append(f"{name}: {key} cleared")
+        entry[key] = CommentedSeq()
+        entry[key].fa.set_flow_style()
+
+
+def write_modes(path: str | Path, choices: dict[str, tuple[Any, ...]]) -> list[str]:
+    """Set `mode:` (and `keep_float:` / `int16_layers:` for a recovered int8) on each named target; returns what
+    changed.
+
+    `choices` maps target name -> (mode, keep_float[, int16_layers]). Comments and the rest of the file stay as
+    they were.
+    """
     file = Path(path)
     y = _yaml()
     doc = y.load(file.read_text())
@@ -46,22 +66,12 @@ def write_modes(path: str | Path, choices: dict[str, tuple[str, list[str]]]) -> 
         name = entry.get("name")
         if name not in choices:
             continue
-        mode, keep = choices[name]
+        mode, *lists = choices[name]
         if entry.get("mode") != mode:
             changes.append(f"{name}: mode {entry.get('mode') or '(kind default)'} -> {mode}")
             entry["mode"] = mode
-        old = list(entry.get("keep_float") or [])
-        if keep:
-            if old != list(keep):
-                seq = CommentedSeq(list(keep))
-                seq.fa.set_flow_style()
-                entry["keep_float"] = seq
-                changes.append(f"{name}: keep_float {len(keep)} layer(s) in float")
-        elif "keep_float" in entry or _has_keep_float(doc, entry):
-            if old or "keep_float" not in entry:
-                changes.append(f"{name}: keep_float cleared")
-            entry["keep_float"] = CommentedSeq()
-            entry["keep_float"].fa.set_flow_style()
+        for key, layers in zip(LAYER_LISTS, lists):
+            _set_layers(doc, entry, key, list(layers or []), changes)
     buf = io.StringIO()
     y.dump(doc, buf)
     tmp = file.with_name(f".{file.name}.optimize-{os.getpid()}")

@@ -120,7 +120,9 @@ def _quantized(model) -> bool:
     schema = _schema()
     sg = model.subgraphs[0]
     io = set(sg.inputs) | set(sg.outputs)
+    # an int8 LSTM's zero-size float "intermediate" tensors only carry its gates' quantization parameters
     return not any(t.type == schema.TensorType.FLOAT32 and (i not in io or _is_constant(model, t))
+                   and 0 not in list(t.shape if t.shape is not None else [])
                    for i, t in enumerate(sg.tensors))
 
 

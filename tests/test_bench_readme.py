@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.examples.outliers import STUCK
+
 REPO = Path(__file__).resolve().parent.parent
 # A number on its own: not part of a name such as int8, float32, x86, aes128-ctr, hmac-sha2-256 or 16x8.
 NUMBER = re.compile(r"(?<![\w.@-])\d+(?:\.\d+)?(?![\w@]|\.\d)")
@@ -57,6 +59,7 @@ def expected(doc: dict) -> dict[str, list[str]]:
     (tfr_name,) = {k.rsplit(".", 1)[0] for k in lat["figures"] if k.startswith("tflite")}
     n = reg["cycles"]
     rec = opt["recovery"]["ai-edge-litert"]
+    stuck, stuck_rank = opt["recovery_stuck"]["ai-edge-litert"], opt["ranking_stuck"]
     alpha, px = re.search(r"alpha=([\d.]+), (\d+)x\d+", opt["model"]).groups()
     kept = int(re.fullmatch(r"int8\+float(\d+)", rec["recovered"]["variant"]).group(1))
     push_target = float(push["targets"][0]["target"].lstrip(">= "))
@@ -103,6 +106,14 @@ def expected(doc: dict) -> dict[str, list[str]]:
             f"**{100 * rec['recovered']['int8_share']:.1f} %**",
             f"{rec['recovered']['bytes_vs_int8']:.3f}× the size of full int8",
             f"{rec['recovered']['bytes_vs_float32']:.2f}× float32"],
+        "| int8 recovery, activation outlier": [
+            f"stuck at {STUCK:,.0f} at its first op", f"(RMSE / scale {opt['worst_layers_stuck'][0]['rmse_scale']:.3f}",
+            f"full int8 {stuck['int8_top1']:.3f}", f"**{stuck['recovered']['top1']:.3f}**",
+            f"with {len(stuck['recovered']['layers_kept'])} layers kept", f"(float32 {stuck['float32_top1']:.3f})",
+            f"**{100 * stuck['recovered']['int8_share']:.1f} %**", f"host ranking **{stuck_rank['seconds']:.1f} s**",
+            f"{stuck['recovered']['bytes_vs_int8']:.3f}× the size and {stuck['recovered']['p50_vs_int8']:.2f}× the p50 "
+            "of full int8", f"{stuck['recovered']['bytes_vs_float32']:.2f}× the size and "
+            f"{stuck['recovered']['p50_vs_float32']:.2f}× the p50 of float32"],
         "| fan-out, 8 loopback devices vs 1": [
             f"fan-out, {max(fan['fanout']['ratio_to_1'], key=int)} loopback devices vs 1",
             f"{fan['fanout']['ratio_to_1']['8']:.2f}×", f"(target {fan_target}×"],
@@ -163,6 +174,17 @@ def test_optimize_claims_row_follows_the_recorded_bench():
     [line] = [ln for ln in readme.splitlines() if ln.startswith('| dynamic range "2–3× faster, 4× smaller"')]
     dyn = fig["claims"]["ai-edge-litert"]["dynamic"]
     assert f"| {dyn['smaller_measured']:.2f}× smaller" in line
+
+
+def test_optimize_recovery_paragraph_follows_the_recorded_bench():
+    """The activation outlier's figures in the optimize section (outside Performance) are the bench's too."""
+    fig = json.loads((REPO / "bench" / "RESULTS.json").read_text())["benches"]["optimize"]["figures"]
+    text = " ".join((REPO / "README.md").read_text().split())
+    first, ranking = fig["worst_layers_stuck"][0], fig["ranking_stuck"]
+    assert (f"that layer's RMSE / scale is {first['rmse_scale']:.3f} and its relative error {first['rel_error']:.2f}; "
+            f"keeping it and its reader in float brings top-1 agreement with float on the held-out samples from "
+            f"{ranking['int8']['agreement']:.2f} to {first['effect']['agreement']:.2f} (SNR "
+            f"{ranking['int8']['snr_db']:.1f} to {first['effect']['snr_db']:.1f} dB)") in text
 
 
 def test_numbers_are_told_from_names():

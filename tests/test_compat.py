@@ -113,7 +113,8 @@ def test_help_and_library_import_do_not_import_tensorflow():
 
     code = ("import sys\nfrom pipeline.cli import _load_commands, app\n_load_commands()\n"
             "import pipeline.convert.converter, pipeline.convert.edgetpu, pipeline.convert.compat, pipeline.convert.cache, pipeline.convert.reference\n"
-            "print('tensorflow' in sys.modules)")
+            "import pipeline.optimize, pipeline.int8_recovery, pipeline.convert.recovery, pipeline.convert.mixed\n"
+            "print('tensorflow' in sys.modules, 'ai_edge_quantizer' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    assert proc.stdout.strip() == "False False"   # ai-edge-quantizer only where a 16x8 mixed model is converted

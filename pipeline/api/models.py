@@ -89,19 +89,21 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
              on_notice: Callable[[str], None] | None = None, cancel: CancelToken | None = None,
              signature: str | None = None, input_shapes: Any = None, preprocess: Any = None,
              task: str | None = None, output: str | None = None, db: str | Path | None = None,
-             lease_timeout: float | None = None) -> Any:
+             lease_timeout: float | None = None, max_float_layers: int | None = None) -> Any:
     """Measure every candidate format per device class, recover int8 when it misses the accuracy budget, choose per
     class by `objective`; optionally write the HTML report and patch targets.yaml (`write_modes`). Stores no run;
     each device is leased in the results database while a candidate is measured on it, as `run` does.
+    `max_float_layers` caps how many layers int8 recovery keeps in float (default: 20 % of the ops, at least 3).
 
     Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
     """
-    from pipeline.optimize import check_options, optimize as run_optimize
+    from pipeline.optimize import check_model, check_options, optimize as run_optimize
     from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
     from pipeline.run import new_run_id, prepare
 
-    check_options(objective, max_drop)
+    check_options(objective, max_drop, max_float_layers)
+    check_model(model)   # a .tflite: one line before its data is read
     inv = _inventory(targets)
     inv.select(list(select))   # an unknown --select is one line before the model is even read
     prepared = prepare(model, data, calibration=calibration, signature=signature, input_shapes=input_shapes,
@@ -112,7 +114,7 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
         try:
             res = run_optimize(inv, prepared, select=list(select), objective=objective, max_drop=max_drop, each=each,
                                out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_notice=on_notice,
-                               cancel=cancel or CancelToken(), lease=leases)
+                               cancel=cancel or CancelToken(), lease=leases, max_float_layers=max_float_layers)
         finally:
             leases.close()
     if report_dir is not None:
@@ -122,7 +124,7 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
     if write_modes:
         from pipeline.targets_file import write_modes as patch
 
-        choices = {name: (cls.chosen.mode, list(cls.chosen.keep_float))
+        choices = {name: (cls.chosen.mode, list(cls.chosen.keep_float), list(cls.chosen.int16_layers))
                    for cls in res.classes if cls.chosen is not None for name in cls.targets}
         res.changes = patch(inv.path, choices) if choices else []
         res.written = inv.path

@@ -31,7 +31,8 @@ def class_table(cls: Any, metric: str, width: int | None) -> Table:
     for c in cls.candidates:
         chosen = cls.chosen is c
         name = f"[bold]{escape(c.variant)} ◀[/]" if chosen else escape(c.variant)
-        note = c.error or ("; ".join(f"{x['op']}@{x['index']}: {x['note']}" for x in c.edgetpu_cost or []))
+        note = c.error or ("; ".join(f"{x['op']}@{x['index']}: {x['note']}" for x in c.edgetpu_cost or [])) or (
+            f"{len(c.int16_layers)} layer(s) at 16-bit activations" if c.int16_layers else "")
         rows.append([name, human_bytes(c.bytes) if c.bytes else "-", _cell(c.p50_ms, "%.3f"),
                      _cell(c.value, "%.4f"), _cell(c.drop, "%+.2f"), _cell(c.agreement, "%.3f"),
                      _cell(c.int8_share * 100 if c.int8_share is not None else None, "%.0f%%"),
@@ -62,6 +63,8 @@ def optimize_command(
                                              "below float (default: the accuracy gates in targets.yaml, else 1)."),
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     each: bool = typer.Option(False, "--each", help="Measure on every device of a class, not one."),
+    max_float_layers: Optional[int] = typer.Option(None, "--max-float-layers", help="How many layers int8 recovery "
+                                                   "may keep in float (default: 20 % of the ops, at least 3)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write optimize.html (tables, Pareto plots) here."),
     write_modes: bool = typer.Option(False, "--write-modes", help="Set each target's chosen mode (and keep_float) "
                                      "in targets.yaml, keeping its comments."),
@@ -75,8 +78,9 @@ def optimize_command(
                                                        "wait); then that device fails with lease_timeout."),
     model_kw: Any = None,
 ) -> None:
-    """Measure every candidate format per device class (kind + runtime + accelerator), keep int8's worst layers in
-    float when int8 misses the accuracy budget, and choose per class by the objective.
+    """Measure every candidate format per device class (kind + runtime + accelerator); when int8 misses the accuracy
+    budget, keep the layers it hurts most (ranked by their measured effect) in float, or on a CPU at 16-bit
+    activations, and choose per class by the objective.
 
     Exit codes: 0 every class has a chosen format, 1 some class has none (advice printed), 2 usage or
     configuration error, 130 / 143 interrupted.
@@ -91,7 +95,8 @@ def optimize_command(
         res = api.optimize(inv, model=model, data=data, calibration=calibration, select=select, objective=objective,
                            max_drop=max_drop, each=each, out_dir=out, cache_dir=cache_dir, report_dir=report,
                            write_modes=write_modes, on_event=_per_device(board),
-                           on_notice=notice, cancel=cancel, db=db, lease_timeout=lease_timeout, **model_kw)
+                           on_notice=notice, cancel=cancel, db=db, lease_timeout=lease_timeout,
+                           max_float_layers=max_float_layers, **model_kw)
     if as_json:
         emit_json(json.dumps(res.to_dict()))
     else:
@@ -101,6 +106,8 @@ def optimize_command(
             style = "green" if cls.chosen else "red"
             console.print(f"[{style}]{'chosen' if cls.chosen else 'NOTHING PASSES'}[/]: {escape(cls.advice)}",
                           soft_wrap=True)
+            for note in cls.notes:
+                console.print(f"note: {escape(note)}", soft_wrap=True)
         for change in res.changes:
             console.print(f"targets.yaml: {escape(change)}", soft_wrap=True)
         if res.report_path:

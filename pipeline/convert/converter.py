@@ -22,8 +22,8 @@ from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
 from pipeline.convert.recipes import (FormatRequest, Recipe, apply_recipe, make_recipe, plan_formats,
                                       quantize_selective)
-from pipeline.convert.source import (ModelSource, first_line, describe, identify, open_signature, parse_input_shapes,
-                                     signature_specs, static_converter, with_shapes)
+from pipeline.convert.source import (ModelSource, first_line, describe, identify, parse_input_shapes, signature_specs,
+                                     static_converter, with_shapes)
 from pipeline.convert.worker import run_quiet
 from pipeline.errors import ConversionError, EdgepipeError
 from pipeline.files import write_atomic
@@ -53,17 +53,19 @@ def load_source(model: str | Path | ModelSource, *, signature: str | None = None
 
 
 def artifact_name(name: str, mode: str, io_type: str, compat: dict[str, Any] | None,
-                  keep_float: list[str] | tuple[str, ...] = ()) -> str:
+                  keep_float: list[str] | tuple[str, ...] = (), int16_layers: list[str] | tuple[str, ...] = ()) -> str:
     """Deterministic file name, e.g. digits_cnn.int8.tflite or digits_cnn.dynamic.compat-tflite-runtime-2.14.tflite;
-    an int8 model with layers kept in float is digits_cnn.int8.keepfloat2-<hash>.tflite."""
+    an int8 model with layers kept in float is digits_cnn.int8.keepfloat2-<hash>.tflite, with layers at 16-bit
+    activations digits_cnn.int8.int16x2-<hash>.tflite."""
     import hashlib
 
     parts = [name, mode]
     if mode == "int8" and io_type != "int8":
         parts.append(f"{io_type}io")
-    if keep_float:
-        digest = hashlib.sha256("\n".join(sorted(keep_float)).encode()).hexdigest()[:8]
-        parts.append(f"keepfloat{len(keep_float)}-{digest}")
+    for label, layers in (("keepfloat", keep_float), ("int16x", int16_layers)):
+        if layers:
+            digest = hashlib.sha256("\n".join(sorted(layers)).encode()).hexdigest()[:8]
+            parts.append(f"{label}{len(layers)}-{digest}")
     if compat and compat.get("options"):
         parts.append("compat-" + compat["runtime"] + (f"-{compat['version']}" if compat.get("version") else ""))
     return ".".join(parts) + ".tflite"
@@ -105,12 +107,13 @@ def with_source_options(r: Recipe, src: ModelSource) -> Recipe:
     return r
 
 
-def prepared_converter(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress,
-                       tmp: Path) -> Any:
+def prepared_converter(src: ModelSource, r: Recipe, calib: Calibration | None, progress: Progress) -> Any:
     """A TFLiteConverter for `src` with its input shapes fixed and recipe `r` applied (TF imported here); the
-    model is loaded under `tmp`, which must outlive the converter."""
+    model stays loaded in this process for the next conversion of it (convert/loaded.py)."""
+    from pipeline.convert.loaded import loaded_signature
+
     progress("load", f"loading {src.kind} model (TensorFlow)")
-    sig = open_signature(src, tmp, progress)
+    sig = loaded_signature(src, progress)
     if not src.described:
         ins, outs = signature_specs(sig)
         src = with_shapes(replace(src, inputs=ins, outputs=outs), r.options.get("input_shapes"))
@@ -136,15 +139,23 @@ def _run_conversion(src: ModelSource, r: Recipe, calib: Calibration | None, prog
     """Load the model's signature, fix its input shapes, apply the recipe, convert; returns the .tflite bytes.
 
     The TensorFlow part of a conversion; runs in the quiet worker process (see pipeline.convert.worker)."""
-    with tempfile.TemporaryDirectory(prefix="edgepipe-convert-") as tmp:
-        converter = prepared_converter(src, r, calib, progress, Path(tmp))
-        progress("convert", f"converting to {r.mode}" + (f" ({len(r.options['keep_float'])} layer(s) kept in float)"
-                                                         if r.options.get("keep_float") else ""))
-        try:
-            data = bytes(converter.convert())
-            return quantize_selective(r, converter, data) if r.options.get("keep_float") else data
-        except Exception as exc:
-            raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
+    converter = prepared_converter(src, r, calib, progress)
+    kept, int16 = r.options.get("keep_float"), r.options.get("int16_layers")
+    progress("convert", f"converting to {r.mode}" + (f" ({len(kept)} layer(s) kept in float)" if kept else "")
+             + (f" ({len(int16)} layer(s) at 16-bit activations, ai-edge-quantizer)" if int16 else ""))
+    try:
+        data = bytes(converter.convert())
+        if int16:
+            from pipeline.convert.mixed import quantize_mixed
+
+            batch = {s.name: int(s.shape[0]) for s in src.inputs}
+            return quantize_mixed(data, calib.bind(src.inputs).samples(batch), int16)
+        return quantize_selective(r, converter, data) if kept else data
+    except EdgepipeError as exc:
+        exc.file = exc.file or str(src.path)
+        raise
+    except Exception as exc:
+        raise ConversionError(f"TFLite conversion to {r.mode} failed: {first_line(exc)}", file=str(src.path)) from None
 
 
 def _validate_tflite(path: Path) -> None:
@@ -206,13 +217,15 @@ def _edgetpu(path: Path, info, mode: str, progress: Progress, cache_dir: str | P
 def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: Any = None, out_dir: str | Path,
             cache_dir: str | Path | None = None, compat: str | None = None, io_type: str = "int8",
             progress: Progress | None = None, signature: str | None = None, input_shapes: Any = None,
-            preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = ()) -> Artifact:
+            preprocess: Any = None, keep_float: tuple[str, ...] | list[str] = (),
+            int16_layers: tuple[str, ...] | list[str] = ()) -> Artifact:
     """Convert `model` to `mode` in `out_dir`, reusing the cache when (model, recipe, calibration, TF) match.
 
     `model` may be a path or the ModelSource identified once by the caller; a .tflite passes through as it is
     (`mode` None accepts whatever it is). `input_shapes` ({name: shape} or NAME=1x..x.. items) fixes dynamic
     dimensions; `preprocess` applies to an image-folder calibration; `keep_float` (int8) names op output tensors
-    kept in float (selective quantization, recorded in the recipe, so cached and reproducible).
+    kept in float (selective quantization, recorded in the recipe, so cached and reproducible); `int16_layers` (int8)
+    names ops computed with int16 activations (16x8 mixed precision through ai-edge-quantizer, recorded alike).
     """
     report: Progress = progress or (lambda stage, detail: None)
     out = Path(out_dir)
@@ -226,8 +239,12 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     src = with_shapes(describe(src, cache_dir=cache_dir, progress=report), overrides)
     for note in src.notes:
         report("notice", note)
-    r = with_source_options(make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat, keep_float=keep_float),
-                            src)
+    r = with_source_options(make_recipe(mode, io_type=io_type, qat=src.qat, compat=compat, keep_float=keep_float,
+                                        int16_layers=int16_layers), src)
+    if r.options.get("int16_layers"):
+        from pipeline.convert.mixed import quantizer_version
+
+        r.options["quantizer_version"] = quantizer_version()   # in the cache key: another quantizer, another file
     calib = None
     if r.needs_calibration:
         if calibration is None:
@@ -238,7 +255,8 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
         for warning in calib.warnings:
             report("warning", warning)
     tf_ver = tf_version()
-    name = artifact_name(src.name, mode, io_type, r.compat, r.options.get("keep_float") or ())
+    name = artifact_name(src.name, mode, io_type, r.compat, r.options.get("keep_float") or (),
+                         r.options.get("int16_layers") or ())
     out_path = out / name
     key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, tf_ver)
     cache = ConversionCache(cache_dir) if cache_dir else None

@@ -43,6 +43,30 @@ def _builder_class() -> Any:
     return SharingBuilder
 
 
+def _has_external_buffers(model: Any) -> bool:
+    return any((b.offset or 0) > 1 for b in model.buffers or [])
+
+
+def inline_buffers(data: bytes) -> bytes:
+    """The same model with every buffer inside the flatbuffer. Some writers (ai-edge-quantizer) store tensor data
+    after the flatbuffer and point at it by offset; older runtimes and re-packing would lose it."""
+    from pipeline.convert.manifest import _schema
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    if not _has_external_buffers(model):
+        return data
+    import numpy as np
+
+    for b in model.buffers:
+        if (b.offset or 0) > 1:
+            b.data = np.frombuffer(data[b.offset:b.offset + b.size], dtype=np.uint8)
+            b.offset = b.size = 0
+    builder = _builder_class()(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def compact_tflite(data: bytes) -> bytes:
     """The same model with shared vectors; returns `data` unchanged if re-packing fails or does not help."""
     from pipeline.convert.manifest import _schema
@@ -50,6 +74,8 @@ def compact_tflite(data: bytes) -> bytes:
     schema = _schema()
     try:
         model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+        if _has_external_buffers(model):   # data after the flatbuffer: re-packing would drop it
+            return data
         builder = _builder_class()(len(data))
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
         out = bytes(builder.Output())

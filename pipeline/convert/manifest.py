@@ -197,18 +197,47 @@ def _signature_names(model: Any, tensors: list[TensorInfo]) -> str | None:
     return None
 
 
+CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE")   # change a tensor's type; they compute nothing of the model
+
+
+def activation_dtypes(info: ModelInfo) -> list[str]:
+    """Per compute op (QUANTIZE/DEQUANTIZE aside), the type it computes in: that of its first non-constant input
+    (an op's state, such as an int8 LSTM's int16 cell, is not what it computes in); its output's when it has none."""
+    out = []
+    for op in info.ops:
+        if op.name in CONVERSION_OPS:
+            continue
+        first = next((info.tensors[i] for i in op.inputs if i >= 0 and not info.tensors[i].is_constant), None)
+        if first is None and op.outputs:
+            first = info.tensors[op.outputs[0]]
+        if first is not None:
+            out.append(first.dtype)
+    return out
+
+
 def detect_mode(info: ModelInfo) -> str:
-    """Guess which recipe produced a .tflite, from its tensor types (used for pass-through models)."""
+    """Which recipe produced a .tflite (pass-through models), from its I/O and the types its compute ops work in.
+
+    int16x8 only when the activations are int16 throughout (no op computes in 8 bits), as the 16x8 recipe makes
+    them: an int8 model with an int16 tensor inside (an LSTM's cell state, one layer kept at 16 bits) is int8. A
+    uint8-quantized model is int8 too (8-bit integer; the Edge TPU runs both). With float compute, the constants
+    tell float16 (half-precision weights) from dynamic range (int8 weights) from float32.
+    """
+    acts = activation_dtypes(info)
+    ints8 = sum(d in ("int8", "uint8") for d in acts)
+    ints16 = sum(d == "int16" for d in acts)
+    floats = sum(d.startswith("float") for d in acts)
     io = {t.dtype for t in info.input_tensors + info.output_tensors}
-    act = {t.dtype for t in info.tensors if not t.is_constant}
-    const = {t.dtype for t in info.tensors if t.is_constant}
-    if "int16" in act:
+    if ints16 and not ints8 and ints16 >= floats:
         return "int16x8"
-    if io & {"int8", "uint8"} or ("int8" in act and "float32" not in act - io):
+    if ints8 and (ints8 + ints16 >= floats or io & {"int8", "uint8"}):
         return "int8"
+    if not acts and io & {"int8", "uint8", "int16"}:
+        return "int16x8" if io == {"int16"} else "int8"
+    const = {t.dtype for t in info.tensors if t.is_constant}
     if "float16" in const:
         return "float16"
-    if "int8" in const:
+    if const & {"int8", "uint8"}:
         return "dynamic"
     return "float32"
 

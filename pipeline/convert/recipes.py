@@ -56,11 +56,18 @@ def float16(**_: Any) -> Recipe:
 
 
 @recipe("int8")
-def int8(*, io_type: str = "int8", qat: bool = False, keep_float: tuple[str, ...] = (), **_: Any) -> Recipe:
+def int8(*, io_type: str = "int8", qat: bool = False, keep_float: tuple[str, ...] = (),
+         int16_layers: tuple[str, ...] = (), **_: Any) -> Recipe:
     # A QAT model carries its own quantization ranges, so it needs no representative dataset.
     # (TFLITE_BUILTINS_INT8 would make TF demand a representative dataset even then.)
     opts: dict[str, Any] = {"optimizations": ["DEFAULT"], "inference_input_type": io_type,
                             "inference_output_type": io_type}
+    if int16_layers:   # 16x8 mixed precision: ai-edge-quantizer quantizes the float conversion (convert/mixed.py)
+        if qat or keep_float or io_type != "int8":
+            raise ConversionError("int16_layers needs a post-training int8 conversion with int8 input/output and no "
+                                  "keep_float", field="int16_layers", hint="drop int16_layers, keep_float or io_type")
+        return Recipe("int8", {"int16_layers": sorted(set(int16_layers)), "quantizer": "ai-edge-quantizer",
+                               "representative_dataset": True}, needs_calibration=True)
     if qat:
         opts["qat"] = True
     else:
@@ -82,19 +89,22 @@ def int16x8(**_: Any) -> Recipe:
 
 
 def make_recipe(mode: str, *, io_type: str = "int8", qat: bool = False, compat: str | None = None,
-                keep_float: tuple[str, ...] | list[str] = ()) -> Recipe:
+                keep_float: tuple[str, ...] | list[str] = (), int16_layers: tuple[str, ...] | list[str] = ()
+                ) -> Recipe:
     """Pick the recipe for `mode`, then apply the options a declared runtime (`compat`) needs to load it.
-    `keep_float` (int8 only) names op output tensors kept in float: selective quantization."""
+    `keep_float` (int8 only) names op output tensors kept in float: selective quantization; `int16_layers` (int8
+    only) names ops given 16-bit activations (16x8 mixed precision, through ai-edge-quantizer)."""
     from pipeline.convert.compat import compat_options, parse_compat
 
     if mode not in RECIPES:
         raise ConversionError(f"unknown mode '{mode}'", field="mode", hint=f"use one of: {', '.join(MODES)}")
     if io_type not in IO_TYPES:
         raise ConversionError(f"unknown io_type '{io_type}'", field="io_type", hint="use int8 or uint8")
-    if keep_float and mode != "int8":
-        raise ConversionError(f"keep_float applies to mode int8, not {mode}", field="keep_float",
-                              hint="set mode: int8, or remove keep_float")
-    r = RECIPES[mode](io_type=io_type, qat=qat, keep_float=tuple(keep_float))
+    for key, value in (("keep_float", keep_float), ("int16_layers", int16_layers)):
+        if value and mode != "int8":
+            raise ConversionError(f"{key} applies to mode int8, not {mode}", field=key,
+                                  hint=f"set mode: int8, or remove {key}")
+    r = RECIPES[mode](io_type=io_type, qat=qat, keep_float=tuple(keep_float), int16_layers=tuple(int16_layers))
     r.options["input_batch"] = 1   # static shapes: what edge runtimes and the Edge TPU want
     r.options["share_vectors"] = True   # lossless: identical quantization vectors stored once (flatbuffer.py)
     if compat:
@@ -110,6 +120,11 @@ def apply_recipe(r: Recipe, converter: Any, representative: Callable[[], Any] | 
     import tensorflow as tf
 
     o = r.options
+    if o.get("int16_layers"):   # a float conversion here; convert/mixed.py quantizes it with the calibration data
+        if representative is None:
+            raise ConversionError(f"{r.mode} needs calibration data", field="calibration",
+                                  hint="pass --calibration DATA.npz (array 'x') or an image folder")
+        return
     if o.get("optimizations"):
         converter.optimizations = [getattr(tf.lite.Optimize, name) for name in o["optimizations"]]
     if o.get("supported_types"):
@@ -155,6 +170,7 @@ class FormatRequest:
     io_type: str
     targets: list[str] = field(default_factory=list)
     keep_float: tuple[str, ...] = ()
+    int16_layers: tuple[str, ...] = ()
 
 
 def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) -> list[FormatRequest]:
@@ -169,8 +185,10 @@ def plan_formats(targets: Any, probes: dict[str, dict[str, Any]] | None = None) 
         io_type = (getattr(t, "io_type", None) or "int8") if t.mode == "int8" else "int8"
         compat = compat_for(t.mode, runtime, version)
         keep = tuple(sorted(getattr(t, "keep_float", None) or ())) if t.mode == "int8" else ()
-        key = (t.mode, compat, io_type, keep)
-        plan.setdefault(key, FormatRequest(t.mode, compat, io_type, keep_float=keep)).targets.append(t.name)
+        int16 = tuple(sorted(getattr(t, "int16_layers", None) or ())) if t.mode == "int8" else ()
+        key = (t.mode, compat, io_type, keep, int16)
+        plan.setdefault(key, FormatRequest(t.mode, compat, io_type, keep_float=keep, int16_layers=int16)
+                        ).targets.append(t.name)
     return list(plan.values())
 
 
@@ -191,7 +209,7 @@ def requested_formats(modes: Any = (), kinds: Any = (), fleets: Any = (), *, com
         raise ConfigError("nothing to convert", field="--mode", hint="pass --mode M, --kind K or --targets T.yaml")
     merged: dict[tuple, FormatRequest] = {}
     for r in reqs:
-        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8", r.keep_float)
+        key = (r.mode, r.compat, r.io_type if r.mode == "int8" else "int8", r.keep_float, r.int16_layers)
         if key in merged:
             merged[key].targets.extend(t for t in r.targets if t not in merged[key].targets)
         else:

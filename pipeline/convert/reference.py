@@ -30,22 +30,21 @@ def _chunks(n: int, step: int) -> list[tuple[list[int], int]]:
 def _tf_outputs(src: ModelSource, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    from pipeline.convert.source import open_signature
+    from pipeline.convert.loaded import loaded_signature
 
-    with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
-        sig = open_signature(src, Path(tmp))
-        args = sig.fn.structured_input_signature[1]
-        missing = [name for name in args if name not in inputs]
-        if missing:
-            raise ConfigError(f"no data for model input '{missing[0]}'", file=str(src.path), field=missing[0])
-        fixed = {args[k].shape[0] for k in args if args[k].shape.rank and args[k].shape[0] is not None}
-        step = fixed.pop() if fixed else batch_size
-        n = len(next(iter(inputs.values())))
-        outs: dict[str, list[np.ndarray]] = {}
-        for idx, keep in _chunks(n, step):
-            feed = {k: tf.constant(inputs[k][idx], args[k].dtype) for k in args}
-            for name, value in sig.fn(**feed).items():
-                outs.setdefault(name, []).append(np.asarray(value)[:keep])
+    sig = loaded_signature(src)
+    args = sig.fn.structured_input_signature[1]
+    missing = [name for name in args if name not in inputs]
+    if missing:
+        raise ConfigError(f"no data for model input '{missing[0]}'", file=str(src.path), field=missing[0])
+    fixed = {args[k].shape[0] for k in args if args[k].shape.rank and args[k].shape[0] is not None}
+    step = fixed.pop() if fixed else batch_size
+    n = len(next(iter(inputs.values())))
+    outs: dict[str, list[np.ndarray]] = {}
+    for idx, keep in _chunks(n, step):
+        feed = {k: tf.constant(inputs[k][idx], args[k].dtype) for k in args}
+        for name, value in sig.fn(**feed).items():
+            outs.setdefault(name, []).append(np.asarray(value)[:keep])
     return {k: np.concatenate(v).astype(np.float32, copy=False) for k, v in outs.items()}
 
 
@@ -75,7 +74,8 @@ def _tflite_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str
 def _postprocess_outputs(src: ModelSource, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A SavedModel ending in the detection postprocess composite runs as its float32 .tflite (TF would run only
     the composite's placeholders)."""
-    from pipeline.convert.source import float_tflite, open_signature, signature_specs
+    from pipeline.convert.loaded import open_signature
+    from pipeline.convert.source import float_tflite, signature_specs
 
     with tempfile.TemporaryDirectory(prefix="edgepipe-ref-") as tmp:
         sig = open_signature(src, Path(tmp))

@@ -10,8 +10,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from device_agents.agent import EDGETPU_CUSTOM_OP as EDGETPU_OP
+from pipeline.convert.loaded import DEFAULT_SIGNATURE, LoadedSignature, first_line, loaded_signature
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
 from pipeline.files import sha256_path, write_atomic
 from pipeline.inventory import MODES
@@ -26,7 +25,6 @@ from pipeline.inventory import MODES
 KINDS = ("saved_model", "keras", "h5", "tflite")
 VARIANTS = ("float", "quantized", "edgetpu_compiled")   # what a .tflite source already is
 POSTPROCESS_OP = b"TFLite_Detection_PostProcess"   # a composite the converter turns into this custom op
-DEFAULT_SIGNATURE = "serving_default"
 DESCRIBE_VERSION = 3
 _QAT_MARKERS = (b"QuantizeWrapper", b"QuantizeLayer", b"FakeQuantWithMinMaxVars")
 Progress = Callable[[str, str], None]
@@ -213,89 +211,6 @@ def identify(model: str | Path | ModelSource, *, signature: str | None = None) -
 
 # ---------------------------------------------------------------- describe (TensorFlow, cached)
 
-def _qat_to_saved_model(src: ModelSource, workdir: Path) -> Path:
-    """Keras 3 cannot load a tfmot QAT .h5/.keras; re-save it as a SavedModel in a legacy-Keras subprocess."""
-    out = workdir / "qat_savedmodel"
-    script = (
-        "import os, sys\n"
-        "os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
-        "import tensorflow as tf\n"
-        "import tensorflow_model_optimization as tfmot\n"
-        "with tfmot.quantization.keras.quantize_scope():\n"
-        "    m = tf.keras.models.load_model(sys.argv[1], compile=False)\n"
-        "tf.saved_model.save(m, sys.argv[2])\n"
-    )
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", script, str(src.path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
-        if "tensorflow_model_optimization" in proc.stderr or "tf_keras" in proc.stderr:
-            raise ConversionError("this is a quantization-aware-trained (QAT) Keras 2 model; loading it needs "
-                                  "tensorflow-model-optimization and tf-keras", file=str(src.path),
-                                  hint="pip install tensorflow-model-optimization tf-keras, or export it as "
-                                       "a SavedModel directory")
-        raise ConversionError(f"cannot load QAT model: {tail}", file=str(src.path))
-    return out
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-@dataclass
-class LoadedSignature:
-    """A SavedModel signature ready to call; `loaded` keeps its variables alive. `declared` holds Keras shapes."""
-
-    loaded: Any
-    fn: Any
-    key: str
-    declared: dict[str, tuple[int | None, ...]]
-
-
-def open_signature(src: ModelSource, workdir: Path, progress: Progress | None = None) -> LoadedSignature:
-    """Load the model's signature with TensorFlow (a Keras file is exported to a SavedModel in `workdir` first)."""
-    import tensorflow as tf
-
-    report = progress or (lambda stage, detail: None)
-    path, declared = src.path, {}
-    if src.kind in ("keras", "h5") and src.qat:
-        report("load", "QAT model: re-saving with legacy Keras + tfmot")
-        path = _qat_to_saved_model(src, workdir)
-    elif src.kind in ("keras", "h5"):
-        import keras
-
-        try:
-            model = keras.models.load_model(src.path, compile=False)
-        except Exception as exc:
-            raise ConversionError(f"cannot load Keras model: {first_line(exc)}", file=str(src.path),
-                                  hint="check the file is a complete Keras model saved with model.save()") from None
-        for t in model.inputs:
-            name = getattr(t, "name", None)
-            if name:
-                declared[name] = tuple(None if d is None else int(d) for d in t.shape)
-        path = workdir / "savedmodel"
-        try:
-            model.export(str(path), verbose=False)
-        except Exception as exc:
-            raise ConversionError(f"cannot export the Keras model: {first_line(exc)}", file=str(src.path)) from None
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except Exception as exc:
-        raise ConversionError(f"cannot load SavedModel: {first_line(exc)}", file=str(src.path)) from None
-    sigs = dict(loaded.signatures)
-    key = src.signature or DEFAULT_SIGNATURE
-    if key not in sigs:
-        have = ", ".join(sorted(sigs)) or "none"
-        if not sigs:
-            raise ConversionError("SavedModel has no signature to convert", file=str(src.path),
-                                  hint="export it with model.export(DIR) or tf.saved_model.save(m, DIR, signatures=...)")
-        raise ConfigError(f"SavedModel has no signature '{key}' (signatures: {have})", file=str(src.path),
-                          field="--signature", hint=f"pass --signature {sorted(sigs)[0]}")
-    return LoadedSignature(loaded, sigs[key], key, declared)
-
-
 def _shape(ts: Any) -> tuple[int | None, ...] | None:
     return None if ts.shape.rank is None else tuple(None if d is None else int(d) for d in ts.shape.as_list())
 
@@ -361,7 +276,7 @@ def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The TensorFlow part of `describe`; runs in the quiet worker process (see pipeline.convert.worker)."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-describe-") as tmp:
         try:
-            sig = open_signature(src, Path(tmp))
+            sig = loaded_signature(src)   # kept loaded for the conversions that follow
             inputs, outputs = signature_specs(sig)
             if ends_in_postprocess(src):
                 outputs = _postprocess_outputs(sig, inputs, outputs, Path(tmp))

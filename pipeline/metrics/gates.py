@@ -28,7 +28,18 @@ RESOURCE_GATES: dict[str, tuple[str, str, str]] = {
     "max_first_inference_ms": ("latency_ms", "first", "the first invoke"),
 }
 STARTUP_GATES = ("max_init_ms", "max_first_inference_ms")
+# A classification task's class gates read the result's own top-1 (the legacy measurement: `readings` gives None).
+LEGACY_GATES = {"min_top1": "top1", "max_top1_drop": "top1", "min_agreement": "top1_agreement"}
 NO_LABELS = "no labels for this task in the evaluation data"
+
+
+def budget_gates(metric: str) -> tuple[str | None, str | None]:
+    """(the gate bounding `metric`'s drop in points below float, the gate setting its floor), read from the tables
+    above: what `optimize` takes as its accuracy budget from targets.yaml. None where no gate reads the metric."""
+    pairs = [(gate, m) for gate, (m, _) in TASK_GATES.items()] + [*CLASS_GATES.items(), *LEGACY_GATES.items()]
+    drop = next((g for g, m in pairs if m == metric and g.startswith("max_") and g.endswith("_drop")), None)
+    floor = next((g for g, m in pairs if m == metric and g.startswith("min_")), None)
+    return drop, floor
 
 
 @dataclass

@@ -85,6 +85,27 @@ def _table(cls: dict[str, Any]) -> str:
             "<th>agreement</th><th>int8 share</th><th>budget</th><th>error</th></tr>" + "".join(rows) + "</table>")
 
 
+def _layers(layers: list[dict[str, Any]], ranking: dict[str, Any]) -> str:
+    """The int8 layers by measured effect: what keeping each in float did on held-out calibration samples (vs full
+    int8), then its per-tensor error (rmse / scale: ~0.29 ideal, > 0.7 suspect; error relative to the float
+    tensor's own magnitude: ~1 means its values were rounded away)."""
+    metric, base = ranking.get("metric", "agreement"), ranking.get("int8") or {}
+
+    def effect(x: dict[str, Any]) -> str:
+        f = x.get("effect")
+        if not f:
+            return "<td colspan=3>not measured</td>"
+        return (f"<td>{e(len(x.get('keep_float') or []))}</td><td>{f.get(metric) or 0:.3f}</td>"
+                f"<td>{f['snr_db']:.1f}</td>")
+
+    head = (f"<h2>int8 layers by measured effect (full int8: {e(metric)} {base.get(metric) or 0:.3f}, SNR "
+            f"{base.get('snr_db', 0):.1f} dB on {e(ranking.get('holdout'))} held-out calibration samples)</h2>")
+    return (head + "<table><tr><th>tensor</th><th>op</th><th>ops in float</th><th>" + e(metric) + " then</th>"
+            "<th>SNR dB then</th><th>rmse/scale</th><th>relative error</th></tr>" + "".join(
+                f"<tr><td>{e(x['name'])}</td><td>{e(x['op'])}</td>{effect(x)}<td>{x['rmse_scale']:.3f}</td>"
+                f"<td>{x.get('rel_error', 0.0):.3f}</td></tr>" for x in layers[:20]) + "</table>")
+
+
 def write_optimize_report(doc: dict[str, Any], out_dir: str | Path) -> Path:
     """Write `optimize.html` from OptimizeResult.to_dict(); returns its path."""
     metric, fv = doc["metric"], doc.get("float_value")
@@ -95,14 +116,11 @@ def write_optimize_report(doc: dict[str, Any], out_dir: str | Path) -> Path:
     for cls in doc["classes"]:
         parts.append(f"<h2>{e(cls['kind'])} · {e(cls['runtime'])} · {e(cls['accelerator'])}</h2>"
                      f"<p>targets: {e(', '.join(cls['targets']))} · measured on {e(', '.join(cls['measured_on']))}"
-                     f"</p><p>{e(cls['advice'])}</p>")
+                     f"</p><p>{e(cls['advice'])}</p>" + "".join(f"<p>note: {e(n)}</p>" for n in cls.get("notes") or []))
         parts.append(_table(cls))
         parts.append(f"<div class=plot>{pareto_svg(cls, metric, fv)}</div>")
     if doc.get("layers"):
-        parts.append("<h2>int8 layers by quantization error (rmse / scale; ~0.29 ideal, &gt; 0.7 suspect)</h2><table>"
-                     "<tr><th>tensor</th><th>op</th><th>rmse/scale</th></tr>" + "".join(
-                         f"<tr><td>{e(x['name'])}</td><td>{e(x['op'])}</td><td>{x['rmse_scale']:.3f}</td></tr>"
-                         for x in doc["layers"][:20]) + "</table>")
+        parts.append(_layers(doc["layers"], doc.get("ranking") or {}))
     parts.append("</body></html>")
     out = Path(out_dir)
     return write_atomic(out / REPORT_NAME, "\n".join(parts))

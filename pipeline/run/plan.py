@@ -161,7 +161,8 @@ def _convert(ctx: RunContext, live: list[Any], probes: dict[str, ProbeResult], w
             ctx.on_event(n, "convert", f"{mode or 'as is'}" + (f" for {req.compat}" if req.compat else ""))
         try:
             art = convert(src, mode, calibration=ctx.prepared.calibration, out_dir=ctx.out_dir / "artifacts",
-                          cache_dir=ctx.cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float)
+                          cache_dir=ctx.cache_dir, compat=req.compat, io_type=req.io_type, keep_float=req.keep_float,
+                          int16_layers=req.int16_layers)
         except (CompatibilityError, ConversionError) as exc:
             ctx.cancel.check("stopped during a conversion")  # a conversion killed by the same Ctrl-C is no failure
             code = "incompatible" if isinstance(exc, CompatibilityError) else "conversion_failed"

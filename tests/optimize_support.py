@@ -1,0 +1,56 @@
+"""What the optimize tests share: the CLI call, and an independent check of a chosen artifact with LiteRT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+def optimize(cli: CliRunner, targets: Path, m: dict, cache: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    """`edgepipe optimize MODEL --json` on a case from pipeline.examples.outliers; (exit code, the JSON)."""
+    r = cli.invoke(app, ["optimize", str(m["model"]), "--targets", str(targets), "--data", str(m["eval"]),
+                         "--calibration", str(m["cal"]), "--cache-dir", str(cache), "--out", str(out), "--json",
+                         *extra])
+    assert r.exit_code in (0, 1), r.output
+    return r.exit_code, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def top1_and_int8_share(path: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Top-1 with the LiteRT interpreter as the device agent runs it (XNNPACK on) and the share of compute ops
+    (QUANTIZE/DEQUANTIZE aside) whose input is int8, read without the default delegate so every op is visible."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=path)
+    it.allocate_tensors()
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    preds = []
+    for i in range(len(x)):
+        xi = x[i:i + 1].astype(np.float32)
+        if inp["dtype"] == np.int8:
+            s, z = inp["quantization"]
+            xi = np.clip(np.round(xi / s + z), -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], xi)
+        it.invoke()
+        preds.append(int(it.get_tensor(outp["index"])[0].argmax()))
+    it = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    compute = [op for op in it._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    int8 = [op for op in compute if dtypes[op["inputs"][0]] == np.int8]
+    return float((np.array(preds) == y).mean()), len(int8) / len(compute)
+
+
+def choose_from_table(cands: list[dict], objective: str) -> dict:
+    ok = [c for c in cands if c["within_budget"]]
+    key = (lambda c: (c["p50_ms"], c["bytes"])) if objective == "latency" else (lambda c: (c["bytes"], c["p50_ms"]))
+    return min(ok, key=key)
+
+
+def recovered(cls: dict) -> dict:
+    """The recovered int8 of a class: the within-budget candidate with the fewest layers kept in float."""
+    ok = [c for c in cls["candidates"] if c["keep_float"] and c["within_budget"]]
+    assert ok, [(c["variant"], c["drop"], c["error"]) for c in cls["candidates"]]
+    return min(ok, key=lambda c: len(c["keep_float"]))
