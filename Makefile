@@ -8,7 +8,8 @@ PYTEST := $(HOSTPY) -m pytest
 
 .PHONY: setup py37 system-deps test test-arm64 demo demo-down bench clean-venvs
 
-# Host venv (TensorFlow, paramiko, ...) plus device venvs WITHOUT TensorFlow, as bare devices have them.
+# Host venv (edgepipe and its dependencies, TensorFlow for conversion: the `tensorflow` extra) plus device venvs
+# WITHOUT TensorFlow, as bare devices have them.
 setup: $(VENV)/.stamp $(DEV)/litert/.stamp $(DEV)/tflite-runtime/.stamp $(DEV)/numpy-only/.stamp py37
 
 # Coral's Mendel Linux ships Python 3.7: when this machine has a 3.7 interpreter, the agent is also tested on it.
@@ -22,7 +23,7 @@ py37:
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[host,dev]'
+	$(VENV)/bin/pip install -q -e '.[tensorflow,dev]'
 	$(VENV)/bin/pip install -q --no-deps 'tf-keras==2.21.0'
 	touch $@
 

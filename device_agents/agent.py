@@ -629,8 +629,9 @@ def cpu_fallback_model(args, model, failure):
     if args.fallback_model:
         return read_model(args.fallback_model)
     if EDGETPU_CUSTOM_OP in model.get("custom_ops", []):
-        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU and "
-                           "no --fallback-model (the plain int8 artifact) was given" % failure.message)
+        raise AgentFailure("edgetpu_unavailable", "%s; a model compiled for the Edge TPU cannot run on the CPU, and "
+                           "no plain int8 model came with it to fall back to (`allow_fallback: true` in targets.yaml "
+                           "ships one)" % failure.message)
     return model
 
 def build_interpreter(runtime, model_path, delegate, options, threads, edgetpu_device):
@@ -683,7 +684,8 @@ def _delegate_library(kind):
         found = find_libraries(GPU_DELEGATE_LIBS, [os.path.dirname(os.path.abspath(__file__))])
         if not found:
             raise AgentFailure("delegate_unavailable", "no GPU delegate library (%s) found on this device; "
-                               "pass --delegate /path/to/delegate.so" % ", ".join(GPU_DELEGATE_LIBS))
+                               "set `delegate: /path/to/delegate.so` on the target in targets.yaml"
+                               % ", ".join(GPU_DELEGATE_LIBS))
         return found
     return kind  # a path to an external delegate
 
@@ -727,7 +729,7 @@ def classify_load_error(exc, runtime, path):
     elif op:
         lead += ": custom operator %s is not registered" % op
         if "edgetpu" in op:
-            lead += " (an Edge TPU model needs --delegate edgetpu)"
+            lead += " (an Edge TPU model runs only on a target with `kind: edgetpu` or `delegate: edgetpu`)"
     return AgentFailure("model_incompatible", "%s (%s)" % (lead, first), operator=op, operator_version=version,
                         runtime=runtime.name, runtime_version=runtime.version)
 

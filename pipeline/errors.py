@@ -33,23 +33,25 @@ class EdgepipeError(Exception):
             self.code = code
         self.data = dict(data or {})
 
+    def located(self) -> str:
+        """`file: field: message`, on one line (the hint left out)."""
+        parts = [p for p in (self.file, self.field) if p]
+        return " ".join(": ".join(parts + [self.message]).split("\n"))
+
     def one_line(self) -> str:
         """The single line shown to users: `file: field: message (hint)`."""
-        parts = []
-        if self.file:
-            parts.append(self.file)
-        if self.field:
-            parts.append(self.field)
-        text = ": ".join(parts + [self.message]) if parts else self.message
-        if self.hint:
-            text += f" ({self.hint})"
-        return " ".join(text.split("\n"))
+        return self.located() + (" (" + " ".join(self.hint.split("\n")) + ")" if self.hint else "")
 
     def __str__(self) -> str:
         return self.one_line()
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.one_line()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The `error` object every `--json` command prints when it fails (docs/json.md)."""
+        return {"code": self.code, "message": self.located(), "hint": self.hint, "file": self.file,
+                "field": self.field, "exit_code": self.exit_code}
 
 
 class ConfigError(EdgepipeError):

@@ -372,6 +372,11 @@ class Target:
         return accelerator_of(self.delegate)
 
     @property
+    def address(self) -> str:
+        """Where the target is, as people read it: `host:port`, or `local` for a `transport: local` target."""
+        return "local" if self.transport == "local" else f"{self.host}:{self.port}"
+
+    @property
     def physical_host(self) -> tuple[str, int]:
         """Targets sharing this key are one board: they never measure at the same time."""
         if self.transport == "local":

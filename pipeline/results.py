@@ -163,7 +163,7 @@ class ErrorInfo:
 
 def target_fields(target: Any) -> dict[str, Any]:
     """The DeviceResult fields that come from the inventory target itself."""
-    return dict(name=target.name, kind=target.kind, mode=target.mode, host=f"{target.host}:{target.port}",
+    return dict(name=target.name, kind=target.kind, mode=target.mode, host=target.address,
                 groups=list(target.groups), emulated=bool(target.emulated))
 
 

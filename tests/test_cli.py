@@ -53,8 +53,8 @@ def test_h_is_help_with_click_metavars(path):
 
 def test_help_shows_the_metavar_of_each_type():
     out = CliRunner().invoke(app, ["convert", "-h"], env=WIDE).output
-    assert re.search(r"--calibration-count\s+INTEGER", out) and re.search(r"--out\s+-o\s+PATH", out)
-    assert re.search(r"--mode\s+-m\s+TEXT", out) and re.search(r"--json\s+print only", out)
+    assert re.search(r"--calibration-count\s+INTEGER", out) and re.search(r"-o, --out\s+PATH", out)
+    assert re.search(r"--mode\s+TEXT", out) and re.search(r"--json\s+print only", out)
     assert re.search(r"MODEL\s+PATH", out)
     assert re.search(r"--limit\s+INTEGER RANGE", CliRunner().invoke(app, ["history", "-h"], env=WIDE).output)
 

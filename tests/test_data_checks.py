@@ -57,7 +57,14 @@ def _cases(tmp, digits, two_heads):
     (tmp / "bad.yaml").write_text("resize: [8, 8]\nsharpen: 2\n")
     cal = str(digits.calibration_path)
     model = str(digits.model_path)
+    gray = _write_class_folders(tmp / "gray", digits.x_eval[:4], digits.y_eval[:4], [f"d{k}" for k in range(10)])
+    images = ["-c", cal, "--scale", "0.0039"]
     return {
+        "mean for three channels on a gray model": (model, gray, images + ["--mean", "0.4,0.4,0.4"],
+                                                    ["gray", "--mean", "3 values", "model input 'image' takes (N, 8, 8, "
+                                                     "1) (1 channel)"]),
+        "rgb on a gray model": (model, gray, images + ["--channels", "rgb"],
+                                ["gray", "--channels", "rgb makes 3-channel images", "(N, 8, 8, 1)", "use gray"]),
         "missing eval file": (model, tmp / "nope.npz", ["-c", cal], ["nope.npz", "not found"]),
         "empty eval set": (model, _digits_npz(tmp / "empty.npz", digits, x=x[:0], y=None), ["-c", cal],
                            ["empty.npz", "'x'", "empty", "(0, 8, 8, 1)"]),
@@ -102,7 +109,8 @@ def _only_feat(tmp, two_heads):
     return tmp / "only_feat.npz"
 
 
-CASES = ["missing eval file", "empty eval set", "NaN in eval", "inf in calibration", "wrong shape", "wrong dtype",
+CASES = ["mean for three channels on a gray model", "rgb on a gray model",
+         "missing eval file", "empty eval set", "NaN in eval", "inf in calibration", "wrong shape", "wrong dtype",
          "label count", "label range", "no calibration for int8", "empty calibration folder", "missing model input",
          "unknown preprocessing key", "unknown output"]
 
@@ -121,6 +129,32 @@ def test_data_problem_is_one_line_exit_2_before_any_device_and_no_run_recorded(c
     for text in expected:
         assert text in lines[0], (text, lines[0])
     assert _history(cli, ghost_fleet) == []
+
+
+def test_no_labels_under_an_accuracy_gate_is_exit_2_before_any_device(cli, ghost_fleet, digits, tmp_path,
+                                                                      conversion_cache):
+    """Data without labels cannot be gated on accuracy: one line naming the data, the gate and its source, and what
+    to add, before the (unreachable) device is probed; --json says the same as the error object."""
+    ghost_fleet.write_text(ghost_fleet.read_text() + "gates: {min_top1: 0.9}\n")
+    unlabelled = _digits_npz(tmp_path / "unlabelled.npz", digits, y=None)
+    args = ["run", "--targets", str(ghost_fleet), "--model", str(digits.model_path), "--data", str(unlabelled),
+            "-c", str(digits.calibration_path), "--out", str(tmp_path / "out"), "--cache-dir", str(conversion_cache)]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.strip()]
+    for text in ("unlabelled.npz", "no labels for the classification task", "min_top1", "gates.min_top1",
+                 "target ghost", "y (class ids"):
+        assert text in line, (text, line)
+    err = json.loads(cli.invoke(app, args + ["--json"]).stdout)["error"]
+    assert err["code"] == "config" and err["file"] == str(unlabelled) and "y (class ids" in err["hint"]
+    assert _history(cli, ghost_fleet) == []
+
+
+def test_show_last_of_an_unknown_model_says_so(cli, ghost_fleet):
+    r = cli.invoke(app, ["show", "last", "--model-name", "nosuch", "--targets", str(ghost_fleet)])
+    assert r.exit_code == 2 and "no runs of model 'nosuch'" in r.output and "not a run id" not in r.output, r.output
+    r = cli.invoke(app, ["show", "last", "--targets", str(ghost_fleet)])
+    assert r.exit_code == 2 and "no runs in the results database yet" in r.output, r.output
 
 
 # ---- image folders ------------------------------------------------------------------------------------------

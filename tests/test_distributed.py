@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,6 +160,43 @@ def test_bad_distributed_input_is_one_line_before_anything_is_recorded(lab, tmp_
         assert len(store.history(limit=1000).runs) == before
 
 
+def test_a_site_without_a_worker_fails_after_the_queue_timeout_whose_default_is_finite(lab, conversion_cache, tmp_path):
+    """No worker serves lab-c: its device is no_worker after --queue-timeout, never a run that waits for ever (the
+    default is 10 minutes); nothing was measured, so exit 3, with the reason in the JSON."""
+    from pipeline.cli import _load_commands, app
+    from pipeline.distributed.coordinator import DistributedOptions
+
+    _load_commands()
+    doc = yaml.safe_load(lab.targets.read_text())
+    doc["targets"][2]["site"] = "lab-c"
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text(yaml.safe_dump(doc, sort_keys=False))
+    name = doc["targets"][2]["name"]
+    r = CliRunner().invoke(app, ["run", "--distributed", "--targets", str(orphan), "--select", name, "--model",
+                                 str(lab.digits.model_path), "--data", str(lab.data), "--out", str(tmp_path / "out"),
+                                 "--cache-dir", str(conversion_cache), "--baseline", "none", "--queue-timeout", "1",
+                                 "--json"])
+    assert r.exit_code == 3, r.output[-2000:]
+    (dev,) = json.loads(r.stdout)["devices"]
+    assert dev["error"]["code"] == "no_worker" and "edgepipe worker --site lab-c" in dev["error"]["message"]
+    assert DistributedOptions().queue_timeout == 600.0
+    assert re.search(r"--queue-timeout\s+FLOAT RANGE.*?\[default: 600\.0", CliRunner().invoke(
+        app, ["run", "-h"], env={"COLUMNS": "200"}).output, flags=re.S)
+
+
+def test_a_worker_stopped_by_sigterm_says_so_and_exits_143(lab):
+    log = lab.tmp / f"worker-lab-b-{len(lab.workers)}.log"
+    proc = lab.start_worker("lab-b")
+    deadline = time.monotonic() + 120
+    while "queue edgepipe-site-lab-b" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    said = [line for line in log.read_text().splitlines() if "SIGTERM" in line]
+    assert said and said[-1].endswith("stopped by SIGTERM; its running jobs finished and were stored"), said
+
+
 def test_two_concurrent_distributed_runs_share_a_device_without_overlap(lab, conversion_cache):
     results = {}
 
@@ -229,49 +267,3 @@ def test_a_killed_worker_without_retries_is_worker_lost_and_the_rest_is_kept(lab
         stored = {d.name: d for d in store.load_run(rel.run.run_id).devices}
     assert stored["a0"].error.code == "worker_lost" and stored["b0"].ok and stored["b1"].ok
     lab.start_worker("lab-a")  # leave the site served for any later test
-
-
-def test_the_readme_two_site_setup_runs_as_written(lab, conversion_cache, tmp_path):
-    """The README's two-site block, with its placeholders bound to this lab, run by bash as a user would."""
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    (block,) = re.findall(r"## Shared labs.*?```bash\n(.*?)```", readme, flags=re.S)
-    bound = block
-    for k, v in {"targets.yaml": str(lab.targets), "model.keras": str(lab.digits.model_path),
-                 "eval.npz": str(lab.data), "out/": str(tmp_path / "out") + "/",
-                 "last-run.json": str(tmp_path / "last-run.json")}.items():
-        bound = re.sub(rf"(?<![\w/.-]){re.escape(k)}(?![\w-])", v, bound)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), EDGEPIPE_CACHE_DIR=str(conversion_cache),
-               XDG_CACHE_HOME=str(tmp_path / "xdg"), EDGEPIPE_LEASE_TTL=str(LEASE_TTL),
-               PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}")
-    log = tmp_path / "readme.log"  # a file, not a pipe: the background workers keep their output open
-    with open(log, "w") as sink:
-        # no `bash -e`, as a user types it: the block's last command (`show`) decides its exit status, so the
-        # release's own verdict is read from its output below
-        proc = subprocess.Popen(["bash", "-c", bound], cwd=tmp_path, env=env, stdout=sink, stderr=sink,
-                                start_new_session=True)
-    try:
-        proc.wait(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)   # the README's background workers
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
-    # The lab's targets.yaml sets no gate, so only the defaults apply: every device must be measured
-    # (max_fail_percent 0) and top-1 must not regress against `--baseline last` (1 point), which any earlier run of
-    # this lab cannot break: every run here ships the same float32 artifact, whose outputs do not change.
-    text = log.read_text()
-    assert "PASSED: all 4 devices passed" in text and "FAILED" not in text, text[-3000:]
-    shown = json.loads((tmp_path / "last-run.json").read_text())
-    assert {d["name"] for d in shown["devices"] if d["ok"]} == set(SITES)
-    assert all(d["lease"]["released"] >= d["lease"]["acquired"] for d in shown["devices"])
-    assert (tmp_path / "out" / "report.html").is_file()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if not alive:
-            break
-        time.sleep(0.5)
-    assert not alive, f"README workers still running: {alive}"

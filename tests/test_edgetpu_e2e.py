@@ -277,4 +277,4 @@ def test_an_already_compiled_model_goes_as_is_to_edgetpu_targets(devices, digits
     assert dev.artifact["sha256"] == sha(compiled) and dev.artifact["edgetpu"]["precompiled"] is True
     assert sha(devices[1].workdir / "blobs" / sha(compiled)) == sha(compiled)
     # no plain int8 exists for a model compiled elsewhere, so even allow_fallback cannot measure it on the CPU
-    assert dev.error.code == "edgetpu_unavailable" and "no --fallback-model" in dev.error.message
+    assert dev.error.code == "edgetpu_unavailable" and "`allow_fallback: true`" in dev.error.message

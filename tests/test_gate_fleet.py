@@ -12,6 +12,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -180,14 +181,69 @@ def test_cli_gate_exit_codes_and_junit(fleet, tmp_path):
     root = ET.parse(junit).getroot()
     failed = {(c.get("classname"), c.get("name")) for c in root.iter("testcase") if c.find("failure") is not None}
     assert failed == {("edgepipe.gw0", "min_top1"), ("edgepipe.gw1", "min_top1"), ("edgepipe.gw2", "min_top1"),
-                      ("edgepipe.ghost", "measured"), ("edgepipe.fleet", "max_fail_percent")}
-    assert len(list(root.iter("testcase"))) == int(root.get("tests")) == int(root.get("failures")) == 5
+                      ("edgepipe.fleet", "max_fail_percent")}
+    # the unreachable device is an infrastructure <error> (its code as the type), not a gate <failure>
+    (error,) = [c.find("error") for c in root.iter("testcase") if c.find("error") is not None]
+    assert error.get("type") == "unreachable" and "ghost" in error.get("message")
+    assert len(list(root.iter("testcase"))) == int(root.get("tests")) == 5
+    assert (int(root.get("failures")), int(root.get("errors"))) == (4, 1)
+    assert {s.get("name"): s.get("errors") for s in root.iter("testsuite")}["edgepipe.ghost"] == "1"
     msg = next(c.find("failure").get("message") for c in root.iter("testcase")
                if c.find("failure") is not None and c.get("name") == "min_top1")
     assert "threshold 0.999" in msg and "gates.min_top1" in msg and "measured 0.9" in msg
-    assert "`min_top1`" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "`min_top1`" in summary and "| p50 ms | p90 ms |" in summary
+    with Store(fleet.db) as store:   # p50/p90 per device: the percentiles of the samples it measured
+        samples = {d.name: d.result["samples_ms"] for d in store.load_run("base").devices if d.ok}
+    for name, ms in samples.items():
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {name} |")).split("|")
+        assert (row[3].strip(), row[4].strip()) == (f"{np.percentile(ms, 50):.3f}", f"{np.percentile(ms, 90):.3f}")
+    assert next(line for line in summary.splitlines() if line.startswith("| ghost |")).split("|")[3].strip() == "-"
     r = runner.invoke(app, ["gate", "base", "--targets", str(passing), "--baseline", "no-such-tag"])
     assert r.exit_code == 2 and "no-such-tag" in r.output
+
+
+def test_a_what_if_gate_never_changes_the_history_and_record_keeps_both_verdicts(fleet):
+    """`gate` prints its verdict; only --record stores one, beside the run's own; history and show say which."""
+    import json
+
+    from pipeline.cli import _load_commands, app
+
+    _load_commands()
+    runner = CliRunner()
+    passing = fleet.targets("own-pass", {"max_fail_percent": 25, "min_top1": 0.8})
+    strict = fleet.targets("what-if", {"max_fail_percent": 25, "min_top1": 0.999})
+    with Store(fleet.db) as store:   # the run's own verdict, as `edgepipe run` stores it
+        gate_stored_run(store, "again", load_inventory(passing), baseline="none")
+
+    def history() -> dict:
+        r = runner.invoke(app, ["history", "--db", str(fleet.db), "--json"])
+        return next(run for run in json.loads(r.stdout)["runs"] if run["run_id"] == "again")
+
+    gate = ["gate", "again", "--db", str(fleet.db), "--targets", str(strict), "--baseline", "none"]
+    r = runner.invoke(app, gate)
+    assert r.exit_code == 1 and "FAILED" in r.output and "not recorded" in r.output, r.output
+    assert (history()["passed"], history()["gate_verdicts"]) == (True, 0)        # the history did not change
+    r = runner.invoke(app, gate + ["--record", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["recorded"] is True
+    after = history()
+    assert (after["passed"], after["exit_code"], after["verdict_origin"]) == (True, 0, "run")   # still its own
+    assert (after["gate_verdicts"], after["gate_passed"], after["gate_exit_code"]) == (1, False, 1)
+    table = runner.invoke(app, ["history", "--db", str(fleet.db)], env={"COLUMNS": "200"}).output
+    assert "passed; gate: failed (exit 1)" in table and "gate --record" in table
+    # the run's latency column says what it is: the median over its devices' p50 (3 devices + an unreachable one)
+    assert "median p50 ms" in table and "the median of the devices' p50" in table
+    with Store(fleet.db) as store:
+        p50s = [d.result["latency_ms"]["p50"] for d in store.load_run("again").devices if d.ok]
+    row = next(line for line in table.splitlines() if line.startswith("again "))
+    assert row.split()[-1] == f"{float(np.median(p50s)):.3g}" and " 3/4 " in row, row
+    shown = json.loads(runner.invoke(app, ["show", "again", "--db", str(fleet.db), "--json"]).stdout)
+    assert shown["verdict"]["passed"] is True and shown["verdict_origin"] == "run"
+    assert [(v["origin"], v["verdict"]["passed"]) for v in shown["verdicts"]] == [("run", True), ("gate", False)]
+    assert shown["verdicts"][1]["targets"] == str(strict)
+    text = runner.invoke(app, ["show", "again", "--db", str(fleet.db)], env={"COLUMNS": "200"}).output
+    assert "verdict (the run's own, stored by `edgepipe run`): PASSED" in text
+    assert f"verdict (stored by `edgepipe gate --record` at " in text and f"with {strict}): FAILED" in text
 
 
 def test_no_device_measured_is_exit_3(fleet):

@@ -143,6 +143,12 @@ def test_signal_stops_the_run_kills_the_agents_and_keeps_what_finished(sig, flee
     assert f"INTERRUPTED by {sig.name}" in shown.stdout
     listed = cli.invoke(app, ["history", "--db", str(db)], env={"COLUMNS": "200"})
     assert "interrupted" in listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(info.run_id))
+    assert " 1/4 " in row    # one device measured of the four the run set out to measure (never "1/1")
+    # --json: the one object on stdout is the interruption, with the run as stored
+    (doc,) = [json.loads(line) for line in (tmp_path / "stdout.txt").read_text().splitlines()]
+    assert doc["error"]["code"] == "interrupted" and doc["error"]["exit_code"] == 128 + sig
+    assert doc["run"]["run_id"] == info.run_id and [d["name"] for d in doc["run"]["devices"]] == [fast.name]
 
 
 def test_cancel_token_stops_the_fleet_without_a_signal(fleet, tiny_artifact, tiny_eval, tmp_path):

@@ -231,3 +231,9 @@ def test_a_device_another_run_holds_is_never_measured_alongside(cli, fleet_yaml,
     (cls,) = json.loads(r.stdout)["classes"]
     assert cls["chosen"] is None and cls["candidates"]
     assert all(c["p50_ms"] is None and "lease_timeout" in c["error"] for c in cls["candidates"])
+
+
+def test_optimize_json_is_the_shape_docs_json_md_writes_down(by_size):
+    from tests.json_shapes import check
+
+    check("optimize", by_size[1])

@@ -54,7 +54,7 @@ def test_the_internals_are_used_only_inside_their_fences():
 def test_dependency_bounds_name_an_upper_version():
     import tomllib
 
-    deps = tomllib.loads((SSH_PY.parents[3] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["host"]
+    deps = tomllib.loads((SSH_PY.parents[3] / "pyproject.toml").read_text())["project"]["dependencies"]
     for pkg in ("paramiko", "procrastinate"):
         (spec,) = [d for d in deps if d.split(">")[0].split("<")[0].split("=")[0].strip() == pkg]
         assert "<" in spec, f"{pkg} has no upper bound in pyproject.toml: {spec}"

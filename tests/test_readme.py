@@ -180,6 +180,54 @@ def test_readme_detection_example_runs_as_written(demo, tmp_path):
             assert checks and all(c["output"] and c["metric"] and not c["skipped"] for c in checks), gate
 
 
+def test_readme_two_site_example_runs_as_written_with_its_workers(demo, pg_server, tmp_path):
+    """The README's distributed block, run by bash as written (workers in the background, then the run, then show),
+    on the demo fleet split into two sites with one PostgreSQL history. Its Coral converts to int8, so the command
+    needs its --calibration, as a real fleet's would. The run is bounded by its --queue-timeout default; the test by
+    a timeout; the README's background workers are stopped by SIGTERM and say so."""
+    import signal
+    import time
+
+    import yaml
+
+    state, proc = demo
+    assert proc.returncode == 0
+    (block,) = blocks("bash")
+    fleet = yaml.safe_load((state / "targets.yaml").read_text())
+    fleet["db"] = pg_server.new_database("readme")
+    for t in fleet["targets"]:
+        t["site"] = "lab-b" if t["kind"] == "gpu" else "lab-a"
+    (tmp_path / "targets.yaml").write_text(yaml.safe_dump(fleet, sort_keys=False))
+    bound = _bind(block, {**_bindings(state), "targets.yaml": str(tmp_path / "targets.yaml"),
+                          "out/": str(tmp_path / "out") + "/", "last-run.json": str(tmp_path / "last-run.json")})
+    env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    log = tmp_path / "readme.log"   # a file, not a pipe: the background workers keep their output open
+    with open(log, "w") as sink:
+        # no `bash -e`, as a user types it: the block's last command (`show`) decides its status, so the release's
+        # own verdict is read from its output below
+        shell = subprocess.Popen(["bash", "-c", bound], cwd=tmp_path, env=env, stdout=sink, stderr=sink,
+                                 start_new_session=True)
+    try:
+        rc = shell.wait(timeout=900)
+    finally:
+        try:
+            os.killpg(shell.pid, signal.SIGTERM)   # the README's background workers
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 120
+    while subprocess.run(["pgrep", "-s", str(shell.pid)], capture_output=True).stdout.split():
+        assert time.monotonic() < deadline, "the README's workers did not stop on SIGTERM"
+        time.sleep(0.5)
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert "PASSED" in text and "FAILED" not in text, text[-3000:]   # the demo's gates, measured through the sites
+    shown = json.loads((tmp_path / "last-run.json").read_text())
+    assert {d["name"] for d in shown["devices"] if d["ok"]} == {"raspberry-pi-4", "coral-usb", "gpu-board"}
+    assert all(d["lease"]["released"] >= d["lease"]["acquired"] for d in shown["devices"])
+    assert shown["verdict_origin"] == "run" and (tmp_path / "out" / "report.html").is_file()
+    assert text.count("stopped by SIGTERM") == 2, text[-3000:]
+
+
 def test_second_demo_reuses_cache_and_device_blobs_then_demo_down_stops_fleet(demo):
     state, proc = demo
     assert proc.returncode == 0

@@ -138,3 +138,63 @@ def test_eval_data_of_the_wrong_shape_is_one_line_naming_both_shapes(cli, target
     line = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "Traceback" not in r.output
     assert str(bad) in line[0] and "(5, 9, 9, 1)" in line[0] and "(N, 8, 8, 1)" in line[0]
+
+
+def test_a_device_that_cannot_run_the_agent_is_ok_no_and_run_refuses_it_before_pushing(cli, fleet, tiny_artifact,
+                                                                                      tiny_eval, device_python,
+                                                                                      tmp_path):
+    """fleet check is a health check: reachable is not enough. No runtime (a venv with numpy only, over SSH and as a
+    local target), no Python at all: each is `ok: no` naming why, exit 3 when none can run the agent; `run` refuses
+    them before anything but the agent's probe reaches them."""
+    local_wd = tmp_path / "local-wd"
+    y = write_targets_yaml(fleet[:2], tmp_path / "t.yaml", defaults=FAST,
+                           per_device={fleet[0].name: {"python": str(device_python["numpy-only"])},
+                                       fleet[1].name: {"python": "/nonexistent/bin/python3"}},
+                           targets=[{"name": "here", "transport": "local", "kind": "cpu", "workdir": str(local_wd),
+                                     "python": str(device_python["numpy-only"])}])
+    r = cli.invoke(app, ["fleet", "check", "--targets", str(y), "--json"])
+    assert r.exit_code == 3, r.output
+    devs = {d["name"]: d for d in json.loads(r.stdout)["devices"]}
+    assert {n: (d["ok"], d["reachable"], d["error"]["code"]) for n, d in devs.items()} == {
+        fleet[0].name: (False, True, "no_runtime"), fleet[1].name: (False, True, "no_python"),
+        "here": (False, True, "no_runtime")}
+    assert "`python:`" in devs[fleet[1].name]["error"]["message"]          # the fix names the field
+    table = cli.invoke(app, ["fleet", "check", "--targets", str(y)], env={"COLUMNS": "200"})
+    assert table.exit_code == 3
+    rows = {line.split()[0]: line for line in table.stdout.splitlines() if line.split()[:1] in
+            ([fleet[0].name], [fleet[1].name], ["here"])}
+    assert "[red]" not in table.stdout and "[/]" not in table.stdout          # markup rendered, never printed
+    assert " no: no_runtime " in rows["here"] and " none " in rows["here"]    # the runtimes column says none
+    assert rows["here"].split()[1] == "local" and "localhost" not in table.stdout
+    assert " no: no_python " in rows[fleet[1].name]
+    # run refuses all three before pushing: no artifact, nothing sent, exit 3 (nothing measured)
+    def files() -> set:
+        return {p for wd in (fleet[0].workdir, local_wd) for p in wd.rglob("*") if p.is_file()}
+
+    before = files()   # this module's earlier runs left results on dev0
+    r = cli.invoke(app, ["run", str(tiny_artifact.path), "--targets", str(y), "--data", str(tiny_eval),
+                         "--out", str(tmp_path / "out"), "--db", str(tmp_path / "r.db"), "--json"])
+    assert r.exit_code == 3, r.output
+    run = {d["name"]: d for d in json.loads(r.stdout)["devices"]}
+    assert {n: d["error"]["code"] for n, d in run.items()} == {fleet[0].name: "no_runtime",
+                                                              fleet[1].name: "no_python", "here": "no_runtime"}
+    assert all(d["bytes_sent"] == 0 and d["artifact"] is None for d in run.values())
+    assert not [p for p in files() - before if p.suffix in (".tflite", ".npz")]   # no model, no data went there
+
+
+def test_what_a_probe_finds_decides_whether_a_device_can_run_the_agent(tmp_path):
+    """The rules behind `ok: no` beyond no Python and no runtime: the declared runtime must be the one installed, and
+    the work directory must hold the agent, a model and the results."""
+    from pipeline.devices.probe import MIN_FREE_BYTES, agent_health
+
+    (tmp_path / "t.yaml").write_text("targets:\n  - {name: pi, host: 10.0.0.7, kind: cpu}\n"
+                                     "  - {name: pinned, host: 10.0.0.8, kind: cpu, runtime: tflite-runtime}\n")
+    pi, pinned = load_inventory(tmp_path / "t.yaml").targets
+    probe = {"runtimes": {"ai_edge_litert": "2.3.0", "tflite_runtime": None}, "disk_free_bytes": MIN_FREE_BYTES,
+             "workdir": "/home/pi/.edgepipe", "executable": "/usr/bin/python3"}
+    assert agent_health(pi, probe) is None
+    full = agent_health(pi, dict(probe, disk_free_bytes=MIN_FREE_BYTES - 1))
+    assert full.code == "disk_full" and "`workdir:`" in full.message and full.details["needed_bytes"] == MIN_FREE_BYTES
+    declared = agent_health(pinned, probe)
+    assert declared.code == "no_runtime" and "tflite-runtime" in declared.message and "ai-edge-litert 2.3.0" in \
+        declared.message

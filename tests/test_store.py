@@ -79,6 +79,20 @@ def test_a_history_written_by_the_sqlite_only_store_upgrades_in_place(tmp_path, 
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_verdicts_stored_before_they_had_an_origin_keep_the_runs_own_first(tmp_path):
+    """Before issue 25 `edgepipe gate` added its verdict and `history` showed the newest: after the migration a run's
+    first verdict is its own again, and the later ones are marked as re-gates."""
+    path = tmp_path / "results.db"
+    shutil.copy(ROOT / "tests" / "data" / "history-v2.db", path)
+    with sqlite3.connect(path) as db:   # a what-if `gate` of the old store, which failed the release
+        db.execute("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict) "
+                   "SELECT run_id, created + 1, 0, 1, baseline_run_id, verdict FROM gate_verdicts WHERE run_id='old-1'")
+    with Store(path) as store:
+        assert [v.origin for v in store.verdict_records("old-1")] == ["run", "gate"]
+        (info,) = [r for r in store.history().runs if r.run_id == "old-1"]
+        assert (info.passed, info.exit_code, info.gate_verdicts, info.gate_passed) == (True, 0, 1, False)
+
+
 def test_a_history_of_the_last_sqlite_only_release_upgrades_in_place(tmp_path):
     """tests/data/history-v4.db was written by the store as it shipped last (schema 4: interrupted runs, model
     names, fallbacks): it reaches the numbered migrations' latest version with every row and flag intact."""

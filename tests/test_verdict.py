@@ -96,6 +96,21 @@ def test_headline_counts_failed_devices_and_their_checks(measured, tmp_path):
     assert v.headline() == "FAILED: all devices passed, but fleet check failed: require_all_kinds"
 
 
+def test_require_all_kinds_asks_only_for_the_kinds_selected(measured, tmp_path):
+    """`run --select pi` measures one CPU board: a fleet rule that every kind be measured cannot fail it for the
+    Edge TPU and GPU targets it did not select; gating the whole fleet still does."""
+    inv = inventory(tmp_path / "t.yaml", TARGETS + [{"name": "jetson", "kind": "gpu"}],
+                    {"require_all_kinds": ["cpu", "edgetpu", "gpu"]})
+    v = evaluate(run_of("r", measured["cpu"]), inv, select=["pi"])
+    assert (v.exit_code, v.headline()) == (0, "PASSED: 1 of 1 device passed"), [c.message() for c in v.failures]
+    kinds = {c.threshold: (c.passed, c.skipped) for c in v.checks if c.gate == "require_all_kinds"}
+    assert kinds == {">= 1 measured cpu device": (True, False), ">= 1 measured edgetpu device": (True, True),
+                     ">= 1 measured gpu device": (True, True)}
+    selected_coral = evaluate(run_of("r", measured["cpu"]), inv, select=["pi", "coral"])
+    assert [c.threshold for c in selected_coral.failures] == [">= 1 measured edgetpu device"]
+    assert evaluate(run_of("r", measured["cpu"]), inv).exit_code == 1
+
+
 def test_headline_names_a_fallback_and_a_pass_with_it(measured, tmp_path):
     v = evaluate(run_of("r", measured["cpu"], measured["fallback"]), inventory(tmp_path / "t.yaml", TARGETS))
     assert v.exit_code == 0

@@ -30,11 +30,12 @@ def fleet_enroll(targets: str | Path | Inventory, select: Iterable[str] = (), kn
 
 def serve_worker(targets: str | Path | Inventory, site: str, *, db: str | None = None, concurrency: int | None = None,
                  cache_dir: str | Path | None = None, heartbeat: float | None = None,
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None) -> int | None:
     """Take probe and measure jobs of distributed runs for the site's devices until SIGINT/SIGTERM (running jobs
-    finish first). Bad input (no target of the site, a SQLite history) is a ConfigError before any job is taken."""
+    finish first); returns the signal that stopped it. Bad input (no target of the site, a SQLite history) is a
+    ConfigError before any job is taken."""
     from pipeline.distributed.queue import HEARTBEAT_S
     from pipeline.distributed.worker import Worker
 
-    Worker(inventory_of(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir,
-           heartbeat=heartbeat or HEARTBEAT_S, on_line=on_line).serve()
+    return Worker(inventory_of(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir,
+                  heartbeat=heartbeat or HEARTBEAT_S, on_line=on_line).serve()

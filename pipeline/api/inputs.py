@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.convert.cache import DEFAULT_CACHE_DIR  # noqa: F401  (re-exported: the CLI's --cache-dir default)
+from pipeline.distributed.queue import QUEUE_TIMEOUT_S  # noqa: F401  (re-exported: the CLI's --queue-timeout default)
 from pipeline.inventory import Inventory, load_inventory
 
 DEFAULT_OUT = Path(".edgepipe") / "artifacts"

@@ -2,11 +2,12 @@
 stored run, `history` and `show`. `run`'s keyword arguments are grouped into a RunRequest (`run_request`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline.api.inputs import DEFAULT_CACHE_DIR, DEFAULT_OUT, inventory_of as _inventory, preprocess_of as _preprocess
+from pipeline.api.inputs import (DEFAULT_CACHE_DIR, DEFAULT_OUT, QUEUE_TIMEOUT_S, inventory_of as _inventory,
+                                 preprocess_of as _preprocess)
 from pipeline.devices.cancel import CancelToken
 from pipeline.errors import Interrupted
 from pipeline.inventory import Inventory
@@ -26,6 +27,7 @@ class Release:
     report_path: Path | None = None
     junit_path: Path | None = None
     summary_path: Path | None = None
+    recorded: bool = True   # the verdict was stored in the history (`gate` stores one only when asked to record)
 
     @property
     def exit_code(self) -> int:
@@ -88,7 +90,7 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
         preprocess: Any = None, task: str | None = None, output: str | None = None,
         on_notice: Callable[[str], None] | None = None,
         lease_timeout: float | None = None, distributed: bool = False, worker_timeout: float | None = None,
-        worker_retries: int = 1, queue_timeout: float | None = None) -> Release:
+        worker_retries: int = 1, queue_timeout: float | None = QUEUE_TIMEOUT_S) -> Release:
     """Convert, deploy, measure, store (each device as it arrives), gate and report: the whole release job.
 
     The model, eval data, calibration data and reference are checked on the host first: a problem there is one
@@ -101,8 +103,9 @@ def run(targets: str | Path | Inventory, *, model: str | Path, data: str | Path,
     Each device is leased in the results database while this run uses it, so runs sharing the database never
     measure on one device at once; a device busy for more than `lease_timeout` seconds fails with lease_timeout.
     `distributed`: devices are measured by `edgepipe worker --site` processes through the PostgreSQL history's job
-    queue (pipeline.distributed.coordinator); gating and reporting are the same. The keywords are grouped into a
-    RunRequest (`run_request` takes one directly).
+    queue (pipeline.distributed.coordinator); gating and reporting are the same. A device no worker of its site
+    takes within `queue_timeout` seconds (default 10 minutes; None: wait for ever) is `no_worker`. The keywords
+    are grouped into a RunRequest (`run_request` takes one directly).
     """
     from pipeline.distributed.coordinator import DistributedOptions
     from pipeline.distributed.queue import WORKER_TIMEOUT_S
@@ -130,7 +133,8 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     settings = req.settings or RunSettings(out_dir=Path(DEFAULT_OUT))
     selected = inv.select(list(settings.select))
     prepared = prepare(req.model, req.data, targets=selected, calibration=req.calibration, cache_dir=settings.cache_dir,
-                       on_notice=req.hooks.on_notice, **(req.options or ModelOptions()).kwargs())
+                       on_notice=req.hooks.on_notice, gates={t.name: inv.gates_for(t) for t in selected},
+                       **(req.options or ModelOptions()).kwargs())
     settings = replace(settings, select=tuple(t.name for t in selected), run_id=settings.run_id or new_run_id(),
                        model_name=settings.model_name or prepared.src.name)
     cancel = req.hooks.cancel or CancelToken()
@@ -140,7 +144,7 @@ def run_request(targets: str | Path | Inventory, req: RunRequest) -> Release:
     try:
         executor, close = _executor(inv, selected, store, settings.run_id, req)  # bad input: exit 2, nothing recorded
         store.begin_run(settings.run_id, prepared.src.sha256, inv.sha256, req.history.label,
-                        model_name=settings.model_name)
+                        model_name=settings.model_name, planned=len(selected))
         if executor.remeasures_baseline and inv.gates.max_latency_regression is not None:
             settings = replace(settings, baseline=store.resolve_baseline(req.history.baseline, exclude=settings.run_id,
                                                                          model_name=settings.model_name))
@@ -206,7 +210,7 @@ def _write_outputs(rel: Release, store: Any, outputs: OutputOptions) -> None:
     if outputs.junit is not None:
         rel.junit_path = write_junit(rel.verdict, outputs.junit)
     if outputs.summary is not None:
-        rel.summary_path = write_summary(rel.verdict, outputs.summary)
+        rel.summary_path = write_summary(rel.verdict, outputs.summary, rel.run)
 
 
 def _history(store: Any, run: RunResult) -> Any:
@@ -217,15 +221,18 @@ def _history(store: Any, run: RunResult) -> Any:
 
 def gate(run_ref: str, *, targets: str | Path | Inventory | None = None, db: str | Path | None = None,
          baseline: str | None = "last", select: Iterable[str] = (), junit: str | Path | None = None,
-         summary: str | Path | None = None, report_dir: str | Path | None = None) -> Release:
-    """Re-evaluate and save the gates of a stored run (e.g. with other thresholds or another baseline)."""
+         summary: str | Path | None = None, report_dir: str | Path | None = None, record: bool = False) -> Release:
+    """Re-evaluate the gates of a stored run (e.g. with other thresholds or another baseline): a what-if that
+    changes nothing in the history, unless `record`, which stores the verdict beside the run's own (never replacing
+    it: `history` and `show` keep showing the run's own, and say that others were recorded)."""
     from pipeline.release.gate import gate_stored_run
     from pipeline.release.store import open_store
 
     inv = _inventory(targets if targets is not None else "targets.yaml")
     with open_store(db, inv) as store:
-        stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None)
-        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path)
+        stored, base, verdict = gate_stored_run(store, run_ref, inv, baseline, select=list(select) or None,
+                                                save=record, origin="gate")
+        rel = Release(run=stored, verdict=verdict, baseline=base, db_path=store.path, recorded=record)
         _write_outputs(rel, store, OutputOptions(report_dir, junit, summary))
     return rel
 
@@ -242,15 +249,22 @@ def report(run_ref: str, *, out_dir: str | Path, db: str | Path | None = None,
     inv = _inventory(targets) if targets is not None else None
     with open_store(db, inv) as store:
         run = store.load_run(run_ref)
-        verdicts = store.verdicts(run.run_id)
-        if regate or not verdicts:
+        shown = shown_verdict(store.verdict_records(run.run_id))
+        if regate or shown is None:
             if inv is None:
                 raise StoreError(f"run {run.run_id} has no stored verdict", file=str(store.path),
-                                 hint="pass --targets targets.yaml to gate it, or run `edgepipe gate` first")
+                                 hint="pass --targets targets.yaml to gate it, or `edgepipe gate RUN --record` first")
             run, _, verdict = gate_stored_run(store, run.run_id, inv, baseline=baseline, save=False)
         else:
-            verdict = Verdict.from_dict(verdicts[-1])
+            verdict = Verdict.from_dict(shown.verdict)
         return write_report(run, verdict, _history(store, run), out_dir)
+
+
+def shown_verdict(records: list[Any]) -> Any:
+    """The verdict `show` and `report` show: the run's own (stored by `edgepipe run`), else the newest one
+    `edgepipe gate --record` stored; None when the run was never gated. A pipeline.release.store.StoredVerdict."""
+    own = [r for r in records if r.origin == "run"]
+    return own[0] if own else (records[-1] if records else None)
 
 
 def history(*, db: str | Path | None = None, targets: str | Path | Inventory | None = None,
@@ -265,14 +279,17 @@ def history(*, db: str | Path | None = None, targets: str | Path | Inventory | N
 
 @dataclass
 class StoredRun:
-    """A run as the history holds it, with its last stored verdict (None when it was never gated)."""
+    """A run as the history holds it, with the verdict shown for it (`shown_verdict`: its own, else the newest
+    recorded by `gate --record`; None when it was never gated) and every verdict stored for it."""
 
     run: RunResult
-    verdict_doc: dict[str, Any] | None       # the verdict's JSON as stored
+    verdict_doc: dict[str, Any] | None       # the shown verdict's JSON as stored
+    verdict_origin: str | None = None        # who stored it: 'run' (the run's own) or 'gate' (`gate --record`)
+    records: list[Any] = field(default_factory=list)   # every StoredVerdict, oldest first
 
     @property
     def verdict(self) -> Any:
-        """The last verdict as a pipeline.release.gate.Verdict (headline, notes, checks), or None."""
+        """The shown verdict as a pipeline.release.gate.Verdict (headline, notes, checks), or None."""
         from pipeline.release.gate import Verdict
 
         return Verdict.from_dict(self.verdict_doc) if self.verdict_doc is not None else None
@@ -285,8 +302,9 @@ def show(run_ref: str, *, db: str | Path | None = None, targets: str | Path | In
 
     with open_store(db, _inventory(targets) if targets is not None else None) as store:
         run = store.load_run(store.resolve_run(run_ref, model_name=model_name))
-        verdicts = store.verdicts(run.run_id)
-    return StoredRun(run, verdicts[-1] if verdicts else None)
+        records = store.verdict_records(run.run_id)
+    shown = shown_verdict(records)
+    return StoredRun(run, shown.verdict if shown else None, shown.origin if shown else None, records)
 
 
 def human_bytes(n: Any) -> str:

@@ -11,49 +11,11 @@ from rich.table import Table
 
 from pipeline.api.inputs import DEFAULT_CACHE_DIR
 from pipeline.cli.app import app, emit_json, handle_errors, out_console
+from pipeline.cli.model_options import (INPUT_SHAPE, MODEL_OPT, PRE_CHANNELS, PRE_CROP, PRE_DTYPE, PRE_FILE, PRE_LAYOUT,
+                                        PRE_MEAN, PRE_RESIZE, PRE_SCALE, PRE_STD, SIGNATURE, one_model,
+                                        preprocess_options)
 from pipeline.cli.stages import Stages
 from pipeline.cli.tables import Col, fitted_table
-
-
-def _numbers(text: str | None, flag: str) -> Any:
-    """'0.5' -> 0.5, '0.485,0.456,0.406' -> [0.485, 0.456, 0.406], '224x224' -> [224, 224] (for --mean/--std/...)."""
-    if text is None:
-        return None
-    from pipeline.errors import ConfigError
-
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"cannot read {flag} {text!r}", field=flag, hint="numbers separated by commas") from None
-    values = [int(v) if v.is_integer() and flag in ("--resize", "--crop") else v for v in values]
-    return values[0] if len(values) == 1 else values
-
-
-def preprocess_options(file: Path | None, resize: str | None, crop: str | None, scale: float | None,
-                       mean: str | None, std: str | None, channels: str | None, layout: str | None,
-                       image_dtype: str | None, labels: Path | None) -> Any:
-    """The declared image preprocessing from --preprocess FILE and the individual flags (flags win)."""
-    from pipeline.api import preprocess_options as declared
-
-    return declared(file, resize=_numbers(resize, "--resize"), crop=_numbers(crop, "--crop"), scale=scale,
-                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), channels=channels,
-                           layout=layout, dtype=image_dtype, labels=str(labels) if labels else None)
-
-
-# Image preprocessing flags shared by `convert` and `run` (an image-folder calibration or eval set).
-PRE_FILE = typer.Option(None, "--preprocess", help="YAML/JSON file: resize, crop, scale, mean, std, channels, layout, dtype, labels")
-PRE_RESIZE = typer.Option(None, "--resize", help="image resize: HxW, or one number for the shorter side")
-PRE_CROP = typer.Option(None, "--crop", help="center crop after resizing: HxW or one number")
-PRE_SCALE = typer.Option(None, "--scale", help="multiply pixel values (0..255) by this, e.g. 0.00392")
-PRE_MEAN = typer.Option(None, "--mean", help="subtract after scaling: one value or one per channel (a,b,c)")
-PRE_STD = typer.Option(None, "--std", help="divide after subtracting the mean: one value or one per channel")
-PRE_CHANNELS = typer.Option(None, "--channels", help="rgb | bgr | gray (default: from the model input)")
-PRE_LAYOUT = typer.Option(None, "--layout", help="nhwc | nchw")
-PRE_DTYPE = typer.Option(None, "--image-dtype", help="float32 | uint8 | int8: the dtype images are fed as")
-PRE_LABELS = typer.Option(None, "--labels", help="class names, one per line, in label-id order (image folders)")
-SIGNATURE = typer.Option(None, "--signature", help="SavedModel signature to use (default: serving_default)")
-INPUT_SHAPE = typer.Option([], "--input-shape", help="fix dynamic dimensions: NAME=1x224x224x3 (repeatable)")
 
 
 def artifact_json(a: Any, targets: list[str]) -> dict[str, Any]:
@@ -99,8 +61,11 @@ def _keep_warnings(stages: Stages, label: str, progress: Any) -> Any:
 @app.command("convert")
 @handle_errors
 def convert_command(
-    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras, .h5 or .tflite"),
-    mode: List[str] = typer.Option([], "--mode", "-m", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
+    model_arg: Optional[Path] = typer.Argument(None, metavar="MODEL", show_default=False,
+                                               help="SavedModel directory, .keras, .h5 or .tflite (or --model)"),
+    model: Optional[Path] = MODEL_OPT,
+    mode: List[str] = typer.Option([], "--mode", help="float32 | dynamic | float16 | int8 | int16x8 (repeatable)"),
+    mode_m: List[str] = typer.Option([], "-m", hidden=True),   # before --mode was the consistent form
     kind: List[str] = typer.Option([], "--kind", "-k", help="cpu | gpu | edgetpu: the kind's default mode (repeatable)"),
     targets: List[Path] = typer.Option([], "--targets", "-t", help="targets.yaml: one artifact per distinct format"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help=".npz with array x, or image folder"),
@@ -127,8 +92,10 @@ def convert_command(
     """Convert MODEL to the TFLite artifacts the requested modes, kinds or fleet need, with manifests."""
     from pipeline import api
 
+    model = one_model(model_arg, model)
     pre = preprocess_options(preprocess, resize, crop, scale, mean, std, channels, layout, image_dtype, None)
-    todo = api.conversions(model, modes=mode, kinds=kind, targets=list(targets), calibration=calibration,
+    todo = api.conversions(model, modes=list(mode) + list(mode_m), kinds=kind, targets=list(targets),
+                           calibration=calibration,
                            calibration_count=calibration_count, calibration_seed=calibration_seed, compat=compat,
                            io_type=io_type, out_dir=out, cache_dir=None if no_cache else cache_dir,
                            signature=signature, input_shapes=input_shape, preprocess=pre)

@@ -89,6 +89,20 @@ def _conditions(s: dict[str, Any]) -> list[str]:
     return [escape(mhz), escape(temps or "-"), flags]
 
 
+def _check_row(r: Any) -> list[str]:
+    """One device's row: what it has, and whether it can run the agent (rich markup; device text escaped)."""
+    ok = "[green]yes[/]" if r.ok else f"[red]no: {escape(r.error.code if r.error else '?')}[/]"
+    if not r.probe:   # it never answered: nothing to show but why
+        return [escape(r.name), escape(r.host), ok] + [""] * 9
+    s = r.summary()
+    runtimes = ", ".join(escape(f"{k} {v}") for k, v in s["runtimes"].items()) or "[red]none[/]"
+    tpu = [x for x in (s["libedgetpu"] and "libedgetpu", s["coral_usb"] and "usb " + ",".join(s["coral_usb"]),
+                       s["coral_pcie"] and "pcie") if x]
+    return [escape(r.name), escape(r.host), ok, f"{r.connect_ms:.0f} ms" if r.connect_ms is not None else "",
+            escape(s["python"] or "?"), runtimes, escape(", ".join(tpu) or "-"), escape(s["gpu_delegate"] or "-"),
+            _gib(s["disk_free_bytes"])] + _conditions(s)
+
+
 @fleet_app.command("check")
 @handle_errors
 def check(
@@ -97,7 +111,11 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Connect to every target and report reachability, latency, Python, runtimes, Coral/GPU, free disk, CPU
-    frequencies, temperatures and throttling flags."""
+    frequencies, temperatures and throttling flags, and whether it can run the agent (ok: no names why:
+    unreachable, no_python, no_runtime, disk_full...).
+
+    Exit codes: 0 every device can run the agent, 2 bad input, 3 a device cannot (none can, or some cannot).
+    """
     from pipeline import api
     from pipeline.inventory import load_inventory
 
@@ -108,24 +126,12 @@ def check(
     if as_json:
         emit_json(json.dumps({"devices": [r.to_dict() for r in results]}))
     else:
-        rows = []
-        for r in results:
-            s = r.summary()
-            if not r.ok:
-                rows.append([escape(r.name), escape(r.host), f"[red]{r.error.code}[/]"] + [""] * 9)
-                continue
-            rts = ", ".join(f"{k} {v}" for k, v in s["runtimes"].items()) or "[red]none[/]"
-            tpu = [x for x in (s["libedgetpu"] and "libedgetpu", s["coral_usb"] and "usb " + ",".join(s["coral_usb"]),
-                               s["coral_pcie"] and "pcie") if x]
-            rows.append([escape(r.name), escape(r.host), "[green]yes[/]", f"{r.connect_ms:.0f} ms", s["python"] or "?",
-                         escape(rts), escape(", ".join(tpu) or "-"), escape(s["gpu_delegate"] or "-"),
-                         _gib(s["disk_free_bytes"])] + _conditions(s))
         console = out_console()
-        console.print(fitted_table(f"fleet check · {sum(r.ok for r in results)}/{len(results)} reachable",
-                                   CHECK_COLUMNS, rows, console.width))
+        console.print(fitted_table(f"fleet check · {sum(r.ok for r in results)}/{len(results)} can run the agent",
+                                   CHECK_COLUMNS, [_check_row(r) for r in results], console.width))
         for r in results:
             if not r.ok:
-                console.print(f"[red]{r.name}[/]: {r.error.code}: {r.error.message}", soft_wrap=True)
+                console.print(f"[red]{escape(r.name)}[/]: {r.error.code}: {escape(r.error.message)}", soft_wrap=True)
     if not all(r.ok for r in results):
         raise typer.Exit(3)
 

@@ -30,7 +30,8 @@ def validate(
         for t in inv.targets
     ]
     if as_json:
-        emit_json(json.dumps({"inventory": str(inv.path), "sha256": inv.sha256, "targets": rows}))
+        # "devices" is the key every command uses for this list (fleet check, run, show); "targets" stays (a contract)
+        emit_json(json.dumps({"inventory": str(inv.path), "sha256": inv.sha256, "devices": rows, "targets": rows}))
         return
     cells = [[escape(r["name"]), escape(f"{r['host']}:{r['port']}" if r["transport"] == "ssh" else "local"), r["kind"],
               r["mode"], escape(r["runtime"]), escape(str(r["delegate"])), escape(",".join(r["groups"]))] for r in rows]

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
-from pipeline.cli.model_options import model_options
+from pipeline.cli.model_options import MODEL_ARG, MODEL_OPT, PREPROCESS_EPILOG, model_options, one_model
 from pipeline.cli.tables import Col, fitted_table
 from pipeline.api import human_bytes
 from pipeline.api.inputs import DEFAULT_CACHE_DIR
@@ -50,11 +50,12 @@ def _per_device(board: Any) -> Any:
     return event
 
 
-@app.command("optimize")
+@app.command("optimize", epilog=PREPROCESS_EPILOG)
 @handle_errors
-@model_options
+@model_options(brief=True)
 def optimize_command(
-    model: Path = typer.Argument(..., metavar="MODEL", help="SavedModel directory, .keras or .h5 (the float model)"),
+    model_arg: Optional[Path] = MODEL_ARG,
+    model: Optional[Path] = MODEL_OPT,
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
     data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (inputs and labels) or an image folder."),
     calibration: Path = typer.Option(..., "--calibration", "-c", help="Calibration .npz or image folder."),
@@ -88,6 +89,7 @@ def optimize_command(
     from pipeline import api
     from pipeline.inventory import load_inventory
 
+    model = one_model(model_arg, model)
     inv = load_inventory(targets)
     chosen = inv.select(select)
     notice = lambda msg: err_console.print(f"notice: {msg}", markup=False, highlight=False, soft_wrap=True)  # noqa

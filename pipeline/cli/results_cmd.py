@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,10 @@ from pipeline.cli.run_cmd import _delegate, print_verdict_notes
 
 HISTORY_COLUMNS = (Col("run"), Col("started (UTC)", 1), Col("model", 4, wrap=True), Col("tag", 3, wrap=True),
                    Col("complete"), Col("ok"), Col("fallbacks"), Col("verdict", wrap=True),
-                   Col("p50 ms", 2, justify="right"))   # median over the run's devices
+                   Col("median p50 ms", 2, justify="right"))
+HISTORY_NOTES = ("verdict: the run's own (stored by `edgepipe run`); \"gate:\" the newest `edgepipe gate --record` "
+                 "stored beside it (`edgepipe show RUN` lists all). ok: devices measured / targets of the run. "
+                 "median p50 ms: the median of the devices' p50 (emulated left out); --target NAME shows one device.")
 TREND_COLUMNS = (Col("run"), Col("started (UTC)", 3), Col("model", 5, wrap=True), Col("tag", 5, wrap=True),
                  Col("mode", 2), Col("ok", wrap=True),
                  Col("p50 ms", justify="right"), Col("p90 ms", 4, justify="right"), Col("top-1", 1, justify="right"),
@@ -41,6 +44,10 @@ def _inventory(targets: Optional[Path], required: bool):
     return load_inventory(targets or Path("targets.yaml"))
 
 
+def _verdict_word(passed: bool | None, exit_code: int | None) -> str:
+    return "-" if passed is None else ("passed" if passed else f"failed (exit {exit_code})")
+
+
 def _f(v, digits: int = 3) -> str:
     return "-" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
 
@@ -64,24 +71,29 @@ def history(
         emit_json(json.dumps(hist.to_dict()))
         return
     console = out_console()
-    if target is None:
-        rows = []
-        for r in hist.runs:
-            p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
-            fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
-            verdict = "-" if r.passed is None else ("passed" if r.passed else f"failed (exit {r.exit_code})")
-            complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
-            rows.append([escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"),
-                         complete, f"{r.ok}/{r.devices}", str(fell) if fell else "-", verdict,
-                         _f(p50s[len(p50s) // 2] if p50s else None)])
-        table = fitted_table(f"last {len(hist.runs)} run(s)", HISTORY_COLUMNS, rows, console.width)
-    else:
+    if target is not None:
         rows = [[escape(p.run_id), _when(p.started), escape(p.model_name or "-"), escape(p.label or "-"),
                  escape(p.mode or "-"),
                  ("yes" + (" (FALLBACK: CPU)" if p.fallback else "")) if p.ok else escape(p.error_code or "no"),
                  _f(p.p50), _f(p.p90), _f(p.top1, 4), _f(p.agreement, 4), _f(p.bytes)] for p in hist.points]
-        table = fitted_table(f"trend of {escape(target)}", TREND_COLUMNS, rows, console.width)
-    console.print(table)
+        console.print(fitted_table(f"trend of {escape(target)}", TREND_COLUMNS, rows, console.width))
+        return
+    console.print(fitted_table(f"last {len(hist.runs)} run(s)", HISTORY_COLUMNS, [_run_row(r, hist) for r in hist.runs],
+                               console.width))
+    console.print(HISTORY_NOTES, style="dim", soft_wrap=True)
+
+
+def _run_row(r: Any, hist: Any) -> list[str]:
+    """One run of `history`: its own verdict (and the newest recorded by `gate --record`), devices measured of the
+    targets it set out to measure, the median of its devices' p50."""
+    p50s = sorted(p.p50 for p in hist.points if p.run_id == r.run_id and p.p50 is not None and not p.emulated)
+    fell = sum(1 for p in hist.points if p.run_id == r.run_id and p.fallback)
+    verdict = _verdict_word(r.passed, r.exit_code) + (
+        f"; gate: {_verdict_word(r.gate_passed, r.gate_exit_code)}" if r.gate_verdicts else "")
+    complete = "yes" if r.complete else ("interrupted" if r.interrupted else "NO")
+    return [escape(r.run_id), _when(r.started), escape(r.model_name or "-"), escape(r.label or "-"), complete,
+            f"{r.ok}/{max(r.planned or 0, r.devices)}", str(fell) if fell else "-", verdict,
+            _f(p50s[len(p50s) // 2] if p50s else None)]
 
 
 @app.command("show")
@@ -100,7 +112,9 @@ def show(
     result, verdict = stored.run, stored.verdict
     if as_json:
         doc = result.to_dict()
-        doc["verdict"] = stored.verdict_doc
+        doc["verdict"] = stored.verdict_doc           # the run's own, else the newest `gate --record` stored
+        doc["verdict_origin"] = stored.verdict_origin
+        doc["verdicts"] = [r.to_dict() for r in stored.records]
         emit_json(json.dumps(doc))
         return
     state = ("complete" if result.complete else f"INTERRUPTED by {result.interrupted}" if result.interrupted
@@ -123,7 +137,14 @@ def show(
     if verdict is not None:
         for note in verdict.notes:
             console.print(f"[yellow]note[/] {escape(note)}", soft_wrap=True)
-        console.print(escape(verdict.headline()))
+    for record in stored.records:   # every verdict, each saying who stored it; the run's own first
+        who = ("the run's own, stored by `edgepipe run`" if record.origin == "run" else
+               f"stored by `edgepipe gate --record` at {_when(record.created)} UTC"
+               + (f" with {record.targets}" if record.targets else ""))
+        console.print(f"verdict ({escape(who)}): {escape(str(record.verdict.get('headline') or '-'))}",
+                      soft_wrap=True)
+    if not stored.records:
+        console.print("verdict: none stored (`edgepipe gate RUN --record` stores one)")
 
 
 @app.command("gate")
@@ -137,26 +158,32 @@ def gate(
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the HTML report into this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    record: bool = typer.Option(False, "--record", help="Store this verdict beside the run's own (default: a what-if, "
+                                "nothing stored)."),
     db: Optional[str] = DB_OPT,
 ) -> None:
-    """Gate a stored run: exit 0 passed, 1 a gate failed, 2 usage/config error, 3 no device measured."""
+    """Gate a stored run and print the verdict; the history changes only with --record, which stores it beside
+    the run's own (never replacing it). Exit 0 passed, 1 a gate failed, 2 bad input, 3 no device measured."""
     from pipeline import api
 
     inv = _inventory(targets, required=True)
     names = [t.name for t in inv.select(select)] if select else None
     rel = api.gate(run, targets=inv, db=db, baseline=baseline, select=names or (), junit=junit, summary=summary,
-                   report_dir=report)
+                   report_dir=report, record=record)
     verdict = rel.verdict
     if rel.report_path is not None:
         err_console.print(f"report: {rel.report_path}", markup=False)
     if as_json:
-        emit_json(json.dumps(verdict.to_dict()))
+        emit_json(json.dumps({**verdict.to_dict(), "recorded": rel.recorded}))
     else:
         console = out_console()
         for c in verdict.failures:
             console.print(f"[red]✗[/] {escape(c.message())}")
         print_verdict_notes(console, verdict)
         console.print(("[green]" if verdict.passed else "[red]") + escape(verdict.headline()) + "[/]")
+        console.print(f"recorded beside run {escape(verdict.run_id)}'s own verdict in {rel.db_path}" if rel.recorded
+                      else "not recorded: the history still shows the run's own verdict (--record stores this one "
+                           "beside it)", style="dim", soft_wrap=True)
     raise typer.Exit(verdict.exit_code)
 
 
@@ -166,7 +193,7 @@ def report_cmd(
     run: str = typer.Argument(..., metavar="RUN", help="Run id, tag, unique id prefix, or 'last'."),
     out: Path = typer.Option(..., "--out", help="Directory for report.html."),
     targets: Optional[Path] = typer.Option(None, "--targets", "-t",
-                                           help="Re-gate with this inventory (default: the run's last stored verdict)."),
+                                           help="Re-gate with this inventory (default: the run's own stored verdict)."),
     baseline: str = typer.Option("last", "--baseline", help="With --targets: last | RUN_ID | TAG | none"),
     db: Optional[str] = DB_OPT,
 ) -> None:

@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.api.inputs import DEFAULT_CACHE_DIR
+from pipeline.api.inputs import DEFAULT_CACHE_DIR, QUEUE_TIMEOUT_S
 from pipeline.cli.app import app, emit_json, err_console, handle_errors, interrupted_exit, out_console, stop_on_signals
 from pipeline.cli.fleet_cmd import DeviceBoard
-from pipeline.cli.model_options import model_options
+from pipeline.cli.model_options import MODEL_ARG, MODEL_OPT, PREPROCESS_EPILOG, model_options, one_model
 from pipeline.cli.tables import Col, fitted_table, memory_cell, throttle_mark
 
 
@@ -63,50 +63,52 @@ def device_table(result: Any, width: int | None = None) -> Table:
                         RUN_COLUMNS, [_row(d) for d in result.devices], width)
 
 
-@app.command("run")
+@app.command("run", epilog=PREPROCESS_EPILOG)
 @handle_errors
-@model_options
+@model_options(brief=True)
 def run_command(
+    model_arg: Optional[Path] = MODEL_ARG,
     targets: Path = typer.Option(Path("targets.yaml"), "--targets", "-t", help="Inventory file."),
-    model: Path = typer.Option(..., "--model", "-m", help="SavedModel directory, .keras, .h5 or .tflite"),
-    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (one array per model input, x for one; labels "
-                              "such as y) or an image folder with class subfolders."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz or image folder (int8 modes)."),
+    model: Optional[Path] = MODEL_OPT,
+    model_m: Optional[Path] = typer.Option(None, "-m", hidden=True),   # before --model was the consistent form
+    data: Path = typer.Option(..., "--data", "-d", help="Eval .npz (model inputs, labels such as y) or image folder."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration .npz or image folder "
+                                               "(int8)."),
     select: List[str] = typer.Option([], "--select", "-s", help="Target or group name (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     out: Path = typer.Option(Path(".edgepipe/artifacts"), "--out", help="Where artifacts and eval files go."),
-    cache_dir: Optional[Path] = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Conversion cache ($EDGEPIPE_CACHE_DIR)."),
-    db: Optional[str] = typer.Option(None, "--db", help="Results database: a SQLite path or postgresql://user@host/db "
-                                     "(default: targets.yaml db:, else .edgepipe/results.db next to it)."),
-    baseline: str = typer.Option("last", "--baseline", help="Regression baseline: last | RUN_ID | TAG | none."),
-    label: Optional[str] = typer.Option(None, "--label", "--tag", help="A git-style label for this run (usable as a baseline)."),
+    cache_dir: Optional[Path] = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", show_default="~/.cache/edgepipe/convert",
+                                             help="Conversion cache ($EDGEPIPE_CACHE_DIR)."),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLite path or postgresql://user@host/db (default: db: in "
+                                     "targets.yaml)."),
+    baseline: str = typer.Option("last", "--baseline", help="last | RUN_ID | TAG | none."),
+    label: Optional[str] = typer.Option(None, "--label", "--tag", help="A tag for this run (usable as a baseline)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report into this directory."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per device x check)."),
-    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment, $GITHUB_STEP_SUMMARY)."),
-    lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0,
-                                                  help="Seconds to wait for a device another run holds (default: "
-                                                       "wait); then that device fails with lease_timeout."),
-    distributed: bool = typer.Option(False, "--distributed", help="Measure through `edgepipe worker --site` processes "
-                                     "(targets need site:, db: must be PostgreSQL)."),
-    worker_timeout: float = typer.Option(30.0, "--worker-timeout", min=1, help="With --distributed: seconds without a "
-                                         "worker heartbeat before its devices go to another worker of the site."),
-    worker_retries: int = typer.Option(1, "--worker-retries", min=0, help="With --distributed: how often a lost "
-                                       "worker's device is queued again before it is reported worker_lost."),
-    queue_timeout: Optional[float] = typer.Option(None, "--queue-timeout", min=1, help="With --distributed: seconds a "
-                                                  "job may wait for a worker before its device is no_worker (default: wait)."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Name of the model for baselines and history (default: the model file's stem); --baseline last is the last run of this name."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Float model to measure agreement against "
-                                             "(for a pre-quantized or Edge-TPU-compiled .tflite)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (a testcase per device x check)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary (PR comment)."),
+    lease_timeout: Optional[float] = typer.Option(None, "--lease-timeout", min=0, help="Seconds to wait for a device "
+                                                  "another run holds (default: wait)."),
+    distributed: bool = typer.Option(False, "--distributed", help="Measure through `edgepipe worker --site`."),
+    worker_timeout: float = typer.Option(30.0, "--worker-timeout", min=1, help="--distributed: a silent worker's "
+                                         "devices move after this."),
+    worker_retries: int = typer.Option(1, "--worker-retries", min=0, help="--distributed: moves before worker_lost."),
+    queue_timeout: float = typer.Option(QUEUE_TIMEOUT_S, "--queue-timeout", min=1, help="--distributed: seconds a "
+                                        "device waits for a worker (then no_worker)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Name for baselines and history (default: "
+                                             "the file's stem)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The float model, to measure agreement of a "
+                                             "quantized .tflite."),
     model_kw: Any = None,
 ) -> None:
-    """Convert once per format, push to every target, measure, store, gate against thresholds and baseline, report.
+    """Convert once per format, push to every target, measure, store, gate, report.
 
-    Exit codes: 0 passed, 1 a gate failed, 2 usage or configuration error, 3 no device could be measured,
-    130 / 143 interrupted by Ctrl-C / SIGTERM (agents stopped, finished devices kept, run marked interrupted).
+    Exit codes: 0 passed, 1 a gate failed, 2 bad input, 3 no device could be measured, 130 / 143 interrupted
+    (agents stopped, finished devices kept, run marked interrupted).
     """
     from pipeline import api
     from pipeline.inventory import load_inventory
 
+    model = one_model(model_arg, model, model_m)
     inv = load_inventory(targets)
     chosen = inv.select(select)
     with stop_on_signals() as cancel, DeviceBoard([t.name for t in chosen], "edgepipe run") as board:

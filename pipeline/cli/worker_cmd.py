@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app, err_console, handle_errors
+from pipeline.cli.app import app, err_console, handle_errors, interrupted_exit
 
 
 @app.command("worker")
@@ -20,9 +21,10 @@ def worker_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fetched artifacts are kept (default: ~/.cache/edgepipe/worker/SITE)."),
     heartbeat: float = typer.Option(10.0, "--heartbeat", min=0.5, help="Seconds between this worker's heartbeats."),
 ) -> None:
-    """Take probe and measure jobs of `edgepipe run --distributed` for this site's devices until stopped (Ctrl-C).
+    """Take probe and measure jobs of `edgepipe run --distributed` for this site's devices until stopped (Ctrl-C or
+    SIGTERM: the running jobs finish first, a second signal stops at once).
 
-    Exit codes: 0 stopped, 2 usage or configuration error.
+    Exit codes: 2 usage or configuration error, 130 / 143 stopped by SIGINT / SIGTERM (one line says so).
     """
     from pipeline import api
     from pipeline.inventory import load_inventory
@@ -32,5 +34,9 @@ def worker_command(
     def line(text: str) -> None:
         err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    api.serve_worker(load_inventory(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir,
-                     heartbeat=heartbeat, on_line=line)
+    stopped = api.serve_worker(load_inventory(targets), site, db=db, concurrency=concurrency, cache_dir=cache_dir,
+                               heartbeat=heartbeat, on_line=line)
+    if stopped:
+        name = signal.Signals(stopped).name
+        line(f"worker of site {site}: stopped by {name}; its running jobs finished and were stored")
+        raise interrupted_exit(128 + stopped)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.convert.cache import ConversionCache, cache_key, tf_version
+from pipeline.convert.cache import ANY_TF, ConversionCache, cache_key, require_tensorflow, tf_version
 from pipeline.convert.calibration import Calibration, load_calibration
 from pipeline.convert.compat import check_compat, parse_compat
 from pipeline.convert.manifest import build_manifest, detect_mode, manifest_hash, read_model, write_manifest
@@ -259,8 +259,9 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
                          r.options.get("int16_layers") or ())
     out_path = out / name
     key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, tf_ver)
+    any_key = cache_key(src.sha256, r.key(), calib.sha256 if calib else None, ANY_TF)
     cache = ConversionCache(cache_dir) if cache_dir else None
-    hit = cache.get(key) if cache else None
+    hit = (cache.get(key) if tf_ver is not None else cache.get_any(any_key)) if cache else None
     if hit is not None:
         report("cached", name)
         shutil.copyfile(hit.tflite, out_path)
@@ -270,6 +271,7 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
         manifest["manifest_sha256"] = manifest_hash(manifest)
         return _finish(out_path, manifest, cached=True)
 
+    require_tensorflow(f"converting {src.path.name} to {mode}", file=str(src.path))
     data = run_quiet(_run_conversion, src, r, calib, progress=report, log=log_path(out_path),
                      what=f"conversion to {mode}", file=str(src.path))
     if r.options.get("share_vectors"):
@@ -286,6 +288,6 @@ def convert(model: str | Path | ModelSource, mode: str | None, *, calibration: A
     if r.compat:
         check_compat(manifest, r.compat["runtime"], r.compat["version"])
     if cache:
-        cache.put(key, out_path, manifest)
+        cache.put(key, out_path, manifest, any_key=any_key)
     report("done", name)
     return _finish(out_path, manifest, cached=False)

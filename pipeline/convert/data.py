@@ -111,8 +111,38 @@ class Preprocess:
     def merged(self, overrides: dict[str, Any], source: str = "--preprocess flags") -> "Preprocess":
         """A copy with CLI flags applied on top (None values are not set)."""
         d = self.to_dict()
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return Preprocess.from_dict(d, source)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        d.update(given)
+        merged = Preprocess.from_dict(d, source)
+        merged.flagged = frozenset(given)   # not a field: which settings came from flags (for messages)
+        return merged
+
+    def named(self, key: str) -> str:
+        """How the user set `key`: its flag (`--mean`), or its key in the preprocessing file (`mean:`)."""
+        if key in getattr(self, "flagged", ()):
+            return "--image-dtype" if key == "dtype" else f"--{key}"
+        return f"{key}: (preprocessing file)"
+
+    def check_against(self, spec: Any) -> None:
+        """The images this makes fit the model input (channels, per-channel mean and std): else one ConfigError
+        naming the setting and the shape the model takes, before any image is read."""
+        shape = list(getattr(spec, "shape", None) or [])
+        want = (shape[1] if self.layout == "nchw" else shape[-1]) if len(shape) == 4 else None
+        if want not in (1, 3):
+            return
+        takes = f"model input '{spec.name}' takes {_shape_text(shape[1:])} ({want} channel{'s' if want > 1 else ''})"
+        got = 1 if (self.channels or ("gray" if want == 1 else "rgb")) == "gray" else 3
+        if got != want:
+            flag = self.named("channels")
+            raise ConfigError(f"{self.channels} makes {got}-channel images, but {takes}", field=flag,
+                              hint=f"use {'gray' if want == 1 else 'rgb or bgr'}, or leave it out: the default "
+                                   "follows the model input")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            n = len(values) if isinstance(values, (list, tuple)) else 1
+            if n not in (1, got):
+                raise ConfigError(f"{n} values for {got}-channel images: {takes}", field=self.named(key),
+                                  hint=f"give one value, or one per channel ({got})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +281,12 @@ def load_images(folder: Path, pre: Preprocess | None, spec: Any = None, *, files
         except json.JSONDecodeError as exc:
             raise ConfigError(f"invalid JSON at line {exc.lineno} column {exc.colno}", file=str(spec_file)) from None
         pre = Preprocess.from_dict(doc, str(spec_file))
+    if spec is not None:
+        try:
+            pre.check_against(spec)
+        except ConfigError as exc:
+            exc.file = str(folder)
+            raise
     all_files, classes = image_files(folder)
     if not all_files:
         raise ConfigError(f"no images in the {role} folder", file=str(folder),

@@ -37,7 +37,7 @@ def quantize_mixed(float_model: bytes, samples: Iterable[Any], int16_layers: lis
         from ai_edge_quantizer import qtyping, quantizer
     except ImportError:
         raise ConversionError("16x8 mixed precision needs ai-edge-quantizer on the host",
-                              hint="pip install ai-edge-quantizer (edgepipe's host extra installs it)") from None
+                              hint="pip install 'edgepipe[tensorflow]' (the conversion extra installs it)") from None
     from ai_edge_litert.interpreter import Interpreter
 
     from pipeline.convert.manifest import read_model

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.convert.cache import tf_version
+from pipeline.convert.cache import require_tensorflow, tf_version
 from pipeline.convert.calibration import Calibration
 from pipeline.convert.converter import with_source_options
 from pipeline.convert.data import bind_inputs
@@ -132,6 +132,7 @@ def rank_layers(src: ModelSource, calibration: Calibration, *, cache_dir: str | 
     n = calibration.count
     holdout = min(HOLDOUT_MAX, int(n * HOLDOUT)) if n >= 8 else n   # too few to hold any out: measure on all
     labels = _labels(calibration, src)
+    require_tensorflow("ranking the int8 model's layers", file=str(src.path))
     doc = run_quiet(measure_effects, src, r, calibration, holdout, labels[n - holdout:] if labels is not None
                     else None, progress=progress, log=Path(log_dir) / "logs" / f"{src.name}.recovery.log",
                     what="ranking int8 layers by measured effect", file=str(src.path),

@@ -93,8 +93,11 @@ def float_outputs(src: ModelSource, inputs: dict[str, np.ndarray], *, batch_size
     `inputs` is keyed by the model's input names. Results equal batch-1 runs (the host batches only for speed).
     TensorFlow/LiteRT run in the quiet worker process; their output goes to `log` (default: a file in the temp dir).
     """
+    from pipeline.convert.cache import require_tensorflow
     from pipeline.convert.worker import run_quiet
 
+    if src.kind != "tflite":
+        require_tensorflow(f"the float reference of {src.path.name}", file=str(src.path))
     log = log or Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"reference-{src.name}.log"
     return run_quiet(compute_float_outputs, src, inputs, batch_size, log=log, what="the float reference",
                      file=str(src.path))

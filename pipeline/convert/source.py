@@ -264,11 +264,9 @@ def _postprocess_outputs(sig: LoadedSignature, inputs: list[TensorSpec], outputs
             for o in outputs]
 
 
-def _describe_key(src: ModelSource) -> str:
-    from pipeline.convert.cache import tf_version
-
+def _describe_key(src: ModelSource, tf: str | None) -> str:
     blob = json.dumps({"v": DESCRIBE_VERSION, "sha256": src.sha256, "kind": src.kind, "qat": src.qat,
-                       "signature": src.signature or DEFAULT_SIGNATURE, "tf": tf_version()}, sort_keys=True)
+                       "signature": src.signature or DEFAULT_SIGNATURE, "tf": tf}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -288,10 +286,15 @@ def _describe_tf(src: ModelSource) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress: Progress | None = None) -> ModelSource:
-    """`src` with its inputs and outputs (TensorFlow reads a SavedModel/Keras signature once; cached by content)."""
+    """`src` with its inputs and outputs (TensorFlow reads a SavedModel/Keras signature once; cached by content,
+    and reused without TensorFlow on a host that has none: see pipeline.convert.cache)."""
+    from pipeline.convert.cache import ANY_TF, require_tensorflow, tf_version
+
     if src.described:
         return src
-    cached = Path(cache_dir).expanduser() / "models" / f"{_describe_key(src)}.json" if cache_dir else None
+    tf = tf_version()
+    models = Path(cache_dir).expanduser() / "models" if cache_dir else None
+    cached = models / f"{_describe_key(src, tf if tf is not None else ANY_TF)}.json" if models else None
     if cached is not None and cached.exists():
         try:
             doc = json.loads(cached.read_text())
@@ -301,12 +304,15 @@ def describe(src: ModelSource, *, cache_dir: str | Path | None = None, progress:
             pass   # a torn cache entry is a miss
     from pipeline.convert.worker import run_quiet
 
+    require_tensorflow(f"reading the {src.kind} model's signature", file=str(src.path))
     (progress or (lambda s, d: None))("load", f"reading the {src.kind} model's signature (TensorFlow)")
     log = Path(tempfile.gettempdir()) / f"edgepipe-{os.getuid()}" / f"describe-{src.name}.log"
     inputs, outputs = run_quiet(_describe_tf, src, log=log, what="reading the model's signature", file=str(src.path))
-    if cached is not None:
-        write_atomic(cached, json.dumps({"inputs": [s.to_dict() for s in inputs],
-                                         "outputs": [s.to_dict() for s in outputs]}, indent=1))
+    if models is not None:
+        doc = json.dumps({"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+                         indent=1)
+        write_atomic(models / f"{_describe_key(src, tf)}.json", doc)
+        write_atomic(models / f"{_describe_key(src, ANY_TF)}.json", doc)
     return replace(src, inputs=inputs, outputs=outputs)
 
 

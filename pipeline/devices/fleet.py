@@ -310,7 +310,7 @@ class FleetRunner:
     def _attempt(self, job: DeviceJob, n: int, stats: dict[str, Any]) -> DeviceResult:
         t, ev, timings = job.target, self.on_event, stats["timings"]
         stats["attempts"] = n
-        ev(t.name, "connect", f"{t.host}:{t.port}" + (f" (attempt {n})" if n > 1 else ""))
+        ev(t.name, "connect", t.address + (f" (attempt {n})" if n > 1 else ""))
         tr = self.connections.pop(t.name, None)
         if tr is not None and not tr.alive():
             tr.close()

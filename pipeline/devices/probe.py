@@ -1,7 +1,9 @@
-"""Fleet check: what each device really has (reachability, latency, Python, runtimes, Coral, GPU, disk).
+"""Fleet check: what each device really has (reachability, latency, Python, runtimes, Coral, GPU, disk), and whether
+it can run the agent at all.
 
 Runs `agent.py --probe` on every target after a content-addressed push of the agent; `run` uses the same
-probe so each artifact fits the runtime the device really has, not only the one declared.
+probe so each artifact fits the runtime the device really has, not only the one declared, and refuses a device
+that cannot run the agent (no Python, no TFLite runtime, no disk) before anything is pushed to it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from pipeline.devices.transport import open_transport
 
 PROBE_TIMEOUT = 60.0
 RUNTIME_KEYS = {module: name for name, module in RUNTIME_MODULES.items()}  # the probe names runtimes by module
+MIN_FREE_BYTES = 4 * 2**20   # below this the work directory cannot hold the agent, a model and the results
+RUNTIME_HINT = ("install one on the device (`pip install ai-edge-litert`, or `pip install tflite-runtime 'numpy<2'`), "
+                "or set the target's `python:` to an interpreter that has one")
 
 
 @dataclass
@@ -28,13 +33,14 @@ class ProbeResult:
     name: str
     host: str
     kind: str
-    ok: bool
+    ok: bool                           # the device can run the agent (reachable, Python, a runtime, disk)
     connect_ms: float | None = None
     probe: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     attempts: int = 1
     emulated: bool = False
     transport: Any = field(default=None, repr=False, compare=False)  # kept open for the run when asked
+    reachable: bool | None = None      # the connection worked (ok False and reachable: it cannot run the agent)
 
     @property
     def runtimes(self) -> dict[str, str]:
@@ -68,6 +74,36 @@ def _agent_missing(res: Any) -> bool:
     return res.rc == 2 and b"can't open file" in res.stderr
 
 
+def agent_health(target: Any, probe: dict[str, Any]) -> ErrorInfo | None:
+    """Why this device cannot run the agent, from what its probe found (None when it can): no TFLite runtime (or
+    not the one targets.yaml declares), or too little disk for the agent and a model."""
+    found = {RUNTIME_KEYS.get(k, k): v for k, v in (probe.get("runtimes") or {}).items() if v}
+    usable = [n for n in found if n != "pycoral" or target.delegate == "edgetpu"]
+    python = probe.get("executable") or target.python
+    listed = ", ".join(f"{k} {v}" for k, v in found.items()) or "none"
+    if target.runtime not in (None, "auto") and target.runtime not in found:
+        return ErrorInfo("no_runtime", f"runtime {target.runtime} (targets.yaml `runtime:`) is not installed for "
+                                       f"{python} (installed: {listed}); {RUNTIME_HINT}")
+    if not usable:
+        return ErrorInfo("no_runtime", f"no TFLite runtime installed for {python} (installed: {listed}); "
+                                       f"{RUNTIME_HINT}")
+    free = probe.get("disk_free_bytes")
+    if isinstance(free, int) and free < MIN_FREE_BYTES:
+        return ErrorInfo("disk_full", f"{probe.get('workdir') or target.workdir} has {free} bytes free, less than "
+                                      f"the {MIN_FREE_BYTES} the agent, a model and its results need; free space "
+                                      "or point the target's `workdir:` at a larger disk",
+                         {"free_bytes": free, "needed_bytes": MIN_FREE_BYTES})
+    return None
+
+
+def _cannot_start(res: Any, target: Any) -> AgentError | None:
+    """The device's Python itself cannot run (missing, not executable): the shell's 126/127."""
+    if res.rc in (126, 127):
+        return AgentError(f"device python {target.python!r} cannot be run: {res.stderr_tail()}", code="no_python",
+                          hint="set the target's `python:` to an interpreter that exists on the device")
+    return None
+
+
 def probe_target(target: Any, *, transport_factory: TransportFactory | None = None, on_event: OnEvent = _noop,
                  backoff: float = BACKOFF, keep: bool = False, cancel: CancelToken | None = None) -> ProbeResult:
     """Connect (with retries), run `agent.py --probe` (pushing the agent first only if it is missing).
@@ -77,20 +113,25 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
     """
     factory = transport_factory or open_transport
     attempts = [0]
+    connected = [False]
     timeout = min(PROBE_TIMEOUT, float(target.timeout))
 
     def attempt(n: int) -> ProbeResult:
         attempts[0] = n
-        on_event(target.name, "probe", f"{target.host}:{target.port}")
+        on_event(target.name, "probe", target.address)
         tr = factory(target)
         tr.cancel = cancel
         kept = False
         try:
             tr.connect()
+            connected[0] = True
             agent = PushItem.agent()
             # the agent's path is content-named and only ever renamed into place after its hash was checked
             argv = [target.python, posixpath.join(target.workdir, agent.rel), "--probe", "--workdir", target.workdir]
             res = tr.run(argv, timeout=timeout)
+            missing_python = _cannot_start(res, target)
+            if missing_python is not None:
+                raise missing_python
             if _agent_missing(res):
                 dep = Pusher(tr, target.python, target.workdir, timeout=timeout)
                 dep.push([agent])
@@ -108,10 +149,11 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
             if not doc.get("ok") or "probe" not in doc:
                 err = doc.get("error") or {}
                 raise AgentError(err.get("message", "probe failed"), code=err.get("code", "agent_error"))
-            out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, True,
-                              connect_ms=round(tr.connect_seconds * 1000, 1), probe=doc["probe"],
-                              emulated=bool(target.emulated))
-            if keep:
+            problem = agent_health(target, doc["probe"])
+            out = ProbeResult(target.name, target.address, target.kind, problem is None,
+                              connect_ms=round(tr.connect_seconds * 1000, 1), probe=doc["probe"], error=problem,
+                              emulated=bool(target.emulated), reachable=True)
+            if keep and problem is None:
                 out.transport, kept = tr, True
             return out
         finally:
@@ -121,12 +163,13 @@ def probe_target(target: Any, *, transport_factory: TransportFactory | None = No
     try:
         out = retrying(target, attempt, on_event, backoff, cancel)
     except EdgepipeError as exc:
-        out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
+        out = ProbeResult(target.name, target.address, target.kind, False,
                           error=ErrorInfo(exc.code, exc.one_line(), exc.data.get("details")),
-                          emulated=bool(target.emulated))
+                          emulated=bool(target.emulated), reachable=connected[0])
     except Exception as exc:  # a host-side bug is still one row, not a crashed check
-        out = ProbeResult(target.name, f"{target.host}:{target.port}", target.kind, False,
-                          error=ErrorInfo("internal", f"{type(exc).__name__}: {exc}"), emulated=bool(target.emulated))
+        out = ProbeResult(target.name, target.address, target.kind, False,
+                          error=ErrorInfo("internal", f"{type(exc).__name__}: {exc}"), emulated=bool(target.emulated),
+                          reachable=connected[0])
     out.attempts = attempts[0] or 1
     on_event(target.name, "probe", "ok" if out.ok else f"{out.error.code}: {out.error.message}")
     return out

@@ -33,7 +33,7 @@ class DistributedOptions:
 
     worker_timeout: float = q.WORKER_TIMEOUT_S   # silence after which a worker's devices go to another worker
     worker_retries: int = 1                      # how often a lost worker's device is queued again
-    queue_timeout: float | None = None           # how long a job may wait for a worker (None: wait)
+    queue_timeout: float | None = q.QUEUE_TIMEOUT_S   # how long a job may wait for a worker (None: for ever)
     lease_timeout: float | None = None           # how long a worker waits for a device another run holds
 
 
@@ -185,7 +185,7 @@ class DistributedExecutor:
         for name, got in co.wait(jobs, arrived).items():
             t = ctx.inventory.target(name)
             probes[name] = got if isinstance(got, ProbeResult) else ProbeResult(
-                name, f"{t.host}:{t.port}", t.kind, False, error=got, emulated=bool(t.emulated))
+                name, t.address, t.kind, False, error=got, emulated=bool(t.emulated))
         return probes
 
     def _place(self, ctx: RunContext, plan: JobPlan, blobs: ArtifactStore) -> tuple[list[DeviceJob], dict[str, Any]]:

@@ -23,6 +23,7 @@ MEASURE_TASK = "edgepipe.measure"
 DEPLOY_TASK = "edgepipe.deploy"   # one board's action in a deployment (deploy --distributed)
 HEARTBEAT_S = 10.0       # how often a worker says it is alive (procrastinate's update_heartbeat_interval)
 WORKER_TIMEOUT_S = 30.0  # silence after which its running jobs count as stalled (procrastinate's default)
+QUEUE_TIMEOUT_S = 600.0  # how long a job waits for a worker of its site before its device is no_worker
 WAITING, RUNNING, ENDED = "todo", "doing", "ended"   # a job no longer waiting or running has ended, one way or another
 SCHEMA_LOCK = "edgepipe.queue-schema"
 T = TypeVar("T")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from pipeline.results import DeviceResult, ErrorInfo
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepipe" / "worker"
 KEEP_S = 300.0  # a probe's open connection waits this long for the same device's measure job on this worker
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 OnLine = Callable[[str], None]
 
 
@@ -93,16 +95,47 @@ class Worker:
         async def deploy(job: dict) -> None:
             await in_pool(self.deploy, job)
 
-    def serve(self) -> None:
-        """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once)."""
-        self.on_line(f"worker {self.name}: queue {self.queue}, {len(self.targets)} device(s) "
-                     f"({', '.join(self.targets)}), up to {self.concurrency} at once, db {self.store.db.display}")
+    def serve(self) -> int | None:
+        """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once); returns the signal
+        that stopped it (None when the worker ended without one)."""
         try:
-            self.app.run_worker(queues=[self.queue], name=self.name, concurrency=self.concurrency,
-                                update_heartbeat_interval=self.heartbeat, stalled_worker_timeout=3 * self.heartbeat,
-                                install_signal_handlers=True, wait=True)
+            return asyncio.run(self._serve())
         finally:
             self.close()
+
+    async def _serve(self) -> int | None:
+        """procrastinate's worker as a task; our signal handlers say which signal asked before it stops gracefully
+        (cancelling its task lets running jobs finish), and then step aside so a second signal is the default."""
+        loop = asyncio.get_running_loop()
+        stopped: list[int] = []
+        async with self.app.open_async():
+            task = asyncio.ensure_future(self.app.run_worker_async(
+                queues=[self.queue], name=self.name, concurrency=self.concurrency, wait=True,
+                update_heartbeat_interval=self.heartbeat, stalled_worker_timeout=3 * self.heartbeat,
+                install_signal_handlers=False))
+
+            def on_signal(signum: int) -> None:
+                stopped.append(signum)
+                for sig in STOP_SIGNALS:
+                    loop.remove_signal_handler(sig)
+                self.on_line(f"worker {self.name}: {signal.Signals(signum).name}: stopping once the running jobs "
+                             "finish (a second signal stops at once)")
+                task.cancel()
+
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, on_signal, sig)
+            # said once a signal stops it gracefully (a script may wait for this line, then signal it)
+            self.on_line(f"worker {self.name}: queue {self.queue}, {len(self.targets)} device(s) "
+                         f"({', '.join(self.targets)}), up to {self.concurrency} at once, db {self.store.db.display}")
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not stopped:
+                    raise
+            finally:
+                for sig in STOP_SIGNALS:
+                    loop.remove_signal_handler(sig)
+        return stopped[0] if stopped else None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -181,7 +214,7 @@ class Worker:
                 ("internal", f"worker {self.name}: {type(exc).__name__}: {exc}")
             t = self.targets.get(target)
             res = DeviceResult.failure(target, getattr(t, "kind", "?"), getattr(t, "mode", "?"), code, message,
-                                       host=f"{t.host}:{t.port}" if t else None)
+                                       host=t.address if t else None)
             res.artifact, res.timings = artifact_info, {"total": time.monotonic() - t0}
             self.store.add_device_result(run_id, res)
             ev(target, "done", f"{code}: {message}")

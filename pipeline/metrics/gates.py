@@ -20,6 +20,15 @@ TASK_GATES: dict[str, tuple[str, tuple[str, ...]]] = {   # gate -> (metric, task
     "min_auc": ("auc", ("binary",)),
 }
 CLASS_GATES = {"min_top1": "accuracy", "max_top1_drop": "accuracy", "min_agreement": "top1_agreement"}
+# The gates that read the labels, by task, and the label arrays that task reads (what to add to the eval data)
+LABEL_GATES: dict[str, tuple[tuple[str, ...], str]] = {
+    "classification": (("min_top1", "max_top1_drop"), "y (class ids [N] or one-hot [N, K])"),
+    "binary": (("min_top1", "max_top1_drop", "min_auc"), "y (0/1 [N])"),
+    "regression": (("max_mae", "max_rmse"), "y (floats shaped like the output)"),
+    "keypoints": (("max_mae", "max_rmse"), "y (floats shaped like the output)"),
+    "detection": (("min_map50", "min_map", "max_map_drop"), "y_boxes [N, M, 4] and y_classes [N, M]"),
+    "segmentation": (("min_miou",), "y (int masks [N, H, W])"),
+}
 # gate -> (block of the agent's result, key, what it is): memory in MB of 2^20 bytes, start-up in ms
 RESOURCE_GATES: dict[str, tuple[str, str, str]] = {
     "max_model_peak_mb": ("memory", "model_peak_mb", "resident peak through the timed runs above the mark before load"),

@@ -10,22 +10,31 @@ from pathlib import Path
 
 from pipeline.files import write_atomic
 from pipeline.release.gate import Check, Verdict, fmt
+from pipeline.results import RunResult
 
 _MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|~"})
 
 
+def is_error(c: Check) -> bool:
+    """A device that could not be measured (unreachable, no_runtime, a failed conversion...): the infrastructure
+    failed, not a gate. JUnit calls that an <error>; a gate that measured and failed is a <failure>."""
+    return c.gate == "measured" and not c.passed and not c.skipped
+
+
 def junit_xml(verdict: Verdict) -> str:
-    """JUnit XML text: a testsuite per device (and one for the fleet), a testcase per check."""
+    """JUnit XML text: a testsuite per device (and one for the fleet), a testcase per check; an unmeasured device
+    is an <error> (its error code as the type), a failed gate a <failure>."""
     root = ET.Element("testsuites", name=f"edgepipe gate {verdict.run_id}")
     suites: dict[str, list[Check]] = {}
     for c in verdict.checks:
         suites.setdefault(c.subject if c.family != "fleet" else "fleet", []).append(c)
-    total = failures = skipped = 0
+    total = failures = errors = skipped = 0
     for subject, checks in suites.items():
-        fails = sum(1 for c in checks if not c.passed and not c.skipped)
+        errs = sum(1 for c in checks if is_error(c))
+        fails = sum(1 for c in checks if not c.passed and not c.skipped) - errs
         skips = sum(1 for c in checks if c.skipped)
         suite = ET.SubElement(root, "testsuite", name=f"edgepipe.{subject}", tests=str(len(checks)),
-                              failures=str(fails), errors="0", skipped=str(skips))
+                              failures=str(fails), errors=str(errs), skipped=str(skips))
         fallback = _fallback_line(verdict, subject)
         figures = dict(verdict.metrics.get(subject) or {})
         figures.update(verdict.resources.get(subject) or {})
@@ -40,6 +49,10 @@ def junit_xml(verdict: Verdict) -> str:
                 ET.SubElement(props, "property", name="edgepipe.fallback", value=fallback)
             if c.skipped:
                 ET.SubElement(case, "skipped", message=c.note)
+            elif is_error(c):
+                error = ET.SubElement(case, "error", message=f"{subject}: not measured: {c.measured}: {c.note}",
+                                      type=str(c.measured))
+                error.text = f"error code: {c.measured}\nmessage: {c.note}\n"
             elif not c.passed:
                 fail = ET.SubElement(case, "failure", message=c.message(), type=c.gate)
                 fail.text = (f"gate: {c.gate}\n" + (f"output: {c.output}\n" if c.output else "")
@@ -51,10 +64,11 @@ def junit_xml(verdict: Verdict) -> str:
                     x for x in (fallback, c.message() if c.passed else "") if x)
         total += len(checks)
         failures += fails
+        errors += errs
         skipped += skips
     root.set("tests", str(total))
     root.set("failures", str(failures))
-    root.set("errors", "0")
+    root.set("errors", str(errors))
     root.set("skipped", str(skipped))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
@@ -131,7 +145,14 @@ def md_escape(text: object) -> str:
     return " ".join(str(text).split()).translate(_MD_SPECIAL)
 
 
-def summary_markdown(verdict: Verdict) -> str:
+def _ms(value: object) -> str:
+    return "-" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3f}"
+
+
+def summary_markdown(verdict: Verdict, run: RunResult | None = None) -> str:
+    """The summary for a pull request: verdict, fallbacks and notes, one row per device (with its p50/p90 latency
+    when the run is given), task figures, failed and skipped checks."""
+    latency = {d.name: d.measured.latency for d in (run.devices if run is not None else [])}
     icon = {True: ":white_check_mark:", False: ":x:"}
     lines = [f"## edgepipe release gate: {'passed' if verdict.passed else 'failed'} {icon[verdict.passed]}", "",
              f"Run `{verdict.run_id}`" + (f", baseline `{verdict.baseline_run_id}`" if verdict.baseline_run_id else
@@ -146,13 +167,15 @@ def summary_markdown(verdict: Verdict) -> str:
                          f"the baseline model {md_escape(verdict.cross_model.get('baseline_model'))}")
         lines.append("")
     if verdict.devices:
-        lines += ["| device | status | accelerator | failed checks |", "|---|---|---|---|"]
+        lines += ["| device | status | p50 ms | p90 ms | accelerator | failed checks |", "|---|---|--:|--:|---|---|"]
         for name, state in verdict.devices.items():
             bad = [c.label for c in verdict.checks_for(name) if not c.passed and not c.skipped]
             mark = ":white_check_mark:" if state == "passed" else ":x:"
             fb = verdict.fallbacks.get(name)
             acc = f"FALLBACK: {fb.get('used')} instead of {fb.get('requested')}" if fb else "-"
-            lines.append(f"| {md_escape(name)} | {mark} {state} | {md_escape(acc)} | {md_escape(', '.join(bad)) or '-'} |")
+            lat = latency.get(name)
+            lines.append(f"| {md_escape(name)} | {mark} {state} | {_ms(lat and lat.p50)} | {_ms(lat and lat.p90)} | "
+                         f"{md_escape(acc)} | {md_escape(', '.join(bad)) or '-'} |")
         lines.append("")
     lines += task_metrics_markdown(verdict)
     lines += resources_markdown(verdict)
@@ -172,10 +195,10 @@ def summary_markdown(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
-def write_summary(verdict: Verdict, path: str | Path) -> Path:
+def write_summary(verdict: Verdict, path: str | Path, run: RunResult | None = None) -> Path:
     """Write the Markdown summary; appends when `path` is $GITHUB_STEP_SUMMARY (that file is shared by steps)."""
     path = Path(path)
-    text = summary_markdown(verdict)
+    text = summary_markdown(verdict, run)
     if os.environ.get("GITHUB_STEP_SUMMARY") and Path(os.environ["GITHUB_STEP_SUMMARY"]) == path:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(text + "\n")

@@ -531,7 +531,8 @@ def _notes(devices: Iterable[DeviceResult], run: RunResult) -> list[str]:
     return notes
 
 
-def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) -> list[Check]:
+def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str],
+                  selected_kinds: set[str] | None = None) -> list[Check]:
     gates = inventory.gates
     n = len(device_state)
     bad = sum(1 for s in device_state.values() if s != "passed")
@@ -558,6 +559,11 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
                                      + (f": {', '.join(fell)}" if fell else "")))
     measured_kinds = {d.kind for d in run.devices if d.ok}
     for kind in gates.require_all_kinds or []:
+        if selected_kinds is not None and kind not in selected_kinds:   # `--select` left this kind out
+            checks.append(Check(None, "require_all_kinds", None, f">= 1 measured {kind} device",
+                                "gates.require_all_kinds", True, family="fleet", skipped=True,
+                                note=f"kind {kind}: no {kind} target selected"))
+            continue
         count = sum(1 for d in run.devices if d.ok and d.kind == kind)
         checks.append(Check(None, "require_all_kinds", count, f">= 1 measured {kind} device",
                             "gates.require_all_kinds", kind in measured_kinds, family="fleet",
@@ -568,7 +574,8 @@ def _fleet_checks(run: RunResult, inventory: Any, device_state: dict[str, str]) 
 def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
              select: Iterable[str] | None = None, history: LatencyHistory | None = None,
              unthrottled: UnthrottledBaseline | None = None) -> Verdict:
-    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run).
+    """Apply every gate to `run`. `select` limits the gate to some device names (default: all in the run), and
+    `require_all_kinds` to the kinds of the selected targets.
 
     Without an inventory (None) only the defaults apply: every device must be measured, an accelerator target
     must have used it unless its agent was allowed to fall back, top-1 regression vs baseline.
@@ -589,7 +596,9 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
             mine.append(acc)
         checks.extend(mine)
         state[d.name] = "unmeasured" if not d.ok else ("failed" if any(not c.passed for c in mine) else "passed")
-    checks.extend(_fleet_checks(gated, inventory, state))
+    selected_kinds = None if wanted is None else (
+        {t.kind for t in inventory.targets if t.name in wanted} | {d.kind for d in devices})
+    checks.extend(_fleet_checks(gated, inventory, state, selected_kinds))
     if baseline is not None:
         regression = regression_checks(gated, baseline, inventory, history, unthrottled)
         checks.extend(regression)
@@ -610,8 +619,10 @@ def evaluate(run: RunResult, inventory: Any, baseline: RunResult | None = None,
 
 
 def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | None = "last",
-                    select: Iterable[str] | None = None, save: bool = True) -> tuple[RunResult, RunResult | None, Verdict]:
-    """Load a stored run, resolve its baseline, evaluate, and (by default) save the verdict. For `run` and `gate`."""
+                    select: Iterable[str] | None = None, save: bool = True,
+                    origin: str = "run") -> tuple[RunResult, RunResult | None, Verdict]:
+    """Load a stored run, resolve its baseline, evaluate, and (with `save`) store the verdict beside the run's
+    others with its `origin`: 'run' (the run's own, by `run`) or 'gate' (`gate --record`)."""
     from pipeline.release.store import runtime_label
 
     run = store.load_run(run_id)
@@ -626,5 +637,5 @@ def gate_stored_run(store: Any, run_id: str, inventory: Any, baseline: str | Non
     verdict = evaluate(run, inventory, base, select=select, history=history,
                        unthrottled=unthrottled if base is not None else None)
     if save:
-        store.save_verdict(run.run_id, verdict)
+        store.save_verdict(run.run_id, verdict, origin=origin, targets=getattr(inventory, "path", None))
     return run, base, verdict

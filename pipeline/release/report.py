@@ -22,11 +22,13 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}
 h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d8dee4;padding-bottom:4px}
 .banner{padding:16px 20px;border-radius:8px;color:#fff;margin-bottom:14px}
-.banner.pass{background:#1a7f37}.banner.fail{background:#cf222e}.banner.none{background:#6e7781}
+.banner.pass{background:#1a7f37}.banner.warn{background:#9a6700}.banner.fail{background:#cf222e}
+.banner.none{background:#6e7781}
 .banner .big{font-size:24px;font-weight:700}.meta{font-size:13px;opacity:.92}
 .banner ul{margin:8px 0 0;padding-left:20px;font-size:14px}.fallback{background:#fff3cd;color:#5c3c00}
-table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
+table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0;width:100%}
 th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:left;vertical-align:top}
+th,td.name,td.num{white-space:nowrap}
 th{background:#f0f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#1a7f37}.bad{color:#cf222e;font-weight:600}.skip{color:#6e7781}
 .badge{display:inline-block;border-radius:4px;padding:0 5px;margin:1px;font-size:11px;border:1px solid}
@@ -47,6 +49,16 @@ def _num(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.0f}"
     return e(value)
+
+
+def _cell(value: Any) -> str:
+    """A measured value or threshold as the tables show it: "–" for none (never Python's `None`)."""
+    return "–" if value is None else e(fmt(value))
+
+
+def run_label(run_id: str, this: bool = False) -> str:
+    """How the trend names a run: its whole id (every run the same way), the run reported marked."""
+    return f"{run_id} (this run)" if this else run_id
 
 
 def _mpl_label(text: Any) -> str:
@@ -145,9 +157,12 @@ def trend_plot(history: Any, run: RunResult) -> str | None:
             ax1.plot(*zip(*lat), marker="o", label=_mpl_label(t))
         if acc:
             ax2.plot(*zip(*acc), marker="o", label=_mpl_label(t))
-    ticks = [_mpl_label(r if r != run.run_id else f"{r} (this)")[-18:] for r in run_ids]
+    # every run is named by its whole id; with many runs only every k-th is named (always this run), none cut
+    step = max(1, -(-len(run_ids) // 12))
+    named = [i for i, r in enumerate(run_ids) if i % step == 0 or r == run.run_id]
+    ticks = [_mpl_label(run_label(run_ids[i], run_ids[i] == run.run_id)) for i in named]
     for ax, title in ((ax1, "p50 latency (ms)"), (ax2, "top-1 (or agreement)")):
-        ax.set_xticks(range(len(run_ids)), ticks, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(named, ticks, rotation=30, ha="right", fontsize=7)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7, loc="best")
@@ -198,7 +213,7 @@ def device_table(run: RunResult, verdict: Verdict, ref_top1: float | None) -> st
         emu = ' <span class="skip" title="emulated: latency not meaningful">(emu)</span>' if d.emulated else ""
         err = f'<br><span class="bad">{e(d.error.code)}: {e(d.error.message)}</span>' if d.error else ""
         cells = [
-            _td(f"{e(d.name)}{err}"), _td(e(d.kind)), _td(e(d.mode)),
+            f'<td class="name">{e(d.name)}{err}</td>', _td(e(d.kind)), _td(e(d.mode)),
             _td(e(m.runtime_label or "") or "–"), _td(_delegate(d)),
             _td(_num(m.latency.p50) + emu + _throttled_mark(d), num=True), _td(_num(m.latency.p90), num=True),
             _td(_num(m.latency.p99), num=True), _td(_num(m.latency.n), num=True),
@@ -235,7 +250,7 @@ def task_tables(run: RunResult) -> str:
     for d in scored:
         m = d.metrics or {}
         ref = m.get("reference") or {}
-        cells = [_td(e(d.name)), _td(e(d.mode)), _td(e(m.get("task"))),
+        cells = [f'<td class="name">{e(d.name)}</td>', _td(e(d.mode)), _td(e(m.get("task"))),
                  _td("<br>".join(f"<code>{e(o)}</code>" for o in m.get("scored") or []) or "–")]
         for k in keys:
             text = _num(m.get(k), 4)
@@ -254,7 +269,7 @@ def task_tables(run: RunResult) -> str:
             if o.get("snr_db") is None and not why:
                 why = (d.metrics or {}).get("agreement") or "not measured"
             role = f" ({e(o['role'])})" if o.get("role") else ""
-            out.append(f"<tr><td>{e(d.name)}</td><td><code>{e(name)}</code>{role}</td>"
+            out.append(f"<tr><td class=\"name\">{e(d.name)}</td><td><code>{e(name)}</code>{role}</td>"
                        f"<td class=\"num\">{_num(o.get('snr_db'), 4)}</td><td class=\"num\">{_num(o.get('mae'), 3)}</td>"
                        f"<td class=\"num\">{_num(o.get('cosine'), 6)}</td>"
                        f"<td class=\"num\">{_num(o.get('top1_agreement'), 4)}</td><td>{e(why)}</td></tr>")
@@ -282,9 +297,10 @@ def checks_table(checks: Iterable[Check], table_id: str) -> str:
            "<th>threshold</th><th>source</th><th>note</th></tr></thead><tbody>"]
     for c in rows:
         cls, word = ("skip", "skipped") if c.skipped else (("ok", "pass") if c.passed else ("bad", "FAIL"))
-        out.append(f"<tr><td>{e(c.subject)}</td><td><code>{e(c.label)}</code></td><td class=\"{cls}\">{word}</td>"
-                   f"<td class=\"num\">{e(fmt(c.measured))}</td><td class=\"num\">{e(fmt(c.threshold))}</td>"
-                   f"<td><code>{e(c.source)}</code></td><td>{e(c.note)}</td></tr>")
+        out.append(f"<tr><td class=\"name\">{e(c.subject)}</td><td><code>{e(c.label)}</code></td>"
+                   f"<td class=\"{cls}\">{word}</td><td class=\"num\">{_cell(c.measured)}</td>"
+                   f"<td class=\"num\">{_cell(c.threshold)}</td><td><code>{e(c.source)}</code></td>"
+                   f"<td>{e(c.note)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -305,7 +321,8 @@ def edgetpu_table(run: RunResult) -> str:
         ops = tpu.get("ops") or []
         ops_html = "<br>".join(f"{e(o.get('op'))} ×{e(o.get('count'))}: {e(o.get('status'))}" for o in ops
                                if isinstance(o, dict)) or "–"
-        out.append(f"<tr><td>{e(d.name)}</td><td class=\"num\">{'–' if share is None else f'{100 * share:.1f}%'}</td>"
+        out.append(f"<tr><td class=\"name\">{e(d.name)}</td>"
+                   f"<td class=\"num\">{'–' if share is None else f'{100 * share:.1f}%'}</td>"
                    f"<td class=\"num\">{_num(tpu.get('mapped_ops'))} / {_num(tpu.get('cpu_ops'))}</td>"
                    f"<td>{e(source)}</td><td>{e(first_txt)}</td><td>{ops_html}</td></tr>")
     out.append("</tbody></table>")
@@ -407,7 +424,8 @@ def facts_table(run: RunResult) -> str:
         gov_html = e(gov) if gov in (None, "performance") else f'<span class="bad">{e(gov)}</span>'
         rss = mem.get("peak_rss_mb")
         out.append(
-            f"<tr><td>{e(d.name)}</td><td>{e(d.measured.runtime)} {e(d.measured.runtime_version)}</td><td>{gov_html if gov else '–'}</td>"
+            f"<tr><td class=\"name\">{e(d.name)}</td><td>{e(d.measured.runtime)} {e(d.measured.runtime_version)}</td>"
+            f"<td>{gov_html if gov else '–'}</td>"
             f"<td>{_num(t_before)} / {_num(t_after)}</td><td>{e(dev.get('cpu_model') or dev.get('cpu'))}</td>"
             f"<td class=\"num\">{_num(dev.get('cpu_cores') or dev.get('cpu_count'))}</td>"
             f"<td>{e(dev.get('machine'))} {e(dev.get('os_release') or dev.get('os'))}</td><td>{e(dev.get('python'))}</td>"
@@ -423,7 +441,9 @@ def _plot_block(title: str, svg: str | None, empty: str, plot_id: str) -> str:
 
 def render_html(run: RunResult, verdict: Verdict, history: Any = None) -> str:
     ref = float_top1(run)
-    cls = "none" if verdict.exit_code == 3 else ("pass" if verdict.passed else "fail")
+    # green passed, amber passed but with devices measured on the CPU instead of their accelerator, red failed
+    cls = "none" if verdict.exit_code == 3 else ("fail" if not verdict.passed else "warn" if verdict.fallbacks
+                                                 else "pass")
     when = _dt.datetime.fromtimestamp(run.started or 0, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     meta = [f"run <code>{e(run.run_id)}</code>", f"started {e(when)}"]
     if run.model_name:

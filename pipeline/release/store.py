@@ -45,9 +45,30 @@ class RunInfo:
     exit_code: int | None = None
     interrupted: str | None = None
     model_name: str | None = None
+    # issue 25: `passed`/`exit_code` are the run's own verdict (what `edgepipe run` stored), never a later what-if
+    planned: int | None = None          # targets the run set out to measure (None: recorded before it was kept)
+    verdict_origin: str | None = None   # 'run' when passed/exit_code come from the run's own verdict, else None
+    gate_verdicts: int = 0              # verdicts `edgepipe gate --record` stored beside it
+    gate_passed: bool | None = None     # the newest of those
+    gate_exit_code: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class StoredVerdict:
+    """One verdict as the history keeps it: who stored it ('run': the run's own; 'gate': `edgepipe gate --record`),
+    when, with which inventory, and the verdict's JSON."""
+
+    id: int
+    created: float
+    origin: str
+    targets: str | None
+    verdict: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"origin": self.origin, "created": self.created, "targets": self.targets, "verdict": self.verdict}
 
 
 @dataclass
@@ -178,14 +199,15 @@ class Store:
     # -- writing ------------------------------------------------------------------------------------------
     def begin_run(self, run_id: str, model_sha256: str | None, inventory_sha256: str | None, label: str | None = None,
                   *, started: float | None = None, float_top1: float | None = None,
-                  model_name: str | None = None) -> None:
-        """Record a run as started and incomplete; `finish_run` marks it complete."""
+                  model_name: str | None = None, planned: int | None = None) -> None:
+        """Record a run as started and incomplete (`planned`: how many targets it will measure); `finish_run` marks
+        it complete."""
         if self._row("SELECT id FROM runs WHERE id=?", (run_id,)):
             raise StoreError(f"run {run_id!r} already exists", file=str(self.path), hint="use a new run id")
         self._write("INSERT INTO runs(id, started, model_sha256, label, inventory_sha256, complete, float_top1, "
-                    "model_name) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                    "model_name, planned) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
                     (run_id, started if started is not None else time.time(), model_sha256, label, inventory_sha256,
-                     float_top1, model_name))
+                     float_top1, model_name, planned))
 
     def set_float_top1(self, run_id: str, value: float | None) -> None:
         self._write("UPDATE runs SET float_top1=? WHERE id=?", (value, run_id))
@@ -250,12 +272,17 @@ class Store:
         elif run.interrupted:
             self.mark_interrupted(run.run_id, run.interrupted, finished=run.finished or None)
 
-    def save_verdict(self, run_id: str, verdict: Any) -> None:
-        """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict())."""
-        self._write("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+    def save_verdict(self, run_id: str, verdict: Any, *, origin: str = "run", targets: str | None = None) -> None:
+        """Store a gate Verdict (anything with passed, exit_code, baseline_run_id and to_dict()) beside the run's
+        others, never replacing one: `origin` 'run' for the run's own verdict, 'gate' for `edgepipe gate --record`;
+        `targets` names the inventory it was gated with."""
+        if origin not in ("run", "gate"):
+            raise ValueError(f"verdict origin {origin!r}")
+        self._write("INSERT INTO gate_verdicts(run_id, created, passed, exit_code, baseline_run_id, verdict, origin, "
+                    "targets) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, time.time(), int(bool(verdict.passed)), int(verdict.exit_code),
-                     getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str)))
+                     getattr(verdict, "baseline_run_id", None), json.dumps(verdict.to_dict(), default=str), origin,
+                     None if targets is None else str(targets)))
 
     # -- reading ------------------------------------------------------------------------------------------
     def _row(self, sql: str, params: tuple = ()) -> Any:
@@ -318,10 +345,20 @@ class Store:
                     raise GateError(f"run {ref!r} is ambiguous: {', '.join(h['id'] for h in hits[:5])}",
                                     file=str(self.path), hint="give more of the run id")
                 row = hits[0] if hits else None
+        if row is None and ref == "last":
+            if model_name is not None:
+                raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
+                                hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
+            raise GateError("no runs in the results database yet", file=str(self.path),
+                            hint="`edgepipe run` records one")
         if row is None:
             raise GateError(f"no run {ref!r} (not a run id, tag or 'last') in the results database",
                             file=str(self.path), hint="list runs with `edgepipe history`")
         return row["id"]
+
+    def _model_names(self) -> list[str]:
+        return [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name IS NOT NULL "
+                                                    "ORDER BY model_name LIMIT 10")]
 
     def resolve_baseline(self, spec: str | None, exclude: str | None = None,
                          model_name: str | None = None) -> RunResult | None:
@@ -358,10 +395,8 @@ class Store:
         target's figures (or only `target`'s)."""
         where, params0 = (" WHERE r.model_name=?", (model_name,)) if model_name is not None else ("", ())
         if model_name is not None and self._row("SELECT 1 FROM runs WHERE model_name=? LIMIT 1", (model_name,)) is None:
-            names = [r["model_name"] for r in self._rows("SELECT DISTINCT model_name FROM runs WHERE model_name "
-                                                         "IS NOT NULL ORDER BY model_name LIMIT 10")]
             raise GateError(f"no runs of model {model_name!r} in the results database", file=str(self.path),
-                            hint=f"known model names: {', '.join(names) or 'none'}")
+                            hint=f"known model names: {', '.join(self._model_names()) or 'none'}")
         runs = [_runinfo(r) for r in self._rows(_RUNINFO_SQL + where + " GROUP BY r.id ORDER BY r.started DESC, "
                                                  "r.rowid DESC LIMIT ?", params0 + (int(limit),))]
         if target is not None:
@@ -419,14 +454,26 @@ class Store:
         return None
 
     def verdicts(self, run_id: str) -> list[dict[str, Any]]:
-        return [json.loads(r["verdict"]) for r in
-                self._rows("SELECT verdict FROM gate_verdicts WHERE run_id=? ORDER BY id", (run_id,))]
+        """Every verdict of a run (JSON), oldest first; `verdict_records` says who stored each."""
+        return [v.verdict for v in self.verdict_records(run_id)]
+
+    def verdict_records(self, run_id: str) -> list[StoredVerdict]:
+        """Every verdict of a run, oldest first: its own ('run') and those `edgepipe gate --record` added ('gate')."""
+        return [StoredVerdict(int(r["id"]), float(r["created"]), r["origin"] or "run", r["targets"],
+                              json.loads(r["verdict"]))
+                for r in self._rows("SELECT id, created, origin, targets, verdict FROM gate_verdicts WHERE run_id=? "
+                                    "ORDER BY id", (run_id,))]
 
 
+# A run's own verdict (what `edgepipe run` stored), and the newest of those `edgepipe gate --record` added beside it.
+_OWN = "FROM gate_verdicts v WHERE v.run_id = r.id AND v.origin = 'run' ORDER BY v.id LIMIT 1"
+_REGATED = "FROM gate_verdicts v WHERE v.run_id = r.id AND v.origin = 'gate'"
 _RUNINFO_SQL = (
     "SELECT r.*, COUNT(d.target) AS n_devices, COALESCE(SUM(d.ok), 0) AS n_ok, "
-    "(SELECT passed FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_passed, "
-    "(SELECT exit_code FROM gate_verdicts v WHERE v.run_id = r.id ORDER BY v.id DESC LIMIT 1) AS v_exit "
+    f"(SELECT passed {_OWN}) AS v_passed, (SELECT exit_code {_OWN}) AS v_exit, "
+    f"(SELECT COUNT(*) {_REGATED}) AS g_count, "
+    f"(SELECT passed {_REGATED} ORDER BY v.id DESC LIMIT 1) AS g_passed, "
+    f"(SELECT exit_code {_REGATED} ORDER BY v.id DESC LIMIT 1) AS g_exit "
     "FROM runs r LEFT JOIN device_results d ON d.run_id = r.id"
 )
 
@@ -436,8 +483,9 @@ def _runinfo(row: Any) -> RunInfo:
                    label=row["label"], inventory_sha256=row["inventory_sha256"], complete=bool(row["complete"]),
                    devices=int(row["n_devices"]), ok=int(row["n_ok"]),
                    passed=None if row["v_passed"] is None else bool(row["v_passed"]), exit_code=row["v_exit"],
-                   interrupted=row["interrupted"],
-                   model_name=row["model_name"])
+                   interrupted=row["interrupted"], model_name=row["model_name"], planned=row["planned"],
+                   verdict_origin=None if row["v_passed"] is None else "run", gate_verdicts=int(row["g_count"] or 0),
+                   gate_passed=None if row["g_passed"] is None else bool(row["g_passed"]), gate_exit_code=row["g_exit"])
 
 
 def _json_or_none(value: Any) -> str | None:

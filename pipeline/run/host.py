@@ -78,9 +78,10 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
             calibration: Any = None, signature: str | None = None, input_shapes: Any = None,
             reference: str | Path | ModelSource | None = None, preprocess: Preprocess | None = None,
             task: str | None = None, output: str | None = None, cache_dir: str | Path | None = None,
-            on_notice: Notice | None = None) -> RunInputs:
+            on_notice: Notice | None = None, gates: dict[str, dict[str, tuple[Any, str]]] | None = None) -> RunInputs:
     """Identify the model once, check the eval and calibration data against it, resolve the task and compute the
-    float reference (cached). Every problem is one ConfigError/ConversionError, before any device is touched."""
+    float reference (cached). Every problem is one ConfigError/ConversionError, before any device is touched;
+    `gates` (target name -> Inventory.gates_for) lets a gate that reads labels refuse data that has none."""
     notice = on_notice or (lambda msg: None)
     src = identify(model, signature=signature)
     ref_src = describe(identify(reference), cache_dir=cache_dir) if reference is not None else None
@@ -104,6 +105,7 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
         exc.file = exc.file or ds.source   # name the user's data file the labels came from
         raise
     scoring.check_class_labels(dict(ds.labels), task_spec, output_specs(src), ds.source)
+    _check_label_gates(task_spec, gates or {}, ds.source)
     prepared = RunInputs(src, ds, calib, ref_src, task=task_spec)
     for msg in list(src.notes) + (calib.warnings if calib else []):
         prepared.notices.append(msg)
@@ -115,6 +117,23 @@ def prepare(model: str | Path | ModelSource, data: str | Path | Dataset, *, targ
         notice(f"a {src.variant} .tflite is not a float model: agreement with float is not measured "
                "(pass --reference FLOAT_MODEL to measure it)")
     return prepared
+
+
+def _check_label_gates(task: Any, gates: dict[str, dict[str, tuple[Any, str]]], data: str) -> None:
+    """A gate that reads the labels (min_top1, min_map50, max_mae...) on data without them is bad input (exit 2),
+    not a run that measures every device and then fails with "measured None"."""
+    from pipeline.metrics.gates import LABEL_GATES
+
+    if task is None or task.labels or task.task not in LABEL_GATES:
+        return
+    needs, labels = LABEL_GATES[task.task]
+    for target, found in gates.items():
+        for gate, (value, source) in found.items():
+            if gate in needs and value is not None:
+                raise ConfigError(f"no labels for the {task.task} task, but gate {gate} ({source}, target "
+                                  f"{target}) reads them", file=data,
+                                  hint=f"add the labels to the eval data: {labels}; or remove {gate} from "
+                                       "targets.yaml")
 
 
 def compute_reference(prepared: RunInputs, cache_dir: Path | None, out_dir: Path) -> None:
