@@ -27,6 +27,7 @@ from pipeline.release.store import Store
 from pipeline.testing.faults import Faults
 from pipeline.testing.sshd import restart, stop, write_targets_yaml
 from tests.fixtures.fleet import FLEET_PYTHONS, wait_until
+from tests.json_shapes import check
 
 ROOT = Path(__file__).resolve().parent.parent
 LITERT, TFLITE = FLEET_PYTHONS
@@ -182,6 +183,7 @@ def states(doc: dict) -> dict[str, str]:
 def test_canary_then_the_fleet_healthy_and_a_rerun_skips_them(lab):
     dep = lab.deploy(lab.run_a, "canary")
     doc = dep.to_dict()
+    check("deploy", doc)   # docs/json.md
     assert set(doc) == JSON_KEYS and dep.exit_code == 0 and not doc["aborted"]
     assert [[d["name"] for d in s["devices"]] for s in doc["stages"]] == [["d0"], ["d1", "d2", "d3"]]
     for d in (d for s in doc["stages"] for d in s["devices"]):
@@ -213,6 +215,7 @@ def test_boards_failing_health_roll_back_by_themselves_and_the_stage_aborts(lab,
         dep = lab.deploy(lab.run_b, "abort", stages="1,100%", max_fail_percent=50, report_dir=tmp_path,
                          junit=tmp_path / "junit.xml", summary=tmp_path / "summary.md")
         doc = dep.to_dict()
+        check("deploy", doc)
         assert dep.exit_code == 1 and doc["aborted"]
         assert states(doc) == {"d0": "healthy", "d1": "rolled_back", "d2": "rolled_back", "d3": "rolled_back"}
         errors = {d["name"]: (d["error"] or {}).get("code") for s in doc["stages"] for d in s["devices"]}
@@ -295,6 +298,7 @@ def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
         res = lab.invoke("rollback", "--targets", str(lab.targets), "--model-name", "rb", "--json")
         assert res.exit_code == 0, res.output[-2000:]
         doc = json.loads(res.stdout)
+        check("rollback", doc)
         assert set(doc) == JSON_KEYS and states(doc) == {n: "rolled_back" for n in lab.devices}
         assert all(lab.on_board(n, "rb")[1] == lab.sha_a[n] for n in lab.devices)
         back = api.rollback(lab.targets, to=lab.run_b, model_name="rb")   # and forth again, by run
@@ -307,6 +311,7 @@ def test_rollback_fleet_status_and_drift_with_a_reader_on_a_board(lab):
 
     res = lab.invoke("fleet", "status", "--targets", str(lab.targets), "--model-name", "rb", "--json")
     assert res.exit_code == 0, res.output[-2000:]
+    check("fleet status", json.loads(res.stdout))
     rows = json.loads(res.stdout)["devices"]
     assert [set(r) for r in rows] == [STATUS_KEYS] * 4
     assert {r["name"]: (r["release"], r["sha256"], r["drift"]) for r in rows} == \
@@ -334,6 +339,9 @@ def test_an_unpassed_run_is_refused_and_force_ships_it_with_the_reason(lab, tmp_
             "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache)]
     res = lab.invoke(*base)
     assert res.exit_code == 2 and "did not pass its gate" in res.stderr and "--force" in res.stderr
+    refused = json.loads(lab.invoke(*base, "--json").stdout)   # --json: one error object, as every command
+    check("error", refused)
+    assert refused["error"]["exit_code"] == 2 and "--force" in refused["error"]["hint"]
     assert lab.on_board("d1", "forced") == (None, None)
     res = lab.invoke(*base, "--force", "hotfix approved by QA", "--json")
     assert res.exit_code == 0, res.output[-2000:]
@@ -382,25 +390,31 @@ def test_boards_down_full_or_cut_keep_their_current_and_the_others_carry_on(lab,
 
 def test_dry_run_plans_a_new_board_of_a_measured_class_and_refuses_an_unmeasured_one(lab):
     d2, d0 = lab.devices["d2"], lab.devices["d0"]
-    extra = [{"name": "spare", "host": d2.host, "port": d2.port, "user": d2.user, "identity_file": str(d2.identity_file),
-              "python": TFLITE, "workdir": str(d2.root / "spare"), "kind": "cpu", "mode": "float32"},
-             {"name": "bare", "host": d0.host, "port": d0.port, "user": d0.user, "identity_file": str(d0.identity_file),
-              "python": NUMPY_ONLY, "workdir": str(d0.root / "bare"), "kind": "cpu", "mode": "float32"}]
+
+    def board(name: str, d, python: str, mode: str) -> dict:   # another target on a fleet board, not in the run
+        return {"name": name, "host": d.host, "port": d.port, "user": d.user, "identity_file": str(d.identity_file),
+                "python": python, "workdir": str(d.root / name), "kind": "cpu", "mode": mode}
+
+    extra = [board("spare", d2, TFLITE, "float32"),     # tflite-runtime, float32: d2's class, measured in run A
+             board("other", d0, LITERT, "float16"),     # LiteRT, float16: a class run A never measured
+             board("bare", d0, NUMPY_ONLY, "float32")]  # no runtime at all: its probe fails
     targets = lab.write("new.yaml", {"mode": "float32"}, extra=extra)
-    res = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "spare", "--select", "bare",
-                     "--select", "d1", "--stages", "1,100%", "--dry-run", "--json", "--out", str(lab.tmp / "out"),
-                     "--cache-dir", str(lab.cache))
+    res = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "spare", "--select", "other",
+                     "--select", "bare", "--select", "d1", "--stages", "1,100%", "--dry-run", "--json", "--out",
+                     str(lab.tmp / "out"), "--cache-dir", str(lab.cache))
     assert res.exit_code == 0, res.output[-2000:]
     doc = json.loads(res.stdout)
+    check("deploy", doc, absent=("stages[].devices[].health", "stages[].devices[].health.checks[]"))
     assert doc["deployment"] is None and doc["release"] == lab.run_a
     rows = {d["name"]: d for s in doc["stages"] for d in s["devices"]}
     assert rows["spare"]["to"] == lab.sha_a["d2"] and rows["spare"]["state"] == "pending"   # measured on d2's class
-    assert rows["bare"]["error"]["code"] == "not_validated" and "cpu/unknown runtime/cpu/float32" in \
-        rows["bare"]["error"]["message"]
+    assert rows["other"]["error"]["code"] == "not_validated" and "cpu/ai-edge-litert/cpu/float16" in \
+        rows["other"]["error"]["message"]
+    assert rows["bare"]["state"] == "failed" and rows["bare"]["error"]["code"] == "no_runtime"
     assert not (d2.root / "spare" / "deploy").exists()   # a dry run changes nothing
-    text = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "bare", "--select", "d1",
+    text = lab.invoke("deploy", lab.run_a, "--targets", str(targets), "--select", "other", "--select", "d1",
                       "--dry-run", "--out", str(lab.tmp / "out"), "--cache-dir", str(lab.cache))
-    assert "stage 1: d1 <- " in text.stdout and "refused bare: not_validated" in text.stdout
+    assert "stage 1: d1 <- " in text.stdout and "refused other: not_validated" in text.stdout
 
 
 def test_ctrl_c_lets_a_switched_board_finish_then_exits_130_and_starts_no_new_stage(lab):
