@@ -1,2 +1,0 @@
--- Placeholder for the migration number 0010, assigned to issue 22, which merged without one (numbers must be
--- contiguous): no statement; it changes nothing in a database. The lead renumbers at merge.
