@@ -31,6 +31,8 @@ SUITE = [
     ("optimize.py", "edgepipe optimize: int8 recovery on MobileNetV2 with an outlier, format claims vs measured, "
                     "optimize vs run wall time"),
     ("arm64_start.py", "Emulated Raspberry Pi 4 (qemu user-mode): cached start time against an x86 sshd device"),
+    ("deploy.py", "edgepipe deploy to 32 loopback boards (upload, switch, health check) vs a parallel scp + ssh mv -T "
+                  "loop, wall time ratio and host CPU per device-deploy"),
     ("scale.py", "Orchestration at scale: host CPU per device-run and wall time, 1-128 sleeping devices, one "
                  "orchestrator vs two site workers (docs/scaling.md)"),
 ]

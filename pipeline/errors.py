@@ -106,6 +106,13 @@ class GateError(EdgepipeError):
     code = "gate"
 
 
+class DeployError(EdgepipeError):
+    """A release step on a board failed (the board keeps or goes back to a valid `current`); one device's row."""
+
+    exit_code = 1
+    code = "deploy_failed"
+
+
 class Interrupted(EdgepipeError):
     """Work stopped on request (Ctrl-C, SIGTERM): running agents were killed, finished results kept.
 

@@ -195,6 +195,9 @@ class GatesSpec(GateThresholds):
         return ConditionsPolicy(**values, sources=tuple(sorted(sources.items())))
 
 
+Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]   # a command as argv, never a shell string
+
+
 class _TargetFields(_Strict):
     """Fields shared by `defaults:` and each target (all optional here; resolved later)."""
 
@@ -229,6 +232,11 @@ class _TargetFields(_Strict):
     min_duration_s: Optional[float] = Field(None, ge=0)  # timed runs last at least this long (and `runs` runs)
     emulated: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)  # which site's workers reach it (edgepipe worker --site)
+    # edgepipe deploy (issue 20): where releases live on the board, how many are kept, the product's own commands
+    deploy_dir: Optional[str] = Field(None, min_length=1)
+    keep_releases: Optional[int] = Field(None, ge=1, le=100)
+    activate: Optional[Argv] = None
+    health: Optional[Argv] = None
 
 
 class DefaultsSpec(_TargetFields):
@@ -254,6 +262,28 @@ class GroupSpec(_Strict):
     allow_fallback: Optional[bool] = None
     site: Optional[str] = Field(None, pattern=SITE_NAME)
     min_duration_s: Optional[float] = Field(None, ge=0)
+    deploy_dir: Optional[str] = Field(None, min_length=1)
+    keep_releases: Optional[int] = Field(None, ge=1, le=100)
+    activate: Optional[Argv] = None
+    health: Optional[Argv] = None
+
+
+DEPLOY_GROUP_FIELDS = ("deploy_dir", "keep_releases", "activate", "health")
+
+
+class DeployHealth(_Strict):
+    """`deploy.health`: how close the installed model must stay to what was gated for its device class."""
+
+    min_agreement: float = Field(0.98, ge=0, le=1)       # class outputs: share of smoke rows with the same top-1
+    min_snr_db: SnrGate = 25.0                           # float outputs: dB against the gated outputs
+    max_latency_regression: Optional[float] = Field(None, ge=0)  # fraction (0.5: p50 up to 50 % over the gated
+    #                                                               p50); no default: without it p50 is shown, not gated
+    min_latency_regression_ms: float = Field(1.0, ge=0)  # and slower by at least this much (noise floor)
+    runs: Optional[int] = Field(None, ge=1)              # timed invokes of the health check (default: the target's)
+
+
+class DeploySpec(_Strict):
+    health: DeployHealth = Field(default_factory=DeployHealth)
 
 
 class ArtifactStoreSpec(_Strict):
@@ -273,13 +303,14 @@ class InventorySpec(_Strict):
     # seconds transient results-database errors are retried before a run gives up with exit 4 (default 60)
     db_retry_s: Optional[float] = Field(None, ge=0, le=86400)
     artifact_store: ArtifactStoreSpec = Field(default_factory=ArtifactStoreSpec)
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
 
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "port": 22, "user": "pi", "use_agent": False, "python": "python3", "runtime": "auto", "threads": None,
     "allow_fallback": False, "transport": "ssh", "workdir": "~/.edgepipe", "connect_timeout": 10.0,
     "timeout": 600.0, "retries": 2, "runs": 50, "warmup": 5, "io_type": "int8", "emulated": False,
-    "known_hosts": "~/.ssh/known_hosts", "max_parallel": 8,
+    "known_hosts": "~/.ssh/known_hosts", "max_parallel": 8, "keep_releases": 3,
 }
 
 
@@ -326,6 +357,16 @@ class Target:
     min_duration_s: float | None = None   # the agent's --min-duration-s
     conditions: ConditionsPolicy = field(default_factory=ConditionsPolicy)   # gates.conditions, resolved
     int16_layers: tuple[str, ...] = ()   # int8 with these ops at 16-bit activations (16x8 mixed precision)
+    deploy_dir: str | None = None      # None: <workdir>/deploy/<model name>; `{model_name}` is replaced
+    keep_releases: int = 3
+    activate: tuple[str, ...] = ()     # argv run after the switch (and after a rollback)
+    health: tuple[str, ...] = ()       # argv of the product's own probe: must exit 0 within `timeout`
+
+    def release_dir(self, model_name: str) -> str:
+        """Where this target keeps the releases of `model_name` (`deploy_dir`, default <workdir>/deploy/<name>)."""
+        if self.deploy_dir:
+            return self.deploy_dir.replace("{model_name}", model_name)
+        return f"{self.workdir.rstrip('/')}/deploy/{model_name}"
 
     @property
     def accelerator(self) -> str:
@@ -362,6 +403,10 @@ class Inventory:
     db_password_env: str | None = None
     artifact_store: ArtifactStoreSpec = field(default_factory=ArtifactStoreSpec)
     db_retry_s: float | None = None   # None: the database layer's default (60 s)
+
+    @property
+    def deploy(self) -> DeploySpec:
+        return self.spec.deploy
 
     @property
     def defaults(self) -> DefaultsSpec:
@@ -426,6 +471,8 @@ def _model_for_loc(loc: tuple[Any, ...]) -> type[BaseModel]:
         return GroupSpec
     if head == "artifact_store":
         return ArtifactStoreSpec
+    if head == "deploy":
+        return DeployHealth if len(loc) >= 2 and loc[1] == "health" else DeploySpec
     if head == "gates":
         if len(loc) >= 3 and loc[1] in ("kinds", "groups"):
             return GateThresholds
@@ -549,6 +596,9 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
                 merged["threads"] = gs.threads
             if gs.allow_fallback is not None and spec.allow_fallback is None:
                 merged["allow_fallback"] = gs.allow_fallback
+            for key in DEPLOY_GROUP_FIELDS:
+                if getattr(gs, key) is not None and getattr(spec, key) is None:
+                    merged[key] = getattr(gs, key)
             if gs.min_duration_s is not None and spec.min_duration_s is None:
                 merged["min_duration_s"] = gs.min_duration_s
     mode = spec.mode or next(iter(group_modes.values()), None) or d.mode or KIND_DEFAULT_MODE[merged["kind"]]
@@ -577,6 +627,8 @@ def _resolve_target(i: int, spec: TargetSpec, inv: InventorySpec, file: Path) ->
         runs=int(merged["runs"]), warmup=int(merged["warmup"]), max_seconds=merged.get("max_seconds"),
         emulated=bool(merged["emulated"]), io_type=merged["io_type"], index=i, description=spec.description,
         gates=spec.gates, require_accelerator=bool(require), site=merged.get("site"), keep_float=keep_float,
+        deploy_dir=merged.get("deploy_dir"), keep_releases=int(merged["keep_releases"]),
+        activate=tuple(merged.get("activate") or ()), health=tuple(merged.get("health") or ()),
         min_duration_s=_min_duration(merged, file, fpath),
         conditions=inv.gates.conditions_for(merged["kind"], spec.groups, spec.gates, spec.name),
         int16_layers=int16_layers,

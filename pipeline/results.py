@@ -187,6 +187,7 @@ class DeviceResult:
     # additive (issue 11): host-computed task metrics {"task", "<metric>": value, "outputs": {name: {...}}}
     metrics: dict[str, Any] | None = None
     outputs_path: str | None = None  # local copy of the agent's --outputs-out .npz (every output, by tensor name)
+    eval_path: str | None = None     # additive (issue 20): the eval inputs it ran (.npz by the artifact's input names)
     # additive (issue 12): measured on the CPU although the target asked for an accelerator, and why
     fallback: bool = False
     fallback_reason: str | None = None

@@ -52,6 +52,7 @@ def expected(doc: dict) -> dict[str, list[str]]:
     agent = {r["venv"]: r for r in b["agent_overhead"]["figures"]["results"]}
     fan, push, cpu = b["fanout"]["figures"], b["push"]["figures"], b["host_cpu"]["figures"]
     reg, opt = b["regression"]["figures"], b["optimize"]["figures"]
+    dep = b["deploy"]["figures"]
     size = {m: conv["modes"][m]["size_ratio"] for m in conv["modes"]}
     lit = {k.split(".", 1)[1]: v["ratio_to_float32"] for k, v in lat["figures"].items() if k.startswith("ai-edge")}
     tfr = {k.rsplit(".", 1)[1]: v["ratio_to_float32"] for k, v in lat["figures"].items() if k.startswith("tflite")}
@@ -117,6 +118,15 @@ def expected(doc: dict) -> dict[str, list[str]]:
         "| fan-out, 8 loopback devices vs 1": [
             f"fan-out, {max(fan['fanout']['ratio_to_1'], key=int)} loopback devices vs 1",
             f"{fan['fanout']['ratio_to_1']['8']:.2f}×", f"(target {fan_target}×"],
+        "| `edgepipe deploy` to": [
+            f"to {dep['devices']} loopback boards", f"**{dep['deploy_over_plain']:.2f}×**",
+            f"(target ≤ {float(dep['targets'][0]['target'].lstrip('<= ')):g}×)",
+            f"host CPU per device-deploy {dep['host_cpu_ms_per_device_deploy']['edgepipe']:.0f} ms vs "
+            f"{dep['host_cpu_ms_per_device_deploy']['plain']:.0f} ms"],
+        "The deploy ratio": [
+            f"from {min(dep['per_round_ratio']):.2f}× to {max(dep['per_round_ratio']):.2f}×",
+            f"{dep['edgepipe_phases_median_s']['health_check_s']:.2f} s",
+            f"{dep['edgepipe_phases_median_s']['upload_stage_switch_s']:.2f} s"],
         "What the latency table says": [f"the older {tfr_name} has slow int8"],
         "the machine was": [f"{100 * fan['fanout']['machine_cpu_busy']['8']:.0f} % busy",
                             f"alone cost {fan['fanout_replayed_agent']['ratio_to_1']['8']:.2f}×"],

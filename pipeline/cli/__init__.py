@@ -8,7 +8,8 @@ from pipeline.cli import helptext  # noqa: F401  (click-style metavars in --help
 from pipeline.cli.app import app, exit_now_if_interrupted
 
 # Each module registers its commands on `app` / `fleet_app` when imported.
-_COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd", "worker_cmd", "optimize_cmd")
+_COMMAND_MODULES = ("inventory_cmd", "convert_cmd", "fleet_cmd", "run_cmd", "results_cmd", "worker_cmd", "optimize_cmd",
+                    "deploy_cmd")
 
 
 def _load_commands() -> None:

@@ -40,7 +40,7 @@ class DeviceBoard:
         for name, (stage, detail) in rows:
             style = STAGE_STYLE.get(stage, "")
             if stage == "done":
-                style = "green" if detail == "ok" else "red"
+                style = "green" if detail in ("ok", "healthy") else "red"
             t.add_row(name, f"[{style}]{stage}[/]" if style else stage, detail)
         return t
 

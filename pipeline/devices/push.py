@@ -114,7 +114,8 @@ class Pusher:
         self.owner: int | None = None
 
     def helper(self, op: str, arg: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """Run one step of device_agents/helper.py on the device; its JSON answer."""
+        """Run one step of device_agents/helper.py on the device (a push step, the board's lock, the release steps of
+        a deploy); its JSON answer."""
         timeout = self.timeout if timeout is None else timeout
         res = self.t.run([self.python, "-c", DEVICE_HELPER, op, json.dumps(arg)], timeout=timeout)
         if res.timed_out:

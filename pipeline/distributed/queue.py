@@ -1,8 +1,8 @@
 """The job queue of distributed runs: procrastinate on the same PostgreSQL database as the results history.
 
 The only module that imports procrastinate (an import-linter contract), and it uses only procrastinate's public
-API: `App`, `JobManager` and `SchemaManager`, never its SQL. One queue per site (`edgepipe-site-NAME`) and two
-tasks, each for one device of one run: `edgepipe.probe` and `edgepipe.measure`. Workers pull from their site's
+API: `App`, `JobManager` and `SchemaManager`, never its SQL. One queue per site (`edgepipe-site-NAME`) and three
+tasks, each for one device: `edgepipe.probe` and `edgepipe.measure` of a run, `edgepipe.deploy` of a deployment. Workers pull from their site's
 queue and heartbeat (procrastinate's `procrastinate_workers`); the coordinator defers, reads which of its jobs
 are still waiting or running, and when a worker stops heartbeating hands its jobs back to the queue for another
 worker of the site (procrastinate's stalled-job lookup and retry), or fails them as worker_lost.
@@ -20,6 +20,7 @@ from pipeline.release.database import connect_kwargs
 
 PROBE_TASK = "edgepipe.probe"
 MEASURE_TASK = "edgepipe.measure"
+DEPLOY_TASK = "edgepipe.deploy"   # one board's action in a deployment (deploy --distributed)
 HEARTBEAT_S = 10.0       # how often a worker says it is alive (procrastinate's update_heartbeat_interval)
 WORKER_TIMEOUT_S = 30.0  # silence after which its running jobs count as stalled (procrastinate's default)
 QUEUE_TIMEOUT_S = 600.0  # how long a job waits for a worker of its site before its device is no_worker

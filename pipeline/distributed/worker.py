@@ -1,5 +1,6 @@
 """`edgepipe worker --site NAME`: takes probe and measure jobs for its site's devices from the queue and runs them
-with the same fan-out code as a local run (device leases included). Results go straight into the shared history,
+with the same fan-out code as a local run (device leases included), and a deployment's board jobs with the same
+rollout steps as a local deploy. Results go straight into the shared history,
 one device at a time, so a worker that dies loses at most the devices it was measuring.
 
 The worker reads its own targets.yaml: connection details (keys, known_hosts, jump hosts) are local to each site.
@@ -19,7 +20,8 @@ from typing import Any, Callable
 from pipeline.devices.fleet import DeviceJob, FleetRunner
 from pipeline.devices.probe import probe_target
 from pipeline.distributed.artifacts import ArtifactStore
-from pipeline.distributed.queue import HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app, queue_name
+from pipeline.distributed.queue import (DEPLOY_TASK, HEARTBEAT_S, MEASURE_TASK, PROBE_TASK, ensure_schema, make_app,
+                                        queue_name)
 from pipeline.errors import ConfigError, EdgepipeError, StoreError
 from pipeline.release.leases import Leases
 from pipeline.inventory import is_db_url
@@ -88,6 +90,10 @@ class Worker:
                           lease_timeout: float | None = None, reduce: dict | None = None,
                           fallback: dict | None = None) -> None:
             await in_pool(self.measure, run_id, target, artifact, eval, artifact_info, lease_timeout, reduce, fallback)
+
+        @self.app.task(name=DEPLOY_TASK)
+        async def deploy(job: dict) -> None:
+            await in_pool(self.deploy, job)
 
     def serve(self) -> int | None:
         """Run until SIGINT/SIGTERM (running jobs finish first; a second signal stops at once); returns the signal
@@ -221,6 +227,13 @@ class Worker:
                              connections=self._kept_transport(run_id, target))
         (res,) = runner.run([job])
         self.store.add_device_result(run_id, self._share_outputs(res))
+
+    def deploy(self, job: dict) -> None:
+        """One board's action in a deployment (pipeline.distributed.rollout); its steps and outcome go to the
+        history."""
+        from pipeline.distributed.rollout import run_board_job
+
+        run_board_job(self, job)
 
     def _share_outputs(self, res: DeviceResult) -> DeviceResult:
         """The fetched outputs go to the artifact store; the result names where (`result.outputs.stored`)."""

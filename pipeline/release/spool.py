@@ -89,7 +89,7 @@ class Spool:
         """Store every waiting device result (an upsert per device); returns how many."""
         n = 0
         for path in self.devices():
-            store.add_device_result(self.run_id, DeviceResult.from_dict(json.loads(path.read_text())))
+            store.record_device(self.run_id, DeviceResult.from_dict(json.loads(path.read_text())))
             self.drop(path)
             n += 1
         return n
@@ -164,7 +164,7 @@ class SpooledRecorder:
             if self.down is not None:
                 self.spool.replay_devices(self.store)
             else:
-                self.store.add_device_result(self.spool.run_id, device)
+                self.store.record_device(self.spool.run_id, device)
                 self.spool.drop(path)
             self.down = None
         except DatabaseUnavailable as exc:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from pipeline.errors import GateError, StoreError
 from pipeline.inventory import is_db_url
 from pipeline.release.database import BUSY_TIMEOUT_MS, Database  # noqa: F401  (BUSY_TIMEOUT_MS: re-exported)
+from pipeline.release.deployments import Deployments
 from pipeline.release.exchange import Exchange
 from pipeline.release.holder import ABANDONED, sweep_abandoned
 from pipeline.release.schema import latest, migrate, migrations
@@ -190,6 +191,13 @@ class Store:
         """The tables distributed runs share besides results: artifact blobs, probes, progress."""
         return Exchange(self.db)
 
+    @property
+    def deployments(self) -> Deployments:
+        """The fleet's releases: smoke samples of gated runs, deployments and their steps, what each board runs."""
+        if getattr(self, "_deployments", None) is None:
+            self._deployments = Deployments(self.db)
+        return self._deployments
+
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
             self.db.transaction(lambda: self.db.execute(sql, params))
@@ -254,9 +262,15 @@ class Store:
         self._write(f"INSERT INTO device_results({names}) VALUES ({marks}) "
                     f"ON CONFLICT (run_id, target) DO UPDATE SET {update}", cols)
 
+    def record_device(self, run_id: str, device: DeviceResult) -> None:
+        """Commit one device of a run as it arrives, with the smoke sample a later `deploy` checks its health
+        against (the first rows of its eval inputs and outputs, while those files are there)."""
+        self.add_device_result(run_id, device)
+        self.deployments.add_smoke(run_id, device)
+
     def recorder(self, run_id: str) -> Callable[[DeviceResult], None]:
-        """An `on_result` callback for `pipeline.run.execute` that commits each device as it arrives."""
-        return lambda device: self.add_device_result(run_id, device)
+        """An `on_result` callback for `pipeline.run.execute`: `record_device` for this run."""
+        return lambda device: self.record_device(run_id, device)
 
     def finish_run(self, run_id: str, *, finished: float | None = None) -> None:
         self._write("UPDATE runs SET complete=1, finished=?, incomplete_reason=NULL WHERE id=?",

@@ -63,6 +63,7 @@ def score(res: DeviceResult, io: ArtifactIO | None, prepared: RunInputs) -> Devi
     """Load the device's outputs (by model output name) and score them on the host against labels and reference."""
     if io is None or not res.ok or not res.outputs_path:
         return res
+    res.eval_path = str(io.eval_file)   # the history keeps its first rows as the deploy health check's smoke sample
     try:   # the agent names outputs by TFLite tensor; the task and the reference use the model's own names
         outputs = {io.tflite_outputs.get(k, k): (v.astype(np.float32) if v.dtype.kind == "f" else v)
                    for k, v in scoring.load_outputs(res.outputs_path).items()}

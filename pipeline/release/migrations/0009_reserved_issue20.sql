@@ -1,2 +1,0 @@
--- Placeholder for issue 20's migration 0009 (numbers must be contiguous): no statement. Dropped when issue 20's
--- 0009 lands on main (see docs/architecture.md, Migrations); it changes nothing in a database.
