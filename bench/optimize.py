@@ -112,6 +112,11 @@ def fleet(root: Path, runs: int) -> Path:
     return path
 
 
+def runtime_name(cls: object) -> str:
+    """The class's runtime without its version ('tflite-runtime==2.14.0' -> 'tflite-runtime'): the results' keys."""
+    return str(getattr(cls, "runtime")).split("==")[0]
+
+
 def optimize_medians(targets: Path, model: Path, cal: Path, ev: Path, out: Path, repeats: int,
                      max_drop: float) -> dict:
     """Run optimize `repeats` times (cached after the first); per class and variant the median p50 and figures."""
@@ -124,7 +129,7 @@ def optimize_medians(targets: Path, model: Path, cal: Path, ev: Path, out: Path,
                            cache_dir=out / "cache")
         ranking = ranking or res.ranking   # the first run ranks (cold); the others read the cached ranking
         for cls in res.classes:
-            rows = per.setdefault(cls.runtime, {})
+            rows = per.setdefault(runtime_name(cls), {})
             for c in cls.candidates:
                 r = rows.setdefault(c.variant, {**c.to_dict(), "p50s": []})
                 if c.p50_ms is not None:
@@ -134,9 +139,10 @@ def optimize_medians(targets: Path, model: Path, cal: Path, ev: Path, out: Path,
     for rows in per.values():
         for r in rows.values():
             r["p50_ms"] = statistics.median(r["p50s"]) if r["p50s"] else None
-    return {"classes": per, "chosen": {c.runtime: (c.chosen.variant if c.chosen else None) for c in last.classes},
-            "advice": {c.runtime: c.advice for c in last.classes}, "layers": last.layers[:3], "ranking": ranking,
-            "notes": {c.runtime: c.notes for c in last.classes}}
+    return {"classes": per, "chosen": {runtime_name(c): (c.chosen.variant if c.chosen else None)
+                                       for c in last.classes},
+            "advice": {runtime_name(c): c.advice for c in last.classes}, "layers": last.layers[:3],
+            "ranking": ranking, "notes": {runtime_name(c): c.notes for c in last.classes}}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -49,6 +49,20 @@ def choose_from_table(cands: list[dict], objective: str) -> dict:
     return min(ok, key=key)
 
 
+def check_latency_choice(cls: dict) -> None:
+    """A latency choice as issue 24 defines it, from the JSON: the chosen candidate is within budget and the fastest
+    or tied with it (≈), and every smaller (or as small and more integer) candidate within budget lost on a lead
+    that counted (significant and beyond --min-gain) against the fastest."""
+    ok = [c for c in cls["candidates"] if c["within_budget"]]
+    chosen = cls["chosen"]
+    fastest = min(ok, key=lambda c: c["p50_ms"])
+    assert chosen["within_budget"] and (chosen["variant"] == fastest["variant"] or chosen["tie"]), cls["advice"]
+    for c in ok:
+        if c["bytes"] < chosen["bytes"] and c["variant"] != fastest["variant"]:
+            assert c["vs_fastest"]["counts"] and not c["tie"], (c["variant"], c["vs_fastest"], cls["advice"])
+            assert c["vs_fastest"]["ratio"] > 1.05   # the default --min-gain, 5 %
+
+
 def recovered(cls: dict) -> dict:
     """The recovered int8 of a class: the within-budget candidate with the fewest layers kept in float."""
     ok = [c for c in cls["candidates"] if c["keep_float"] and c["within_budget"]]

@@ -91,20 +91,23 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
              on_notice: Callable[[str], None] | None = None, cancel: CancelToken | None = None,
              signature: str | None = None, input_shapes: Any = None, preprocess: Any = None,
              task: str | None = None, output: str | None = None, db: str | Path | None = None,
-             lease_timeout: float | None = None, max_float_layers: int | None = None) -> Any:
+             lease_timeout: float | None = None, max_float_layers: int | None = None,
+             min_gain: float | None = None) -> Any:
     """Measure every candidate format per device class, recover int8 when it misses the accuracy budget, choose per
     class by `objective`; optionally write the HTML report and patch targets.yaml (`write_modes`). Stores no run;
     each device is leased in the results database while a candidate is measured on it, as `run` does.
-    `max_float_layers` caps how many layers int8 recovery keeps in float (default: 20 % of the ops, at least 3).
+    `max_float_layers` caps how many layers int8 recovery keeps in float (default: 20 % of the ops, at least 3);
+    `min_gain` (percent, default 5) is how much faster, beyond noise, a candidate must be for its speed to count.
 
     Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
     """
-    from pipeline.optimize import check_model, check_options, optimize as run_optimize
+    from pipeline.optimize import DEFAULT_MIN_GAIN, check_model, check_options, optimize as run_optimize
     from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
     from pipeline.run import new_run_id, prepare
 
-    check_options(objective, max_drop, max_float_layers)
+    min_gain = DEFAULT_MIN_GAIN if min_gain is None else min_gain
+    check_options(objective, max_drop, max_float_layers, min_gain)
     check_model(model)   # a .tflite: one line before its data is read
     inv = _inventory(targets)
     inv.select(list(select))   # an unknown --select is one line before the model is even read
@@ -116,7 +119,8 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
         try:
             res = run_optimize(inv, prepared, select=list(select), objective=objective, max_drop=max_drop, each=each,
                                out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_notice=on_notice,
-                               cancel=cancel or CancelToken(), lease=leases, max_float_layers=max_float_layers)
+                               cancel=cancel or CancelToken(), lease=leases, max_float_layers=max_float_layers,
+                               min_gain=min_gain)
         finally:
             leases.close()
     if report_dir is not None:
@@ -124,10 +128,26 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
 
         res.report_path = write_optimize_report(res.to_dict(), report_dir)
     if write_modes:
-        from pipeline.targets_file import write_modes as patch
-
-        choices = {name: (cls.chosen.mode, list(cls.chosen.keep_float), list(cls.chosen.int16_layers))
-                   for cls in res.classes if cls.chosen is not None for name in cls.targets}
-        res.changes = patch(inv.path, choices) if choices else []
-        res.written = inv.path
+        write_choices(inv, res)
     return res
+
+
+def write_choices(inv: Inventory, res: Any) -> None:
+    """One choice per class, written on each of its targets (so a group whose boards fall into classes with
+    different choices gets them per target, and says so); `res.written` is the file written."""
+    from pipeline.targets_file import write_modes as patch
+
+    choices, class_of = {}, {}
+    for cls in res.classes:
+        for name in cls.targets:
+            class_of[name] = cls
+            if cls.chosen is not None:
+                choices[name] = (cls.chosen.mode, list(cls.chosen.keep_float), list(cls.chosen.int16_layers))
+    res.changes = patch(inv.path, choices) if choices else []
+    res.written = inv.path if res.changes else None
+    for group in inv.groups:
+        members = [t.name for t in inv.targets if group in t.groups and t.name in class_of]
+        labels = sorted({class_of[n].label for n in members})
+        if len({repr(choices.get(n)) for n in members}) > 1:
+            res.changes.append(f"group {group} spans {len(labels)} classes ({'; '.join(labels)}) with different "
+                               "choices: written per target")

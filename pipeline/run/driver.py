@@ -36,6 +36,8 @@ class RunSettings:
     run_id: str | None = None
     model_name: str | None = None
     baseline: RunResult | None = None   # re-measured interleaved on each device, where the executor can
+    # target name -> {"sha256", "path"}: another model to time interleaved with that target's (optimize's rivals)
+    interleave: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass

@@ -55,15 +55,18 @@ def execute(inventory: Any, model: str | Path | ModelSource | None = None, data:
             on_result: Callable[[DeviceResult], None] | None = None, run_id: str | None = None,
             transport_factory: TransportFactory | None = None, cancel: CancelToken | None = None,
             baseline: RunResult | None = None, model_name: str | None = None, prepared: RunInputs | None = None,
-            on_notice: Notice | None = None, lease: LeaseHook | None = None, **prepare_kw: Any) -> RunResult:
+            on_notice: Notice | None = None, lease: LeaseHook | None = None,
+            interleave: dict[str, dict[str, Any]] | None = None, **prepare_kw: Any) -> RunResult:
     """A whole local run: host checks (skipped when `prepared` comes from `prepare`) -> refusals -> the local
     executor. Cancelling raises `Interrupted` carrying the partial RunResult. With `baseline`, each device also
-    re-measures the baseline run's model interleaved with the new one (when they differ)."""
+    re-measures the baseline run's model interleaved with the new one (when they differ); `interleave` names, per
+    target, another model ({"sha256", "path"}) to time interleaved with its own."""
     if prepared is None:   # a bad model or bad data fails here, before any device is touched
         prepared = prepare(model, data, targets=inventory.select(list(select or [])), calibration=calibration,
                            cache_dir=cache_dir, on_notice=on_notice, **prepare_kw)
     settings = RunSettings(out_dir=Path(out_dir), cache_dir=Path(cache_dir) if cache_dir else None,
-                           select=tuple(select or ()), run_id=run_id, model_name=model_name, baseline=baseline)
+                           select=tuple(select or ()), run_id=run_id, model_name=model_name, baseline=baseline,
+                           interleave=interleave)
     driver = RunDriver(LocalExecutor(transport_factory, lease), on_result=on_result, on_event=on_event,
                        on_notice=on_notice)
     return driver.run(inventory, prepared, settings, cancel)

@@ -230,6 +230,7 @@ def plan_jobs(ctx: RunContext, targets: list[Any], probes: dict[str, ProbeResult
         ship = work.shipped[t.name]
         jobs.append(DeviceJob(t, ship.model, io_of[t.name].eval_file, artifact_info=ship.info,
                               fallback_artifact=ship.fallback, outputs_dir=outputs_dir, reduce=io_of[t.name].reduce,
-                              baseline_artifact=_baseline_model(t, ship.info, ctx.settings.baseline)))
+                              baseline_artifact=(ctx.settings.interleave or {}).get(t.name)
+                              or _baseline_model(t, ship.info, ctx.settings.baseline)))
     ctx.add_artifacts(work.manifests)
     return JobPlan(jobs, work.manifests, ctx.prepared, work.shipped, io_of)

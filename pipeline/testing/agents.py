@@ -1,10 +1,11 @@
 """Device "pythons" for tests and benches that need time to pass on a device without a bigger model.
 
-`delayed_python` runs the real agent under the real runtime after an injected delay (long measurement windows, so
-overlaps would show); `sleeping_python` sleeps and replays answers the real agent gave (orchestration cost only,
-for scale benches); `gated_python` runs the real agent whose timed phase waits for a file the test writes (a
-measurement exactly as slow as the test needs, with no timer). Deploy helpers and probes always go to the real
-interpreter.
+`paced_python` makes every invoke of a model of a given mode last a set time (candidates built to run equally
+fast, or one faster by an injected margin); `delayed_python` runs the real agent under the real runtime after an
+injected delay (long measurement windows, so overlaps would show); `sleeping_python` sleeps and replays answers the
+real agent gave (orchestration cost only, for scale benches); `gated_python` runs the real agent whose timed phase
+waits for a file the test writes (a measurement exactly as slow as the test needs, with no timer). Deploy helpers
+and probes always go to the real interpreter.
 """
 from __future__ import annotations
 
@@ -47,6 +48,79 @@ def sleeping_python(path: Path, real: str | Path, seconds: float, result: dict, 
         probe_cmd = f"cat {shlex.quote(str(probe_file))}"
     path.write_text(SLEEPING.format(real=shlex.quote(str(real)), seconds=seconds, result=shlex.quote(str(answer)),
                                     probe=probe_cmd))
+    path.chmod(0o755)
+    return str(path)
+
+
+PACED = """#!/bin/sh
+# test-only: the agent's model invokes take at least the time given for the model's mode (an injected delay);
+# the agent and the runtime are real, the probe and the helpers run untouched
+for a in "$@"; do [ "$a" = "--model" ] && {{ export PYTHONPATH={site} EDGEPIPE_PACE_MS={pace}; break; }}; done
+exec {real} "$@"
+"""
+
+# Imported first by the device's Python (PYTHONPATH): wraps the runtime's Interpreter.invoke so that each invoke
+# lasts at least EDGEPIPE_PACE_MS for the mode its tensors show ("int8=4,*=2": int8 models 4 ms, the rest 2 ms).
+PACE_SITE = r'''
+import os
+import time
+
+def _pace():
+    out = {}
+    for item in os.environ.get("EDGEPIPE_PACE_MS", "").split(","):
+        if "=" in item:
+            mode, ms = item.split("=", 1)
+            out[mode.strip()] = float(ms) / 1000.0
+    return out
+
+def _mode(interp):
+    inp = interp.get_input_details()[0]["dtype"].__name__
+    kinds = {d["dtype"].__name__ for d in interp.get_tensor_details()}
+    if inp in ("int8", "uint8"):
+        return "int8"
+    for dtype, mode in (("int16", "int16x8"), ("float16", "float16"), ("int8", "dynamic")):
+        if dtype in kinds:
+            return mode
+    return "float32"
+
+def _patch(cls, pace):
+    invoke = cls.invoke
+
+    def paced(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = invoke(self, *args, **kwargs)
+        if not hasattr(self, "_edgepipe_pace"):
+            mode = _mode(self)
+            self._edgepipe_pace = pace.get(mode, pace.get("*", 0.0))
+        end = start + self._edgepipe_pace
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return out
+            time.sleep(left)
+
+    cls.invoke = paced
+
+_PACE = _pace()
+if _PACE:
+    try:
+        from ai_edge_litert import interpreter as _rt
+    except ImportError:
+        from tflite_runtime import interpreter as _rt
+    _patch(_rt.Interpreter, _PACE)
+'''
+
+
+def paced_python(path: Path, real: str | Path, pace_ms: dict[str, float]) -> str:
+    """A device "python" whose agent runs every invoke of a model for at least `pace_ms[mode]` ms (`"*"`: any
+    other mode), the mode read from the model's tensor types: candidates built to run equally fast, or one faster
+    by an injected margin, on any machine."""
+    path = Path(path)
+    site = path.with_name(path.name + ".site")
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(PACE_SITE)
+    pace = ",".join(f"{mode}={ms:g}" for mode, ms in pace_ms.items())
+    path.write_text(PACED.format(real=shlex.quote(str(real)), site=shlex.quote(str(site)), pace=shlex.quote(pace)))
     path.chmod(0o755)
     return str(path)
 
