@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, DatabaseUnavailable, StoreError
 from pipeline.inventory import load_inventory
 from pipeline.release.schema import DIALECTS, migrations
 from pipeline.release.store import SCHEMA_VERSION, Store, open_store
@@ -116,6 +116,7 @@ def test_db_password_env_reaches_a_password_protected_server(tmp_path, protected
     with pytest.raises(StoreError) as bad:
         open_store(None, inv, must_exist=False)
     assert "password authentication failed" in bad.value.one_line() and "wrong" not in bad.value.one_line()
+    assert not isinstance(bad.value, DatabaseUnavailable)   # refused at once: not an outage to wait out (db_retry_s)
 
 
 def test_pgpassword_and_pgpass_work_without_anything_in_targets_yaml(tmp_path, protected, monkeypatch):

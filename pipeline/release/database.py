@@ -34,6 +34,9 @@ _PG_PARAM = re.compile(r"\?|(?<![:\w]):([A-Za-z_]\w*)")
 # (admin/crash shutdown, cannot connect now), 53300 too many connections; 40001/40P01 ask for a retry by definition.
 _PG_TRANSIENT_CLASSES = ("08", "57")
 _PG_TRANSIENT_STATES = ("40001", "40P01", "53300")
+# libpq refuses a connection without a SQLSTATE; these refusals are the user's to fix, and waiting never helps.
+_PG_REFUSALS = ("password authentication failed", "no password supplied", "pg_hba.conf", "does not exist",
+                "authentication failed", "ssl is not enabled", "invalid connection option")
 T = TypeVar("T")
 
 
@@ -78,6 +81,8 @@ def transient(exc: BaseException) -> bool:
     if state and (state[:2] in _PG_TRANSIENT_CLASSES or state in _PG_TRANSIENT_STATES):
         return True
     if isinstance(exc, psycopg.OperationalError):
+        if state is None and any(text in str(exc).lower() for text in _PG_REFUSALS):
+            return False           # a server that answered "no": a wrong password, an unknown role or database
         return state is None       # no answer from a server at all: refused, reset, closed mid-statement
     return isinstance(exc, psycopg.InterfaceError) and "closed" in str(exc).lower()
 
