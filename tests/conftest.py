@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.fleet",
     "tests.fixtures.postgres",
     "tests.fixtures.arm64",
+    "tests.task_models",   # multihead_model, binary_model, ...: built once per session, whichever module asks
 ]

@@ -10,6 +10,17 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 
+def recovery_fleet(d: Path, budget: float, python: str) -> Path:
+    """A CPU and a "Coral" without libedgetpu that may fall back to the CPU: two classes, both local, `python`'s
+    runtime; the accuracy budget as gates.max_top1_drop."""
+    path = d / "targets.yaml"
+    path.write_text(f"defaults: {{transport: local, runs: 3, warmup: 1, timeout: 300, python: {python}}}\n"
+                    f"targets:\n  - {{name: cpu0, kind: cpu, workdir: {d / 'cpu0'}}}\n"
+                    f"  - {{name: coral0, kind: edgetpu, allow_fallback: true, workdir: {d / 'coral0'}}}\n"
+                    f"gates: {{max_top1_drop: {budget}}}\n")
+    return path
+
+
 def optimize(cli: CliRunner, targets: Path, m: dict, cache: Path, out: Path, *extra: str) -> tuple[int, dict]:
     """`edgepipe optimize MODEL --json` on a case from pipeline.examples.outliers; (exit code, the JSON)."""
     r = cli.invoke(app, ["optimize", str(m["model"]), "--targets", str(targets), "--data", str(m["eval"]),

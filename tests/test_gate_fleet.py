@@ -33,8 +33,8 @@ MODES = {"gw0": "float32", "gw1": "int8", "gw2": "float32"}
 class Fleet:
     """Three real sshd devices (LiteRT, tflite-runtime, LiteRT) plus one unreachable target, and their stored runs."""
 
-    def __init__(self, devices, tmp: Path, digits, db: str) -> None:
-        self.devices, self.tmp, self.digits = devices, tmp, digits
+    def __init__(self, devices, tmp: Path, digits, db: str, cache: Path) -> None:
+        self.devices, self.tmp, self.digits, self.cache = devices, tmp, digits, cache   # the session's conversions
         self.db = db  # a SQLite path or a PostgreSQL URL: the module runs once on each
         # A port bound but never listening refuses every connection, and nobody else can take it meanwhile.
         self._closed_port = socket.socket()
@@ -67,7 +67,7 @@ class Fleet:
             store.begin_run(run_id, None, inv.sha256, label, started=started)
             result = execute(inv, model or self.digits.model_path, self.digits.eval_path,
                              calibration=self.digits.calibration_path, out_dir=self.tmp / "out",
-                             cache_dir=self.tmp / "cache", on_result=store.recorder(run_id), run_id=run_id,
+                             cache_dir=self.cache, on_result=store.recorder(run_id), run_id=run_id,
                              baseline=base)
             for art in result.artifacts:
                 store.add_artifact(run_id, art)
@@ -82,8 +82,8 @@ def gate_devices(sshd_fleet):
 
 
 @pytest.fixture(scope="module", params=DB_KINDS)
-def fleet(request, gate_devices, digits, digits_x10, tmp_path_factory, new_db):
-    f = Fleet(gate_devices, tmp_path_factory.mktemp("gate-fleet"), digits, new_db(request.param))
+def fleet(request, gate_devices, digits, digits_x10, tmp_path_factory, new_db, conversion_cache):
+    f = Fleet(gate_devices, tmp_path_factory.mktemp("gate-fleet"), digits, new_db(request.param), conversion_cache)
     base = f.targets("base")
     f.run("base", base, started=time.time() - 60, label="v1")
     f.run("again", base)
@@ -284,7 +284,7 @@ def test_a_run_killed_halfway_keeps_its_committed_devices(fleet, tmp_path):
     script.write_text(KILLED_RUN.format(root=str(ROOT), targets=str(targets), db=str(fleet.db),
                                         model=str(fleet.digits.model_path), data=str(fleet.digits.eval_path),
                                         cal=str(fleet.digits.calibration_path),
-                                        out=str(fleet.tmp / "out"), cache=str(fleet.tmp / "cache")))
+                                        out=str(fleet.tmp / "out"), cache=str(fleet.cache)))
     proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
     try:
         deadline = time.monotonic() + 240

@@ -13,8 +13,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.metrics import OutputsError, legacy, resolve_task, score_device, score_reference
 from pipeline.metrics.detection import detection_layout
-from tests.task_models import (MODES, binary_model, detector_model, multihead_model,  # noqa: F401  (fixtures)
-                               regression_model, segmenter_model)
+from tests.task_models import MODES   # its *_model fixtures are session-wide (tests/conftest.py)
 
 pytestmark = pytest.mark.slow
 

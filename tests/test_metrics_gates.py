@@ -16,8 +16,6 @@ from pipeline.release.report import render_html
 from pipeline.release.store import Store
 from pipeline.results import DeviceResult, RunResult
 from tests.gate_support import write_targets
-from tests.task_models import (binary_model, detector_model, multihead_model,  # noqa: F401  (fixtures)
-                               regression_model, segmenter_model)
 
 pytestmark = pytest.mark.slow
 

@@ -140,19 +140,17 @@ def test_readme_python_api_block_runs(demo):
     assert ".html" in res.stdout and "int8" in res.stdout
 
 
-def test_readme_detection_example_runs_as_written(demo, tmp_path):
-    """The README's detection gates (its yaml block) and command, on the demo fleet, with a detector built here."""
+def test_readme_detection_example_runs_as_written(demo, detector_model, tmp_path):
+    """The README's detection gates (its yaml block) and command, on the demo fleet, with the session's detector."""
     import numpy as np
     import yaml
-
-    from tests.task_models import detector
 
     state, proc = demo
     assert proc.returncode == 0
     (cmd,) = [c for c in commands() if DETECTION in c]
     (gates_block,) = blocks("yaml")
     readme_gates = yaml.safe_load(gates_block)["gates"]
-    tm = detector(tmp_path / "det")
+    tm = detector_model
     np.savez(tmp_path / DETECTION, x=tm.x, **tm.labels)
     fleet = yaml.safe_load((state / "targets.yaml").read_text())
     fleet["gates"].update(readme_gates)

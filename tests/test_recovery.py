@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import _load_commands
 from tests.fixtures.fleet import FLEET_PYTHONS
-from tests.optimize_support import choose_from_table, optimize, recovered, top1_and_int8_share
+from tests.optimize_support import choose_from_table, optimize, recovered, recovery_fleet, top1_and_int8_share
 
 BUDGET = 2.0   # points of top-1 (gates.max_top1_drop in the fleet below)
 
@@ -31,14 +31,7 @@ def cli():
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Path:
-    """A CPU and a "Coral" without libedgetpu that may fall back to the CPU: two classes, both local, LiteRT."""
-    d = tmp_path_factory.mktemp("recovery-fleet")
-    path = d / "targets.yaml"
-    path.write_text(f"defaults: {{transport: local, runs: 3, warmup: 1, timeout: 300, python: {FLEET_PYTHONS[0]}}}\n"
-                    f"targets:\n  - {{name: cpu0, kind: cpu, workdir: {d / 'cpu0'}}}\n"
-                    f"  - {{name: coral0, kind: edgetpu, allow_fallback: true, workdir: {d / 'coral0'}}}\n"
-                    f"gates: {{max_top1_drop: {BUDGET}}}\n")
-    return path
+    return recovery_fleet(tmp_path_factory.mktemp("recovery-fleet"), BUDGET, FLEET_PYTHONS[0])
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +42,10 @@ def stuck(cli, fleet, activation_outlier_model, conversion_cache, tmp_path_facto
 
 @pytest.fixture(scope="module")
 def deep(cli, fleet, deep_outlier_model, conversion_cache, tmp_path_factory):
+    """int8 and its recovery only (`--candidates int8`): the float formats of a MobileNetV2 cost a conversion each
+    and tell nothing here (the stuck case measures every candidate)."""
     return optimize(cli, fleet, deep_outlier_model, conversion_cache, tmp_path_factory.mktemp("opt-deep"),
-                    "--objective", "size")
+                    "--objective", "size", "--candidates", "int8")
 
 
 CASES = {"stuck": ("activation_outlier_model", "/d1_", "/d2_"), "deep": ("deep_outlier_model", "/stem_", "/Conv1_")}
@@ -63,6 +58,8 @@ def test_recovery_brings_top1_within_budget_with_80_percent_int8_on_cpu_and_edge
     assert code == 0 and sorted(c["kind"] for c in doc["classes"]) == ["cpu", "edgetpu"]
     for cls in doc["classes"]:
         cands = {c["variant"]: c for c in cls["candidates"]}
+        if case == "deep":   # --candidates int8: nothing else was converted or measured
+            assert {c["mode"] for c in cls["candidates"]} == {"int8"} and len(cands) >= 2
         assert cands["int8"]["drop"] > 30   # measured 77 (stuck) and 67 (deep) points: full int8 collapsed
         best = recovered(cls)
         top1, share = top1_and_int8_share(best["path"], m["x"], m["y"])   # the artifact itself, run here
@@ -164,17 +161,21 @@ def test_the_cap_and_the_advice_name_the_layers_by_measured_effect(cli, fleet, a
     assert doc["ranking"]["cached"] is True   # ranked once for both runs (cached like a conversion)
 
 
-@pytest.mark.parametrize("bad", ["0", "-2"])
-def test_max_float_layers_is_checked_before_any_device(cli, activation_outlier_model, tmp_path, bad):
+@pytest.mark.parametrize("bad", [("--max-float-layers", "0"), ("--max-float-layers", "-2"),
+                                 ("--candidates", "int4"), ("--candidates", "float16,float32")])
+def test_max_float_layers_and_candidates_are_checked_before_any_device(cli, activation_outlier_model, tmp_path, bad):
+    """Out of range, an unknown format, formats that leave a target kind (here an Edge TPU) nothing to measure."""
     from pipeline.cli import app
 
     wd = tmp_path / "device"
     targets = tmp_path / "targets.yaml"
-    targets.write_text(f"targets:\n  - {{name: a, kind: cpu, transport: local, workdir: {wd}}}\n")
+    targets.write_text(f"targets:\n  - {{name: a, kind: cpu, transport: local, workdir: {wd}}}\n"
+                       f"  - {{name: b, kind: edgetpu, allow_fallback: true, transport: local, workdir: {wd}}}\n")
     m = activation_outlier_model
     r = cli.invoke(app, ["optimize", str(m["model"]), "--targets", str(targets), "--data", str(m["eval"]),
-                         "--calibration", str(m["cal"]), "--max-float-layers", bad])
-    assert r.exit_code == 2 and "--max-float-layers" in r.output and not wd.exists(), r.output
+                         "--calibration", str(m["cal"]), *bad])
+    assert r.exit_code == 2 and bad[0] in r.output and not wd.exists(), r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------- the greedy loop, without devices

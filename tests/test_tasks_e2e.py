@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import _load_commands, app
 from pipeline.testing.sshd import write_targets_yaml
-from tests.task_models import (binary_model, detector_model, regression_model, run_tflite,  # noqa: F401 (fixtures)
-                               segmenter_model)
+from tests.task_models import run_tflite   # its *_model fixtures are session-wide (tests/conftest.py)
 
 FAST = {"runs": 2, "warmup": 0, "timeout": 120, "retries": 0, "connect_timeout": 5}
 RUNTIMES = ("ai-edge-litert", "tflite-runtime")   # the two sshd devices, in this order

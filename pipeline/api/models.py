@@ -92,12 +92,13 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
              signature: str | None = None, input_shapes: Any = None, preprocess: Any = None,
              task: str | None = None, output: str | None = None, db: str | Path | None = None,
              lease_timeout: float | None = None, max_float_layers: int | None = None,
-             min_gain: float | None = None) -> Any:
+             min_gain: float | None = None, candidates: Iterable[str] | None = None) -> Any:
     """Measure every candidate format per device class, recover int8 when it misses the accuracy budget, choose per
     class by `objective`; optionally write the HTML report and patch targets.yaml (`write_modes`). Stores no run;
     each device is leased in the results database while a candidate is measured on it, as `run` does.
     `max_float_layers` caps how many layers int8 recovery keeps in float (default: 20 % of the ops, at least 3);
     `min_gain` (percent, default 5) is how much faster, beyond noise, a candidate must be for its speed to count.
+    `candidates` narrows the formats measured (e.g. ["int8"]: full int8 and what its recovery reaches).
 
     Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
     """
@@ -107,10 +108,12 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
     from pipeline.run import new_run_id, prepare
 
     min_gain = DEFAULT_MIN_GAIN if min_gain is None else min_gain
-    check_options(objective, max_drop, max_float_layers, min_gain)
+    modes = [m.strip() for item in (candidates or ()) for m in str(item).split(",") if m.strip()] or None
+    check_options(objective, max_drop, max_float_layers, min_gain, modes)
     check_model(model)   # a .tflite: one line before its data is read
     inv = _inventory(targets)
-    inv.select(list(select))   # an unknown --select is one line before the model is even read
+    chosen = inv.select(list(select))   # an unknown --select is one line before the model is even read
+    check_options(objective, max_drop, max_float_layers, min_gain, modes, sorted({t.kind for t in chosen}))
     prepared = prepare(model, data, calibration=calibration, signature=signature, input_shapes=input_shapes,
                        preprocess=_preprocess(preprocess), task=task, output=output, cache_dir=cache_dir,
                        on_notice=on_notice)
@@ -120,7 +123,7 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
             res = run_optimize(inv, prepared, select=list(select), objective=objective, max_drop=max_drop, each=each,
                                out_dir=out_dir, cache_dir=cache_dir, on_event=on_event, on_notice=on_notice,
                                cancel=cancel or CancelToken(), lease=leases, max_float_layers=max_float_layers,
-                               min_gain=min_gain)
+                               min_gain=min_gain, modes=modes)
         finally:
             leases.close()
     if report_dir is not None:

@@ -115,6 +115,8 @@ def optimize_command(
                                                    "may keep in float (default: 20 % of the ops, at least 3)."),
     min_gain: float = typer.Option(5.0, "--min-gain", help="Percent a candidate must be faster by, beyond noise, "
                                    "for its speed to count; closer candidates tie and the smaller one wins."),
+    candidates: List[str] = typer.Option([], "--candidates", help="Only these formats (comma-separated or repeated), "
+                                         "e.g. int8: full int8 and what its recovery reaches."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write optimize.html (tables, Pareto plots) here."),
     write_modes: bool = typer.Option(False, "--write-modes", help="Set each target's chosen mode (and keep_float) "
                                      "in targets.yaml, keeping its comments."),
@@ -148,7 +150,8 @@ def optimize_command(
                            max_drop=max_drop, each=each, out_dir=out, cache_dir=cache_dir, report_dir=report,
                            write_modes=write_modes, on_event=_per_device(board),
                            on_notice=notice, cancel=cancel, db=db, lease_timeout=lease_timeout,
-                           max_float_layers=max_float_layers, min_gain=min_gain, **model_kw)
+                           max_float_layers=max_float_layers, min_gain=min_gain, candidates=candidates,
+                           **model_kw)
     if as_json:
         emit_json(json.dumps(res.to_dict()))
     else:

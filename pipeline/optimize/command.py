@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pipeline.errors import ConfigError
 from pipeline.int8_recovery import recover, short
@@ -28,7 +28,8 @@ MAX_ROUNDS = 3      # rounds of interleaved re-timing per optimize (each round o
 # ---------------------------------------------------------------- host-side checks (no device touched)
 
 def check_options(objective: str, max_drop: float | None, max_float_layers: int | None = None,
-                  min_gain: float | None = None) -> None:
+                  min_gain: float | None = None, modes: Sequence[str] | None = None,
+                  kinds: Sequence[str] = ()) -> None:
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}", field="--objective", hint=f"use one of: "
                                                                                       f"{', '.join(OBJECTIVES)}")
@@ -43,6 +44,21 @@ def check_options(objective: str, max_drop: float | None, max_float_layers: int 
         raise ConfigError(f"--min-gain {min_gain:g} is out of range", field="--min-gain",
                           hint=f"percent a candidate must be faster by to count as faster, 0..100 (default "
                                f"{DEFAULT_MIN_GAIN:g})")
+    known = sorted({m for ms in CANDIDATES.values() for m in ms})
+    for mode in modes or ():
+        if mode not in known:
+            raise ConfigError(f"--candidates {mode!r} is not a format optimize measures", field="--candidates",
+                              hint=f"use some of: {', '.join(known)} (comma-separated or repeated)")
+    for kind in kinds if modes else ():
+        if not set(CANDIDATES[kind]) & set(modes):
+            raise ConfigError(f"--candidates {','.join(modes)} leaves the {kind} targets nothing to measure",
+                              field="--candidates", hint=f"add one of {', '.join(CANDIDATES[kind])} for {kind}, "
+                                                         "or --select other targets")
+
+
+def candidate_modes(kind: str, modes: Sequence[str] | None) -> list[str]:
+    """The formats measured on a class of `kind`: its candidates, narrowed to `modes` (--candidates) if given."""
+    return [m for m in CANDIDATES[kind] if not modes or m in modes]
 
 
 def check_model(model: Any) -> None:
@@ -199,15 +215,17 @@ def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = 
              max_drop: float | None = None, each: bool = False, out_dir: str | Path, cache_dir: Any = None,
              on_event: Event | None = None, on_notice: Callable[[str], None] | None = None,
              cancel: Any = None, lease: Any = None, max_float_layers: int | None = None,
-             min_gain: float = DEFAULT_MIN_GAIN) -> OptimizeResult:
+             min_gain: float = DEFAULT_MIN_GAIN, modes: Sequence[str] | None = None) -> OptimizeResult:
     """Measure the candidates of every device class, recover int8 when it misses the budget, choose per class.
     `lease` holds each device while a candidate is measured on it, as in `run`; `max_float_layers` caps how many
     layers recovery keeps in float (default: 20 % of the compute ops, at least 3); `min_gain` (percent) is how much
-    faster a candidate must be, beyond noise, for its speed to count."""
+    faster a candidate must be, beyond noise, for its speed to count; `modes` narrows the candidate formats
+    (--candidates; int8's recovery comes with int8)."""
     from pipeline.convert.recovery import layers_json, rank_layers
     from pipeline.run import compute_reference
 
-    check_options(objective, max_drop, max_float_layers, min_gain)
+    check_options(objective, max_drop, max_float_layers, min_gain, modes,
+                  sorted({t.kind for t in inventory.select(list(select or []))}))
     check_model(prepared.src)
     notice = on_notice or (lambda msg: None)
     out = Path(out_dir)
@@ -221,7 +239,7 @@ def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = 
         cls.evidence = Evidence(min_gain)
     measurer = Measurer(inventory, prepared, metric, float_value, out_dir=out, cache_dir=cache_dir,
                         on_event=on_event, cancel=cancel, lease=lease)
-    measurer.measure([(cls, Candidate(m, m)) for cls in classes for m in CANDIDATES[cls.kind]])
+    measurer.measure([(cls, Candidate(m, m)) for cls in classes for m in candidate_modes(cls.kind, modes)])
     float32 = next((c.path for cls in classes for c in cls.candidates if c.mode == "float32" and c.path
                     and Path(c.path).exists()), None)   # the ranking's float reference, already converted
     ranked = recover(classes, measurer.measure, make=Candidate, max_float_layers=max_float_layers, notice=notice,
