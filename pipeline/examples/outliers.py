@@ -76,13 +76,17 @@ def activation_outlier(model: Any, layer: str, reader: str) -> Any:
 def save_digits_case(model: Any, out: Path, name: str, n_cal: int = 200, n_eval: int = 150) -> dict[str, Any]:
     """Write NAME.keras, NAME_cal.npz (x) and NAME_eval.npz (x, y); returns paths, eval arrays and float top-1."""
     xtr, _, xte, yte = digits_flat()
+    return _save_case(model, out, name, xtr[:n_cal], xte[:n_eval], yte[:n_eval])
+
+
+def _save_case(model: Any, out: Path, name: str, cal: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"model": out / f"{name}.keras", "cal": out / f"{name}_cal.npz", "eval": out / f"{name}_eval.npz"}
     model.save(paths["model"])
-    np.savez(paths["cal"], x=xtr[:n_cal])
-    np.savez(paths["eval"], x=xte[:n_eval], y=yte[:n_eval])
-    top1 = float((model.predict(xte[:n_eval], verbose=0).argmax(-1) == yte[:n_eval]).mean())
-    return {**paths, "x": xte[:n_eval], "y": yte[:n_eval], "float_top1": top1}
+    np.savez(paths["cal"], x=cal)
+    np.savez(paths["eval"], x=x, y=y)
+    top1 = float((model.predict(x, verbose=0).argmax(-1) == y).mean())
+    return {**paths, "x": x, "y": y, "float_top1": top1}
 
 
 # ---------------------------------------------------------------- MobileNetV2 with a stuck unit early
@@ -169,10 +173,4 @@ def save_image_case(model: Any, out: Path, name: str, size: int, signed: bool = 
     """Write NAME.keras, NAME_cal.npz and NAME_eval.npz (x, y) for an image model; float top-1 on the eval part."""
     xtr, _, xte, yte = digits_images(size, signed)
     n_eval = n_eval or len(xte)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"model": out / f"{name}.keras", "cal": out / f"{name}_cal.npz", "eval": out / f"{name}_eval.npz"}
-    model.save(paths["model"])
-    np.savez(paths["cal"], x=xtr[:n_cal])
-    np.savez(paths["eval"], x=xte[:n_eval], y=yte[:n_eval])
-    top1 = float((model.predict(xte[:n_eval], verbose=0).argmax(-1) == yte[:n_eval]).mean())
-    return {**paths, "x": xte[:n_eval], "y": yte[:n_eval], "float_top1": top1}
+    return _save_case(model, out, name, xtr[:n_cal], xte[:n_eval], yte[:n_eval])

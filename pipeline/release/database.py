@@ -13,6 +13,7 @@ reconnecting as needed, for up to `retry_s` seconds (targets.yaml `db_retry_s`);
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sqlite3
@@ -20,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from pipeline.errors import ConfigError, DatabaseUnavailable, StoreError
 from pipeline.inventory import check_db_url, is_db_url, mask_db_url
@@ -213,6 +214,16 @@ class Database:
 
     def all(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         return self._retrying(lambda: self._run(sql, params).fetchall())
+
+    def json_by_target(self, table: str, column: str, key: tuple[str, Any], targets: Iterable[str]) -> dict[str, Any]:
+        """{target: the JSON in `column`} for the rows of `table` whose `key` column holds `key`'s value and whose
+        target is one of `targets` (absent ones left out). Table and column names are this package's, never input."""
+        names = sorted(set(targets))
+        if not names:
+            return {}
+        rows = self.all(f"SELECT target, {column} FROM {table} WHERE {key[0]}=? AND target IN "
+                        f"({', '.join('?' * len(names))})", (key[1], *names))
+        return {r["target"]: json.loads(r[column]) for r in rows}
 
     def now(self) -> float:
         """The database's clock (epoch seconds): one clock for every host that shares the database."""

@@ -261,13 +261,8 @@ class Deployments:
                             f"({', '.join('?' * len(targets))})", (dep_id, *targets))
 
     def outcomes(self, dep_id: str, targets: set[str] | list[str]) -> dict[str, dict[str, Any]]:
-        names = sorted(set(targets))
-        if not names:
-            return {}
         with self._errors("read outcomes"):
-            rows = self.db.all(f"SELECT target, outcome FROM deployment_outcomes WHERE deployment_id=? AND target IN "
-                               f"({', '.join('?' * len(names))})", (dep_id, *names))
-        return {r["target"]: json.loads(r["outcome"]) for r in rows}
+            return self.db.json_by_target("deployment_outcomes", "outcome", ("deployment_id", dep_id), targets)
 
     # -- what each board is supposed to run ---------------------------------------------------------------
     def set_device_release(self, target: str, model_name: str, *, run_id: str | None, release: str | None,

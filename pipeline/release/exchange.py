@@ -69,13 +69,8 @@ class Exchange:
 
     def probes(self, run_id: str, targets: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The probe documents workers stored for these targets of the run (absent ones left out)."""
-        names = sorted(set(targets))
-        if not names:
-            return {}
         with self._errors("read probes"):
-            rows = self.db.all(f"SELECT target, probe FROM dist_probes WHERE run_id=? AND target IN "
-                               f"({', '.join('?' * len(names))})", (run_id, *names))
-        return {r["target"]: json.loads(r["probe"]) for r in rows}
+            return self.db.json_by_target("dist_probes", "probe", ("run_id", run_id), targets)
 
     # -- progress -----------------------------------------------------------------------------------------
     def report_progress(self, run_id: str, target: str, worker: str, stage: str, detail: str) -> None:
