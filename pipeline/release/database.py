@@ -215,6 +215,14 @@ class Database:
     def all(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         return self._retrying(lambda: self._run(sql, params).fetchall())
 
+    @contextmanager
+    def failing_as(self, what: str) -> Iterator[None]:
+        """A database error inside becomes StoreError("cannot WHAT: ...") naming this database."""
+        try:
+            yield
+        except self.errors as exc:
+            raise StoreError(f"cannot {what}: {' '.join(str(exc).split())}", file=self.display) from None
+
     def json_by_target(self, table: str, column: str, key: tuple[str, Any], targets: Iterable[str]) -> dict[str, Any]:
         """{target: the JSON in `column`} for the rows of `table` whose `key` column holds `key`'s value and whose
         target is one of `targets` (absent ones left out). Table and column names are this package's, never input."""

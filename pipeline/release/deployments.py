@@ -13,10 +13,9 @@ import io
 import json
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -140,12 +139,8 @@ class Deployments:
         self._seq: dict[tuple[str, str], int] = {}
         self._guard = threading.Lock()
 
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except self.db.errors as exc:
-            raise StoreError(f"cannot {what}: {' '.join(str(exc).split())}", file=self.db.display) from None
+    def _errors(self, what: str) -> Any:
+        return self.db.failing_as(what)
 
     # -- the smoke sample, recorded with the run ------------------------------------------------------------
     def add_smoke(self, run_id: str, device: Any) -> bool:

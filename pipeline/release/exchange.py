@@ -9,9 +9,8 @@ lives; a database error comes out as one StoreError line.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from pipeline.errors import StoreError
 from pipeline.release.database import Database
@@ -37,12 +36,8 @@ class Exchange:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except self.db.errors as exc:
-            raise StoreError(f"cannot {what}: {' '.join(str(exc).split())}", file=self.db.display) from None
+    def _errors(self, what: str) -> Any:
+        return self.db.failing_as(what)
 
     # -- artifact blobs (content-addressed) ----------------------------------------------------------------
     def has_blob(self, sha256: str) -> bool:
