@@ -84,6 +84,19 @@ def test_make_demo_runs_the_whole_job(demo):
                                                                  r"To enable the following instructions)", line)]
     assert not noise, noise
     assert (state / "digits" / "train.log").is_file()
+    # the release passed, so the demo shipped it: canary first, then the rest, each board healthy on what was gated
+    assert last["deploy_exit_code"] == 0 and "Deploy:  exit code 0" in proc.stdout
+    assert "stage 1 of 2" in proc.stdout and "stage 2 of 2" in proc.stdout
+    assert (state / "report" / "deploy.html").is_file()
+    import hashlib
+
+    import yaml
+
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()   # noqa: E731
+    measured = {digest(p) for p in (state / "artifacts").rglob("*.tflite")}
+    for t in yaml.safe_load((state / "targets.yaml").read_text())["targets"]:   # each board runs what was measured
+        current = Path(t["workdir"]) / "deploy" / "digits_cnn" / "current" / "model.tflite"
+        assert current.is_file() and digest(current) in measured, current
 
 
 def _bindings(state: Path) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 It trains the bundled digits CNN, starts a "Raspberry Pi" (tflite-runtime 2.14), a "Coral" (edgetpu, LiteRT) and a
 "GPU board" (gpu, LiteRT), enrolls their host keys with `edgepipe fleet enroll`, then runs `edgepipe run` with
-gating, history and the HTML report, exactly as a user would on a real fleet. State lives in `.demo/` so a second
+gating, history and the HTML report, exactly as a user would on a real fleet; when the release passes, ships it with
+`edgepipe deploy last` (canary first, each board checked against what was gated) and shows `edgepipe fleet status`.
+State lives in `.demo/` so a second
 demo reuses the conversion cache and the content-addressed artifacts already on the devices.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ FLEET = [
     ("coral-usb", "edgetpu", "litert", "Coral USB Accelerator (no TPU here: falls back to CPU)"),
     ("gpu-board", "gpu", "litert", "GPU board (no GPU delegate here: falls back to CPU)"),
 ]
+
+DEPLOY_NAME = "digits_cnn"   # where the boards keep it: <workdir>/deploy/digits_cnn/current/model.tflite
 
 GATES = {
     "min_top1": 0.90,
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_ssh = not args.local and bool(shutil.which("sshd") or Path("/usr/sbin/sshd").exists())
     devices: list = []
+    deployed = None
     try:
         if use_ssh:
             targets, devices = start_ssh_fleet(state)
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--report", str(report_dir), "--baseline", "last", "--label", "demo",
                         "--junit", str(state / "junit.xml"), "--summary", str(state / "summary.md"),
                         "--out", str(state / "artifacts")])
+        deployed = _ship(targets, state, report_dir) if rc == 0 else None
     finally:
         if devices and not args.keep:
             from pipeline.testing.sshd import stop
@@ -180,8 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report:  {report if report.exists() else '(not written)'}")
     print(f"History: {sys.executable} -m pipeline.cli history --db {state / 'results.db'}")
     print(f"Verdict: exit code {rc}: {VERDICTS.get(rc, 'unexpected exit code')}")
-    summary = {"report": str(report), "exit_code": rc, "targets": str(targets)}
+    if deployed is not None:
+        print(f"Deploy:  exit code {deployed}: " + ("every board runs the release it was gated with, checked on the "
+                                                    f"board ({report_dir / 'deploy.html'})" if deployed == 0 else
+                                                    "see the table above: failed boards went back by themselves"))
+    summary = {"report": str(report), "exit_code": rc, "targets": str(targets), "deploy_exit_code": deployed}
     (state / "last_demo.json").write_text(json.dumps(summary))
+    return rc or (deployed or 0)
+
+
+def _ship(targets: Path, state: Path, report_dir: Path) -> int:
+    """The release passed: ship it as on a real fleet (canary first, then every board, each checked against what was
+    gated for its class), then show what each board runs."""
+    common = ["--targets", str(targets), "--model-name", DEPLOY_NAME]
+    rc = _edgepipe(["deploy", "last", *common, "--out", str(state / "artifacts"), "--report", str(report_dir)])
+    _edgepipe(["fleet", "status", *common])
     return rc
 
 
