@@ -8,6 +8,7 @@ import shutil
 import uuid
 from importlib import resources
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 CHUNK = 1 << 20
 
@@ -97,14 +98,18 @@ def temp_beside(path: str | Path) -> Path:
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write via a temporary file and rename, so a reader (CI, a browser, a cache lookup) never sees half a file."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    return write_atomic_with(path, lambda f: f.write(raw))
+
+
+def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """`write(f)` fills a temporary file beside `path` (np.savez, say), which then replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -102,7 +102,8 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
 
     Returns a pipeline.optimize.OptimizeResult (`.exit_code` 0 when every class has a chosen candidate, else 1).
     """
-    from pipeline.optimize import DEFAULT_MIN_GAIN, check_model, check_options, optimize as run_optimize
+    from pipeline.optimize import (DEFAULT_MIN_GAIN, check_candidates, check_model, check_options,
+                                   optimize as run_optimize)
     from pipeline.release.leases import Leases
     from pipeline.release.store import open_store
     from pipeline.run import new_run_id, prepare
@@ -113,7 +114,7 @@ def optimize(targets: str | Path | Inventory, *, model: str | Path, data: str | 
     check_model(model)   # a .tflite: one line before its data is read
     inv = _inventory(targets)
     chosen = inv.select(list(select))   # an unknown --select is one line before the model is even read
-    check_options(objective, max_drop, max_float_layers, min_gain, modes, sorted({t.kind for t in chosen}))
+    check_candidates(modes, (t.kind for t in chosen))
     prepared = prepare(model, data, calibration=calibration, signature=signature, input_shapes=input_shapes,
                        preprocess=_preprocess(preprocess), task=task, output=output, cache_dir=cache_dir,
                        on_notice=on_notice)

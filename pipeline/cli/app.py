@@ -62,14 +62,7 @@ class EdgepipeGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         """A command's EdgepipeError or Ctrl-C, even without @handle_errors, exits the documented way."""
-        try:
-            return super().invoke(ctx)
-        except EdgepipeError as exc:
-            raise_for(exc)
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            emit_error(error_object("interrupted", "interrupted", None, 130))
-            raise typer.Exit(130) from None
+        return _mapped(super().invoke, ctx)
 
 
 def error_object(code: str, message: str, hint: str | None, exit_code: int) -> dict[str, Any]:
@@ -193,16 +186,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EdgepipeError as exc:
-            raise_for(exc)
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            emit_error(error_object("interrupted", "interrupted", None, 130))
-            raise typer.Exit(130) from None
+        return _mapped(fn, *args, **kwargs)
 
     return wrapper
+
+
+def _mapped(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(...)`, an EdgepipeError becoming its one line and exit code, Ctrl-C "interrupted" and 130."""
+    try:
+        return fn(*args, **kwargs)
+    except EdgepipeError as exc:
+        raise_for(exc)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        emit_error(error_object("interrupted", "interrupted", None, 130))
+        raise typer.Exit(130) from None
 
 
 def interrupted_exit(code: int) -> "typer.Exit":

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.files import temp_beside
+from pipeline.files import write_atomic_with
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".webp")
 PREPROCESS_FILE = "preprocess.json"
@@ -455,13 +455,6 @@ def write_device_eval(ds: Dataset, names: dict[str, str], where: Path) -> Path:
     arrays = {names[k]: v for k, v in ds.inputs.items()}
     key = digest(arrays)[:24]
     path = where / f"eval-{key}.npz"
-    if not path.exists():
-        where.mkdir(parents=True, exist_ok=True)
-        tmp = temp_beside(path)   # unique per process and call: concurrent runs sharing --out never collide
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    if not path.exists():   # its temporary name is unique per process and call: runs sharing --out never collide
+        write_atomic_with(path, lambda f: np.savez(f, **arrays))
     return path

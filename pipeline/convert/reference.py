@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.convert.source import (ModelSource, TensorSpec, describe, ends_in_postprocess, identify,
                                      match_specs)
 from pipeline.errors import ConfigError, ConversionError, EdgepipeError
-from pipeline.files import temp_beside
+from pipeline.files import write_atomic_with
 
 REFERENCE_VERSION = 3
 
@@ -176,14 +176,7 @@ def cached_reference(src: ModelSource, inputs: dict[str, np.ndarray], data_sha25
     outs = reference_outputs(src, inputs, reference)
     if outs is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **outs)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic_with(path, lambda f: np.savez(f, **outs))
     return outs
 
 

@@ -9,8 +9,9 @@ from pipeline.optimize.candidates import (CANDIDATES, DEFAULT_MAX_DROP, DEFAULT_
                                           Candidate, DeviceClass, OptimizeResult)
 from pipeline.optimize.choice import Decision, Evidence, choose, decide
 from pipeline.optimize.classes import budget_for, device_classes
-from pipeline.optimize.command import advise, check_model, check_options, main_metric, optimize
+from pipeline.optimize.command import advise, check_candidates, check_model, check_options, main_metric, optimize
 
 __all__ = ["CANDIDATES", "DEFAULT_MAX_DROP", "DEFAULT_MIN_GAIN", "OBJECTIVES", "Budget", "Candidate", "Decision",
-           "DeviceClass", "Evidence", "OptimizeResult", "advise", "budget_for", "check_model", "check_options",
+           "DeviceClass", "Evidence", "OptimizeResult", "advise", "budget_for", "check_candidates", "check_model",
+           "check_options",
            "choose", "decide", "device_classes", "main_metric", "optimize"]

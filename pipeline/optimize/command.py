@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.errors import ConfigError
 from pipeline.int8_recovery import recover, short
@@ -28,8 +28,7 @@ MAX_ROUNDS = 3      # rounds of interleaved re-timing per optimize (each round o
 # ---------------------------------------------------------------- host-side checks (no device touched)
 
 def check_options(objective: str, max_drop: float | None, max_float_layers: int | None = None,
-                  min_gain: float | None = None, modes: Sequence[str] | None = None,
-                  kinds: Sequence[str] = ()) -> None:
+                  min_gain: float | None = None, modes: Sequence[str] | None = None) -> None:
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}", field="--objective", hint=f"use one of: "
                                                                                       f"{', '.join(OBJECTIVES)}")
@@ -49,7 +48,11 @@ def check_options(objective: str, max_drop: float | None, max_float_layers: int 
         if mode not in known:
             raise ConfigError(f"--candidates {mode!r} is not a format optimize measures", field="--candidates",
                               hint=f"use some of: {', '.join(known)} (comma-separated or repeated)")
-    for kind in kinds if modes else ():
+
+
+def check_candidates(modes: Sequence[str] | None, kinds: Iterable[str]) -> None:
+    """--candidates must leave each selected target kind something to measure."""
+    for kind in sorted(set(kinds)) if modes else ():
         if not set(CANDIDATES[kind]) & set(modes):
             raise ConfigError(f"--candidates {','.join(modes)} leaves the {kind} targets nothing to measure",
                               field="--candidates", hint=f"add one of {', '.join(CANDIDATES[kind])} for {kind}, "
@@ -224,8 +227,8 @@ def optimize(inventory: Any, prepared: RunInputs, *, select: list[str] | None = 
     from pipeline.convert.recovery import layers_json, rank_layers
     from pipeline.run import compute_reference
 
-    check_options(objective, max_drop, max_float_layers, min_gain, modes,
-                  sorted({t.kind for t in inventory.select(list(select or []))}))
+    check_options(objective, max_drop, max_float_layers, min_gain, modes)
+    check_candidates(modes, (t.kind for t in inventory.select(list(select or []))))
     check_model(prepared.src)
     notice = on_notice or (lambda msg: None)
     out = Path(out_dir)
