@@ -46,8 +46,11 @@ $(DEV)/numpy-only/.stamp:
 system-deps:
 	bash scripts/system_deps.sh --all
 
+# Two pytest workers, each test file whole in one (its module fixtures, fleets and servers stay together);
+# TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PYTEST)
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile
 
 test-arm64: setup
 	$(PYTEST) -o addopts=-ra -m arm64 tests/arm64 --junitxml=.pytest-arm64.xml

@@ -163,6 +163,18 @@ def test_unknown_then_changed_host_key_refused_with_zero_bytes(fleet, tiny_artif
     assert not (dev.workdir / "runs" / "hk-1").exists() and not (dev.workdir / "runs" / "hk-2").exists()
 
 
+def test_a_long_or_odd_name_becomes_one_short_file_name_of_its_own():
+    """Run ids and target names become file names on the board: a name over 255 bytes (a long id, or one full of
+    shell metacharacters spelled out) must still give one path component, distinct per name."""
+    safe_name = push.safe_name
+    assert safe_name("pi-4_b.c") == "pi-4_b.c"
+    long = "run;" + "x" * 300
+    a, b, c = safe_name(long), safe_name(long + "y"), safe_name("pi;touch /tmp/p")
+    assert len(a.encode()) <= 100 and len(b.encode()) <= 100 and a != b
+    assert a.startswith("run_xxx") and "/" not in c and ";" not in c and " " not in c
+    assert safe_name("p" * 81) != "p" * 81 and safe_name("p" * 80) == "p" * 80
+
+
 def test_shell_metacharacters_in_inventory_inject_nothing(fleet, tiny_artifact, tiny_eval, tmp_path):
     canary = tmp_path / "pwned"
     evil = f";touch {canary};$(touch {canary})`touch {canary}`"

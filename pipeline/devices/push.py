@@ -59,10 +59,16 @@ def prefix_sha256(path: Path, n: int) -> str:
     return h.hexdigest()
 
 
+SAFE_NAME_MAX = 80   # characters of the slug kept; a file name may hold 255 bytes, and suffixes follow
+
+
 def safe_name(name: str) -> str:
-    """A file name for a target name that may hold anything (`/`, `;`, spaces): slug + short hash if changed."""
+    """A file name for a target name or run id that may hold anything (`/`, `;`, spaces, any length): the name
+    itself when it is a short plain name, else its slug cut to SAFE_NAME_MAX + a short hash of the whole name."""
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "target"
-    return slug if slug == name else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if slug == name and len(slug) <= SAFE_NAME_MAX:
+        return slug
+    return f"{slug[:SAFE_NAME_MAX]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def result_rel(run_id: str, target_name: str) -> str:
