@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,3 +153,22 @@ def test_an_outage_longer_than_db_retry_s_exits_4_and_is_replayed_later(pg, devi
     assert not info.complete and info.incomplete_reason.startswith("db_unavailable")
     assert [d.to_dict() for d in stored.devices] == [measured]     # exactly what was measured
     assert not (run.out / "spool").exists() or not list((run.out / "spool").iterdir())
+
+
+def test_a_deployment_is_recorded_across_a_postgresql_restart(pg):
+    """A rollout's records go through the same retrying as a run's results: a deployment's state and steps written
+    while the server restarts wait for it (here for about 2 s) instead of failing with `cannot record ...`."""
+    with Store(pg.new_database("deploy")) as store:
+        deps = store.deployments
+        deps.begin("dep-outage", kind="deploy", run_id=None, model_name="m", spec={}, plan={})
+        pg.halt()                                  # the next statement is a write, on a connection the server cut
+        back = threading.Timer(2.0, pg.resume)
+        back.start()
+        try:
+            deps.finish("dep-outage", "done", 0)
+            deps.step("dep-outage", "pi", 1, "healthy")
+        finally:
+            back.join()
+        record = deps.load("dep-outage")
+        assert (record.state, record.exit_code, [s.state for s in record.steps]) == ("done", 0, ["healthy"])
+        assert store.db.retries > 0 and store.db.reconnects >= 2   # it waited, and connected again

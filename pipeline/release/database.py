@@ -256,6 +256,10 @@ class Database:
                 self._drop_if_broken()
                 raise self.unavailable(exc) from None
 
+    def write_one(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        """One write statement in a write transaction of its own, retried whole on a transient error."""
+        return self.transaction(lambda: self.execute(sql, params))
+
     @contextmanager
     def write(self) -> Iterator["Database"]:
         """One write transaction, exclusive from its start (SQLite BEGIN IMMEDIATE; PostgreSQL row locks).

@@ -158,12 +158,12 @@ class Deployments:
             return False   # the run stands without it; deploy says this run has no smoke sample
         reduce = {t["name"]: t["reduced"] for t in block.get("tensors") or [] if t.get("reduced")}
         Exchange(self.db).put_blob(sha, data)
-        with self._errors("record the smoke sample"), self.db.write():
-            self.db.execute("INSERT INTO run_smoke(run_id, target, artifact_sha256, inputs_sha256, outputs, rows, "
-                            "reduce) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, target) DO UPDATE SET "
-                            "artifact_sha256=excluded.artifact_sha256, inputs_sha256=excluded.inputs_sha256, "
-                            "outputs=excluded.outputs, rows=excluded.rows, reduce=excluded.reduce",
-                            (run_id, device.name, art["sha256"], sha, outputs, rows, json.dumps(reduce)))
+        with self._errors("record the smoke sample"):
+            self.db.write_one("INSERT INTO run_smoke(run_id, target, artifact_sha256, inputs_sha256, outputs, rows, "
+                              "reduce) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, target) DO UPDATE SET "
+                              "artifact_sha256=excluded.artifact_sha256, inputs_sha256=excluded.inputs_sha256, "
+                              "outputs=excluded.outputs, rows=excluded.rows, reduce=excluded.reduce",
+                              (run_id, device.name, art["sha256"], sha, outputs, rows, json.dumps(reduce)))
         return True
 
     def smoke(self, run_id: str) -> dict[str, Smoke]:
@@ -181,11 +181,11 @@ class Deployments:
     # -- deployments and their steps ------------------------------------------------------------------------
     def begin(self, dep_id: str, *, kind: str, run_id: str | None, model_name: str | None, spec: dict[str, Any],
               plan: dict[str, Any], forced: str | None = None, by_whom: str | None = None) -> None:
-        with self._errors("record the deployment"), self.db.write():
-            self.db.execute("INSERT INTO deployments(id, kind, run_id, model_name, started, state, forced, by_whom, "
-                            "spec, plan) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                            (dep_id, kind, run_id, model_name, time.time(), forced, by_whom,
-                             json.dumps(spec, default=str), json.dumps(plan, default=str)))
+        with self._errors("record the deployment"):
+            self.db.write_one("INSERT INTO deployments(id, kind, run_id, model_name, started, state, forced, by_whom, "
+                              "spec, plan) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                              (dep_id, kind, run_id, model_name, time.time(), forced, by_whom,
+                               json.dumps(spec, default=str), json.dumps(plan, default=str)))
 
     def unfinished(self, kind: str, run_id: str | None, model_name: str | None, spec_key: str) -> str | None:
         """The latest deployment of this release that never finished (killed, or interrupted), to resume."""
@@ -198,8 +198,8 @@ class Deployments:
         return None
 
     def reopen(self, dep_id: str) -> None:
-        with self._errors("record the deployment"), self.db.write():
-            self.db.execute("UPDATE deployments SET state='running', finished=NULL WHERE id=?", (dep_id,))
+        with self._errors("record the deployment"):
+            self.db.write_one("UPDATE deployments SET state='running', finished=NULL WHERE id=?", (dep_id,))
 
     def step(self, dep_id: str, target: str, stage: int, state: str, *, from_sha256: str | None = None,
              to_sha256: str | None = None, release: str | None = None, error: Any = None,
@@ -217,17 +217,18 @@ class Deployments:
             seq = self._seq[key]
         s = Step(target, seq, stage, state, time.time(), from_sha256, to_sha256, release,
                  getattr(error, "code", None), getattr(error, "message", None), dict(detail or {}))
-        with self._errors("record a deployment step"), self.db.write():
-            self.db.execute("INSERT INTO deployment_steps(deployment_id, target, seq, stage, state, at, from_sha256, "
-                            "to_sha256, release, error_code, error_message, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                            "?, ?, ?, ?)", (dep_id, target, s.seq, stage, state, s.at, from_sha256, to_sha256,
-                                            release, s.error_code, s.error_message, json.dumps(s.detail, default=str)))
+        with self._errors("record a deployment step"):
+            self.db.write_one("INSERT INTO deployment_steps(deployment_id, target, seq, stage, state, at, from_sha256, "
+                              "to_sha256, release, error_code, error_message, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                              "?, ?, ?, ?)", (dep_id, target, s.seq, stage, state, s.at, from_sha256, to_sha256,
+                                              release, s.error_code, s.error_message,
+                                              json.dumps(s.detail, default=str)))
         return s
 
     def finish(self, dep_id: str, state: str, exit_code: int) -> None:
-        with self._errors("record the deployment"), self.db.write():
-            self.db.execute("UPDATE deployments SET state=?, exit_code=?, finished=? WHERE id=?",
-                            (state, int(exit_code), time.time(), dep_id))
+        with self._errors("record the deployment"):
+            self.db.write_one("UPDATE deployments SET state=?, exit_code=?, finished=? WHERE id=?",
+                              (state, int(exit_code), time.time(), dep_id))
 
     def load(self, dep_id: str) -> DeploymentRecord:
         with self._errors("read deployments"):
@@ -243,17 +244,18 @@ class Deployments:
 
     # -- outcomes handed from site workers to the coordinator (deploy --distributed) ----------------------
     def put_outcome(self, dep_id: str, target: str, outcome: dict[str, Any]) -> None:
-        with self._errors("record a board's outcome"), self.db.write():
-            self.db.execute("INSERT INTO deployment_outcomes(deployment_id, target, outcome, updated) VALUES (?, ?, ?, "
-                            "?) ON CONFLICT (deployment_id, target) DO UPDATE SET outcome=excluded.outcome, "
-                            "updated=excluded.updated", (dep_id, target, json.dumps(outcome, default=str), time.time()))
+        with self._errors("record a board's outcome"):
+            self.db.write_one("INSERT INTO deployment_outcomes(deployment_id, target, outcome, updated) VALUES "
+                              "(?, ?, ?, ?) ON CONFLICT (deployment_id, target) DO UPDATE SET "
+                              "outcome=excluded.outcome, updated=excluded.updated",
+                              (dep_id, target, json.dumps(outcome, default=str), time.time()))
 
     def clear_outcomes(self, dep_id: str, targets: list[str]) -> None:
         if not targets:
             return
-        with self._errors("record a board's outcome"), self.db.write():
-            self.db.execute(f"DELETE FROM deployment_outcomes WHERE deployment_id=? AND target IN "
-                            f"({', '.join('?' * len(targets))})", (dep_id, *targets))
+        with self._errors("record a board's outcome"):
+            self.db.write_one(f"DELETE FROM deployment_outcomes WHERE deployment_id=? AND target IN "
+                              f"({', '.join('?' * len(targets))})", (dep_id, *targets))
 
     def outcomes(self, dep_id: str, targets: set[str] | list[str]) -> dict[str, dict[str, Any]]:
         with self._errors("read outcomes"):
@@ -262,12 +264,12 @@ class Deployments:
     # -- what each board is supposed to run ---------------------------------------------------------------
     def set_device_release(self, target: str, model_name: str, *, run_id: str | None, release: str | None,
                            sha256: str | None, health: str, deployment_id: str) -> None:
-        with self._errors("record the device's release"), self.db.write():
-            self.db.execute("INSERT INTO device_releases(target, model_name, run_id, release, sha256, since, health, "
-                            "deployment_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target, model_name) DO "
-                            "UPDATE SET run_id=excluded.run_id, release=excluded.release, sha256=excluded.sha256, "
-                            "since=excluded.since, health=excluded.health, deployment_id=excluded.deployment_id",
-                            (target, model_name, run_id, release, sha256, time.time(), health, deployment_id))
+        with self._errors("record the device's release"):
+            self.db.write_one("INSERT INTO device_releases(target, model_name, run_id, release, sha256, since, health, "
+                              "deployment_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target, model_name) DO "
+                              "UPDATE SET run_id=excluded.run_id, release=excluded.release, sha256=excluded.sha256, "
+                              "since=excluded.since, health=excluded.health, deployment_id=excluded.deployment_id",
+                              (target, model_name, run_id, release, sha256, time.time(), health, deployment_id))
 
     def device_releases(self, targets: list[str], model_name: str | None = None) -> list[DeviceRelease]:
         names = sorted(set(targets))

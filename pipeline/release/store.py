@@ -200,7 +200,7 @@ class Store:
 
     def _write(self, sql: str, params: tuple | dict = ()) -> None:
         try:
-            self.db.transaction(lambda: self.db.execute(sql, params))
+            self.db.write_one(sql, params)
         except self.db.errors as exc:
             raise StoreError(f"cannot write results database: {' '.join(str(exc).split())}", file=str(self.path)) from None
 
