@@ -418,11 +418,16 @@ class Inventory:
                 return t
         raise ConfigError(f"no target named {name!r}", file=self.path, hint=f"known targets: {', '.join(t.name for t in self.targets)}")
 
+    @property
+    def group_names(self) -> set[str]:
+        """Every group: those defined under `groups:` and those targets name."""
+        return set(self.groups) | {g for t in self.targets for g in t.groups}
+
     def select(self, names: list[str] | tuple[str, ...] | None) -> list[Target]:
         """Targets matching any of `names` (target or group names); all targets when empty."""
         if not names:
             return list(self.targets)
-        known_groups = set(self.groups) | {g for t in self.targets for g in t.groups}
+        known_groups = self.group_names
         chosen: list[Target] = []
         for name in names:
             hits = [t for t in self.targets if t.name == name or name in t.groups]

@@ -171,8 +171,10 @@ def deploy(targets: str | Path | Inventory, run: str = "last", *, select: Iterab
             preflight(inv, [d.target for d in plan.devices], store)
         dep_id, resumed = _begin(store, plan, name, max_fail_percent=max_fail_percent, rollback_all=rollback_all,
                                  resume=True)
-        for d, back in ((d, _resume_points(store, dep_id).get(d.name)) for d in plan.devices if resumed):
-            d.resume_from = back
+        if resumed:
+            points = _resume_points(store, dep_id)
+            for d in plan.devices:
+                d.resume_from = points.get(d.name)
         result = _roll_out(store, inv, plan, name, dep_id, max_fail_percent=max_fail_percent,
                            rollback_all=rollback_all, on_event=on_event, on_stage=on_stage, cancel=cancel,
                            lease_timeout=lease_timeout, transport_factory=transport_factory, distributed=distributed)
@@ -247,19 +249,21 @@ def _finish(store: Any, dep: Deployment, report_dir: Any, junit: Any, summary: A
     state = "interrupted" if res.interrupted else ("aborted" if res.aborted else "done")
     store.deployments.finish(res.deployment_id, state, res.exit_code)
     dep.record = store.deployments.load(res.deployment_id)
+    doc = res.to_dict()
     if report_dir is not None:
-        dep.report_path = write_deploy_report(dep.record, res.to_dict(), report_dir)
+        dep.report_path = write_deploy_report(dep.record, doc, report_dir)
     if junit is not None:
-        dep.junit_path = write_deploy_junit(dep.record, res.to_dict(), junit)
+        dep.junit_path = write_deploy_junit(dep.record, doc, junit)
     if summary is not None:
-        dep.summary_path = write_deploy_summary(dep.record, res.to_dict(), summary)
+        dep.summary_path = write_deploy_summary(dep.record, doc, summary)
     return dep
 
 
-def _model_names(store: Any, targets: list[Any], model_name: str | None) -> list[str]:
+def _model_names(rows: list[Any], model_name: str | None) -> list[str]:
+    """The model names asked about: `model_name`, else every one the history's device releases `rows` name."""
     if model_name:
         return [model_name]
-    names = sorted({r.model_name for r in store.deployments.device_releases([t.name for t in targets])})
+    names = sorted({r.model_name for r in rows})
     if not names:
         raise ConfigError("no release of any model is recorded for these devices", field="--model-name",
                           hint="pass --model-name NAME (the board's deploy_dir for that model is read)")
@@ -282,7 +286,7 @@ def rollback(targets: str | Path | Inventory, *, select: Iterable[str] = (), to:
     cancel = cancel or CancelToken()
     with open_store(db, inv) as store:
         to_run = store.resolve_run(to) if to else None
-        names = _model_names(store, chosen, model_name)
+        names = _model_names(store.deployments.device_releases([t.name for t in chosen], model_name), model_name)
         if len(names) > 1:
             raise ConfigError(f"these devices run several models ({', '.join(names)})", field="--model-name",
                               hint="pass --model-name NAME")
@@ -314,10 +318,10 @@ def fleet_status(targets: str | Path | Inventory, *, select: Iterable[str] = (),
     inv = inventory_of(targets)
     chosen = inv.select(list(select))
     with open_store(db, inv) as store:
-        names = _model_names(store, chosen, model_name)
         rows = store.deployments.device_releases([t.name for t in chosen], model_name)
+        names = _model_names(rows, model_name)
         expected = {(r.target, r.model_name): r for r in rows}
-        labels = {r.run_id: store.deployments.run_label(r.run_id) for r in rows if r.run_id}
+        labels = {run_id: store.deployments.run_label(run_id) for run_id in {r.run_id for r in rows if r.run_id}}
     pairs = [(t, n) for t in chosen for n in names]
     out = read_status(pairs, expected, labels, max_parallel=inv.max_parallel, transport_factory=transport_factory,
                       on_event=on_event or _quiet)

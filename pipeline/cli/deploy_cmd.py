@@ -28,16 +28,20 @@ DB_OPT = typer.Option(None, "--db", help="Results database (default: targets.yam
                       "next to it).")
 
 
-def _chosen(inv: Any, select: List[str], groups: List[str]) -> list[str]:
-    """--select and --group as one selection; a --group that names no group is bad input."""
+def _selection(targets: Path, select: List[str], groups: List[str]) -> tuple[Any, list[str], list[str]]:
+    """The inventory, --select and --group as one selection, and the names of the targets it picks; a --group
+    that names no group is bad input."""
     from pipeline.errors import ConfigError
+    from pipeline.inventory import load_inventory
 
-    known = set(inv.groups) | {g for t in inv.targets for g in t.groups}
+    inv = load_inventory(targets)
+    known = inv.group_names
     for g in groups:
         if g not in known:
             raise ConfigError(f"--group {g!r} is not a group", file=inv.path,
                               hint=f"known groups: {', '.join(sorted(known)) or 'none'}")
-    return list(select) + list(groups)
+    chosen = list(select) + list(groups)
+    return inv, chosen, [t.name for t in inv.select(chosen)]
 
 
 def _short(sha: Any) -> str:
@@ -137,11 +141,8 @@ def deploy_command(
     touched), 3 nothing reachable, 130/143 interrupted (boards that switched finish; rerun to resume).
     """
     from pipeline import api
-    from pipeline.inventory import load_inventory
 
-    inv = load_inventory(targets)
-    chosen = _chosen(inv, select, group)
-    names = [t.name for t in inv.select(chosen)]
+    inv, chosen, names = _selection(targets, select, group)
     with stop_on_signals() as cancel, DeviceBoard(names, "edgepipe deploy", enabled=not as_json) as board:
         dep = api.deploy(inv, run, select=chosen, stages=stages, max_fail_percent=max_fail_percent,
                          rollback_all=rollback_all, dry_run=dry_run, model_name=model_name, force=force, db=db,
@@ -178,12 +179,9 @@ def rollback_command(
     Exit codes: 0 every board rolled back and healthy, 1 a board failed, 2 bad input, 3 nothing reachable.
     """
     from pipeline import api
-    from pipeline.inventory import load_inventory
 
-    inv = load_inventory(targets)
-    chosen = _chosen(inv, select, group)
-    with stop_on_signals() as cancel, DeviceBoard([t.name for t in inv.select(chosen)], "edgepipe rollback",
-                                                  enabled=not as_json) as board:
+    inv, chosen, names = _selection(targets, select, group)
+    with stop_on_signals() as cancel, DeviceBoard(names, "edgepipe rollback", enabled=not as_json) as board:
         dep = api.rollback(inv, select=chosen, to=to, model_name=model_name, db=db, report_dir=report, junit=junit,
                            summary=summary, on_event=board, cancel=cancel, lease_timeout=lease_timeout)
     _finish(dep, as_json, "rollback" + (f" to {dep.result.release}" if dep.result.release else ""))
@@ -210,11 +208,9 @@ def status_command(
     Exit codes: 0 no drift, 1 a board drifted, 2 bad input, 3 no board reachable.
     """
     from pipeline import api
-    from pipeline.inventory import load_inventory
 
-    inv = load_inventory(targets)
-    chosen = _chosen(inv, select, group)
-    with DeviceBoard([t.name for t in inv.select(chosen)], "fleet status", enabled=not as_json) as board:
+    inv, chosen, names = _selection(targets, select, group)
+    with DeviceBoard(names, "fleet status", enabled=not as_json) as board:
         rows = api.fleet_status(inv, select=chosen, model_name=model_name, db=db, on_event=board)
     if as_json:
         emit_json(json.dumps({"devices": [r.to_dict() for r in rows]}, default=str))

@@ -10,10 +10,10 @@ check fails), whatever the cancel token says, so no board is left between two re
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipeline.devices.cancel import CancelToken
 from pipeline.devices.fleet import LeaseHook, OnEvent, TransportFactory, _noop, retrying
@@ -113,6 +113,16 @@ class Installer:
 
         return retrying(target, attempt, self.on_event, cancel=cancel or self.cancel)
 
+    @contextmanager
+    def _session(self, target: Any, cancel: CancelToken | None = None) -> Iterator[Transport]:
+        """The board's lease held and a connection open for one sequence; both given back after it."""
+        with self._hold(target):
+            tr = self._connect(target, cancel)
+            try:
+                yield tr
+            finally:
+                tr.close()
+
     def _items(self, artifact: Path | None, smoke: Path | None) -> dict[str, PushItem]:
         items = {"agent": PushItem.agent()}
         if artifact is not None:
@@ -164,12 +174,8 @@ class Installer:
         t = plan.target
         o = Outcome(plan.name, plan.stage, to_sha=plan.sha256)
         try:
-            with self._hold(t):
-                tr = self._connect(t)
-                try:
-                    return self._deploy(tr, plan, o, already_healthy)
-                finally:
-                    tr.close()
+            with self._session(t) as tr:
+                return self._deploy(tr, plan, o, already_healthy)
         except Interrupted as exc:
             if o.changed:   # cannot happen: after the switch the token is no longer watched
                 raise
@@ -265,39 +271,26 @@ class Installer:
         """Take a board this rollout switched back to the release it had before (abort criteria, or a check that
         could not finish); `code` is the error its rolled_back step carries."""
         try:
-            with self._hold(target):
-                tr = self._connect_now(target)
-                try:
-                    board = Board(tr, target, self.model_name)
-                    now = board.status()
-                    if now.current != o.release:
-                        self._step(o, o.state, detail={"revert": f"skipped: current is {now.current}, not "
-                                                                 f"{o.release}"})
-                        return o
-                    before = BoardStatus(now.deploy_dir, o.from_release, None, {"run_id": run_of(o.from_release)},
-                                         o.from_sha)
-                    self._back(board, target, o, before, cls, why, ErrorInfo(code, why))
-                finally:
-                    tr.close()
+            with self._session(target, CancelToken()) as tr:   # connect even once cancelled: never left half done
+                board = Board(tr, target, self.model_name)
+                now = board.status()
+                if now.current != o.release:
+                    self._step(o, o.state, detail={"revert": f"skipped: current is {now.current}, not {o.release}"})
+                    return o
+                before = BoardStatus(now.deploy_dir, o.from_release, None, {"run_id": run_of(o.from_release)},
+                                     o.from_sha)
+                self._back(board, target, o, before, cls, why, ErrorInfo(code, why))
         except EdgepipeError as exc:
             self._step(o, "failed", ErrorInfo("rollback_failed", f"{why}; rolling back failed: {exc.one_line()}"))
         return o
-
-    def _connect_now(self, target: Any) -> Transport:
-        """Connect even once cancelled: a revert is never left half done."""
-        return self._connect(target, CancelToken())
 
     def rollback(self, target: Any, cls: DeviceClass | None, to_run: str | None, stage: int = 0) -> Outcome:
         """`edgepipe rollback`: switch the board to its previous release (or the newest one of `to_run`), activate
         and check it; a release that fails its check is left for the one the board had (failed)."""
         o = Outcome(target.name, stage)
         try:
-            with self._hold(target):
-                tr = self._connect(target)
-                try:
-                    return self._rollback(tr, target, cls, to_run, o)
-                finally:
-                    tr.close()
+            with self._session(target) as tr:
+                return self._rollback(tr, target, cls, to_run, o)
         except Interrupted as exc:
             o.error = ErrorInfo(exc.code, exc.one_line())
             return o
