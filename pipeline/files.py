@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from importlib import resources
@@ -88,6 +89,19 @@ def sha256_remembered(path: str | Path, memo_dir: str | Path | None) -> str:
     if fingerprint(where) == fp:   # unchanged while it was read: what was hashed is what the fingerprint names
         write_atomic(memo, json.dumps({"path": str(where), "fingerprint": fp, "sha256": sha}))
     return sha
+
+
+SAFE_NAME_MAX = 80   # characters of the slug kept; a file name may hold 255 bytes, and suffixes follow
+
+
+def safe_name(name: str) -> str:
+    """A file name (on a board, in a spool) for a target name or run id that may hold anything (`/`, `;`, spaces,
+    any length): the name itself when it is a short plain name, else its slug cut to SAFE_NAME_MAX + a short hash
+    of the whole name."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "target"
+    if slug == name and len(slug) <= SAFE_NAME_MAX:
+        return slug
+    return f"{slug[:SAFE_NAME_MAX]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def temp_beside(path: str | Path) -> Path:

@@ -163,9 +163,12 @@ def test_unknown_then_changed_host_key_refused_with_zero_bytes(fleet, tiny_artif
     assert not (dev.workdir / "runs" / "hk-1").exists() and not (dev.workdir / "runs" / "hk-2").exists()
 
 
-def test_a_long_or_odd_name_becomes_one_short_file_name_of_its_own():
-    """Run ids and target names become file names on the board: a name over 255 bytes (a long id, or one full of
-    shell metacharacters spelled out) must still give one path component, distinct per name."""
+def test_a_long_or_odd_name_becomes_one_short_file_name_of_its_own(tmp_path):
+    """Run ids and target names become file names on the board and in the run's spool: a name over 255 bytes (a
+    long id, or one full of shell metacharacters spelled out) must still give one path component, distinct per
+    name."""
+    from pipeline.release.spool import Spool
+
     safe_name = push.safe_name
     assert safe_name("pi-4_b.c") == "pi-4_b.c"
     long = "run;" + "x" * 300
@@ -173,6 +176,9 @@ def test_a_long_or_odd_name_becomes_one_short_file_name_of_its_own():
     assert len(a.encode()) <= 100 and len(b.encode()) <= 100 and a != b
     assert a.startswith("run_xxx") and "/" not in c and ";" not in c and " " not in c
     assert safe_name("p" * 81) != "p" * 81 and safe_name("p" * 80) == "p" * 80
+    spool = Spool(tmp_path, long)
+    spool.finish({"complete": True})           # a spool of that run id is one folder with a short name
+    assert spool.dir.name == a and (tmp_path / a / "finish.json").is_file()
 
 
 def test_shell_metacharacters_in_inventory_inject_nothing(fleet, tiny_artifact, tiny_eval, tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, Callable
 
 from device_agents.helper import EXEC_MISSING
 from pipeline.errors import AgentError, TransportError
-from pipeline.files import agent_file, sha256_cached
+from pipeline.files import agent_file, safe_name, sha256_cached
 from pipeline.devices.transport.base import CommandResult, Transport
 
 AGENT_SOURCE = agent_file("agent.py")
@@ -57,18 +56,6 @@ def prefix_sha256(path: Path, n: int) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
-
-
-SAFE_NAME_MAX = 80   # characters of the slug kept; a file name may hold 255 bytes, and suffixes follow
-
-
-def safe_name(name: str) -> str:
-    """A file name for a target name or run id that may hold anything (`/`, `;`, spaces, any length): the name
-    itself when it is a short plain name, else its slug cut to SAFE_NAME_MAX + a short hash of the whole name."""
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "target"
-    if slug == name and len(slug) <= SAFE_NAME_MAX:
-        return slug
-    return f"{slug[:SAFE_NAME_MAX]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def result_rel(run_id: str, target_name: str) -> str:

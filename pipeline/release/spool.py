@@ -19,19 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DatabaseUnavailable, StoreError
-from pipeline.files import write_atomic
+from pipeline.files import safe_name, write_atomic
 from pipeline.results import DeviceResult
 
 SPOOL_DIR = "spool"
-
-
-def _safe(name: str) -> str:
-    """A file name for a run id or target name that may hold anything (as pipeline.devices.push.safe_name)."""
-    import hashlib
-    import re
-
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "x"
-    return slug if slug == name else f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 @dataclass
@@ -50,7 +41,7 @@ class Spool:
     def __init__(self, root: str | Path, run_id: str) -> None:
         self.root = Path(root)
         self.run_id = run_id
-        self.dir = self.root / _safe(run_id)
+        self.dir = self.root / safe_name(run_id)
         self.began = False   # the run's row was written (begin)
 
     # -- writing ------------------------------------------------------------------------------------------
@@ -61,7 +52,7 @@ class Spool:
 
     def put(self, device: DeviceResult) -> Path:
         """Keep one device result on disk; returns its file (remove it with `drop` once stored)."""
-        return write_atomic(self.dir / f"device-{_safe(device.name)}.json", json.dumps(device.to_dict(), default=str))
+        return write_atomic(self.dir / f"device-{safe_name(device.name)}.json", json.dumps(device.to_dict(), default=str))
 
     def drop(self, path: Path) -> None:
         Path(path).unlink(missing_ok=True)
