@@ -21,9 +21,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from pipeline.devices import board
 from pipeline.devices.cancel import CancelToken
-from pipeline.devices.push import WORKDIR_MARK, Pusher, PushItem, result_rel, safe_name
+from pipeline.devices.push import WORKDIR_MARK, Pusher, PushItem, fetch_verified, result_rel, safe_name
 from pipeline.errors import AgentError, EdgepipeError, Interrupted, TransportError
-from pipeline.files import sha256_path
 from pipeline.results import DeviceResult, parse_agent_output
 from pipeline.devices.transport import Transport, open_transport
 
@@ -303,11 +302,7 @@ class FleetRunner:
         local = Path(job.outputs_dir) / f"{safe_name(t.name)}.outputs.npz"
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tr.get(block["path"], local)
-            got = sha256_path(local)
-            if got != block["sha256"]:
-                raise TransportError(f"outputs file arrived corrupted (sha256 {got[:12]}…, expected "
-                                     f"{block['sha256'][:12]}…)", code="collect_failed")
+            fetch_verified(tr, block["path"], local, block["sha256"])
         except (EdgepipeError, OSError, KeyError) as exc:
             local.unlink(missing_ok=True)
             message = exc.one_line() if isinstance(exc, EdgepipeError) else f"{type(exc).__name__}: {exc}"

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from device_agents.helper import EXEC_MISSING
 from pipeline.errors import AgentError, TransportError
-from pipeline.files import agent_file, safe_name, sha256_cached
+from pipeline.files import agent_file, safe_name, sha256_cached, sha256_path
 from pipeline.devices.transport.base import CommandResult, Transport
 
 AGENT_SOURCE = agent_file("agent.py")
@@ -56,6 +56,16 @@ def prefix_sha256(path: Path, n: int) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
+
+
+def fetch_verified(transport: Transport, remote: str, local: Path, sha256: str) -> None:
+    """Fetch a file the agent wrote (its outputs .npz) and check it against the sha256 the agent reported;
+    corrupted bytes are TransportError `collect_failed`."""
+    transport.get(remote, local)
+    got = sha256_path(local)
+    if got != sha256:
+        raise TransportError(f"outputs file arrived corrupted (sha256 {got[:12]}…, expected {sha256[:12]}…)",
+                             code="collect_failed")
 
 
 def result_rel(run_id: str, target_name: str) -> str:

@@ -15,9 +15,8 @@ import numpy as np
 
 from pipeline.devices.board import guard_argv
 from pipeline.devices.fleet import agent_argv, result_from_output
-from pipeline.devices.push import PushItem, safe_name
+from pipeline.devices.push import PushItem, fetch_verified, safe_name
 from pipeline.errors import EdgepipeError
-from pipeline.files import sha256_path
 from pipeline.metrics.agreement import compare
 from pipeline.results import ErrorInfo
 
@@ -166,8 +165,6 @@ def _fetch(board: Any, block: dict[str, Any] | None) -> dict[str, np.ndarray]:
         raise ValueError("the agent wrote no outputs file")
     with tempfile.TemporaryDirectory(prefix="edgepipe-health-") as tmp:
         local = Path(tmp) / "outputs.npz"
-        board.t.get(block["path"], local)
-        if sha256_path(local) != block["sha256"]:
-            raise ValueError("the outputs file arrived corrupted")
+        fetch_verified(board.t, block["path"], local, block["sha256"])
         with np.load(local, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
