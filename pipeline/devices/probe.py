@@ -74,6 +74,29 @@ def _agent_missing(res: Any) -> bool:
     return res.rc == 2 and b"can't open file" in res.stderr
 
 
+def accelerator_found(target: Any, probe: Any) -> tuple[str | None, str | None]:
+    """(the accelerator really there for `target`: edgetpu | gpu | cpu, or None when its probe cannot tell; why it
+    is not the one asked for) from the probe's facts: an Edge TPU needs a device and libedgetpu (or pycoral), the GPU
+    delegate its library; a delegate given by path is taken as there (only a measurement tells whether it loads)."""
+    asked = target.accelerator
+    if asked == "cpu":
+        return "cpu", None
+    facts = (probe.probe or {}) if probe is not None and probe.ok else None
+    if facts is None:
+        return None, None
+    if asked == "edgetpu":
+        tpu = facts.get("edgetpu") or {}
+        runtimes = getattr(probe, "runtimes", {}) or {}
+        if tpu.get("devices") and (tpu.get("libedgetpu") or "pycoral" in runtimes):
+            return "edgetpu", None
+        missing = [w for w, ok in (("libedgetpu", tpu.get("libedgetpu") or "pycoral" in runtimes),
+                                   ("a USB or PCIe Edge TPU", tpu.get("devices"))) if not ok]
+        return "cpu", f"no Edge TPU on {target.name} (not found: {' and '.join(missing)})"
+    if target.delegate == "gpu" and not facts.get("gpu_delegate"):
+        return "cpu", f"no GPU delegate library on {target.name}"
+    return asked, None   # a delegate given by path: only a measurement tells whether it loads
+
+
 def agent_health(target: Any, probe: dict[str, Any]) -> ErrorInfo | None:
     """Why this device cannot run the agent, from what its probe found (None when it can): no TFLite runtime (or
     not the one targets.yaml declares), or too little disk for the agent and a model."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.devices.probe import accelerator_found
 from pipeline.metrics.gates import budget_gates
 from pipeline.optimize.candidates import DEFAULT_MAX_DROP, Budget, DeviceClass, runtime_label
 from pipeline.run.plan import effective_runtime
@@ -36,32 +37,11 @@ def budget_for(inventory: Any, target: Any, metric: str, max_drop: float | None)
     return Budget(DEFAULT_MAX_DROP, None, "default")
 
 
-def _accelerator(target: Any, probe: Any) -> tuple[str | None, str | None]:
-    """(accelerator really there, why it is not the one asked for) from the probe's facts."""
-    asked = target.accelerator
-    if asked == "cpu":
-        return "cpu", None
-    facts = (probe.probe or {}) if probe is not None and probe.ok else None
-    if facts is None:
-        return None, None
-    if asked == "edgetpu":
-        tpu = facts.get("edgetpu") or {}
-        runtimes = getattr(probe, "runtimes", {}) or {}
-        if tpu.get("devices") and (tpu.get("libedgetpu") or "pycoral" in runtimes):
-            return "edgetpu", None
-        missing = [w for w, ok in (("libedgetpu", tpu.get("libedgetpu") or "pycoral" in runtimes),
-                                   ("a USB or PCIe Edge TPU", tpu.get("devices"))) if not ok]
-        return "cpu", f"no Edge TPU on {target.name} (not found: {' and '.join(missing)})"
-    if target.delegate == "gpu" and not facts.get("gpu_delegate"):
-        return "cpu", f"no GPU delegate library on {target.name}"
-    return asked, None   # a delegate given by path: only a measurement tells whether it loads
-
-
 def board(target: Any, probe: Any) -> Board:
     """The runtime label and accelerator of one target; a declared runtime wins over the probe's."""
     declared = target.runtime not in (None, "", "auto")
     eff = effective_runtime(target, probe)
-    used, why = _accelerator(target, probe)
+    used, why = accelerator_found(target, probe)
     reachable = probe is None or probe.ok
     if eff:
         label = runtime_label(eff["runtime"], eff.get("version")) or eff["runtime"]

@@ -48,17 +48,12 @@ class DeviceClass:
 
 
 def _accelerator(target: Any, probe: Any) -> str:
-    """The accelerator the agent would use: the requested one when the probe shows it, else the CPU if allowed."""
-    want = target.accelerator
-    facts = (probe.probe or {}) if probe is not None and probe.ok else {}
-    if want == "edgetpu":
-        tpu = facts.get("edgetpu") or {}
-        there = bool(tpu.get("libedgetpu")) and bool(tpu.get("usb") or tpu.get("pcie") or tpu.get("devices"))
-    elif want == "gpu":
-        there = bool(facts.get("gpu_delegate"))
-    else:
-        return want
-    return want if there or not target.allow_fallback else "cpu"
+    """The accelerator the agent would use: the requested one when the probe shows it (or cannot tell), else the CPU
+    if the target may fall back."""
+    from pipeline.devices.probe import accelerator_found
+
+    used, _ = accelerator_found(target, probe)
+    return target.accelerator if used in (None, target.accelerator) or not target.allow_fallback else "cpu"
 
 
 @dataclass
